@@ -1,0 +1,57 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [.enableUpcomingFeature("ExistentialAny")]
+
+let package = Package(
+    name: "MicroVM",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "MicroVM", targets: ["MicroVM"]),
+        .executable(name: "mvm", targets: ["mvm"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
+    ],
+    targets: [
+        // C only: KVM ioctl numbers and struct helpers.
+        .target(name: "CKVM"),
+        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
+        .systemLibrary(name: "CGuestfs", pkgConfig: "libguestfs", providers: [.apt(["libguestfs-dev"])]),
+
+        .target(name: "MicroVMCore", dependencies: [.product(name: "Logging", package: "swift-log"), "Yams"], swiftSettings: strict),
+        .target(name: "KVM", dependencies: ["CKVM", "MicroVMCore"], swiftSettings: strict),
+        .target(name: "GuestMemory", dependencies: ["MicroVMCore"], swiftSettings: strict),
+        .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
+        .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM"], swiftSettings: strict),
+        .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
+        .target(name: "Libvirt", dependencies: ["CLibvirt", "MicroVMCore", "Host"], swiftSettings: strict),
+        .target(name: "Containers", dependencies: ["MicroVMCore", "Host"], swiftSettings: strict),
+        .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs"], swiftSettings: strict),
+        .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
+        .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),
+        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Rig", "Bench"], swiftSettings: strict),
+        .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
+
+        .testTarget(name: "MicroVMCoreTests", dependencies: ["MicroVMCore"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore"]),
+        .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory"]),
+        .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory"]),
+        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "KVM", "Host"]),
+        .testTarget(name: "HostTests", dependencies: ["Host"]),
+        .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images"]),
+        .testTarget(name: "ContainersTests", dependencies: ["Containers", "Host", "Images"]),
+        .testTarget(name: "AllocatorTests", dependencies: ["Allocator", .product(name: "PropertyBased", package: "swift-property-based")]),
+        .testTarget(name: "ImagesTests", dependencies: ["Images", "Host"]),
+        .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images"]),
+        .testTarget(name: "BenchTests", dependencies: ["Bench"]),
+        .testTarget(name: "CLITests", dependencies: ["MicroVM"]),
+    ]
+)

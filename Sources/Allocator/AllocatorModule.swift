@@ -1,0 +1,2 @@
+/// Allocator module (in progress).
+public enum AllocatorModule {}

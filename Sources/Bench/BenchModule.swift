@@ -1,0 +1,2 @@
+/// Bench module (in progress).
+public enum BenchModule {}

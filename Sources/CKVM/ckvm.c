@@ -1,0 +1,2 @@
+// CKVM is header-only; this file exists so SwiftPM builds the target.
+#include "ckvm.h"

@@ -1,0 +1,2 @@
+/// Containers module (in progress).
+public enum ContainersModule {}

@@ -1,0 +1,2 @@
+/// DirectVMM module (in progress).
+public enum DirectVMMModule {}

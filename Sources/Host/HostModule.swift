@@ -1,0 +1,2 @@
+/// Host module (in progress).
+public enum HostModule {}

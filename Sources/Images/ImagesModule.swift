@@ -1,0 +1,2 @@
+/// Images module (in progress).
+public enum ImagesModule {}

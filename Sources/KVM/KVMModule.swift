@@ -1,0 +1,2 @@
+/// KVM module (in progress).
+public enum KVMModule {}

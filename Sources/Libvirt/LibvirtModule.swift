@@ -1,0 +1,2 @@
+/// Libvirt module (in progress).
+public enum LibvirtModule {}

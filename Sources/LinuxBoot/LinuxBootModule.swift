@@ -1,0 +1,2 @@
+/// LinuxBoot module (in progress).
+public enum LinuxBootModule {}

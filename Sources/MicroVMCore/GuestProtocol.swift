@@ -1,0 +1,119 @@
+import Foundation
+
+/// The protocol between the guest init (images/init) and every backend.
+///
+/// The init writes these lines to the console (each may be preceded by a `\r` or kernel noise):
+/// ```
+/// @@mvm:boot-complete uptime=1.23@@
+/// @@mvm:d <base64 of up to 57 bytes of the command's combined output>
+/// @@mvm:end status=0 bytes=42@@
+/// ```
+/// and, for the direct VMM, writes `GuestProtocol.bootTimerValue` to I/O port
+/// `GuestProtocol.bootTimerPort` at boot complete (via /dev/port), which the VMM timestamps.
+/// Data lines carry their own prefix so kernel messages interleaved with them do no harm.
+public enum GuestProtocol {
+    public static let bootCompleteMarker = "@@mvm:boot-complete"
+    public static let dataPrefix = "@@mvm:d "
+    public static let endMarker = "@@mvm:end"
+    public static let bootTimerPort: UInt16 = 0x440
+    public static let bootTimerValue: UInt8 = 123
+    /// Kernel command-line key that carries the base64 of the command (NUL-separated argv).
+    public static let commandParameter = "mvm.cmd"
+
+    /// Encodes argv for the kernel command line: base64 of the arguments joined by NUL,
+    /// so spaces and quotes survive the kernel's parser.
+    public static func encodeCommand(_ argv: [String]) -> String {
+        Data(argv.joined(separator: "\u{0}").utf8).base64EncodedString()
+    }
+
+    public static func decodeCommand(_ text: String) -> [String]? {
+        guard let d = Data(base64Encoded: text), let s = String(data: d, encoding: .utf8) else { return nil }
+        return s.split(separator: "\u{0}", omittingEmptySubsequences: false).map(String.init)
+    }
+
+    /// Produces the framed lines for an output and status (the Swift twin of the init's shell).
+    public static func frame(output: Data, status: Int32) -> String {
+        var lines: [String] = []
+        var i = 0
+        while i < output.count {
+            let chunk = output[output.index(output.startIndex, offsetBy: i)..<output.index(output.startIndex, offsetBy: min(i + 57, output.count))]
+            lines.append(dataPrefix + Data(chunk).base64EncodedString())
+            i += 57
+        }
+        lines.append("\(endMarker) status=\(status) bytes=\(output.count)@@")
+        return lines.joined(separator: "\n") + "\n"
+    }
+}
+
+/// The result the guest init reported.
+public struct GuestReport: Sendable, Equatable {
+    public var status: Int32
+    public var output: Data
+    public var bootUptime: Double?
+    public var outputText: String { String(decoding: output, as: UTF8.self) }
+}
+
+/// Reads a console stream incrementally and finds the init's boot signal and framed result.
+public struct ConsoleParser: Sendable {
+    public private(set) var bootComplete = false
+    public private(set) var bootUptime: Double?
+    public private(set) var report: GuestReport?
+    private var pending = ""
+    private var data = Data()
+
+    public init() {}
+
+    /// Feeds console bytes; returns true when something new was recognised.
+    @discardableResult
+    public mutating func feed(_ bytes: some Sequence<UInt8>) -> Bool {
+        pending += String(decoding: Array(bytes), as: UTF8.self)
+        var changed = false
+        while let nl = pending.firstIndex(of: "\n") {
+            let line = String(pending[..<nl])
+            pending = String(pending[pending.index(after: nl)...])
+            if consume(line: line) { changed = true }
+        }
+        return changed
+    }
+
+    public mutating func feed(_ text: String) -> Bool { feed(Array(text.utf8)) }
+
+    /// Parses a whole console transcript.
+    public static func parse(_ console: String) -> ConsoleParser {
+        var p = ConsoleParser()
+        _ = p.feed(console + "\n")
+        return p
+    }
+
+    private mutating func consume(line raw: String) -> Bool {
+        let line = raw.replacingOccurrences(of: "\r", with: "")
+        if let r = line.range(of: GuestProtocol.bootCompleteMarker) {
+            bootComplete = true
+            let rest = line[r.upperBound...]
+            if let u = rest.range(of: "uptime=") {
+                bootUptime = Double(rest[u.upperBound...].prefix { $0.isNumber || $0 == "." })
+            }
+            return true
+        }
+        if let r = line.range(of: GuestProtocol.dataPrefix) {
+            let payload = line[r.upperBound...].trimmingCharacters(in: .whitespaces)
+            if let d = Data(base64Encoded: payload) { data.append(d) }
+            return false
+        }
+        if let r = line.range(of: GuestProtocol.endMarker) {
+            let rest = String(line[r.upperBound...])
+            guard let status = Self.field("status", in: rest).flatMap({ Int32($0) }) else { return false }
+            let bytes = Self.field("bytes", in: rest).flatMap { Int($0) }
+            var out = data
+            if let bytes, bytes < out.count { out = out.prefix(bytes) }
+            report = GuestReport(status: status, output: out, bootUptime: bootUptime)
+            return true
+        }
+        return false
+    }
+
+    private static func field(_ name: String, in text: String) -> String? {
+        guard let r = text.range(of: name + "=") else { return nil }
+        return String(text[r.upperBound...].prefix { $0.isNumber || $0 == "-" })
+    }
+}

@@ -1,0 +1,142 @@
+import Foundation
+
+/// Which backend runs an instance.
+public enum RunMode: String, Codable, Sendable, CaseIterable {
+    case direct      // our own VMM on /dev/kvm
+    case hosted      // QEMU through libvirt
+    case container   // an OCI runtime (runc, crun) or Docker
+    case native      // the host itself, no isolation (benchmark baseline)
+}
+
+/// A disk attached to an instance: a raw image file, optionally read-only.
+public struct DiskSpec: Codable, Sendable, Hashable {
+    public var path: String
+    public var readOnly: Bool
+    public var direct: Bool  // O_DIRECT on the backing file
+    public init(path: String, readOnly: Bool = false, direct: Bool = false) {
+        self.path = path; self.readOnly = readOnly; self.direct = direct
+    }
+    /// Parses "FILE[,ro][,direct]".
+    public init(parsing text: String) throws {
+        var parts = text.split(separator: ",").map(String.init)
+        guard !parts.isEmpty, !parts[0].isEmpty else { throw MicroVMError.invalidArgument("--disk needs a file: --disk FILE[,ro][,direct]") }
+        let path = parts.removeFirst()
+        var ro = false, direct = false
+        for p in parts {
+            switch p {
+            case "ro", "readonly": ro = true
+            case "rw": ro = false
+            case "direct": direct = true
+            default: throw MicroVMError.invalidArgument("unknown disk option '\(p)' in '\(text)': use ro, rw or direct")
+            }
+        }
+        self.init(path: path, readOnly: ro, direct: direct)
+    }
+}
+
+/// A network attachment: a tap device on the host (named, or created by MicroVM).
+public struct NetSpec: Codable, Sendable, Hashable {
+    public var tap: String?
+    public var hostAddress: String?
+    public var guestAddress: String?
+    public init(tap: String? = nil, hostAddress: String? = nil, guestAddress: String? = nil) {
+        self.tap = tap; self.hostAddress = hostAddress; self.guestAddress = guestAddress
+    }
+}
+
+/// What to run, independent of the backend. Every mode reads the same spec.
+public struct VMSpec: Codable, Sendable, Hashable {
+    public var name: String
+    public var kernel: String?
+    public var initrd: String?
+    /// Extra kernel command-line arguments, appended to what the backend needs.
+    public var cmdline: String
+    public var cpus: Int
+    public var memory: ByteCount
+    public var disks: [DiskSpec]
+    public var net: NetSpec?
+    public var vsockCID: UInt32?
+    /// The command the guest init runs (empty: the init's default, `true`).
+    public var command: [String]
+    /// The rootfs tree for containers (the same tree the VM's disk is made from).
+    public var rootfs: String?
+    public var slice: ResourceSlice?
+    /// Seconds before the instance is killed.
+    public var timeout: Double
+
+    public init(name: String = "mvm-\(UUID().uuidString.prefix(8).lowercased())", kernel: String? = nil, initrd: String? = nil,
+                cmdline: String = "", cpus: Int = 1, memory: ByteCount = .mebibytes(256), disks: [DiskSpec] = [],
+                net: NetSpec? = nil, vsockCID: UInt32? = nil, command: [String] = [], rootfs: String? = nil,
+                slice: ResourceSlice? = nil, timeout: Double = 300) {
+        self.name = name; self.kernel = kernel; self.initrd = initrd; self.cmdline = cmdline
+        self.cpus = cpus; self.memory = memory; self.disks = disks; self.net = net; self.vsockCID = vsockCID
+        self.command = command; self.rootfs = rootfs; self.slice = slice; self.timeout = timeout
+    }
+
+    /// Checks what can be checked without a backend; throws one clear error.
+    public func validate() throws {
+        guard cpus >= 1 else { throw MicroVMError.invalidArgument("--cpus must be at least 1 (got \(cpus))") }
+        guard cpus <= 255 else { throw MicroVMError.invalidArgument("--cpus \(cpus) is more than the 255 vCPUs x86 xAPIC ids allow") }
+        guard memory >= .mebibytes(16) else { throw MicroVMError.invalidArgument("--memory \(memory) is too small: a Linux guest needs at least 16M") }
+        for (label, path) in [("kernel", kernel), ("initrd", initrd)] {
+            if let path, !FileManager.default.fileExists(atPath: path) {
+                throw MicroVMError.notFound("\(label) file '\(path)' does not exist: pass an existing file, or omit it to use the default image (mvm image build)")
+            }
+        }
+        for d in disks where !FileManager.default.fileExists(atPath: d.path) {
+            throw MicroVMError.notFound("disk image '\(d.path)' does not exist")
+        }
+    }
+}
+
+/// Where an instance ended up.
+public struct RunResult: Codable, Sendable {
+    public var exitStatus: Int32
+    public var output: String
+    /// Seconds from launch to the guest init's boot-complete signal (or the container's first instruction).
+    public var bootSeconds: Double?
+    /// Seconds from launch to the end of the run.
+    public var totalSeconds: Double
+    /// The raw console, for `mvm logs` and for errors.
+    public var console: String
+    public init(exitStatus: Int32, output: String, bootSeconds: Double?, totalSeconds: Double, console: String) {
+        self.exitStatus = exitStatus; self.output = output; self.bootSeconds = bootSeconds
+        self.totalSeconds = totalSeconds; self.console = console
+    }
+}
+
+/// A live instance as `mvm ps` lists it.
+public struct InstanceInfo: Codable, Sendable {
+    public var name: String
+    public var mode: RunMode
+    public var state: String
+    public var pid: Int32?
+    public var cpus: Int
+    public var memory: ByteCount
+    public var startedAt: Date?
+    public var logPath: String?
+    public init(name: String, mode: RunMode, state: String, pid: Int32? = nil, cpus: Int, memory: ByteCount, startedAt: Date? = nil, logPath: String? = nil) {
+        self.name = name; self.mode = mode; self.state = state; self.pid = pid; self.cpus = cpus
+        self.memory = memory; self.startedAt = startedAt; self.logPath = logPath
+    }
+}
+
+/// What every backend (direct VMM, libvirt, containers) implements.
+/// Optional features throw `.unsupported` by default.
+public protocol InstanceBackend: Sendable {
+    var mode: RunMode { get }
+    /// Runs the spec to completion: boot, run the command, collect the framed result, tear down.
+    func run(_ spec: VMSpec) async throws -> RunResult
+    /// Instances this backend knows about.
+    func list() async throws -> [InstanceInfo]
+    /// Stops an instance by name (graceful, then forced).
+    func stop(name: String) async throws
+    /// The console or output log of an instance.
+    func logs(name: String) async throws -> String
+}
+
+extension InstanceBackend {
+    public func list() async throws -> [InstanceInfo] { [] }
+    public func stop(name: String) async throws { throw MicroVMError.unsupported("\(mode) backend cannot stop instances") }
+    public func logs(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) backend keeps no logs") }
+}

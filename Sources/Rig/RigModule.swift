@@ -1,0 +1,2 @@
+/// Rig module (in progress).
+public enum RigModule {}

@@ -1,0 +1,67 @@
+import Testing
+import Foundation
+@testable import MicroVMCore
+
+@Suite struct ByteCountTests {
+    @Test func parsesUnits() throws {
+        #expect(try ByteCount(parsing: "128M") == .mebibytes(128))
+        #expect(try ByteCount(parsing: "2GiB") == .gibibytes(2))
+        #expect(try ByteCount(parsing: "4096") == ByteCount(4096))
+        #expect(ByteCount.mebibytes(512).description == "512M")
+    }
+    @Test func rejectsGarbage() {
+        #expect(throws: MicroVMError.self) { try ByteCount(parsing: "lots") }
+        #expect(throws: MicroVMError.self) { try ByteCount(parsing: "12Q") }
+        #expect(throws: MicroVMError.self) { try ByteCount(parsing: "99999999999999T") }
+    }
+}
+
+@Suite struct GuestProtocolTests {
+    @Test func frameRoundTrips() {
+        let payload = Data((0..<300).map { UInt8($0 % 256) })
+        let text = "noise\r\n\(GuestProtocol.bootCompleteMarker) uptime=1.50@@\r\n[ 1.2] kernel says hi\n" + GuestProtocol.frame(output: payload, status: 7)
+        let p = ConsoleParser.parse(text)
+        #expect(p.bootComplete)
+        #expect(p.bootUptime == 1.5)
+        #expect(p.report?.status == 7)
+        #expect(p.report?.output == payload)
+    }
+    @Test func incrementalFeedSplitsAnywhere() {
+        let text = GuestProtocol.frame(output: Data("hello\nworld\n".utf8), status: 0)
+        var p = ConsoleParser()
+        for b in text.utf8 { p.feed([b]) }
+        #expect(p.report?.outputText == "hello\nworld\n")
+    }
+    @Test func commandEncodingSurvivesSpaces() {
+        let argv = ["sh", "-c", "echo 'a b' \"c\""]
+        #expect(GuestProtocol.decodeCommand(GuestProtocol.encodeCommand(argv)) == argv)
+    }
+    @Test func noEndMeansNoReport() {
+        let p = ConsoleParser.parse("@@mvm:d aGVsbG8=\n")
+        #expect(p.report == nil)
+    }
+}
+
+@Suite struct ConfigTests {
+    @Test func repositoryConfigParses() throws {
+        let cfg = try MicroVMConfig.load(path: Paths.sourceDirectory() + "/config/microvm.yaml")
+        #expect(try cfg.profile(named: "tiny").memory == .mebibytes(128))
+    }
+    @Test func unknownProfileNamesTheChoices() throws {
+        let cfg = try MicroVMConfig.parse(MicroVMConfig.builtinDefault)
+        #expect {
+            try cfg.profile(named: "huge")
+        } throws: { e in
+            "\(e)".contains("unknown profile 'huge'") && "\(e)".contains("tiny")
+        }
+    }
+    @Test func typoInPlacementIsAnError() {
+        let bad = MicroVMConfig.builtinDefault.replacingOccurrences(of: "placement: pinned", with: "placement: pined")
+        #expect(throws: MicroVMError.self) { try MicroVMConfig.parse(bad) }
+    }
+    @Test func cpuListsRoundTrip() throws {
+        #expect(try CPUList.parse("0-3,6") == [0, 1, 2, 3, 6])
+        #expect(CPUList.format([6, 0, 1, 2, 3]) == "0-3,6")
+        #expect(throws: MicroVMError.self) { try CPUList.parse("3-1") }
+    }
+}
