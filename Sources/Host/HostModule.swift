@@ -1,2 +1,0 @@
-/// Host module (in progress).
-public enum HostModule {}

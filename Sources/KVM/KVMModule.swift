@@ -1,2 +1,0 @@
-/// KVM module (in progress).
-public enum KVMModule {}
