@@ -132,16 +132,24 @@ extension HostProfile {
         return Capability(usable: true, detail: tcg ? "usable with LIBGUESTFS_BACKEND_SETTINGS=force_tcg (KVM here is not hardware; MicroVM sets it)" : "usable (KVM)")
     }
 
-    private struct CachedKVM: Codable { var bootID: String; var result: KVMProbeResult }
+    private struct CachedKVM: Codable { var bootID: String; var prober: String?; var result: KVMProbeResult }
+
+    /// Identifies the code that made a cached result: a rebuilt binary probes again.
+    static var proberIdentity: String {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let mtime = (try? FileManager.default.attributesOfItem(atPath: exe)[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
+        return "\(exe)@\(Int(mtime))"
+    }
 
     static func cachedKVM(paths: Paths, bootID: String, refresh: Bool) -> KVMProbeResult {
         let file = paths.hostProfile
+        let prober = proberIdentity
         if !refresh, bootID != "unknown", let d = FileManager.default.contents(atPath: file),
-           let c = try? JSONDecoder().decode(CachedKVM.self, from: d), c.bootID == bootID {
+           let c = try? JSONDecoder().decode(CachedKVM.self, from: d), c.bootID == bootID, c.prober == prober {
             return c.result
         }
         let r = KVMFunctionalProbe.run()
-        if let d = try? JSONEncoder().encode(CachedKVM(bootID: bootID, result: r)) {
+        if let d = try? JSONEncoder().encode(CachedKVM(bootID: bootID, prober: prober, result: r)) {
             try? Paths.ensureDirectory(paths.state)
             FileManager.default.createFile(atPath: file, contents: d)
         }

@@ -1,7 +1,83 @@
 import ArgumentParser
+import Foundation
 import MicroVM
 
 struct DoctorCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "doctor", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm doctor is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "doctor",
+        abstract: "Report what this host can run: KVM (hardware, emulated or absent), QEMU, libvirt, OCI runtimes, cgroups, libguestfs, images.")
+
+    @Flag(help: "Print the report as JSON.") var json = false
+    @Flag(help: "Run the KVM functional probe again instead of using this boot's cached result.") var refresh = false
+    @Option(help: ArgumentHelp("Read /proc from this directory (for testing against a fake host).", visibility: .hidden)) var procRoot: String?
+    @Option(help: ArgumentHelp("Read /sys from this directory (for testing against a fake host).", visibility: .hidden)) var sysRoot: String?
+
+    func run() async throws {
+        try await reportingErrors {
+            let report = DoctorReport.make(refresh: refresh, roots: HostRoots(proc: procRoot ?? "/proc", sys: sysRoot ?? "/sys"))
+            if json {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try enc.encode(report), as: UTF8.self))
+            } else {
+                print(report.text)
+            }
+        }
+    }
+}
+
+/// The doctor's report: the host profile plus what other modules say (images, rig).
+struct DoctorReport: Codable {
+    struct Line: Codable {
+        var check: String
+        var verdict: String
+        var detail: String
+        var fix: String?
+    }
+    var profile: HostProfile
+    var lines: [Line]
+
+    static func make(refresh: Bool, roots: HostRoots) -> DoctorReport {
+        let fake = roots.proc != "/proc" || roots.sys != "/sys"
+        let p: HostProfile = fake
+            ? HostProfile.probe(roots: roots, kvm: KVMFunctionalProbe.run())
+            : HostProfile.current(refresh: refresh)
+        var lines: [Line] = []
+        let k = p.kvm
+        var kvmDetail = k.reason
+        if let v = k.apiVersion { kvmDetail += "; API version \(v)" }
+        if let ns = k.cpl0NanosecondsPerIteration { kvmDetail += String(format: "; CPL0 loop %.1f ns/iteration", ns) }
+        if let c = k.cmpxchg16bWorks { kvmDetail += "; lock cmpxchg16b \(c ? "works" : "fails")" }
+        let kvmFix: String? = switch k.verdict {
+        case .hardware: nil
+        case .emulated: "guest kernels cannot boot under this KVM: use --mode hosted (QEMU TCG) or run KVM workloads inside `mvm rig run`"
+        case .absent: "load kvm_intel or kvm_amd (modprobe) and check /dev/kvm permissions, or use --mode hosted (TCG)"
+        }
+        lines.append(Line(check: "kvm", verdict: k.verdict == .emulated ? "emulated (\(k.reason))" : k.verdict.rawValue, detail: kvmDetail, fix: kvmFix))
+        lines.append(Line(check: "cgroups", verdict: p.cgroupMode.rawValue, detail: "cgroup layout \(p.cgroupMode.rawValue)",
+                          fix: p.cgroupMode == .none ? "mount a cgroup filesystem" : nil))
+        for name in ["qemu", "libvirt-embed", "libvirt-daemon", "runc", "crun", "docker", "libguestfs"] {
+            let c = p.capability(name)
+            lines.append(Line(check: name, verdict: c.usable ? "usable" : "unusable", detail: c.detail, fix: c.fix))
+        }
+        for (name, c) in extraCapabilities() {
+            lines.append(Line(check: name, verdict: c.usable ? "usable" : "unusable", detail: c.detail, fix: c.fix))
+        }
+        lines.append(Line(check: "cpus", verdict: "\(p.onlineCPUs.count)", detail: "online CPUs \(CPUList.format(p.onlineCPUs)); \(p.cpuModel)"))
+        lines.append(Line(check: "memory", verdict: "\(p.memoryAvailable.mebibytes)M free",
+                          detail: "\(p.memoryTotal.mebibytes)M total, \(p.memoryAvailable.mebibytes)M available"))
+        return DoctorReport(profile: p, lines: lines)
+    }
+
+    var text: String {
+        var out = "MicroVM doctor — \(profile.cpuModel), kernel \(profile.kernel)\n"
+        let w = (lines.map(\.check.count).max() ?? 8) + 2
+        for l in lines {
+            out += l.check.padding(toLength: w, withPad: " ", startingAt: 0) + l.verdict + "\n"
+            out += String(repeating: " ", count: w) + l.detail + "\n"
+            if let fix = l.fix { out += String(repeating: " ", count: w) + "fix: " + fix + "\n" }
+        }
+        out += "VM timings on this host: \(profile.vmAcceleration)"
+        return out
+    }
 }
