@@ -1,2 +1,0 @@
-/// LinuxBoot module (in progress).
-public enum LinuxBootModule {}
