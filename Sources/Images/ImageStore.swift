@@ -1,0 +1,213 @@
+/// Images: the guest kernel, initramfs and root filesystem every MicroVM backend boots, and the
+/// cache that keeps them. Artifacts are keyed by a hash of their inputs (recipe files, kernel
+/// version, tool package versions), so asking again costs a directory lookup.
+///
+/// ```swift
+/// let image = try ImageStore().ensureDefault()
+/// let cmdline = image.kernelCommandLine(command: ["uname", "-r"])
+/// // qemu-system-x86_64 -kernel image.kernel -initrd image.initrd -append cmdline \
+/// //   -drive file=image.rootfsDisk,format=raw,if=virtio
+/// ```
+import Foundation
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A built guest image: every path is inside one cache directory that is complete once it exists.
+public struct GuestImage: Sendable, Equatable, Codable {
+    public var key: String
+    public var directory: String
+    public var kernelVersion: String
+    public var hasPVHNote: Bool
+    public var pvhEntry: UInt32?
+    public var modules: [KernelModule]
+
+    public var kernel: String { directory + "/vmlinuz" }
+    public var vmlinux: String { directory + "/vmlinux" }
+    public var initrd: String { directory + "/initrd.img" }
+    public var rootfsDisk: String { directory + "/rootfs.ext4" }
+    public var rootfsTree: String { directory + "/rootfs" }
+    public var rootfsTarball: String { directory + "/rootfs.tar" }
+
+    /// The kernel command line for running `command` with the init: serial console, a quiet
+    /// kernel, reboot=k and panic=-1 so that both a power-off and a panic end the VM.
+    public func kernelCommandLine(command: [String], extra: String = "") -> String {
+        var parts = ["console=ttyS0", "quiet", "loglevel=3", "reboot=k", "panic=-1"]
+        if !command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(command))") }
+        let x = extra.trimmingCharacters(in: .whitespaces)
+        if !x.isEmpty { parts.append(x) }
+        return parts.joined(separator: " ")
+    }
+}
+
+/// One cached image as `mvm image list` shows it.
+public struct ImageInfo: Sendable, Equatable, Codable {
+    public var key: String
+    public var directory: String
+    public var kernelVersion: String
+    public var hasPVHNote: Bool
+    public var moduleCount: Int
+    public var createdAt: Date
+    public var sizeBytes: UInt64
+    /// Whether this is the image the current inputs (kernel, recipes, packages) would produce.
+    public var isCurrent: Bool
+}
+
+/// Builds and caches guest images under `paths.images`, one directory per input hash.
+/// A lock file serialises builders across processes; a build goes to a temporary directory
+/// that is renamed into place only when complete.
+public struct ImageStore: Sendable {
+    public var paths: Paths
+    /// Where images/init lives (the repository, or MVM_SOURCE_DIR).
+    public var sourceDirectory: String
+
+    /// Bumped when the recipe in this file changes in a way the hashed inputs do not show.
+    static let recipeVersion = "mvm-image-1"
+    static let manifestName = "manifest.json"
+
+    public init(paths: Paths = .default, sourceDirectory: String = Paths.sourceDirectory()) {
+        self.paths = paths
+        self.sourceDirectory = sourceDirectory
+    }
+
+    var initScript: String { sourceDirectory + "/images/init" }
+
+    /// Returns the image for the current inputs, building it first when it is not cached.
+    public func ensureDefault() throws -> GuestImage {
+        let inputs = try ImageInputs.current(initScript: initScript)
+        if let img = load(key: inputs.key) { return img }
+        return try withLock { try load(key: inputs.key) ?? build(inputs: inputs) }
+    }
+
+    /// Builds the image for the current inputs; `force` rebuilds even when it is cached.
+    @discardableResult
+    public func build(force: Bool) throws -> GuestImage {
+        let inputs = try ImageInputs.current(initScript: initScript)
+        return try withLock {
+            if !force, let img = load(key: inputs.key) { return img }
+            return try build(inputs: inputs)
+        }
+    }
+
+    public func list() -> [ImageInfo] {
+        let fm = FileManager.default
+        let current = try? ImageInputs.current(initScript: initScript).key
+        let names = (try? fm.contentsOfDirectory(atPath: paths.images)) ?? []
+        return names.filter { !$0.hasPrefix(".") }.sorted().compactMap { name -> ImageInfo? in
+            guard let img = load(key: name) else { return nil }
+            let attrs = try? fm.attributesOfItem(atPath: img.directory + "/" + Self.manifestName)
+            let size = [img.kernel, img.vmlinux, img.initrd, img.rootfsTarball].reduce(UInt64(0)) { sum, p in
+                sum + ((try? fm.attributesOfItem(atPath: p))?[.size] as? UInt64 ?? 0)
+            } + Self.allocatedBytes(img.rootfsDisk)
+            return ImageInfo(key: img.key, directory: img.directory, kernelVersion: img.kernelVersion, hasPVHNote: img.hasPVHNote,
+                             moduleCount: img.modules.count, createdAt: attrs?[.modificationDate] as? Date ?? Date(timeIntervalSince1970: 0),
+                             sizeBytes: size, isCurrent: name == current)
+        }
+    }
+
+    /// Loads a complete image; a directory without a readable manifest is not one.
+    func load(key: String) -> GuestImage? {
+        let dir = paths.images + "/" + key
+        guard let data = FileManager.default.contents(atPath: dir + "/" + Self.manifestName),
+              var img = try? JSONDecoder().decode(GuestImage.self, from: data) else { return nil }
+        img.directory = dir
+        return img
+    }
+
+    private func withLock<T>(_ body: () throws -> T) throws -> T {
+        try Paths.ensureDirectory(paths.images)
+        let lockPath = paths.images + "/.lock"
+        let fd = open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw MicroVMError(.permissionDenied, "cannot open lock file '\(lockPath)': \(String(cString: strerror(errno))); set MVM_CACHE_DIR to a writable place") }
+        defer { close(fd) }
+        while flock(fd, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw MicroVMError(.internalError, "flock on '\(lockPath)' failed: \(String(cString: strerror(errno)))") }
+        }
+        defer { flock(fd, LOCK_UN) }
+        return try body()
+    }
+
+    /// Runs with the lock held: builds into .build-KEY-PID, then renames it into place.
+    private func build(inputs: ImageInputs) throws -> GuestImage {
+        let fm = FileManager.default
+        // Any build directory seen under the lock belongs to a builder that died.
+        for name in (try? fm.contentsOfDirectory(atPath: paths.images)) ?? [] where name.hasPrefix(".build-") || name.hasPrefix(".old-") {
+            try? fm.removeItem(atPath: paths.images + "/" + name)
+        }
+        let tmp = paths.images + "/.build-\(inputs.key)-\(getpid())"
+        try Paths.ensureDirectory(tmp)
+        do {
+            var img = GuestImage(key: inputs.key, directory: tmp, kernelVersion: inputs.kernel.version, hasPVHNote: false, pvhEntry: nil, modules: [])
+            try fm.copyItem(atPath: inputs.kernel.bzImage, toPath: img.kernel)
+            let info = try VmlinuxExtractor.extract(bzImage: img.kernel, to: img.vmlinux)
+            img.hasPVHNote = info.hasPVHNote
+            img.pvhEntry = info.pvhEntry
+            let manifest = try InitramfsBuilder(kernel: inputs.kernel, initScript: initScript).build(to: img.initrd)
+            img.modules = manifest.modules
+            let rootfs = RootfsBuilder()
+            try rootfs.buildTree(at: img.rootfsTree)
+            try rootfs.makeDisk(tree: img.rootfsTree, disk: img.rootfsDisk)
+            try rootfs.makeTarball(tree: img.rootfsTree, tarball: img.rootfsTarball)
+            try Data(inputs.description.utf8).write(to: URL(fileURLWithPath: tmp + "/inputs.txt"))
+            let enc = JSONEncoder()
+            enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            // The manifest is written last: its presence is what marks the directory complete.
+            try enc.encode(img).write(to: URL(fileURLWithPath: tmp + "/" + Self.manifestName), options: .atomic)
+
+            let final = paths.images + "/" + inputs.key
+            if fm.fileExists(atPath: final) {
+                let old = paths.images + "/.old-\(inputs.key)-\(getpid())"
+                try fm.moveItem(atPath: final, toPath: old)
+                try fm.moveItem(atPath: tmp, toPath: final)
+                try? fm.removeItem(atPath: old)
+            } else {
+                try fm.moveItem(atPath: tmp, toPath: final)
+            }
+            img.directory = final
+            return img
+        } catch {
+            try? fm.removeItem(atPath: tmp)
+            throw error
+        }
+    }
+
+    static func allocatedBytes(_ path: String) -> UInt64 {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return 0 }
+        return UInt64(st.st_blocks) * 512
+    }
+}
+
+/// Everything an image is made from, and the hash that names it.
+struct ImageInputs {
+    var kernel: DebianKernel
+    var description: String
+    var key: String
+
+    static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "libc6", "e2fsprogs"]
+
+    static func current(initScript: String) throws -> ImageInputs {
+        let kernel = try DebianKernel.newest()
+        guard let initData = FileManager.default.contents(atPath: initScript) else {
+            throw MicroVMError.notFound("guest init '\(initScript)' is missing: set MVM_SOURCE_DIR to the MicroVM source tree")
+        }
+        let fm = FileManager.default
+        let kattrs = try? fm.attributesOfItem(atPath: kernel.bzImage)
+        let kdep = try? fm.attributesOfItem(atPath: kernel.modulesDirectory + "/modules.dep")
+        let versions = try ProcessRunner.run(["dpkg-query", "-W", "-f", "${Package}=${Version}\n"] + packages, timeout: 30)
+        var lines = [
+            "recipe=\(ImageStore.recipeVersion)",
+            "kernel=\(kernel.version) size=\(kattrs?[.size] as? UInt64 ?? 0) mtime=\((kattrs?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)",
+            "modules.dep size=\(kdep?[.size] as? UInt64 ?? 0) mtime=\((kdep?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)",
+            "modules=\(ModuleResolver.defaultModules.joined(separator: ","))",
+            "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))",
+        ]
+        lines += versions.stdoutText.split(separator: "\n").map { "package \($0)" }.sorted()
+        let description = lines.joined(separator: "\n") + "\n"
+        let hashInput = Data(description.utf8) + initData
+        let digest = try ProcessRunner.check(["sha256sum"], input: hashInput, timeout: 30, package: "coreutils").stdoutText
+        let key = "debian-\(kernel.version)-" + String(digest.prefix(16))
+        return ImageInputs(kernel: kernel, description: description, key: key)
+    }
+}

@@ -1,2 +1,0 @@
-/// Images module (in progress).
-public enum ImagesModule {}

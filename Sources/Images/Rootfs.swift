@@ -1,0 +1,161 @@
+import Foundation
+import MicroVMCore
+
+/// Builds the guest and container root filesystem: busybox, the benchmark tools with their
+/// shared libraries (the ldd closure, dynamic loader included), a minimal /etc, and from that
+/// tree an ext4 disk image and a tarball for `docker import`. VMs and containers thereby run
+/// byte-identical binaries.
+///
+/// ```swift
+/// let b = RootfsBuilder()
+/// try b.buildTree(at: "/tmp/rootfs")
+/// try b.makeDisk(tree: "/tmp/rootfs", disk: "/tmp/rootfs.ext4")
+/// ```
+public struct RootfsBuilder: Sendable {
+    /// A benchmark tool: the binary and the Debian package that provides it.
+    public struct Tool: Sendable, Equatable {
+        public var path: String
+        public var package: String
+        public init(path: String, package: String) { self.path = path; self.package = package }
+    }
+
+    public static let defaultTools = [
+        Tool(path: "/usr/bin/sysbench", package: "sysbench"),
+        Tool(path: "/usr/bin/stress-ng", package: "stress-ng"),
+        Tool(path: "/usr/bin/fio", package: "fio"),
+        Tool(path: "/usr/bin/iperf3", package: "iperf3"),
+    ]
+
+    public var tools: [Tool]
+    public var busybox: String
+    public var diskSize: ByteCount
+
+    public init(tools: [Tool] = RootfsBuilder.defaultTools, busybox: String = "/bin/busybox", diskSize: ByteCount = .mebibytes(512)) {
+        self.tools = tools
+        self.busybox = busybox
+        self.diskSize = diskSize
+    }
+
+    /// Installs the tools' packages when a binary is missing (as root), else says what to install.
+    public func ensureToolsInstalled() throws {
+        let missing = tools.filter { !FileManager.default.isExecutableFile(atPath: $0.path) }
+        guard !missing.isEmpty else { return }
+        let pkgs = missing.map(\.package)
+        guard getuid() == 0 else {
+            throw MicroVMError.notFound("benchmark tools missing (\(missing.map(\.path).joined(separator: ", "))): run 'apt-get install \(pkgs.joined(separator: " "))'")
+        }
+        try ProcessRunner.check(["apt-get", "install", "-y", "--no-install-recommends"] + pkgs,
+                                environment: ["DEBIAN_FRONTEND": "noninteractive"], timeout: 600)
+    }
+
+    public func buildTree(at root: String) throws {
+        try ensureToolsInstalled()
+        let fm = FileManager.default
+        try Paths.ensureDirectory(root)
+        let copier = TreeCopier(root: root)
+        // Mirror the host's merged-/usr links first so library paths from ldd land where the loader looks.
+        for top in ["bin", "sbin", "lib", "lib64"] { try copier.mirror("/" + top) }
+        for d in ["usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "run", "root", "var/tmp", "mnt", "tmp"] {
+            try fm.createDirectory(atPath: "\(root)/\(d)", withIntermediateDirectories: true)
+        }
+        chmod("\(root)/tmp", 0o1777)
+        chmod("\(root)/var/tmp", 0o1777)
+
+        let bb = try Busybox.staticBinary(busybox)
+        try copier.mirror(busybox)
+        let bbInTree = "/" + (try copier.resolvedInTree(busybox))
+        for tool in tools { try copier.mirror(tool.path) }
+        for lib in try Self.libraryClosure(of: tools.map(\.path)) { try copier.mirror(lib) }
+        for applet in bb.applets {
+            let p = "\(root)/\(applet)"
+            if fm.fileExists(atPath: p) || (try? fm.destinationOfSymbolicLink(atPath: p)) != nil { continue }
+            try? fm.createDirectory(atPath: (p as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try fm.createSymbolicLink(atPath: p, withDestinationPath: bbInTree)
+        }
+        let etc: [String: String] = [
+            "passwd": "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+            "group": "root:x:0:\nnogroup:x:65534:\n",
+            "hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+            // Guests have no DNS of their own; a backend that gives one network access rewrites this.
+            "resolv.conf": "nameserver 127.0.0.1\n",
+            "hostname": "mvm\n",
+        ]
+        for (name, text) in etc { try Data(text.utf8).write(to: URL(fileURLWithPath: "\(root)/etc/\(name)")) }
+    }
+
+    /// Makes the ext4 image straight from the tree (mke2fs -d), so no mount or root is needed.
+    public func makeDisk(tree: String, disk: String) throws {
+        try? FileManager.default.removeItem(atPath: disk)
+        let kib = max(diskSize.bytes / 1024, 16 * 1024)
+        try ProcessRunner.check(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "mvm-rootfs", "-E", "root_owner=0:0",
+                                 "-d", tree, disk, "\(kib)k"], timeout: 600, package: "e2fsprogs")
+    }
+
+    public func makeTarball(tree: String, tarball: String) throws {
+        try ProcessRunner.check(["tar", "-C", tree, "--numeric-owner", "--sort=name", "-cf", tarball, "."], timeout: 600, package: "tar")
+    }
+
+    /// Every shared object the binaries load, found by ldd, including the dynamic loader.
+    static func libraryClosure(of binaries: [String]) throws -> [String] {
+        var libs: Set<String> = []
+        for bin in binaries {
+            let out = try ProcessRunner.run(["ldd", bin], timeout: 60, package: "libc-bin")
+            guard out.status == 0 else { continue }   // static binaries: nothing to add
+            for line in out.stdoutText.split(separator: "\n") {
+                let t = line.trimmingCharacters(in: .whitespaces)
+                if t.contains("not found") {
+                    throw MicroVMError.notFound("'\(bin)' needs a library that is not installed (\(t)): reinstall its package")
+                }
+                let path: Substring?
+                if let arrow = t.range(of: "=> ") { path = t[arrow.upperBound...].split(separator: " ").first }
+                else if t.hasPrefix("/") { path = t.split(separator: " ").first }
+                else { path = nil }
+                if let path, path.hasPrefix("/") { libs.insert(String(path)) }
+            }
+        }
+        return libs.sorted()
+    }
+}
+
+/// Copies host paths into a tree at the same place, recreating each symlink on the way, so the
+/// tree resolves names exactly as the host does.
+struct TreeCopier {
+    let root: String
+
+    func mirror(_ hostPath: String, depth: Int = 0) throws {
+        guard depth < 32 else { throw MicroVMError(.invalidImage, "too many symlinks resolving '\(hostPath)'") }
+        let fm = FileManager.default
+        let comps = hostPath.split(separator: "/").map(String.init)
+        var cur = ""
+        for (i, c) in comps.enumerated() {
+            cur += "/" + c
+            let inTree = root + cur
+            let attrs = try fm.attributesOfItem(atPath: cur)
+            let type = attrs[.type] as? FileAttributeType
+            if type == .typeSymbolicLink {
+                let target = try fm.destinationOfSymbolicLink(atPath: cur)
+                if (try? fm.destinationOfSymbolicLink(atPath: inTree)) == nil, !fm.fileExists(atPath: inTree) {
+                    try fm.createSymbolicLink(atPath: inTree, withDestinationPath: target)
+                }
+                let base = target.hasPrefix("/") ? target : ((cur as NSString).deletingLastPathComponent + "/" + target)
+                let rest = comps[(i + 1)...].joined(separator: "/")
+                let next = (rest.isEmpty ? base : base + "/" + rest) as NSString
+                try mirror(next.standardizingPath, depth: depth + 1)
+                return
+            } else if type == .typeDirectory {
+                if !fm.fileExists(atPath: inTree) { try fm.createDirectory(atPath: inTree, withIntermediateDirectories: false) }
+            } else {
+                guard i == comps.count - 1 else { throw MicroVMError.notFound("'\(cur)' is not a directory") }
+                if !fm.fileExists(atPath: inTree) {
+                    try fm.copyItem(atPath: cur, toPath: inTree)
+                }
+            }
+        }
+    }
+
+    /// The path (relative to the root) that `hostPath` ends up at once symlinks are followed.
+    func resolvedInTree(_ hostPath: String) throws -> String {
+        let real = (hostPath as NSString).resolvingSymlinksInPath
+        return String(real.drop { $0 == "/" })
+    }
+}
