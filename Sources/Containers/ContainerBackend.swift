@@ -1,0 +1,224 @@
+/// Containers: runs a `VMSpec` as an OCI container (runc, or crun where the host's cgroup layout
+/// allows) or through Docker, from the same rootfs tree the guest image is made of, inside the
+/// allocator's `ResourceSlice` (cgroups), with seccomp, dropped capabilities and a read-only root.
+/// Nothing outlives a run: a reaper removes containers whose `mvm` died mid-run.
+///
+/// ```swift
+/// let backend = ContainerBackend(runtime: .runc)
+/// let spec = VMSpec(name: "demo", command: ["sh", "-c", "echo hello; exit 3"],
+///                   rootfs: try ImageStore().ensureDefault().rootfsTree,
+///                   slice: ResourceSlice(cpus: 1, memory: .mebibytes(64), pidsLimit: 64))
+/// let result = try await backend.run(spec)   // exitStatus 3, output "hello\n"
+/// ```
+import Foundation
+import MicroVMCore
+import Host
+#if canImport(Glibc)
+import Glibc
+#endif
+
+public struct ContainerBackend: InstanceBackend {
+    public var mode: RunMode { .container }
+    public var runtime: ContainerRuntime
+    public var paths: Paths
+    /// The rootfs used when a spec names none (e.g. `{ try ImageStore().ensureDefault().rootfsTree }`).
+    public var defaultRootfs: (@Sendable () throws -> String)?
+    /// Docker only: a tarball of the rootfs to import (else the tree's sibling `rootfs.tar`,
+    /// else the tree is packed on the fly).
+    public var rootfsTarball: String?
+
+    public init(runtime: ContainerRuntime = .automatic, paths: Paths = .default,
+                rootfsTarball: String? = nil, defaultRootfs: (@Sendable () throws -> String)? = nil) {
+        self.runtime = runtime; self.paths = paths; self.rootfsTarball = rootfsTarball; self.defaultRootfs = defaultRootfs
+    }
+
+    var store: ContainerStore { ContainerStore(paths: paths) }
+
+    /// The container id for an instance name; names are checked so they are safe in paths,
+    /// cgroup names and runc ids.
+    public static func containerID(name: String) throws -> String {
+        let ok = !name.isEmpty && name.count <= 48 && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
+            && !name.hasPrefix(".")
+        guard ok else {
+            throw MicroVMError.invalidArgument("container name '\(name)' is not usable: use 1-48 letters, digits, '-', '_' or '.', not starting with '.'")
+        }
+        return "mvm-" + name
+    }
+
+    // MARK: run
+
+    public func run(_ spec: VMSpec) async throws -> RunResult {
+        try await offload { [self] in
+            if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(spec, rootfs: try resolveRootfs(spec)) }
+            return try runOCI(spec)
+        }
+    }
+
+    func resolveRootfs(_ spec: VMSpec) throws -> String {
+        guard let rootfs = try spec.rootfs ?? defaultRootfs?() else {
+            throw MicroVMError.invalidArgument("no rootfs for the container: pass a rootfs tree (VMSpec.rootfs) or build the default image with 'mvm image build'")
+        }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: rootfs, isDirectory: &isDir), isDir.boolValue else {
+            throw MicroVMError.notFound("rootfs '\(rootfs)' is not a directory: pass the image's rootfs tree (mvm image build makes it)")
+        }
+        // The root is read-only, so the runtime cannot create missing mount points in it.
+        let missing = ["proc", "sys", "dev", "tmp"].filter { !FileManager.default.fileExists(atPath: rootfs + "/" + $0) }
+        guard missing.isEmpty else {
+            throw MicroVMError(.invalidImage, "rootfs '\(rootfs)' lacks the mount point(s) \(missing.map { "/" + $0 }.joined(separator: ", ")): create them in the tree (mkdir) or rebuild the image")
+        }
+        return rootfs
+    }
+
+    func runOCI(_ spec: VMSpec) throws -> RunResult {
+        let launch = Date()
+        reapOrphans()
+        let rt = try runtime.resolveOCI(profile: CachedProfile.get)
+        let id = try Self.containerID(name: spec.name)
+        let rootfs = try resolveRootfs(spec)
+        guard !spec.command.isEmpty, !spec.command[0].isEmpty else {
+            throw MicroVMError.invalidArgument("the container has no command: pass one, e.g. mvm run --mode container -- echo hello")
+        }
+        let driver = OCIRuntimeDriver(executable: rt.path, root: store.runtimeRoot)
+        // Wrapping in the image's shell lets the command's first action print the start marker.
+        let hasShell = (try? FileManager.default.attributesOfItem(atPath: rootfs + "/bin/sh")) != nil
+        let args = hasShell ? ["/bin/sh", "-c", "echo @@mvm:container-started@@; exec \"$@\"", "mvm"] + spec.command : spec.command
+        let slice = spec.slice ?? ResourceSlice(cpus: spec.cpus, cpuQuota: Double(spec.cpus), memory: spec.memory)
+
+        var owner = OwnerRecord.current(name: spec.name, runtime: rt.path, cpus: slice.cpus, memory: slice.memory)
+        if spec.net != nil {
+            let n = ContainerNetwork.names(id: id)
+            owner.netns = n.netns; owner.hostVeth = n.host
+        }
+        let bundle = try store.createBundle(id: id, owner: owner)
+        var cleaned = false
+        func cleanUp() {
+            guard !cleaned else { return }
+            cleaned = true
+            Self.cleanUp(id: id, owner: owner, driver: driver, store: store)
+        }
+        defer { cleanUp() }
+
+        var netnsPath: String? = nil
+        if let net = spec.net {
+            netnsPath = try ContainerNetwork.setUp(id: id, spec: net).netnsPath
+        }
+        let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
+                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(id)", slice: slice, netnsPath: netnsPath))
+        try config.encoded().write(to: URL(fileURLWithPath: bundle + "/config.json"))
+
+        let launched = try StreamedRun.run(
+            executable: rt.path,
+            arguments: ["--root", store.runtimeRoot, "run", "--bundle", bundle, "--pid-file", bundle + "/container.pid", id],
+            logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout,
+            onTimeout: { driver.kill(id, signal: "KILL") })
+        let collector = launched.collector
+        // The container's processes hold the pipes; once runc has reaped pid 1 they are all gone.
+        if !collector.finish(timeout: 5) { CgroupDirs.remove(id: id); _ = collector.finish(timeout: 5) }
+        cleanUp()
+        let status = launched.status, end = launched.end
+        let r = collector.result
+        let console = (try? String(contentsOfFile: store.log(id), encoding: .utf8)) ?? (r.stdout + r.stderr)
+        if launched.timedOut {
+            throw MicroVMError(.timeout, "container '\(spec.name)' ran past its \(spec.timeout) s timeout and was killed; output so far: \(String((r.stdout + r.stderr).suffix(500)))")
+        }
+        if hasShell && !r.sawMarker && status != 0 {
+            throw MicroVMError(.backend, "\(rt.name) could not start container '\(spec.name)' (status \(status)): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines).suffix(2000))")
+        }
+        return RunResult(exitStatus: status, output: r.stdout + r.stderr,
+                         bootSeconds: collector.startedAt.map { $0.timeIntervalSince(launch) },
+                         totalSeconds: end.timeIntervalSince(launch), console: console)
+    }
+
+    /// Removes every trace of a container: runtime state, cgroups, network, bundle.
+    static func cleanUp(id: String, owner: OwnerRecord?, driver: OCIRuntimeDriver, store: ContainerStore) {
+        // `runc run` deletes its own state when it returns normally; only ask when some is left.
+        if FileManager.default.fileExists(atPath: driver.root + "/" + id) {
+            driver.kill(id, signal: "KILL")
+            driver.delete(id)
+        }
+        CgroupDirs.remove(id: id)
+        if owner?.netns != nil { ContainerNetwork.tearDown(id: id) }
+        store.reapFiles(id)
+    }
+
+    // MARK: reaper, list, stop, logs
+
+    /// Deletes containers whose owning `mvm` process is gone (killed mid-run), with their
+    /// cgroups, network and bundle. Runs at the start of every `run` and `list`.
+    public func reapOrphans() {
+        let store = self.store
+        for id in store.bundleIDs() {
+            let owner = store.readOwner(id)
+            if let owner, owner.ownerAlive { continue }
+            // A bundle with no owner record is a crash between mkdir and rename: nothing ran.
+            let exe = owner?.runtime ?? (ProcessRunner.which("runc") ?? "runc")
+            Self.cleanUp(id: id, owner: owner, driver: OCIRuntimeDriver(executable: exe, root: store.runtimeRoot), store: store)
+        }
+        // Runtime state with no bundle at all: its owner died while deleting.
+        let runcIDs = ((try? FileManager.default.contentsOfDirectory(atPath: store.runtimeRoot)) ?? []).filter { $0.hasPrefix("mvm-") }
+        for id in runcIDs where !FileManager.default.fileExists(atPath: store.bundle(id)) {
+            if let exe = ProcessRunner.which("runc") {
+                Self.cleanUp(id: id, owner: nil, driver: OCIRuntimeDriver(executable: exe, root: store.runtimeRoot), store: store)
+            }
+        }
+        if case .docker = runtime { DockerDriver(paths: paths, tarball: rootfsTarball).reapOrphans() }
+    }
+
+    public func list() async throws -> [InstanceInfo] {
+        try await offload { [self] in
+            reapOrphans()
+            var out: [InstanceInfo] = []
+            for id in store.bundleIDs() {
+                guard let owner = store.readOwner(id) else { continue }
+                let st = OCIRuntimeDriver(executable: owner.runtime, root: store.runtimeRoot).state(id)
+                out.append(InstanceInfo(name: owner.name, mode: .container, state: st?.status ?? "starting", pid: st?.pid,
+                                        cpus: owner.cpus, memory: owner.memory, startedAt: owner.created, logPath: store.log(id)))
+            }
+            if case .docker = runtime { out += DockerDriver(paths: paths, tarball: rootfsTarball).list() }
+            return out
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after 5 s; the `run` that owns the container then cleans it up.
+    public func stop(name: String) async throws {
+        try await offload { [self] in
+            let id = try Self.containerID(name: name)
+            if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).stop(id: id) }
+            guard let owner = store.readOwner(id) else {
+                throw MicroVMError.notFound("no running container named '\(name)': see mvm ps")
+            }
+            let driver = OCIRuntimeDriver(executable: owner.runtime, root: store.runtimeRoot)
+            driver.kill(id, signal: "TERM")
+            let deadline = Date().addingTimeInterval(5)
+            while Date() < deadline, let st = driver.state(id), st.status == "running" { usleep(50_000) }
+            if driver.state(id)?.status == "running" { driver.kill(id, signal: "KILL") }
+            if !owner.ownerAlive { Self.cleanUp(id: id, owner: owner, driver: driver, store: store) }
+        }
+    }
+
+    public func logs(name: String) async throws -> String {
+        let id = try Self.containerID(name: name)
+        guard let text = try? String(contentsOfFile: store.log(id), encoding: .utf8) else {
+            throw MicroVMError.notFound("no log for container '\(name)' under \(store.logs): see mvm ps")
+        }
+        return text
+    }
+}
+
+/// Blocking runtime calls run on GCD's threads, not the cooperative pool, so several
+/// concurrent runs cannot starve other tasks.
+func offload<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+    try await withCheckedThrowingContinuation { cont in
+        DispatchQueue.global().async {
+            do { cont.resume(returning: try body()) } catch { cont.resume(throwing: error) }
+        }
+    }
+}
+
+final class Flag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var v = false
+    func set() { lock.lock(); v = true; lock.unlock() }
+    var value: Bool { lock.lock(); defer { lock.unlock() }; return v }
+}

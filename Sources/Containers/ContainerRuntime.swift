@@ -1,0 +1,118 @@
+import Foundation
+import MicroVMCore
+import Host
+
+/// Which engine runs a container. A string literal names one: "runc", "crun", "docker",
+/// "auto", or a path to an OCI runtime binary with runc's command line.
+public enum ContainerRuntime: Sendable, Hashable, ExpressibleByStringLiteral, CustomStringConvertible {
+    /// crun where this host's cgroup layout lets it work, else runc.
+    case automatic
+    case runc
+    case crun
+    /// Debian's docker.io engine, fed from the rootfs tarball (no registry needed).
+    case docker
+    /// Any runtime with runc's command line, by path.
+    case oci(path: String)
+
+    public init(stringLiteral value: String) { self.init(parsing: value) }
+
+    public init(parsing text: String) {
+        switch text {
+        case "auto", "automatic", "": self = .automatic
+        case "runc": self = .runc
+        case "crun": self = .crun
+        case "docker": self = .docker
+        default: self = .oci(path: text)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .automatic: "auto"
+        case .runc: "runc"
+        case .crun: "crun"
+        case .docker: "docker"
+        case .oci(let path): path
+        }
+    }
+
+    /// The OCI runtime binary to drive, after checking this host can use it. Throws one error
+    /// naming the fix when it cannot (missing binary, crun on a hybrid cgroup layout).
+    func resolveOCI(profile: () -> HostProfile) throws -> (name: String, path: String) {
+        switch self {
+        case .docker:
+            throw MicroVMError(.internalError, "docker is not an OCI runtime binary")
+        case .runc:
+            return ("runc", try Self.locate("runc", package: "runc"))
+        case .crun:
+            let cap = profile().capability("crun")
+            guard cap.usable else {
+                throw MicroVMError(.unsupported, "crun cannot run containers on this host: \(cap.detail); fix: \(cap.fix ?? "use --runtime runc")")
+            }
+            return ("crun", try Self.locate("crun", package: "crun"))
+        case .automatic:
+            if profile().capability("crun").usable, let p = ProcessRunner.which("crun") { return ("crun", p) }
+            return ("runc", try Self.locate("runc", package: "runc"))
+        case .oci(let path):
+            guard FileManager.default.isExecutableFile(atPath: path) || (!path.contains("/") && ProcessRunner.which(path) != nil) else {
+                throw MicroVMError.notFound("container runtime '\(path)' does not exist or is not executable: install runc (apt-get install runc) or pass an existing runtime path")
+            }
+            return ((path as NSString).lastPathComponent, ProcessRunner.which(path) ?? path)
+        }
+    }
+
+    static func locate(_ name: String, package: String) throws -> String {
+        guard let p = ProcessRunner.which(name) else {
+            throw MicroVMError.notFound("container runtime '\(name)' is not installed: apt-get install \(package)")
+        }
+        return p
+    }
+}
+
+/// The host profile costs a probe of every tool; a container start must not pay it each time.
+enum CachedProfile {
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var cached: HostProfile?
+    static func get() -> HostProfile {
+        lock.lock(); defer { lock.unlock() }
+        if let c = cached { return c }
+        let p = HostProfile.current()
+        cached = p
+        return p
+    }
+}
+
+/// Drives an OCI runtime through its command line, with its state under our own `--root`
+/// so every container MicroVM made can be listed and reaped.
+struct OCIRuntimeDriver: Sendable {
+    var executable: String
+    var root: String
+
+    func command(_ args: [String]) -> [String] { [executable, "--root", root] + args }
+
+    struct State: Decodable, Sendable {
+        var id: String
+        var pid: Int32?
+        var status: String
+        var bundle: String?
+        var created: String?
+    }
+
+    func state(_ id: String) -> State? {
+        guard let out = try? ProcessRunner.run(command(["state", id]), timeout: 10), out.status == 0 else { return nil }
+        return try? JSONDecoder().decode(State.self, from: out.stdout)
+    }
+
+    func list() -> [State] {
+        guard let out = try? ProcessRunner.run(command(["list", "--format", "json"]), timeout: 10), out.status == 0 else { return [] }
+        return (try? JSONDecoder().decode([State]?.self, from: out.stdout)).flatMap { $0 } ?? []
+    }
+
+    func kill(_ id: String, signal: String = "KILL") {
+        _ = try? ProcessRunner.run(command(["kill", id, signal]), timeout: 10)
+    }
+
+    func delete(_ id: String) {
+        _ = try? ProcessRunner.run(command(["delete", "--force", id]), timeout: 20)
+    }
+}

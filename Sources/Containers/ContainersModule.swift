@@ -1,2 +1,0 @@
-/// Containers module (in progress).
-public enum ContainersModule {}

@@ -1,0 +1,141 @@
+import Foundation
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The Docker path: the same rootfs imported once as `microvm-rootfs:<hash>` (no registry is
+/// needed), run with `docker run --rm` under the same slice as the runc path.
+struct DockerDriver: Sendable {
+    var paths: Paths
+    var tarball: String?
+
+    static let ownerLabel = "microvm.owner"
+
+    func docker(_ args: [String], timeout: Double = 120) throws -> ProcessRunner.Output {
+        try ProcessRunner.run(["docker"] + args, timeout: timeout, package: "docker.io")
+    }
+
+    func requireDaemon() throws {
+        let out = try docker(["version", "--format", "{{.Server.Version}}"], timeout: 20)
+        guard out.status == 0 else {
+            throw MicroVMError(.unsupported, "the Docker engine is not running: start it with 'dockerd --iptables=false --bridge=none &' (\(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines).prefix(200)))")
+        }
+    }
+
+    /// The tag for a rootfs: a hash of the source's path, size and modification time, so a
+    /// rebuilt image gets a new tag and an unchanged one is imported once.
+    func imageTag(rootfs: String) -> (tag: String, source: String, isTarball: Bool) {
+        let sibling = (rootfs as NSString).deletingLastPathComponent + "/rootfs.tar"
+        let tar = tarball ?? (FileManager.default.fileExists(atPath: sibling) ? sibling : nil)
+        let src = tar ?? rootfs
+        let attrs = try? FileManager.default.attributesOfItem(atPath: src)
+        let size = (attrs?[.size] as? NSNumber)?.uint64Value ?? 0
+        let mtime = (attrs?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
+        var h: UInt64 = 14_695_981_039_346_656_037
+        for b in "\(src)|\(size)|\(mtime)".utf8 { h = (h ^ UInt64(b)) &* 1_099_511_628_211 }
+        return ("microvm-rootfs:" + String(format: "%016llx", h), src, tar != nil)
+    }
+
+    func ensureImage(rootfs: String) throws -> String {
+        let t = imageTag(rootfs: rootfs)
+        if try docker(["image", "inspect", "--format", "{{.Id}}", t.tag], timeout: 30).status == 0 { return t.tag }
+        let out: ProcessRunner.Output
+        if t.isTarball {
+            out = try docker(["import", t.source, t.tag], timeout: 600)
+        } else {
+            out = try ProcessRunner.run(["sh", "-c", "tar -C \"$1\" -cf - . | docker import - \"$2\"", "sh", t.source, t.tag], timeout: 600)
+        }
+        guard out.status == 0 else {
+            throw MicroVMError(.backend, "docker import of '\(t.source)' failed: \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines).suffix(1000))")
+        }
+        return t.tag
+    }
+
+    /// The `docker run` flags that enforce a slice, matching what the OCI path writes to config.json.
+    static func resourceFlags(_ s: ResourceSlice) -> [String] {
+        var f: [String] = []
+        if !s.cpuSet.isEmpty { f += ["--cpuset-cpus", s.cpuSetList] }
+        if let n = s.numaNode { f += ["--cpuset-mems", String(n)] }
+        if let q = s.cpuQuota, q > 0 { f += ["--cpus", String(format: "%.3f", q)] }
+        f += ["--cpu-shares", String(OCISpec.cpuShares(weight: s.cpuWeight))]
+        if s.memory.bytes > 0 { f += ["--memory", "\(s.memory.bytes)b", "--memory-swap", "\(s.memory.bytes)b"] }
+        if let p = s.pidsLimit { f += ["--pids-limit", String(p)] }
+        return f
+    }
+
+    func run(_ spec: VMSpec, rootfs: String) throws -> RunResult {
+        let launch = Date()
+        guard !spec.command.isEmpty, !spec.command[0].isEmpty else {
+            throw MicroVMError.invalidArgument("the container has no command: pass one, e.g. mvm run --mode container --runtime docker -- echo hello")
+        }
+        let id = try ContainerBackend.containerID(name: spec.name)
+        try requireDaemon()
+        reapOrphans()
+        let image = try ensureImage(rootfs: rootfs)
+        let store = ContainerStore(paths: paths)
+        try Paths.ensureDirectory(store.logs)
+        let slice = spec.slice ?? ResourceSlice(cpus: spec.cpus, cpuQuota: Double(spec.cpus), memory: spec.memory)
+        let hasShell = (try? FileManager.default.attributesOfItem(atPath: rootfs + "/bin/sh")) != nil
+        let command = hasShell ? ["/bin/sh", "-c", "echo @@mvm:container-started@@; exec \"$@\"", "mvm"] + spec.command : spec.command
+        let me = getpid()
+        var args = ["run", "--rm", "--name", id, "--hostname", spec.name,
+                    "--label", "\(Self.ownerLabel)=\(me):\(processStartTicks(me) ?? 0)",
+                    "--network", "none", "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
+        args += Self.resourceFlags(slice)
+        args += [image] + command
+        guard let exe = ProcessRunner.which("docker") else { throw MicroVMError.notFound("'docker' is not installed: apt-get install docker.io") }
+        let launched = try StreamedRun.run(executable: exe, arguments: args, logPath: store.log(id), expectMarker: hasShell,
+                                           timeout: spec.timeout, onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
+        _ = launched.collector.finish(timeout: 10)
+        let r = launched.collector.result
+        if launched.timedOut {
+            _ = try? docker(["rm", "-f", id], timeout: 30)
+            throw MicroVMError(.timeout, "container '\(spec.name)' ran past its \(spec.timeout) s timeout and was removed")
+        }
+        // docker run's own failures are 125 (daemon), 126 (cannot invoke), 127 (not found).
+        if !r.sawMarker && hasShell && (125...127).contains(launched.status) {
+            throw MicroVMError(.backend, "docker could not start container '\(spec.name)' (status \(launched.status)): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines).suffix(2000))")
+        }
+        let console = (try? String(contentsOfFile: store.log(id), encoding: .utf8)) ?? ""
+        return RunResult(exitStatus: launched.status, output: r.stdout + r.stderr,
+                         bootSeconds: launched.collector.startedAt.map { $0.timeIntervalSince(launch) },
+                         totalSeconds: launched.end.timeIntervalSince(launch), console: console)
+    }
+
+    struct Listed: Decodable { var ID: String; var Names: String; var Labels: String; var State: String }
+
+    func listed() -> [Listed] {
+        guard let out = try? docker(["ps", "-a", "--filter", "label=\(Self.ownerLabel)", "--format", "{{json .}}"], timeout: 30),
+              out.status == 0 else { return [] }
+        return out.stdoutText.split(separator: "\n").compactMap { try? JSONDecoder().decode(Listed.self, from: Data($0.utf8)) }
+    }
+
+    static func ownerAlive(labels: String) -> Bool {
+        guard let kv = labels.split(separator: ",").first(where: { $0.hasPrefix(ownerLabel + "=") }) else { return false }
+        let v = kv.dropFirst(ownerLabel.count + 1).split(separator: ":")
+        guard v.count == 2, let pid = Int32(v[0]), let ticks = UInt64(v[1]) else { return false }
+        return processStartTicks(pid) == ticks
+    }
+
+    /// Removes our Docker containers whose `mvm` died (`--rm` only fires when the client lives).
+    func reapOrphans() {
+        for c in listed() where !Self.ownerAlive(labels: c.Labels) {
+            _ = try? docker(["rm", "-f", c.ID], timeout: 30)
+        }
+    }
+
+    func list() -> [InstanceInfo] {
+        listed().map { c in
+            InstanceInfo(name: String(c.Names.hasPrefix("mvm-") ? c.Names.dropFirst(4) : Substring(c.Names)), mode: .container,
+                         state: c.State, cpus: 0, memory: 0)
+        }
+    }
+
+    func stop(id: String) throws {
+        let out = try docker(["stop", "-t", "5", id], timeout: 30)
+        guard out.status == 0 else {
+            throw MicroVMError.notFound("no Docker container '\(id)': \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+    }
+}

@@ -1,0 +1,143 @@
+import Foundation
+import MicroVMCore
+
+/// What a container gets besides its command: the choices `OCISpec.make` turns into config.json.
+public struct ContainerOptions: Sendable, Equatable {
+    /// The root filesystem tree; mounted read-only so the shared image tree is never changed.
+    public var rootfs: String
+    public var command: [String]
+    public var hostname: String
+    public var env: [String]
+    /// cgroup path below the `microvm` parent, so leftovers can be found and reaped by name.
+    public var cgroupsPath: String
+    public var slice: ResourceSlice?
+    /// A network namespace to join (from `ip netns add`); nil gives a fresh, unconnected one.
+    public var netnsPath: String?
+    /// Maps container root to an unprivileged host range (user namespace).
+    public var userNamespace: Bool
+    /// Extra bind mounts (host source, container destination, read-only).
+    public var binds: [(source: String, destination: String, readOnly: Bool)]
+
+    public init(rootfs: String, command: [String], hostname: String, cgroupsPath: String, slice: ResourceSlice? = nil,
+                env: [String] = ContainerOptions.defaultEnv, netnsPath: String? = nil, userNamespace: Bool = false,
+                binds: [(source: String, destination: String, readOnly: Bool)] = []) {
+        self.rootfs = rootfs; self.command = command; self.hostname = hostname; self.cgroupsPath = cgroupsPath
+        self.slice = slice; self.env = env; self.netnsPath = netnsPath; self.userNamespace = userNamespace; self.binds = binds
+    }
+
+    public static let defaultEnv = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb"]
+
+    public static func == (a: ContainerOptions, b: ContainerOptions) -> Bool {
+        a.rootfs == b.rootfs && a.command == b.command && a.hostname == b.hostname && a.env == b.env
+            && a.cgroupsPath == b.cgroupsPath && a.slice == b.slice && a.netnsPath == b.netnsPath
+            && a.userNamespace == b.userNamespace
+            && a.binds.map { "\($0.source)|\($0.destination)|\($0.readOnly)" } == b.binds.map { "\($0.source)|\($0.destination)|\($0.readOnly)" }
+    }
+}
+
+extension OCISpec {
+    /// Docker's default capability set (moby's `oci/caps/defaults.go`): enough for ordinary
+    /// programs, without CAP_SYS_ADMIN, CAP_NET_ADMIN, CAP_SYS_MODULE and the like.
+    public static let defaultCapabilities = [
+        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
+        "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
+        "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE",
+    ]
+
+    /// Syscalls refused with EPERM whatever the capabilities: kernel modules and kexec, host-wide
+    /// state (clock, swap, reboot, accounting), mounts and namespace escapes, and interfaces with a
+    /// history of container breakouts (bpf, perf, userfaultfd, keyrings, ptrace, handles).
+    /// The rootfs is set up before the filter applies, so denying mount here does not stop runc.
+    public static let deniedSyscalls = [
+        "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module", "create_module",
+        "reboot", "swapon", "swapoff", "acct", "settimeofday", "clock_settime", "clock_adjtime", "adjtimex",
+        "mount", "umount2", "pivot_root", "unshare", "setns", "open_by_handle_at", "name_to_handle_at",
+        "bpf", "perf_event_open", "userfaultfd", "keyctl", "add_key", "request_key",
+        "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
+        "iopl", "ioperm", "syslog", "quotactl", "lookup_dcookie", "uselib", "vhangup", "sysfs", "_sysctl",
+        "get_kernel_syms", "query_module", "nfsservctl", "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree",
+    ]
+
+    public static let defaultSeccomp = Seccomp(
+        defaultAction: "SCMP_ACT_ALLOW",
+        architectures: ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        syscalls: [SyscallRule(names: deniedSyscalls, action: "SCMP_ACT_ERRNO", errnoRet: UInt32(EPERM), args: nil)])
+
+    /// runc's `runc spec` lists: kernel interfaces that leak host information or allow host changes.
+    public static let defaultMaskedPaths = [
+        "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+        "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi",
+    ]
+    public static let defaultReadonlyPaths = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+
+    /// Builds the config for one run-to-completion container.
+    public static func make(_ o: ContainerOptions) throws -> OCISpec {
+        guard !o.command.isEmpty, !o.command[0].isEmpty else {
+            throw MicroVMError.invalidArgument("the container has no command: pass one, e.g. mvm run --mode container -- echo hello")
+        }
+        var mounts: [Mount] = [
+            Mount(destination: "/proc", type: "proc", source: "proc", options: nil),
+            Mount(destination: "/dev", type: "tmpfs", source: "tmpfs", options: ["nosuid", "strictatime", "mode=755", "size=65536k"]),
+            Mount(destination: "/dev/pts", type: "devpts", source: "devpts",
+                  options: ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"] + (o.userNamespace ? [] : ["gid=5"])),
+            Mount(destination: "/dev/shm", type: "tmpfs", source: "shm", options: ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]),
+            Mount(destination: "/dev/mqueue", type: "mqueue", source: "mqueue", options: ["nosuid", "noexec", "nodev"]),
+            Mount(destination: "/sys", type: "sysfs", source: "sysfs", options: ["nosuid", "noexec", "nodev", "ro"]),
+            Mount(destination: "/sys/fs/cgroup", type: "cgroup", source: "cgroup", options: ["nosuid", "noexec", "nodev", "relatime", "ro"]),
+            // The root is read-only; benchmarks and shells still need a scratch directory.
+            Mount(destination: "/tmp", type: "tmpfs", source: "tmpfs", options: ["nosuid", "nodev", "mode=1777"]),
+        ]
+        for b in o.binds {
+            mounts.append(Mount(destination: b.destination, type: "bind", source: b.source,
+                                options: ["rbind", "nosuid", "nodev"] + (b.readOnly ? ["ro"] : ["rw"])))
+        }
+        var namespaces = ["pid", "ipc", "uts", "mount"].map { Namespace(type: $0) }
+        namespaces.append(Namespace(type: "network", path: o.netnsPath))
+        var uidMappings: [IDMapping]? = nil
+        if o.userNamespace {
+            namespaces.append(Namespace(type: "user"))
+            uidMappings = [IDMapping(containerID: 0, hostID: 100_000, size: 65_536)]
+        }
+        let caps = defaultCapabilities
+        return OCISpec(
+            process: Process(
+                terminal: false, user: User(uid: 0, gid: 0), args: o.command, env: o.env, cwd: "/",
+                capabilities: Capabilities(bounding: caps, effective: caps, inheritable: [], permitted: caps, ambient: []),
+                rlimits: [RLimit(type: "RLIMIT_NOFILE", hard: 65_536, soft: 65_536)],
+                noNewPrivileges: true),
+            root: Root(path: o.rootfs, readonly: true),
+            hostname: o.hostname,
+            mounts: mounts,
+            linux: Linux(
+                uidMappings: uidMappings, gidMappings: uidMappings,
+                resources: resources(for: o.slice),
+                cgroupsPath: o.cgroupsPath,
+                namespaces: namespaces,
+                maskedPaths: defaultMaskedPaths, readonlyPaths: defaultReadonlyPaths,
+                seccomp: defaultSeccomp))
+    }
+
+    /// The cgroup limits for a slice. Weight is the v2 scale (default 100) and shares the v1 one
+    /// (default 1024), so the default maps to the default and the ratio is kept.
+    public static func resources(for slice: ResourceSlice?) -> Resources {
+        var r = Resources(devices: [DeviceRule(allow: false, access: "rwm")], memory: nil, cpu: nil, pids: nil)
+        guard let s = slice else { return r }
+        let bytes = Int64(clamping: s.memory.bytes)
+        if bytes > 0 { r.memory = Memory(limit: bytes, swap: bytes) }
+        var cpu = CPU()
+        cpu.shares = cpuShares(weight: s.cpuWeight)
+        if let q = s.cpuQuota, q > 0 {
+            cpu.period = 100_000
+            cpu.quota = max(1_000, Int64((q * 100_000).rounded()))
+        }
+        if !s.cpuSet.isEmpty { cpu.cpus = s.cpuSetList }
+        if let n = s.numaNode { cpu.mems = String(n) }
+        r.cpu = cpu
+        if let p = s.pidsLimit { r.pids = Pids(limit: Int64(p)) }
+        return r
+    }
+
+    public static func cpuShares(weight: Int) -> UInt64 {
+        UInt64(min(262_144, max(2, weight * 1024 / 100)))
+    }
+}

@@ -1,0 +1,116 @@
+import Foundation
+import MicroVMCore
+
+/// Reads a container's stdout and stderr to the end on their own threads, appends both to the
+/// instance log as they arrive (so `mvm logs` works mid-run), and notes when the start marker
+/// the wrapped command prints first came in: that moment is the command's first instruction.
+final class OutputCollector: @unchecked Sendable {
+    static let marker = Data("@@mvm:container-started@@\n".utf8)
+
+    private let lock = NSLock()
+    private var out = Data()
+    private var err = Data()
+    private var markerAt: Date?
+    private let expectMarker: Bool
+    private let log: FileHandle?
+    private let group = DispatchGroup()
+
+    init(stdout: FileHandle, stderr: FileHandle, logPath: String?, expectMarker: Bool) {
+        self.expectMarker = expectMarker
+        if let logPath {
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+            log = FileHandle(forWritingAtPath: logPath)
+        } else {
+            log = nil
+        }
+        pump(stdout, isStdout: true)
+        pump(stderr, isStdout: false)
+    }
+
+    private func pump(_ h: FileHandle, isStdout: Bool) {
+        group.enter()
+        Thread.detachNewThread { [self] in
+            while true {
+                let chunk = h.availableData
+                if chunk.isEmpty { break }
+                let now = Date()
+                lock.lock()
+                if isStdout {
+                    out.append(chunk)
+                    if expectMarker, markerAt == nil, out.starts(with: Self.marker) { markerAt = now }
+                } else {
+                    err.append(chunk)
+                }
+                // Output beyond what a run may reasonably print is dropped from memory, not the log.
+                if out.count > 64 << 20 { out.removeSubrange(Self.marker.count..<(out.count - (32 << 20))) }
+                if err.count > 64 << 20 { err.removeSubrange(0..<(err.count - (32 << 20))) }
+                try? log?.write(contentsOf: chunk)
+                lock.unlock()
+            }
+            try? h.close()
+            group.leave()
+        }
+    }
+
+    /// Waits for both streams to end (every holder of the write ends has exited).
+    func finish(timeout: Double) -> Bool {
+        let ok = group.wait(timeout: .now() + timeout) == .success
+        lock.lock(); defer { lock.unlock() }
+        try? log?.close()
+        return ok
+    }
+
+    var startedAt: Date? { lock.lock(); defer { lock.unlock() }; return markerAt }
+
+    /// stdout without the marker line, then stderr.
+    var result: (stdout: String, stderr: String, sawMarker: Bool) {
+        lock.lock(); defer { lock.unlock() }
+        var o = out
+        let saw = out.starts(with: Self.marker)
+        if saw { o.removeFirst(Self.marker.count) }
+        return (String(decoding: o, as: UTF8.self), String(decoding: err, as: UTF8.self), saw)
+    }
+}
+
+/// A runtime command run in the foreground with its output streamed into a collector.
+struct StreamedRun {
+    var status: Int32
+    var collector: OutputCollector
+    var end: Date
+    var timedOut: Bool
+
+    /// Launches `executable`, kills through `onTimeout` after `timeout` seconds, and returns once
+    /// the command has exited (a signal is reported the shell's way, 128 + signal).
+    static func run(executable: String, arguments: [String], logPath: String?, expectMarker: Bool, timeout: Double,
+                    onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: executable)
+        p.arguments = arguments
+        let outPipe = Pipe(), errPipe = Pipe()
+        p.standardOutput = outPipe
+        p.standardError = errPipe
+        p.standardInput = FileHandle.nullDevice
+        let collector = OutputCollector(stdout: outPipe.fileHandleForReading, stderr: errPipe.fileHandleForReading,
+                                        logPath: logPath, expectMarker: expectMarker)
+        do { try p.run() } catch {
+            try? outPipe.fileHandleForWriting.close()
+            try? errPipe.fileHandleForWriting.close()
+            _ = collector.finish(timeout: 1)
+            throw MicroVMError(.backend, "cannot launch '\(executable)': check that it is installed and executable", cause: error)
+        }
+        // Only the child may hold the write ends, or the readers never see the end of the stream.
+        try? outPipe.fileHandleForWriting.close()
+        try? errPipe.fileHandleForWriting.close()
+        let timedOut = Flag()
+        let watchdog = DispatchWorkItem {
+            timedOut.set()
+            onTimeout()
+        }
+        DispatchQueue.global().asyncAfter(deadline: .now() + max(0.1, timeout), execute: watchdog)
+        p.waitUntilExit()
+        watchdog.cancel()
+        let end = Date()
+        let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus
+        return StreamedRun(status: status, collector: collector, end: end, timedOut: timedOut.value)
+    }
+}
