@@ -63,7 +63,7 @@ public struct ImageStore: Sendable {
     public var sourceDirectory: String
 
     /// Bumped when the recipe in this file changes in a way the hashed inputs do not show.
-    static let recipeVersion = "mvm-image-1"
+    static let recipeVersion = "mvm-image-2"
     static let manifestName = "manifest.json"
 
     public init(paths: Paths = .default, sourceDirectory: String = Paths.sourceDirectory()) {
@@ -152,10 +152,11 @@ public struct ImageStore: Sendable {
             try Data(inputs.description.utf8).write(to: URL(fileURLWithPath: tmp + "/inputs.txt"))
             let enc = JSONEncoder()
             enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+            let final = paths.images + "/" + inputs.key
+            img.directory = final
             // The manifest is written last: its presence is what marks the directory complete.
             try enc.encode(img).write(to: URL(fileURLWithPath: tmp + "/" + Self.manifestName), options: .atomic)
 
-            let final = paths.images + "/" + inputs.key
             if fm.fileExists(atPath: final) {
                 let old = paths.images + "/.old-\(inputs.key)-\(getpid())"
                 try fm.moveItem(atPath: final, toPath: old)
@@ -164,7 +165,6 @@ public struct ImageStore: Sendable {
             } else {
                 try fm.moveItem(atPath: tmp, toPath: final)
             }
-            img.directory = final
             return img
         } catch {
             try? fm.removeItem(atPath: tmp)

@@ -139,8 +139,7 @@ struct TreeCopier {
                 }
                 let base = target.hasPrefix("/") ? target : ((cur as NSString).deletingLastPathComponent + "/" + target)
                 let rest = comps[(i + 1)...].joined(separator: "/")
-                let next = (rest.isEmpty ? base : base + "/" + rest) as NSString
-                try mirror(next.standardizingPath, depth: depth + 1)
+                try mirror(Self.lexicallyNormalized(rest.isEmpty ? base : base + "/" + rest), depth: depth + 1)
                 return
             } else if type == .typeDirectory {
                 if !fm.fileExists(atPath: inTree) { try fm.createDirectory(atPath: inTree, withIntermediateDirectories: false) }
@@ -151,6 +150,18 @@ struct TreeCopier {
                 }
             }
         }
+    }
+
+    /// Removes ".", ".." and empty components without touching the file system: Foundation's
+    /// standardizingPath also resolves symlinks, which would skip links the tree must recreate.
+    static func lexicallyNormalized(_ path: String) -> String {
+        var out: [Substring] = []
+        for c in path.split(separator: "/") {
+            if c == "." || c.isEmpty { continue }
+            if c == ".." { _ = out.popLast(); continue }
+            out.append(c)
+        }
+        return "/" + out.joined(separator: "/")
     }
 
     /// The path (relative to the root) that `hostPath` ends up at once symlinks are followed.
