@@ -44,10 +44,11 @@ struct DoctorReport: Codable {
             : HostProfile.current(refresh: refresh)
         var lines: [Line] = []
         let k = p.kvm
-        var kvmDetail = k.reason
-        if let v = k.apiVersion { kvmDetail += "; API version \(v)" }
-        if let ns = k.cpl0NanosecondsPerIteration { kvmDetail += String(format: "; CPL0 loop %.1f ns/iteration", ns) }
-        if let c = k.cmpxchg16bWorks { kvmDetail += "; lock cmpxchg16b \(c ? "works" : "fails")" }
+        var facts: [String] = []
+        if let v = k.apiVersion { facts.append("/dev/kvm API version \(v)") }
+        if let ns = k.cpl0NanosecondsPerIteration { facts.append(String(format: "CPL0 loop %.1f ns/iteration", ns)) }
+        if let c = k.cmpxchg16bWorks { facts.append("lock cmpxchg16b \(c ? "works" : "fails")") }
+        let kvmDetail = k.verdict == .emulated || facts.isEmpty ? (facts.isEmpty ? k.reason : facts.joined(separator: "; ")) : k.reason + "; " + facts.joined(separator: "; ")
         let kvmFix: String? = switch k.verdict {
         case .hardware: nil
         case .emulated: "guest kernels cannot boot under this KVM: use --mode hosted (QEMU TCG) or run KVM workloads inside `mvm rig run`"

@@ -1,7 +1,92 @@
 import ArgumentParser
+import Foundation
 import MicroVM
 
+extension RunMode: ExpressibleByArgument {}
+
+/// The instance options `mvm run` and `mvm bench` share: size, placement and what to boot.
+struct InstanceOptions: ParsableArguments {
+    @Option(help: "Instance profile from config/microvm.yaml (tiny, small, bench, …).") var profile: String?
+    @Option(help: "Number of vCPUs (overrides the profile).") var cpus: Int?
+    @Option(help: "Memory, e.g. 256M or 1G (overrides the profile).") var memory: String?
+    @Option(help: "CPU placement: dedicated, pinned or shared (overrides the profile).") var placement: String?
+    @Option(help: "Configuration file (default: MVM_CONFIG, else config/microvm.yaml).") var config: String?
+
+    /// The slice asked for: the profile, then the flags on top. Checked, not yet granted.
+    func requestedSlice() throws -> (MicroVMConfig, ResourceSlice) {
+        let cfg = try MicroVMConfig.load(path: config)
+        var slice = try cfg.profile(named: profile ?? cfg.defaults.profile).slice()
+        if let cpus {
+            guard cpus >= 1 else { throw MicroVMError.invalidArgument("--cpus must be at least 1 (got \(cpus))") }
+            slice.cpus = cpus
+        }
+        if let memory { slice.memory = try ByteCount(parsing: memory) }
+        if let placement { slice.placement = try Placement(parsing: placement) }
+        return (cfg, slice)
+    }
+}
+
 struct RunCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "run", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm run is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a command in a VM (direct or hosted) or a container, and exit with its status.",
+        discussion: """
+        Examples:
+          mvm run --mode container -- sh -c 'echo hello'
+          mvm run --mode hosted --profile tiny -- uname -r
+          mvm run --mode direct --kernel vmlinuz --cpus 2 -- cat /proc/cpuinfo
+        """)
+
+    @Option(help: "direct (our VMM on /dev/kvm), hosted (QEMU through libvirt) or container.") var mode: RunMode = .direct
+    @OptionGroup var instance: InstanceOptions
+    @Option(help: "Kernel (bzImage or ELF vmlinux); default: the built guest image.") var kernel: String?
+    @Option(help: "Initial ramdisk; default: the built guest image's.") var initrd: String?
+    @Option(help: "Extra kernel command-line arguments.") var cmdline: String = ""
+    @Option(help: "Attach a raw disk image: FILE[,ro][,direct] (repeatable).") var disk: [String] = []
+    @Flag(help: "Do not attach the image's rootfs disk (the command runs in the initramfs).") var noRootfs = false
+    @Option(help: "Network: tap or tap=NAME.") var net: String?
+    @Option(help: "Guest vsock CID.") var vsock: UInt32?
+    @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
+    @Option(help: "Container runtime for --mode container: runc, crun or docker.") var runtime: String?
+    @Option(help: "Instance name (default: generated).") var name: String?
+    @Option(help: "Seconds before the instance is killed.") var timeout: Double = 300
+    @Flag(help: "Print the run's timings and status as JSON instead of the command's output.") var json = false
+    @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []
+
+    func run() async throws {
+        let status: Int32 = try await reportingErrors {
+            let (cfg, slice) = try instance.requestedSlice()
+            var spec = VMSpec(kernel: kernel, initrd: initrd, cmdline: cmdline, cpus: slice.cpus, memory: slice.memory,
+                              command: command, timeout: timeout)
+            if let name { spec.name = name }
+            spec.disks = try disk.map(DiskSpec.init(parsing:))
+            if let net { spec.net = try NetSpec(parsingOption: net) }
+            spec.vsockCID = vsock
+            try spec.validate()
+            let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
+                                            runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
+            let result = try await Grants.withGrant(slice: slice, owner: spec.name, config: cfg) { granted in
+                spec.slice = granted
+                return try await backend.run(spec)
+            }
+            if json {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try enc.encode(result), as: UTF8.self))
+            } else {
+                FileHandle.standardOutput.write(Data(result.output.utf8))
+            }
+            return result.exitStatus
+        }
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+extension NetSpec {
+    /// Parses `--net tap` or `--net tap=NAME`.
+    init(parsingOption text: String) throws {
+        if text == "tap" { self.init() }
+        else if text.hasPrefix("tap=") && text.count > 4 { self.init(tap: String(text.dropFirst(4))) }
+        else { throw MicroVMError.invalidArgument("--net '\(text)' is not understood: use --net tap or --net tap=NAME") }
+    }
 }
