@@ -304,3 +304,49 @@ struct BootTimerTests {
         #expect(timer.bootTime.map { $0 >= .zero } == true)
     }
 }
+
+@Suite("CMOS clock")
+struct CMOSClockTests {
+    func rig(_ epoch: Int64) throws -> (IOBus, CMOSClock) {
+        let dev = CMOSClock(now: { epoch })
+        let bus = IOBus()
+        try bus.insert(dev, at: 0x70, length: CMOSClock.length)
+        return (bus, dev)
+    }
+
+    func cmos(_ bus: IOBus, _ index: UInt8) -> UInt8 {
+        bus.write(address: 0x70, bytes: [index | 0x80])  // Linux sets the NMI-disable bit too
+        return bus.read(address: 0x71, count: 1)[0]
+    }
+
+    @Test("time registers read the host's UTC time in BCD, UIP clear")
+    func bcd() throws {
+        // 2026-11-27 06:05:09 UTC, a Friday.
+        let (bus, _) = try rig(1_795_759_509)
+        #expect(cmos(bus, 0x0a) & 0x80 == 0)
+        #expect(cmos(bus, 0x0d) == 0x80)
+        #expect([cmos(bus, 0x00), cmos(bus, 0x02), cmos(bus, 0x04)] == [0x09, 0x05, 0x06])
+        #expect([cmos(bus, 0x07), cmos(bus, 0x08), cmos(bus, 0x09), cmos(bus, 0x32)] == [0x27, 0x11, 0x26, 0x20])
+        #expect(cmos(bus, 0x06) == 6)
+    }
+
+    @Test("binary and 12-hour modes follow status B; NVRAM stores, the clock ignores writes")
+    func modes() throws {
+        let (bus, _) = try rig(1_795_759_509 + 8 * 3600)  // 14:05:09
+        bus.write(address: 0x70, bytes: [0x0b])
+        bus.write(address: 0x71, bytes: [0x04])  // binary, 12-hour
+        #expect(cmos(bus, 0x04) == 0x80 | 2)
+        #expect(cmos(bus, 0x07) == 27)
+        bus.write(address: 0x70, bytes: [0x00])
+        bus.write(address: 0x71, bytes: [0x33])
+        #expect(cmos(bus, 0x00) == 9)
+        bus.write(address: 0x70, bytes: [0x40])
+        bus.write(address: 0x71, bytes: [0xab])
+        #expect(cmos(bus, 0x40) == 0xab)
+        for i in 0...255 {
+            bus.write(address: 0x70, bytes: [UInt8(i)])
+            bus.write(address: 0x71, bytes: [UInt8(255 - i)])
+            _ = bus.read(address: 0x71, count: 8)
+        }
+    }
+}
