@@ -173,8 +173,9 @@ public struct BzImage: Sendable {
             throw MicroVMError(.invalidImage, "bzImage kernel_alignment \(hex(alignment)) is not a power of two")
         }
         let prefAddress: UInt64 = head.le(BootParams.prefAddress)
-        guard relocatable || (prefAddress >= Layout.highMemoryStart && prefAddress < Layout.mmioHoleStart) else {
-            throw MicroVMError(.invalidImage, "non-relocatable bzImage wants pref_address \(hex(prefAddress)), outside [1 MiB, 3 GiB)")
+        // Relocatable kernels still decompress at or above pref_address, so it bounds both kinds.
+        guard prefAddress < Layout.mmioHoleStart, relocatable || prefAddress >= Layout.highMemoryStart else {
+            throw MicroVMError(.invalidImage, "bzImage pref_address \(hex(prefAddress)) is outside [1 MiB, 3 GiB), where this VMM has RAM for the kernel")
         }
 
         let copyEnd = min(headerEnd, BootParams.headerLimit)

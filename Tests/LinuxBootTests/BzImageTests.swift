@@ -159,6 +159,7 @@ struct BzImageTests {
         ("short header", 0x201, [0x40], "setup header ends at 0x242"),
         ("alignment", 0x230, Fixture.le32(0x30_0000), "power of two"),
         ("init_size", 0x260, Fixture.le32(16), "init_size"),
+        ("pref_address", 0x258, Fixture.le64(UInt64.max), "pref_address 0xffffffffffffffff"),
     ]
 
     @Test("each corruption gives its own clear error", arguments: corruptions)

@@ -192,9 +192,20 @@ struct HostileKernelTests {
         let mem = try GuestRAM(size: .mebibytes(64))
         let bz = Fixture.bzImage()
         let elf = Fixture.elf()
-        for round in 0..<600 {
+        for round in 0..<800 {
             var f: [UInt8]
-            switch round % 3 {
+            switch round % 4 {
+            case 3:
+                // Extreme values in the numeric fields a loader does arithmetic with.
+                let fields: [(Int, Int)] = [(0x1f1, 1), (0x1f4, 4), (0x201, 1), (0x22c, 4), (0x230, 4), (0x234, 1),
+                                            (0x238, 4), (0x248, 4), (0x24c, 4), (0x258, 8), (0x260, 4)]
+                f = bz
+                for _ in 0..<(1 + rng.below(3)) {
+                    let (at, size) = fields[rng.below(fields.count)]
+                    let fill: UInt8 = [0x00, 0xff, rng.byte()][rng.below(3)]
+                    for i in 0..<size { f[at + i] = fill }
+                    if rng.below(2) == 0 { f[at + size - 1] = 0x7f }
+                }
             case 0:
                 f = (0..<rng.below(12_000)).map { _ in rng.byte() }
                 if rng.below(2) == 0 && f.count > 0x210 {
