@@ -126,6 +126,25 @@ public enum VCPUKick {
     /// Installs the handler (idempotent). Call before starting vCPU threads.
     public static func install() { _ = installed }
 
+    /// Unblocks the kick signal on the calling thread and returns the previous mask. Threads
+    /// spawned from Dispatch or Swift concurrency workers inherit a mask that blocks it, and a
+    /// blocked kick never interrupts KVM_RUN.
+    @discardableResult
+    public static func unblockOnCurrentThread() -> sigset_t {
+        install()
+        var set = sigset_t(), old = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, signal)
+        pthread_sigmask(SIG_UNBLOCK, &set, &old)
+        return old
+    }
+
+    /// Restores a mask saved by `unblockOnCurrentThread`.
+    public static func restoreMask(_ old: sigset_t) {
+        var o = old
+        pthread_sigmask(SIG_SETMASK, &o, nil)
+    }
+
     public static func kick(_ vcpu: KVMVCPU, thread: pthread_t) {
         install()
         vcpu.requestImmediateExit()

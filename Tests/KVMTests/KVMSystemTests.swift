@@ -76,3 +76,31 @@ struct KVMSystemTests {
         #expect(r.reason.contains("load kvm"))
     }
 }
+
+@Suite("vCPU kick", .enabled(if: hasKVM, "no writable /dev/kvm on this host"), .timeLimit(.minutes(1)))
+struct VCPUKickTests {
+    @Test func watchdogEndsASpinningGuest() throws {
+        let kvm = try KVMSystem()
+        let vm = try kvm.createVM()
+        try vm.setTSSAddress(0xfffb_d000)
+        let size = 1 << 20
+        let mem = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+        defer { mem.deallocate() }
+        mem.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+        (mem + 0x1000).storeBytes(of: 0xfeeb, as: UInt16.self)  // jmp .
+        try vm.setUserMemoryRegion(slot: 0, guestAddress: 0, size: UInt64(size), host: mem)
+        let vcpu = try vm.createVCPU(id: 0)
+        var s = try vcpu.specialRegisters()
+        s.cs.base = 0; s.cs.selector = 0
+        try vcpu.setSpecialRegisters(s)
+        var r = try vcpu.registers()
+        r.rip = 0x1000; r.rflags = 2
+        try vcpu.setRegisters(r)
+        let mask = VCPUKick.unblockOnCurrentThread()
+        defer { VCPUKick.restoreMask(mask) }
+        let dog = Watchdog(vcpu: vcpu, seconds: 0.2)
+        defer { dog.cancel() }
+        #expect(try vcpu.run() == .interrupted)
+        #expect(try vcpu.registers().rip == 0x1000)
+    }
+}

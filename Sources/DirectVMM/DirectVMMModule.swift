@@ -1,2 +1,0 @@
-/// DirectVMM module (in progress).
-public enum DirectVMMModule {}

@@ -1,0 +1,276 @@
+import CKVM
+import Devices
+import Dispatch
+import Foundation
+import GuestMemory
+import KVM
+import MicroVMCore
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What to build: the machine's shape, independent of what it boots.
+public struct MachineConfiguration: Sendable {
+    public var cpus: Int
+    public var memory: ByteCount
+    /// The in-kernel PIC/IOAPIC/LAPICs and PIT. Linux needs them; tiny test guests turn them off
+    /// so that `hlt` exits to the VMM instead of waiting for an interrupt.
+    public var interruptController: Bool
+    /// Host CPUs to pin vCPU threads to (vCPU i → cpuSet[i % count]); empty: no pinning.
+    public var cpuSet: [Int]
+    public var devicePath: String
+
+    public init(cpus: Int = 1, memory: ByteCount = .mebibytes(128), interruptController: Bool = true, cpuSet: [Int] = [], devicePath: String = "/dev/kvm") {
+        self.cpus = cpus; self.memory = memory; self.interruptController = interruptController
+        self.cpuSet = cpuSet; self.devicePath = devicePath
+    }
+}
+
+/// A VM on raw KVM, assembled in one order: memory → VM → irqchip/PIT → vCPUs; the caller then
+/// adds devices and loads a kernel (or a test guest) and calls `run`. One thread per vCPU.
+public final class VirtualMachine: @unchecked Sendable {
+    // SAFETY (Sendable): immutable after init except `control` (a Mutex) and the atomics.
+
+    public static func monotonicNow() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// CLOCK_MONOTONIC seconds when construction began: the origin of every timestamp here.
+    public let createdAt: Double
+    public let configuration: MachineConfiguration
+    public let memory: GuestRAM
+    public let kvm: KVMSystem
+    public let vm: KVMVirtualMachine
+    public let vcpus: [KVMVCPU]
+    public let portBus = IOBus()
+    public let mmioBus = IOBus()
+
+    private struct Control {
+        var reason: StopReason?
+        var threads: [pthread_t?]
+        var started = false
+        var registerDump: String?
+    }
+    private let control: Mutex<Control>
+    private let stopping = Atomic<Bool>(false)
+    private let firstExitBits = Atomic<UInt64>(0)
+    private let group = DispatchGroup()
+
+    public init(_ configuration: MachineConfiguration) throws {
+        createdAt = Self.monotonicNow()
+        guard (1...255).contains(configuration.cpus) else {
+            throw MicroVMError.invalidArgument("a direct VM needs 1 to 255 vCPUs (got \(configuration.cpus))")
+        }
+        self.configuration = configuration
+        memory = try GuestRAM(size: configuration.memory)
+        kvm = try KVMSystem(path: configuration.devicePath)
+        vm = try kvm.createVM()
+        try vm.setTSSAddress(X86Layout.tssAddress)
+        try vm.setIdentityMapAddress(X86Layout.identityMapAddress)
+        for (slot, region) in memory.regions.enumerated() {
+            try vm.setUserMemoryRegion(slot: UInt32(slot), guestAddress: region.guestBase.rawValue, size: region.size, host: region.host)
+        }
+        if configuration.interruptController {
+            try vm.createIRQChip()
+            try vm.createPIT2()
+        }
+        let supportedCPUID = try kvm.supportedCPUID()
+        let msrs = BootMSRs.filtered(supported: (try? kvm.msrIndexList()) ?? [])
+        var made: [KVMVCPU] = []
+        for i in 0..<configuration.cpus {
+            let vcpu = try vm.createVCPU(id: UInt32(i))
+            try vcpu.setCPUID(CPUIDPolicy.adjust(supportedCPUID, vcpu: i, count: configuration.cpus))
+            try vcpu.setMSRs(msrs)
+            try vcpu.setFPU()
+            if configuration.interruptController {
+                var lapic = try vcpu.lapic()
+                LAPICSetup.configure(&lapic)
+                try vcpu.setLAPIC(lapic)
+            }
+            made.append(vcpu)
+        }
+        vcpus = made
+        control = Mutex(Control(threads: Array(repeating: nil, count: configuration.cpus)))
+    }
+
+    /// A GSI of the in-kernel irqchip as a device's interrupt line.
+    public func interruptLine(gsi: UInt32) -> KVMInterruptLine { KVMInterruptLine(vm: vm, gsi: gsi) }
+
+    public func addPortDevice(_ device: any BusDevice, port: UInt16, length: UInt16) throws {
+        try portBus.insert(device, at: UInt64(port), length: UInt64(length))
+    }
+
+    public func addMMIODevice(_ device: any BusDevice, address: UInt64, length: UInt64) throws {
+        try mmioBus.insert(device, at: address, length: length)
+    }
+
+    /// Writes the GDT/IDT (and, for long mode, the identity map) and sets the boot vCPU's
+    /// registers. Secondary vCPUs stay in wait-for-SIPI; the in-kernel LAPIC starts them.
+    public func setBootEntry(_ entry: BootEntry) throws {
+        switch entry.mode {
+        case .real: break
+        case .long64:
+            for (i, e) in X86LongMode.gdt.enumerated() { try memory.write(e, at: GuestAddress(X86Layout.gdt + UInt64(i) * 8)) }
+            try memory.write(UInt64(0), at: GuestAddress(X86Layout.idt))
+            for (a, v) in X86Layout.pageTables.entries { try memory.write(v, at: GuestAddress(a)) }
+        case .pvh32:
+            for (i, e) in X86Layout.pvhGDT.enumerated() { try memory.write(e, at: GuestAddress(X86Layout.gdt + UInt64(i) * 8)) }
+            try memory.write(UInt64(0), at: GuestAddress(X86Layout.idt))
+        }
+        let bsp = vcpus[0]
+        var sregs = try bsp.specialRegisters()
+        BootRegisters.configure(&sregs, for: entry)
+        try bsp.setSpecialRegisters(sregs)
+        try bsp.setRegisters(BootRegisters.registers(for: entry))
+    }
+
+    // MARK: running
+
+    /// CLOCK_MONOTONIC seconds from `createdAt` to the boot vCPU's first exit to the VMM.
+    public var firstExitSeconds: Double? {
+        let bits = firstExitBits.load(ordering: .acquiring)
+        return bits == 0 ? nil : Double(bitPattern: bits) - createdAt
+    }
+
+    /// Registers of the vCPU that stopped the VM abnormally (triple fault, KVM error).
+    public var registerDump: String? { control.withLock { $0.registerDump } }
+
+    /// Starts one thread per vCPU. Call once.
+    public func start() throws {
+        VCPUKick.install()
+        try control.withLock { c in
+            guard !c.started else { throw MicroVMError(.internalError, "VM started twice") }
+            c.started = true
+        }
+        for i in vcpus.indices {
+            group.enter()
+            let t = Thread { [self] in
+                vcpuLoop(i)
+                control.withLock { $0.threads[i] = nil }
+                group.leave()
+            }
+            t.name = "vcpu\(i)"
+            t.stackSize = 1 << 20
+            t.start()
+        }
+    }
+
+    /// Asks every vCPU to leave the guest and its thread to end. The first reason given wins.
+    public func requestStop(_ reason: StopReason = .requested) {
+        control.withLock { c in
+            if c.reason == nil { c.reason = reason }
+            stopping.store(true, ordering: .releasing)
+            for (i, v) in vcpus.enumerated() {
+                v.requestImmediateExit()
+                // Kicked under the lock: a thread clears its entry under it before exiting,
+                // so the pthread_t is alive here.
+                if let t = c.threads[i] { pthread_kill(t, VCPUKick.signal) }
+            }
+        }
+    }
+
+    /// Waits for all vCPU threads to end; after `timeout` seconds stops them with `.timeout`.
+    public func wait(timeout: Double? = nil) -> StopReason {
+        if let timeout {
+            if group.wait(timeout: .now() + timeout) == .timedOut {
+                requestStop(.timeout)
+                while group.wait(timeout: .now() + 1) == .timedOut { requestStop(.timeout) }
+            }
+        } else {
+            group.wait()
+        }
+        return control.withLock { $0.reason ?? .requested }
+    }
+
+    /// Boots `entry` and runs until the guest stops or `timeout` passes.
+    public func run(_ entry: BootEntry, timeout: Double? = nil) throws -> StopReason {
+        try setBootEntry(entry)
+        try start()
+        return wait(timeout: timeout)
+    }
+
+    private func vcpuLoop(_ index: Int) {
+        let vcpu = vcpus[index]
+        VCPUKick.unblockOnCurrentThread()
+        control.withLock { $0.threads[index] = pthread_self() }
+        if !configuration.cpuSet.isEmpty {
+            pin(to: configuration.cpuSet[index % configuration.cpuSet.count])
+        }
+        var scratch = [UInt8](repeating: 0, count: 8)
+        while !stopping.load(ordering: .acquiring) {
+            let exit: VCPUExit
+            do {
+                exit = try vcpu.run()
+            } catch {
+                requestStop(.error("vCPU \(index): \(error)"))
+                break
+            }
+            if index == 0 && firstExitBits.load(ordering: .relaxed) == 0 {
+                firstExitBits.store(Self.monotonicNow().bitPattern, ordering: .releasing)
+            }
+            switch ExitHandler.decide(exit) {
+            case .resume:
+                continue
+            case .portRead(let port, let size, let count):
+                var bytes = [UInt8](repeating: 0, count: size * count)
+                bytes.withUnsafeMutableBytes { buf in
+                    for k in 0..<count {
+                        portBus.read(address: UInt64(port), data: UnsafeMutableRawBufferPointer(rebasing: buf[(k * size)..<((k + 1) * size)]))
+                    }
+                }
+                vcpu.completePortIn(bytes)
+            case .portWrite(let port, let size, let data):
+                data.withUnsafeBytes { buf in
+                    var k = 0
+                    while k + size <= buf.count {
+                        portBus.write(address: UInt64(port), data: UnsafeRawBufferPointer(rebasing: buf[k..<(k + size)]))
+                        k += size
+                    }
+                }
+            case .mmioRead(let address, let length):
+                scratch.withUnsafeMutableBytes { buf in
+                    mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(rebasing: buf[0..<length]))
+                }
+                vcpu.completeMMIORead(Array(scratch[0..<length]))
+            case .mmioWrite(let address, let data):
+                data.withUnsafeBytes { _ = mmioBus.write(address: address, data: $0) }
+            case .stop(let reason, let dump):
+                if dump {
+                    let text = "vCPU \(index): " + Self.describeRegisters(vcpu)
+                    control.withLock { if $0.registerDump == nil { $0.registerDump = text } }
+                    if case .error(let m) = reason {
+                        requestStop(.error(m + "\n" + text))
+                        break
+                    }
+                }
+                requestStop(reason)
+            }
+        }
+    }
+
+    private func pin(to cpu: Int) {
+        guard cpu >= 0, cpu < 1024 else { return }
+        var set = cpu_set_t()
+        withUnsafeMutableBytes(of: &set) { $0[cpu / 8] |= UInt8(1 << (cpu % 8)) }
+        // Failure (an offline CPU, a cpuset that excludes it) leaves the thread unpinned, not broken.
+        guard let setAffinity = Self.schedSetAffinity else { return }
+        _ = setAffinity(0, MemoryLayout<cpu_set_t>.size, &set)
+    }
+
+    /// Glibc declares sched_setaffinity only under _GNU_SOURCE, which the Swift overlay does not
+    /// define; look it up at run time instead of adding C to the project.
+    private static let schedSetAffinity: (@convention(c) (pid_t, Int, UnsafeMutableRawPointer) -> Int32)? = {
+        guard let sym = dlsym(nil, "sched_setaffinity") else { return nil }
+        return unsafeBitCast(sym, to: (@convention(c) (pid_t, Int, UnsafeMutableRawPointer) -> Int32).self)
+    }()
+
+    static func describeRegisters(_ vcpu: KVMVCPU) -> String {
+        guard let r = try? vcpu.registers(), let s = try? vcpu.specialRegisters() else { return "registers unavailable" }
+        func h(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+        return "rip=\(h(r.rip)) rsp=\(h(r.rsp)) rflags=\(h(r.rflags)) rax=\(h(r.rax)) rbx=\(h(r.rbx)) rcx=\(h(r.rcx)) rdx=\(h(r.rdx)) rsi=\(h(r.rsi)) rdi=\(h(r.rdi)) "
+            + "cs=\(h(UInt64(s.cs.selector)))/base \(h(s.cs.base)) cr0=\(h(s.cr0)) cr2=\(h(s.cr2)) cr3=\(h(s.cr3)) cr4=\(h(s.cr4)) efer=\(h(s.efer))"
+    }
+}
