@@ -1,7 +1,97 @@
 import ArgumentParser
+import Foundation
 import MicroVM
 
 struct BenchCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "bench", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm bench is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Measure what VM and container isolation cost: scenarios × backends, same slice and binaries, ratios to native.",
+        subcommands: [BenchRunCommand.self, BenchCompareCommand.self],
+        defaultSubcommand: BenchRunCommand.self)
+}
+
+struct BenchRunCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run the benchmark matrix and write results.json, results.md and charts/*.svg.",
+        discussion: "Backends that cannot run on this host are listed as 'unavailable: <reason>'. Numbers from VMs under TCG or an emulated KVM are labelled so.")
+
+    @Flag(help: "Short workloads and few repeats: minutes on a small host (the default).") var quick = false
+    @Flag(help: "Longer workloads and more repeats, for steadier numbers.") var full = false
+    @Option(help: "Comma-separated backends: \(BackendCatalog.knownNames.joined(separator: ","))") var backends = BackendCatalog.knownNames.joined(separator: ",")
+    @Option(help: "Comma-separated scenarios: \(Scenarios.names.joined(separator: ","))") var scenarios = Scenarios.names.joined(separator: ",")
+    @Option(name: .customLong("repeat"), help: "Repeats per cell (default: 2 quick, 5 full).") var repeats: Int?
+    @Option(help: "Directory for results.json, results.md and charts/.") var out = "bench-results"
+    @Option(help: "Config profile giving every instance's slice.") var profile = "bench"
+    @Option(help: "Workload binaries: 'image' (the default image's rootfs; built if needed) or 'host' (the host's own /, native and containers only).") var workload = "image"
+    @Flag(help: "Print the results JSON to stdout instead of the Markdown table.") var json = false
+
+    func run() async throws {
+        try await reportingErrors {
+            if quick && full { throw MicroVMError.invalidArgument("choose one of --quick and --full") }
+            let preset = full ? "full" : "quick"
+            let durations: BenchDurations = full ? .full : .quick
+            let n = repeats ?? (full ? 5 : 2)
+            guard n >= 1 else { throw MicroVMError.invalidArgument("--repeat must be at least 1") }
+            let names = backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            for name in names where !BackendCatalog.knownNames.contains(name) {
+                throw MicroVMError.invalidArgument("unknown backend '\(name)': choose from \(BackendCatalog.knownNames.joined(separator: ", "))")
+            }
+            let chosen = try Scenarios.named(scenarios.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+            let config = try MicroVMConfig.load()
+            let slice = try config.profile(named: profile).slice()
+            let host = HostProfile.current()
+            let load = try BenchWorkload.resolve(workload)
+            let targets = BackendCatalog.targets(names, host: host, factories: BenchWorkload.factories(load))
+            let plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
+                                 context: BenchContext(workload: load, slice: slice, durations: durations), preset: preset, profile: profile)
+            let report = await BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }).run(host: host)
+            let files = try BenchOutput.write(report, to: out)
+            FileHandleOutput.stderr("[bench] wrote \(files.json), \(files.markdown) and \(files.charts.count) charts in \(out)/charts\n")
+            if json { print(String(decoding: try report.encoded(), as: UTF8.self)) } else { print(MarkdownReport.render(report)) }
+        }
+    }
+}
+
+struct BenchCompareCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "compare",
+        abstract: "Compare two results files: per cell change in % and whether it is outside the noise.")
+
+    @Argument(help: "The earlier results.json.") var before: String
+    @Argument(help: "The later results.json.") var after: String
+    @Flag(help: "Print the comparison as JSON.") var json = false
+
+    func run() async throws {
+        try await reportingErrors {
+            let a = try BenchReport.load(path: before), b = try BenchReport.load(path: after)
+            let changes = BenchComparison.compare(a, b)
+            if a.host != b.host { FileHandleOutput.stderr("[bench] note: the two files come from different hosts; compare ratios, not raw numbers\n") }
+            if json {
+                let e = JSONEncoder(); e.outputFormatting = [.prettyPrinted, .sortedKeys]
+                print(String(decoding: try e.encode(changes), as: UTF8.self))
+            } else {
+                print(BenchComparison.markdown(changes))
+            }
+        }
+    }
+}
+
+/// Where the bench gets its binaries and real backends from.
+enum BenchWorkload {
+    static func resolve(_ kind: String) throws -> Workload {
+        switch kind {
+        case "host": return .host
+        case "image":
+            // The image module provides the default guest image; until it can, the host's own tree
+            // serves native and container runs and VM backends say why they cannot run.
+            FileHandleOutput.stderr("[bench] no guest image support in this build: using the host's binaries (native and containers only)\n")
+            return .host
+        default: throw MicroVMError.invalidArgument("--workload must be 'image' or 'host' (got '\(kind)')")
+        }
+    }
+
+    static func factories(_ w: Workload) -> [String: @Sendable () throws -> any InstanceBackend] {
+        [:]
+    }
 }

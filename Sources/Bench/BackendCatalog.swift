@@ -1,0 +1,97 @@
+import Foundation
+import MicroVMCore
+import Host
+import KVM
+
+/// Which backends a bench run can use on this host, and why the others cannot run: a backend that
+/// cannot run still appears in every table, as `unavailable: <reason>`.
+public enum BackendCatalog {
+    public static let knownNames = ["native", "runc", "docker", "hosted", "direct"]
+
+    public static func mode(of name: String) -> RunMode {
+        switch name {
+        case "native": return .native
+        case "hosted": return .hosted
+        case "direct": return .direct
+        default: return .container
+        }
+    }
+
+    /// What acceleration numbers from this mode really measure on this host. Never claims KVM for
+    /// emulation: the hosted backend falls back to TCG wherever KVM is not hardware.
+    public static func acceleration(mode: RunMode, kvm: KVMProbeResult.Verdict) -> String {
+        switch mode {
+        case .native, .container: return "none"
+        case .hosted: return kvm == .hardware ? "hardware KVM" : "TCG"
+        case .direct:
+            switch kvm {
+            case .hardware: return "hardware KVM"
+            case .emulated: return "emulated KVM"
+            case .absent: return "none"
+            }
+        }
+    }
+
+    /// Why a backend cannot run here (nil: it can).
+    public static func unavailableReason(_ name: String, host: HostProfile) -> String? {
+        switch name {
+        case "native": return nil
+        case "direct":
+            switch host.kvm.verdict {
+            case .hardware: return nil
+            case .emulated: return "host KVM is emulated (\(host.kvm.reason)); run inside `mvm rig run`"
+            case .absent: return "no usable /dev/kvm (\(host.kvm.reason))"
+            }
+        case "hosted":
+            let c = host.capability("libvirt-embed")
+            return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
+        case "runc", "docker":
+            let c = host.capability(name)
+            return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
+        default:
+            return "unknown backend '\(name)': choose from \(knownNames.joined(separator: ", "))"
+        }
+    }
+
+    public static func versions(_ name: String, host: HostProfile) -> [String: String] {
+        var v = ["hostKernel": host.kernel]
+        switch name {
+        case "runc", "docker": v[name] = host.capability(name).detail
+        case "hosted":
+            v["qemu"] = host.capability("qemu").detail
+            v["libvirt"] = host.capability("libvirt-embed").detail
+        case "direct": v["kvm"] = "\(host.kvm.verdict.rawValue): \(host.kvm.reason)"
+        default: break
+        }
+        return v
+    }
+
+    /// Builds the targets for the given names. `factories` supplies the real backends by name
+    /// (native is built in); a name without a factory is listed as unavailable with the reason.
+    public static func targets(_ names: [String], host: HostProfile, factories: [String: @Sendable () throws -> any InstanceBackend],
+                               hostAddresses: [String: String] = ["native": "127.0.0.1"]) -> [BenchTarget] {
+        names.map { name in
+            let mode = mode(of: name)
+            var record = BackendRecord(name: name, mode: mode, acceleration: acceleration(mode: mode, kvm: host.kvm.verdict),
+                                       available: false, versions: versions(name, host: host))
+            if let why = unavailableReason(name, host: host) {
+                record.unavailableReason = why
+                return BenchTarget(record: record, backend: nil)
+            }
+            let backend: any InstanceBackend
+            do {
+                if name == "native" { backend = NativeBackend() }
+                else if let make = factories[name] { backend = try make() }
+                else {
+                    record.unavailableReason = "this mvm was built without the \(name) backend"
+                    return BenchTarget(record: record, backend: nil)
+                }
+            } catch {
+                record.unavailableReason = "cannot set up the \(name) backend: \(error)"
+                return BenchTarget(record: record, backend: nil)
+            }
+            record.available = true
+            return BenchTarget(record: record, backend: backend, hostAddress: hostAddresses[name])
+        }
+    }
+}

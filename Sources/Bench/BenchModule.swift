@@ -1,2 +1,0 @@
-/// Bench module (in progress).
-public enum BenchModule {}

@@ -1,0 +1,115 @@
+import Foundation
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The benchmark baseline: the same command on the host itself, with no isolation, using the same
+/// binaries as the instances (it chroots into the image's rootfs tree when the spec names one).
+/// When the slice names host CPUs the process is pinned to them, so native and isolated runs
+/// compete for the same CPUs.
+public final class NativeBackend: InstanceBackend, @unchecked Sendable {
+    public let mode = RunMode.native
+    private let lock = NSLock()
+    private var running: [String: (pid: Int32, started: Date, cpus: Int, memory: ByteCount)] = [:]
+
+    public init() {}
+
+    public func run(_ spec: VMSpec) async throws -> RunResult {
+        guard !spec.command.isEmpty else { throw MicroVMError.invalidArgument("native run needs a command") }
+        var argv = spec.command
+        if let root = spec.rootfs, root != "/" {
+            guard FileManager.default.fileExists(atPath: root) else {
+                throw MicroVMError.notFound("rootfs tree '\(root)' does not exist: build the image with `mvm image build`")
+            }
+            argv = ["chroot", root] + argv
+        }
+        if let cpus = spec.slice?.cpuSet, !cpus.isEmpty {
+            argv = ["taskset", "-c", CPUList.format(cpus)] + argv
+        }
+        let name = spec.name
+        let started = Date()
+        let outcome = try await Self.spawn(argv, timeout: spec.timeout) { [weak self] pid in
+            self?.track(name, pid: pid, started: started, spec: spec)
+        }
+        untrack(name)
+        let total = Date().timeIntervalSince(started)
+        if outcome.timedOut {
+            throw MicroVMError(.timeout, "native run '\(name)' did not finish within \(Int(spec.timeout)) s and was killed")
+        }
+        // Launch to first instruction, bounded above by launch to exit: the process has no boot.
+        return RunResult(exitStatus: outcome.status, output: outcome.output, bootSeconds: total, totalSeconds: total, console: outcome.output)
+    }
+
+    public func list() async throws -> [InstanceInfo] {
+        return lock.withLock { running }.map { InstanceInfo(name: $0.key, mode: .native, state: "running", pid: $0.value.pid, cpus: $0.value.cpus, memory: $0.value.memory, startedAt: $0.value.started) }
+    }
+
+    public func stop(name: String) async throws {
+        let pid = lock.withLock { running[name]?.pid }
+        guard let pid else { throw MicroVMError.notFound("no native run named '\(name)'") }
+        kill(pid, SIGTERM)
+    }
+
+    private func track(_ name: String, pid: Int32, started: Date, spec: VMSpec) {
+        lock.withLock { running[name] = (pid, started, spec.cpus, spec.memory) }
+    }
+
+    private func untrack(_ name: String) { lock.withLock { running[name] = nil } }
+
+    struct Outcome: Sendable { var status: Int32; var output: String; var timedOut: Bool }
+
+    /// Runs argv on its own thread (not the cooperative pool, which is as wide as the CPUs: two
+    /// blocking runs side by side would starve every other task), output and errors merged.
+    static func spawn(_ argv: [String], timeout: Double, started: @escaping @Sendable (Int32) -> Void) async throws -> Outcome {
+        guard let exe = ProcessRunner.which(argv[0]) else {
+            throw MicroVMError.notFound("'\(argv[0])' is not installed on the host")
+        }
+        return try await withCheckedThrowingContinuation { cont in
+            let thread = Thread {
+                let p = Process()
+                p.executableURL = URL(fileURLWithPath: exe)
+                p.arguments = Array(argv.dropFirst())
+                let pipe = Pipe()
+                p.standardOutput = pipe
+                p.standardError = pipe
+                p.standardInput = FileHandle.nullDevice
+                do { try p.run() } catch {
+                    cont.resume(throwing: MicroVMError(.backend, "cannot start '\(argv[0])'", cause: error)); return
+                }
+                started(p.processIdentifier)
+                let reader = DispatchGroup()
+                let box = OutputBox()
+                reader.enter()
+                DispatchQueue.global().async {
+                    box.data = pipe.fileHandleForReading.readDataToEndOfFile()
+                    reader.leave()
+                }
+                let deadline = Date().addingTimeInterval(timeout)
+                var timedOut = false
+                while p.isRunning {
+                    if Date() > deadline { timedOut = true; kill(p.processIdentifier, SIGKILL); break }
+                    usleep(2_000)
+                }
+                p.waitUntilExit()
+                // A background child that keeps the pipe open must not hang the run forever.
+                // (its reader thread is left to finish when that child exits).
+                let complete = reader.wait(timeout: .now() + 5) == .success
+                let output = complete ? String(decoding: box.data, as: UTF8.self) : "(output not collected: a background process kept it open)"
+                // Shell convention, so a kill by signal (the OOM killer's SIGKILL: 137) reads the same everywhere.
+                let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus
+                cont.resume(returning: Outcome(status: status, output: output, timedOut: timedOut))
+            }
+            thread.start()
+        }
+    }
+}
+
+private final class OutputBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var stored = Data()
+    var data: Data {
+        get { lock.lock(); defer { lock.unlock() }; return stored }
+        set { lock.lock(); stored = newValue; lock.unlock() }
+    }
+}

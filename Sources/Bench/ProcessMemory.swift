@@ -1,0 +1,64 @@
+import Foundation
+import MicroVMCore
+
+/// Host memory an instance costs, read from /proc: the proportional set size (PSS) of the
+/// processes that carry it (the VMM or runtime and everything under them). PSS splits shared
+/// pages between their users, so k instances sum to what they really cost the host.
+public enum ProcessMemory {
+    public struct Entry: Sendable { public var pid: Int32; public var ppid: Int32; public var comm: String; public var cmdline: String }
+
+    public static func table(proc: String = "/proc") -> [Int32: Entry] {
+        var out: [Int32: Entry] = [:]
+        guard let names = try? FileManager.default.contentsOfDirectory(atPath: proc) else { return out }
+        for n in names {
+            guard let pid = Int32(n) else { continue }
+            guard let stat = try? String(contentsOfFile: "\(proc)/\(n)/stat", encoding: .utf8) else { continue }
+            // comm may contain spaces and parentheses: the fields after it start at the last ')'.
+            guard let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")"), open < close else { continue }
+            let comm = String(stat[stat.index(after: open)..<close])
+            let rest = stat[stat.index(after: close)...].split(separator: " ")
+            guard rest.count > 1, let ppid = Int32(rest[1]) else { continue }
+            let raw = FileManager.default.contents(atPath: "\(proc)/\(n)/cmdline") ?? Data()
+            let cmdline = String(decoding: raw.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
+            out[pid] = Entry(pid: pid, ppid: ppid, comm: comm, cmdline: cmdline)
+        }
+        return out
+    }
+
+    /// The processes of an instance: those given, those whose command line names it, and all their descendants.
+    public static func instanceProcesses(name: String, pids: [Int32], table: [Int32: Entry]) -> [Entry] {
+        var roots = Set(pids)
+        for e in table.values where e.cmdline.contains(name) { roots.insert(e.pid) }
+        var children: [Int32: [Int32]] = [:]
+        for e in table.values { children[e.ppid, default: []].append(e.pid) }
+        var seen = Set<Int32>(), stack = Array(roots)
+        while let p = stack.popLast() {
+            guard seen.insert(p).inserted else { continue }
+            stack.append(contentsOf: children[p] ?? [])
+        }
+        return seen.compactMap { table[$0] }.sorted { $0.pid < $1.pid }
+    }
+
+    /// PSS in bytes from /proc/PID/smaps_rollup (nil when the process is gone or unreadable).
+    public static func pss(pid: Int32, proc: String = "/proc") -> UInt64? {
+        guard let text = try? String(contentsOfFile: "\(proc)/\(pid)/smaps_rollup", encoding: .utf8) else { return nil }
+        return parsePss(text)
+    }
+
+    public static func parsePss(_ smapsRollup: String) -> UInt64? {
+        for line in smapsRollup.split(separator: "\n") where line.hasPrefix("Pss:") {
+            let f = line.split(separator: " ")
+            if f.count >= 2, let kb = UInt64(f[1]) { return kb * 1024 }
+        }
+        return nil
+    }
+
+    public static func memAvailable(proc: String = "/proc") -> UInt64? {
+        guard let text = try? String(contentsOfFile: "\(proc)/meminfo", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
+            let f = line.split(separator: " ")
+            if f.count >= 2, let kb = UInt64(f[1]) { return kb * 1024 }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,110 @@
+import Foundation
+import MicroVMCore
+
+/// A small SVG writer for the bench charts: one bar chart per metric, bars at the median, error
+/// bars from min to max, a y axis with its unit, backend names under the bars and a legend.
+/// Unavailable backends keep their slot with a note, so a missing bar is never silent.
+public enum SVGChart {
+    static let palette = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#b07aa1", "#edc948"]
+
+    public static func render(_ r: BenchReport, scenario: String, metric: String) -> String? {
+        let cells = r.backends.map { b in (b, r.cell(scenario: scenario, metric: metric, backend: b.name)) }
+        guard let first = cells.compactMap(\.1).first else { return nil }
+        let w = 720.0, h = 400.0, left = 80.0, right = 200.0, top = 50.0, bottom = 70.0
+        let plotW = w - left - right, plotH = h - top - bottom
+        let maxValue = cells.compactMap { $0.1?.stats?.max }.max() ?? 0
+        let (axisMax, step) = niceAxis(maxValue)
+        func y(_ v: Double) -> Double { top + plotH - (axisMax > 0 ? max(0, v) / axisMax * plotH : 0) }
+        var s = """
+        <?xml version="1.0" encoding="UTF-8"?>
+        <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(w))" height="\(Int(h))" viewBox="0 0 \(Int(w)) \(Int(h))" font-family="sans-serif" font-size="12">
+        <rect x="0" y="0" width="\(Int(w))" height="\(Int(h))" fill="white"/>
+        <text class="title" x="\(Int(w / 2))" y="24" text-anchor="middle" font-size="15" font-weight="bold">\(xml(first.title))</text>
+
+        """
+        // Axes and grid.
+        s += "<line class=\"axis\" x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(top + plotH)\" stroke=\"black\"/>\n"
+        s += "<line class=\"axis\" x1=\"\(left)\" y1=\"\(top + plotH)\" x2=\"\(left + plotW)\" y2=\"\(top + plotH)\" stroke=\"black\"/>\n"
+        if step > 0 {
+            var t = 0.0
+            while t <= axisMax + step / 2 {
+                let yy = y(t)
+                s += "<line x1=\"\(left - 4)\" y1=\"\(fmt(yy))\" x2=\"\(left + plotW)\" y2=\"\(fmt(yy))\" stroke=\"#ddd\"/>\n"
+                s += "<text class=\"tick\" x=\"\(left - 8)\" y=\"\(fmt(yy + 4))\" text-anchor=\"end\">\(xml(MarkdownReport.format(t)))</text>\n"
+                t += step
+            }
+        }
+        let better = first.higherIsBetter ? "higher is better" : "lower is better"
+        s += "<text class=\"ylabel\" x=\"18\" y=\"\(fmt(top + plotH / 2))\" text-anchor=\"middle\" transform=\"rotate(-90 18 \(fmt(top + plotH / 2)))\">\(xml(first.unit)) (\(better))</text>\n"
+        s += "<text class=\"xlabel\" x=\"\(fmt(left + plotW / 2))\" y=\"\(Int(h - 12))\" text-anchor=\"middle\">backend (error bars: min–max of the samples)</text>\n"
+
+        let slot = plotW / Double(max(1, cells.count))
+        for (i, (b, c)) in cells.enumerated() {
+            let color = palette[i % palette.count]
+            let cx = left + slot * (Double(i) + 0.5)
+            let bw = min(60, slot * 0.6)
+            s += "<text class=\"backend\" x=\"\(fmt(cx))\" y=\"\(fmt(top + plotH + 18))\" text-anchor=\"middle\">\(xml(b.name))</text>\n"
+            guard let c, c.status == .ok, let st = c.stats else {
+                let why = c?.status == .failed ? "failed" : "unavailable"
+                s += "<text class=\"na\" data-backend=\"\(xml(b.name))\" x=\"\(fmt(cx))\" y=\"\(fmt(top + plotH - 8))\" text-anchor=\"middle\" fill=\"#888\">\(why)</text>\n"
+                continue
+            }
+            s += "<rect class=\"bar\" data-backend=\"\(xml(b.name))\" data-median=\"\(st.median)\" x=\"\(fmt(cx - bw / 2))\" y=\"\(fmt(y(st.median)))\" width=\"\(fmt(bw))\" height=\"\(fmt(top + plotH - y(st.median)))\" fill=\"\(color)\"/>\n"
+            s += "<g class=\"errorbar\" data-backend=\"\(xml(b.name))\" data-min=\"\(st.min)\" data-max=\"\(st.max)\" stroke=\"black\" stroke-width=\"1.5\">"
+            s += "<line x1=\"\(fmt(cx))\" y1=\"\(fmt(y(st.min)))\" x2=\"\(fmt(cx))\" y2=\"\(fmt(y(st.max)))\"/>"
+            s += "<line x1=\"\(fmt(cx - 8))\" y1=\"\(fmt(y(st.min)))\" x2=\"\(fmt(cx + 8))\" y2=\"\(fmt(y(st.min)))\"/>"
+            s += "<line x1=\"\(fmt(cx - 8))\" y1=\"\(fmt(y(st.max)))\" x2=\"\(fmt(cx + 8))\" y2=\"\(fmt(y(st.max)))\"/></g>\n"
+            var label = MarkdownReport.format(st.median)
+            if let ratio = c.ratioToNative, b.name != "native" { label += " ×" + String(format: "%.2f", ratio.median) }
+            s += "<text class=\"value\" x=\"\(fmt(cx))\" y=\"\(fmt(min(y(st.max), y(st.median)) - 6))\" text-anchor=\"middle\" font-size=\"11\">\(xml(label))</text>\n"
+        }
+        // Legend: which colour is which backend, and what each one really ran on.
+        let lx = left + plotW + 16
+        s += "<g class=\"legend\">\n<text x=\"\(fmt(lx))\" y=\"\(fmt(top))\" font-weight=\"bold\">Backends</text>\n"
+        for (i, (b, _)) in cells.enumerated() {
+            let ly = top + 18 + Double(i) * 34
+            s += "<rect class=\"legend-swatch\" data-backend=\"\(xml(b.name))\" x=\"\(fmt(lx))\" y=\"\(fmt(ly - 10))\" width=\"12\" height=\"12\" fill=\"\(palette[i % palette.count])\"/>"
+            s += "<text x=\"\(fmt(lx + 18))\" y=\"\(fmt(ly))\">\(xml(b.name))</text>"
+            s += "<text x=\"\(fmt(lx + 18))\" y=\"\(fmt(ly + 13))\" font-size=\"10\" fill=\"#555\">\(xml(b.available ? "accel: " + b.acceleration : "unavailable"))</text>\n"
+        }
+        s += "</g>\n</svg>\n"
+        return s
+    }
+
+    /// A round axis maximum and tick step (1, 2 or 5 × 10^n) covering `v`.
+    static func niceAxis(_ v: Double) -> (Double, Double) {
+        guard v > 0, v.isFinite else { return (1, 0.2) }
+        let raw = v * 1.1 / 5
+        let mag = pow(10, floor(log10(raw)))
+        let step = [1.0, 2, 5, 10].map { $0 * mag }.first { $0 >= raw } ?? 10 * mag
+        return (ceil(v * 1.1 / step) * step, step)
+    }
+
+    static func fmt(_ v: Double) -> String { String(format: "%.1f", v) }
+
+    static func xml(_ s: String) -> String {
+        s.replacingOccurrences(of: "&", with: "&amp;").replacingOccurrences(of: "<", with: "&lt;")
+            .replacingOccurrences(of: ">", with: "&gt;").replacingOccurrences(of: "\"", with: "&quot;")
+    }
+}
+
+/// Writes a report's files: results.json, results.md and charts/<scenario>--<metric>.svg.
+public enum BenchOutput {
+    public struct Files: Sendable { public var json: String; public var markdown: String; public var charts: [String] }
+
+    @discardableResult
+    public static func write(_ r: BenchReport, to dir: String) throws -> Files {
+        try Paths.ensureDirectory(dir + "/charts")
+        let json = dir + "/results.json", md = dir + "/results.md"
+        try r.encoded().write(to: URL(fileURLWithPath: json))
+        try Data(MarkdownReport.render(r).utf8).write(to: URL(fileURLWithPath: md))
+        var charts: [String] = []
+        for (scenario, metric) in r.metrics {
+            guard let svg = SVGChart.render(r, scenario: scenario, metric: metric) else { continue }
+            let path = "\(dir)/charts/\(scenario)--\(metric).svg"
+            try Data(svg.utf8).write(to: URL(fileURLWithPath: path))
+            charts.append(path)
+        }
+        return Files(json: json, markdown: md, charts: charts)
+    }
+}

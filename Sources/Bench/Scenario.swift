@@ -1,0 +1,148 @@
+import Foundation
+import MicroVMCore
+
+/// The binaries every backend runs: a guest image's kernel, initrd and rootfs disk for VMs, and
+/// the same rootfs as a tree for containers and native runs.
+public struct Workload: Sendable {
+    public var kernel: String?
+    public var initrd: String?
+    public var rootfsDisk: String?
+    /// The tree containers run in and native runs chroot into ("/" runs on the host's own binaries).
+    public var rootfsTree: String
+    public var kernelVersion: String?
+    /// Where this came from, for the results file.
+    public var source: String
+
+    public init(kernel: String? = nil, initrd: String? = nil, rootfsDisk: String? = nil, rootfsTree: String = "/", kernelVersion: String? = nil, source: String) {
+        self.kernel = kernel; self.initrd = initrd; self.rootfsDisk = rootfsDisk; self.rootfsTree = rootfsTree
+        self.kernelVersion = kernelVersion; self.source = source
+    }
+
+    /// The host's own binaries: only for native and for tests where no image is built.
+    public static let host = Workload(source: "host root filesystem (/)")
+
+    /// One instance's spec: every backend gets the same slice and the same binaries.
+    public func spec(name: String, command: [String], slice: ResourceSlice, timeout: Double) -> VMSpec {
+        VMSpec(name: name, kernel: kernel, initrd: initrd, cmdline: "", cpus: slice.cpus, memory: slice.memory,
+               disks: rootfsDisk.map { [DiskSpec(path: $0)] } ?? [], command: command, rootfs: rootfsTree,
+               slice: slice, timeout: timeout)
+    }
+}
+
+/// A backend as the bench sees it.
+public struct BenchTarget: Sendable {
+    public var record: BackendRecord
+    public var backend: (any InstanceBackend)?
+    /// Address the instance can reach the host's iperf3 server on, when the backend gives it a
+    /// network path to the host (nil: network scenarios are unavailable on it).
+    public var hostAddress: String?
+    public var name: String { record.name }
+
+    public init(record: BackendRecord, backend: (any InstanceBackend)?, hostAddress: String? = nil) {
+        self.record = record; self.backend = backend; self.hostAddress = hostAddress
+    }
+}
+
+/// Workload lengths: `--quick` keeps a TCG VM run to seconds; `--full` gives steadier numbers.
+public struct BenchDurations: Codable, Sendable, Equatable {
+    public var cpuSeconds: Double
+    public var memorySeconds: Double
+    public var syscallIterations: Int
+    public var fioSeconds: Double
+    public var fioSize: ByteCount
+    public var networkSeconds: Double
+    public var victimSeconds: Double
+    public var parallelLaunches: Int
+    public var idleInstances: Int
+    /// Seconds an instance may take (boot included) before it is killed.
+    public var instanceTimeout: Double
+
+    public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallIterations: 100_000, fioSeconds: 2, fioSize: .mebibytes(32),
+                                             networkSeconds: 2, victimSeconds: 4, parallelLaunches: 2, idleInstances: 2, instanceTimeout: 180)
+    public static let full = BenchDurations(cpuSeconds: 10, memorySeconds: 10, syscallIterations: 1_000_000, fioSeconds: 10, fioSize: .mebibytes(256),
+                                            networkSeconds: 10, victimSeconds: 10, parallelLaunches: 4, idleInstances: 4, instanceTimeout: 600)
+
+    public var asDictionary: [String: Double] {
+        ["cpuSeconds": cpuSeconds, "memorySeconds": memorySeconds, "syscallIterations": Double(syscallIterations),
+         "fioSeconds": fioSeconds, "fioSizeBytes": Double(fioSize.bytes), "networkSeconds": networkSeconds,
+         "victimSeconds": victimSeconds, "parallelLaunches": Double(parallelLaunches), "idleInstances": Double(idleInstances),
+         "instanceTimeout": instanceTimeout]
+    }
+}
+
+/// What a scenario needs besides the backend.
+public struct BenchContext: Sendable {
+    public var workload: Workload
+    public var slice: ResourceSlice
+    public var durations: BenchDurations
+    public init(workload: Workload, slice: ResourceSlice, durations: BenchDurations) {
+        self.workload = workload; self.slice = slice; self.durations = durations
+    }
+
+    /// Runs one instance to completion on a backend with the bench slice.
+    public func run(_ target: BenchTarget, _ command: [String], tag: String) async throws -> RunResult {
+        guard let backend = target.backend else {
+            throw ScenarioUnavailable(target.record.unavailableReason ?? "backend not available")
+        }
+        let name = "mvm-bench-\(tag)-\(UUID().uuidString.prefix(6).lowercased())"
+        return try await backend.run(workload.spec(name: name, command: command, slice: slice, timeout: durations.instanceTimeout))
+    }
+}
+
+/// What a metric is, for tables and charts.
+public struct Metric: Sendable, Hashable {
+    public var id: String
+    public var title: String
+    public var unit: String
+    public var higherIsBetter: Bool
+    public init(_ id: String, _ title: String, unit: String, higherIsBetter: Bool) {
+        self.id = id; self.title = title; self.unit = unit; self.higherIsBetter = higherIsBetter
+    }
+}
+
+/// One measured value (a scenario may give several per run, e.g. one per parallel launch).
+public struct Measurement: Sendable {
+    public var metric: Metric
+    public var value: Double
+    public var details: [String: String]
+    /// Set when this metric could not be measured on the backend (value is then meaningless).
+    public var unavailable: String?
+    public init(_ metric: Metric, _ value: Double, details: [String: String] = [:]) {
+        self.metric = metric; self.value = value; self.details = details
+    }
+    public static func unavailable(_ metric: Metric, _ reason: String) -> Measurement {
+        var m = Measurement(metric, .nan); m.unavailable = reason; return m
+    }
+}
+
+/// Thrown by a scenario that cannot run on a backend; the cell reads `unavailable: reason`.
+public struct ScenarioUnavailable: Error, CustomStringConvertible, Sendable {
+    public var reason: String
+    public init(_ reason: String) { self.reason = reason }
+    public var description: String { reason }
+}
+
+/// A benchmark scenario: runs commands through a backend and parses the tools' output.
+public protocol BenchScenario: Sendable {
+    var name: String { get }
+    /// The metrics it reports, so unavailable backends still get a labelled cell for each.
+    func metrics(for ctx: BenchContext) -> [Metric]
+    /// Instance runs one `measure` makes, for the progress estimate.
+    func runsPerMeasure(_ ctx: BenchContext) -> Int
+    /// A caveat that says how the number was obtained (recorded in each cell).
+    var note: String? { get }
+    func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement]
+}
+
+extension BenchScenario {
+    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 }
+    public var note: String? { nil }
+}
+
+/// Checks a tool run: a failed command is an error carrying its output's tail.
+func requireSuccess(_ r: RunResult, _ what: String) throws -> String {
+    guard r.exitStatus == 0 else {
+        throw MicroVMError(.backend, "\(what) exited with status \(r.exitStatus): \(r.output.suffix(400))")
+    }
+    return r.output
+}

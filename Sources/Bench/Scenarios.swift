@@ -1,0 +1,249 @@
+import Foundation
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Every scenario `mvm bench` knows, in report order.
+public enum Scenarios {
+    public static let all: [any BenchScenario] = [StartLatency(), MemoryOverhead(), CPUThroughput(), MemoryBandwidth(),
+                                                 SyscallLatency(), DiskIO(), NetworkThroughput(), NoisyNeighbour()]
+    public static var names: [String] { all.map(\.name) }
+
+    public static func named(_ names: [String]) throws -> [any BenchScenario] {
+        try names.map { n in
+            guard let s = all.first(where: { $0.name == n }) else {
+                throw MicroVMError.invalidArgument("unknown scenario '\(n)': choose from \(Self.names.joined(separator: ", "))")
+            }
+            return s
+        }
+    }
+}
+
+/// Launch to boot-complete (VMs) or to the first instruction (containers, native), serially and
+/// several at once.
+public struct StartLatency: BenchScenario {
+    public let name = "start"
+    public static let serial = Metric("start-serial", "Start latency (serial launches)", unit: "ms", higherIsBetter: false)
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.serial, Self.parallel(ctx.durations.parallelLaunches)] }
+    public var note: String? { "VMs: launch to the guest init's boot-complete signal; containers and native: launch to first instruction (native: bounded by process exit)" }
+    static func parallel(_ k: Int) -> Metric { Metric("start-parallel-\(k)", "Start latency (\(k) launched at once)", unit: "ms", higherIsBetter: false) }
+    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 + ctx.durations.parallelLaunches }
+
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        var out: [Measurement] = []
+        let one = try await ctx.run(target, ["true"], tag: "start")
+        _ = try requireSuccess(one, "true")
+        out.append(Measurement(Self.serial, (one.bootSeconds ?? one.totalSeconds) * 1000, details: one.bootSeconds == nil ? ["boot": "not reported; total run time used"] : [:]))
+        let k = ctx.durations.parallelLaunches
+        let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
+            for _ in 0..<k { group.addTask { try await ctx.run(target, ["true"], tag: "pstart") } }
+            var rs: [RunResult] = []
+            for try await r in group { rs.append(r) }
+            return rs
+        }
+        for r in results {
+            _ = try requireSuccess(r, "true")
+            out.append(Measurement(Self.parallel(k), (r.bootSeconds ?? r.totalSeconds) * 1000))
+        }
+        return out
+    }
+}
+
+/// Host memory per idle instance: PSS of the instance's host processes, sampled while it idles.
+public struct MemoryOverhead: BenchScenario {
+    public let name = "memory-overhead"
+    public init() {}
+    static func metric(_ k: Int) -> Metric { Metric("pss-per-instance-\(k)", "Host PSS per idle instance (\(k) running)", unit: "MiB", higherIsBetter: false) }
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric(1), Self.metric(ctx.durations.idleInstances)] }
+    public var note: String? { "peak PSS (/proc/PID/smaps_rollup) of the host processes found for the instances (backend pids, command lines naming the instance, and their descendants), divided by the count; a VM's guest RAM counts only where touched; an in-process VMM is not separable from the bench process" }
+    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 + ctx.durations.idleInstances }
+
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        guard let backend = target.backend else { throw ScenarioUnavailable(target.record.unavailableReason ?? "unavailable") }
+        if target.record.mode == .direct {
+            throw ScenarioUnavailable("the direct VMM runs inside the bench process: its PSS cannot be told apart from the bench's own")
+        }
+        var out: [Measurement] = []
+        for k in Array(Set([1, ctx.durations.idleInstances])).sorted() {
+            let names = (0..<k).map { _ in "mvm-bench-idle-\(UUID().uuidString.prefix(6).lowercased())" }
+            let sampler = PSSSampler(names: names, backend: backend)
+            let idle = ["sleep", "3"]
+            let task = Task { await sampler.run() }
+            let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
+                for n in names {
+                    let spec = ctx.workload.spec(name: n, command: idle, slice: ctx.slice, timeout: ctx.durations.instanceTimeout)
+                    group.addTask { try await backend.run(spec) }
+                }
+                var rs: [RunResult] = []
+                for try await r in group { rs.append(r) }
+                return rs
+            }
+            await sampler.stop()
+            let peak = await task.value
+            for r in results { _ = try requireSuccess(r, "sleep") }
+            guard peak.bytes > 0 else {
+                throw ScenarioUnavailable("no host process of the instances could be found to measure")
+            }
+            out.append(Measurement(Self.metric(k), Double(peak.bytes) / Double(k) / 1_048_576,
+                                   details: ["processes": peak.processes.joined(separator: ","), "instances": "\(k)"]))
+        }
+        return out
+    }
+}
+
+/// Polls the instances' processes and keeps the peak of their summed PSS.
+actor PSSSampler {
+    let names: [String]
+    let backend: any InstanceBackend
+    var stopped = false
+    init(names: [String], backend: any InstanceBackend) { self.names = names; self.backend = backend }
+    func stop() { stopped = true }
+
+    func run() async -> (bytes: UInt64, processes: [String]) {
+        var best: UInt64 = 0, bestNames: [String] = []
+        while !stopped {
+            let listed = (try? await backend.list()) ?? []
+            let table = ProcessMemory.table()
+            var total: UInt64 = 0, comms: [String] = []
+            var counted = Set<Int32>()
+            for n in names {
+                let pids = listed.filter { $0.name == n }.compactMap(\.pid)
+                for e in ProcessMemory.instanceProcesses(name: n, pids: pids, table: table) where counted.insert(e.pid).inserted {
+                    total += ProcessMemory.pss(pid: e.pid) ?? 0
+                    comms.append(e.comm)
+                }
+            }
+            if total > best { best = total; bestNames = Array(Set(comms)).sorted() }
+            try? await Task.sleep(nanoseconds: 250_000_000)
+        }
+        return (best, bestNames)
+    }
+}
+
+/// sysbench cpu: prime-number events per second on one thread.
+public struct CPUThroughput: BenchScenario {
+    public let name = "cpu"
+    public static let metric = Metric("sysbench-cpu", "CPU throughput (sysbench cpu, 1 thread)", unit: "events/s", higherIsBetter: true)
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        let r = try await ctx.run(target, ["sysbench", "cpu", "--threads=1", "--time=\(Int(ctx.durations.cpuSeconds))", "run"], tag: "cpu")
+        let text = try requireSuccess(r, "sysbench cpu")
+        guard let v = ToolParsers.sysbenchEventsPerSecond(text) else { throw MicroVMError(.backend, "sysbench cpu printed no 'events per second': \(text.suffix(300))") }
+        return [Measurement(Self.metric, v)]
+    }
+}
+
+/// sysbench memory: sequential 1 KiB-block writes, MiB/s.
+public struct MemoryBandwidth: BenchScenario {
+    public let name = "memory"
+    public static let metric = Metric("sysbench-memory", "Memory bandwidth (sysbench memory, 1K writes)", unit: "MiB/s", higherIsBetter: true)
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        let r = try await ctx.run(target, ["sysbench", "memory", "--threads=1", "--memory-total-size=100T", "--time=\(Int(ctx.durations.memorySeconds))", "run"], tag: "mem")
+        let text = try requireSuccess(r, "sysbench memory")
+        guard let v = ToolParsers.sysbenchMiBPerSecond(text) else { throw MicroVMError(.backend, "sysbench memory printed no MiB/sec: \(text.suffix(300))") }
+        return [Measurement(Self.metric, v)]
+    }
+}
+
+/// A tight syscall loop: dd copying one byte at a time from /dev/zero to /dev/null is a read and a
+/// write per byte, with almost no work between them.
+public struct SyscallLatency: BenchScenario {
+    public let name = "syscall"
+    public static let metric = Metric("syscall-dd", "Syscall latency (dd bs=1: read+write pairs)", unit: "ns/syscall", higherIsBetter: false)
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
+    public var note: String? { "dd if=/dev/zero of=/dev/null bs=1: elapsed time / (2 × count); read and write, not getppid" }
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        let n = ctx.durations.syscallIterations
+        let r = try await ctx.run(target, ["sh", "-c", "dd if=/dev/zero of=/dev/null bs=1 count=\(n) 2>&1"], tag: "sys")
+        let text = try requireSuccess(r, "dd")
+        guard let s = ToolParsers.ddSeconds(text) else { throw MicroVMError(.backend, "dd printed no 'copied, N s' summary (GNU dd is needed): \(text.suffix(300))") }
+        return [Measurement(Self.metric, s * 1e9 / Double(2 * n))]
+    }
+}
+
+/// fio 4 KiB random writes then reads on a file in the instance's own /var/tmp, O_DIRECT when the
+/// filesystem takes it.
+public struct DiskIO: BenchScenario {
+    public let name = "disk"
+    public static let write = Metric("fio-randwrite", "Disk 4K random write (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
+    public static let read = Metric("fio-randread", "Disk 4K random read (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.write, Self.read] }
+    public var note: String? { "file in the instance's own /var/tmp (VM: its disk; container: its rootfs; native: the same tree); direct=1 unless the filesystem refuses O_DIRECT (then details say buffered)" }
+
+    static func script(seconds: Int, size: ByteCount) -> String {
+        let common = "--name=mvmbench --filename=/var/tmp/mvm-bench.fio --size=\(size.mebibytes)M --bs=4k --ioengine=psync --runtime=\(seconds) --time_based --output-format=json"
+        return """
+        mkdir -p /var/tmp; d=1
+        fio \(common) --rw=randwrite --direct=1 > /tmp/mvm-fio-w 2>&1 || { d=0; fio \(common) --rw=randwrite --direct=0 > /tmp/mvm-fio-w 2>&1; }
+        s=$?; echo @@write; cat /tmp/mvm-fio-w
+        fio \(common) --rw=randread --direct=$d > /tmp/mvm-fio-r 2>&1; t=$?; echo @@read; cat /tmp/mvm-fio-r
+        rm -f /var/tmp/mvm-bench.fio /tmp/mvm-fio-w /tmp/mvm-fio-r; echo direct=$d
+        [ $s -eq 0 ] && [ $t -eq 0 ]
+        """
+    }
+
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        let r = try await ctx.run(target, ["sh", "-c", Self.script(seconds: Int(ctx.durations.fioSeconds), size: ctx.durations.fioSize)], tag: "fio")
+        let text = try requireSuccess(r, "fio")
+        guard let w = text.range(of: "@@write"), let rd = text.range(of: "@@read"), w.upperBound <= rd.lowerBound else {
+            throw MicroVMError(.backend, "fio output lacks its markers: \(text.suffix(300))")
+        }
+        let direct = ToolParsers.keyValues(String(text[rd.upperBound...]))["direct"] == "1" ? "O_DIRECT" : "buffered"
+        guard let wi = ToolParsers.fioIOPS(String(text[w.upperBound..<rd.lowerBound]), write: true),
+              let ri = ToolParsers.fioIOPS(String(text[rd.upperBound...]), write: false) else {
+            throw MicroVMError(.backend, "fio printed no IOPS: \(text.suffix(300))")
+        }
+        return [Measurement(Self.write, wi, details: ["io": direct]), Measurement(Self.read, ri, details: ["io": direct])]
+    }
+}
+
+/// iperf3 from the instance to a server on the host.
+public struct NetworkThroughput: BenchScenario {
+    public let name = "network"
+    public static let metric = Metric("iperf3-tcp", "Network instance→host (iperf3 TCP)", unit: "Gbit/s", higherIsBetter: true)
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        guard let addr = target.hostAddress else {
+            throw ScenarioUnavailable("the \(target.name) backend gives bench instances no network path to the host")
+        }
+        let server = try IperfServer.start()
+        defer { server.stop() }
+        let r = try await ctx.run(target, ["iperf3", "-c", addr, "-p", "\(server.port)", "-t", "\(Int(ctx.durations.networkSeconds))", "-J"], tag: "net")
+        let text = try requireSuccess(r, "iperf3")
+        guard let bps = ToolParsers.iperfBitsPerSecond(text) else { throw MicroVMError(.backend, "iperf3 printed no bits_per_second: \(text.suffix(300))") }
+        return [Measurement(Self.metric, bps / 1e9, details: target.record.mode == .native ? ["path": "host loopback"] : [:])]
+    }
+}
+
+/// A one-shot iperf3 server on the host, on a free port; stopped (and reaped) by `stop()`.
+final class IperfServer: @unchecked Sendable {
+    let process: Process
+    let port: Int
+    private init(process: Process, port: Int) { self.process = process; self.port = port }
+
+    static func start() throws -> IperfServer {
+        guard let exe = ProcessRunner.which("iperf3") else { throw ScenarioUnavailable("iperf3 is not installed on the host: apt-get install iperf3") }
+        let port = 20000 + Int(getpid() % 20000) + Int.random(in: 0..<500)
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = ["-s", "-1", "-p", "\(port)", "--bind", "0.0.0.0"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        usleep(300_000)  // let it listen before a client connects
+        return IperfServer(process: p, port: port)
+    }
+
+    func stop() {
+        if process.isRunning { process.terminate() }
+        process.waitUntilExit()
+    }
+}
