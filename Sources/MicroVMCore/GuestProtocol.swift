@@ -66,7 +66,9 @@ public struct ConsoleParser: Sendable {
     /// Feeds console bytes; returns true when something new was recognised.
     @discardableResult
     public mutating func feed(_ bytes: some Sequence<UInt8>) -> Bool {
-        pending += String(decoding: Array(bytes), as: UTF8.self)
+        // A tty console ends lines with "\r\n", which Swift treats as one Character that
+        // firstIndex(of: "\n") never matches; CRs carry no meaning here, so drop them up front.
+        pending += String(decoding: bytes.filter { $0 != 13 }, as: UTF8.self)
         var changed = false
         while let nl = pending.firstIndex(of: "\n") {
             let line = String(pending[..<nl])
