@@ -3,27 +3,33 @@ import MicroVMCore
 
 /// The PC devices every direct VM has, as wired by `installLegacyDevices`.
 public struct LegacyDevices: Sendable {
-    public let uart: ConsoleUART
-    public let reset: ResetController
-    public let bootTimer: BootTimerPort
+    public let serial: Serial8250
+    public let i8042: I8042
+    public let bootTimer: BootTimer
+    public let clock: CMOSClock
 }
 
 extension VirtualMachine {
     public static let com1Port: UInt16 = 0x3f8
     public static let com1IRQ: UInt32 = 4
     public static let i8042Port: UInt16 = 0x60
+    public static let cmosPort: UInt16 = 0x70
 
-    /// COM1 (0x3f8, IRQ 4) printing to `console`, the i8042 whose reset line powers the VM off,
-    /// and the boot timer at 0x440.
+    /// COM1 (0x3f8, IRQ 4) printing to `console`, the i8042 whose reset line powers the VM off
+    /// (Linux with `reboot=k`), the CMOS clock, and the boot timer at 0x440. Boot time is
+    /// measured from `createdInstant` — the moment this VM's construction began — rather than
+    /// process start, so a long-lived process that runs many VMs times each one.
     @discardableResult
-    public func installLegacyDevices(console: @escaping @Sendable ([UInt8]) -> Void) throws -> LegacyDevices {
-        let uart = ConsoleUART(interrupt: configuration.interruptController ? interruptLine(gsi: Self.com1IRQ) : nil, output: console)
-        try addPortDevice(uart, port: Self.com1Port, length: 8)
+    public func installLegacyDevices(console: @escaping OutputSink) throws -> LegacyDevices {
+        let serial = Serial8250(interrupt: interruptLine(gsi: Self.com1IRQ), output: console)
+        try addPortDevice(serial, port: Self.com1Port, length: 8)
         // Weak: the bus holds the device, and the VM holds the bus.
-        let reset = ResetController { [weak self] in self?.requestStop(.powerOff) }
-        try addPortDevice(reset, port: Self.i8042Port, length: 5)
-        let timer = BootTimerPort(origin: createdAt)
+        let i8042 = I8042 { [weak self] in self?.requestStop(.powerOff) }
+        try addPortDevice(i8042, port: Self.i8042Port, length: 5)
+        let clock = CMOSClock()
+        try addPortDevice(clock, port: Self.cmosPort, length: 2)
+        let timer = BootTimer(start: createdInstant)
         try addPortDevice(timer, port: GuestProtocol.bootTimerPort, length: 1)
-        return LegacyDevices(uart: uart, reset: reset, bootTimer: timer)
+        return LegacyDevices(serial: serial, i8042: i8042, bootTimer: timer, clock: clock)
     }
 }

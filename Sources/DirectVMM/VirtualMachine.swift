@@ -40,6 +40,8 @@ public final class VirtualMachine: @unchecked Sendable {
 
     /// CLOCK_MONOTONIC seconds when construction began: the origin of every timestamp here.
     public let createdAt: Double
+    /// The same moment on the clock the boot timer device reads.
+    public let createdInstant: ContinuousClock.Instant
     public let configuration: MachineConfiguration
     public let memory: GuestRAM
     public let kvm: KVMSystem
@@ -61,6 +63,7 @@ public final class VirtualMachine: @unchecked Sendable {
 
     public init(_ configuration: MachineConfiguration) throws {
         createdAt = Self.monotonicNow()
+        createdInstant = ContinuousClock.now
         guard (1...255).contains(configuration.cpus) else {
             throw MicroVMError.invalidArgument("a direct VM needs 1 to 255 vCPUs (got \(configuration.cpus))")
         }

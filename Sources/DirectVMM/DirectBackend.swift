@@ -1,0 +1,132 @@
+import Devices
+import Foundation
+import Host
+import Images
+import LinuxBoot
+import MicroVMCore
+
+/// `InstanceBackend` for `--mode direct`: boots the spec's kernel (or the default image) in a
+/// `VirtualMachine`, reads the guest init's framed result from COM1, and tears everything down.
+public struct DirectBackend: InstanceBackend {
+    public enum ConsoleEcho: Sendable, Equatable {
+        /// Keep the console in memory only (and in the instance's log file).
+        case none
+        /// Also copy it to standard output as it arrives.
+        case standardOutput
+    }
+
+    public struct Options: Sendable {
+        /// Boot even when the host's KVM is not hardware (tiny test guests; Linux will not boot).
+        /// Defaults to the environment variable `MVM_DIRECT_ALLOW_EMULATED=1`.
+        public var allowEmulatedKVM: Bool
+        public var console: ConsoleEcho
+        public var paths: Paths
+        public var devicePath: String
+
+        public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
+                    console: ConsoleEcho = .none, paths: Paths = .default, devicePath: String = "/dev/kvm") {
+            self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.paths = paths; self.devicePath = devicePath
+        }
+    }
+
+    /// Kernel parameters this VMM needs on top of the image's: no PS/2 mouse/mux/PnP probing
+    /// (there is only a reset line), no PCI bus to scan.
+    public static let kernelParameters = "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off"
+
+    public let options: Options
+    public var mode: RunMode { .direct }
+
+    public init(options: Options = Options()) { self.options = options }
+
+    /// Throws unless this host can boot Linux under KVM (or the caller opted in).
+    public func checkHost() throws {
+        let kvm = HostProfile.current(paths: options.paths).kvm
+        switch kvm.verdict {
+        case .hardware: return
+        case .absent:
+            throw MicroVMError(.unsupported, "direct mode needs /dev/kvm: \(kvm.reason)")
+        case .emulated where options.allowEmulatedKVM: return
+        case .emulated:
+            throw MicroVMError(.unsupported, "this host's KVM is emulated (\(kvm.reason)); a Linux guest cannot boot under it. Run it in the nested rig: `mvm rig run -- mvm run --mode direct …`, or use --mode hosted (QEMU TCG). Set MVM_DIRECT_ALLOW_EMULATED=1 only for tiny test guests.")
+        }
+    }
+
+    /// What to boot: the spec's kernel, or the default image's bzImage, with the command line.
+    public func bootFiles(for spec: VMSpec) throws -> (kernel: String, initrd: String?, cmdline: String) {
+        let extra = [Self.kernelParameters, spec.cmdline].filter { !$0.isEmpty }.joined(separator: " ")
+        if let kernel = spec.kernel {
+            var parts = ["console=ttyS0", "quiet", "loglevel=3", "reboot=k", "panic=-1"]
+            if !spec.command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(spec.command))") }
+            parts.append(extra)
+            return (kernel, spec.initrd, parts.joined(separator: " "))
+        }
+        let image = try ImageStore(paths: options.paths).ensureDefault()
+        return (image.kernel, spec.initrd ?? image.initrd, image.kernelCommandLine(command: spec.command, extra: extra))
+    }
+
+    public func run(_ spec: VMSpec) async throws -> RunResult {
+        try spec.validate()
+        try checkHost()
+        guard spec.disks.isEmpty, spec.net == nil, spec.vsockCID == nil else {
+            throw MicroVMError.unsupported("direct mode has no virtio devices in this build: drop --disk/--net/--vsock, or use --mode hosted")
+        }
+        let started = VirtualMachine.monotonicNow()
+        let files = try bootFiles(for: spec)
+
+        let logDir = options.paths.instances + "/" + spec.name
+        try Paths.ensureDirectory(logDir)
+        let logPath = logDir + "/console.log"
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let log = FileHandle(forWritingAtPath: logPath)
+        defer { try? log?.close() }
+        let recorder = ConsoleRecorder(limit: 16 << 20)
+        let echo = options.console == .standardOutput
+        let sink: OutputSink = { bytes in
+            recorder.sink(bytes)
+            log?.write(Data(bytes))
+            if echo { OutputSinks.standardOutput(bytes) }
+        }
+
+        let vm = try VirtualMachine(MachineConfiguration(cpus: spec.cpus, memory: spec.memory, interruptController: true,
+                                                         cpuSet: spec.slice?.cpuSet ?? [], devicePath: options.devicePath))
+        let devices = try vm.installLegacyDevices(console: sink)
+        let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus)
+        let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
+        let total = VirtualMachine.monotonicNow() - started
+
+        let console = recorder.text
+        let parsed = ConsoleParser.parse(console)
+        guard let report = parsed.report else {
+            let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
+            let code: MicroVMError.Code = reason == .timeout ? .timeout : .guestError
+            throw MicroVMError(code, "the guest stopped (\(reason)) without reporting a result\(reason == .timeout ? " within \(Int(spec.timeout)) s" : ""); last console lines:\n\(tail)")
+        }
+        let boot = devices.bootTimer.bootTime.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        return RunResult(exitStatus: report.status, output: report.outputText, bootSeconds: boot ?? report.bootUptime,
+                         totalSeconds: total, console: console)
+    }
+
+    /// vCPU threads block; so does waiting for them. Keep that off Swift's cooperative threads,
+    /// and turn task cancellation into a stop request.
+    static func runOffTheCooperativePool(_ vm: VirtualMachine, _ entry: BootEntry, timeout: Double) async throws -> StopReason {
+        try await withTaskCancellationHandler {
+            try await withCheckedThrowingContinuation { (c: CheckedContinuation<StopReason, any Error>) in
+                let t = Thread {
+                    do { c.resume(returning: try vm.run(entry, timeout: timeout)) } catch { c.resume(throwing: error) }
+                }
+                t.name = "vmm-wait"
+                t.start()
+            }
+        } onCancel: {
+            vm.requestStop(.requested)
+        }
+    }
+
+    public func logs(name: String) async throws -> String {
+        let path = options.paths.instances + "/" + name + "/console.log"
+        guard let d = FileManager.default.contents(atPath: path) else {
+            throw MicroVMError.notFound("no console log for direct instance '\(name)' (looked in \(path))")
+        }
+        return String(decoding: d, as: UTF8.self)
+    }
+}
