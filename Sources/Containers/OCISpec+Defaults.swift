@@ -103,7 +103,7 @@ extension OCISpec {
             process: Process(
                 terminal: false, user: User(uid: 0, gid: 0), args: o.command, env: o.env, cwd: "/",
                 capabilities: Capabilities(bounding: caps, effective: caps, inheritable: [], permitted: caps, ambient: []),
-                rlimits: [RLimit(type: "RLIMIT_NOFILE", hard: 65_536, soft: 65_536)],
+                rlimits: [RLimit(type: "RLIMIT_NOFILE", hard: openFilesLimit, soft: openFilesLimit)],
                 noNewPrivileges: true),
             root: Root(path: o.rootfs, readonly: true),
             hostname: o.hostname,
@@ -135,6 +135,14 @@ extension OCISpec {
         r.cpu = cpu
         if let p = s.pidsLimit { r.pids = Pids(limit: Int64(p)) }
         return r
+    }
+
+    /// 65536 open files, or the caller's own hard limit when that is lower: raising a hard limit
+    /// needs CAP_SYS_RESOURCE in the host's user namespace, which a sandboxed host may not grant.
+    public static var openFilesLimit: UInt64 {
+        var r = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 else { return 1024 }
+        return min(65_536, UInt64(r.rlim_max))
     }
 
     public static func cpuShares(weight: Int) -> UInt64 {
