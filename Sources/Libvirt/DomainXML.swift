@@ -1,0 +1,260 @@
+import Foundation
+import MicroVMCore
+
+/// A small XML element tree that escapes every attribute value and text node when rendered,
+/// so user input (names, command lines, paths) can never change the document's structure.
+public struct XMLTree: Sendable, Equatable {
+    public var name: String
+    public var attributes: [Attribute]
+    public var children: [XMLTree]
+    public var text: String?
+
+    public struct Attribute: Sendable, Equatable {
+        public var name: String
+        public var value: String
+    }
+
+    public init(_ name: String, _ attributes: KeyValuePairs<String, String> = [:], text: String? = nil, children: [XMLTree] = []) {
+        self.name = name
+        self.attributes = attributes.map { Attribute(name: $0.key, value: $0.value) }
+        self.text = text
+        self.children = children
+    }
+
+    public init(_ name: String, _ attributes: KeyValuePairs<String, String> = [:], @XMLChildren _ build: () -> [XMLTree]) {
+        self.init(name, attributes, children: build())
+    }
+
+    public func rendered(indent: Int = 0) -> String {
+        let pad = String(repeating: "  ", count: indent)
+        var s = pad + "<" + name
+        for a in attributes { s += " \(a.name)='\(Self.escape(a.value))'" }
+        if children.isEmpty && text == nil { return s + "/>\n" }
+        s += ">"
+        if let text { s += Self.escape(text) }
+        if !children.isEmpty {
+            s += "\n" + children.map { $0.rendered(indent: indent + 1) }.joined() + pad
+        }
+        return s + "</\(name)>\n"
+    }
+
+    /// Escapes the five XML specials; quotes too, so the result is safe in either attribute quoting.
+    public static func escape(_ s: String) -> String {
+        var out = ""
+        out.reserveCapacity(s.utf8.count)
+        for c in s.unicodeScalars {
+            switch c {
+            case "&": out += "&amp;"
+            case "<": out += "&lt;"
+            case ">": out += "&gt;"
+            case "'": out += "&apos;"
+            case "\"": out += "&quot;"
+            default: out.unicodeScalars.append(c)
+            }
+        }
+        return out
+    }
+
+    /// Characters XML 1.0 cannot carry at all, escaped or not (C0 controls other than tab, LF, CR).
+    static func hasForbiddenCharacters(_ s: String) -> Bool {
+        s.unicodeScalars.contains { $0.value < 0x20 && $0 != "\t" && $0 != "\n" && $0 != "\r" || $0.value == 0xFFFE || $0.value == 0xFFFF }
+    }
+}
+
+@resultBuilder
+public enum XMLChildren {
+    public static func buildExpression(_ e: XMLTree) -> [XMLTree] { [e] }
+    public static func buildExpression(_ e: [XMLTree]) -> [XMLTree] { e }
+    public static func buildBlock(_ parts: [XMLTree]...) -> [XMLTree] { parts.flatMap { $0 } }
+    public static func buildOptional(_ e: [XMLTree]?) -> [XMLTree] { e ?? [] }
+    public static func buildEither(first e: [XMLTree]) -> [XMLTree] { e }
+    public static func buildEither(second e: [XMLTree]) -> [XMLTree] { e }
+    public static func buildArray(_ e: [[XMLTree]]) -> [XMLTree] { e.flatMap { $0 } }
+}
+
+/// Everything a hosted guest's domain XML says, already resolved (image paths, machine type,
+/// accelerator). `DomainXML.document(for:)` turns it into libvirt's XML.
+public struct DomainConfig: Sendable, Equatable {
+    /// `kvm` only on hardware virtualization; `qemu` is TCG emulation.
+    public enum Accelerator: String, Sendable { case kvm, qemu }
+
+    public struct Disk: Sendable, Equatable {
+        public var path: String
+        public var readOnly: Bool
+        /// O_DIRECT on the host file (cache='none' io='native').
+        public var direct: Bool
+        /// false: libvirt must not chown the file (a shared, world-readable image).
+        public var relabel: Bool
+        public init(path: String, readOnly: Bool, direct: Bool = false, relabel: Bool = true) {
+            self.path = path; self.readOnly = readOnly; self.direct = direct; self.relabel = relabel
+        }
+    }
+
+    public var name: String
+    public var uuid: UUID
+    public var memory: ByteCount
+    public var vcpus: Int
+    public var accelerator: Accelerator
+    public var machine: String
+    public var kernel: String
+    public var initrd: String?
+    public var cmdline: String
+    /// In order: the first becomes /dev/vda.
+    public var disks: [Disk]
+    /// Host tap devices (existing, unmanaged) for virtio-net interfaces.
+    public var taps: [String]
+    /// The file that receives the serial console.
+    public var consoleLog: String
+    public var slice: ResourceSlice?
+    /// Whether `<memtune><hard_limit>` is emitted: libvirt then raises RLIMIT_MEMLOCK, which needs
+    /// CAP_SYS_RESOURCE (containers often lack it).
+    public var memoryHardLimit: Bool
+
+    public init(name: String, uuid: UUID = UUID(), memory: ByteCount, vcpus: Int, accelerator: Accelerator, machine: String = "pc",
+                kernel: String, initrd: String? = nil, cmdline: String, disks: [Disk] = [], taps: [String] = [],
+                consoleLog: String, slice: ResourceSlice? = nil, memoryHardLimit: Bool = true) {
+        self.name = name; self.uuid = uuid; self.memory = memory; self.vcpus = vcpus; self.accelerator = accelerator
+        self.machine = machine; self.kernel = kernel; self.initrd = initrd; self.cmdline = cmdline; self.disks = disks
+        self.taps = taps; self.consoleLog = consoleLog; self.slice = slice; self.memoryHardLimit = memoryHardLimit
+    }
+}
+
+/// Builds libvirt domain XML for hosted guests: direct kernel boot, virtio disks and network,
+/// the serial console into a file, every end of life mapped to destroy, and the resource slice
+/// as `<cputune>`/`<memtune>`.
+public enum DomainXML {
+    /// What QEMU itself needs beyond guest RAM, added to the hard limit so the limit caps the
+    /// guest rather than killing QEMU on its first allocation spike.
+    public static let qemuOverheadAllowance = ByteCount.mebibytes(256)
+
+    public static func document(for c: DomainConfig) throws -> String {
+        try validate(c)
+        return "<!-- generated by MicroVM -->\n" + tree(for: c).rendered()
+    }
+
+    public static func tree(for c: DomainConfig) -> XMLTree {
+        XMLTree("domain", ["type": c.accelerator.rawValue]) {
+            XMLTree("name", text: c.name)
+            XMLTree("uuid", text: c.uuid.uuidString.lowercased())
+            XMLTree("memory", ["unit": "KiB"], text: "\(c.memory.kibibytes)")
+            XMLTree("vcpu", ["placement": "static"], text: "\(c.vcpus)")
+            cputune(c)
+            memtune(c)
+            XMLTree("os") {
+                XMLTree("type", ["arch": "x86_64", "machine": c.machine], text: "hvm")
+                XMLTree("kernel", text: c.kernel)
+                if let initrd = c.initrd { XMLTree("initrd", text: initrd) }
+                XMLTree("cmdline", text: c.cmdline)
+            }
+            if c.machine != "microvm" { XMLTree("features") { XMLTree("acpi") } }
+            // TCG gets QEMU's default model: `host-*` would ask the emulator to copy a CPU it is not running on.
+            if c.accelerator == .kvm { XMLTree("cpu", ["mode": "host-model"]) }
+            XMLTree("clock", ["offset": "utc"])
+            XMLTree("on_poweroff", text: "destroy")
+            XMLTree("on_reboot", text: "destroy")
+            XMLTree("on_crash", text: "destroy")
+            XMLTree("devices") {
+                for (i, d) in c.disks.enumerated() { disk(d, index: i, machine: c.machine) }
+                for tap in c.taps {
+                    XMLTree("interface", ["type": "ethernet"]) {
+                        XMLTree("target", ["dev": tap, "managed": "no"])
+                        XMLTree("model", ["type": "virtio"])
+                        if c.machine == "microvm" { XMLTree("address", ["type": "virtio-mmio"]) }
+                    }
+                }
+                XMLTree("serial", ["type": "file"]) {
+                    XMLTree("source", ["path": c.consoleLog, "append": "on"])
+                    XMLTree("target", ["port": "0"])
+                }
+                XMLTree("console", ["type": "file"]) {
+                    XMLTree("source", ["path": c.consoleLog, "append": "on"])
+                    XMLTree("target", ["type": "serial", "port": "0"])
+                }
+                if c.machine != "microvm" { XMLTree("controller", ["type": "usb", "model": "none"]) }
+                XMLTree("memballoon", ["model": "none"])
+            }
+        }
+    }
+
+    static func disk(_ d: DomainConfig.Disk, index: Int, machine: String) -> XMLTree {
+        XMLTree("disk", ["type": "file", "device": "disk"]) {
+            if d.direct { XMLTree("driver", ["name": "qemu", "type": "raw", "cache": "none", "io": "native"]) }
+            else { XMLTree("driver", ["name": "qemu", "type": "raw"]) }
+            XMLTree("source", ["file": d.path]) {
+                if !d.relabel { XMLTree("seclabel", ["model": "dac", "relabel": "no"]) }
+            }
+            XMLTree("target", ["dev": diskName(index), "bus": "virtio"])
+            if d.readOnly { XMLTree("readonly") }
+            if machine == "microvm" { XMLTree("address", ["type": "virtio-mmio"]) }
+        }
+    }
+
+    /// vda, vdb, … vdz, vdaa, …: the names Linux gives virtio disks in probe order.
+    public static func diskName(_ index: Int) -> String {
+        var n = index, suffix = ""
+        repeat {
+            suffix = String(UnicodeScalar(UInt8(97 + n % 26))) + suffix
+            n = n / 26 - 1
+        } while n >= 0
+        return "vd" + suffix
+    }
+
+    /// cgroup v1 cpu.shares for a v2-style weight (100 ↔ 1024), libvirt's `<shares>` unit.
+    public static func shares(forWeight weight: Int) -> Int {
+        min(262_144, max(2, weight * 1024 / 100))
+    }
+
+    public static let quotaPeriod = 100_000
+
+    static func cputune(_ c: DomainConfig) -> [XMLTree] {
+        guard let s = c.slice else { return [] }
+        var kids: [XMLTree] = []
+        kids.append(XMLTree("shares", text: "\(shares(forWeight: s.cpuWeight))"))
+        if let q = s.cpuQuota, q > 0 {
+            // global_* bounds the whole domain; plain period/quota would apply per vCPU thread.
+            let quota = max(1000, Int((q * Double(quotaPeriod)).rounded()))
+            kids.append(XMLTree("global_period", text: "\(quotaPeriod)"))
+            kids.append(XMLTree("global_quota", text: "\(quota)"))
+        }
+        if !s.cpuSet.isEmpty {
+            let set = Array(Set(s.cpuSet)).sorted()
+            for v in 0..<c.vcpus {
+                // Dedicated: one host CPU per vCPU, round robin; otherwise each vCPU may use the whole set.
+                let pin = s.placement == .dedicated ? "\(set[v % set.count])" : CPUList.format(set)
+                kids.append(XMLTree("vcpupin", ["vcpu": "\(v)", "cpuset": pin]))
+            }
+            kids.append(XMLTree("emulatorpin", ["cpuset": CPUList.format(set)]))
+        }
+        return [XMLTree("cputune", children: kids)]
+    }
+
+    /// The memory hard limit: the slice's grant, never below guest RAM plus QEMU's own needs.
+    public static func hardLimit(memory: ByteCount, slice: ResourceSlice) -> ByteCount {
+        max(slice.memory, memory + qemuOverheadAllowance)
+    }
+
+    static func memtune(_ c: DomainConfig) -> [XMLTree] {
+        guard let s = c.slice, c.memoryHardLimit else { return [] }
+        return [XMLTree("memtune") {
+            XMLTree("hard_limit", ["unit": "KiB"], text: "\(hardLimit(memory: c.memory, slice: s).kibibytes)")
+        }]
+    }
+
+    /// Rejects what no escaping can make valid: libvirt forbids '/' in names, and XML 1.0 cannot
+    /// carry control characters.
+    static func validate(_ c: DomainConfig) throws {
+        if c.name.isEmpty || c.name.contains("/") || c.name.utf8.count > 200 {
+            throw MicroVMError.invalidArgument("'\(c.name)' cannot be a libvirt domain name: use 1–200 characters without '/'")
+        }
+        for (what, value) in [("name", c.name), ("kernel command line", c.cmdline), ("kernel path", c.kernel), ("console path", c.consoleLog)]
+            + c.disks.map({ ("disk path", $0.path) }) + c.taps.map({ ("tap name", $0) }) + [("initrd path", c.initrd ?? "")] {
+            if XMLTree.hasForbiddenCharacters(value) || (what == "name" || what == "kernel command line") && value.contains(where: \.isNewline) {
+                throw MicroVMError.invalidArgument("the \(what) contains control characters, which a domain definition cannot carry: remove them")
+            }
+        }
+        guard c.vcpus >= 1 else { throw MicroVMError.invalidArgument("a domain needs at least one vCPU (got \(c.vcpus))") }
+        if let s = c.slice, s.cpuSet.contains(where: { $0 < 0 }) {
+            throw MicroVMError.invalidArgument("CPU set \(s.cpuSet) names a negative CPU")
+        }
+    }
+}

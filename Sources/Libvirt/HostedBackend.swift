@@ -1,0 +1,469 @@
+import CLibvirt
+import Foundation
+import Host
+import Images
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `mvm run --mode hosted`: a transient libvirt domain per run, booted straight into the default
+/// image's kernel, followed through its serial log until the guest init reports its result.
+///
+/// The default connection is libvirt's embedded QEMU driver rooted in `Paths.libvirtRoot`: no
+/// daemon, but one process at a time may hold a root, and one root per process.
+public struct HostedBackend: InstanceBackend {
+    public var mode: RunMode { .hosted }
+    /// The libvirt URI (already expanded: `qemu:///embed` gets its root).
+    public var uri: String
+    public var paths: Paths
+    /// Attach the image's rootfs disk as /dev/vda so the command runs chrooted in it.
+    public var attachRootfs: Bool
+    /// true: a per-run writable copy of the rootfs disk; false: the shared image, read-only.
+    public var writableRootfs: Bool
+    /// Seconds a guest gets to power itself off (or answer an ACPI shutdown) before it is destroyed.
+    public var shutdownTimeout: Double
+    public var image: @Sendable () throws -> GuestImage
+
+    public init(connect: String? = nil, paths: Paths = .default, attachRootfs: Bool = true, writableRootfs: Bool = false,
+                shutdownTimeout: Double = 10, image: (@Sendable () throws -> GuestImage)? = nil) {
+        self.paths = paths
+        self.uri = Self.expand(connect ?? "qemu:///embed", paths: paths)
+        self.attachRootfs = attachRootfs
+        self.writableRootfs = writableRootfs
+        self.shutdownTimeout = shutdownTimeout
+        self.image = image ?? { try ImageStore(paths: paths).ensureDefault() }
+    }
+
+    /// `qemu:///embed` without a root means MicroVM's own root under the state directory.
+    public static func expand(_ uri: String, paths: Paths) -> String {
+        uri == "qemu:///embed" ? "qemu:///embed?root=\(paths.libvirtRoot)" : uri
+    }
+
+    /// The embedded driver's root directory named by the URI, if it is an embedded URI.
+    public var embeddedRoot: String? {
+        guard uri.hasPrefix("qemu:///embed"), let c = URLComponents(string: uri) else { return nil }
+        return c.queryItems?.first { $0.name == "root" }?.value
+    }
+
+    // MARK: Connection
+
+    /// The connection for this backend's URI, opened once per process and shared: the embedded
+    /// driver can be initialised once per process, and its root locked by one process only.
+    public func connection() throws -> LibvirtConnection {
+        if let root = embeddedRoot { try Self.prepareEmbeddedRoot(root) }
+        return try ConnectionCache.shared.connection(uri)
+    }
+
+    /// The embedded driver reads `etc/qemu.conf` under its root. `stdio_handler = "file"` makes it
+    /// write QEMU's log and our serial file itself instead of asking virtlogd, which needs a daemon.
+    static func prepareEmbeddedRoot(_ root: String) throws {
+        try Paths.ensureDirectory(root + "/etc")
+        let conf = root + "/etc/qemu.conf"
+        let want = "# written by MicroVM: no virtlogd without a daemon\nstdio_handler = \"file\"\n"
+        if (try? String(contentsOfFile: conf, encoding: .utf8)) != want {
+            do { try want.write(toFile: conf, atomically: true, encoding: .utf8) }
+            catch { throw MicroVMError(.permissionDenied, "cannot write \(conf): make the state directory writable or set MVM_STATE_DIR", cause: error) }
+        }
+    }
+
+    // MARK: Run
+
+    public func run(_ spec: VMSpec) async throws -> RunResult {
+        try spec.validate()
+        let conn = try connection()
+        let plan = try makePlan(spec, connection: conn)
+        try Paths.ensureDirectory(recordDirectory)
+        guard mkdir(plan.runDirectory, 0o755) == 0 else {
+            if errno == EEXIST {
+                throw MicroVMError.invalidArgument("a hosted instance named '\(spec.name)' already exists (\(plan.runDirectory)): pick another --name or mvm stop it")
+            }
+            throw MicroVMError(.permissionDenied, "cannot create \(plan.runDirectory): \(String(cString: strerror(errno)))")
+        }
+        var record = HostedRecord(name: spec.name, uri: uri, logPath: plan.config.consoleLog, runDirectory: plan.runDirectory,
+                                  startedAt: Date(), cpus: spec.cpus, memory: spec.memory, ownerPID: getpid(),
+                                  blockDevices: plan.config.disks.indices.map(DomainXML.diskName), taps: plan.config.taps)
+        var domain: LibvirtDomain?
+        var watch: LifecycleWatch?
+        do {
+            if let copyFrom = plan.copyRootfsFrom { try copyDisk(copyFrom, to: plan.config.disks[0].path) }
+            _ = FileManager.default.createFile(atPath: plan.config.consoleLog, contents: nil)
+            try record.save(in: recordDirectory)
+            let start = Date()
+            let (d, config) = try createDomain(plan.config, connection: conn)
+            domain = d
+            record.machine = config.machine
+            try record.save(in: recordDirectory)
+            let stopped = StopFlag()
+            watch = try d.watchLifecycle { event, _ in
+                if event == Int32(VIR_DOMAIN_EVENT_STOPPED.rawValue) || event == Int32(VIR_DOMAIN_EVENT_CRASHED.rawValue) { stopped.set() }
+            }
+            let outcome = try await follow(domain: d, log: config.consoleLog, start: start, timeout: spec.timeout, stopped: stopped)
+            try await finish(domain: d, stopped: stopped)
+            watch?.cancel()
+            let console = (try? String(contentsOfFile: config.consoleLog, encoding: .utf8)) ?? outcome.console
+            removeRunFiles(record)
+            let report = outcome.report
+            return RunResult(exitStatus: report.status, output: report.outputText, bootSeconds: outcome.bootSeconds,
+                             totalSeconds: Date().timeIntervalSince(start), console: console)
+        } catch {
+            if let domain { try? domain.destroy() }
+            watch?.cancel()
+            removeRunFiles(record)
+            throw error
+        }
+    }
+
+    struct Plan {
+        var config: DomainConfig
+        var runDirectory: String
+        var copyRootfsFrom: String?
+    }
+
+    /// Resolves a spec against the image, the host and the connection into a domain config.
+    func makePlan(_ spec: VMSpec, connection conn: LibvirtConnection) throws -> Plan {
+        let runDirectory = paths.libvirtRoot + "/runs/" + spec.name
+        let needImage = spec.kernel == nil || attachRootfs
+        let img: GuestImage? = needImage ? try image() : nil
+        guard let kernel = spec.kernel ?? img?.kernel else {
+            throw MicroVMError.notFound("no guest kernel: pass --kernel or build the default image (mvm image build)")
+        }
+        guard FileManager.default.fileExists(atPath: kernel) else {
+            throw MicroVMError.notFound("guest kernel '\(kernel)' does not exist: rebuild the image (mvm image build) or pass an existing --kernel")
+        }
+        let initrd = spec.initrd ?? (spec.kernel == nil ? img?.initrd : nil)
+        var disks: [DomainConfig.Disk] = []
+        var extra: [String] = []
+        var copyFrom: String?
+        if attachRootfs, let img {
+            if writableRootfs {
+                disks.append(.init(path: runDirectory + "/rootfs.ext4", readOnly: false))
+                copyFrom = img.rootfsDisk
+            } else {
+                // The shared image stays untouched: read-only to QEMU, not relabelled by libvirt,
+                // mounted read-only by the init (mvm.ro).
+                disks.append(.init(path: img.rootfsDisk, readOnly: true, relabel: false))
+                extra.append("mvm.ro=1")
+            }
+        }
+        disks += spec.disks.map { .init(path: $0.path, readOnly: $0.readOnly, direct: $0.direct) }
+        var taps: [String] = []
+        if let net = spec.net {
+            guard let tap = net.tap else {
+                throw MicroVMError.invalidArgument("hosted mode attaches an existing tap device: give the network a tap name")
+            }
+            taps.append(tap)
+            if let g = net.guestAddress { extra.append("mvm.ip=\(g)") }
+            if let h = net.hostAddress { extra.append("mvm.gw=\(h.split(separator: "/").first.map(String.init) ?? h)") }
+        }
+        if !spec.cmdline.isEmpty { extra.append(spec.cmdline) }
+        let cmdline = img?.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
+            ?? Self.fallbackCommandLine(command: spec.command, extra: extra.joined(separator: " "))
+        let accel = accelerator(connection: conn)
+        var config = DomainConfig(name: spec.name, memory: spec.memory, vcpus: spec.cpus, accelerator: accel,
+                                  machine: MachineChoice.shared.preferred(for: conn, accelerator: accel),
+                                  kernel: kernel, initrd: initrd, cmdline: cmdline, disks: disks, taps: taps,
+                                  consoleLog: runDirectory + "/console.log", slice: spec.slice,
+                                  memoryHardLimit: isLocal ? Self.canRaiseMemlockLimit() : true)
+        if config.slice == nil { config.memoryHardLimit = false }
+        return Plan(config: config, runDirectory: runDirectory, copyRootfsFrom: copyFrom)
+    }
+
+    /// The same shape as the image's command line, for a caller-supplied kernel with no image.
+    static func fallbackCommandLine(command: [String], extra: String) -> String {
+        var parts = ["console=ttyS0", "quiet", "reboot=k", "panic=-1"]
+        if !command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(command))") }
+        if !extra.isEmpty { parts.append(extra) }
+        return parts.joined(separator: " ")
+    }
+
+    var isLocal: Bool { !uri.contains("://") || URLComponents(string: uri)?.host.map(\.isEmpty) ?? true }
+
+    /// KVM only where this host really has it; everything else is TCG, said out loud once.
+    func accelerator(connection conn: LibvirtConnection) -> DomainConfig.Accelerator {
+        if !isLocal {
+            return conn.domainCapabilities(machine: "pc", virtType: "kvm") != nil ? .kvm : .qemu
+        }
+        let kvm = HostProfile.current(paths: paths).kvm
+        if kvm.verdict == .hardware { return .kvm }
+        Warnings.once("hosted mode runs QEMU under TCG emulation here (KVM: \(kvm.reason)); its timings are emulation timings")
+        return .qemu
+    }
+
+    /// `<memtune><hard_limit>` makes libvirt raise QEMU's RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE.
+    static func canRaiseMemlockLimit(status: String? = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) -> Bool {
+        guard let line = status?.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
+              let caps = UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16) else { return false }
+        return caps & (1 << 24) != 0
+    }
+
+    /// Starts the domain; a machine type libvirt turns down falls back to `pc` (remembered).
+    func createDomain(_ config: DomainConfig, connection conn: LibvirtConnection) throws -> (LibvirtDomain, DomainConfig) {
+        do {
+            return (try conn.createTransient(xml: DomainXML.document(for: config)), config)
+        } catch let e as MicroVMError where config.machine != "pc" && e.code == .invalidArgument {
+            MachineChoice.shared.reject(config.machine, for: conn, reason: e.message)
+            var fallback = config
+            fallback.machine = "pc"
+            return (try conn.createTransient(xml: DomainXML.document(for: fallback)), fallback)
+        }
+    }
+
+    func copyDisk(_ from: String, to: String) throws {
+        let out = try ProcessRunner.run(["cp", "--sparse=always", "--reflink=auto", from, to], timeout: 120)
+        guard out.status == 0 else {
+            throw MicroVMError(.backend, "cannot copy the rootfs disk to \(to): \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+    }
+
+    struct Outcome {
+        var report: GuestReport
+        var bootSeconds: Double?
+        var console: String
+    }
+
+    /// Tails the serial log until the framed result arrives, the domain stops, or time runs out.
+    func follow(domain: LibvirtDomain, log: String, start: Date, timeout: Double, stopped: StopFlag) async throws -> Outcome {
+        guard let handle = FileHandle(forReadingAtPath: log) else {
+            throw MicroVMError(.backend, "cannot read the serial log \(log)")
+        }
+        defer { try? handle.close() }
+        var parser = ConsoleParser()
+        var console = Data()
+        var bootSeconds: Double?
+        var lastStateCheck = Date()
+        while true {
+            let chunk = handle.availableData
+            if !chunk.isEmpty {
+                // Bounded: a guest that floods its console must not exhaust our memory.
+                if console.count < 4 << 20 { console.append(chunk.prefix((4 << 20) - console.count)) }
+                parser.feed(chunk)
+                if bootSeconds == nil, parser.bootComplete { bootSeconds = Date().timeIntervalSince(start) }
+                if let report = parser.report {
+                    return Outcome(report: report, bootSeconds: bootSeconds, console: String(decoding: console, as: UTF8.self))
+                }
+                continue
+            }
+            var gone = stopped.isSet
+            if !gone, Date().timeIntervalSince(lastStateCheck) > 0.5 {
+                lastStateCheck = Date()
+                gone = !domain.state().isActive
+            }
+            if gone {
+                // The last bytes may have landed after the previous read.
+                parser.feed(handle.availableData)
+                if let report = parser.report {
+                    return Outcome(report: report, bootSeconds: bootSeconds, console: String(decoding: console, as: UTF8.self))
+                }
+                let tail = String(String(decoding: console, as: UTF8.self).suffix(1500))
+                throw MicroVMError(.guestError, "the hosted guest '\(domain.name)' stopped before it reported a result (\(parser.bootComplete ? "after" : "before") boot completed); QEMU was killed or the guest crashed. Console tail:\n\(tail)")
+            }
+            if Date().timeIntervalSince(start) > timeout {
+                throw MicroVMError(.timeout, "the hosted guest '\(domain.name)' gave no result within \(Int(timeout)) s and was destroyed: raise --timeout, or see its console with a longer run")
+            }
+            if Task.isCancelled { throw CancellationError() }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+    }
+
+    /// After the result the guest powers itself off (reboot → on_reboot destroy). Waits for that,
+    /// then asks politely, then pulls the plug.
+    func finish(domain: LibvirtDomain, stopped: StopFlag) async throws {
+        if await waitStopped(domain, stopped, seconds: shutdownTimeout / 2) { return }
+        try? domain.shutdown()
+        if await waitStopped(domain, stopped, seconds: shutdownTimeout / 2) { return }
+        try domain.destroy()
+    }
+
+    func waitStopped(_ domain: LibvirtDomain, _ stopped: StopFlag, seconds: Double) async -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if stopped.isSet || !domain.state().isActive { return true }
+            try? await Task.sleep(for: .milliseconds(20))
+        }
+        return stopped.isSet || !domain.state().isActive
+    }
+
+    func removeRunFiles(_ record: HostedRecord) {
+        try? FileManager.default.removeItem(atPath: record.runDirectory)
+        try? FileManager.default.removeItem(atPath: HostedRecord.file(record.name, in: recordDirectory))
+    }
+
+    // MARK: ps, stop, logs, stats
+
+    var recordDirectory: String { paths.instances + "/hosted" }
+
+    public func list() async throws -> [InstanceInfo] {
+        HostedRecord.all(in: recordDirectory).compactMap { r in
+            let pid = qemuPid(record: r)
+            let ownerAlive = kill(r.ownerPID, 0) == 0
+            if pid == nil && !ownerAlive {
+                // The run that owned it is gone and so is QEMU: a leftover from a killed mvm.
+                removeRunFiles(r)
+                return nil
+            }
+            return InstanceInfo(name: r.name, mode: .hosted, state: pid == nil ? "starting" : "running", pid: pid,
+                                cpus: r.cpus, memory: r.memory, startedAt: r.startedAt, logPath: r.logPath)
+        }
+    }
+
+    public func stop(name: String) async throws {
+        guard let r = HostedRecord.load(name, in: recordDirectory) else {
+            throw MicroVMError.notFound("no hosted instance named '\(name)': see mvm ps")
+        }
+        if r.ownerPID == getpid() || kill(r.ownerPID, 0) != 0 {
+            let conn = try ConnectionCache.shared.connection(r.uri)
+            if let d = try conn.lookup(name: name) {
+                try? d.shutdown()
+                if !(await waitStopped(d, StopFlag(), seconds: shutdownTimeout)) { try d.destroy() }
+            }
+            if r.ownerPID != getpid() { removeRunFiles(r) }
+            return
+        }
+        // Another mvm owns the run (and, for the embedded driver, the root's lock): stop its
+        // QEMU; that run sees the domain go and cleans up after itself.
+        guard let pid = qemuPid(record: r) else {
+            throw MicroVMError(.backend, "hosted instance '\(name)' has no QEMU process yet: try again in a moment")
+        }
+        kill(pid, SIGTERM)
+        let deadline = Date().addingTimeInterval(shutdownTimeout)
+        while Date() < deadline, kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
+        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+    }
+
+    public func logs(name: String) async throws -> String {
+        guard let r = HostedRecord.load(name, in: recordDirectory) else {
+            throw MicroVMError.notFound("no hosted instance named '\(name)': logs are kept while it runs (a finished run returns its console)")
+        }
+        return (try? String(contentsOfFile: r.logPath, encoding: .utf8)) ?? ""
+    }
+
+    /// CPU time, memory and I/O counters of a running hosted instance, for the benchmark.
+    public func domainStats(name: String) throws -> DomainStats {
+        let r = HostedRecord.load(name, in: recordDirectory)
+        let conn = try ConnectionCache.shared.connection(r?.uri ?? uri)
+        guard let d = try conn.lookup(name: name) else {
+            throw MicroVMError.notFound("no running hosted domain named '\(name)' on \(conn.uri)")
+        }
+        return try d.stats(blockDevices: r?.blockDevices ?? ["vda"], interfaces: r?.taps ?? [])
+    }
+
+    /// The QEMU process of a running instance (from the driver's pid file), so the benchmark can
+    /// read its memory (PSS) from /proc.
+    public func qemuPid(name: String) -> Int32? {
+        qemuPid(record: HostedRecord.load(name, in: recordDirectory) ?? HostedRecord(name: name, uri: uri))
+    }
+
+    func qemuPid(record r: HostedRecord) -> Int32? {
+        let runDir: String
+        if let root = HostedBackend(connect: r.uri, paths: paths).embeddedRoot { runDir = root + "/run/qemu" }
+        else if r.uri.hasPrefix("qemu:///session") {
+            runDir = (ProcessInfo.processInfo.environment["XDG_RUNTIME_DIR"] ?? "/run/user/\(getuid())") + "/libvirt/qemu/run"
+        } else if r.uri.hasPrefix("qemu:///system") { runDir = "/run/libvirt/qemu" }
+        else { return nil }
+        guard let text = try? String(contentsOfFile: "\(runDir)/\(r.name).pid", encoding: .utf8),
+              let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0, kill(pid, 0) == 0 else { return nil }
+        return pid
+    }
+}
+
+/// What `mvm ps/stop/logs` in any process know about a hosted run, kept in the state directory
+/// for as long as the run lasts.
+struct HostedRecord: Codable, Sendable {
+    var name: String
+    var uri: String
+    var logPath: String = ""
+    var runDirectory: String = ""
+    var startedAt: Date = Date()
+    var cpus: Int = 1
+    var memory: ByteCount = 0
+    var ownerPID: Int32 = 0
+    var blockDevices: [String] = []
+    var taps: [String] = []
+    var machine: String?
+
+    static func file(_ name: String, in dir: String) -> String {
+        // Names may hold any character but '/', so the file name is an encoding of it.
+        dir + "/" + Data(name.utf8).base64EncodedString().replacingOccurrences(of: "/", with: "_") + ".json"
+    }
+
+    func save(in dir: String) throws {
+        let data = try JSONEncoder().encode(self)
+        do { try data.write(to: URL(fileURLWithPath: Self.file(name, in: dir)), options: .atomic) }
+        catch { throw MicroVMError(.permissionDenied, "cannot write the instance record in \(dir): set MVM_STATE_DIR to a writable place", cause: error) }
+    }
+
+    static func load(_ name: String, in dir: String) -> HostedRecord? {
+        guard let d = FileManager.default.contents(atPath: file(name, in: dir)) else { return nil }
+        return try? JSONDecoder().decode(HostedRecord.self, from: d)
+    }
+
+    static func all(in dir: String) -> [HostedRecord] {
+        let files = (try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []
+        return files.filter { $0.hasSuffix(".json") }.sorted().compactMap {
+            FileManager.default.contents(atPath: dir + "/" + $0).flatMap { try? JSONDecoder().decode(HostedRecord.self, from: $0) }
+        }
+    }
+}
+
+/// Set from libvirt's event thread when the domain stops, read by the run's task.
+final class StopFlag: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value = false
+    func set() { lock.lock(); value = true; lock.unlock() }
+    var isSet: Bool { lock.lock(); defer { lock.unlock() }; return value }
+}
+
+/// One open connection per URI for the life of the process.
+final class ConnectionCache: @unchecked Sendable {
+    static let shared = ConnectionCache()
+    private let lock = NSLock()
+    private var open: [String: LibvirtConnection] = [:]
+
+    func connection(_ uri: String) throws -> LibvirtConnection {
+        lock.lock(); defer { lock.unlock() }
+        if let c = open[uri] { return c }
+        let c = try LibvirtConnection.open(uri)
+        open[uri] = c
+        return c
+    }
+}
+
+/// Which machine type a connection gets: `microvm` where libvirt's domain capabilities list it
+/// and libvirt accepts our definition, else `pc`. A refusal is remembered per URI.
+final class MachineChoice: @unchecked Sendable {
+    static let shared = MachineChoice()
+    private let lock = NSLock()
+    private var rejected: [String: String] = [:]
+    private var offered: [String: Bool] = [:]
+
+    func preferred(for conn: LibvirtConnection, accelerator: DomainConfig.Accelerator) -> String {
+        let key = conn.uri + "|" + accelerator.rawValue
+        lock.lock()
+        if rejected[key] != nil { lock.unlock(); return "pc" }
+        let known = offered[key]
+        lock.unlock()
+        let has = known ?? (conn.domainCapabilities(machine: "microvm", virtType: accelerator.rawValue) != nil)
+        lock.lock(); offered[key] = has; lock.unlock()
+        return has ? "microvm" : "pc"
+    }
+
+    func reject(_ machine: String, for conn: LibvirtConnection, reason: String) {
+        lock.lock(); defer { lock.unlock() }
+        for a in ["kvm", "qemu"] { rejected[conn.uri + "|" + a] = reason }
+    }
+}
+
+enum Warnings {
+    private static let seen = Mutex()
+    static func once(_ text: String) {
+        guard seen.insert(text) else { return }
+        FileHandle.standardError.write(Data("warning: \(text)\n".utf8))
+    }
+
+    final class Mutex: @unchecked Sendable {
+        private let lock = NSLock()
+        private var set: Set<String> = []
+        func insert(_ s: String) -> Bool { lock.lock(); defer { lock.unlock() }; return set.insert(s).inserted }
+    }
+}

@@ -1,2 +1,0 @@
-/// Libvirt module (in progress).
-public enum LibvirtModule {}

@@ -1,0 +1,140 @@
+import Foundation
+import Testing
+@testable import Libvirt
+import MicroVMCore
+
+/// The domain XML builder: escaping, slice mapping, and libvirt's own schema for every profile.
+@Suite("domain XML")
+struct DomainXMLTests {
+    static func config(name: String = "mvm-x", cmdline: String = "console=ttyS0", slice: ResourceSlice? = nil,
+                       accelerator: DomainConfig.Accelerator = .qemu, vcpus: Int = 1, memory: ByteCount = .mebibytes(128)) -> DomainConfig {
+        DomainConfig(name: name, uuid: UUID(uuidString: "11111111-2222-3333-4444-555555555555")!, memory: memory, vcpus: vcpus,
+                     accelerator: accelerator, kernel: "/img/vmlinuz", initrd: "/img/initrd.img", cmdline: cmdline,
+                     disks: [.init(path: "/img/rootfs.ext4", readOnly: true, relabel: false), .init(path: "/data/d.img", readOnly: false, direct: true)],
+                     taps: ["tap-mvm0"], consoleLog: "/run/x/console.log", slice: slice)
+    }
+
+    static let validator: String? = ProcessRunner.which("virt-xml-validate")
+
+    /// Runs libvirt's schema validator on a document; returns its complaint, nil when valid.
+    static func schemaErrors(_ xml: String) throws -> String? {
+        let file = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-dom-\(UUID().uuidString).xml").path
+        try xml.write(toFile: file, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: file) }
+        let out = try ProcessRunner.run(["virt-xml-validate", file, "domain"], timeout: 60, package: "libvirt-clients")
+        return out.status == 0 ? nil : out.stdoutText + out.stderrText
+    }
+
+    @Test func escapesHostileNamesAndCommandLines() throws {
+        let name = "evil</name><on_crash>preserve</on_crash>&'\""
+        let cmd = "console=ttyS0 x=\"]]><devices/>\" & y='<'"
+        let xml = try DomainXML.document(for: Self.config(name: name, cmdline: cmd))
+        #expect(!xml.contains("<on_crash>preserve"))
+        #expect(xml.contains("<name>evil&lt;/name&gt;&lt;on_crash&gt;preserve&lt;/on_crash&gt;&amp;&apos;&quot;</name>"))
+        #expect(xml.contains("x=&quot;]]&gt;&lt;devices/&gt;&quot; &amp; y=&apos;&lt;&apos;"))
+        #expect(xml.components(separatedBy: "<on_crash>").count == 2)
+        if Self.validator != nil { #expect(try Self.schemaErrors(xml) == nil) }
+    }
+
+    @Test func escapedDocumentRoundTripsThroughLibvirt() throws {
+        // The test driver parses the document as libvirt would and gives back the hostile name intact.
+        let name = "a<b>&'\"c \(UUID().uuidString.prefix(4))"
+        var tree = DomainXML.tree(for: Self.config(name: name))
+        tree.attributes = [.init(name: "type", value: "test")]
+        tree.children.removeAll { $0.name == "devices" }
+        let conn = try LibvirtConnection.open("test:///default")
+        let d = try conn.define(xml: tree.rendered())
+        defer { try? d.undefine() }
+        #expect(d.name == name)
+        #expect(try d.xmlDescription().contains("console=ttyS0"))
+    }
+
+    @Test func rejectsWhatNoEscapingCanCarry() {
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: Self.config(name: "a/b")) }
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: Self.config(name: "")) }
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: Self.config(name: "bell\u{07}")) }
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: Self.config(cmdline: "a\nb")) }
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: Self.config(cmdline: "nul\u{0}")) }
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: Self.config(vcpus: 0)) }
+    }
+
+    @Test func fixedShapeOfAGuest() throws {
+        let xml = try DomainXML.document(for: Self.config())
+        #expect(xml.contains("<domain type='qemu'>"))
+        #expect(xml.contains("<memory unit='KiB'>131072</memory>"))
+        #expect(xml.contains("<on_poweroff>destroy</on_poweroff>"))
+        #expect(xml.contains("<on_reboot>destroy</on_reboot>"))
+        #expect(xml.contains("<on_crash>destroy</on_crash>"))
+        #expect(xml.contains("<kernel>/img/vmlinuz</kernel>"))
+        #expect(xml.contains("<target dev='vda' bus='virtio'/>"))
+        #expect(xml.contains("<target dev='vdb' bus='virtio'/>"))
+        #expect(xml.contains("<readonly/>"))
+        #expect(xml.contains("<seclabel model='dac' relabel='no'/>"))
+        #expect(xml.contains("cache='none' io='native'"))
+        #expect(xml.contains("<serial type='file'>"))
+        #expect(xml.contains("<target dev='tap-mvm0' managed='no'/>"))
+        #expect(!xml.contains("<cpu"), "TCG must not ask for the host CPU")
+        #expect(!xml.contains("<cputune"), "no slice, no tuning")
+        let kvm = try DomainXML.document(for: Self.config(accelerator: .kvm))
+        #expect(kvm.contains("<domain type='kvm'>"))
+        #expect(kvm.contains("<cpu mode='host-model'/>"))
+    }
+
+    @Test func sliceBecomesCputuneAndMemtune() throws {
+        let dedicated = ResourceSlice(cpus: 2, placement: .dedicated, cpuSet: [3, 1], cpuWeight: 200, cpuQuota: 1.5, memory: .mebibytes(512))
+        let xml = try DomainXML.document(for: Self.config(slice: dedicated, vcpus: 2, memory: .mebibytes(512)))
+        #expect(xml.contains("<shares>2048</shares>"))
+        #expect(xml.contains("<global_period>100000</global_period>"))
+        #expect(xml.contains("<global_quota>150000</global_quota>"))
+        #expect(xml.contains("<vcpupin vcpu='0' cpuset='1'/>"))
+        #expect(xml.contains("<vcpupin vcpu='1' cpuset='3'/>"))
+        #expect(xml.contains("<emulatorpin cpuset='1,3'/>"))
+        // Guest RAM plus QEMU's allowance: 512 + 256 MiB.
+        #expect(xml.contains("<hard_limit unit='KiB'>786432</hard_limit>"))
+
+        let shared = ResourceSlice(cpus: 2, placement: .shared, cpuSet: [0, 1, 2], memory: .mebibytes(256))
+        let xml2 = try DomainXML.document(for: Self.config(slice: shared, vcpus: 2))
+        #expect(xml2.contains("<vcpupin vcpu='0' cpuset='0-2'/>"))
+        #expect(xml2.contains("<vcpupin vcpu='1' cpuset='0-2'/>"))
+        #expect(xml2.contains("<shares>1024</shares>"))
+        #expect(!xml2.contains("global_quota"))
+
+        var noLimit = Self.config(slice: shared)
+        noLimit.memoryHardLimit = false
+        #expect(!(try DomainXML.document(for: noLimit)).contains("memtune"))
+        #expect(DomainXML.shares(forWeight: 1) == 10)
+        #expect(DomainXML.shares(forWeight: 10000) == 102_400)
+        #expect(DomainXML.hardLimit(memory: .mebibytes(128), slice: ResourceSlice(cpus: 1, memory: .gibibytes(2))) == .gibibytes(2))
+    }
+
+    @Test func diskNamesFollowLinux() {
+        #expect(DomainXML.diskName(0) == "vda")
+        #expect(DomainXML.diskName(25) == "vdz")
+        #expect(DomainXML.diskName(26) == "vdaa")
+        #expect(DomainXML.diskName(27) == "vdab")
+    }
+
+    @Test func memlockCapabilityIsReadFromProcStatus() {
+        #expect(HostedBackend.canRaiseMemlockLimit(status: "Name:\tx\nCapEff:\t000001ffffffffff\n"))
+        #expect(!HostedBackend.canRaiseMemlockLimit(status: "CapEff:\t000001fffeffffff\n"))
+        #expect(!HostedBackend.canRaiseMemlockLimit(status: "garbage"))
+    }
+
+    @Test(.enabled(if: validator != nil, "virt-xml-validate is not installed (apt-get install libvirt-clients)"))
+    func everyConfigProfileValidatesAgainstLibvirtsSchema() throws {
+        let config = try MicroVMConfig.load()
+        #expect(!config.profiles.isEmpty)
+        for (name, profile) in config.profiles.sorted(by: { $0.key < $1.key }) {
+            var slice = profile.slice()
+            slice.cpuSet = Array(0..<max(1, profile.cpus))
+            for accel in [DomainConfig.Accelerator.qemu, .kvm] {
+                for machine in ["pc", "microvm"] {
+                    var c = Self.config(name: "mvm-\(name)", slice: slice, accelerator: accel, vcpus: profile.cpus, memory: profile.memory)
+                    c.machine = machine
+                    let xml = try DomainXML.document(for: c)
+                    #expect(try Self.schemaErrors(xml) == nil, "profile \(name), \(accel), \(machine)")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+import Foundation
+import Testing
+@testable import Libvirt
+import Images
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Real boots of the default image through libvirt's embedded QEMU driver (TCG where KVM is not
+/// hardware). One embedded root serves the whole test process: libvirt initialises the embedded
+/// driver once per process.
+@Suite("hosted boots", .serialized, .timeLimit(.minutes(10)),
+       .enabled(if: HostedBootTests.canBoot, "needs qemu-system-x86_64, libvirt's QEMU driver and the default image's inputs (/boot/vmlinuz-*)"))
+struct HostedBootTests {
+    static let canBoot: Bool = ProcessRunner.which("qemu-system-x86_64") != nil
+        && FileManager.default.fileExists(atPath: "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so")
+        && ((try? FileManager.default.contentsOfDirectory(atPath: "/boot"))?.contains { $0.hasPrefix("vmlinuz-") } ?? false)
+
+    static let paths: Paths = {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-hosted-\(getpid())").path
+        return Paths(state: dir, cache: Paths.default.cache)
+    }()
+
+    static func backend() -> HostedBackend {
+        HostedBackend(paths: paths, image: { try ImageStore(paths: paths).ensureDefault() })
+    }
+
+    /// Every process whose command line names this guest (libvirt runs QEMU as `-name guest=NAME,…`).
+    static func qemuProcesses(named name: String) -> [Int32] {
+        let pids = (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.compactMap { Int32($0) } ?? []
+        return pids.filter { pid in
+            guard let d = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            return String(decoding: d, as: UTF8.self).contains("guest=\(name),")
+        }
+    }
+
+    /// Nothing of a finished run may remain: QEMU, the domain, the run directory, the record.
+    static func expectNothingLeft(_ name: String, backend: HostedBackend) throws {
+        #expect(qemuProcesses(named: name).isEmpty)
+        #expect(try backend.connection().lookup(name: name) == nil)
+        #expect(!FileManager.default.fileExists(atPath: paths.libvirtRoot + "/runs/" + name))
+        #expect(HostedRecord.load(name, in: paths.instances + "/hosted") == nil)
+        #expect(!FileManager.default.fileExists(atPath: paths.libvirtRoot + "/run/qemu/\(name).pid"))
+    }
+
+    static func kib(_ field: String, in smaps: String) -> UInt64? {
+        smaps.split(separator: "\n").first { $0.hasPrefix(field + ":") }
+            .flatMap { UInt64($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") }
+    }
+
+    @Test func bootsRunsACommandAndLeavesNothing() async throws {
+        let backend = Self.backend()
+        let name = "mvm-boot-\(UUID().uuidString.prefix(6).lowercased())"
+        let spec = VMSpec(name: name, cpus: 1, memory: .mebibytes(128), command: ["sh", "-c", "echo hello; exit 3"], timeout: 420)
+        // Samples QEMU's memory while the guest runs: the last sample before it exits.
+        let sampler = Task { () -> (pss: UInt64, rss: UInt64)? in
+            var last: (UInt64, UInt64)?
+            while !Task.isCancelled {
+                if let pid = backend.qemuPid(name: name),
+                   let s = try? String(contentsOfFile: "/proc/\(pid)/smaps_rollup", encoding: .utf8),
+                   let pss = Self.kib("Pss", in: s), let rss = Self.kib("Rss", in: s) { last = (pss, rss) }
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            return last
+        }
+        let result = try await backend.run(spec)
+        sampler.cancel()
+        let mem = await sampler.value
+        #expect(result.exitStatus == 3)
+        #expect(result.output == "hello\n")
+        #expect(result.bootSeconds != nil)
+        #expect(result.console.contains("@@mvm:boot-complete"))
+        let uptime = ConsoleParser.parse(result.console).bootUptime
+        print("hosted (libvirt embed, TCG on this host): launch→init \(result.bootSeconds.map { String(format: "%.2f", $0) } ?? "?") s wall, guest uptime at init \(uptime.map { String($0) } ?? "?") s, total \(String(format: "%.2f", result.totalSeconds)) s; QEMU for a 128 MiB guest: PSS \(mem.map { "\($0.pss / 1024) MiB" } ?? "?"), RSS \(mem.map { "\($0.rss / 1024) MiB" } ?? "?")")
+        try Self.expectNothingLeft(name, backend: backend)
+        #expect(try await backend.list().allSatisfy { $0.name != name })
+    }
+
+    @Test func killingQEMUMidBootIsAClearError() async throws {
+        let backend = Self.backend()
+        let name = "mvm-kill-\(UUID().uuidString.prefix(6).lowercased())"
+        let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["true"], timeout: 300)
+        let run = Task { try await backend.run(spec) }
+        var killed = false
+        let deadline = Date().addingTimeInterval(120)
+        while Date() < deadline {
+            if let pid = backend.qemuPid(name: name) {
+                // While it runs, ps and logs see it.
+                #expect(try await backend.list().contains { $0.name == name && $0.pid == pid })
+                _ = try await backend.logs(name: name)
+                #expect(kill(pid, SIGKILL) == 0)
+                killed = true
+                break
+            }
+            try await Task.sleep(for: .milliseconds(50))
+        }
+        #expect(killed, "QEMU never appeared")
+        let outcome = await run.result
+        switch outcome {
+        case .success(let r): Issue.record("a killed guest returned a result: \(r.exitStatus)")
+        case .failure(let e):
+            let m = try #require(e as? MicroVMError)
+            #expect(m.code == .guestError)
+            #expect(m.message.contains("stopped before it reported a result"))
+        }
+        try Self.expectNothingLeft(name, backend: backend)
+    }
+
+    @Test func destroyingTheDomainFromStopIsAClearError() async throws {
+        let backend = Self.backend()
+        let name = "mvm-stop-\(UUID().uuidString.prefix(6).lowercased())"
+        let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["true"], timeout: 300)
+        let run = Task { try await backend.run(spec) }
+        let deadline = Date().addingTimeInterval(120)
+        while Date() < deadline, backend.qemuPid(name: name) == nil { try await Task.sleep(for: .milliseconds(50)) }
+        let stats = try backend.domainStats(name: name)
+        #expect(stats.memory == .mebibytes(128))
+        try await backend.stop(name: name)
+        let e = await #expect(throws: MicroVMError.self) { try await run.value }
+        #expect(e?.code == .guestError)
+        try Self.expectNothingLeft(name, backend: backend)
+    }
+}
