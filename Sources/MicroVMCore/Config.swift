@@ -23,6 +23,8 @@ public struct HostReservation: Codable, Sendable, Hashable {
     public var memory: ByteCount
     /// Memory overcommit ratio allowed for shared placements (1.0 = none).
     public var memoryOvercommit: Double?
+    /// Which CPUs to reserve ("6-7"); nil reserves the highest-numbered `cpus` CPUs.
+    public var cpuList: String?
 }
 
 /// The parsed configuration file.
