@@ -96,6 +96,7 @@ public enum ImageInspector {
 
     /// Copies and frees a malloc'd string from libguestfs.
     private static func takeString(_ p: UnsafeMutablePointer<CChar>) -> String {
+        // SAFETY: libguestfs returns a NUL-terminated string the caller owns and must free.
         defer { free(p) }
         return String(cString: p)
     }
@@ -104,6 +105,7 @@ public enum ImageInspector {
     private static func takeStrings(_ list: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>) -> [String] {
         var out: [String] = []
         var i = 0
+        // SAFETY: the list is NULL-terminated and the caller owns it and every string in it.
         while let s = list[i] {
             out.append(String(cString: s))
             free(s)
@@ -116,6 +118,7 @@ public enum ImageInspector {
     private static func withCStringArray<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
         var ptrs: [UnsafeMutablePointer<CChar>?] = strings.map { strdup($0) }
         ptrs.append(nil)
+        // SAFETY: the strdup'd strings and the array outlive the call; libguestfs copies them.
         defer { for p in ptrs { free(p) } }
         return ptrs.withUnsafeBufferPointer { body($0.baseAddress!) }
     }

@@ -40,4 +40,14 @@ struct BootTests {
         #expect(r.status != 0)
         #expect(r.outputText.contains("not mountable"))
     }
+
+    /// QEMU boots an ELF kernel through its PVH note, so this proves the extracted vmlinux is whole.
+    @Test func extractedVmlinuxBootsThroughPVH() throws {
+        let img = try Fixture.image()
+        try #require(img.hasPVHNote, "the extracted vmlinux has no PVH note")
+        let (p, console) = try Fixture.bootQEMU(img, command: ["uname", "-r"], disk: nil, kernel: img.vmlinux)
+        let r = try #require(p.report, "no framed result; console:\n\(console.suffix(3000))")
+        #expect(r.status == 0)
+        #expect(r.outputText == img.kernelVersion + "\n")
+    }
 }

@@ -28,9 +28,10 @@ enum Fixture {
     }
 
     /// Boots the image under QEMU TCG and parses the console.
-    static func bootQEMU(_ image: GuestImage, command: [String], disk: String?, extra: String = "") throws -> (ConsoleParser, String) {
+    static func bootQEMU(_ image: GuestImage, command: [String], disk: String?, extra: String = "",
+                         kernel: String? = nil) throws -> (ConsoleParser, String) {
         var argv = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
-                    "-nodefaults", "-serial", "stdio", "-kernel", image.kernel, "-initrd", image.initrd,
+                    "-nodefaults", "-serial", "stdio", "-kernel", kernel ?? image.kernel, "-initrd", image.initrd,
                     "-append", image.kernelCommandLine(command: command, extra: extra)]
         if let disk {
             // snapshot=on: guest writes go to a temporary overlay, so the cached disk stays pristine.

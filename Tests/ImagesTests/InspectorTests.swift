@@ -18,7 +18,7 @@ struct InspectorTests {
 
     /// Launches the libguestfs appliance (~30 s under TCG), once for a good disk and once for garbage.
     @Test(.enabled(if: Fixture.canBuild && Fixture.haveGuestfs, "needs libguestfs-tools, a Debian kernel (linux-image-amd64), busybox-static and e2fsprogs"),
-          .timeLimit(.minutes(5)))
+          .timeLimit(.minutes(8)))
     func rootfsDiskShowsAnExt4Filesystem() throws {
         let img = try Fixture.image()
         let r = try ImageInspector.inspect(path: img.rootfsDisk)
