@@ -10,12 +10,15 @@ import Glibc
 /// Real boots of the default image through libvirt's embedded QEMU driver (TCG where KVM is not
 /// hardware). One embedded root serves the whole test process: libvirt initialises the embedded
 /// driver once per process.
-@Suite("hosted boots", .serialized, .timeLimit(.minutes(10)),
-       .enabled(if: HostedBootTests.canBoot, "needs qemu-system-x86_64, libvirt's QEMU driver and the default image's inputs (/boot/vmlinuz-*)"))
-struct HostedBootTests {
+enum HostedBootHost {
     static let canBoot: Bool = ProcessRunner.which("qemu-system-x86_64") != nil
         && FileManager.default.fileExists(atPath: "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so")
         && ((try? FileManager.default.contentsOfDirectory(atPath: "/boot"))?.contains { $0.hasPrefix("vmlinuz-") } ?? false)
+}
+
+@Suite("hosted boots", .serialized, .timeLimit(.minutes(10)),
+       .enabled(if: HostedBootHost.canBoot, "needs qemu-system-x86_64, libvirt's QEMU driver and the default image's inputs (/boot/vmlinuz-*)"))
+struct HostedBootTests {
 
     static let paths: Paths = {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-hosted-\(getpid())").path
