@@ -242,10 +242,17 @@ public enum DomainXML {
 
     /// Rejects what no escaping can make valid: libvirt forbids '/' in names, and XML 1.0 cannot
     /// carry control characters.
-    static func validate(_ c: DomainConfig) throws {
-        if c.name.isEmpty || c.name.contains("/") || c.name.utf8.count > 200 {
-            throw MicroVMError.invalidArgument("'\(c.name)' cannot be a libvirt domain name: use 1–200 characters without '/'")
+    public static func checkName(_ name: String) throws {
+        if name.isEmpty || name.contains("/") || name.utf8.count > 200 || name == "." || name == ".." {
+            throw MicroVMError.invalidArgument("'\(name)' cannot be a libvirt domain name: use 1–200 characters without '/'")
         }
+        if XMLTree.hasForbiddenCharacters(name) || name.contains(where: \.isNewline) {
+            throw MicroVMError.invalidArgument("the instance name contains control characters: remove them")
+        }
+    }
+
+    static func validate(_ c: DomainConfig) throws {
+        try checkName(c.name)
         for (what, value) in [("name", c.name), ("kernel command line", c.cmdline), ("kernel path", c.kernel), ("console path", c.consoleLog)]
             + c.disks.map({ ("disk path", $0.path) }) + c.taps.map({ ("tap name", $0) }) + [("initrd path", c.initrd ?? "")] {
             if XMLTree.hasForbiddenCharacters(value) || (what == "name" || what == "kernel command line") && value.contains(where: \.isNewline) {

@@ -71,6 +71,7 @@ public struct HostedBackend: InstanceBackend {
 
     public func run(_ spec: VMSpec) async throws -> RunResult {
         try spec.validate()
+        try DomainXML.checkName(spec.name)
         let conn = try connection()
         let plan = try makePlan(spec, connection: conn)
         try Paths.ensureDirectory(recordDirectory)
@@ -199,13 +200,17 @@ public struct HostedBackend: InstanceBackend {
 
     /// Starts the domain; a machine type libvirt turns down falls back to `pc` (remembered).
     func createDomain(_ config: DomainConfig, connection conn: LibvirtConnection) throws -> (LibvirtDomain, DomainConfig) {
+        let xml = try DomainXML.document(for: config)
         do {
-            return (try conn.createTransient(xml: DomainXML.document(for: config)), config)
-        } catch let e as MicroVMError where config.machine != "pc" && e.code == .invalidArgument {
-            MachineChoice.shared.reject(config.machine, for: conn, reason: e.message)
+            return (try conn.createTransient(xml: xml), config)
+        } catch let e as MicroVMError where config.machine != "pc" {
+            // libvirt may list a machine in its capabilities yet refuse it with our devices
+            // (9.0 lists microvm but wants PCI for virtio); `pc` working proves the machine was the problem.
             var fallback = config
             fallback.machine = "pc"
-            return (try conn.createTransient(xml: DomainXML.document(for: fallback)), fallback)
+            let d = try conn.createTransient(xml: DomainXML.document(for: fallback))
+            MachineChoice.shared.reject(config.machine, for: conn, reason: e.message)
+            return (d, fallback)
         }
     }
 
