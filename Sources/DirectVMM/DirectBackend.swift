@@ -4,6 +4,10 @@ import Host
 import Images
 import LinuxBoot
 import MicroVMCore
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `InstanceBackend` for `--mode direct`: boots the spec's kernel (or the default image) in a
 /// `VirtualMachine`, reads the guest init's framed result from COM1, and tears everything down.
@@ -20,12 +24,15 @@ public struct DirectBackend: InstanceBackend {
         /// Defaults to the environment variable `MVM_DIRECT_ALLOW_EMULATED=1`.
         public var allowEmulatedKVM: Bool
         public var console: ConsoleEcho
+        /// Feed standard input to COM1 (an interactive console).
+        public var forwardStandardInput: Bool
         public var paths: Paths
         public var devicePath: String
 
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
-                    console: ConsoleEcho = .none, paths: Paths = .default, devicePath: String = "/dev/kvm") {
-            self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.paths = paths; self.devicePath = devicePath
+                    console: ConsoleEcho = .none, forwardStandardInput: Bool = false, paths: Paths = .default, devicePath: String = "/dev/kvm") {
+            self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.forwardStandardInput = forwardStandardInput
+            self.paths = paths; self.devicePath = devicePath
         }
     }
 
@@ -91,6 +98,8 @@ public struct DirectBackend: InstanceBackend {
                                                          cpuSet: spec.slice?.cpuSet ?? [], devicePath: options.devicePath))
         let devices = try vm.installLegacyDevices(console: sink)
         let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus)
+        let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
+        defer { input?.stop() }
         let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
         let total = VirtualMachine.monotonicNow() - started
 
@@ -129,4 +138,33 @@ public struct DirectBackend: InstanceBackend {
         }
         return String(decoding: d, as: UTF8.self)
     }
+}
+
+/// Copies bytes from a file descriptor into the UART's receive FIFO until stopped, polling so
+/// that it notices `stop` without needing input to arrive.
+final class InputPump: Sendable {
+    private let done = Atomic<Bool>(false)
+
+    init(fd: Int32, into serial: Serial8250) {
+        let t = Thread { [self] in
+            var pending: [UInt8] = []
+            var buf = [UInt8](repeating: 0, count: 256)
+            while !self.done.load(ordering: .acquiring) {
+                if !pending.isEmpty {
+                    let n = serial.enqueueInput(pending)
+                    pending.removeFirst(min(n, pending.count))
+                    if !pending.isEmpty { usleep(2_000); continue }
+                }
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                guard poll(&p, 1, 100) > 0 else { continue }
+                let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if n <= 0 { if n == 0 || errno != EINTR { return } else { continue } }
+                pending += buf[0..<n]
+            }
+        }
+        t.name = "vmm-stdin"
+        t.start()
+    }
+
+    func stop() { done.store(true, ordering: .releasing) }
 }

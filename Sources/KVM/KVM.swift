@@ -8,7 +8,11 @@
 /// let vm = try kvm.createVM()
 /// try vm.setUserMemoryRegion(slot: 0, guestAddress: 0, size: ram.size.bytes, host: ram.regions[0].host)
 /// let vcpu = try vm.createVCPU(id: 0)
-/// switch try vcpu.run() { case .exited: print(vcpu.exitReason) case .interrupted: break }
+/// switch try vcpu.run() {
+/// case .portOut(let port, _, _, let data): print("out \(port): \(data)")
+/// case .halt: break
+/// default: break
+/// }
 /// ```
 import CKVM
 import MicroVMCore

@@ -57,16 +57,16 @@ public final class KVMVirtualMachine: Sendable {
     }
 
     /// Makes a write to `eventFD` inject `gsi` without a trip through the VMM.
-    public func registerIRQFD(_ eventFD: Int32, gsi: UInt32) throws {
+    public func registerIRQFD(_ eventFD: EventFD, gsi: UInt32) throws {
         var r = kvm_irqfd()
-        r.fd = UInt32(bitPattern: eventFD)
+        r.fd = UInt32(bitPattern: eventFD.fd.raw)
         r.gsi = gsi
         try kvmIoctl(fd.raw, CKVM_IRQFD, "KVM_IRQFD", &r)
     }
 
-    public func unregisterIRQFD(_ eventFD: Int32, gsi: UInt32) throws {
+    public func unregisterIRQFD(_ eventFD: EventFD, gsi: UInt32) throws {
         var r = kvm_irqfd()
-        r.fd = UInt32(bitPattern: eventFD)
+        r.fd = UInt32(bitPattern: eventFD.fd.raw)
         r.gsi = gsi
         r.flags = CKVM_IRQFD_FLAG_DEASSIGN
         try kvmIoctl(fd.raw, CKVM_IRQFD, "KVM_IRQFD(deassign)", &r)
@@ -74,11 +74,11 @@ public final class KVMVirtualMachine: Sendable {
 
     /// Makes a guest write of `length` bytes at `address` (MMIO, or a port when `pio`) signal
     /// `eventFD` instead of exiting to the VMM; with `datamatch`, only writes of that value.
-    public func registerIOEventFD(_ eventFD: Int32, address: UInt64, length: UInt32, pio: Bool = false, datamatch: UInt64? = nil) throws {
+    public func registerIOEventFD(_ eventFD: EventFD, address: UInt64, length: UInt32, pio: Bool = false, datamatch: UInt64? = nil) throws {
         var r = kvm_ioeventfd()
         r.addr = address
         r.len = length
-        r.fd = eventFD
+        r.fd = eventFD.fd.raw
         r.flags = (pio ? CKVM_IOEVENTFD_FLAG_PIO : 0) | (datamatch != nil ? CKVM_IOEVENTFD_FLAG_DATAMATCH : 0)
         r.datamatch = datamatch ?? 0
         try kvmIoctl(fd.raw, CKVM_IOEVENTFD, "KVM_IOEVENTFD", &r)

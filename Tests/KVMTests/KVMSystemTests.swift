@@ -104,3 +104,43 @@ struct VCPUKickTests {
         #expect(try vcpu.registers().rip == 0x1000)
     }
 }
+
+@Suite("Event fds", .enabled(if: hasKVM, "no writable /dev/kvm on this host"), .timeLimit(.minutes(1)))
+struct EventFDTests {
+    @Test func ioeventfdTakesAPortWriteWithoutAnExit() throws {
+        let kvm = try KVMSystem()
+        let vm = try kvm.createVM()
+        try vm.setTSSAddress(0xfffb_d000)
+        let size = 1 << 20
+        let mem = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+        defer { mem.deallocate() }
+        mem.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+        let code: [UInt8] = [0xba, 0x00, 0x05, 0xb0, 0x07, 0xee, 0xe6, 0x10, 0xf4]  // mov dx,0x500; mov al,7; out dx,al; out 0x10,al; hlt
+        code.withUnsafeBytes { (mem + 0x1000).copyMemory(from: $0.baseAddress!, byteCount: code.count) }
+        try vm.setUserMemoryRegion(slot: 0, guestAddress: 0, size: UInt64(size), host: mem)
+        let notify = try EventFD(nonBlocking: true)
+        try vm.registerIOEventFD(notify, address: 0x500, length: 1, pio: true, datamatch: 7)
+        let vcpu = try vm.createVCPU(id: 0)
+        var s = try vcpu.specialRegisters()
+        s.cs.base = 0; s.cs.selector = 0
+        try vcpu.setSpecialRegisters(s)
+        var r = try vcpu.registers()
+        r.rip = 0x1000; r.rflags = 2
+        try vcpu.setRegisters(r)
+        #expect(notify.consume() == nil)
+        let first = try vcpu.run()
+        #expect(first == .portOut(port: 0x10, size: 1, count: 1, data: [7]))  // the 0x500 write never exited
+        #expect(notify.consume() == 1)
+        #expect(try vcpu.run() == .halt)
+    }
+
+    @Test func irqfdRegistersOnTheInKernelIRQChip() throws {
+        let vm = try KVMSystem().createVM()
+        let line = try EventFD()
+        #expect(throws: MicroVMError.self) { try vm.registerIRQFD(line, gsi: 5) }  // no irqchip yet
+        try vm.createIRQChip()
+        try vm.registerIRQFD(line, gsi: 5)
+        line.signal()
+        try vm.unregisterIRQFD(line, gsi: 5)
+    }
+}

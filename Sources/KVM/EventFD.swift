@@ -1,0 +1,39 @@
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A Linux eventfd: a counter KVM can signal (irqfd) or that KVM signals (ioeventfd), so an
+/// interrupt or a queue notification skips the trip through the VMM's vCPU loop.
+public final class EventFD: Sendable {
+    let fd: OwnedFD
+
+    /// Glibc's eventfd is not in the Swift Glibc module (it lives in <sys/eventfd.h>); look it up.
+    private static let create: (@convention(c) (UInt32, Int32) -> Int32)? = {
+        guard let sym = dlsym(nil, "eventfd") else { return nil }
+        return unsafeBitCast(sym, to: (@convention(c) (UInt32, Int32) -> Int32).self)
+    }()
+
+    /// - Parameter nonBlocking: reads return nil instead of waiting when the counter is zero.
+    public init(nonBlocking: Bool = false) throws {
+        guard let create = Self.create else { throw MicroVMError.unsupported("this C library has no eventfd()") }
+        let raw = create(0, O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0))
+        guard raw >= 0 else { throw MicroVMError(.insufficientResources, "cannot create an eventfd", cause: SystemCallError("eventfd", errno: errno)) }
+        fd = OwnedFD(raw)
+    }
+
+    /// Adds `value` to the counter (wakes a reader, or makes KVM inject the irqfd's interrupt).
+    public func signal(_ value: UInt64 = 1) {
+        var v = value
+        _ = Glibc.write(fd.raw, &v, 8)
+    }
+
+    /// Reads and resets the counter; nil when non-blocking and zero.
+    public func consume() -> UInt64? {
+        var v: UInt64 = 0
+        return Glibc.read(fd.raw, &v, 8) == 8 ? v : nil
+    }
+
+    /// For poll(2) loops.
+    public var pollDescriptor: Int32 { fd.raw }
+}
