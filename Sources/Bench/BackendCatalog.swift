@@ -2,6 +2,10 @@ import Foundation
 import MicroVMCore
 import Host
 import KVM
+import Images
+import Containers
+import Libvirt
+import DirectVMM
 
 /// Which backends a bench run can use on this host, and why the others cannot run: a backend that
 /// cannot run still appears in every table, as `unavailable: <reason>`.
@@ -69,7 +73,7 @@ public enum BackendCatalog {
     /// Builds the targets for the given names. `factories` supplies the real backends by name
     /// (native is built in); a name without a factory is listed as unavailable with the reason.
     public static func targets(_ names: [String], host: HostProfile, factories: [String: @Sendable () throws -> any InstanceBackend],
-                               hostAddresses: [String: String] = ["native": "127.0.0.1"]) -> [BenchTarget] {
+                               networks: [String: NetworkPath] = ["native": .hostLoopback, "runc": .perInstanceLink]) -> [BenchTarget] {
         names.map { name in
             let mode = mode(of: name)
             var record = BackendRecord(name: name, mode: mode, acceleration: acceleration(mode: mode, kvm: host.kvm.verdict),
@@ -91,7 +95,32 @@ public enum BackendCatalog {
                 return BenchTarget(record: record, backend: nil)
             }
             record.available = true
-            return BenchTarget(record: record, backend: backend, hostAddress: hostAddresses[name])
+            return BenchTarget(record: record, backend: backend,
+                               network: networks[name] ?? .unavailable("bench runs on the \(name) backend have no network path to the host yet"))
         }
+    }
+}
+
+extension Workload {
+    /// The default guest image: VMs boot it, containers and native runs use its rootfs tree.
+    public init(image: GuestImage) {
+        self.init(kernel: image.kernel, initrd: image.initrd, rootfsDisk: image.rootfsDisk, rootfsTree: image.rootfsTree,
+                  kernelVersion: image.kernelVersion, source: "guest image \(image.key) (rootfs \(image.rootfsTree))")
+    }
+}
+
+extension BackendCatalog {
+    /// The project's real backends. Without an image (host binaries) only containers can share
+    /// the workload, so the VM backends are left out and listed as unavailable.
+    public static func standardFactories(image: GuestImage?, paths: Paths = .default) -> [String: @Sendable () throws -> any InstanceBackend] {
+        var f: [String: @Sendable () throws -> any InstanceBackend] = [
+            "runc": { ContainerBackend(runtime: .runc, paths: paths) },
+            "docker": { ContainerBackend(runtime: .docker, paths: paths, rootfsTarball: image?.rootfsTarball) },
+        ]
+        if let image {
+            f["hosted"] = { HostedBackend(paths: paths, image: { image }) }
+            f["direct"] = { DirectBackend(options: DirectBackend.Options(paths: paths)) }
+        }
+        return f
     }
 }

@@ -5,7 +5,8 @@ import Glibc
 #endif
 
 /// The benchmark baseline: the same command on the host itself, with no isolation, using the same
-/// binaries as the instances (it chroots into the image's rootfs tree when the spec names one).
+/// binaries as the instances (it chroots into the image's rootfs tree when the spec names one,
+/// from a private mount namespace: the only isolation it has, and none that costs anything).
 /// When the slice names host CPUs the process is pinned to them, so native and isolated runs
 /// compete for the same CPUs.
 public final class NativeBackend: InstanceBackend, @unchecked Sendable {
@@ -22,7 +23,10 @@ public final class NativeBackend: InstanceBackend, @unchecked Sendable {
             guard FileManager.default.fileExists(atPath: root) else {
                 throw MicroVMError.notFound("rootfs tree '\(root)' does not exist: build the image with `mvm image build`")
             }
-            argv = ["chroot", root] + argv
+            // A private mount namespace gives the chroot /dev, /proc and /sys (the tools need
+            // them) without touching the shared tree; the mounts vanish with the process.
+            let script = "mount --rbind /dev \"$0/dev\" && mount -t proc proc \"$0/proc\" && mount --rbind /sys \"$0/sys\" && exec chroot \"$0\" \"$@\""
+            argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, root] + argv
         }
         if let cpus = spec.slice?.cpuSet, !cpus.isEmpty {
             argv = ["taskset", "-c", CPUList.format(cpus)] + argv
@@ -67,6 +71,11 @@ public final class NativeBackend: InstanceBackend, @unchecked Sendable {
         }
         return try await withCheckedThrowingContinuation { cont in
             let thread = Thread {
+                // The child inherits this thread's signal mask; a mask with SIGALRM or SIGTERM
+                // blocked makes tools' own timeouts (stress-ng --timeout) and our kills not work.
+                var none = sigset_t()
+                sigemptyset(&none)
+                pthread_sigmask(SIG_SETMASK, &none, nil)
                 let p = Process()
                 p.executableURL = URL(fileURLWithPath: exe)
                 p.arguments = Array(argv.dropFirst())

@@ -36,7 +36,7 @@ public struct NoisyNeighbour: BenchScenario {
             let n = (slice.pidsLimit ?? 1024) + 256
             return ["sh", "-c", "i=0; while [ $i -lt \(n) ]; do sleep \(seconds) & i=$((i+1)); done; echo spawned=$i target=\(n); wait"]
         case .diskHog:
-            return ["sh", "-c", "mkdir -p /var/tmp; fio --name=hog --filename=/var/tmp/mvm-bench-hog --size=256M --bs=1M --rw=write --ioengine=psync --direct=1 --time_based --runtime=\(seconds) --output-format=terse > /dev/null 2>&1 || dd if=/dev/zero of=/var/tmp/mvm-bench-hog bs=1M count=256 conv=fsync 2>/dev/null; rm -f /var/tmp/mvm-bench-hog; echo hog_done=1"]
+            return ["sh", "-c", "fio --name=hog --filename=/tmp/mvm-bench-hog --size=256M --bs=1M --rw=write --ioengine=psync --direct=1 --time_based --runtime=\(seconds) --output-format=terse > /dev/null 2>&1 || fio --name=hog --filename=/tmp/mvm-bench-hog --size=256M --bs=1M --rw=write --ioengine=psync --direct=0 --end_fsync=1 --time_based --runtime=\(seconds) --output-format=terse > /dev/null 2>&1; rm -f /tmp/mvm-bench-hog; echo hog_done=1"]
         case .networkFlood:
             return ["iperf3", "-c", hostAddress ?? "127.0.0.1", "-p", "\(port)", "-u", "-b", "0", "-t", "\(seconds)", "-J"]
         }
@@ -87,18 +87,18 @@ public struct NoisyNeighbour: BenchScenario {
         for a in aggressors {
             let metric = Self.metric(a)
             var server: IperfServer?
+            var link: (net: NetSpec?, hostAddress: String)?
             if a == .networkFlood {
-                guard target.hostAddress != nil else {
-                    out.append(.unavailable(metric, "the \(target.name) backend gives bench instances no network path to the host")); continue
-                }
+                do { link = try target.link() } catch { out.append(.unavailable(metric, "\(error)")); continue }
                 server = try? IperfServer.start()
                 if server == nil { out.append(.unavailable(metric, "no iperf3 server could be started on the host")); continue }
             }
             // The aggressor outlasts the victim's boot and run, so the two overlap however long boot takes.
             let seconds = Int(ctx.durations.victimSeconds) * 2 + 3
-            let cmd = Self.command(a, slice: ctx.slice, seconds: seconds, hostAddress: target.hostAddress, port: server?.port ?? 0)
+            let cmd = Self.command(a, slice: ctx.slice, seconds: seconds, hostAddress: link?.hostAddress, port: server?.port ?? 0)
+            let aggressorNet = link?.net
             async let aggressorRun: (RunResult?, String?) = {
-                do { return (try await ctx.run(target, cmd, tag: "aggr"), nil) } catch { return (nil, String(describing: error)) }
+                do { return (try await ctx.run(target, cmd, tag: "aggr", net: aggressorNet), nil) } catch { return (nil, String(describing: error)) }
             }()
             try? await Task.sleep(nanoseconds: 1_000_000_000)
             let v = await victim(target, ctx)

@@ -21,10 +21,11 @@ public struct Workload: Sendable {
     /// The host's own binaries: only for native and for tests where no image is built.
     public static let host = Workload(source: "host root filesystem (/)")
 
-    /// One instance's spec: every backend gets the same slice and the same binaries.
+    /// One instance's spec: every backend gets the same slice and the same binaries. VM backends
+    /// boot the default image themselves (kernel, initrd and this rootfs as their disk), so the
+    /// spec names only the tree.
     public func spec(name: String, command: [String], slice: ResourceSlice, timeout: Double) -> VMSpec {
-        VMSpec(name: name, kernel: kernel, initrd: initrd, cmdline: "", cpus: slice.cpus, memory: slice.memory,
-               disks: rootfsDisk.map { [DiskSpec(path: $0)] } ?? [], command: command, rootfs: rootfsTree,
+        VMSpec(name: name, cpus: slice.cpus, memory: slice.memory, command: command, rootfs: rootfsTree,
                slice: slice, timeout: timeout)
     }
 }
@@ -33,21 +34,42 @@ public struct Workload: Sendable {
 public struct BenchTarget: Sendable {
     public var record: BackendRecord
     public var backend: (any InstanceBackend)?
-    /// Address the instance can reach the host's iperf3 server on, when the backend gives it a
-    /// network path to the host (nil: network scenarios are unavailable on it).
-    public var hostAddress: String?
+    /// How an instance reaches a server on the host (network scenarios).
+    public var network: NetworkPath
     public var name: String { record.name }
 
-    public init(record: BackendRecord, backend: (any InstanceBackend)?, hostAddress: String? = nil) {
-        self.record = record; self.backend = backend; self.hostAddress = hostAddress
+    public init(record: BackendRecord, backend: (any InstanceBackend)?, network: NetworkPath = .unavailable("no network path to the host")) {
+        self.record = record; self.backend = backend; self.network = network
     }
+
+    /// The spec's network and the host address the instance's client should dial, or why there is none.
+    public func link() throws -> (net: NetSpec?, hostAddress: String) {
+        switch network {
+        case .unavailable(let why): throw ScenarioUnavailable(why)
+        case .hostLoopback: return (nil, "127.0.0.1")
+        case .perInstanceLink:
+            // A /30 of its own in 10.201/16, away from the runtimes' automatic 10.200/16 links.
+            let n = Int.random(in: 0..<16_384) * 4
+            let host = "10.201.\(n / 256).\(n % 256 + 1)", guest = "10.201.\(n / 256).\(n % 256 + 2)"
+            return (NetSpec(hostAddress: host, guestAddress: guest), host)
+        }
+    }
+}
+
+/// How a backend's instances reach the host.
+public enum NetworkPath: Sendable, Equatable {
+    case unavailable(String)
+    /// The host's own network (native runs): loopback.
+    case hostLoopback
+    /// A link per instance made by the backend from `VMSpec.net` (a veth pair for containers).
+    case perInstanceLink
 }
 
 /// Workload lengths: `--quick` keeps a TCG VM run to seconds; `--full` gives steadier numbers.
 public struct BenchDurations: Codable, Sendable, Equatable {
     public var cpuSeconds: Double
     public var memorySeconds: Double
-    public var syscallIterations: Int
+    public var syscallSeconds: Double
     public var fioSeconds: Double
     public var fioSize: ByteCount
     public var networkSeconds: Double
@@ -57,13 +79,13 @@ public struct BenchDurations: Codable, Sendable, Equatable {
     /// Seconds an instance may take (boot included) before it is killed.
     public var instanceTimeout: Double
 
-    public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallIterations: 100_000, fioSeconds: 2, fioSize: .mebibytes(32),
+    public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallSeconds: 2, fioSeconds: 2, fioSize: .mebibytes(32),
                                              networkSeconds: 2, victimSeconds: 4, parallelLaunches: 2, idleInstances: 2, instanceTimeout: 180)
-    public static let full = BenchDurations(cpuSeconds: 10, memorySeconds: 10, syscallIterations: 1_000_000, fioSeconds: 10, fioSize: .mebibytes(256),
+    public static let full = BenchDurations(cpuSeconds: 10, memorySeconds: 10, syscallSeconds: 10, fioSeconds: 10, fioSize: .mebibytes(256),
                                             networkSeconds: 10, victimSeconds: 10, parallelLaunches: 4, idleInstances: 4, instanceTimeout: 600)
 
     public var asDictionary: [String: Double] {
-        ["cpuSeconds": cpuSeconds, "memorySeconds": memorySeconds, "syscallIterations": Double(syscallIterations),
+        ["cpuSeconds": cpuSeconds, "memorySeconds": memorySeconds, "syscallSeconds": syscallSeconds,
          "fioSeconds": fioSeconds, "fioSizeBytes": Double(fioSize.bytes), "networkSeconds": networkSeconds,
          "victimSeconds": victimSeconds, "parallelLaunches": Double(parallelLaunches), "idleInstances": Double(idleInstances),
          "instanceTimeout": instanceTimeout]
@@ -80,12 +102,14 @@ public struct BenchContext: Sendable {
     }
 
     /// Runs one instance to completion on a backend with the bench slice.
-    public func run(_ target: BenchTarget, _ command: [String], tag: String) async throws -> RunResult {
+    public func run(_ target: BenchTarget, _ command: [String], tag: String, net: NetSpec? = nil) async throws -> RunResult {
         guard let backend = target.backend else {
             throw ScenarioUnavailable(target.record.unavailableReason ?? "backend not available")
         }
-        let name = "mvm-bench-\(tag)-\(UUID().uuidString.prefix(6).lowercased())"
-        return try await backend.run(workload.spec(name: name, command: command, slice: slice, timeout: durations.instanceTimeout))
+        let name = "bench-\(tag)-\(UUID().uuidString.prefix(6).lowercased())"
+        var spec = workload.spec(name: name, command: command, slice: slice, timeout: durations.instanceTimeout)
+        spec.net = net
+        return try await backend.run(spec)
     }
 }
 

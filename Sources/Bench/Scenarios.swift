@@ -67,7 +67,7 @@ public struct MemoryOverhead: BenchScenario {
         }
         var out: [Measurement] = []
         for k in Array(Set([1, ctx.durations.idleInstances])).sorted() {
-            let names = (0..<k).map { _ in "mvm-bench-idle-\(UUID().uuidString.prefix(6).lowercased())" }
+            let names = (0..<k).map { _ in "bench-idle-\(UUID().uuidString.prefix(6).lowercased())" }
             let sampler = PSSSampler(names: names, backend: backend)
             let idle = ["sleep", "3"]
             let task = Task { await sampler.run() }
@@ -150,41 +150,44 @@ public struct MemoryBandwidth: BenchScenario {
     }
 }
 
-/// A tight syscall loop: dd copying one byte at a time from /dev/zero to /dev/null is a read and a
-/// write per byte, with almost no work between them.
+/// A tight syscall loop: sysbench's threads test with one thread is sched_yield() after
+/// sched_yield() (its mutexes are uncontended, so they stay in user space).
 public struct SyscallLatency: BenchScenario {
     public let name = "syscall"
-    public static let metric = Metric("syscall-dd", "Syscall latency (dd bs=1: read+write pairs)", unit: "ns/syscall", higherIsBetter: false)
+    public static let metric = Metric("syscall-sched-yield", "Syscall latency (sched_yield loop, sysbench threads)", unit: "ns/syscall", higherIsBetter: false)
+    static let yields = 1000
     public init() {}
     public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
-    public var note: String? { "dd if=/dev/zero of=/dev/null bs=1: elapsed time / (2 × count); read and write, not getppid" }
+    public var note: String? { "sysbench threads --threads=1 --thread-yields=1000: total time / (events × 1000); sched_yield, not getppid" }
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
-        let n = ctx.durations.syscallIterations
-        let r = try await ctx.run(target, ["sh", "-c", "dd if=/dev/zero of=/dev/null bs=1 count=\(n) 2>&1"], tag: "sys")
-        let text = try requireSuccess(r, "dd")
-        guard let s = ToolParsers.ddSeconds(text) else { throw MicroVMError(.backend, "dd printed no 'copied, N s' summary (GNU dd is needed): \(text.suffix(300))") }
-        return [Measurement(Self.metric, s * 1e9 / Double(2 * n))]
+        let r = try await ctx.run(target, ["sysbench", "threads", "--threads=1", "--thread-yields=\(Self.yields)", "--thread-locks=1",
+                                           "--time=\(Int(ctx.durations.syscallSeconds))", "run"], tag: "sys")
+        let text = try requireSuccess(r, "sysbench threads")
+        guard let t = ToolParsers.sysbenchTotals(text), t.events > 0 else {
+            throw MicroVMError(.backend, "sysbench threads printed no totals: \(text.suffix(300))")
+        }
+        return [Measurement(Self.metric, t.seconds * 1e9 / (t.events * Double(Self.yields)))]
     }
 }
 
-/// fio 4 KiB random writes then reads on a file in the instance's own /var/tmp, O_DIRECT when the
-/// filesystem takes it.
+/// fio 4 KiB random writes then reads on a file in the instance's own /tmp, O_DIRECT when the
+/// filesystem takes it (a container's /tmp is a tmpfs, which refuses it: then buffered, labelled).
 public struct DiskIO: BenchScenario {
     public let name = "disk"
     public static let write = Metric("fio-randwrite", "Disk 4K random write (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
     public static let read = Metric("fio-randread", "Disk 4K random read (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
     public init() {}
     public func metrics(for ctx: BenchContext) -> [Metric] { [Self.write, Self.read] }
-    public var note: String? { "file in the instance's own /var/tmp (VM: its disk; container: its rootfs; native: the same tree); direct=1 unless the filesystem refuses O_DIRECT (then details say buffered)" }
+    public var note: String? { "file in the instance's own /tmp (VM: its disk or tmpfs; container: a tmpfs; native: the image tree on the host's disk); direct=1 unless the filesystem refuses O_DIRECT (then details say buffered)" }
 
     static func script(seconds: Int, size: ByteCount) -> String {
-        let common = "--name=mvmbench --filename=/var/tmp/mvm-bench.fio --size=\(size.mebibytes)M --bs=4k --ioengine=psync --runtime=\(seconds) --time_based --output-format=json"
+        let common = "--name=mvmbench --filename=/tmp/mvm-bench.fio --size=\(size.mebibytes)M --bs=4k --ioengine=psync --runtime=\(seconds) --time_based --output-format=json"
         return """
-        mkdir -p /var/tmp; d=1
+        d=1
         fio \(common) --rw=randwrite --direct=1 > /tmp/mvm-fio-w 2>&1 || { d=0; fio \(common) --rw=randwrite --direct=0 > /tmp/mvm-fio-w 2>&1; }
         s=$?; echo @@write; cat /tmp/mvm-fio-w
         fio \(common) --rw=randread --direct=$d > /tmp/mvm-fio-r 2>&1; t=$?; echo @@read; cat /tmp/mvm-fio-r
-        rm -f /var/tmp/mvm-bench.fio /tmp/mvm-fio-w /tmp/mvm-fio-r; echo direct=$d
+        rm -f /tmp/mvm-bench.fio /tmp/mvm-fio-w /tmp/mvm-fio-r; echo direct=$d
         [ $s -eq 0 ] && [ $t -eq 0 ]
         """
     }
@@ -211,15 +214,13 @@ public struct NetworkThroughput: BenchScenario {
     public init() {}
     public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
-        guard let addr = target.hostAddress else {
-            throw ScenarioUnavailable("the \(target.name) backend gives bench instances no network path to the host")
-        }
+        let (net, addr) = try target.link()
         let server = try IperfServer.start()
         defer { server.stop() }
-        let r = try await ctx.run(target, ["iperf3", "-c", addr, "-p", "\(server.port)", "-t", "\(Int(ctx.durations.networkSeconds))", "-J"], tag: "net")
+        let r = try await ctx.run(target, ["iperf3", "-c", addr, "-p", "\(server.port)", "-t", "\(Int(ctx.durations.networkSeconds))", "-J"], tag: "net", net: net)
         let text = try requireSuccess(r, "iperf3")
         guard let bps = ToolParsers.iperfBitsPerSecond(text) else { throw MicroVMError(.backend, "iperf3 printed no bits_per_second: \(text.suffix(300))") }
-        return [Measurement(Self.metric, bps / 1e9, details: target.record.mode == .native ? ["path": "host loopback"] : [:])]
+        return [Measurement(Self.metric, bps / 1e9, details: ["path": net == nil ? "host loopback" : "per-instance link to \(addr)"])]
     }
 }
 

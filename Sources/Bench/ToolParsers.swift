@@ -19,6 +19,12 @@ public enum ToolParsers {
         return nil
     }
 
+    /// sysbench's "total time: 2.0040s" and "total number of events: 733".
+    public static func sysbenchTotals(_ text: String) -> (seconds: Double, events: Double)? {
+        guard let t = number(after: "total time:", in: text), let e = number(after: "total number of events:", in: text), t > 0 else { return nil }
+        return (t, e)
+    }
+
     /// GNU dd's summary: "200000 bytes (200 kB, 195 KiB) copied, 0.150315 s, 1.3 MB/s".
     public static func ddSeconds(_ text: String) -> Double? {
         guard let r = text.range(of: "copied, ", options: .backwards) else { return nil }

@@ -41,8 +41,8 @@ struct BenchRunCommand: AsyncParsableCommand {
             let config = try MicroVMConfig.load()
             let slice = try config.profile(named: profile).slice()
             let host = HostProfile.current()
-            let load = try BenchWorkload.resolve(workload)
-            let targets = BackendCatalog.targets(names, host: host, factories: BenchWorkload.factories(load))
+            let (load, image) = try BenchWorkload.resolve(workload)
+            let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: image))
             let plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
                                  context: BenchContext(workload: load, slice: slice, durations: durations), preset: preset, profile: profile)
             let report = await BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }).run(host: host)
@@ -79,19 +79,14 @@ struct BenchCompareCommand: AsyncParsableCommand {
 
 /// Where the bench gets its binaries and real backends from.
 enum BenchWorkload {
-    static func resolve(_ kind: String) throws -> Workload {
+    static func resolve(_ kind: String) throws -> (Workload, GuestImage?) {
         switch kind {
-        case "host": return .host
+        case "host": return (.host, nil)
         case "image":
-            // The image module provides the default guest image; until it can, the host's own tree
-            // serves native and container runs and VM backends say why they cannot run.
-            FileHandleOutput.stderr("[bench] no guest image support in this build: using the host's binaries (native and containers only)\n")
-            return .host
+            FileHandleOutput.stderr("[bench] preparing the default guest image (built once, then cached)\n")
+            let image = try ImageStore().ensureDefault()
+            return (Workload(image: image), image)
         default: throw MicroVMError.invalidArgument("--workload must be 'image' or 'host' (got '\(kind)')")
         }
-    }
-
-    static func factories(_ w: Workload) -> [String: @Sendable () throws -> any InstanceBackend] {
-        [:]
     }
 }
