@@ -23,7 +23,8 @@ public enum Layout {
     public static let zeroPage: GuestAddress = 0x7000
     /// Initial stack pointer for the boot vCPU: top of the page after the zero page, 16-byte aligned.
     public static let bootStack: GuestAddress = 0x8ff0
-    /// Identity page tables for the 64-bit entry: PML4, one PDPT, one PD (2 MiB pages).
+    /// Identity page tables for the 64-bit entry: PML4, one PDPT, then page directories of 2 MiB
+    /// pages from `pd` on, one per GiB mapped; up to 20 fit below `cmdline`.
     public static let pml4: GuestAddress = 0x9000
     public static let pdpt: GuestAddress = 0xa000
     public static let pd: GuestAddress = 0xb000
