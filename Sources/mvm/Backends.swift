@@ -10,13 +10,16 @@ enum Backends {
                                     defaultRootfs: { try ImageStore().ensureDefault().rootfsTree })
         case .native:
             return NativeBackend()
-        case .direct, .hosted:
-            throw MicroVMError.unsupported("--mode \(mode.rawValue) is not available in this build")
+        case .direct:
+            return DirectBackend()
+        case .hosted:
+            return HostedBackend(connect: connect, attachRootfs: attachRootfs)
         }
     }
 
+    /// Every backend that can list, stop and show logs of instances (for ps/stop/logs).
     static func all(connect: String?) -> [any InstanceBackend] {
-        [ContainerBackend(runtime: .runc)]
+        [DirectBackend(), HostedBackend(connect: connect), ContainerBackend(runtime: .runc)]
     }
 }
 

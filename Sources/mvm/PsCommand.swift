@@ -1,7 +1,36 @@
 import ArgumentParser
+import Foundation
 import MicroVM
 
 struct PsCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "ps", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm ps is not built yet") }
+    static let configuration = CommandConfiguration(commandName: "ps", abstract: "List instances of every mode (direct, hosted, container).")
+    @Option(help: "libvirt URI for hosted instances.") var connect: String?
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() async throws {
+        try await reportingErrors {
+            var all: [InstanceInfo] = []
+            var problems: [String] = []
+            for b in Backends.all(connect: connect) {
+                do { all += try await b.list() } catch { problems.append("\(b.mode.rawValue): \(error)") }
+            }
+            if json {
+                let enc = JSONEncoder()
+                enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+                enc.dateEncodingStrategy = .iso8601
+                print(String(decoding: try enc.encode(all), as: UTF8.self))
+            } else {
+                print("NAME".padding(toLength: 24, withPad: " ", startingAt: 0) + "MODE       STATE      CPUS  MEMORY  PID")
+                for i in all {
+                    print(i.name.padding(toLength: 24, withPad: " ", startingAt: 0)
+                          + i.mode.rawValue.padding(toLength: 11, withPad: " ", startingAt: 0)
+                          + i.state.padding(toLength: 11, withPad: " ", startingAt: 0)
+                          + "\(i.cpus)".padding(toLength: 6, withPad: " ", startingAt: 0)
+                          + i.memory.description.padding(toLength: 8, withPad: " ", startingAt: 0)
+                          + (i.pid.map { "\($0)" } ?? "-"))
+                }
+            }
+            for p in problems { FileHandleOutput.stderr("mvm ps: \(p)\n") }
+        }
+    }
 }

@@ -1,7 +1,40 @@
 import ArgumentParser
+import Foundation
 import MicroVM
 
 struct StopCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "stop", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm stop is not built yet") }
+    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop an instance by name (graceful, then forced), whatever its mode.")
+    @Argument(help: "Instance name (see mvm ps).") var name: String
+    @Option(help: "libvirt URI for hosted instances.") var connect: String?
+
+    func run() async throws {
+        try await reportingErrors {
+            let backend = try await InstanceLookup.find(name: name, connect: connect)
+            try await backend.stop(name: name)
+            print("stopped \(name)")
+        }
+    }
+}
+
+struct LogsCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "logs", abstract: "Print the console (VMs) or output (containers) of an instance.")
+    @Argument(help: "Instance name (see mvm ps).") var name: String
+    @Option(help: "libvirt URI for hosted instances.") var connect: String?
+
+    func run() async throws {
+        try await reportingErrors {
+            let backend = try await InstanceLookup.find(name: name, connect: connect)
+            FileHandle.standardOutput.write(Data(try await backend.logs(name: name).utf8))
+        }
+    }
+}
+
+enum InstanceLookup {
+    /// The backend that knows an instance of this name; one clear error when none does.
+    static func find(name: String, connect: String?) async throws -> any InstanceBackend {
+        for b in Backends.all(connect: connect) {
+            if let list = try? await b.list(), list.contains(where: { $0.name == name }) { return b }
+        }
+        throw MicroVMError.notFound("no instance named '\(name)': see `mvm ps` for the instances of every mode")
+    }
 }
