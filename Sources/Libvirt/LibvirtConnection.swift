@@ -18,6 +18,7 @@ public final class LibvirtConnection: @unchecked Sendable {
     /// `qemu+ssh://HOST/system`, `test:///default`. Remote transports get libvirt's default
     /// authentication callback so ssh/SASL prompts work.
     public static func open(_ uri: String) throws -> LibvirtConnection {
+        try checkURI(uri)
         try LibvirtRuntime.start()
         let ptr: virConnectPtr?
         if uri.contains("+") {
@@ -28,6 +29,26 @@ public final class LibvirtConnection: @unchecked Sendable {
         }
         guard let ptr else { throw openError(uri: uri, failure: LibvirtFailure.last()) }
         return LibvirtConnection(pointer: ptr, uri: uri)
+    }
+
+    static let drivers: Set<String> = ["qemu", "test", "lxc", "xen", "libxl", "vbox", "vmwareplayer", "vmwarews", "vmwarefusion",
+                                       "esx", "gsx", "vpx", "hyperv", "openvz", "bhyve", "vz", "parallels", "ch", "remote"]
+    static let transports: Set<String> = ["unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext"]
+
+    /// Rejects what libvirt would otherwise hand to its remote driver, which then reports a
+    /// missing daemon socket instead of the real mistake: an unknown driver or transport.
+    static func checkURI(_ uri: String) throws {
+        let usage = "use qemu:///embed?root=DIR, qemu:///system, qemu:///session, qemu+ssh://HOST/system or test:///default"
+        guard let c = URLComponents(string: uri), let scheme = c.scheme?.lowercased(), !scheme.isEmpty else {
+            throw MicroVMError.invalidArgument("'\(uri)' is not a libvirt URI: \(usage)")
+        }
+        let parts = scheme.split(separator: "+", maxSplits: 1).map(String.init)
+        guard drivers.contains(parts[0]), parts.count == 1 || transports.contains(parts[1]) else {
+            throw MicroVMError.invalidArgument("'\(uri)' names no libvirt driver ('\(scheme)' is unknown): \(usage)")
+        }
+        if parts[0] == "qemu", parts.count == 1, (c.host ?? "").isEmpty, !["/system", "/session", "/embed"].contains(c.path) {
+            throw MicroVMError.invalidArgument("'\(uri)': a local QEMU URI ends in /system, /session or /embed: \(usage)")
+        }
     }
 
     /// One clear error per way an open fails: a URI no driver accepts, a daemon that does not

@@ -26,11 +26,11 @@ struct DomainXMLTests {
     }
 
     @Test func escapesHostileNamesAndCommandLines() throws {
-        let name = "evil</name><on_crash>preserve</on_crash>&'\""
+        let name = "evil'><on_crash>preserve<on_crash x='&\""
         let cmd = "console=ttyS0 x=\"]]><devices/>\" & y='<'"
         let xml = try DomainXML.document(for: Self.config(name: name, cmdline: cmd))
         #expect(!xml.contains("<on_crash>preserve"))
-        #expect(xml.contains("<name>evil&lt;/name&gt;&lt;on_crash&gt;preserve&lt;/on_crash&gt;&amp;&apos;&quot;</name>"))
+        #expect(xml.contains("<name>evil&apos;&gt;&lt;on_crash&gt;preserve&lt;on_crash x=&apos;&amp;&quot;</name>"))
         #expect(xml.contains("x=&quot;]]&gt;&lt;devices/&gt;&quot; &amp; y=&apos;&lt;&apos;"))
         #expect(xml.components(separatedBy: "<on_crash>").count == 2)
         if Self.validator != nil { #expect(try Self.schemaErrors(xml) == nil) }

@@ -79,9 +79,14 @@ struct TestDriverTests {
     }
 
     @Test func invalidURIIsOneClearError() throws {
-        let e = try #require(throws: MicroVMError.self) { try LibvirtConnection.open("bogus-driver:///nothing") }
-        #expect(e.code == .invalidArgument)
-        #expect(e.message.contains("not a libvirt URI"))
+        for uri in ["bogus-driver:///nothing", "qemu+carrier-pigeon://host/system", "qemu:///bogus", "::bad uri", ""] {
+            let e = try #require(throws: MicroVMError.self, "\(uri)") { try LibvirtConnection.open(uri) }
+            #expect(e.code == .invalidArgument, "\(uri)")
+            #expect(e.message.contains("qemu:///system"), "the error lists URIs that work: \(e.message)")
+        }
+        // Past our own check, libvirt's parser has the last word.
+        let e = try #require(throws: MicroVMError.self) { try LibvirtConnection.open("test:///nonexistent/mvm-test-driver.xml") }
+        #expect(e.message.contains("nonexistent"))
     }
 
     @Test func unreachableDaemonSaysWhatToDo() throws {
