@@ -1,0 +1,86 @@
+import Foundation
+
+/// Turns the rig's serial console into the command's output and exit status.
+/// Everything before the start marker (firmware, kernel) is dropped; between the markers each
+/// line is passed on as it completes, so output streams live. The init prints a newline before
+/// the exit marker, so one held-back newline is the frame's and is never emitted.
+/// Console bytes come from a guest: lines are capped and markers parsed without trusting them.
+public struct RigConsole: Sendable {
+    public enum Phase: Sendable, Equatable { case booting, running, exited(Int32), failed(String) }
+
+    public static let startMarker = "@@mvm:rig-start"
+    public static let exitMarker = "@@mvm:rig-exit status="
+    public static let errorMarker = "@@mvm:rig-error "
+    /// A longer line is passed on in pieces, so a guest printing without newlines cannot grow memory.
+    static let maxLine = 64 * 1024
+
+    public private(set) var phase: Phase = .booting
+    public private(set) var guestStartUptime: Double?
+    /// The last console lines before the start marker, for error messages.
+    public private(set) var bootTail: [String] = []
+    private var line: [UInt8] = []
+    private var pendingNewline = false
+
+    public init() {}
+
+    public var isFinished: Bool {
+        switch phase { case .exited, .failed: return true; default: return false }
+    }
+
+    /// Feeds console bytes; returns the output bytes to pass on now.
+    public mutating func feed(_ bytes: some Sequence<UInt8>) -> [UInt8] {
+        var out: [UInt8] = []
+        for b in bytes {
+            if isFinished { break }
+            if b == UInt8(ascii: "\n") {
+                if line.last == UInt8(ascii: "\r") { line.removeLast() }
+                finishLine(into: &out)
+            } else {
+                line.append(b)
+                if line.count >= Self.maxLine {
+                    if phase == .running {
+                        if pendingNewline { out.append(UInt8(ascii: "\n")); pendingNewline = false }
+                        out += line
+                    }
+                    line.removeAll(keepingCapacity: true)
+                }
+            }
+        }
+        return out
+    }
+
+    private mutating func finishLine(into out: inout [UInt8]) {
+        defer { line.removeAll(keepingCapacity: true) }
+        let text = String(decoding: line, as: UTF8.self)
+        switch phase {
+        case .booting:
+            if let r = text.range(of: Self.startMarker) {
+                phase = .running
+                let rest = text[r.upperBound...]
+                if let eq = rest.range(of: "uptime="), let end = rest[eq.upperBound...].range(of: "@@") {
+                    guestStartUptime = Double(rest[eq.upperBound..<end.lowerBound])
+                }
+            } else if let r = text.range(of: Self.errorMarker) {
+                phase = .failed(String(text[r.upperBound...]).replacingOccurrences(of: "@@", with: ""))
+            } else if !text.isEmpty {
+                bootTail.append(String(text.prefix(300)))
+                if bootTail.count > 20 { bootTail.removeFirst() }
+            }
+        case .running:
+            if text.hasPrefix(Self.exitMarker) {
+                let digits = text.dropFirst(Self.exitMarker.count).prefix { $0.isNumber }
+                if let s = Int32(digits), text.dropFirst(Self.exitMarker.count + digits.count).hasPrefix("@@") {
+                    phase = .exited(s)
+                } else {
+                    phase = .failed("malformed exit line '\(text.prefix(100))'")
+                }
+                return
+            }
+            if pendingNewline { out.append(UInt8(ascii: "\n")) }
+            out += line
+            pendingNewline = true
+        case .exited, .failed:
+            break
+        }
+    }
+}

@@ -1,2 +1,0 @@
-/// Rig module (in progress).
-public enum RigModule {}

@@ -1,0 +1,130 @@
+import Foundation
+import MicroVMCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The rig's QEMU in its own process group, so one kill takes it and anything it spawned.
+/// Registered while alive, so a signal to mvm can still kill it.
+final class RigChild: @unchecked Sendable {
+    enum Outcome: Equatable { case finished, exited, timedOut }
+
+    let pid: pid_t
+    let scratch: String
+    private let readFD: Int32
+    private let lock = NSLock()
+    private var reaped = false
+
+    private init(pid: pid_t, readFD: Int32, scratch: String) {
+        self.pid = pid; self.readFD = readFD; self.scratch = scratch
+    }
+
+    static func spawn(_ argv: [String], stderrPath: String, scratch: String) throws -> RigChild {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else {
+            throw MicroVMError(.internalError, "pipe failed: \(String(cString: strerror(errno)))")
+        }
+        // Close-on-exec, so other children spawned meanwhile do not hold the console open.
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
+        posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // A fresh group (killed as one) with default signal dispositions and an empty mask,
+        // whatever mvm itself ignores or blocks.
+        var none = sigset_t(); sigemptyset(&none)
+        var all = sigset_t(); sigfillset(&all)
+        posix_spawnattr_setsigmask(&attr, &none)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        posix_spawnattr_setpgroup(&attr, 0)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+
+        let cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, argv[0], &actions, &attr, cargs, environ)
+        close(fds[1])
+        guard rc == 0 else {
+            close(fds[0])
+            throw MicroVMError(.backend, "cannot start '\(argv[0])': \(String(cString: strerror(rc))); install it with 'apt-get install qemu-system-x86'")
+        }
+        let child = RigChild(pid: pid, readFD: fds[0], scratch: scratch)
+        RigProcessRegistry.shared.add(child)
+        return child
+    }
+
+    /// Reads the console until `consume` says it is done, QEMU closes it, or the deadline passes.
+    func pump(deadline: Date, consume: ([UInt8]) -> Bool) -> Outcome {
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let left = deadline.timeIntervalSinceNow
+            if left <= 0 { return .timedOut }
+            var pfd = pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)
+            let r = poll(&pfd, 1, Int32(min(left * 1000, 1000).rounded(.up)))
+            if r < 0 { if errno == EINTR { continue }; return .exited }
+            if r == 0 { continue }
+            let n = buf.withUnsafeMutableBytes { read(readFD, $0.baseAddress, $0.count) }
+            if n < 0 { if errno == EINTR || errno == EAGAIN { continue }; return .exited }
+            if n == 0 { return .exited }
+            if consume(Array(buf[0..<n])) { return .finished }
+        }
+    }
+
+    /// Kills the whole group and waits for QEMU; idempotent.
+    func killAndReap() {
+        lock.lock()
+        defer { lock.unlock() }
+        guard !reaped else { return }
+        reaped = true
+        kill(-pid, SIGKILL)
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
+        close(readFD)
+        RigProcessRegistry.shared.remove(self)
+    }
+
+    /// For signal handlers: kill without waiting or taking the lock a blocked run may hold.
+    func killGroup() { kill(-pid, SIGKILL) }
+}
+
+/// Rig children alive in this process, for SIGINT/SIGTERM cleanup.
+final class RigProcessRegistry: @unchecked Sendable {
+    static let shared = RigProcessRegistry()
+    private let lock = NSLock()
+    private var children: [ObjectIdentifier: RigChild] = [:]
+    private var sources: [any DispatchSourceSignal] = []
+
+    func add(_ c: RigChild) { lock.lock(); children[ObjectIdentifier(c)] = c; lock.unlock() }
+    func remove(_ c: RigChild) { lock.lock(); children[ObjectIdentifier(c)] = nil; lock.unlock() }
+
+    func killAll() {
+        lock.lock(); let all = Array(children.values); lock.unlock()
+        for c in all {
+            c.killGroup()
+            var status: Int32 = 0
+            _ = waitpid(c.pid, &status, 0)
+            try? FileManager.default.removeItem(atPath: c.scratch)
+        }
+    }
+
+    func installSignalHandlers() {
+        lock.lock(); defer { lock.unlock() }
+        guard sources.isEmpty else { return }
+        for sig in [SIGINT, SIGTERM, SIGHUP] {
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { [weak self] in
+                self?.killAll()
+                FileHandle.standardError.write(Data("mvm: interrupted; the rig was stopped\n".utf8))
+                exit(128 + sig)
+            }
+            s.resume()
+            sources.append(s)
+        }
+    }
+}
