@@ -1,0 +1,179 @@
+/// Allocator: shares the host's CPUs, memory and huge pages among VMs and containers. It reads
+/// the host's capacity (`HostCapacity`), admits or refuses requests as a whole (`Placer`), records
+/// grants in a SQLite ledger that every `mvm` process shares, reclaims grants whose owner died,
+/// and enforces a grant with cgroups (`CgroupSet`) and thread affinity (`ThreadAffinity`).
+///
+/// ```swift
+/// let allocator = try Allocator.open(paths: .default, config: try MicroVMConfig.load())
+/// let grant = try allocator.allocate(SliceRequest(cpus: 2, placement: .dedicated, memory: .gibibytes(1),
+///                                                 owner: "web-1", ownerPID: getpid()))
+/// let cgroup = try CgroupSet.create(name: "microvm/web-1", slice: grant.slice)
+/// try cgroup.add(pid: childPID)
+/// // … later
+/// try cgroup.remove()
+/// try allocator.release(grant.id)
+/// ```
+import Foundation
+import GRDB
+import MicroVMCore
+import Host
+
+/// The allocator over one ledger file and one host's capacity.
+public final class Allocator: Sendable {
+    public let capacity: HostCapacity
+    public var ledgerPath: String { ledger.path }
+    let ledger: Ledger
+    /// Whether a grant's owner still runs; tests substitute their own notion of "dead".
+    let ownerAlive: @Sendable (_ pid: Int32, _ startTime: UInt64?) -> Bool
+    let procRoot: String
+
+    /// Opens (creating when absent) the ledger at `paths.ledger` for this host's capacity, less
+    /// the configured reservation.
+    public static func open(paths: Paths = .default, config: MicroVMConfig, roots: HostRoots = HostRoots()) throws -> Allocator {
+        let capacity = try HostCapacity.probe(roots: roots, reservation: config.reservation)
+        try Paths.ensureDirectory(paths.state)
+        return try Allocator(capacity: capacity, ledgerPath: paths.ledger, procRoot: roots.proc)
+    }
+
+    public init(capacity: HostCapacity, ledgerPath: String, procRoot: String = "/proc",
+                ownerAlive: (@Sendable (_ pid: Int32, _ startTime: UInt64?) -> Bool)? = nil) throws {
+        self.capacity = capacity
+        self.procRoot = procRoot
+        self.ownerAlive = ownerAlive ?? { pid, start in ProcessIdentity.isAlive(pid: pid, startTime: start, procRoot: procRoot) }
+        self.ledger = try Ledger(path: ledgerPath)
+    }
+
+    /// Grants `request` whole or throws one error naming the short resource. Grants of dead
+    /// owners are reclaimed first, in the same transaction.
+    @discardableResult
+    public func allocate(_ request: SliceRequest) throws -> Grant {
+        let pidStart = request.ownerPID.flatMap { ProcessIdentity.startTime(pid: $0, procRoot: procRoot) }
+        if let pid = request.ownerPID, pidStart == nil, ownerAlive(pid, nil) == false {
+            throw MicroVMError.invalidArgument("owner pid \(pid) is not a running process: pass the pid of the process that holds the grant")
+        }
+        return try ledger.immediate { db in
+            _ = try reclaimDead(db)
+            let snapshot = try Ledger.snapshot(db)
+            let (slice, huge) = try Placer.decide(request, capacity: capacity, snapshot: snapshot)
+            let grant = try Ledger.insert(db, request: request, slice: slice, hugePages: huge, pidStart: pidStart)
+            try Ledger.log(db, kind: "grant", grant: grant, detail: Ledger.describe(grant))
+            if slice.placement == .dedicated {
+                // Shared grants run on the pool, which just lost these CPUs.
+                let pool = CPUList.format(capacity.grantableCPUs.filter { snapshot.dedicated[$0] == nil && !slice.cpuSet.contains($0) })
+                try db.execute(sql: "UPDATE grants SET cpuset = ? WHERE placement = 'shared' AND cpuset != ?", arguments: [pool, pool])
+                if db.changesCount > 0 {
+                    try Ledger.log(db, kind: "reshape", grant: nil, detail: "\(db.changesCount) shared grants now on CPUs \(pool)")
+                }
+            }
+            return grant
+        }
+    }
+
+    /// What `allocate` would grant now, without granting it (dead owners are not reclaimed either,
+    /// so a refusal here may turn into a grant after `reclaimDead`).
+    public func plan(_ request: SliceRequest) throws -> ResourceSlice {
+        try ledger.read { db in
+            try Placer.decide(request, capacity: capacity, snapshot: try Ledger.snapshot(db)).slice
+        }
+    }
+
+    /// Releases one grant; returns it, or nil when no such grant is live.
+    @discardableResult
+    public func release(_ grantID: Int64) throws -> Grant? {
+        try ledger.immediate { db in
+            guard let g = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE id = ?", arguments: [grantID]).first else { return nil }
+            try Ledger.delete(db, g, kind: "release")
+            return g
+        }
+    }
+
+    /// Releases every grant an owner holds.
+    @discardableResult
+    public func release(owner: String) throws -> [Grant] {
+        try ledger.immediate { db in
+            let gs = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE owner = ? ORDER BY id", arguments: [owner])
+            for g in gs { try Ledger.delete(db, g, kind: "release") }
+            return gs
+        }
+    }
+
+    /// Reclaims the grants whose owner process is gone (pid missing or reused) and logs each.
+    @discardableResult
+    public func reclaimDead() throws -> [Grant] {
+        try ledger.immediate { db in try reclaimDead(db) }
+    }
+
+    private func reclaimDead(_ db: Database) throws -> [Grant] {
+        var dead: [Grant] = []
+        for row in try Row.fetchAll(db, sql: "SELECT DISTINCT pid, pidStart FROM grants WHERE pid IS NOT NULL") {
+            let pid = Int32(truncatingIfNeeded: row["pid"] as Int64)
+            let start = (row["pidStart"] as Int64?).map { UInt64(bitPattern: $0) }
+            if ownerAlive(pid, start) { continue }
+            let gs = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE pid = ? AND pidStart IS ? ORDER BY id",
+                                       arguments: [Int64(pid), start.map { Int64(bitPattern: $0) }])
+            for g in gs { try Ledger.delete(db, g, kind: "reclaim", detail: "owner pid \(pid) is gone; " + Ledger.describe(g)) }
+            dead += gs
+        }
+        return dead
+    }
+
+    /// Every live grant, oldest first.
+    public func grants() throws -> [Grant] {
+        try ledger.read { db in try Ledger.grants(db) }
+    }
+
+    /// What is granted and what is left.
+    public func usage() throws -> Usage {
+        try ledger.read { db in Usage(capacity: capacity, snapshot: try Ledger.snapshot(db)) }
+    }
+
+    /// The newest `limit` ledger events, oldest first.
+    public func events(limit: Int = 50) throws -> [Event] {
+        try ledger.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM events ORDER BY id DESC LIMIT ?", arguments: [limit]).reversed().map { row in
+                Event(id: row["id"], time: Date(timeIntervalSince1970: row["time"]), kind: row["kind"],
+                      grantID: row["grantID"], owner: row["owner"], detail: row["detail"])
+            }
+        }
+    }
+
+    public struct Event: Codable, Sendable, Hashable {
+        public var id: Int64
+        public var time: Date
+        /// "grant", "release", "reclaim" or "reshape".
+        public var kind: String
+        public var grantID: Int64?
+        public var owner: String?
+        public var detail: String
+    }
+
+    /// Capacity less live grants.
+    public struct Usage: Codable, Sendable, Equatable {
+        public var grants: Int
+        public var dedicatedCPUs: [Int]
+        public var pinnedCPUs: [Int]
+        /// CPUs neither dedicated nor reserved: where shared grants run.
+        public var sharedPool: [Int]
+        /// CPUs a new dedicated grant could take now.
+        public var freeDedicatedCPUs: [Int]
+        public var memoryGrantable: ByteCount
+        public var memoryUsed: ByteCount
+        public var memoryFree: ByteCount
+        public var hugePagesUsed: Int
+        public var hugePagesFree: Int
+
+        init(capacity c: HostCapacity, snapshot s: LedgerSnapshot) {
+            grants = s.grantCount
+            dedicatedCPUs = s.dedicated.keys.sorted()
+            pinnedCPUs = s.pinnedLoad.filter { $0.value > 0 }.keys.sorted()
+            sharedPool = c.grantableCPUs.filter { s.dedicated[$0] == nil }
+            let free = sharedPool.filter { (s.pinnedLoad[$0] ?? 0) == 0 }
+            freeDedicatedCPUs = Array(free.prefix(max(0, sharedPool.count - s.largestShared)))
+            memoryGrantable = c.grantableMemory
+            memoryUsed = ByteCount(Placer.usedMemory(s, ratio: c.memoryOvercommit))
+            memoryFree = c.grantableMemory - memoryUsed
+            hugePagesUsed = s.hugePagesUsed
+            hugePagesFree = max(0, c.hugePages.total - s.hugePagesUsed)
+        }
+    }
+}

@@ -1,2 +1,0 @@
-/// Allocator module (in progress).
-public enum AllocatorModule {}

@@ -1,0 +1,181 @@
+import Foundation
+import GRDB
+import MicroVMCore
+
+/// The grant ledger: one SQLite file shared by every `mvm` process on the host. Each allocation
+/// reads the aggregate state and inserts its grant inside one IMMEDIATE transaction, so two
+/// processes can never both take the last CPU.
+final class Ledger: Sendable {
+    let path: String
+    let queue: DatabaseQueue
+
+    init(path: String) throws {
+        self.path = path
+        try Ledger.checkHeader(path)
+        var config = Configuration()
+        config.busyMode = .timeout(30)
+        config.label = "microvm-ledger"
+        do {
+            queue = try DatabaseQueue(path: path, configuration: config)
+        } catch {
+            throw Ledger.corrupt(path, "cannot be opened as a SQLite database", cause: error)
+        }
+        do {
+            let result = try queue.read { db in try String.fetchAll(db, sql: "PRAGMA integrity_check") }
+            guard result == ["ok"] else {
+                throw Ledger.corrupt(path, "fails SQLite's integrity check (\(result.prefix(3).joined(separator: "; ")))")
+            }
+            try Ledger.migrator.migrate(queue)
+        } catch let e as MicroVMError {
+            throw e
+        } catch {
+            throw Ledger.corrupt(path, "is not a usable SQLite database", cause: error)
+        }
+    }
+
+    static func corrupt(_ path: String, _ what: String, cause: (any Error)? = nil) -> MicroVMError {
+        MicroVMError(.corruptState, "the allocator ledger \(path) \(what): move it aside (mv \(path) \(path).bad) so a new one is created, then check for leftover instances with mvm ps; the grants it held are forgotten", cause: cause)
+    }
+
+    /// A non-empty file that does not start with SQLite's magic is someone else's data or garbage:
+    /// refuse it rather than let SQLite overwrite or half-read it.
+    static func checkHeader(_ path: String) throws {
+        guard let h = FileHandle(forReadingAtPath: path) else { return }
+        defer { try? h.close() }
+        let head = (try? h.read(upToCount: 16)) ?? Data()
+        if !head.isEmpty && head != Data("SQLite format 3\0".utf8) {
+            throw corrupt(path, "is not a SQLite database (its header is not 'SQLite format 3')")
+        }
+    }
+
+    static let migrator: DatabaseMigrator = {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1") { db in
+            try db.create(table: "grants") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("owner", .text).notNull()
+                t.column("pid", .integer)
+                t.column("pidStart", .integer)
+                t.column("mode", .text).notNull().defaults(to: "")
+                t.column("cpus", .integer).notNull()
+                t.column("cpuset", .text).notNull()
+                t.column("memory", .integer).notNull()
+                t.column("hugePages", .integer).notNull().defaults(to: 0)
+                t.column("placement", .text).notNull()
+                t.column("weight", .integer).notNull()
+                t.column("quota", .double)
+                t.column("pidsLimit", .integer)
+                t.column("numaNode", .integer)
+                t.column("created", .double).notNull()
+            }
+            // Covers the snapshot's aggregates, so a decision reads an index, not every row.
+            try db.create(index: "grants_by_placement", on: "grants", columns: ["placement", "hugePages", "memory", "cpus", "numaNode", "cpuset"])
+            try db.create(index: "grants_by_owner", on: "grants", columns: ["owner"])
+            try db.create(index: "grants_by_pid", on: "grants", columns: ["pid", "pidStart"])
+            try db.create(table: "events") { t in
+                t.autoIncrementedPrimaryKey("id")
+                t.column("time", .double).notNull()
+                t.column("kind", .text).notNull()
+                t.column("grantID", .integer)
+                t.column("owner", .text)
+                t.column("detail", .text).notNull().defaults(to: "")
+            }
+            // The event log is append-only: the database itself refuses edits.
+            try db.execute(sql: """
+                CREATE TRIGGER events_no_update BEFORE UPDATE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+                CREATE TRIGGER events_no_delete BEFORE DELETE ON events BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+                """)
+        }
+        return m
+    }()
+
+    /// Runs `body` inside one IMMEDIATE transaction: the write lock is taken before the first read.
+    func immediate<T>(_ body: (Database) throws -> T) throws -> T {
+        try queue.writeWithoutTransaction { db in
+            var out: T?
+            try db.inTransaction(.immediate) {
+                out = try body(db)
+                return .commit
+            }
+            guard let out else { throw MicroVMError(.internalError, "ledger transaction returned nothing") }
+            return out
+        }
+    }
+
+    func read<T>(_ body: (Database) throws -> T) throws -> T {
+        try queue.read { db in try body(db) }
+    }
+
+    // MARK: rows
+
+    static func snapshot(_ db: Database) throws -> LedgerSnapshot {
+        var s = LedgerSnapshot()
+        for row in try Row.fetchAll(db, sql: "SELECT id, cpuset FROM grants WHERE placement = 'dedicated'") {
+            let id: Int64 = row["id"]
+            for cpu in (try? CPUList.parse(row["cpuset"] as String)) ?? [] { s.dedicated[cpu] = id }
+        }
+        for row in try Row.fetchAll(db, sql: "SELECT cpuset, COUNT(*) AS n FROM grants WHERE placement = 'pinned' GROUP BY cpuset") {
+            let n: Int = row["n"]
+            for cpu in (try? CPUList.parse(row["cpuset"] as String)) ?? [] { s.pinnedLoad[cpu, default: 0] += n }
+        }
+        for row in try Row.fetchAll(db, sql: """
+            SELECT placement = 'shared' AS shared, SUM(CASE WHEN hugePages = 0 THEN memory ELSE 0 END) AS mem,
+                   SUM(hugePages) AS huge, MAX(cpus) AS widest, COUNT(*) AS n
+            FROM grants GROUP BY placement = 'shared'
+            """) {
+            let shared: Bool = row["shared"]
+            let mem = UInt64(max(0, row["mem"] as Int64? ?? 0))
+            if shared { s.sharedMemory = mem; s.largestShared = row["widest"] ?? 0 } else { s.hardMemory = mem }
+            s.hugePagesUsed += row["huge"] as Int? ?? 0
+            s.grantCount += row["n"] as Int? ?? 0
+        }
+        for row in try Row.fetchAll(db, sql: "SELECT numaNode, SUM(memory) AS mem FROM grants WHERE numaNode IS NOT NULL GROUP BY numaNode") {
+            s.nodeMemory[row["numaNode"]] = UInt64(max(0, row["mem"] as Int64? ?? 0))
+        }
+        return s
+    }
+
+    static func insert(_ db: Database, request r: SliceRequest, slice: ResourceSlice, hugePages: Int, pidStart: UInt64?) throws -> Grant {
+        let now = Date()
+        let pid: Int64? = r.ownerPID.map { Int64($0) }
+        let start: Int64? = pidStart.map { Int64(bitPattern: $0) }
+        try db.execute(sql: """
+            INSERT INTO grants (owner, pid, pidStart, mode, cpus, cpuset, memory, hugePages, placement, weight, quota, pidsLimit, numaNode, created)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [r.owner, pid, start, r.mode, slice.cpus,
+                             slice.cpuSetList, Int64(slice.memory.bytes), hugePages, slice.placement.rawValue, slice.cpuWeight,
+                             slice.cpuQuota, slice.pidsLimit, slice.numaNode, now.timeIntervalSince1970])
+        return Grant(id: db.lastInsertedRowID, owner: r.owner, pid: r.ownerPID, pidStartTime: pidStart, mode: r.mode,
+                     slice: slice, hugePageCount: hugePages, created: now)
+    }
+
+    static func grant(_ row: Row) -> Grant {
+        let placement = Placement(rawValue: row["placement"]) ?? .shared
+        let slice = ResourceSlice(cpus: row["cpus"], placement: placement,
+                                  cpuSet: (try? CPUList.parse(row["cpuset"] as String)) ?? [],
+                                  cpuWeight: row["weight"], cpuQuota: row["quota"],
+                                  memory: ByteCount(UInt64(max(0, row["memory"] as Int64))),
+                                  hugePages: (row["hugePages"] as Int) > 0, pidsLimit: row["pidsLimit"], numaNode: row["numaNode"])
+        return Grant(id: row["id"], owner: row["owner"], pid: (row["pid"] as Int64?).map { Int32(truncatingIfNeeded: $0) },
+                     pidStartTime: (row["pidStart"] as Int64?).map { UInt64(bitPattern: $0) }, mode: row["mode"],
+                     slice: slice, hugePageCount: row["hugePages"], created: Date(timeIntervalSince1970: row["created"]))
+    }
+
+    static func grants(_ db: Database, sql: String = "SELECT * FROM grants ORDER BY id", arguments: StatementArguments = []) throws -> [Grant] {
+        try Row.fetchAll(db, sql: sql, arguments: arguments).map(grant)
+    }
+
+    static func delete(_ db: Database, _ g: Grant, kind: String, detail: String = "") throws {
+        try db.execute(sql: "DELETE FROM grants WHERE id = ?", arguments: [g.id])
+        try log(db, kind: kind, grant: g, detail: detail.isEmpty ? describe(g) : detail)
+    }
+
+    static func log(_ db: Database, kind: String, grant: Grant?, detail: String) throws {
+        try db.execute(sql: "INSERT INTO events (time, kind, grantID, owner, detail) VALUES (?, ?, ?, ?, ?)",
+                       arguments: [Date().timeIntervalSince1970, kind, grant?.id, grant?.owner, detail])
+    }
+
+    static func describe(_ g: Grant) -> String {
+        "\(g.slice.placement.rawValue) cpus=\(g.slice.cpuSetList) n=\(g.slice.cpus) memory=\(g.slice.memory)" + (g.pid.map { " pid=\($0)" } ?? "")
+    }
+}
