@@ -23,9 +23,19 @@ public struct BenchPlan: Sendable {
     public var context: BenchContext
     public var preset: String
     public var profile: String
-    public init(scenarios: [any BenchScenario], targets: [BenchTarget], repeats: Int, context: BenchContext, preset: String = "custom", profile: String = "bench") {
+    /// Repeats for VMs that are emulated (TCG or a software KVM), where each boot costs seconds:
+    /// `--quick` trades their sample count for a run that ends in minutes (recorded per backend).
+    public var emulatedVMRepeats: Int?
+    public init(scenarios: [any BenchScenario], targets: [BenchTarget], repeats: Int, context: BenchContext, preset: String = "custom",
+                profile: String = "bench", emulatedVMRepeats: Int? = nil) {
         self.scenarios = scenarios; self.targets = targets; self.repeats = max(1, repeats); self.context = context
-        self.preset = preset; self.profile = profile
+        self.preset = preset; self.profile = profile; self.emulatedVMRepeats = emulatedVMRepeats.map { max(1, $0) }
+    }
+
+    public func repeats(for t: BenchTarget) -> Int {
+        let vm = t.record.mode == .hosted || t.record.mode == .direct
+        if vm, t.record.acceleration != "hardware KVM", let n = emulatedVMRepeats { return min(n, repeats) }
+        return repeats
     }
 }
 
@@ -51,7 +61,7 @@ public final class BenchRunner: Sendable {
     public func run(hostRecord: HostRecord) async -> BenchReport {
         let ctx = plan.context
         let totalRuns = plan.scenarios.reduce(0) { acc, s in
-            acc + plan.targets.filter { $0.backend != nil }.count * plan.repeats * s.runsPerMeasure(ctx)
+            acc + plan.targets.filter { $0.backend != nil }.reduce(0) { $0 + plan.repeats(for: $1) } * s.runsPerMeasure(ctx)
         }
         var doneRuns = 0
         let start = Date()
@@ -66,8 +76,9 @@ public final class BenchRunner: Sendable {
                 if target.backend == nil {
                     for m in metrics { unavailable[m.id] = target.record.unavailableReason ?? "backend not available" }
                 } else {
-                    for rep in 1...plan.repeats {
-                        progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, done: doneRuns, total: totalRuns, start: start))
+                    let repeats = plan.repeats(for: target)
+                    for rep in 1...repeats {
+                        progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, of: repeats, done: doneRuns, total: totalRuns, start: start))
                         do {
                             for m in try await scenario.measure(target, ctx) {
                                 if !seen.contains(m.metric) { seen.append(m.metric) }
@@ -77,7 +88,7 @@ public final class BenchRunner: Sendable {
                             }
                         } catch let u as ScenarioUnavailable {
                             for m in metrics { unavailable[m.id] = u.reason }
-                            doneRuns += scenario.runsPerMeasure(ctx) * (plan.repeats - rep + 1)
+                            doneRuns += scenario.runsPerMeasure(ctx) * (repeats - rep + 1)
                             break
                         } catch {
                             errors.append("repeat \(rep): \(error)")
@@ -97,7 +108,8 @@ public final class BenchRunner: Sendable {
         progress("[bench] done: \(doneRuns) instance runs in \(Self.duration(Date().timeIntervalSince(start)))")
         let config = RunConfigRecord(preset: plan.preset, repeats: plan.repeats, scenarios: plan.scenarios.map(\.name), profile: plan.profile,
                                      slice: ctx.slice, workload: ctx.workload.source, guestKernel: ctx.workload.kernelVersion,
-                                     durations: ctx.durations.asDictionary)
+                                     durations: ctx.durations.asDictionary,
+                                     repeatsByBackend: Dictionary(uniqueKeysWithValues: plan.targets.map { ($0.name, plan.repeats(for: $0)) }))
         return BenchReport(host: hostRecord, config: config, backends: plan.targets.map(\.record), cells: Self.withRatios(cells))
     }
 
@@ -113,10 +125,10 @@ public final class BenchRunner: Sendable {
         }
     }
 
-    func progressLine(scenario: String, target: String, rep: Int, done: Int, total: Int, start: Date) -> String {
+    func progressLine(scenario: String, target: String, rep: Int, of repeats: Int, done: Int, total: Int, start: Date) -> String {
         let elapsed = Date().timeIntervalSince(start)
         let left = done > 0 ? Self.duration(elapsed / Double(done) * Double(max(0, total - done))) : "?"
-        return "[bench] \(scenario) on \(target), repeat \(rep)/\(plan.repeats) — \(done)/\(total) instance runs done, \(Self.duration(elapsed)) elapsed, ~\(left) left"
+        return "[bench] \(scenario) on \(target), repeat \(rep)/\(repeats) — \(done)/\(total) instance runs done, \(Self.duration(elapsed)) elapsed, ~\(left) left"
     }
 
     static func duration(_ s: Double) -> String {

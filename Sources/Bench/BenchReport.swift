@@ -85,9 +85,13 @@ public struct RunConfigRecord: Codable, Sendable, Equatable {
     public var workload: String
     public var guestKernel: String?
     public var durations: [String: Double]
-    public init(preset: String, repeats: Int, scenarios: [String], profile: String, slice: ResourceSlice, workload: String, guestKernel: String?, durations: [String: Double]) {
+    /// Repeats each backend really got (emulated VMs may get fewer in `--quick`).
+    public var repeatsByBackend: [String: Int]?
+    public init(preset: String, repeats: Int, scenarios: [String], profile: String, slice: ResourceSlice, workload: String, guestKernel: String?,
+                durations: [String: Double], repeatsByBackend: [String: Int]? = nil) {
         self.preset = preset; self.repeats = repeats; self.scenarios = scenarios; self.profile = profile
         self.slice = slice; self.workload = workload; self.guestKernel = guestKernel; self.durations = durations
+        self.repeatsByBackend = repeatsByBackend
     }
 }
 

@@ -5,12 +5,13 @@ import Foundation
 public enum MarkdownReport {
     public static func render(_ r: BenchReport) -> String {
         var md = "# MicroVM bench results\n\n"
-        md += "- Host: \(r.host.cpuModel), \(r.host.cores) cores, \(r.host.memory) RAM, kernel \(r.host.kernel), KVM: \(r.host.kvm), cgroups: \(r.host.cgroupMode)\n"
+        md += "- Host: \(r.host.cpuModel), \(r.host.cores) cores, \(String(format: "%.1f", Double(r.host.memory.bytes) / 1_073_741_824)) GiB RAM, kernel \(r.host.kernel), KVM: \(r.host.kvm), cgroups: \(r.host.cgroupMode)\n"
         md += "- Run: \(r.config.preset), \(r.config.repeats) repeats, profile `\(r.config.profile)` (\(r.config.slice.cpus) CPU, \(r.config.slice.memory), \(r.config.slice.placement.rawValue)\(r.config.slice.pidsLimit.map { ", pids \($0)" } ?? "")), workload: \(r.config.workload)\(r.config.guestKernel.map { ", guest kernel \($0)" } ?? "")\n"
         md += "- Written \(ISO8601DateFormatter().string(from: r.createdAt)), schema version \(r.schemaVersion)\n\n"
-        md += "## Backends\n\n| backend | mode | acceleration | status |\n|---|---|---|---|\n"
+        md += "## Backends\n\n| backend | mode | acceleration | repeats | status |\n|---|---|---|---|---|\n"
         for b in r.backends {
-            md += "| \(b.name) | \(b.mode.rawValue) | \(b.acceleration) | \(b.available ? "available" : "unavailable: " + escape(b.unavailableReason ?? "?")) |\n"
+            let reps = r.config.repeatsByBackend?[b.name].map(String.init) ?? "\(r.config.repeats)"
+            md += "| \(b.name) | \(b.mode.rawValue) | \(b.acceleration) | \(b.available ? reps : "—") | \(b.available ? "available" : "unavailable: " + escape(b.unavailableReason ?? "?")) |\n"
         }
         let names = r.backends.map(\.name)
         md += "\n## Results\n\nEach cell: median (p99; min–max) and ×ratio to native (median ratio).\n\n"
@@ -20,7 +21,7 @@ public enum MarkdownReport {
             guard let any = r.cells.first(where: { $0.scenario == scenario && $0.metric == metric }) else { continue }
             let better = any.higherIsBetter ? "↑" : "↓"
             var row = "| \(scenario) | \(escape(any.title)) | \(any.unit) \(better) |"
-            for n in names { row += " \(cellText(r.cell(scenario: scenario, metric: metric, backend: n))) |" }
+            for b in r.backends { row += " \(cellText(r.cell(scenario: scenario, metric: metric, backend: b.name), backend: b)) |" }
             md += row + "\n"
         }
         let noisy = r.cells.filter { $0.scenario == "noisy-neighbour" && $0.status == .ok }
@@ -41,10 +42,13 @@ public enum MarkdownReport {
         return md
     }
 
-    static func cellText(_ c: Cell?) -> String {
+    static func cellText(_ c: Cell?, backend: BackendRecord? = nil) -> String {
         guard let c else { return "—" }
         switch c.status {
-        case .unavailable: return "unavailable: " + escape(c.note ?? "?")
+        case .unavailable:
+            // The backend's own reason is in the Backends table; repeating it in every row hides the numbers.
+            if let b = backend, !b.available, c.note == b.unavailableReason { return "unavailable (see Backends)" }
+            return "unavailable: " + escape(c.note ?? "?")
         case .failed: return "failed: " + escape(String((c.note ?? "?").prefix(120)))
         case .ok:
             guard let s = c.stats else { return "—" }

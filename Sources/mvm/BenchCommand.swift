@@ -44,7 +44,8 @@ struct BenchRunCommand: AsyncParsableCommand {
             let (load, image) = try BenchWorkload.resolve(workload)
             let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: image))
             let plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
-                                 context: BenchContext(workload: load, slice: slice, durations: durations), preset: preset, profile: profile)
+                                 context: BenchContext(workload: load, slice: slice, durations: durations), preset: preset, profile: profile,
+                                 emulatedVMRepeats: full || repeats != nil ? nil : 1)
             let report = await BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }).run(host: host)
             let files = try BenchOutput.write(report, to: out)
             FileHandleOutput.stderr("[bench] wrote \(files.json), \(files.markdown) and \(files.charts.count) charts in \(out)/charts\n")

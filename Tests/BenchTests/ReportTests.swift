@@ -37,8 +37,9 @@ import KVM
         #expect(cols.count == 8)
         #expect(cols.count > 6 && cols[4].hasPrefix("100.0 (p99") && cols[4].hasSuffix("×1.00"))
         #expect(cols.count > 6 && cols[5].hasPrefix("200.0 (p99") && cols[5].hasSuffix("×2.00"))
-        #expect(cols.count > 6 && cols[6].hasPrefix("unavailable: host KVM is emulated"))
-        #expect(md.contains("| direct | direct | emulated KVM | unavailable: host KVM is emulated"))
+        #expect(cols.count > 6 && cols[6] == "unavailable (see Backends)")
+        #expect(md.contains("| direct | direct | emulated KVM | — | unavailable: host KVM is emulated"))
+        #expect(md.contains("| runc | container | none | 3 | available |"))
     }
 
     @Test func svgIsWellFormedWithBarsAndErrorBarsPerBackend() throws {
