@@ -75,6 +75,7 @@ public struct HostedBackend: InstanceBackend {
         let conn = try connection()
         let plan = try makePlan(spec, connection: conn)
         try Paths.ensureDirectory(recordDirectory)
+        try Paths.ensureDirectory((plan.runDirectory as NSString).deletingLastPathComponent)
         guard mkdir(plan.runDirectory, 0o755) == 0 else {
             if errno == EEXIST {
                 throw MicroVMError.invalidArgument("a hosted instance named '\(spec.name)' already exists (\(plan.runDirectory)): pick another --name or mvm stop it")
@@ -202,15 +203,26 @@ public struct HostedBackend: InstanceBackend {
     func createDomain(_ config: DomainConfig, connection conn: LibvirtConnection) throws -> (LibvirtDomain, DomainConfig) {
         let xml = try DomainXML.document(for: config)
         do {
-            return (try conn.createTransient(xml: xml), config)
+            return (try Self.createRetryingCgroupRace(xml, connection: conn), config)
         } catch let e as MicroVMError where config.machine != "pc" {
             // libvirt may list a machine in its capabilities yet refuse it with our devices
             // (9.0 lists microvm but wants PCI for virtio); `pc` working proves the machine was the problem.
             var fallback = config
             fallback.machine = "pc"
-            let d = try conn.createTransient(xml: DomainXML.document(for: fallback))
+            let d = try Self.createRetryingCgroupRace(DomainXML.document(for: fallback), connection: conn)
             MachineChoice.shared.reject(config.machine, for: conn, reason: e.message)
             return (d, fallback)
+        }
+    }
+
+    /// libvirt instances that share the host's `machine` cgroup (a daemon plus embedded drivers)
+    /// race while one creates and another removes its directories; the loser fails once with a
+    /// cgroup write error and succeeds when asked again.
+    static func createRetryingCgroupRace(_ xml: String, connection conn: LibvirtConnection) throws -> LibvirtDomain {
+        do { return try conn.createTransient(xml: xml) }
+        catch let e as MicroVMError where e.message.contains("/sys/fs/cgroup") {
+            usleep(300_000)
+            return try conn.createTransient(xml: xml)
         }
     }
 

@@ -84,14 +84,17 @@ struct HostedBootTests {
         let backend = Self.backend()
         let name = "mvm-kill-\(UUID().uuidString.prefix(6).lowercased())"
         let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["true"], timeout: 300)
-        let run = Task { try await backend.run(spec) }
+        let done = EventLog()
+        let run = Task { defer { done.append(1) }; return try await backend.run(spec) }
         var killed = false
         let deadline = Date().addingTimeInterval(120)
-        while Date() < deadline {
-            if let pid = backend.qemuPid(name: name) {
+        while Date() < deadline, done.events.isEmpty {
+            // Mid-boot: libvirt has finished starting QEMU (the domain runs) and the init has not reported yet.
+            if let pid = backend.qemuPid(name: name), try backend.connection().lookup(name: name)?.state() == .running {
+                let console = try await backend.logs(name: name)
+                #expect(!console.contains("@@mvm:end"), "the guest finished before it could be killed")
                 // While it runs, ps and logs see it.
                 #expect(try await backend.list().contains { $0.name == name && $0.pid == pid })
-                _ = try await backend.logs(name: name)
                 #expect(kill(pid, SIGKILL) == 0)
                 killed = true
                 break
@@ -114,9 +117,10 @@ struct HostedBootTests {
         let backend = Self.backend()
         let name = "mvm-stop-\(UUID().uuidString.prefix(6).lowercased())"
         let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["true"], timeout: 300)
-        let run = Task { try await backend.run(spec) }
+        let done = EventLog()
+        let run = Task { defer { done.append(1) }; return try await backend.run(spec) }
         let deadline = Date().addingTimeInterval(120)
-        while Date() < deadline, backend.qemuPid(name: name) == nil { try await Task.sleep(for: .milliseconds(50)) }
+        while Date() < deadline, done.events.isEmpty, backend.qemuPid(name: name) == nil { try await Task.sleep(for: .milliseconds(50)) }
         let stats = try backend.domainStats(name: name)
         #expect(stats.memory == .mebibytes(128))
         try await backend.stop(name: name)
