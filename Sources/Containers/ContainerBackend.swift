@@ -104,7 +104,7 @@ public struct ContainerBackend: InstanceBackend {
             netnsPath = try ContainerNetwork.setUp(id: id, spec: net).netnsPath
         }
         let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
-                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(id)", slice: slice, netnsPath: netnsPath))
+                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", slice: slice, netnsPath: netnsPath))
         try config.encoded().write(to: URL(fileURLWithPath: bundle + "/config.json"))
 
         let launched = try StreamedRun.run(
@@ -114,7 +114,7 @@ public struct ContainerBackend: InstanceBackend {
             onTimeout: { driver.kill(id, signal: "KILL") })
         let collector = launched.collector
         // The container's processes hold the pipes; once runc has reaped pid 1 they are all gone.
-        if !collector.finish(timeout: 5) { CgroupDirs.remove(id: id); _ = collector.finish(timeout: 5) }
+        if !collector.finish(timeout: 5) { CgroupDirs.remove(id: store.cgroupLeaf(id)); _ = collector.finish(timeout: 5) }
         cleanUp()
         let status = launched.status, end = launched.end
         let r = collector.result
@@ -137,7 +137,7 @@ public struct ContainerBackend: InstanceBackend {
             driver.kill(id, signal: "KILL")
             driver.delete(id)
         }
-        CgroupDirs.remove(id: id)
+        CgroupDirs.remove(id: store.cgroupLeaf(id))
         if owner?.netns != nil { ContainerNetwork.tearDown(id: id) }
         store.reapFiles(id)
     }

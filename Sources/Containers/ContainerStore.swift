@@ -50,6 +50,14 @@ struct ContainerStore: Sendable {
     func log(_ id: String) -> String { logs + "/" + id + ".log" }
     func ownerFile(_ id: String) -> String { bundle(id) + "/owner.json" }
 
+    /// cgroups are host-wide while ids are per state directory, so the leaf carries a hash of
+    /// the state directory: two MVM_STATE_DIRs running the same name never share a cgroup.
+    func cgroupLeaf(_ id: String) -> String {
+        var h: UInt32 = 2_166_136_261
+        for b in base.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        return id + "-" + String(format: "%08x", h)
+    }
+
     /// Publishes the bundle with its owner record in one rename, so the reaper never sees a
     /// bundle without an owner.
     func createBundle(id: String, owner: OwnerRecord) throws -> String {

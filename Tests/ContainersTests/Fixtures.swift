@@ -43,8 +43,8 @@ final class Sandbox {
 
     /// Everything a container could leave on the host, as paths that still exist.
     func leftovers(id: String) -> [String] {
-        var left = CgroupDirs.candidates(id: id)
         let store = ContainerStore(paths: paths)
+        var left = CgroupDirs.candidates(id: store.cgroupLeaf(id))
         for p in [store.bundle(id), store.runtimeRoot + "/" + id, "/var/run/netns/" + id] where FileManager.default.fileExists(atPath: p) {
             left.append(p)
         }
