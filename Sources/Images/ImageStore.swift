@@ -106,6 +106,24 @@ public struct ImageStore: Sendable {
         }
     }
 
+    /// Removes cached images the current inputs no longer produce, and any leftover build
+    /// directories; returns the keys removed. A VM still running from one keeps its open files.
+    @discardableResult
+    public func prune() throws -> [String] {
+        let current = try ImageInputs.current(initScript: initScript).key
+        return try withLock {
+            let fm = FileManager.default
+            var removed: [String] = []
+            for name in (try? fm.contentsOfDirectory(atPath: paths.images)) ?? [] where name != ".lock" && name != current {
+                let isImage = load(key: name) != nil
+                guard isImage || name.hasPrefix(".build-") || name.hasPrefix(".old-") else { continue }
+                try fm.removeItem(atPath: paths.images + "/" + name)
+                if isImage { removed.append(name) }
+            }
+            return removed.sorted()
+        }
+    }
+
     /// Loads a complete image; a directory without a readable manifest is not one.
     func load(key: String) -> GuestImage? {
         let dir = paths.images + "/" + key

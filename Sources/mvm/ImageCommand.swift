@@ -6,7 +6,7 @@ struct ImageCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "image",
         abstract: "Build, list and inspect guest images (kernel, initramfs, rootfs disk and tree).",
-        subcommands: [Build.self, List.self, Inspect.self])
+        subcommands: [Build.self, List.self, Inspect.self, Prune.self])
 
     struct Build: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Build the default guest image, or return the cached one when its inputs are unchanged.")
@@ -19,7 +19,7 @@ struct ImageCommand: AsyncParsableCommand {
                 let started = Date()
                 let image = force ? try store.build(force: true) : try store.ensureDefault()
                 if json {
-                    print(try ImageCommand.encode(image))
+                    print(try ImageCommand.encode(BuildReport(image)))
                 } else {
                     print("image \(image.key) ready in \(String(format: "%.2f", Date().timeIntervalSince(started))) s")
                     print("  kernel   \(image.kernel) (\(image.kernelVersion))")
@@ -50,6 +50,17 @@ struct ImageCommand: AsyncParsableCommand {
         }
     }
 
+    struct Prune: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(abstract: "Delete cached images that the current kernel, recipes and packages no longer produce.")
+
+        func run() async throws {
+            try await reportingErrors {
+                let removed = try ImageStore().prune()
+                print(removed.isEmpty ? "nothing to prune" : "removed \(removed.joined(separator: ", "))")
+            }
+        }
+    }
+
     struct Inspect: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Inspect a disk image read-only with libguestfs (boots an appliance: ~30 s under TCG).")
         @Argument(help: "The disk image file.") var disk: String
@@ -71,9 +82,23 @@ struct ImageCommand: AsyncParsableCommand {
         }
     }
 
+    /// The image with its artifact paths spelled out, for scripts.
+    struct BuildReport: Encodable {
+        var key, directory, kernelVersion, kernel, vmlinux, initrd, rootfsDisk, rootfsTree, rootfsTarball: String
+        var hasPVHNote: Bool
+        var modules: [String]
+        init(_ i: GuestImage) {
+            key = i.key; directory = i.directory; kernelVersion = i.kernelVersion
+            kernel = i.kernel; vmlinux = i.vmlinux; initrd = i.initrd
+            rootfsDisk = i.rootfsDisk; rootfsTree = i.rootfsTree; rootfsTarball = i.rootfsTarball
+            hasPVHNote = i.hasPVHNote
+            modules = i.modules.map(\.name)
+        }
+    }
+
     static func encode(_ value: some Encodable) throws -> String {
         let enc = JSONEncoder()
-        enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+        enc.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
         enc.dateEncodingStrategy = .iso8601
         return String(decoding: try enc.encode(value), as: UTF8.self)
     }

@@ -99,6 +99,17 @@ struct ImageStoreTests {
         let names = try FileManager.default.contentsOfDirectory(atPath: store.paths.images).sorted()
         // One image directory and the lock file; no leftover build directories.
         #expect(names == [".lock", images[0].key])
+
+        // A stale image and a dead builder's leftovers go; the current image stays.
+        let fm = FileManager.default
+        let stale = store.paths.images + "/debian-old-0000"
+        try fm.copyItem(atPath: images[0].directory + "/manifest.json", toPath: store.paths.images + "/manifest.tmp")
+        try fm.createDirectory(atPath: stale, withIntermediateDirectories: true)
+        try fm.moveItem(atPath: store.paths.images + "/manifest.tmp", toPath: stale + "/manifest.json")
+        try fm.createDirectory(atPath: store.paths.images + "/.build-x-1", withIntermediateDirectories: true)
+        #expect(try store.prune() == ["debian-old-0000"])
+        #expect(try fm.contentsOfDirectory(atPath: store.paths.images).sorted() == [".lock", images[0].key])
+        #expect(store.load(key: images[0].key) != nil)
     }
 }
 
