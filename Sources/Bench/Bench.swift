@@ -65,6 +65,10 @@ public final class BenchRunner: Sendable {
         }
         var doneRuns = 0
         let start = Date()
+        var estimate = ProgressEstimate()
+        for t in plan.targets where t.backend != nil {
+            estimate.planned[t.name] = plan.scenarios.reduce(0) { $0 + plan.repeats(for: t) * $1.runsPerMeasure(ctx) }
+        }
         var cells: [Cell] = []
         for scenario in plan.scenarios {
             var metrics: [Metric] = []
@@ -78,7 +82,10 @@ public final class BenchRunner: Sendable {
                 } else {
                     let repeats = plan.repeats(for: target)
                     for rep in 1...repeats {
-                        progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, of: repeats, done: doneRuns, total: totalRuns, start: start))
+                        progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, of: repeats, done: doneRuns, total: totalRuns,
+                                              start: start, left: estimate.secondsLeft()))
+                        let began = Date()
+                        defer { estimate.record(target.name, runs: scenario.runsPerMeasure(ctx), seconds: Date().timeIntervalSince(began)) }
                         do {
                             for m in try await scenario.measure(target, ctx) {
                                 if !seen.contains(m.metric) { seen.append(m.metric) }
@@ -89,6 +96,7 @@ public final class BenchRunner: Sendable {
                         } catch let u as ScenarioUnavailable {
                             for m in metrics { unavailable[m.id] = u.reason }
                             doneRuns += scenario.runsPerMeasure(ctx) * (repeats - rep + 1)
+                            estimate.skip(target.name, runs: scenario.runsPerMeasure(ctx) * (repeats - rep))
                             break
                         } catch {
                             errors.append("repeat \(rep): \(error)")
@@ -125,14 +133,40 @@ public final class BenchRunner: Sendable {
         }
     }
 
-    func progressLine(scenario: String, target: String, rep: Int, of repeats: Int, done: Int, total: Int, start: Date) -> String {
+    func progressLine(scenario: String, target: String, rep: Int, of repeats: Int, done: Int, total: Int, start: Date, left seconds: Double?) -> String {
         let elapsed = Date().timeIntervalSince(start)
-        let left = done > 0 ? Self.duration(elapsed / Double(done) * Double(max(0, total - done))) : "?"
+        let left = seconds.map(Self.duration) ?? "?"
         return "[bench] \(scenario) on \(target), repeat \(rep)/\(repeats) — \(done)/\(total) instance runs done, \(Self.duration(elapsed)) elapsed, ~\(left) left"
     }
 
     static func duration(_ s: Double) -> String {
         let t = Int(s.rounded())
         return t >= 60 ? "\(t / 60)m\(String(format: "%02d", t % 60))s" : "\(t)s"
+    }
+}
+
+/// Time left, from each backend's own pace: a TCG boot takes seconds where a container takes
+/// milliseconds, so one average over all runs would promise far too little.
+struct ProgressEstimate {
+    var planned: [String: Int] = [:]
+    var done: [String: Int] = [:]
+    var seconds: [String: Double] = [:]
+
+    mutating func record(_ backend: String, runs: Int, seconds s: Double) {
+        done[backend, default: 0] += runs
+        seconds[backend, default: 0] += s
+    }
+
+    mutating func skip(_ backend: String, runs: Int) { planned[backend, default: 0] -= runs }
+
+    func secondsLeft() -> Double? {
+        let allDone = done.values.reduce(0, +)
+        guard allDone > 0 else { return nil }
+        let overall = seconds.values.reduce(0, +) / Double(allDone)
+        return planned.reduce(0.0) { acc, p in
+            let d = done[p.key] ?? 0
+            let rate = d > 0 ? (seconds[p.key] ?? 0) / Double(d) : overall
+            return acc + Double(max(0, p.value - d)) * rate
+        }
     }
 }

@@ -93,8 +93,8 @@ public struct NoisyNeighbour: BenchScenario {
                 server = try? IperfServer.start()
                 if server == nil { out.append(.unavailable(metric, "no iperf3 server could be started on the host")); continue }
             }
-            // The aggressor outlasts the victim's boot and run, so the two overlap however long boot takes.
-            let seconds = Int(ctx.durations.victimSeconds) * 2 + 3
+            // The aggressor starts first and outlasts the victim's run (both boot side by side).
+            let seconds = Int(ctx.durations.victimSeconds) + 4
             let cmd = Self.command(a, slice: ctx.slice, seconds: seconds, hostAddress: link?.hostAddress, port: server?.port ?? 0)
             let aggressorNet = link?.net
             async let aggressorRun: (RunResult?, String?) = {

@@ -30,7 +30,7 @@ public enum SVGChart {
             while t <= axisMax + step / 2 {
                 let yy = y(t)
                 s += "<line x1=\"\(left - 4)\" y1=\"\(fmt(yy))\" x2=\"\(left + plotW)\" y2=\"\(fmt(yy))\" stroke=\"#ddd\"/>\n"
-                s += "<text class=\"tick\" x=\"\(left - 8)\" y=\"\(fmt(yy + 4))\" text-anchor=\"end\">\(xml(MarkdownReport.format(t)))</text>\n"
+                s += "<text class=\"tick\" x=\"\(left - 8)\" y=\"\(fmt(yy + 4))\" text-anchor=\"end\">\(String(format: step >= 1 ? "%.0f" : (step >= 0.1 ? "%.1f" : "%.2f"), t))</text>\n"
                 t += step
             }
         }

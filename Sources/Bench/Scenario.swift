@@ -79,7 +79,7 @@ public struct BenchDurations: Codable, Sendable, Equatable {
     /// Seconds an instance may take (boot included) before it is killed.
     public var instanceTimeout: Double
 
-    public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallSeconds: 2, fioSeconds: 2, fioSize: .mebibytes(32),
+    public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallSeconds: 2, fioSeconds: 2, fioSize: .mebibytes(16),
                                              networkSeconds: 2, victimSeconds: 4, parallelLaunches: 2, idleInstances: 2, instanceTimeout: 180)
     public static let full = BenchDurations(cpuSeconds: 10, memorySeconds: 10, syscallSeconds: 10, fioSeconds: 10, fioSize: .mebibytes(256),
                                             networkSeconds: 10, victimSeconds: 10, parallelLaunches: 4, idleInstances: 4, instanceTimeout: 600)

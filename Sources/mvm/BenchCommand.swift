@@ -37,7 +37,10 @@ struct BenchRunCommand: AsyncParsableCommand {
             for name in names where !BackendCatalog.knownNames.contains(name) {
                 throw MicroVMError.invalidArgument("unknown backend '\(name)': choose from \(BackendCatalog.knownNames.joined(separator: ", "))")
             }
-            let chosen = try Scenarios.named(scenarios.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) })
+            // --quick keeps the attacks that test containment; --full adds the disk and network hogs.
+            let chosen = try Scenarios.named(scenarios.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }).map { s -> any BenchScenario in
+                s is NoisyNeighbour && !full ? NoisyNeighbour(aggressors: [.cpuHog, .memoryBomb, .forkBomb]) : s
+            }
             let config = try MicroVMConfig.load()
             let slice = try config.profile(named: profile).slice()
             let host = HostProfile.current()
