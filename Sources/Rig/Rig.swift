@@ -9,9 +9,8 @@
 /// ```swift
 /// var options = RigOptions()
 /// options.timeout = 300
-/// let result = try RigRunner(options).run(command: ["cat", "/proc/cpuinfo"]) { chunk in
-///     FileHandle.standardOutput.write(chunk)
-/// }
+/// let result = try RigRunner(options).run(command: ["cat", "/proc/cpuinfo"],
+///                                          streamOutput: { FileHandle.standardOutput.write($0) })
 /// print(result.status, result.bootSeconds)
 /// ```
 import Foundation

@@ -1,7 +1,48 @@
+import Foundation
 import ArgumentParser
 import MicroVM
 
 struct RigCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "rig", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm rig is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "rig",
+        abstract: "The nested test rig: a QEMU TCG VM with an emulated AMD-V CPU where /dev/kvm is real.",
+        subcommands: [RigRunCommand.self, RigStatusCommand.self])
+}
+
+struct RigRunCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a host command inside the rig (host root read-only, in the current directory), streaming its output and returning its status.")
+
+    @Option(help: "vCPUs of the rig VM.") var cpus = 2
+    @Option(help: "Memory of the rig VM in MiB.") var memory = 3072
+    @Option(help: "Seconds before the rig is killed (boot included).") var timeout: Double = 600
+    @Option(name: .customLong("share"), help: "Host directory shared read-write at the same path (repeatable).") var shares: [String] = []
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments, after --.") var command: [String] = []
+
+    func run() async throws {
+        var argv = command
+        if argv.first == "--" { argv.removeFirst() }
+        var options = RigOptions()
+        options.cpus = cpus
+        options.memoryMiB = memory
+        options.timeout = timeout
+        options.shares = shares.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
+        Rig.installSignalHandlers()
+        let result = try RigRunner(options).run(command: argv, streamOutput: { chunk in
+            FileHandle.standardOutput.write(chunk)
+        })
+        let summary = String(format: "mvm rig: boot %.1f s, total %.1f s, status %d\n", result.bootSeconds, result.wallSeconds, Int(result.status))
+        FileHandle.standardError.write(Data(summary.utf8))
+        if result.status != 0 { throw ExitCode(result.status) }
+    }
+}
+
+struct RigStatusCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "status", abstract: "Say whether the rig can run here and why not.")
+    func run() async throws {
+        let c = Rig.status()
+        print(c.usable ? "usable: \(c.detail)" : "not usable: \(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")")
+        if !c.usable { throw ExitCode(1) }
+    }
 }
