@@ -72,3 +72,18 @@ enum TestHost {
 #if canImport(Glibc)
 import Glibc
 #endif
+
+/// The guest image's rootfs tree when one is built (mvm image build), so containers can be
+/// checked with the very binaries the VMs run.
+enum GuestImageTree {
+    static let path: String? = {
+        let dir = Paths.default.images
+        let fm = FileManager.default
+        let names = ((try? fm.contentsOfDirectory(atPath: dir)) ?? []).filter { !$0.hasPrefix(".") }
+        let trees = names.map { dir + "/" + $0 }.filter {
+            fm.fileExists(atPath: $0 + "/manifest.json") && fm.fileExists(atPath: $0 + "/rootfs/usr/bin/stress-ng")
+        }
+        func mtime(_ p: String) -> Date { ((try? fm.attributesOfItem(atPath: p + "/manifest.json"))?[.modificationDate] as? Date) ?? .distantPast }
+        return trees.max { mtime($0) < mtime($1) }.map { $0 + "/rootfs" }
+    }()
+}
