@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -54,13 +55,16 @@ public enum ProcessRunner {
                 try? inPipe.fileHandleForWriting.close()
             }
         }
+        // Readers poll instead of blocking until EOF: a grandchild that inherited the pipes
+        // (a daemon the program started) must not keep us waiting after the program exited.
         let collected = DataBox()
+        let exited = Atomic<Bool>(false)
         let group = DispatchGroup()
         for (i, pipe) in [outPipe, errPipe].enumerated() {
             group.enter()
+            let fd = pipe.fileHandleForReading.fileDescriptor
             DispatchQueue.global().async {
-                let d = pipe.fileHandleForReading.readDataToEndOfFile()
-                collected.set(i, d)
+                collected.set(i, Self.drain(fd: fd, exited: exited))
                 group.leave()
             }
         }
@@ -74,6 +78,7 @@ public enum ProcessRunner {
             }
         }
         p.waitUntilExit()
+        exited.store(true, ordering: .releasing)
         group.wait()
         return Output(status: p.terminationStatus, stdout: collected.get(0), stderr: collected.get(1), timedOut: timedOut)
     }
@@ -91,6 +96,30 @@ public enum ProcessRunner {
             throw MicroVMError(.backend, "'\(argv.prefix(3).joined(separator: " "))' exited with status \(out.status): \(err.suffix(2000))")
         }
         return out
+    }
+}
+
+extension ProcessRunner {
+    /// Reads `fd` until EOF, or until the program has exited and nothing more came for a second.
+    static func drain(fd: Int32, exited: borrowing Atomic<Bool>) -> Data {
+        var out = Data()
+        var buf = [UInt8](repeating: 0, count: 65536)
+        var quietSince: Date?
+        while true {
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let r = poll(&pfd, 1, 100)
+            if r > 0 {
+                let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+                if n > 0 { out.append(contentsOf: buf[0..<n]); quietSince = nil; continue }
+                if n == 0 { return out }
+                if errno == EINTR || errno == EAGAIN { continue }
+                return out
+            }
+            if r < 0 && errno != EINTR { return out }
+            if exited.load(ordering: .acquiring) {
+                if let q = quietSince { if Date().timeIntervalSince(q) > 1 { return out } } else { quietSince = Date() }
+            }
+        }
     }
 }
 

@@ -65,7 +65,7 @@ struct RunCommand: AsyncParsableCommand {
             try spec.validate()
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
                                             runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
-            let result = try await Grants.withGrant(slice: slice, owner: spec.name, config: cfg) { granted in
+            let result = try await Grants.withGrant(slice: slice, owner: spec.name, mode: mode, config: cfg) { granted in
                 spec.slice = granted
                 return try await backend.run(spec)
             }
