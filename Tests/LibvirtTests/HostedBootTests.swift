@@ -47,6 +47,18 @@ struct HostedBootTests {
         #expect(!FileManager.default.fileExists(atPath: paths.libvirtRoot + "/run/qemu/\(name).pid"))
     }
 
+    /// Resident KiB of QEMU's guest-RAM mapping: the anonymous mapping exactly as large as the guest's memory.
+    static func guestRAMResident(pid: Int32, size: UInt64) -> UInt64? {
+        guard let smaps = try? String(contentsOfFile: "/proc/\(pid)/smaps", encoding: .utf8) else { return nil }
+        var inRAM = false
+        for line in smaps.split(separator: "\n") {
+            // QEMU over-allocates anonymous RAM by up to its 2 MiB alignment.
+            if line.hasPrefix("Size:") { inRAM = kib("Size", in: String(line)).map { $0 >= size && $0 <= size + 4096 } ?? false }
+            else if inRAM, line.hasPrefix("Rss:") { return kib("Rss", in: String(line)) }
+        }
+        return nil
+    }
+
     static func kib(_ field: String, in smaps: String) -> UInt64? {
         smaps.split(separator: "\n").first { $0.hasPrefix(field + ":") }
             .flatMap { UInt64($0.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "") }
@@ -57,12 +69,14 @@ struct HostedBootTests {
         let name = "mvm-boot-\(UUID().uuidString.prefix(6).lowercased())"
         let spec = VMSpec(name: name, cpus: 1, memory: .mebibytes(128), command: ["sh", "-c", "echo hello; exit 3"], timeout: 420)
         // Samples QEMU's memory while the guest runs: the last sample before it exits.
-        let sampler = Task { () -> (pss: UInt64, rss: UInt64)? in
-            var last: (UInt64, UInt64)?
+        let sampler = Task { () -> (pss: UInt64, rss: UInt64, guest: UInt64?)? in
+            var last: (UInt64, UInt64, UInt64?)?
             while !Task.isCancelled {
                 if let pid = backend.qemuPid(name: name),
                    let s = try? String(contentsOfFile: "/proc/\(pid)/smaps_rollup", encoding: .utf8),
-                   let pss = Self.kib("Pss", in: s), let rss = Self.kib("Rss", in: s) { last = (pss, rss) }
+                   let pss = Self.kib("Pss", in: s), let rss = Self.kib("Rss", in: s) {
+                    last = (pss, rss, Self.guestRAMResident(pid: pid, size: spec.memory.kibibytes))
+                }
                 try? await Task.sleep(for: .milliseconds(200))
             }
             return last
@@ -75,7 +89,8 @@ struct HostedBootTests {
         #expect(result.bootSeconds != nil)
         #expect(result.console.contains("@@mvm:boot-complete"))
         let uptime = ConsoleParser.parse(result.console).bootUptime
-        print("hosted (libvirt embed, TCG on this host): launch→init \(result.bootSeconds.map { String(format: "%.2f", $0) } ?? "?") s wall, guest uptime at init \(uptime.map { String($0) } ?? "?") s, total \(String(format: "%.2f", result.totalSeconds)) s; QEMU for a 128 MiB guest: PSS \(mem.map { "\($0.pss / 1024) MiB" } ?? "?"), RSS \(mem.map { "\($0.rss / 1024) MiB" } ?? "?")")
+        let overhead = mem.flatMap { m in m.guest.map { m.pss >= $0 ? (m.pss - $0) / 1024 : 0 } }
+        print("hosted (libvirt embed, TCG on this host): launch→init \(result.bootSeconds.map { String(format: "%.2f", $0) } ?? "?") s wall, guest uptime at init \(uptime.map { String($0) } ?? "?") s, total \(String(format: "%.2f", result.totalSeconds)) s; QEMU for a 128 MiB guest: PSS \(mem.map { "\($0.pss / 1024) MiB" } ?? "?"), RSS \(mem.map { "\($0.rss / 1024) MiB" } ?? "?"), guest RAM touched \(mem?.guest.map { "\($0 / 1024) MiB" } ?? "?"), overhead (PSS minus guest RAM) \(overhead.map { "\($0) MiB" } ?? "?")")
         try Self.expectNothingLeft(name, backend: backend)
         #expect(try await backend.list().allSatisfy { $0.name != name })
     }
