@@ -119,7 +119,7 @@ public struct RigRunner: Sendable {
                     "-kernel", image.kernel.bzImage, "-initrd", image.initrd,
                     "-append", "console=ttyS0 quiet loglevel=0 panic=-1 reboot=k",
                     "-pidfile", scratchDir + "/qemu.pid",
-                    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on",
+                    "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                     "-virtfs", "local,path=\(Self.qemuEscape(scratchDir)),mount_tag=rigscratch,security_model=passthrough"]
         for (i, share) in options.shares.enumerated() {
             argv += ["-virtfs", "local,path=\(Self.qemuEscape(share)),mount_tag=rigshare\(i),security_model=passthrough"]

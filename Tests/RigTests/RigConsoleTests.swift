@@ -1,0 +1,115 @@
+import Testing
+import Foundation
+@testable import Rig
+import MicroVMCore
+
+@Suite struct RigConsoleTests {
+    func run(_ chunks: [String]) -> (RigConsole, String) {
+        var c = RigConsole()
+        var out: [UInt8] = []
+        for ch in chunks { out += c.feed(Array(ch.utf8)) }
+        return (c, String(decoding: out, as: UTF8.self))
+    }
+
+    @Test func dropsBootNoiseAndFrameNewline() {
+        let (c, out) = run(["[ 0.1] noise\r\nmore\r\n@@mvm:rig-start uptime=2.50@@\r\n", "a\r\nb\r\n", "\r\n@@mvm:rig-exit status=7@@\r\n"])
+        #expect(c.phase == .exited(7))
+        #expect(c.guestStartUptime == 2.5)
+        #expect(out == "a\nb\n")
+    }
+
+    @Test func outputWithoutTrailingNewline() {
+        let (c, out) = run(["@@mvm:rig-start uptime=1@@\n", "partial", "\n@@mvm:rig-exit status=0@@\n"])
+        #expect(c.phase == .exited(0))
+        #expect(out == "partial")
+    }
+
+    @Test func markerSplitAcrossChunks() {
+        let (c, out) = run(["@@mvm:rig-st", "art uptime=1@@\nx\n\n@@mvm:rig-e", "xit status=12", "3@@\n"])
+        #expect(c.phase == .exited(123))
+        #expect(out == "x\n")
+    }
+
+    @Test func missingExitIsNotFinished() {
+        let (c, out) = run(["@@mvm:rig-start uptime=1@@\nhello\n"])
+        #expect(c.phase == .running)
+        #expect(!c.isFinished)
+        #expect(out == "hello")
+    }
+
+    @Test func malformedExitFails() {
+        let (c, _) = run(["@@mvm:rig-start uptime=1@@\n\n@@mvm:rig-exit status=99999999999@@\n"])
+        guard case .failed = c.phase else { Issue.record("expected failure, got \(c.phase)"); return }
+    }
+
+    @Test func rigErrorBeforeStart() {
+        let (c, out) = run(["boot\n@@mvm:rig-error insmod kvm failed@@\n"])
+        #expect(c.phase == .failed("insmod kvm failed"))
+        #expect(out.isEmpty)
+    }
+
+    @Test func hugeLineIsBoundedAndPassedOn() {
+        let big = String(repeating: "z", count: 200_000)
+        let (c, out) = run(["@@mvm:rig-start uptime=1@@\n", big, "\n\n@@mvm:rig-exit status=0@@\n"])
+        #expect(c.phase == .exited(0))
+        #expect(out == big + "\n")
+    }
+
+    @Test func bytesAfterExitAreIgnored() {
+        var c = RigConsole()
+        _ = c.feed(Array("@@mvm:rig-start uptime=1@@\n\n@@mvm:rig-exit status=3@@\n".utf8))
+        #expect(c.feed(Array("@@mvm:rig-exit status=4@@\nlater\n".utf8)).isEmpty)
+        #expect(c.phase == .exited(3))
+    }
+}
+
+@Suite struct RigJobTests {
+    @Test func jobScriptQuotesEverything() throws {
+        let dir = try RigRunner.makeScratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var o = RigOptions()
+        o.workingDirectory = "/work/it's here"
+        o.shares = ["/srv/a b"]
+        o.environment = ["FOO": "x'y $z"]
+        try RigRunner(o).writeJob(command: ["sh", "-c", "echo '$HOME'; exit 7"], scratchDir: dir)
+        let job = try String(contentsOfFile: dir + "/job.sh", encoding: .utf8)
+        #expect(job.contains("FOO='x'\\''y $z'; export FOO"))
+        #expect(job.contains("MVM_IN_RIG='1'"))
+        #expect(job.contains("cd '/work/it'\\''s here'"))
+        #expect(job.contains("exec 'sh' '-c' 'echo '\\''$HOME'\\''; exit 7'"))
+        #expect(try String(contentsOfFile: dir + "/shares", encoding: .utf8) == "rigshare0 /srv/a b\n")
+        #expect(try String(contentsOfFile: dir + "/path", encoding: .utf8) == dir + "\n")
+    }
+
+    @Test func jobScriptRunsUnderTheHostShell() throws {
+        let dir = try RigRunner.makeScratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var o = RigOptions()
+        o.workingDirectory = "/"
+        o.environment = ["MVM_STATE_DIR": dir + "/state", "ODD": "a'b\"c $d"]
+        try RigRunner(o).writeJob(command: ["sh", "-c", "printf '%s|' \"$@\" \"$ODD\" \"$PWD\" \"$MVM_IN_RIG\"", "x", "a b", "it's", "$X"], scratchDir: dir)
+        let out = try ProcessRunner.run(["sh", dir + "/job.sh"], timeout: 30)
+        #expect(out.status == 0)
+        #expect(out.stdoutText == "a b|it's|$X|a'b\"c $d|/|1|")
+    }
+
+    @Test func rejectsRelativeAndNewlinePaths() throws {
+        let dir = try RigRunner.makeScratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var o = RigOptions()
+        o.shares = ["relative"]
+        #expect(throws: (any Error).self) { try RigRunner(o).writeJob(command: ["true"], scratchDir: dir) }
+        o.shares = ["/a\nb"]
+        #expect(throws: (any Error).self) { try RigRunner(o).writeJob(command: ["true"], scratchDir: dir) }
+    }
+
+    @Test func emptyCommandIsRejected() {
+        #expect(throws: (any Error).self) { try RigRunner().run(command: []) }
+    }
+
+    @Test func statusNamesWhatIsMissing() {
+        let c = Rig.status(sourceDirectory: "/nonexistent")
+        #expect(!c.usable)
+        #expect(c.fix != nil)
+    }
+}

@@ -1,0 +1,159 @@
+import Testing
+import Foundation
+import MicroVMCore
+import Images
+@testable import Rig
+
+/// Whether rig boots can run here: QEMU, the kernel and its modules, and not already inside a rig
+/// (a rig in a rig would be TCG under TCG, far too slow).
+enum RigGate {
+    static let status = Rig.status()
+    static let usable = status.usable && ProcessInfo.processInfo.environment["MVM_IN_RIG"] != "1"
+    static let reason = ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1"
+        ? "already inside the rig" : "rig not usable here: \(status.detail) (\(status.fix ?? ""))"
+
+    static func options(timeout: Double = 300) -> RigOptions {
+        var o = RigOptions()
+        o.timeout = timeout
+        o.memoryMiB = 2048
+        return o
+    }
+
+    /// No rig QEMU started by this process may be left running.
+    static func leftoverQEMUs() throws -> String {
+        let out = try ProcessRunner.run(["pgrep", "-af", Rig.processMarker + "\(getpid())-"], timeout: 10)
+        return out.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+}
+
+@Suite(.serialized, .timeLimit(.minutes(20)), .enabled(if: RigGate.usable, "\(RigGate.reason)"))
+struct RigRunTests {
+    @Test func cpuHasSVMAndTheRequestedCPUs() throws {
+        var o = RigGate.options()
+        o.cpus = 2
+        let r = try RigRunner(o).run(command: ["sh", "-c", "grep -c -w svm /proc/cpuinfo; nproc; ls -l /dev/kvm; echo \"$MVM_IN_RIG $HOME\"; pwd"])
+        print("rig boot \(r.bootSeconds) s (L2 uptime \(r.guestUptimeAtStart ?? -1) s), wall \(r.wallSeconds) s")
+        let lines = r.outputText.split(separator: "\n").map(String.init)
+        #expect(r.status == 0, "output: \(r.outputText)")
+        #expect(lines.count == 5, "output: \(r.outputText)")
+        #expect(lines.first == "2", "both vCPUs must show svm")
+        #expect(lines.dropFirst().first == "2", "the L2 kernel must see 2 CPUs")
+        #expect(lines.count > 2 && lines[2].hasPrefix("crw") && lines[2].hasSuffix("/dev/kvm"))
+        #expect(lines.count > 3 && lines[3] == "1 /tmp")
+        #expect(lines.last == FileManager.default.currentDirectoryPath)
+        #expect(try RigGate.leftoverQEMUs().isEmpty)
+    }
+
+    @Test func exitStatusPropagates() throws {
+        let r = try RigRunner(RigGate.options()).run(command: ["sh", "-c", "echo out; echo err >&2; exit 7"])
+        #expect(r.status == 7)
+        #expect(r.outputText == "out\nerr\n")
+    }
+
+    @Test func manyLinesStreamIntactAndFilesComeBack() throws {
+        let chunks = ChunkBox()
+        var fromScratch = ""
+        let r = try RigRunner(RigGate.options()).run(
+            command: ["sh", "-c", "seq 1 20000; printf 'no newline'; echo done > \"$MVM_RIG_SCRATCH/result\""],
+            afterRun: { dir in fromScratch = (try? String(contentsOfFile: dir + "/result", encoding: .utf8)) ?? "" },
+            streamOutput: { chunks.append($0) })
+        let expected = (1...20000).map(String.init).joined(separator: "\n") + "\nno newline"
+        #expect(r.status == 0)
+        #expect(r.outputText == expected)
+        #expect(chunks.joined() == r.output, "streamed chunks must add up to the output")
+        #expect(chunks.count > 1, "output must arrive in more than one piece while the command runs")
+        #expect(fromScratch == "done\n")
+    }
+
+    @Test func hungCommandIsKilledByTimeout() throws {
+        let started = Date()
+        do {
+            let r = try RigRunner(RigGate.options(timeout: 90)).run(command: ["sleep", "100000"])
+            Issue.record("a hung command returned status \(r.status) instead of timing out")
+        } catch let e as MicroVMError {
+            #expect(e.code == .timeout, "\(e)")
+        }
+        #expect(Date().timeIntervalSince(started) < 200)
+        #expect(try RigGate.leftoverQEMUs().isEmpty, "the timed-out QEMU must be gone")
+    }
+
+    @Test func missingCommandIsStatus127() throws {
+        let r = try RigRunner(RigGate.options()).run(command: ["/nonexistent/cmd"])
+        #expect(r.status == 127)
+    }
+
+    @Test func cliRunsAndPropagatesStatus() throws {
+        let mvm = try MvmBinary.find()
+        let out = try ProcessRunner.run([mvm, "rig", "run", "--memory", "2048", "--timeout", "300", "--", "sh", "-c", "echo via-cli; exit 5"], timeout: 400)
+        #expect(out.status == 5, "stderr: \(out.stderrText)")
+        #expect(out.stdoutText == "via-cli\n")
+        #expect(try RigGate.leftoverQEMUs().isEmpty)
+    }
+
+    @Test func cpl0GuestCodeRunsAtHardwareSpeed() throws {
+        let probe = "/work/shared/probes/kvm-cpl0-loop.c"
+        try #require(FileManager.default.fileExists(atPath: probe) && ProcessRunner.which("gcc") != nil, "needs gcc and \(probe)")
+        let r = try RigRunner(RigGate.options()).run(
+            command: ["sh", "-c", "\"$MVM_RIG_SCRATCH/cpl0\" 10000000"],
+            scratch: { dir in try ProcessRunner.check(["gcc", "-O2", "-static", "-o", dir + "/cpl0", probe], timeout: 120) })
+        print("CPL0 loop inside the rig: \(r.outputText.trimmingCharacters(in: .whitespacesAndNewlines))")
+        #expect(r.status == 0)
+        #expect(r.outputText.contains("ns/iter"))
+    }
+}
+
+/// The project's own KVM code against a real KVM: inside the rig, or directly where the host has one.
+@Suite(.serialized, .timeLimit(.minutes(30)), .enabled(if: RigGate.usable || KVMTestRunner.hostHasHardwareKVM, "\(RigGate.reason)"))
+struct RigKVMTests {
+    func mvm(_ args: [String], timeout: Double = 500) throws -> RigResult {
+        var o = RigGate.options(timeout: timeout)
+        o.memoryMiB = 3072
+        return try KVMTestRunner.run(command: [try MvmBinary.find()] + args, options: o, streamOutput: { FileHandle.standardOutput.write($0) })
+    }
+
+    @Test func doctorSeesHardwareKVM() throws {
+        let r = try mvm(["doctor", "--json", "--refresh"])
+        #expect(r.status == 0)
+        let text = r.outputText
+        guard let start = text.firstIndex(of: "{"),
+              let obj = try JSONSerialization.jsonObject(with: Data(text[start...].utf8)) as? [String: Any],
+              let profile = obj["profile"] as? [String: Any], let kvm = profile["kvm"] as? [String: Any] else {
+            Issue.record("doctor --json output is not the expected JSON: \(text.prefix(2000))")
+            return
+        }
+        #expect(kvm["verdict"] as? String == "hardware", "kvm: \(kvm)")
+    }
+
+    /// The guest image must exist before the rig starts: inside, the cache is read-only.
+    func image() throws -> GuestImage { try ImageStore().ensureDefault() }
+
+    @Test func directLinuxBootBzImage() throws {
+        _ = try image()
+        let r = try mvm(["run", "--mode", "direct", "--", "sh", "-c", "echo hello; exit 3"])
+        print("direct boot inside the rig: wall \(r.wallSeconds) s, rig boot \(r.bootSeconds) s")
+        #expect(r.status == 3)
+        #expect(r.outputText.contains("hello"))
+    }
+
+    @Test func directLinuxBootTwoCPUs() throws {
+        _ = try image()
+        let r = try mvm(["run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"])
+        #expect(r.status == 3)
+        #expect(r.outputText.contains("2\nhello"))
+    }
+
+    @Test func directLinuxBootVmlinux() throws {
+        let img = try image()
+        let r = try mvm(["run", "--mode", "direct", "--kernel", img.vmlinux, "--", "sh", "-c", "echo hello; exit 3"])
+        #expect(r.status == 3)
+        #expect(r.outputText.contains("hello"))
+    }
+}
+
+final class ChunkBox: @unchecked Sendable {
+    private let lock = NSLock()
+    private var chunks: [Data] = []
+    func append(_ d: Data) { lock.lock(); chunks.append(d); lock.unlock() }
+    var count: Int { lock.lock(); defer { lock.unlock() }; return chunks.count }
+    func joined() -> Data { lock.lock(); defer { lock.unlock() }; return chunks.reduce(Data(), +) }
+}
