@@ -136,7 +136,8 @@ final class Ledger: Sendable {
     }
 
     static func insert(_ db: Database, request r: SliceRequest, slice: ResourceSlice, hugePages: Int, pidStart: UInt64?) throws -> Grant {
-        let now = Date()
+        // Rounded through the stored form, so a grant read back compares equal to the one returned.
+        let now = Date(timeIntervalSince1970: Date().timeIntervalSince1970)
         let pid: Int64? = r.ownerPID.map { Int64($0) }
         let start: Int64? = pidStart.map { Int64(bitPattern: $0) }
         try db.execute(sql: """

@@ -1,7 +1,165 @@
 import ArgumentParser
+import Foundation
 import MicroVM
 
 struct AllocCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "alloc", abstract: "(in progress)")
-    func run() async throws { throw MicroVMError.unsupported("mvm alloc is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "alloc", abstract: "Show, plan and release the host's CPU and memory grants.",
+        subcommands: [AllocShow.self, AllocPlan.self, AllocRelease.self, AllocGrant.self], defaultSubcommand: AllocShow.self)
+}
+
+/// Where the allocator reads the host and its configuration from.
+struct AllocHostOptions: ParsableArguments {
+    @Option(help: "Configuration file (default: MVM_CONFIG, config/microvm.yaml, /etc/microvm/microvm.yaml).") var config: String?
+    // Tests point the allocator at a fake host: DIR/proc and DIR/sys.
+    @Option(help: .hidden) var hostRoot: String?
+
+    func open() throws -> Allocator {
+        let cfg = try MicroVMConfig.load(path: config)
+        let roots = hostRoot.map { HostRoots(proc: $0 + "/proc", sys: $0 + "/sys") } ?? HostRoots()
+        return try Allocator.open(paths: .default, config: cfg, roots: roots)
+    }
+}
+
+struct AllocRequestOptions: ParsableArguments {
+    @Option(help: "Number of CPUs.") var cpus: Int
+    @Option(help: "Memory, e.g. 512M or 2G.") var memory: String
+    @Option(help: "dedicated, pinned or shared.") var placement: String = "shared"
+    @Option(help: "Exact host CPUs for a pinned placement, e.g. 2-3.") var cpuList: String?
+    @Option(help: "CPU weight, 1...10000.") var weight: Int = 100
+    @Option(help: "CPU quota in CPUs, e.g. 1.5.") var quota: Double?
+    @Flag(help: "Back the memory with huge pages.") var hugePages = false
+    @Option(help: "Maximum number of tasks.") var pidsLimit: Int?
+
+    func request(owner: String, pid: Int32?) throws -> SliceRequest {
+        SliceRequest(cpus: cpus, placement: try Placement(parsing: placement), weight: weight, quota: quota,
+                     memory: try ByteCount(parsing: memory), hugePages: hugePages, pidsLimit: pidsLimit,
+                     owner: owner, ownerPID: pid, cpuSet: try cpuList.map(CPUList.parse))
+    }
+}
+
+private func printJSON<T: Encodable>(_ value: T) throws {
+    let enc = JSONEncoder()
+    enc.outputFormatting = [.prettyPrinted, .sortedKeys]
+    enc.dateEncodingStrategy = .iso8601
+    print(String(decoding: try enc.encode(value), as: UTF8.self))
+}
+
+private func describe(_ s: ResourceSlice) -> String {
+    var t = "\(s.placement.rawValue) \(s.cpus) CPU\(s.cpus == 1 ? "" : "s") on \(s.cpuSetList), \(s.memory) memory, weight \(s.cpuWeight)"
+    if let q = s.cpuQuota { t += ", quota \(q) CPUs" }
+    if s.hugePages { t += ", huge pages" }
+    if let p = s.pidsLimit { t += ", pids \(p)" }
+    if let n = s.numaNode { t += ", NUMA node \(n)" }
+    return t
+}
+
+struct AllocShow: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "show", abstract: "Capacity, reservation, live grants and what is free.")
+    @OptionGroup var host: AllocHostOptions
+    @Flag(help: "Print JSON.") var json = false
+
+    struct Report: Encodable {
+        var ledger: String
+        var capacity: HostCapacity
+        var usage: Allocator.Usage
+        var grants: [Grant]
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let a = try host.open()
+            let report = Report(ledger: a.ledgerPath, capacity: a.capacity, usage: try a.usage(), grants: try a.grants())
+            if json { try printJSON(report); return }
+            let c = a.capacity, u = report.usage
+            print("ledger      \(report.ledger)")
+            print("CPUs        online \(CPUList.format(c.onlineCPUs)), reserved \(c.reservedCPUs.isEmpty ? "none" : CPUList.format(c.reservedCPUs)), \(c.cores.count) cores, \(c.nodes.count) NUMA node\(c.nodes.count == 1 ? "" : "s")")
+            print("memory      \(c.memoryTotal) total, \(c.reservedMemory) reserved, \(u.memoryGrantable) grantable, \(u.memoryUsed) granted, \(u.memoryFree) free (shared overcommit \(c.memoryOvercommit))")
+            print("huge pages  \(c.hugePages.total) × \(c.hugePages.pageSize), \(u.hugePagesUsed) granted, \(u.hugePagesFree) free")
+            print("dedicated   \(u.dedicatedCPUs.isEmpty ? "-" : CPUList.format(u.dedicatedCPUs)); pinned \(u.pinnedCPUs.isEmpty ? "-" : CPUList.format(u.pinnedCPUs)); shared pool \(u.sharedPool.isEmpty ? "-" : CPUList.format(u.sharedPool)); free for dedicated \(u.freeDedicatedCPUs.isEmpty ? "-" : CPUList.format(u.freeDedicatedCPUs))")
+            print("grants      \(report.grants.count)")
+            for g in report.grants {
+                print("  #\(g.id) \(g.owner) pid \(g.pid.map(String.init) ?? "-") \(g.mode.isEmpty ? "" : g.mode + " ")\(describe(g.slice))")
+            }
+        }
+    }
+}
+
+struct AllocPlan: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "plan", abstract: "What a request would be granted now, or why it would be refused; grants nothing.")
+    @OptionGroup var host: AllocHostOptions
+    @OptionGroup var request: AllocRequestOptions
+    @Flag(help: "Print JSON.") var json = false
+
+    struct Answer: Encodable {
+        var granted: Bool
+        var slice: ResourceSlice?
+        var refusal: String?
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let a = try host.open()
+            let r = try request.request(owner: "plan", pid: nil)
+            do {
+                let slice = try a.plan(r)
+                if json { try printJSON(Answer(granted: true, slice: slice)) } else { print("would grant: \(describe(slice))") }
+            } catch let e as MicroVMError where e.code == .insufficientResources {
+                if json { try printJSON(Answer(granted: false, refusal: e.message)) } else { print("would refuse: \(e.message)") }
+                throw ExitCode(1)
+            }
+        }
+    }
+}
+
+struct AllocRelease: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "release", abstract: "Release a grant by id, all grants of an owner, or those of dead owners.")
+    @OptionGroup var host: AllocHostOptions
+    @Argument(help: "Grant id.") var id: Int64?
+    @Option(help: "Release every grant of this owner.") var owner: String?
+    @Flag(help: "Release the grants whose owner process is gone.") var dead = false
+    @Flag(help: "Print JSON.") var json = false
+
+    func validate() throws {
+        guard [id != nil, owner != nil, dead].filter({ $0 }).count == 1 else {
+            throw ValidationError("give exactly one of a grant id, --owner NAME or --dead")
+        }
+    }
+
+    func run() async throws {
+        try await reportingErrors {
+            let a = try host.open()
+            let released: [Grant]
+            if let id {
+                guard let g = try a.release(id) else { throw MicroVMError.notFound("no live grant #\(id): see mvm alloc show") }
+                released = [g]
+            } else if let owner {
+                released = try a.release(owner: owner)
+            } else {
+                released = try a.reclaimDead()
+            }
+            if json { try printJSON(released); return }
+            print("released \(released.count) grant\(released.count == 1 ? "" : "s")")
+            for g in released { print("  #\(g.id) \(g.owner) \(describe(g.slice))") }
+        }
+    }
+}
+
+/// Grants a slice from the command line, held until the owner process exits. Scripts and the
+/// multi-process ledger tests use it; `mvm run` allocates through the library.
+struct AllocGrant: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "grant", abstract: "Grant a slice to an owner process.", shouldDisplay: false)
+    @OptionGroup var host: AllocHostOptions
+    @OptionGroup var request: AllocRequestOptions
+    @Option(help: "Owner name.") var owner: String
+    @Option(help: "Owner pid (default: the calling process).") var pid: Int32?
+    @Flag(help: "Print JSON.") var json = false
+
+    func run() async throws {
+        try await reportingErrors {
+            let a = try host.open()
+            let g = try a.allocate(try request.request(owner: owner, pid: pid ?? getppid()))
+            if json { try printJSON(g) } else { print("granted #\(g.id): \(describe(g.slice))") }
+        }
+    }
 }
