@@ -10,6 +10,8 @@ import Glibc
 /// Real boots of the default image through libvirt's embedded QEMU driver (TCG where KVM is not
 /// hardware). One embedded root serves the whole test process: libvirt initialises the embedded
 /// driver once per process.
+nonisolated(unsafe) private var hostedTestStateDir: String?
+
 enum HostedBootHost {
     static let canBoot: Bool = ProcessRunner.which("qemu-system-x86_64") != nil
         && FileManager.default.fileExists(atPath: "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so")
@@ -22,6 +24,9 @@ struct HostedBootTests {
 
     static let paths: Paths = {
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-hosted-\(getpid())").path
+        // The embedded driver holds its root until the process ends, so the root goes at exit.
+        hostedTestStateDir = dir
+        atexit { if let d = hostedTestStateDir { try? FileManager.default.removeItem(atPath: d) } }
         return Paths(state: dir, cache: Paths.default.cache)
     }()
 
