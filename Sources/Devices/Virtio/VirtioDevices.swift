@@ -1,0 +1,58 @@
+import GuestMemory
+import MicroVMCore
+
+/// One virtio-mmio device placed in the guest: where it sits, its IRQ, and the kernel parameter
+/// that tells Linux about it (there is no device tree or ACPI in the direct VMM).
+public struct VirtioAttachment: Sendable {
+    public let transport: VirtioMMIOTransport
+    public var device: any BusDevice { transport }
+    public let mmioBase: UInt64
+    public let mmioLength: UInt64
+    public let irq: UInt32
+    public var cmdline: String { "virtio_mmio.device=4K@0x\(String(mmioBase, radix: 16)):\(irq)" }
+    /// Joins the device's I/O thread.
+    public func stop() { transport.stop() }
+}
+
+/// Places the virtio devices a `VMSpec` asks for: disks first (so the first is /dev/vda), then
+/// the entropy device. Bases from 0xd000_0000 step 4 KiB; IRQs from 5 up, skipping reserved ones.
+///
+/// ```swift
+/// let devs = try VirtioDevices.make(spec: spec, memory: vm.memory) { vm.interruptLine(gsi: $0) }
+/// for d in devs { try vm.addMMIODevice(d.device, address: d.mmioBase, length: d.mmioLength) }
+/// ```
+public enum VirtioDevices {
+    public static let firstBase: UInt64 = 0xd000_0000
+    public static let stride: UInt64 = 0x1000
+    public static let firstIRQ: UInt32 = 5
+    /// COM1 (4), the RTC (8) and the legacy IDE lines the kernel may still probe.
+    public static let reservedIRQs: Set<UInt32> = [4, 8, 14, 15]
+    /// IOAPIC pins above the legacy ones run out at 23.
+    public static let lastIRQ: UInt32 = 23
+
+    public static func make(spec: VMSpec, memory: any GuestMemory,
+                            interrupt: (UInt32) -> any InterruptLine) throws -> [VirtioAttachment] {
+        if spec.net != nil {
+            throw MicroVMError.unsupported("virtio-net is not in the direct VMM yet; drop --net or use --mode hosted")
+        }
+        if spec.vsockCID != nil {
+            throw MicroVMError.unsupported("virtio-vsock is not in the direct VMM yet; drop --vsock or use --mode hosted")
+        }
+        var devices: [any VirtioDevice] = []
+        for d in spec.disks { devices.append(try VirtioBlock(path: d.path, readOnly: d.readOnly, direct: d.direct)) }
+        devices.append(VirtioRng())
+
+        var out: [VirtioAttachment] = []
+        var irq = firstIRQ
+        for (i, dev) in devices.enumerated() {
+            while reservedIRQs.contains(irq) { irq += 1 }
+            guard irq <= lastIRQ else {
+                throw MicroVMError.invalidArgument("too many virtio devices (\(devices.count)): the IOAPIC has no free line left; attach fewer disks")
+            }
+            let t = try VirtioMMIOTransport(device: dev, memory: memory, interrupt: interrupt(irq))
+            out.append(VirtioAttachment(transport: t, mmioBase: firstBase + UInt64(i) * stride, mmioLength: stride, irq: irq))
+            irq += 1
+        }
+        return out
+    }
+}

@@ -1,0 +1,326 @@
+import Foundation
+import GuestMemory
+import MicroVMCore
+import Synchronization
+
+/// A virtio device behind a transport: its type, features, config space and request handling.
+/// `handle` runs on the transport's I/O thread, never on a vCPU.
+public protocol VirtioDevice: AnyObject, Sendable {
+    var deviceType: UInt32 { get }
+    /// Device-specific feature bits (the transport adds VERSION_1, EVENT_IDX, INDIRECT_DESC).
+    var deviceFeatures: UInt64 { get }
+    var queueMaxSizes: [UInt16] { get }
+    /// The device config space (read at 0x100 onward).
+    func config() -> [UInt8]
+    /// Serves one chain; returns the bytes written into it. Throws only for a malformed request
+    /// that the device cannot answer through its own status byte.
+    func handle(queue: Int, chain: DescriptorChain, memory: any GuestMemory) throws -> UInt32
+}
+
+/// The virtio-mmio v2 register block (virtio 1.x §4.2.2) over one `VirtioDevice`.
+///
+/// Notifications: a QueueNotify write (or the vmm's ioeventfd, see `notifyEventFD`) signals an
+/// eventfd; the transport's I/O thread drains the queues. Tests call `processQueues()` instead of
+/// starting the thread.
+public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
+    public static let magic: UInt32 = 0x7472_6976
+    public static let notifyOffset: UInt64 = 0x50
+    public static let featureVersion1: UInt64 = 1 << 32
+    public static let featureEventIdx: UInt64 = 1 << 29
+    public static let featureIndirect: UInt64 = 1 << 28
+    public static let statusAcknowledge: UInt32 = 1, statusDriver: UInt32 = 2, statusDriverOK: UInt32 = 4
+    public static let statusFeaturesOK: UInt32 = 8, statusNeedsReset: UInt32 = 64, statusFailed: UInt32 = 128
+    /// Chains served per queue per wake-up before the others get a turn (back-pressure: the
+    /// guest cannot keep the I/O thread on one queue, and at most this many requests are in flight).
+    public static let batch = 64
+
+    struct State {
+        var status: UInt32 = 0
+        var deviceFeaturesSel: UInt32 = 0
+        var driverFeaturesSel: UInt32 = 0
+        var driverFeatures: UInt64 = 0
+        var queueSel: UInt32 = 0
+        var queues: [Virtqueue]
+        var interruptStatus: UInt32 = 0
+        var configGeneration: UInt32 = 0
+    }
+
+    public let device: any VirtioDevice
+    public let memory: any GuestMemory
+    public let interrupt: any InterruptLine
+    private let state: Mutex<State>
+    /// One eventfd per queue: written on notify, read by the I/O thread.
+    private let notifyFDs: [Int32]
+    private let stopFD: Int32
+    private let worker = Mutex<Thread?>(nil)
+    private let finished = Atomic<Bool>(false)
+
+    /// Malformed rings or chains seen (each marks the device DEVICE_NEEDS_RESET).
+    public let malformed = Atomic<Int>(0)
+    /// Notifies for a queue that is not ready, and register writes that made no sense.
+    public let ignoredAccesses = Atomic<Int>(0)
+    public let requestsServed = Atomic<Int>(0)
+    public let interruptsRaised = Atomic<Int>(0)
+    public private(set) var lastError: String? {
+        get { lastErrorBox.withLock { $0 } }
+        set { lastErrorBox.withLock { $0 = newValue } }
+    }
+    private let lastErrorBox = Mutex<String?>(nil)
+
+    public init(device: any VirtioDevice, memory: any GuestMemory, interrupt: any InterruptLine) throws {
+        self.device = device; self.memory = memory; self.interrupt = interrupt
+        state = Mutex(State(queues: device.queueMaxSizes.map { Virtqueue(maxSize: $0) }))
+        var fds: [Int32] = []
+        for _ in 0...device.queueMaxSizes.count {
+            let fd = makeEventFD()
+            guard fd >= 0 else {
+                fds.forEach { close($0) }
+                throw MicroVMError(.internalError, "eventfd for a virtio queue failed: \(String(cString: strerror(errno))); raise the open-file limit")
+            }
+            fds.append(fd)
+        }
+        stopFD = fds.removeLast()
+        notifyFDs = fds
+    }
+
+    deinit {
+        stop()
+        notifyFDs.forEach { close($0) }
+        close(stopFD)
+    }
+
+    public var offeredFeatures: UInt64 {
+        device.deviceFeatures | Self.featureVersion1 | Self.featureEventIdx | Self.featureIndirect
+    }
+    public var status: UInt32 { state.withLock { $0.status } }
+    public var interruptStatus: UInt32 { state.withLock { $0.interruptStatus } }
+
+    /// The eventfd behind queue `queue`'s notify: the vmm may register it with KVM_IOEVENTFD at
+    /// `mmioBase + notifyOffset` (datamatch = queue) so a kick never leaves the kernel.
+    public func notifyEventFD(queue: Int) -> Int32? { notifyFDs.indices.contains(queue) ? notifyFDs[queue] : nil }
+
+    // MARK: registers
+
+    public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
+        for i in 0..<data.count { data[i] = 0 }
+        if offset >= 0x100 {
+            let cfg = device.config()
+            for i in 0..<data.count {
+                let o = offset - 0x100 + UInt64(i)
+                if o < UInt64(cfg.count) { data[i] = cfg[Int(o)] }
+            }
+            return
+        }
+        guard data.count == 4, offset % 4 == 0 else { ignoredAccesses.add(1, ordering: .relaxed); return }
+        let v: UInt32 = state.withLock { s in
+            let q = s.queues.indices.contains(Int(s.queueSel)) ? s.queues[Int(s.queueSel)] : nil
+            switch offset {
+            case 0x000: return Self.magic
+            case 0x004: return 2
+            case 0x008: return device.deviceType
+            case 0x00c: return 0x554d_4551  // "QEMU"-style vendor id; Linux ignores it
+            case 0x010:
+                return s.deviceFeaturesSel < 2 ? UInt32(truncatingIfNeeded: offeredFeatures >> (32 * UInt64(s.deviceFeaturesSel))) : 0
+            case 0x034: return UInt32(q?.maxSize ?? 0)
+            case 0x044: return q?.ready == true ? 1 : 0
+            case 0x060: return s.interruptStatus
+            case 0x070: return s.status
+            case 0x0fc: return s.configGeneration
+            default: return 0
+            }
+        }
+        withUnsafeBytes(of: v.littleEndian) { data.copyMemory(from: $0) }
+    }
+
+    public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
+        if offset >= 0x100 { ignoredAccesses.add(1, ordering: .relaxed); return }  // config is read-only here
+        guard data.count == 4, offset % 4 == 0 else { ignoredAccesses.add(1, ordering: .relaxed); return }
+        var raw: UInt32 = 0
+        withUnsafeMutableBytes(of: &raw) { $0.copyMemory(from: data) }
+        let v = UInt32(littleEndian: raw)
+        if offset == Self.notifyOffset { notify(queue: Int(v)); return }
+        var raise = false
+        state.withLock { s in
+            let qi = Int(s.queueSel)
+            let hasQueue = s.queues.indices.contains(qi)
+            // Queue registers may change only while the queue is off (§4.2.2.3).
+            let queueWritable = hasQueue && !s.queues[qi].ready
+            func setQueue(_ f: (inout Virtqueue) -> Void) {
+                if queueWritable { f(&s.queues[qi]) } else { ignoredAccesses.add(1, ordering: .relaxed) }
+            }
+            func low(_ x: UInt64) -> UInt64 { (x & 0xffff_ffff_0000_0000) | UInt64(v) }
+            func high(_ x: UInt64) -> UInt64 { (x & 0xffff_ffff) | (UInt64(v) << 32) }
+            switch offset {
+            case 0x014: s.deviceFeaturesSel = v
+            case 0x020:
+                if s.driverFeaturesSel < 2, s.status & Self.statusFeaturesOK == 0 {
+                    let shift = 32 * UInt64(s.driverFeaturesSel)
+                    s.driverFeatures = (s.driverFeatures & ~(0xffff_ffff << shift)) | (UInt64(v) << shift)
+                } else { ignoredAccesses.add(1, ordering: .relaxed) }
+            case 0x024: s.driverFeaturesSel = v
+            case 0x030: s.queueSel = v
+            case 0x038: setQueue { $0.size = UInt16(truncatingIfNeeded: min(v, 0x1_0000 - 1)) }
+            case 0x044:
+                guard hasQueue else { ignoredAccesses.add(1, ordering: .relaxed); return }
+                if v == 0 { s.queues[qi].ready = false; return }
+                guard !s.queues[qi].ready else { return }
+                guard s.status & Self.statusFeaturesOK != 0 else {
+                    ignoredAccesses.add(1, ordering: .relaxed); return
+                }
+                s.queues[qi].eventIndex = s.driverFeatures & Self.featureEventIdx != 0
+                s.queues[qi].indirect = s.driverFeatures & Self.featureIndirect != 0
+                do {
+                    try s.queues[qi].validate(memory: memory)
+                    s.queues[qi].ready = true
+                } catch {
+                    raise = markBroken(&s, error)
+                }
+            case 0x064: s.interruptStatus &= ~v
+            case 0x070: raise = writeStatus(&s, v)
+            case 0x080: setQueue { $0.descTable = low($0.descTable) }
+            case 0x084: setQueue { $0.descTable = high($0.descTable) }
+            case 0x090: setQueue { $0.availRing = low($0.availRing) }
+            case 0x094: setQueue { $0.availRing = high($0.availRing) }
+            case 0x0a0: setQueue { $0.usedRing = low($0.usedRing) }
+            case 0x0a4: setQueue { $0.usedRing = high($0.usedRing) }
+            default: ignoredAccesses.add(1, ordering: .relaxed)
+            }
+        }
+        if raise { raiseInterrupt() }
+    }
+
+    private func writeStatus(_ s: inout State, _ v: UInt32) -> Bool {
+        if v == 0 {
+            // Reset: forget the negotiation and every queue. The notify eventfds are drained by
+            // the I/O thread, which finds no ready queue.
+            let gen = s.configGeneration
+            s = State(queues: device.queueMaxSizes.map { Virtqueue(maxSize: $0) })
+            s.configGeneration = gen &+ 1
+            return false
+        }
+        // The driver may only add bits; NEEDS_RESET is the device's to set.
+        var next = v & ~Self.statusNeedsReset
+        if next & Self.statusFeaturesOK != 0, s.status & Self.statusFeaturesOK == 0 {
+            let acceptable = s.driverFeatures & ~offeredFeatures == 0 && s.driverFeatures & Self.featureVersion1 != 0
+            if !acceptable { next &= ~Self.statusFeaturesOK }
+        }
+        s.status = next | (s.status & Self.statusNeedsReset)
+        return false
+    }
+
+    /// Marks the device broken (§2.1.2): NEEDS_RESET, a config-change interrupt, the queues off.
+    private func markBroken(_ s: inout State, _ error: any Error) -> Bool {
+        malformed.add(1, ordering: .relaxed)
+        lastError = "\(error)"
+        s.status |= Self.statusNeedsReset
+        for i in s.queues.indices { s.queues[i].ready = false }
+        s.interruptStatus |= 2
+        s.configGeneration &+= 1
+        return true
+    }
+
+    private func raiseInterrupt() {
+        interruptsRaised.add(1, ordering: .relaxed)
+        interrupt.trigger()
+    }
+
+    /// Records a kick. Cheap: the vCPU exit path only writes an eventfd.
+    public func notify(queue: Int) {
+        guard notifyFDs.indices.contains(queue) else { ignoredAccesses.add(1, ordering: .relaxed); return }
+        var one: UInt64 = 1
+        _ = Foundation.write(notifyFDs[queue], &one, 8)
+    }
+
+    // MARK: queue processing
+
+    /// Serves every ready queue until it is empty (or a batch per queue). Returns chains served.
+    @discardableResult
+    public func processQueues() -> Int {
+        var served = 0
+        for qi in 0..<notifyFDs.count {
+            var count: UInt64 = 0
+            _ = Foundation.read(notifyFDs[qi], &count, 8)  // drain the kick; we look at the ring anyway
+            served += processQueue(qi)
+        }
+        return served
+    }
+
+    private func processQueue(_ qi: Int) -> Int {
+        var served = 0
+        var raise = false
+        var more = false
+        state.withLock { s in
+            guard s.status & Self.statusDriverOK != 0, s.status & Self.statusNeedsReset == 0,
+                  s.queues.indices.contains(qi), s.queues[qi].ready else {
+                return
+            }
+            do {
+                while served < Self.batch, let chain = try s.queues[qi].pop(memory: memory) {
+                    let written: UInt32
+                    do {
+                        written = try device.handle(queue: qi, chain: chain, memory: memory)
+                    } catch let e as VirtqueueError {
+                        throw e
+                    } catch {
+                        throw VirtqueueError.memory("\(error)")
+                    }
+                    try s.queues[qi].addUsed(head: chain.head, length: min(written, UInt32(clamping: chain.writableLength)), memory: memory)
+                    served += 1
+                }
+                more = served == Self.batch
+                if try s.queues[qi].needsInterrupt(memory: memory) {
+                    s.interruptStatus |= 1
+                    raise = true
+                }
+            } catch {
+                raise = markBroken(&s, error)
+            }
+        }
+        requestsServed.add(served, ordering: .relaxed)
+        if raise { raiseInterrupt() }
+        if more { notify(queue: qi) }  // come back after the other queues had their turn
+        return served
+    }
+
+    // MARK: I/O thread
+
+    /// Starts the I/O thread that serves queues on notify.
+    public func start(name: String = "virtio") {
+        worker.withLock { t in
+            guard t == nil else { return }
+            let th = Thread { [unowned self] in self.loop() }
+            th.name = name
+            t = th
+            th.start()
+        }
+    }
+
+    private func loop() {
+        var fds = (notifyFDs + [stopFD]).map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        while true {
+            let r = poll(&fds, nfds_t(fds.count), -1)
+            if r < 0 { if errno == EINTR { continue }; break }
+            if fds.last!.revents != 0 { break }
+            processQueues()
+        }
+        finished.store(true, ordering: .releasing)
+    }
+
+    /// Stops and joins the I/O thread (idempotent).
+    public func stop() {
+        guard worker.withLock({ $0 }) != nil else { return }
+        var one: UInt64 = 1
+        _ = Foundation.write(stopFD, &one, 8)
+        while !finished.load(ordering: .acquiring) { usleep(200) }
+        worker.withLock { $0 = nil }
+    }
+}
+
+/// Glibc's eventfd lives in <sys/eventfd.h>, which the Swift Glibc module leaves out; look it up.
+/// Falls back to -1 (the caller reports it) on a C library without it.
+private func makeEventFD() -> Int32 {
+    typealias Create = @convention(c) (UInt32, Int32) -> Int32
+    guard let sym = dlsym(nil, "eventfd") else { errno = ENOSYS; return -1 }
+    // EFD_CLOEXEC | EFD_NONBLOCK (octal 02000000 | 04000, as O_CLOEXEC | O_NONBLOCK).
+    return unsafeBitCast(sym, to: Create.self)(0, Int32(O_CLOEXEC | O_NONBLOCK))
+}
