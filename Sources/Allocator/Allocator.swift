@@ -32,7 +32,8 @@ public final class Allocator: Sendable {
     public static func open(paths: Paths = .default, config: MicroVMConfig, roots: HostRoots = HostRoots()) throws -> Allocator {
         let capacity = try HostCapacity.probe(roots: roots, reservation: config.reservation)
         try Paths.ensureDirectory(paths.state)
-        return try Allocator(capacity: capacity, ledgerPath: paths.ledger, procRoot: roots.proc)
+        // Owners are processes of this host: their liveness is always read from the real /proc.
+        return try Allocator(capacity: capacity, ledgerPath: paths.ledger)
     }
 
     public init(capacity: HostCapacity, ledgerPath: String, procRoot: String = "/proc",

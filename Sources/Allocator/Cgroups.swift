@@ -20,7 +20,7 @@ public struct CgroupSet: Sendable {
     /// Creates (or takes over a leftover of) the cgroup `name` and writes the slice's limits.
     /// A failure removes what was created and names the file that refused the value.
     public static func create(name: String, slice: ResourceSlice, roots: HostRoots = HostRoots(), mode: CgroupMode? = nil) throws -> CgroupSet {
-        let parts = name.split(separator: "/").map(String.init)
+        let parts = name.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
         guard !parts.isEmpty, !name.hasPrefix("/"), parts.allSatisfy({ $0 != "." && $0 != ".." && !$0.isEmpty }) else {
             throw MicroVMError.invalidArgument("cgroup name '\(name)' must be a relative path like microvm/NAME, without '.' or '..'")
         }

@@ -25,12 +25,25 @@ final class Ledger: Sendable {
             guard result == ["ok"] else {
                 throw Ledger.corrupt(path, "fails SQLite's integrity check (\(result.prefix(3).joined(separator: "; ")))")
             }
-            try Ledger.migrator.migrate(queue)
+            try Ledger.migrateExclusively(queue, path: path)
         } catch let e as MicroVMError {
             throw e
         } catch {
             throw Ledger.corrupt(path, "is not a usable SQLite database", cause: error)
         }
+    }
+
+    /// Migrations check and create tables in separate steps; processes opening a new ledger at
+    /// once take turns through a lock file beside it.
+    static func migrateExclusively(_ queue: DatabaseQueue, path: String) throws {
+        let fd = open(path + ".lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else {
+            throw MicroVMError(.permissionDenied, "cannot create \(path).lock: make the state directory writable", cause: SystemCallError("open", errno: errno))
+        }
+        defer { close(fd) }
+        guard flock(fd, LOCK_EX) == 0 else { throw MicroVMError(.internalError, "cannot lock \(path).lock", cause: SystemCallError("flock", errno: errno)) }
+        defer { flock(fd, LOCK_UN) }
+        try migrator.migrate(queue)
     }
 
     static func corrupt(_ path: String, _ what: String, cause: (any Error)? = nil) -> MicroVMError {
