@@ -5,7 +5,7 @@ import MicroVM
 struct AllocCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "alloc", abstract: "Show, plan and release the host's CPU and memory grants.",
-        subcommands: [AllocShow.self, AllocPlan.self, AllocRelease.self, AllocGrant.self], defaultSubcommand: AllocShow.self)
+        subcommands: [AllocShow.self, AllocPlan.self, AllocRelease.self, AllocGrant.self, AllocBenchCommand.self], defaultSubcommand: AllocShow.self)
 }
 
 /// Where the allocator reads the host and its configuration from.
@@ -160,6 +160,20 @@ struct AllocGrant: AsyncParsableCommand {
             let a = try host.open()
             let g = try a.allocate(try request.request(owner: owner, pid: pid ?? getppid()))
             if json { try printJSON(g) } else { print("granted #\(g.id): \(describe(g.slice))") }
+        }
+    }
+}
+
+/// Times one placement decision against a temporary ledger full of live grants.
+struct AllocBenchCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bench", abstract: "Time a placement decision with many live grants.")
+    @Option(help: "Live grants in the ledger.") var grants: Int = 10_000
+    @Option(help: "Decisions to time.") var samples: Int = 200
+
+    func run() async throws {
+        try await reportingErrors {
+            let (median, p99) = try AllocatorBench.placementDecisionTime(liveGrants: grants, samples: samples)
+            print(String(format: "placement decision with %d live grants: median %.0f µs, p99 %.0f µs", grants, median, p99))
         }
     }
 }

@@ -111,7 +111,8 @@ import MicroVMCore
     }
 
     @Test func decisionTimeWithManyLiveGrants() throws {
-        let (median, p99) = try AllocatorBench.placementDecisionTime(liveGrants: 1000, samples: 20)
+        let (median, p99) = try AllocatorBench.placementDecisionTime(liveGrants: 10_000, samples: 100)
+        print("placement decision with 10,000 live grants: median \(median) µs, p99 \(p99) µs")
         #expect(median > 0 && p99 >= median)
     }
 }
