@@ -244,7 +244,9 @@ final class IperfServer: @unchecked Sendable {
     }
 
     func stop() {
-        if process.isRunning { process.terminate() }
+        // SIGKILL: a server that never got its client waits forever, and the mask it inherited
+        // from a pool thread may block SIGTERM.
+        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
         process.waitUntilExit()
     }
 }
