@@ -22,7 +22,7 @@ enum RigGate {
     /// No rig QEMU started by this process may be left running.
     static func leftoverQEMUs() throws -> String {
         let out = try ProcessRunner.run(["pgrep", "-af", Rig.processMarker + "\(getpid())-"], timeout: 10)
-        return out.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)
+        return out.stdoutText.split(separator: "\n").filter { $0.contains("qemu-system") }.joined(separator: "\n")
     }
 }
 
