@@ -74,11 +74,19 @@ public struct DirectBackend: InstanceBackend {
     public func run(_ spec: VMSpec) async throws -> RunResult {
         try spec.validate()
         try checkHost()
-        guard spec.disks.isEmpty, spec.net == nil, spec.vsockCID == nil else {
-            throw MicroVMError.unsupported("direct mode has no virtio devices in this build: drop --disk/--net/--vsock, or use --mode hosted")
+        guard spec.net == nil, spec.vsockCID == nil else {
+            throw MicroVMError.unsupported("direct mode has no virtio-net or virtio-vsock yet: drop --net/--vsock, or use --mode hosted")
         }
         let started = VirtualMachine.monotonicNow()
-        let files = try bootFiles(for: spec)
+        var files = try bootFiles(for: spec)
+        // Like the hosted backend: the default image's rootfs goes first (/dev/vda), read-only,
+        // so the command runs with the image's tools.
+        var deviceSpec = spec
+        if spec.kernel == nil {
+            let image = try ImageStore(paths: options.paths).ensureDefault()
+            deviceSpec.disks.insert(DiskSpec(path: image.rootfsDisk, readOnly: true), at: 0)
+            files.cmdline += " mvm.ro=1"
+        }
 
         let logDir = options.paths.instances + "/" + spec.name
         try Paths.ensureDirectory(logDir)
@@ -97,6 +105,9 @@ public struct DirectBackend: InstanceBackend {
         let vm = try VirtualMachine(MachineConfiguration(cpus: spec.cpus, memory: spec.memory, interruptController: true,
                                                          cpuSet: spec.slice?.cpuSet ?? [], devicePath: options.devicePath))
         let devices = try vm.installLegacyDevices(console: sink)
+        let virtio = try vm.installVirtioDevices(spec: deviceSpec)
+        defer { virtio.attachments.forEach { $0.stop() } }
+        files.cmdline += " " + virtio.cmdline
         let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus)
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
         defer { input?.stop() }

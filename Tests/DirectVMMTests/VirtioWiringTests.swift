@@ -1,0 +1,37 @@
+import Devices
+import Foundation
+import GuestMemory
+import MicroVMCore
+import Testing
+@testable import DirectVMM
+
+/// The virtio devices as the direct VMM places them, seen from a tiny guest on real KVM.
+@Suite("Virtio on the direct VMM", .serialized, .enabled(if: kvmUsable, "no writable /dev/kvm on this host"), .timeLimit(.minutes(2)))
+struct VirtioWiringTests {
+    @Test func guestReadsTheVirtioRegisters() throws {
+        let disk = NSTemporaryDirectory() + "mvm-virtio-wiring-\(getpid()).img"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 16 * 512)))
+        defer { unlink(disk) }
+        let vm = try VirtualMachine(MachineConfiguration(cpus: 1, memory: .mebibytes(4), interruptController: false))
+        try vm.installLegacyDevices { _ in }
+        let virtio = try vm.installVirtioDevices(spec: VMSpec(name: "w", disks: [DiskSpec(path: disk)]))
+        defer { virtio.attachments.forEach { $0.stop() } }
+        #expect(virtio.cmdline == "virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6")
+        let code: [UInt8] = [
+            0xb8, 0x00, 0x00, 0x00, 0xd0,             // mov eax, 0xd0000000
+            0x8b, 0x18,                               // mov ebx, [rax]      (magic)
+            0x89, 0x1c, 0x25, 0x00, 0x02, 0x10, 0x00, // mov [0x100200], ebx
+            0x8b, 0x58, 0x08,                         // mov ebx, [rax+8]    (device id)
+            0x89, 0x1c, 0x25, 0x04, 0x02, 0x10, 0x00, // mov [0x100204], ebx
+            0x8b, 0x98, 0x00, 0x10, 0x00, 0x00,       // mov ebx, [rax+0x1000] (the rng behind it)
+            0x89, 0x1c, 0x25, 0x08, 0x02, 0x10, 0x00, // mov [0x100208], ebx
+            0xf4,                                     // hlt
+        ]
+        try vm.memory.writeBytes(code, at: 0x10_0000)
+        let reason = try vm.run(BootEntry(.long64(entry: 0x10_0000, bootParams: 0)), timeout: 30)
+        #expect(reason == .halted)
+        #expect(try vm.memory.read(at: 0x10_0200, as: UInt32.self) == VirtioMMIOTransport.magic)
+        #expect(try vm.memory.read(at: 0x10_0204, as: UInt32.self) == 2)
+        #expect(try vm.memory.read(at: 0x10_0208, as: UInt32.self) == VirtioMMIOTransport.magic)
+    }
+}
