@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .library(name: "MicroVM", targets: ["MicroVM"]),
         .executable(name: "mvm", targets: ["mvm"]),
+        .executable(name: "mvm-kvm-probe", targets: ["mvm-kvm-probe"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -38,6 +39,8 @@ let package = Package(
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),
         .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Rig", "Bench"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
+
+        .executableTarget(name: "mvm-kvm-probe", dependencies: ["KVM"], swiftSettings: strict),
 
         .testTarget(name: "MicroVMCoreTests", dependencies: ["MicroVMCore", "GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore", "GuestMemory"]),

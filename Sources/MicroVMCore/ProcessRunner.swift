@@ -48,7 +48,7 @@ public enum ProcessRunner {
         p.standardError = errPipe
         let inPipe: Pipe? = input == nil ? nil : Pipe()
         p.standardInput = inPipe ?? FileHandle.nullDevice
-        try p.run()
+        try spawnWithDefaultSignalMask { try p.run() }
         if let input, let inPipe {
             DispatchQueue.global().async {
                 try? inPipe.fileHandleForWriting.write(contentsOf: input)
@@ -100,6 +100,17 @@ public enum ProcessRunner {
 }
 
 extension ProcessRunner {
+    /// Children inherit the spawning thread's signal mask, and threads of Swift's executors and
+    /// of Dispatch block most signals: a child started from there could never be stopped with
+    /// SIGTERM. Spawning with an empty mask gives every child ordinary signal handling.
+    public static func spawnWithDefaultSignalMask<T>(_ body: () throws -> T) rethrows -> T {
+        var empty = sigset_t(), old = sigset_t()
+        sigemptyset(&empty)
+        pthread_sigmask(SIG_SETMASK, &empty, &old)
+        defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
+        return try body()
+    }
+
     /// Reads `fd` until EOF, or until the program has exited and nothing more came for a second.
     static func drain(fd: Int32, exited: borrowing Atomic<Bool>) -> Data {
         var out = Data()

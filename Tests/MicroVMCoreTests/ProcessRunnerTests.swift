@@ -34,3 +34,11 @@ import Foundation
         #expect(out.stdoutText == "piped")
     }
 }
+
+@Suite struct ChildSignalMaskTests {
+    @Test func childrenStartWithNoBlockedSignals() async throws {
+        // Run from a concurrency-pool thread, where signals are usually blocked.
+        let out = try await Task.detached { try ProcessRunner.run(["sh", "-c", "grep SigBlk /proc/self/status"]) }.value
+        #expect(out.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines) == "SigBlk:\t0000000000000000")
+    }
+}
