@@ -103,50 +103,121 @@ struct RigRunTests {
 }
 
 /// The project's own KVM code against a real KVM: inside the rig, or directly where the host has one.
+/// Every check shares one rig session (`RigKVMSession`): each Linux boot inside the rig costs
+/// minutes of TCG, so the rig boots once and runs the doctor and the three direct boots in turn.
 @Suite(.serialized, .timeLimit(.minutes(30)), .enabled(if: RigGate.usable || KVMTestRunner.hostHasHardwareKVM, "\(RigGate.reason)"))
 struct RigKVMTests {
-    func mvm(_ args: [String], timeout: Double = 500) throws -> RigResult {
-        var o = RigGate.options(timeout: timeout)
-        o.memoryMiB = 3072
-        return try KVMTestRunner.run(command: [try MvmBinary.find()] + args, options: o, streamOutput: { FileHandle.standardOutput.write($0) })
+    func step(_ name: String) throws -> RigKVMSession.Step {
+        let steps = try RigKVMSession.shared.get()
+        return try #require(steps[name], "step \(name) did not run; rig output: \(RigKVMSession.rawOutput.suffix(3000))")
     }
 
     @Test func doctorSeesHardwareKVM() throws {
-        let r = try mvm(["doctor", "--json", "--refresh"])
-        #expect(r.status == 0)
-        let text = r.outputText
-        guard let start = text.firstIndex(of: "{"),
-              let obj = try JSONSerialization.jsonObject(with: Data(text[start...].utf8)) as? [String: Any],
+        let s = try step("doctor")
+        #expect(s.status == 0, "doctor: \(s.output.suffix(2000))")
+        guard let start = s.output.firstIndex(of: "{"),
+              let obj = try? JSONSerialization.jsonObject(with: Data(s.output[start...].utf8)) as? [String: Any],
               let profile = obj["profile"] as? [String: Any], let kvm = profile["kvm"] as? [String: Any] else {
-            Issue.record("doctor --json output is not the expected JSON: \(text.prefix(2000))")
+            Issue.record("doctor --json output is not the expected JSON: \(s.output.prefix(2000))")
             return
         }
         #expect(kvm["verdict"] as? String == "hardware", "kvm: \(kvm)")
     }
 
-    /// The guest image must exist before the rig starts: inside, the cache is read-only.
-    func image() throws -> GuestImage { try ImageStore().ensureDefault() }
-
     @Test func directLinuxBootBzImage() throws {
-        _ = try image()
-        let r = try mvm(["run", "--mode", "direct", "--", "sh", "-c", "echo hello; exit 3"])
-        print("direct boot inside the rig: wall \(r.wallSeconds) s, rig boot \(r.bootSeconds) s")
-        #expect(r.status == 3)
-        #expect(r.outputText.contains("hello"))
+        let s = try step("bzimage")
+        #expect(s.status == 3, "output: \(s.output.suffix(2000))")
+        #expect(s.output.contains("hello\n"))
     }
 
     @Test func directLinuxBootTwoCPUs() throws {
-        _ = try image()
-        let r = try mvm(["run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"])
-        #expect(r.status == 3)
-        #expect(r.outputText.contains("2\nhello"))
+        let s = try step("cpus2")
+        #expect(s.status == 3, "output: \(s.output.suffix(2000))")
+        #expect(s.output.contains("2\nhello\n"), "the guest must see 2 CPUs: \(s.output.suffix(2000))")
     }
 
     @Test func directLinuxBootVmlinux() throws {
-        let img = try image()
-        let r = try mvm(["run", "--mode", "direct", "--kernel", img.vmlinux, "--", "sh", "-c", "echo hello; exit 3"])
-        #expect(r.status == 3)
-        #expect(r.outputText.contains("hello"))
+        let s = try step("vmlinux")
+        #expect(s.status == 3, "output: \(s.output.suffix(2000))")
+        #expect(s.output.contains("hello\n"))
+    }
+}
+
+/// One rig session running each KVM step in sequence. Steps are framed on the output as
+/// `@@step NAME@@` … `@@step-end NAME status=N@@`, so one stream carries them all.
+enum RigKVMSession {
+    struct Step: Sendable { var status: Int32; var output: String }
+
+    nonisolated(unsafe) static var rawOutput = ""
+    static let shared: Result<[String: Step], any Error> = Result(catching: { try run() })
+
+    static func steps(mvm: String, vmlinux: String) -> [(String, [String])] {
+        [("doctor", [mvm, "doctor", "--json", "--refresh"]),
+         ("bzimage", [mvm, "run", "--mode", "direct", "--", "sh", "-c", "echo hello; exit 3"]),
+         ("cpus2", [mvm, "run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"]),
+         ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux, "--", "sh", "-c", "echo hello; exit 3"])]
+    }
+
+    static func script(_ steps: [(String, [String])]) -> String {
+        var s = "exec 2>&1\n"
+        for (name, argv) in steps {
+            s += "echo '@@step \(name)@@'\n"
+            s += argv.map(RigRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
+            s += "echo; echo \"@@step-end \(name) status=$s@@\"\n"
+        }
+        return s
+    }
+
+    static func parse(_ text: String) -> [String: Step] {
+        var out: [String: Step] = [:]
+        var current: String?
+        var body: [Substring] = []
+        for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
+            if line.hasPrefix("@@step "), line.hasSuffix("@@") {
+                current = String(line.dropFirst(7).dropLast(2)); body = []
+            } else if line.hasPrefix("@@step-end "), line.hasSuffix("@@"), let name = current {
+                let fields = line.dropFirst(11).dropLast(2).split(separator: " ")
+                let status = fields.last.flatMap { $0.hasPrefix("status=") ? Int32($0.dropFirst(7)) : nil } ?? -1
+                // The newline echoed before the end marker belongs to the frame.
+                if body.last == "" { body.removeLast() }
+                out[name] = Step(status: status, output: body.joined(separator: "\n") + (body.isEmpty ? "" : "\n"))
+                current = nil
+            } else if current != nil {
+                body.append(line)
+            }
+        }
+        return out
+    }
+
+    static func run() throws -> [String: Step] {
+        // The guest image must exist before the rig starts: inside, the cache is read-only.
+        let image = try ImageStore().ensureDefault()
+        var o = RigGate.options(timeout: 1500)
+        o.memoryMiB = 3072
+        let started = Date()
+        let r = try KVMTestRunner.run(command: ["sh", "-c", script(steps(mvm: try MvmBinary.find(), vmlinux: image.vmlinux))],
+                                      options: o, streamOutput: { FileHandle.standardOutput.write($0) })
+        rawOutput = r.outputText
+        print("rig KVM session: rig boot \(r.bootSeconds) s, wall \(Date().timeIntervalSince(started)) s, status \(r.status)")
+        return parse(r.outputText)
+    }
+}
+
+@Suite struct RigKVMSessionParseTests {
+    @Test func framedStepsParseWithStatusAndOutput() {
+        let text = "boot noise\n@@step a@@\nhello\n\n@@step-end a status=3@@\n@@step b@@\n\n@@step-end b status=0@@\n@@step c@@\npartial"
+        let steps = RigKVMSession.parse(text)
+        #expect(steps["a"]?.status == 3)
+        #expect(steps["a"]?.output == "hello\n")
+        #expect(steps["b"]?.status == 0)
+        #expect(steps["b"]?.output == "")
+        #expect(steps["c"] == nil, "a step without its end marker did not finish")
+    }
+
+    @Test func scriptQuotesEveryArgument() {
+        let s = RigKVMSession.script([("x", ["/bin/echo", "a b", "it's"])])
+        #expect(s.contains("'/bin/echo' 'a b' 'it'\\''s'"))
+        #expect(s.contains("@@step-end x status=$s@@"))
     }
 }
 
