@@ -26,10 +26,38 @@ public struct BenchPlan: Sendable {
     /// Repeats for VMs that are emulated (TCG or a software KVM), where each boot costs seconds:
     /// `--quick` trades their sample count for a run that ends in minutes (recorded per backend).
     public var emulatedVMRepeats: Int?
+    /// When set, emulated VMs run only these scenarios, starts one at a time (`--quick`): the
+    /// others would cost a boot each, a minute or more of TCG on a small host.
+    public var emulatedVMScenarios: [String]?
     public init(scenarios: [any BenchScenario], targets: [BenchTarget], repeats: Int, context: BenchContext, preset: String = "custom",
-                profile: String = "bench", emulatedVMRepeats: Int? = nil) {
+                profile: String = "bench", emulatedVMRepeats: Int? = nil, emulatedVMScenarios: [String]? = nil) {
         self.scenarios = scenarios; self.targets = targets; self.repeats = max(1, repeats); self.context = context
         self.preset = preset; self.profile = profile; self.emulatedVMRepeats = emulatedVMRepeats.map { max(1, $0) }
+        self.emulatedVMScenarios = emulatedVMScenarios
+    }
+
+    static func isEmulatedVM(_ t: BenchTarget) -> Bool {
+        (t.record.mode == .hosted || t.record.mode == .direct) && t.record.acceleration != "hardware KVM"
+    }
+
+    /// The context a target's cells run with.
+    public func context(for t: BenchTarget) -> BenchContext {
+        var c = context
+        if emulatedVMScenarios != nil, Self.isEmulatedVM(t) { c.serialStartsOnly = true }
+        return c
+    }
+
+    /// Why a scenario is left out for a target in this plan (nil: it runs).
+    public func skipReason(_ s: any BenchScenario, _ t: BenchTarget) -> String? {
+        guard let only = emulatedVMScenarios, Self.isEmulatedVM(t), !only.contains(s.name) else { return nil }
+        return "not measured in --quick for emulated VMs (\(t.record.acceleration): each boot costs many seconds); run --full"
+    }
+
+    /// How long one repeat of a cell may take before it is abandoned: every instance it starts
+    /// may use its whole timeout (the parallel ones at once), plus time to set up and tear down.
+    public func cellDeadline(_ s: any BenchScenario, _ t: BenchTarget) -> Double {
+        let c = context(for: t)
+        return c.durations.instanceTimeout * Double(max(1, s.runsPerMeasure(c))) + 30
     }
 
     public func repeats(for t: BenchTarget) -> Int {
@@ -43,9 +71,12 @@ public struct BenchPlan: Sendable {
 public final class BenchRunner: Sendable {
     public let plan: BenchPlan
     let progress: @Sendable (String) -> Void
+    let checkpoint: @Sendable (BenchReport) -> Void
 
-    public init(plan: BenchPlan, progress: @escaping @Sendable (String) -> Void = { _ in }) {
-        self.plan = plan; self.progress = progress
+    /// `checkpoint` gets the report so far after every cell, so a run that is killed keeps what it measured.
+    public init(plan: BenchPlan, progress: @escaping @Sendable (String) -> Void = { _ in },
+                checkpoint: @escaping @Sendable (BenchReport) -> Void = { _ in }) {
+        self.plan = plan; self.progress = progress; self.checkpoint = checkpoint
     }
 
     /// The host as the results file records it.
@@ -59,35 +90,42 @@ public final class BenchRunner: Sendable {
     }
 
     public func run(hostRecord: HostRecord) async -> BenchReport {
-        let ctx = plan.context
-        let totalRuns = plan.scenarios.reduce(0) { acc, s in
-            acc + plan.targets.filter { $0.backend != nil }.reduce(0) { $0 + plan.repeats(for: $1) } * s.runsPerMeasure(ctx)
+        let runnable = plan.targets.filter { $0.backend != nil }
+        func runs(_ s: any BenchScenario, _ t: BenchTarget) -> Int {
+            plan.skipReason(s, t) != nil ? 0 : plan.repeats(for: t) * s.runsPerMeasure(plan.context(for: t))
         }
+        let totalRuns = plan.scenarios.reduce(0) { acc, s in acc + runnable.reduce(0) { $0 + runs(s, $1) } }
         var doneRuns = 0
         let start = Date()
         var estimate = ProgressEstimate()
-        for t in plan.targets where t.backend != nil {
-            estimate.planned[t.name] = plan.scenarios.reduce(0) { $0 + plan.repeats(for: t) * $1.runsPerMeasure(ctx) }
-        }
+        for t in runnable { estimate.planned[t.name] = plan.scenarios.reduce(0) { $0 + runs($1, t) } }
         var cells: [Cell] = []
         for scenario in plan.scenarios {
-            var metrics: [Metric] = []
-            for m in scenario.metrics(for: ctx) where !metrics.contains(m) { metrics.append(m) }
             for target in plan.targets {
+                let ctx = plan.context(for: target)
+                var metrics: [Metric] = []
+                for m in scenario.metrics(for: ctx) where !metrics.contains(m) { metrics.append(m) }
                 var samples: [String: [Double]] = [:], details: [String: [[String: String]]] = [:]
                 var unavailable: [String: String] = [:], errors: [String] = []
                 var seen = metrics
                 if target.backend == nil {
                     for m in metrics { unavailable[m.id] = target.record.unavailableReason ?? "backend not available" }
+                } else if let why = plan.skipReason(scenario, target) {
+                    for m in metrics { unavailable[m.id] = why }
                 } else {
                     let repeats = plan.repeats(for: target)
+                    let perMeasure = scenario.runsPerMeasure(ctx)
                     for rep in 1...repeats {
                         progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, of: repeats, done: doneRuns, total: totalRuns,
                                               start: start, left: estimate.secondsLeft()))
                         let began = Date()
-                        defer { estimate.record(target.name, runs: scenario.runsPerMeasure(ctx), seconds: Date().timeIntervalSince(began)) }
+                        defer { estimate.record(target.name, runs: perMeasure, seconds: Date().timeIntervalSince(began)) }
                         do {
-                            for m in try await scenario.measure(target, ctx) {
+                            let measured = try await Watchdog.run(seconds: plan.cellDeadline(scenario, target),
+                                                                  cleanup: { await Self.stopLeftovers(target) }) {
+                                try await scenario.measure(target, ctx)
+                            }
+                            for m in measured {
                                 if !seen.contains(m.metric) { seen.append(m.metric) }
                                 if let why = m.unavailable { unavailable[m.metric.id] = why; continue }
                                 samples[m.metric.id, default: []].append(m.value)
@@ -95,30 +133,65 @@ public final class BenchRunner: Sendable {
                             }
                         } catch let u as ScenarioUnavailable {
                             for m in metrics { unavailable[m.id] = u.reason }
-                            doneRuns += scenario.runsPerMeasure(ctx) * (repeats - rep + 1)
-                            estimate.skip(target.name, runs: scenario.runsPerMeasure(ctx) * (repeats - rep))
+                            doneRuns += perMeasure * (repeats - rep + 1)
+                            estimate.skip(target.name, runs: perMeasure * (repeats - rep))
+                            break
+                        } catch let t as Watchdog.TimedOut {
+                            // A cell that hung once will hang again: its remaining repeats are not tried.
+                            errors.append("repeat \(rep): \(t)")
+                            progress("[bench] \(scenario.name) on \(target.name): \(t)")
+                            doneRuns += perMeasure * (repeats - rep + 1)
+                            estimate.skip(target.name, runs: perMeasure * (repeats - rep))
                             break
                         } catch {
                             errors.append("repeat \(rep): \(error)")
                         }
-                        doneRuns += scenario.runsPerMeasure(ctx)
+                        doneRuns += perMeasure
                     }
                 }
                 for m in seen {
                     let s = samples[m.id] ?? []
                     let status: Cell.Status = !s.isEmpty ? .ok : (unavailable[m.id] != nil ? .unavailable : .failed)
-                    let note = status == .unavailable ? unavailable[m.id] : (status == .failed ? errors.last : scenario.note)
+                    let note = status == .unavailable ? unavailable[m.id] : (status == .failed ? errors.last.map(Self.failureNote) : scenario.note)
                     cells.append(Cell(scenario: scenario.name, metric: m.id, title: m.title, unit: m.unit, higherIsBetter: m.higherIsBetter,
                                       backend: target.name, status: status, note: note, samples: s, details: details[m.id] ?? [], errors: errors))
                 }
+                checkpoint(report(hostRecord, cells))
             }
         }
         progress("[bench] done: \(doneRuns) instance runs in \(Self.duration(Date().timeIntervalSince(start)))")
+        return report(hostRecord, cells)
+    }
+
+    /// "repeat N: why" → "why", and a hang reads `failed: timed out after N s`.
+    static func failureNote(_ error: String) -> String {
+        guard let colon = error.range(of: ": "), error.hasPrefix("repeat ") else { return error }
+        return String(error[colon.upperBound...])
+    }
+
+    func report(_ hostRecord: HostRecord, _ cells: [Cell]) -> BenchReport {
+        let ctx = plan.context
         let config = RunConfigRecord(preset: plan.preset, repeats: plan.repeats, scenarios: plan.scenarios.map(\.name), profile: plan.profile,
                                      slice: ctx.slice, workload: ctx.workload.source, guestKernel: ctx.workload.kernelVersion,
                                      durations: ctx.durations.asDictionary,
                                      repeatsByBackend: Dictionary(uniqueKeysWithValues: plan.targets.map { ($0.name, plan.repeats(for: $0)) }))
-        return BenchReport(host: hostRecord, config: config, backends: plan.targets.map(\.record), cells: Self.withRatios(cells))
+        let usage = ctx.slices.usage()
+        let backends = plan.targets.map { t -> BackendRecord in
+            var r = t.record
+            r.slices = usage[t.name]
+            return r
+        }
+        return BenchReport(host: hostRecord, config: config, backends: backends, cells: Self.withRatios(cells))
+    }
+
+    /// Stops the bench's own instances a timed-out cell left on the backend.
+    static func stopLeftovers(_ target: BenchTarget) async {
+        guard let backend = target.backend else { return }
+        _ = try? await Watchdog.run(seconds: 20) {
+            for i in (try? await backend.list()) ?? [] where i.name.hasPrefix("bench-") {
+                try? await backend.stop(name: i.name)
+            }
+        }
     }
 
     /// Fills each cell's ratio to the native cell of the same metric in the same run.

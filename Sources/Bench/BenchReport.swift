@@ -104,6 +104,9 @@ public struct BackendRecord: Codable, Sendable, Equatable {
     public var available: Bool
     public var unavailableReason: String?
     public var versions: [String: String]
+    /// The slices its instances got, described, with how many instances got each: `granted …`
+    /// from the allocator, or a `shared` fallback with the allocator's refusal.
+    public var slices: [String: Int]?
     public init(name: String, mode: RunMode, acceleration: String, available: Bool, unavailableReason: String? = nil, versions: [String: String] = [:]) {
         self.name = name; self.mode = mode; self.acceleration = acceleration; self.available = available
         self.unavailableReason = unavailableReason; self.versions = versions

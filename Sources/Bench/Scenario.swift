@@ -80,7 +80,7 @@ public struct BenchDurations: Codable, Sendable, Equatable {
     public var instanceTimeout: Double
 
     public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallSeconds: 2, fioSeconds: 2, fioSize: .mebibytes(16),
-                                             networkSeconds: 2, victimSeconds: 4, parallelLaunches: 2, idleInstances: 2, instanceTimeout: 180)
+                                             networkSeconds: 2, victimSeconds: 4, parallelLaunches: 2, idleInstances: 2, instanceTimeout: 90)
     public static let full = BenchDurations(cpuSeconds: 10, memorySeconds: 10, syscallSeconds: 10, fioSeconds: 10, fioSize: .mebibytes(256),
                                             networkSeconds: 10, victimSeconds: 10, parallelLaunches: 4, idleInstances: 4, instanceTimeout: 600)
 
@@ -97,8 +97,12 @@ public struct BenchContext: Sendable {
     public var workload: Workload
     public var slice: ResourceSlice
     public var durations: BenchDurations
-    public init(workload: Workload, slice: ResourceSlice, durations: BenchDurations) {
-        self.workload = workload; self.slice = slice; self.durations = durations
+    /// Grants each instance its slice (the allocator) or hands out `slice` as is.
+    public var slices: SliceSource
+    /// Set for emulated VMs in `--quick`: one boot per start measurement, no parallel launches.
+    public var serialStartsOnly = false
+    public init(workload: Workload, slice: ResourceSlice, durations: BenchDurations, slices: SliceSource = .fixed) {
+        self.workload = workload; self.slice = slice; self.durations = durations; self.slices = slices
     }
 
     /// Runs one instance to completion on a backend with the bench slice.
@@ -107,7 +111,14 @@ public struct BenchContext: Sendable {
             throw ScenarioUnavailable(target.record.unavailableReason ?? "backend not available")
         }
         let name = "bench-\(tag)-\(UUID().uuidString.prefix(6).lowercased())"
-        var spec = workload.spec(name: name, command: command, slice: slice, timeout: durations.instanceTimeout)
+        return try await run(backend, target: target, name: name, command: command, net: net)
+    }
+
+    /// Runs one named instance in a slice granted for it alone, released when it ends.
+    func run(_ backend: any InstanceBackend, target: BenchTarget, name: String, command: [String], net: NetSpec? = nil) async throws -> RunResult {
+        let lease = slices.lease(slice, owner: name, mode: target.record.mode, backend: target.name)
+        defer { lease.release() }
+        var spec = workload.spec(name: name, command: command, slice: lease.slice, timeout: durations.instanceTimeout)
         spec.net = net
         return try await backend.run(spec)
     }

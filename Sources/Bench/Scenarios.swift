@@ -29,7 +29,7 @@ public struct StartLatency: BenchScenario {
     public func metrics(for ctx: BenchContext) -> [Metric] { [Self.serial, Self.parallel(ctx.durations.parallelLaunches)] }
     public var note: String? { "VMs: launch to the guest init's boot-complete signal; containers and native: launch to first instruction (native: bounded by process exit)" }
     static func parallel(_ k: Int) -> Metric { Metric("start-parallel-\(k)", "Start latency (\(k) launched at once)", unit: "ms", higherIsBetter: false) }
-    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 + ctx.durations.parallelLaunches }
+    public func runsPerMeasure(_ ctx: BenchContext) -> Int { ctx.serialStartsOnly ? 1 : 1 + ctx.durations.parallelLaunches }
 
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
         var out: [Measurement] = []
@@ -37,6 +37,10 @@ public struct StartLatency: BenchScenario {
         _ = try requireSuccess(one, "true")
         out.append(Measurement(Self.serial, (one.bootSeconds ?? one.totalSeconds) * 1000, details: one.bootSeconds == nil ? ["boot": "not reported; total run time used"] : [:]))
         let k = ctx.durations.parallelLaunches
+        if ctx.serialStartsOnly {
+            out.append(.unavailable(Self.parallel(k), "not measured in --quick for emulated VMs (each boot costs many seconds); run --full"))
+            return out
+        }
         let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
             for _ in 0..<k { group.addTask { try await ctx.run(target, ["true"], tag: "pstart") } }
             var rs: [RunResult] = []
@@ -73,8 +77,7 @@ public struct MemoryOverhead: BenchScenario {
             let task = Task { await sampler.run() }
             let results = try await withThrowingTaskGroup(of: RunResult.self) { group in
                 for n in names {
-                    let spec = ctx.workload.spec(name: n, command: idle, slice: ctx.slice, timeout: ctx.durations.instanceTimeout)
-                    group.addTask { try await backend.run(spec) }
+                    group.addTask { try await ctx.run(backend, target: target, name: n, command: idle) }
                 }
                 var rs: [RunResult] = []
                 for try await r in group { rs.append(r) }

@@ -46,10 +46,24 @@ struct BenchRunCommand: AsyncParsableCommand {
             let host = HostProfile.current()
             let (load, image) = try BenchWorkload.resolve(workload)
             let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: image))
+            // Every instance is granted its slice by the allocator, as `mvm run` is.
+            let slices = SliceSource.open(config: config)
             let plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
-                                 context: BenchContext(workload: load, slice: slice, durations: durations), preset: preset, profile: profile,
-                                 emulatedVMRepeats: full || repeats != nil ? nil : 1)
-            let report = await BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }).run(host: host)
+                                 context: BenchContext(workload: load, slice: slice, durations: durations, slices: slices),
+                                 preset: preset, profile: profile,
+                                 emulatedVMRepeats: full || repeats != nil ? nil : 1,
+                                 emulatedVMScenarios: full ? nil : ["start", "cpu"])
+            let dir = out
+            let runner = BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }, checkpoint: { partial in
+                // After every cell: a run that is killed keeps what it measured.
+                do {
+                    try Paths.ensureDirectory(dir)
+                    try partial.encoded().write(to: URL(fileURLWithPath: dir + "/results.json"), options: .atomic)
+                } catch {
+                    FileHandleOutput.stderr("[bench] warning: cannot write \(dir)/results.json: \(error)\n")
+                }
+            })
+            let report = await runner.run(host: host)
             let files = try BenchOutput.write(report, to: out)
             FileHandleOutput.stderr("[bench] wrote \(files.json), \(files.markdown) and \(files.charts.count) charts in \(out)/charts\n")
             if json { print(String(decoding: try report.encoded(), as: UTF8.self)) } else { print(MarkdownReport.render(report)) }
