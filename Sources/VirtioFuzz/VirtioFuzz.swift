@@ -22,6 +22,18 @@ public func virtioFuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     harness.run(Array(UnsafeBufferPointer(start: data, count: size)))
     return 0
 }
+
+@_silgen_name("LLVMFuzzerRunDriver")
+func runFuzzerDriver(_ argc: UnsafeMutablePointer<Int32>, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+                     _ callback: @convention(c) (UnsafePointer<UInt8>?, Int) -> Int32) -> Int32
+
+/// SwiftPM links an executable's entry as `<Target>_main`; hand control to libFuzzer's driver.
+@_cdecl("VirtioFuzz_main")
+public func virtioFuzzMain(_ argc: Int32, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Int32 {
+    var argc = argc
+    var argv = argv
+    return runFuzzerDriver(&argc, &argv, virtioFuzzOne)
+}
 #else
 /// SplitMix64: deterministic, so a failing seed reproduces.
 struct SplitMix: RandomNumberGenerator {
