@@ -36,51 +36,84 @@ public enum ProcessRunner {
             let fix = package.map { ": install it with 'apt-get install \($0)'" } ?? ""
             throw MicroVMError.notFound("'\(argv[0])' is not installed\(fix)")
         }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = Array(argv.dropFirst())
-        if let environment {
-            p.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        // posix_spawn rather than Foundation's Process: Process only reports the exit once every
+        // holder of the output pipes has closed them, so a daemon the program started (runc's
+        // init, an iperf3 server) would hold the run open.
+        var env = ProcessInfo.processInfo.environment
+        if let environment { env.merge(environment) { _, new in new } }
+        let outPipe = try makePipe(), errPipe = try makePipe()
+        let inPipe: (read: Int32, write: Int32)? = input == nil ? nil : try makePipe()
+        defer { for fd in [outPipe.read, errPipe.read] { close(fd) } }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        if let inPipe { posix_spawn_file_actions_adddup2(&actions, inPipe.read, 0) }
+        else { posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0) }
+        posix_spawn_file_actions_adddup2(&actions, outPipe.write, 1)
+        posix_spawn_file_actions_adddup2(&actions, errPipe.write, 2)
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        // Children inherit the spawning thread's signal mask, and threads of Swift's executors
+        // and of Dispatch block most signals: reset the mask and the dispositions.
+        var empty = sigset_t(), all = sigset_t()
+        sigemptyset(&empty); sigfillset(&all)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+        // Glibc's addchdir_np is not exported to Swift; coreutils' env changes directory instead.
+        let args = (currentDirectory.map { ["/usr/bin/env", "--chdir=\($0)"] } ?? []) + [exe] + argv.dropFirst()
+        let program = currentDirectory == nil ? exe : "/usr/bin/env"
+        let envStrings = env.map { "\($0.key)=\($0.value)" }
+        var pid: pid_t = 0
+        let rc = withCStrings(args) { argvp in
+            withCStrings(envStrings) { envp in posix_spawn(&pid, program, &actions, &attr, argvp, envp) }
         }
-        if let currentDirectory { p.currentDirectoryURL = URL(fileURLWithPath: currentDirectory) }
-        let outPipe = Pipe(), errPipe = Pipe()
-        p.standardOutput = outPipe
-        p.standardError = errPipe
-        let inPipe: Pipe? = input == nil ? nil : Pipe()
-        p.standardInput = inPipe ?? FileHandle.nullDevice
-        try spawnWithDefaultSignalMask { try p.run() }
+        close(outPipe.write); close(errPipe.write)
+        if let inPipe { close(inPipe.read) }
+        guard rc == 0 else {
+            throw MicroVMError(.backend, "cannot start '\(exe)': \(String(cString: strerror(rc)))"
+                               + (currentDirectory.map { " (in \($0))" } ?? ""))
+        }
         if let input, let inPipe {
-            DispatchQueue.global().async {
-                try? inPipe.fileHandleForWriting.write(contentsOf: input)
-                try? inPipe.fileHandleForWriting.close()
+            let fd = inPipe.write
+            var sent = 0
+            input.withUnsafeBytes { buf in
+                while sent < buf.count {
+                    let n = Glibc.write(fd, buf.baseAddress! + sent, buf.count - sent)
+                    if n > 0 { sent += n } else if n < 0 && errno == EINTR { continue } else { break }
+                }
             }
         }
+        if let inPipe { close(inPipe.write) }
         // Readers poll instead of blocking until EOF: a grandchild that inherited the pipes
-        // (a daemon the program started) must not keep us waiting after the program exited.
+        // must not keep us waiting after the program exited.
         let collected = DataBox()
         let exited = Atomic<Bool>(false)
         let group = DispatchGroup()
-        for (i, pipe) in [outPipe, errPipe].enumerated() {
+        for (i, fd) in [outPipe.read, errPipe.read].enumerated() {
             group.enter()
-            let fd = pipe.fileHandleForReading.fileDescriptor
             DispatchQueue.global().async {
                 collected.set(i, Self.drain(fd: fd, exited: exited))
                 group.leave()
             }
         }
+        let deadline = timeout.map { Date().addingTimeInterval($0) }
         var timedOut = false
-        if let timeout {
-            let deadline = Date().addingTimeInterval(timeout)
-            while p.isRunning && Date() < deadline { usleep(10_000) }
-            if p.isRunning {
-                timedOut = true
-                kill(p.processIdentifier, SIGKILL)
+        var status: Int32 = 0
+        while true {
+            let r = waitpid(pid, &status, deadline == nil ? 0 : WNOHANG)
+            if r == pid { break }
+            if r < 0 && errno != EINTR { break }
+            if let deadline, r == 0 {
+                if Date() >= deadline && !timedOut { timedOut = true; kill(pid, SIGKILL) }
+                usleep(5_000)
             }
         }
-        p.waitUntilExit()
         exited.store(true, ordering: .releasing)
         group.wait()
-        return Output(status: p.terminationStatus, stdout: collected.get(0), stderr: collected.get(1), timedOut: timedOut)
+        let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        return Output(status: code, stdout: collected.get(0), stderr: collected.get(1), timedOut: timedOut)
     }
 
     /// Runs and throws `.backend` with stderr when the exit status is not zero.
@@ -100,15 +133,18 @@ public enum ProcessRunner {
 }
 
 extension ProcessRunner {
-    /// Children inherit the spawning thread's signal mask, and threads of Swift's executors and
-    /// of Dispatch block most signals: a child started from there could never be stopped with
-    /// SIGTERM. Spawning with an empty mask gives every child ordinary signal handling.
-    public static func spawnWithDefaultSignalMask<T>(_ body: () throws -> T) rethrows -> T {
-        var empty = sigset_t(), old = sigset_t()
-        sigemptyset(&empty)
-        pthread_sigmask(SIG_SETMASK, &empty, &old)
-        defer { pthread_sigmask(SIG_SETMASK, &old, nil) }
-        return try body()
+    static func makePipe() throws -> (read: Int32, write: Int32) {
+        var fds: [Int32] = [0, 0]
+        guard pipe(&fds) == 0 else { throw SystemCallError("pipe", errno: errno) }
+        // Close-on-exec, so only the dup2'ed copies reach the child.
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        return (fds[0], fds[1])
+    }
+
+    static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+        let ptrs = strings.map { strdup($0) } + [nil]
+        defer { for p in ptrs { free(p) } }
+        return ptrs.withUnsafeBufferPointer { body($0.baseAddress!) }
     }
 
     /// Reads `fd` until EOF, or until the program has exited and nothing more came for a second.
