@@ -57,7 +57,7 @@ public struct BenchPlan: Sendable {
     /// may use its whole timeout (the parallel ones at once), plus time to set up and tear down.
     public func cellDeadline(_ s: any BenchScenario, _ t: BenchTarget) -> Double {
         let c = context(for: t)
-        return c.durations.instanceTimeout * Double(max(1, s.runsPerMeasure(c))) + 30
+        return c.durations.instanceTimeout * Double(max(1, s.runsPerMeasure(c))) + c.durations.cellMargin
     }
 
     public func repeats(for t: BenchTarget) -> Int {

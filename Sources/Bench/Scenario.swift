@@ -78,6 +78,8 @@ public struct BenchDurations: Codable, Sendable, Equatable {
     public var idleInstances: Int
     /// Seconds an instance may take (boot included) before it is killed.
     public var instanceTimeout: Double
+    /// Seconds a cell gets beyond its instances' timeouts (setup, teardown) before it is abandoned.
+    public var cellMargin: Double = 30
 
     public static let quick = BenchDurations(cpuSeconds: 2, memorySeconds: 2, syscallSeconds: 2, fioSeconds: 2, fioSize: .mebibytes(16),
                                              networkSeconds: 2, victimSeconds: 4, parallelLaunches: 2, idleInstances: 2, instanceTimeout: 90)

@@ -15,7 +15,9 @@ enum Watchdog {
     }
 
     /// Runs `body`, or throws `TimedOut` after `seconds` and kills the processes it left.
+    /// `owned` narrows which new descendants count as the cell's (tests sharing a process with others).
     static func run<T: Sendable>(seconds: Double, cleanup: @escaping @Sendable () async -> Void = {},
+                                 owned: @escaping @Sendable (Int32) -> Bool = { _ in true },
                                  _ body: @escaping @Sendable () async throws -> T) async throws -> T {
         let before = descendants()
         let once = Once<Result<T, any Error>>()
@@ -32,7 +34,7 @@ enum Watchdog {
         await cleanup()
         var killed = 0
         for _ in 0..<3 {
-            let left = descendants().subtracting(before)
+            let left = descendants().subtracting(before).filter(owned)
             if left.isEmpty { break }
             for pid in left { kill(pid, SIGKILL); killed += 1 }
             try? await Task.sleep(nanoseconds: 200_000_000)
