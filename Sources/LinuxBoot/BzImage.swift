@@ -35,6 +35,8 @@ public enum BootParams {
     public static let initSize = 0x260
     public static let handoverOffset = 0x264
     // struct boot_params, outside the setup header
+    /// `acpi_rsdp_addr` (u64), read by kernels speaking boot protocol 2.14 and later.
+    public static let acpiRSDPAddr = 0x070
     public static let extRamdiskImage = 0x0c0
     public static let extRamdiskSize = 0x0c4
     public static let extCmdLinePtr = 0x0c8

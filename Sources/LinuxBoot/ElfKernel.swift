@@ -165,7 +165,7 @@ public enum PVHStartInfo {
     public static let memmapEntriesOffset = 48
 
     /// Writes start_info, the module list (the initrd, if any) and the memory map.
-    static func write(cmdline: GuestAddress, initrd: (address: UInt64, size: UInt64)?, memoryMap: [MemoryMapEntry], to memory: any GuestMemory) throws {
+    static func write(cmdline: GuestAddress, initrd: (address: UInt64, size: UInt64)?, memoryMap: [MemoryMapEntry], rsdp: GuestAddress? = nil, to memory: any GuestMemory) throws {
         guard memoryMap.count <= Layout.pvhMemmapCapacity else {
             throw MicroVMError(.internalError, "memory map has \(memoryMap.count) entries, room for \(Layout.pvhMemmapCapacity)")
         }
@@ -175,6 +175,7 @@ public enum PVHStartInfo {
         info.put(UInt32(initrd == nil ? 0 : 1), at: nrModulesOffset)
         info.put(initrd == nil ? UInt64(0) : Layout.pvhModlist.rawValue, at: modlistPaddrOffset)
         info.put(cmdline.rawValue, at: cmdlinePaddrOffset)
+        info.put(rsdp?.rawValue ?? 0, at: rsdpPaddrOffset)
         info.put(Layout.pvhMemmap.rawValue, at: memmapPaddrOffset)
         info.put(UInt32(memoryMap.count), at: memmapEntriesOffset)
         try memory.writeBytes(info, at: Layout.pvhStartInfo)

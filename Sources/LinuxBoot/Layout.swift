@@ -38,6 +38,11 @@ public enum Layout {
     /// The MP floating pointer and configuration table, in the last KiB of base memory (the
     /// EBDA) — one of the places Linux scans for "_MP_". From here to 1 MiB is reserved in e820.
     public static let mpTable: GuestAddress = 0x9fc00
+    /// The ACPI RSDP, in the BIOS area where Linux's legacy scan looks; the other tables follow
+    /// it, all inside the range e820 already reserves below 1 MiB.
+    public static let acpiRSDP: GuestAddress = 0xe0000
+    /// The ACPI tables end by here.
+    public static let acpiEnd: UInt64 = 0x10_0000
     /// End of conventional memory as reported in e820 (start of the EBDA/VGA/BIOS hole).
     public static let ebdaStart: UInt64 = 0x9fc00
     /// Start of "high" memory: the bzImage's protected-mode code is loaded here.

@@ -31,12 +31,12 @@ public struct KernelEntry: Sendable, Equatable {
 public enum LinuxLoader {
     /// Loads the kernel at `kernelPath` (a bzImage or an ELF vmlinux with a PVH note, told apart
     /// by content), the optional initrd and the command line into `memory`, and writes the MP
-    /// table for `cpus` vCPUs.
-    public static func load(kernelPath: String, initrdPath: String?, cmdline: String, memory: any GuestMemory, cpus: Int) throws -> KernelEntry {
+    /// table and the ACPI tables (which also describe `virtioMMIO`) for `cpus` vCPUs.
+    public static func load(kernelPath: String, initrdPath: String?, cmdline: String, memory: any GuestMemory, cpus: Int, virtioMMIO: [ACPIMMIODevice] = []) throws -> KernelEntry {
         let kernel = try ImageFile(path: kernelPath)
         let initrd = try initrdPath.map { try ImageFile(path: $0) }
         do {
-            return try load(kernel: kernel, initrd: initrd, cmdline: cmdline, memory: memory, cpus: cpus)
+            return try load(kernel: kernel, initrd: initrd, cmdline: cmdline, memory: memory, cpus: cpus, virtioMMIO: virtioMMIO)
         } catch var e as MicroVMError where e.code == .invalidImage {
             e.message = "\(kernelPath): \(e.message)"
             throw e
@@ -44,16 +44,17 @@ public enum LinuxLoader {
     }
 
     /// As above, from any image source (tests pass in-memory images).
-    public static func load(kernel: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, cpus: Int) throws -> KernelEntry {
+    public static func load(kernel: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, cpus: Int, virtioMMIO: [ACPIMMIODevice] = []) throws -> KernelEntry {
         let map = try MemoryMap.entries(for: memory)
         try MPTable.write(cpus: cpus, memory: memory)
+        let rsdp = try ACPITables.write(into: memory, cpus: cpus, virtioMMIO: virtioMMIO)
         if ElfKernel.isELF(kernel) {
-            return try loadELF(ElfKernel(kernel), from: kernel, initrd: initrd, cmdline: cmdline, memory: memory, map: map)
+            return try loadELF(ElfKernel(kernel), from: kernel, initrd: initrd, cmdline: cmdline, memory: memory, map: map, rsdp: rsdp)
         }
-        return try loadBzImage(BzImage(kernel), from: kernel, initrd: initrd, cmdline: cmdline, memory: memory, map: map)
+        return try loadBzImage(BzImage(kernel), from: kernel, initrd: initrd, cmdline: cmdline, memory: memory, map: map, rsdp: rsdp)
     }
 
-    static func loadBzImage(_ bz: BzImage, from image: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, map: [MemoryMapEntry]) throws -> KernelEntry {
+    static func loadBzImage(_ bz: BzImage, from image: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, map: [MemoryMapEntry], rsdp: GuestAddress? = nil) throws -> KernelEntry {
         let lowEnd = MemoryMap.lowRAMEnd(map)
         guard bz.kernelEnd <= lowEnd else {
             throw MicroVMError.invalidArgument("guest memory of \(ByteCount(memory.end.rawValue)) is too small for this kernel: it needs RAM up to \(hex(bz.kernelEnd)) (init_size \(bz.initSize)); give the VM at least \((bz.kernelEnd >> 20) + 16)M")
@@ -62,20 +63,22 @@ public enum LinuxLoader {
         try writeCommandLine(cmdline, limit: bz.commandLineLimit, memory: memory)
         let limit = min(UInt64(bz.initrdAddrMax) + 1, lowEnd)
         let placed = try initrd.map { try placeInitrd($0, above: bz.kernelEnd, below: limit, memory: memory) }
-        let zp = try bz.zeroPage(cmdline: Layout.cmdline, initrd: placed, memoryMap: map)
+        var zp = try bz.zeroPage(cmdline: Layout.cmdline, initrd: placed, memoryMap: map)
+        // Kernels older than protocol 2.14 ignore the field and find the RSDP by scanning.
+        if let rsdp { zp.put(rsdp.rawValue, at: BootParams.acpiRSDPAddr) }
         try memory.writeBytes(zp, at: Layout.zeroPage)
         // The 64-bit entry point sits 0x200 past the start of the protected-mode code.
         return KernelEntry(entry: GuestAddress(bz.loadAddress.rawValue + 0x200), mode: .long64(bootParams: Layout.zeroPage))
     }
 
-    static func loadELF(_ elf: ElfKernel, from image: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, map: [MemoryMapEntry]) throws -> KernelEntry {
+    static func loadELF(_ elf: ElfKernel, from image: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, map: [MemoryMapEntry], rsdp: GuestAddress? = nil) throws -> KernelEntry {
         guard let pvh = elf.pvhEntry else {
             throw MicroVMError(.invalidImage, "ELF vmlinux has no PVH entry (Xen ELF note type 18): build the kernel with CONFIG_PVH=y, or boot its bzImage instead")
         }
         try elf.load(from: image, into: memory)
         try writeCommandLine(cmdline, limit: Layout.cmdlineMaxSize, memory: memory)
         let placed = try initrd.map { try placeInitrd($0, above: elf.end, below: MemoryMap.lowRAMEnd(map), memory: memory) }
-        try PVHStartInfo.write(cmdline: Layout.cmdline, initrd: placed, memoryMap: map, to: memory)
+        try PVHStartInfo.write(cmdline: Layout.cmdline, initrd: placed, memoryMap: map, rsdp: rsdp, to: memory)
         return KernelEntry(entry: GuestAddress(UInt64(pvh)), mode: .pvh32(startInfo: Layout.pvhStartInfo))
     }
 

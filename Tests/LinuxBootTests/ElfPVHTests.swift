@@ -25,7 +25,7 @@ struct ElfPVHTests {
         #expect(try mem.u32(si + 12) == 1)
         #expect(try mem.u64(si + 16) == Layout.pvhModlist.rawValue)
         #expect(try mem.u64(si + 24) == 0x20000)
-        #expect(try mem.u64(si + 32) == 0, "no ACPI RSDP")
+        #expect(try mem.u64(si + 32) == Layout.acpiRSDP.rawValue, "the ACPI RSDP")
         #expect(try mem.u64(si + 40) == Layout.pvhMemmap.rawValue)
         #expect(try mem.u32(si + 48) == 3)
         #expect(try mem.readBytes(at: 0x20000, count: 14) == Array("console=ttyS0\0".utf8))
