@@ -29,6 +29,9 @@ public struct BenchPlan: Sendable {
     /// When set, emulated VMs run only these scenarios, starts one at a time (`--quick`): the
     /// others would cost a boot each, a minute or more of TCG on a small host.
     public var emulatedVMScenarios: [String]?
+    /// At most this many repeats for the named scenarios (`--quick`: the noisy-neighbour runs
+    /// several instances per repeat and measures containment, which one repeat shows).
+    public var scenarioRepeatCap: [String: Int] = [:]
     public init(scenarios: [any BenchScenario], targets: [BenchTarget], repeats: Int, context: BenchContext, preset: String = "custom",
                 profile: String = "bench", emulatedVMRepeats: Int? = nil, emulatedVMScenarios: [String]? = nil) {
         self.scenarios = scenarios; self.targets = targets; self.repeats = max(1, repeats); self.context = context
@@ -58,6 +61,10 @@ public struct BenchPlan: Sendable {
     public func cellDeadline(_ s: any BenchScenario, _ t: BenchTarget) -> Double {
         let c = context(for: t)
         return c.durations.instanceTimeout * Double(max(1, s.runsPerMeasure(c))) + c.durations.cellMargin
+    }
+
+    public func repeats(for t: BenchTarget, scenario: String) -> Int {
+        min(repeats(for: t), max(1, scenarioRepeatCap[scenario] ?? Int.max))
     }
 
     public func repeats(for t: BenchTarget) -> Int {
@@ -92,7 +99,7 @@ public final class BenchRunner: Sendable {
     public func run(hostRecord: HostRecord) async -> BenchReport {
         let runnable = plan.targets.filter { $0.backend != nil }
         func runs(_ s: any BenchScenario, _ t: BenchTarget) -> Int {
-            plan.skipReason(s, t) != nil ? 0 : plan.repeats(for: t) * s.runsPerMeasure(plan.context(for: t))
+            plan.skipReason(s, t) != nil ? 0 : plan.repeats(for: t, scenario: s.name) * s.runsPerMeasure(plan.context(for: t))
         }
         let totalRuns = plan.scenarios.reduce(0) { acc, s in acc + runnable.reduce(0) { $0 + runs(s, $1) } }
         var doneRuns = 0
@@ -113,7 +120,7 @@ public final class BenchRunner: Sendable {
                 } else if let why = plan.skipReason(scenario, target) {
                     for m in metrics { unavailable[m.id] = why }
                 } else {
-                    let repeats = plan.repeats(for: target)
+                    let repeats = plan.repeats(for: target, scenario: scenario.name)
                     let perMeasure = scenario.runsPerMeasure(ctx)
                     for rep in 1...repeats {
                         progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, of: repeats, done: doneRuns, total: totalRuns,

@@ -30,7 +30,8 @@ struct BenchRunCommand: AsyncParsableCommand {
         try await reportingErrors {
             if quick && full { throw MicroVMError.invalidArgument("choose one of --quick and --full") }
             let preset = full ? "full" : "quick"
-            let durations: BenchDurations = full ? .full : .quick
+            var durations: BenchDurations = full ? .full : .quick
+            if !full { durations.victimSeconds = 2 }
             let n = repeats ?? (full ? 5 : 2)
             guard n >= 1 else { throw MicroVMError.invalidArgument("--repeat must be at least 1") }
             let names = backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
@@ -48,11 +49,12 @@ struct BenchRunCommand: AsyncParsableCommand {
             let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: image))
             // Every instance is granted its slice by the allocator, as `mvm run` is.
             let slices = SliceSource.open(config: config)
-            let plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
+            var plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
                                  context: BenchContext(workload: load, slice: slice, durations: durations, slices: slices),
                                  preset: preset, profile: profile,
                                  emulatedVMRepeats: full || repeats != nil ? nil : 1,
                                  emulatedVMScenarios: full ? nil : ["start", "cpu"])
+            if !full && repeats == nil { plan.scenarioRepeatCap = ["noisy-neighbour": 1] }
             let dir = out
             let runner = BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }, checkpoint: { partial in
                 // After every cell: a run that is killed keeps what it measured.
