@@ -108,7 +108,8 @@ public struct DirectBackend: InstanceBackend {
         let virtio = try vm.installVirtioDevices(spec: deviceSpec)
         defer { virtio.attachments.forEach { $0.stop() } }
         files.cmdline += " " + virtio.cmdline
-        let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus)
+        let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus,
+                                         virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
         defer { input?.stop() }
         let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
