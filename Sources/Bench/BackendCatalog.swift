@@ -51,7 +51,13 @@ public enum BackendCatalog {
             return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
         case "runc", "docker":
             let c = host.capability(name)
-            return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
+            guard c.usable else { return "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")" }
+            // The host profile is cached: whether dockerd answers is asked now, or every docker
+            // cell of the run would fail one by one.
+            if name == "docker", (try? ProcessRunner.run(["docker", "version", "--format", "{{.Server.Version}}"], timeout: 15))?.status != 0 {
+                return "the Docker engine is not running: start it with 'dockerd --iptables=false --bridge=none &'"
+            }
+            return nil
         default:
             return "unknown backend '\(name)': choose from \(knownNames.joined(separator: ", "))"
         }
