@@ -32,6 +32,9 @@ public struct BenchPlan: Sendable {
     /// At most this many repeats for the named scenarios (`--quick`: the noisy-neighbour runs
     /// several instances per repeat and measures containment, which one repeat shows).
     public var scenarioRepeatCap: [String: Int] = [:]
+    /// Which of this process's new descendants a timed-out cell may have left: all of them in
+    /// `mvm bench` (cells run one at a time); narrower where other work shares the process.
+    public var leftoverFilter: @Sendable (Int32) -> Bool = { _ in true }
     public init(scenarios: [any BenchScenario], targets: [BenchTarget], repeats: Int, context: BenchContext, preset: String = "custom",
                 profile: String = "bench", emulatedVMRepeats: Int? = nil, emulatedVMScenarios: [String]? = nil) {
         self.scenarios = scenarios; self.targets = targets; self.repeats = max(1, repeats); self.context = context
@@ -129,7 +132,7 @@ public final class BenchRunner: Sendable {
                         defer { estimate.record(target.name, runs: perMeasure, seconds: Date().timeIntervalSince(began)) }
                         do {
                             let measured = try await Watchdog.run(seconds: plan.cellDeadline(scenario, target),
-                                                                  cleanup: { await Self.stopLeftovers(target) }) {
+                                                                  cleanup: { await Self.stopLeftovers(target) }, owned: plan.leftoverFilter) {
                                 try await scenario.measure(target, ctx)
                             }
                             for m in measured {
