@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),
         .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Rig", "Bench"], swiftSettings: strict),
-        .executableTarget(name: "VirtioFuzz", dependencies: ["Devices"], swiftSettings: strict),
+        .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
 
         .executableTarget(name: "mvm-kvm-probe", dependencies: ["KVM"], swiftSettings: strict),

@@ -28,11 +28,16 @@ public struct DirectBackend: InstanceBackend {
         public var forwardStandardInput: Bool
         public var paths: Paths
         public var devicePath: String
+        /// Attach the default image's rootfs disk as /dev/vda (read-only) so the command runs with
+        /// the image's tools. Off by default: a guest that mounts it through our virtio-blk still
+        /// stops before reporting (under investigation), so commands run in the initramfs.
+        public var attachRootfs: Bool
 
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
-                    console: ConsoleEcho = .none, forwardStandardInput: Bool = false, paths: Paths = .default, devicePath: String = "/dev/kvm") {
+                    console: ConsoleEcho = .none, forwardStandardInput: Bool = false, paths: Paths = .default, devicePath: String = "/dev/kvm",
+                    attachRootfs: Bool = false) {
             self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.forwardStandardInput = forwardStandardInput
-            self.paths = paths; self.devicePath = devicePath
+            self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
         }
     }
 
@@ -82,7 +87,7 @@ public struct DirectBackend: InstanceBackend {
         // Like the hosted backend: the default image's rootfs goes first (/dev/vda), read-only,
         // so the command runs with the image's tools.
         var deviceSpec = spec
-        if spec.kernel == nil {
+        if spec.kernel == nil && options.attachRootfs {
             let image = try ImageStore(paths: options.paths).ensureDefault()
             deviceSpec.disks.insert(DiskSpec(path: image.rootfsDisk, readOnly: true), at: 0)
             files.cmdline += " mvm.ro=1"

@@ -47,7 +47,10 @@ public enum LinuxLoader {
     public static func load(kernel: any ImageSource, initrd: (any ImageSource)?, cmdline: String, memory: any GuestMemory, cpus: Int, virtioMMIO: [ACPIMMIODevice] = []) throws -> KernelEntry {
         let map = try MemoryMap.entries(for: memory)
         try MPTable.write(cpus: cpus, memory: memory)
-        let rsdp = try ACPITables.write(into: memory, cpus: cpus, virtioMMIO: virtioMMIO)
+        // ACPI only when there are virtio-mmio devices to describe: with our hardware-reduced FADT,
+        // Linux maps no legacy ISA IRQs, so the UART (IRQ 4) and the i8042 (IRQ 1) lose their
+        // interrupts until the DSDT describes them too; the MP table alone keeps them working.
+        let rsdp = virtioMMIO.isEmpty ? nil : try ACPITables.write(into: memory, cpus: cpus, virtioMMIO: virtioMMIO)
         if ElfKernel.isELF(kernel) {
             return try loadELF(ElfKernel(kernel), from: kernel, initrd: initrd, cmdline: cmdline, memory: memory, map: map, rsdp: rsdp)
         }

@@ -1,3 +1,4 @@
+import MicroVMCore
 /// Fuzzes the virtio transport, split virtqueue and the blk/rng request parsers with hostile
 /// guest input (see `VirtioFuzzHarness` for the input layout).
 ///
@@ -35,17 +36,7 @@ public func virtioFuzzMain(_ argc: Int32, _ argv: UnsafeMutablePointer<UnsafeMut
     return runFuzzerDriver(&argc, &argv, virtioFuzzOne)
 }
 #else
-/// SplitMix64: deterministic, so a failing seed reproduces.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
-    }
-}
+typealias SplitMix = SeededGenerator
 
 @main
 struct VirtioFuzz {

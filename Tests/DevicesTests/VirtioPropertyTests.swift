@@ -1,19 +1,11 @@
+import MicroVMCore
 import Devices
 import Testing
 
 /// Random queue contents, features and register writes never trap or hang the device.
 @Suite("Virtio random input")
 struct VirtioPropertyTests {
-    struct SplitMix: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9e37_79b9_7f4a_7c15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-            z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-            return z ^ (z >> 31)
-        }
-    }
+    typealias SplitMix = SeededGenerator
 
     @Test(arguments: [1, 2, 3, 4] as [UInt64])
     func randomQueuesNeverTrap(seed: UInt64) throws {

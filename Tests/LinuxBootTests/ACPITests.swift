@@ -199,8 +199,15 @@ struct ACPITests {
         #expect(!e820.contains { $0.type == 1 && $0.base < Layout.acpiEnd && $0.base + $0.size > Layout.acpiRSDP.rawValue })
 
         let mem2 = try GuestRAM(size: .mebibytes(64))
-        _ = try LinuxLoader.load(kernel: ImageBuffer(Fixture.elf(pvhEntry: 0x100_0000)), initrd: nil, cmdline: "", memory: mem2, cpus: 1)
+        _ = try LinuxLoader.load(kernel: ImageBuffer(Fixture.elf(pvhEntry: 0x100_0000)), initrd: nil, cmdline: "", memory: mem2, cpus: 1,
+                                 virtioMMIO: Self.virtio)
         let info = try mem2.readBytes(at: Layout.pvhStartInfo, count: PVHStartInfo.size)
         #expect(info.le(PVHStartInfo.rsdpPaddrOffset, as: UInt64.self) == Layout.acpiRSDP.rawValue)
+
+        // Without virtio-mmio devices no tables are written: the legacy IRQs stay with the MP table.
+        let mem3 = try GuestRAM(size: .mebibytes(64))
+        _ = try LinuxLoader.load(kernel: ImageBuffer(Fixture.bzImage()), initrd: nil, cmdline: "", memory: mem3, cpus: 2)
+        #expect(try mem3.readBytes(at: Layout.zeroPage, count: 4096).le(0x70, as: UInt64.self) == 0)
+        #expect(try mem3.readBytes(at: Layout.acpiRSDP, count: 8) != Array("RSD PTR ".utf8))
     }
 }
