@@ -155,7 +155,8 @@ enum RigKVMSession {
         [("doctor", [mvm, "doctor", "--json", "--refresh"]),
          ("bzimage", [mvm, "run", "--mode", "direct", "--", "sh", "-c", "echo hello; exit 3"]),
          ("cpus2", [mvm, "run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"]),
-         ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux, "--", "sh", "-c", "echo hello; exit 3"])]
+         ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux,
+                      "--initrd", (vmlinux as NSString).deletingLastPathComponent + "/initrd.img", "--", "sh", "-c", "echo hello; exit 3"])]
     }
 
     static func script(_ steps: [(String, [String])]) -> String {
