@@ -66,47 +66,30 @@ public final class NativeBackend: InstanceBackend, @unchecked Sendable {
     /// Runs argv on its own thread (not the cooperative pool, which is as wide as the CPUs: two
     /// blocking runs side by side would starve every other task), output and errors merged.
     static func spawn(_ argv: [String], timeout: Double, started: @escaping @Sendable (Int32) -> Void) async throws -> Outcome {
-        guard let exe = ProcessRunner.which(argv[0]) else {
-            throw MicroVMError.notFound("'\(argv[0])' is not installed on the host")
+        let pipe = try ProcessRunner.makePipe()
+        let child: ChildProcess
+        do {
+            child = try ChildProcess(argv, stdout: .descriptor(pipe.write), stderr: .descriptor(pipe.write))
+        } catch {
+            close(pipe.read); close(pipe.write)
+            throw error
         }
-        return try await withCheckedThrowingContinuation { cont in
+        close(pipe.write)
+        started(child.pid)
+        return await withCheckedContinuation { cont in
             let thread = Thread {
-                // The child inherits this thread's signal mask; a mask with SIGALRM or SIGTERM
-                // blocked makes tools' own timeouts (stress-ng --timeout) and our kills not work.
-                var none = sigset_t()
-                sigemptyset(&none)
-                pthread_sigmask(SIG_SETMASK, &none, nil)
-                let p = Process()
-                p.executableURL = URL(fileURLWithPath: exe)
-                p.arguments = Array(argv.dropFirst())
-                let pipe = Pipe()
-                p.standardOutput = pipe
-                p.standardError = pipe
-                p.standardInput = FileHandle.nullDevice
-                do { try p.run() } catch {
-                    cont.resume(throwing: MicroVMError(.backend, "cannot start '\(argv[0])'", cause: error)); return
-                }
-                started(p.processIdentifier)
-                let reader = DispatchGroup()
                 let box = OutputBox()
+                let reader = DispatchGroup()
                 reader.enter()
                 DispatchQueue.global().async {
-                    box.data = pipe.fileHandleForReading.readDataToEndOfFile()
+                    box.data = FileHandle(fileDescriptor: pipe.read, closeOnDealloc: true).readDataToEndOfFile()
                     reader.leave()
                 }
-                let deadline = Date().addingTimeInterval(timeout)
-                var timedOut = false
-                while p.isRunning {
-                    if Date() > deadline { timedOut = true; kill(p.processIdentifier, SIGKILL); break }
-                    usleep(2_000)
-                }
-                p.waitUntilExit()
-                // A background child that keeps the pipe open must not hang the run forever.
-                // (its reader thread is left to finish when that child exits).
+                let (status, timedOut) = child.wait(timeout: timeout)
+                // A background child that keeps the pipe open must not hang the run forever
+                // (its reader is left to finish when that child exits).
                 let complete = reader.wait(timeout: .now() + 5) == .success
                 let output = complete ? String(decoding: box.data, as: UTF8.self) : "(output not collected: a background process kept it open)"
-                // Shell convention, so a kill by signal (the OOM killer's SIGKILL: 137) reads the same everywhere.
-                let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus
                 cont.resume(returning: Outcome(status: status, output: output, timedOut: timedOut))
             }
             thread.start()

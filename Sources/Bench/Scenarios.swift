@@ -228,28 +228,25 @@ public struct NetworkThroughput: BenchScenario {
 }
 
 /// A one-shot iperf3 server on the host, on a free port; stopped (and reaped) by `stop()`.
-final class IperfServer: @unchecked Sendable {
-    let process: Process
+final class IperfServer: Sendable {
+    let process: ChildProcess
     let port: Int
-    private init(process: Process, port: Int) { self.process = process; self.port = port }
+    private init(process: ChildProcess, port: Int) { self.process = process; self.port = port }
 
     static func start() throws -> IperfServer {
-        guard let exe = ProcessRunner.which("iperf3") else { throw ScenarioUnavailable("iperf3 is not installed on the host: apt-get install iperf3") }
+        guard ProcessRunner.which("iperf3") != nil else { throw ScenarioUnavailable("iperf3 is not installed on the host: apt-get install iperf3") }
         let port = 20000 + Int(getpid() % 20000) + Int.random(in: 0..<500)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: exe)
-        p.arguments = ["-s", "-1", "-p", "\(port)", "--bind", "0.0.0.0"]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        let p = try ChildProcess(["iperf3", "-s", "-1", "-p", "\(port)", "--bind", "0.0.0.0"])
         usleep(300_000)  // let it listen before a client connects
+        if let status = p.exitStatus {
+            throw MicroVMError(.backend, "the iperf3 server on port \(port) exited at once with status \(status) (port taken?)")
+        }
         return IperfServer(process: p, port: port)
     }
 
+    /// SIGKILL: a server that never got its client waits forever.
     func stop() {
-        // SIGKILL: a server that never got its client waits forever, and the mask it inherited
-        // from a pool thread may block SIGTERM.
-        if process.isRunning { kill(process.processIdentifier, SIGKILL) }
-        process.waitUntilExit()
+        process.signal(SIGKILL)
+        _ = process.wait()
     }
 }

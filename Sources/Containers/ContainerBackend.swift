@@ -215,10 +215,3 @@ func offload<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async thro
         }
     }
 }
-
-final class Flag: @unchecked Sendable {
-    private let lock = NSLock()
-    private var v = false
-    func set() { lock.lock(); v = true; lock.unlock() }
-    var value: Bool { lock.lock(); defer { lock.unlock() }; return v }
-}

@@ -83,34 +83,31 @@ struct StreamedRun {
     /// the command has exited (a signal is reported the shell's way, 128 + signal).
     static func run(executable: String, arguments: [String], logPath: String?, expectMarker: Bool, timeout: Double,
                     onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: executable)
-        p.arguments = arguments
-        let outPipe = Pipe(), errPipe = Pipe()
-        p.standardOutput = outPipe
-        p.standardError = errPipe
-        p.standardInput = FileHandle.nullDevice
-        let collector = OutputCollector(stdout: outPipe.fileHandleForReading, stderr: errPipe.fileHandleForReading,
-                                        logPath: logPath, expectMarker: expectMarker)
-        do { try p.run() } catch {
-            try? outPipe.fileHandleForWriting.close()
-            try? errPipe.fileHandleForWriting.close()
-            _ = collector.finish(timeout: 1)
+        let outPipe = try ProcessRunner.makePipe(), errPipe = try ProcessRunner.makePipe()
+        let child: ChildProcess
+        do {
+            child = try ChildProcess([executable] + arguments, stdout: .descriptor(outPipe.write), stderr: .descriptor(errPipe.write))
+        } catch {
+            for fd in [outPipe.read, outPipe.write, errPipe.read, errPipe.write] { close(fd) }
             throw MicroVMError(.backend, "cannot launch '\(executable)': check that it is installed and executable", cause: error)
         }
         // Only the child may hold the write ends, or the readers never see the end of the stream.
-        try? outPipe.fileHandleForWriting.close()
-        try? errPipe.fileHandleForWriting.close()
-        let timedOut = Flag()
-        let watchdog = DispatchWorkItem {
-            timedOut.set()
+        close(outPipe.write); close(errPipe.write)
+        let collector = OutputCollector(stdout: FileHandle(fileDescriptor: outPipe.read, closeOnDealloc: true),
+                                        stderr: FileHandle(fileDescriptor: errPipe.read, closeOnDealloc: true),
+                                        logPath: logPath, expectMarker: expectMarker)
+        var timedOut = false
+        var status: Int32
+        if let s = child.wait(upTo: max(0.1, timeout)) {
+            status = s
+        } else {
+            // The runtime's own kill first (it reaches the container's processes); the runtime
+            // process itself is killed if it has not gone a few seconds later.
+            timedOut = true
             onTimeout()
+            status = child.wait(timeout: 10).status
         }
-        DispatchQueue.global().asyncAfter(deadline: .now() + max(0.1, timeout), execute: watchdog)
-        p.waitUntilExit()
-        watchdog.cancel()
         let end = Date()
-        let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus
-        return StreamedRun(status: status, collector: collector, end: end, timedOut: timedOut.value)
+        return StreamedRun(status: status, collector: collector, end: end, timedOut: timedOut)
     }
 }

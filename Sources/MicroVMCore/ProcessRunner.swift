@@ -31,61 +31,20 @@ public enum ProcessRunner {
     /// Debian package when `package` is given); a non-zero exit is returned, not thrown.
     public static func run(_ argv: [String], input: Data? = nil, environment: [String: String]? = nil,
                            currentDirectory: String? = nil, timeout: Double? = nil, package: String? = nil) throws -> Output {
-        precondition(!argv.isEmpty)
-        guard let exe = which(argv[0]) else {
-            let fix = package.map { ": install it with 'apt-get install \($0)'" } ?? ""
-            throw MicroVMError.notFound("'\(argv[0])' is not installed\(fix)")
-        }
-        // posix_spawn rather than Foundation's Process: Process only reports the exit once every
-        // holder of the output pipes has closed them, so a daemon the program started (runc's
-        // init, an iperf3 server) would hold the run open.
-        var env = ProcessInfo.processInfo.environment
-        if let environment { env.merge(environment) { _, new in new } }
         let outPipe = try makePipe(), errPipe = try makePipe()
         let inPipe: (read: Int32, write: Int32)? = input == nil ? nil : try makePipe()
         defer { for fd in [outPipe.read, errPipe.read] { close(fd) } }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        if let inPipe { posix_spawn_file_actions_adddup2(&actions, inPipe.read, 0) }
-        else { posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0) }
-        posix_spawn_file_actions_adddup2(&actions, outPipe.write, 1)
-        posix_spawn_file_actions_adddup2(&actions, errPipe.write, 2)
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        // Children inherit the spawning thread's signal mask, and threads of Swift's executors
-        // and of Dispatch block most signals: reset the mask and the dispositions.
-        var empty = sigset_t(), all = sigset_t()
-        sigemptyset(&empty); sigfillset(&all)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setsigdefault(&attr, &all)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        // Glibc's addchdir_np is not exported to Swift; coreutils' env changes directory instead.
-        let args = (currentDirectory.map { ["/usr/bin/env", "--chdir=\($0)"] } ?? []) + [exe] + argv.dropFirst()
-        let program = currentDirectory == nil ? exe : "/usr/bin/env"
-        let envStrings = env.map { "\($0.key)=\($0.value)" }
-        var pid: pid_t = 0
-        let rc = withCStrings(args) { argvp in
-            withCStrings(envStrings) { envp in posix_spawn(&pid, program, &actions, &attr, argvp, envp) }
+        let child: ChildProcess
+        do {
+            child = try ChildProcess(argv, stdin: inPipe.map { .descriptor($0.read) } ?? .null,
+                                     stdout: .descriptor(outPipe.write), stderr: .descriptor(errPipe.write),
+                                     environment: environment, currentDirectory: currentDirectory, package: package)
+        } catch {
+            for fd in [outPipe.write, errPipe.write] + (inPipe.map { [$0.read, $0.write] } ?? []) { close(fd) }
+            throw error
         }
         close(outPipe.write); close(errPipe.write)
         if let inPipe { close(inPipe.read) }
-        guard rc == 0 else {
-            throw MicroVMError(.backend, "cannot start '\(exe)': \(String(cString: strerror(rc)))"
-                               + (currentDirectory.map { " (in \($0))" } ?? ""))
-        }
-        if let input, let inPipe {
-            let fd = inPipe.write
-            var sent = 0
-            input.withUnsafeBytes { buf in
-                while sent < buf.count {
-                    let n = Glibc.write(fd, buf.baseAddress! + sent, buf.count - sent)
-                    if n > 0 { sent += n } else if n < 0 && errno == EINTR { continue } else { break }
-                }
-            }
-        }
-        if let inPipe { close(inPipe.write) }
         // Readers poll instead of blocking until EOF: a grandchild that inherited the pipes
         // must not keep us waiting after the program exited.
         let collected = DataBox()
@@ -98,21 +57,29 @@ public enum ProcessRunner {
                 group.leave()
             }
         }
-        let deadline = timeout.map { Date().addingTimeInterval($0) }
-        var timedOut = false
-        var status: Int32 = 0
-        while true {
-            let r = waitpid(pid, &status, deadline == nil ? 0 : WNOHANG)
-            if r == pid { break }
-            if r < 0 && errno != EINTR { break }
-            if let deadline, r == 0 {
-                if Date() >= deadline && !timedOut { timedOut = true; kill(pid, SIGKILL) }
-                usleep(5_000)
+        // Input after the readers started: a child that answers before reading all of it
+        // must not fill its output pipe and stall us both.
+        if let input, let inPipe {
+            // On its own thread, so the timeout holds even for a child that never reads; a child
+            // that exits early gives EPIPE, not a SIGPIPE that would end this process.
+            signal(SIGPIPE, SIG_IGN)
+            group.enter()
+            DispatchQueue.global().async {
+                let fd = inPipe.write
+                var sent = 0
+                input.withUnsafeBytes { buf in
+                    while sent < buf.count {
+                        let n = Glibc.write(fd, buf.baseAddress! + sent, buf.count - sent)
+                        if n > 0 { sent += n } else if n < 0 && errno == EINTR { continue } else { break }
+                    }
+                }
+                close(fd)
+                group.leave()
             }
         }
+        let (code, timedOut) = child.wait(timeout: timeout)
         exited.store(true, ordering: .releasing)
         group.wait()
-        let code: Int32 = (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
         return Output(status: code, stdout: collected.get(0), stderr: collected.get(1), timedOut: timedOut)
     }
 
@@ -133,7 +100,8 @@ public enum ProcessRunner {
 }
 
 extension ProcessRunner {
-    static func makePipe() throws -> (read: Int32, write: Int32) {
+    /// A pipe whose two ends are close-on-exec, so only the dup'ed copies reach a child.
+    public static func makePipe() throws -> (read: Int32, write: Int32) {
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw SystemCallError("pipe", errno: errno) }
         // Close-on-exec, so only the dup2'ed copies reach the child.

@@ -42,3 +42,57 @@ import Foundation
         #expect(out.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines) == "SigBlk:\t0000000000000000")
     }
 }
+
+@Suite(.timeLimit(.minutes(1))) struct ChildProcessTests {
+    @Test func exitStatusOnceExited() throws {
+        let c = try ChildProcess(["sh", "-c", "exit 7"])
+        #expect(c.wait().status == 7)
+        #expect(c.exitStatus == 7)
+        #expect(!c.isRunning)
+    }
+
+    @Test func aKillReadsTheShellWay() throws {
+        let c = try ChildProcess(["sleep", "30"])
+        #expect(c.wait(upTo: 0.05) == nil)
+        #expect(c.isRunning)
+        c.signal(SIGKILL)
+        #expect(c.wait().status == 128 + SIGKILL)
+        c.signal(SIGKILL)  // after the reap: a no-op, never another process
+    }
+
+    @Test func timeoutKillsAndReports() throws {
+        let r = try ChildProcess(["sleep", "30"]).wait(timeout: 0.2)
+        #expect(r.timedOut)
+        #expect(r.status == 128 + SIGKILL)
+    }
+
+    @Test func concurrentWaitersSeeTheSameStatus() async throws {
+        let c = try ChildProcess(["sh", "-c", "sleep 0.2; exit 3"])
+        async let a = Task.detached { c.wait().status }.value
+        async let b = Task.detached { c.wait(timeout: 10).status }.value
+        let (x, y) = await (a, b)
+        #expect(x == 3 && y == 3)
+    }
+
+    @Test func inputToAProgramThatExitsEarlyDoesNotKillUs() throws {
+        // More than a pipe holds, to a program that reads nothing: EPIPE, not SIGPIPE.
+        let out = try ProcessRunner.run(["true"], input: Data(count: 1 << 20))
+        #expect(out.status == 0)
+    }
+
+    @Test func largeInputAndOutputDoNotDeadlock() throws {
+        let big = Data((0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0) })
+        let out = try ProcessRunner.run(["cat"], input: big, timeout: 30)
+        #expect(!out.timedOut)
+        #expect(out.stdout == big)
+    }
+
+    @Test func aDescriptorBecomesTheChildsOutput() throws {
+        let p = try ProcessRunner.makePipe()
+        let c = try ChildProcess(["sh", "-c", "echo via-fd"], stdout: .descriptor(p.write))
+        close(p.write)
+        #expect(c.wait().status == 0)
+        let text = String(decoding: FileHandle(fileDescriptor: p.read, closeOnDealloc: true).readDataToEndOfFile(), as: UTF8.self)
+        #expect(text == "via-fd\n")
+    }
+}
