@@ -175,12 +175,27 @@ public final class VirtualMachine: @unchecked Sendable {
         }
     }
 
+    /// How long stopped vCPUs may take to leave KVM_RUN before `wait` gives up on them.
+    public static let stopGraceSeconds = 10.0
+
     /// Waits for all vCPU threads to end; after `timeout` seconds stops them with `.timeout`.
+    /// A vCPU that a kernel keeps inside KVM_RUN despite the stop (a software KVM emulating a
+    /// long instruction sequence) never hangs the caller: after `stopGraceSeconds` of re-kicking
+    /// the wait ends with an error naming the vCPUs, whose threads are left to end on their own
+    /// (they hold the machine alive until then, so nothing they touch is freed under them).
     public func wait(timeout: Double? = nil) -> StopReason {
         if let timeout {
             if group.wait(timeout: .now() + timeout) == .timedOut {
                 requestStop(.timeout)
-                while group.wait(timeout: .now() + 1) == .timedOut { requestStop(.timeout) }
+                let giveUp = Self.monotonicNow() + Self.stopGraceSeconds
+                while group.wait(timeout: .now() + 0.25) == .timedOut {
+                    if Self.monotonicNow() >= giveUp {
+                        let stuck = control.withLock { c in c.threads.indices.filter { c.threads[$0] != nil } }
+                        return .error("vCPU \(stuck.map(String.init).joined(separator: ", ")) did not leave KVM_RUN within "
+                                      + "\(Int(Self.stopGraceSeconds)) s of the stop (run timeout \(timeout) s); the VM was abandoned")
+                    }
+                    requestStop(.timeout)
+                }
             }
         } else {
             group.wait()

@@ -125,16 +125,19 @@ struct TinyGuestTests {
         #expect(rec.text == "ok")
     }
 
-    @Test(.disabled("can hang: on the software KVM a vCPU emulating some garbage sequence (round 3 of this seed) sometimes misses the stop at the run timeout; the fix belongs in the vCPU kick path"))
+    @Test
     func garbageCodeNeverHangsOrCrashes() throws {
         var rng = SplitMix(seed: 0x6d766d)
-        for round in 0..<4 {
+        for round in 0..<8 {
             let rec = Recorder()
             let vm = try machine(rec)
             let junk = (0..<4096).map { _ in UInt8(truncatingIfNeeded: rng.next() as UInt64) }
             try vm.memory.writeBytes(junk, at: 0x10_0000)
             let reason = try vm.run(BootEntry(.long64(entry: 0x10_0000, bootParams: 0)), timeout: 3)
             print("garbage round \(round): \(reason.description.prefix(120))")
+            // Every end is acceptable except a hang (the time limit) or a clean-looking one that
+            // the guest cannot have caused; a stuck vCPU is abandoned with an error, not waited on.
+            #expect(reason != .requested)
         }
     }
 
