@@ -105,6 +105,42 @@ enum AML {
         return try device(n, body)
     }
 
+    /// `EisaId ("PNP0501")`: three letters in 5 bits each and four hex digits, byte-swapped
+    /// into a DWordConst (iasl never shortens it).
+    static func eisaID(_ id: String) throws -> [UInt8] {
+        let c = Array(id.utf8)
+        guard c.count == 7, c[0..<3].allSatisfy({ $0 >= 0x41 && $0 <= 0x5a }),
+              let digits = UInt16(String(decoding: c[3...], as: UTF8.self), radix: 16) else {
+            throw MicroVMError(.internalError, "\(id) is not an EISA id (three capitals, four hex digits)")
+        }
+        let letters = UInt16(c[0] - 0x40) << 10 | UInt16(c[1] - 0x40) << 5 | UInt16(c[2] - 0x40)
+        return [dwordPrefix, UInt8(letters >> 8), UInt8(letters & 0xff), UInt8(digits >> 8), UInt8(digits & 0xff)]
+    }
+
+    /// `IO (Decode16, port, port, alignment, length)`: a fixed range of I/O ports.
+    static func io16(port: UInt16, length: UInt8, alignment: UInt8) -> [UInt8] {
+        [0x47, 1] + le(UInt64(port), 2) + le(UInt64(port), 2) + [alignment, length]
+    }
+
+    /// `IRQNoFlags () {irq}`: an ISA interrupt, edge triggered, active high.
+    static func irqNoFlags(_ irq: Int) -> [UInt8] {
+        [0x22] + le(UInt64(1) << UInt64(irq), 2)
+    }
+
+    /// COM1 (`PNP0501`, ports 0x3F8–0x3FF, IRQ 4) and the i8042 keyboard controller (`PNP0303`,
+    /// ports 0x60 and 0x64, IRQ 1). On a hardware-reduced platform Linux sets up no legacy ISA
+    /// interrupts, so a device that firmware does not describe never gets its IRQ: the 8250
+    /// driver then polls nothing and user space's console output stalls. Described here, the
+    /// PNP drivers map IRQ 4 and IRQ 1 through the IOAPIC, as QEMU's microvm and Firecracker do.
+    static func legacyDevices() throws -> [UInt8] {
+        let com1 = try name("_HID", eisaID("PNP0501"))
+            + name("_UID", integer(1))
+            + name("_CRS", resourceTemplate(io16(port: 0x3f8, length: 8, alignment: 8) + irqNoFlags(4)))
+        let kbd = try name("_HID", eisaID("PNP0303"))
+            + name("_CRS", resourceTemplate(io16(port: 0x60, length: 1, alignment: 1) + io16(port: 0x64, length: 1, alignment: 1) + irqNoFlags(1)))
+        return try device("COM1", com1) + device("PS2K", kbd)
+    }
+
     static func le(_ v: UInt64, _ bytes: Int) -> [UInt8] {
         (0..<bytes).map { UInt8(truncatingIfNeeded: v >> (8 * UInt64($0))) }
     }

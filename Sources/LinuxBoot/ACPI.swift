@@ -14,7 +14,8 @@ public struct ACPIMMIODevice: Sendable, Equatable {
 /// Linux kernels built without `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` (Debian's among them) only
 /// find virtio-mmio transports through firmware, so the DSDT carries one `LNRO0005` device per
 /// transport, as QEMU's microvm and Cloud Hypervisor do. The FADT declares a hardware-reduced
-/// platform: there is no PM timer, SCI or sleep register block to emulate. Everything sits in
+/// platform: there is no PM timer, SCI or sleep register block to emulate; COM1 and the i8042
+/// are described in the DSDT so that their ISA interrupts are still mapped. Everything sits in
 /// the BIOS area below 1 MiB (already reserved in e820), with the RSDP at 0xE0000 so Linux's
 /// legacy scan finds it even without `acpi_rsdp_addr`.
 ///
@@ -140,12 +141,14 @@ public enum ACPITables {
 
     // MARK: DSDT
 
-    /// The DSDT: `Scope (\_SB) { Device (VRnn) { _HID "LNRO0005", _UID n, _CCA 1, _CRS } … }`.
-    static func dsdtTable(virtioMMIO: [ACPIMMIODevice]) throws -> [UInt8] {
+    /// The DSDT: `Scope (\_SB) { Device (VRnn) { _HID "LNRO0005", _UID n, _CCA 1, _CRS } …,
+    /// COM1, PS2K }` (the legacy devices unless `legacy` is false).
+    static func dsdtTable(virtioMMIO: [ACPIMMIODevice], legacy: Bool = true) throws -> [UInt8] {
         var devices: [UInt8] = []
         for (i, d) in virtioMMIO.enumerated() {
             devices += try AML.virtioMMIODevice(index: i, d)
         }
+        if legacy { devices += try AML.legacyDevices() }
         // At the root of the definition block a relative name is the absolute one; iasl emits it so.
         let aml = try AML.scope("_SB_", devices)
         var t = header("DSDT", length: headerSize + aml.count, revision: 2) + aml

@@ -126,8 +126,27 @@ struct ACPITests {
 
     @Test("AML for one virtio-mmio device matches iasl's bytes")
     func amlDevice() throws {
-        let dsdt = try ACPITables.dsdtTable(virtioMMIO: [Self.virtio[0]])
+        let dsdt = try ACPITables.dsdtTable(virtioMMIO: [Self.virtio[0]], legacy: false)
         #expect(Array(dsdt[36...]) == Self.expectedDevice0)
+    }
+
+    /// `iasl` output for `Device (COM1) { EisaId ("PNP0501"), _UID One, IO 0x3F8/8 + IRQNoFlags {4} }`
+    /// and `Device (PS2K) { EisaId ("PNP0303"), IO 0x60, IO 0x64, IRQNoFlags {1} }`.
+    static let expectedLegacy: [UInt8] = hexBytes("""
+        5b822b434f4d31085f4849440c41d00501085f55494401085f435253
+        11100a0d4701f803f8030808221000790
+        05b822d5053324b085f4849440c41d00303085f4352531118
+        0a15470160006000010147016400640001012202007900
+        """)
+
+    @Test("AML for COM1 and the i8042 matches iasl's bytes; EISA ids encode as iasl does")
+    func amlLegacy() throws {
+        #expect(try AML.legacyDevices() == Self.expectedLegacy)
+        #expect(try AML.eisaID("PNP0501") == [0x0c, 0x41, 0xd0, 0x05, 0x01])
+        #expect(throws: MicroVMError.self) { try AML.eisaID("pnp0501") }
+        #expect(throws: MicroVMError.self) { try AML.eisaID("PNP05") }
+        let dsdt = try ACPITables.dsdtTable(virtioMMIO: [Self.virtio[0]])
+        #expect(Array(dsdt[36...]).count == Self.expectedDevice0.count + Self.expectedLegacy.count)
     }
 
     @Test("PkgLength encodings at the 1/2/3-byte boundaries")
@@ -168,21 +187,16 @@ struct ACPITests {
         defer { try? FileManager.default.removeItem(at: dir) }
         let aml = dir.appendingPathComponent("dsdt.aml")
         try Data(try ACPITables.dsdtTable(virtioMMIO: Self.virtio)).write(to: aml)
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/iasl")
-        p.arguments = ["-d", aml.path]
-        p.currentDirectoryURL = dir
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        p.waitUntilExit()
-        #expect(p.terminationStatus == 0)
+        let r = try ProcessRunner.run(["/usr/bin/iasl", "-d", aml.path], currentDirectory: dir.path, timeout: 60)
+        #expect(r.status == 0, "\(r.stdoutText)\(r.stderrText)")
         let dsl = try String(contentsOf: dir.appendingPathComponent("dsdt.dsl"), encoding: .utf8)
         #expect(dsl.components(separatedBy: "\"LNRO0005\"").count - 1 == 2)
         #expect(dsl.contains("Device (VR00)") && dsl.contains("Device (VR01)"))
         #expect(dsl.contains("0xD0001000"))
         #expect(dsl.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )"))
         #expect(dsl.contains("0x00000006,"))
+        #expect(dsl.contains("Device (COM1)") && dsl.contains("EisaId (\"PNP0501\")") && dsl.contains("{4}"))
+        #expect(dsl.contains("Device (PS2K)") && dsl.contains("EisaId (\"PNP0303\")"))
     }
 
     @Test("the loader writes the tables and passes the RSDP in boot_params and hvm_start_info")
