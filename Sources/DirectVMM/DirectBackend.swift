@@ -28,14 +28,14 @@ public struct DirectBackend: InstanceBackend {
         public var forwardStandardInput: Bool
         public var paths: Paths
         public var devicePath: String
-        /// Attach the default image's rootfs disk as /dev/vda (read-only) so the command runs with
-        /// the image's tools. Off by default: a guest that mounts it through our virtio-blk still
-        /// stops before reporting (under investigation), so commands run in the initramfs.
+        /// Attach the default image's rootfs disk as /dev/vda (read-only, over virtio-blk) so the
+        /// command runs with the image's tools, as in hosted and container modes. Without it the
+        /// command runs in the initramfs (busybox only).
         public var attachRootfs: Bool
 
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
                     console: ConsoleEcho = .none, forwardStandardInput: Bool = false, paths: Paths = .default, devicePath: String = "/dev/kvm",
-                    attachRootfs: Bool = false) {
+                    attachRootfs: Bool = true) {
             self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.forwardStandardInput = forwardStandardInput
             self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
         }
@@ -110,8 +110,9 @@ public struct DirectBackend: InstanceBackend {
         let vm = try VirtualMachine(MachineConfiguration(cpus: spec.cpus, memory: spec.memory, interruptController: true,
                                                          cpuSet: spec.slice?.cpuSet ?? [], devicePath: options.devicePath))
         let devices = try vm.installLegacyDevices(console: sink)
-        // Virtio devices are described to the guest through ACPI, which (hardware-reduced, as
-        // written today) costs the UART its interrupt: only attach them when a disk asks for it.
+        // Virtio devices are described to the guest through ACPI (with COM1 and the i8042, whose
+        // ISA interrupts a hardware-reduced platform only maps when described); with no disk
+        // there are no devices and no tables: the legacy MP-table boot, the shortest.
         let virtio = deviceSpec.disks.isEmpty ? (attachments: [], cmdline: "") : try vm.installVirtioDevices(spec: deviceSpec)
         defer { virtio.attachments.forEach { $0.stop() } }
         files.cmdline += " " + virtio.cmdline

@@ -11,7 +11,6 @@ enum Backends {
         case .native:
             return NativeBackend()
         case .direct:
-            // The rootfs disk is attached only on request (--rootfs) in direct mode for now.
             return DirectBackend(options: .init(attachRootfs: attachRootfs))
         case .hosted:
             return HostedBackend(connect: connect, attachRootfs: attachRootfs)

@@ -44,7 +44,6 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Extra kernel command-line arguments.") var cmdline: String = ""
     @Option(help: "Attach a raw disk image: FILE[,ro][,direct] (repeatable).") var disk: [String] = []
     @Flag(help: "Do not attach the image's rootfs disk (the command runs in the initramfs).") var noRootfs = false
-    @Flag(help: "Direct mode: attach the image's rootfs disk over virtio-blk (experimental; hosted and container modes always use the rootfs).") var rootfs = false
     @Option(help: "Network: tap or tap=NAME.") var net: String?
     @Option(help: "Guest vsock CID.") var vsock: UInt32?
     @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
@@ -65,7 +64,7 @@ struct RunCommand: AsyncParsableCommand {
             spec.vsockCID = vsock
             try spec.validate()
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
-                                            runtime: runtime ?? cfg.defaults.runtime, attachRootfs: mode == .direct ? rootfs && !noRootfs : !noRootfs)
+                                            runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
             let result = try await Grants.withGrant(slice: slice, owner: spec.name, mode: mode, config: cfg) { granted in
                 spec.slice = granted
                 return try await backend.run(spec)

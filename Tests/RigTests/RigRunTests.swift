@@ -136,6 +136,18 @@ struct RigKVMTests {
         #expect(s.output.contains("2\nhello\n"), "the guest must see 2 CPUs: \(s.output.suffix(2000))")
     }
 
+    @Test func directVirtioDevicesInTheGuest() throws {
+        let s = try step("devices")
+        print("direct VMM in the rig, virtio devices: \(s.output.split(separator: "\n").filter { $0.contains("=") || $0.contains(" on / ") }.joined(separator: "; "))")
+        #expect(s.status == 3, "output: \(s.output.suffix(2000))")
+        #expect(s.output.contains("/dev/vda on / type ext4"), "the rootfs must come from virtio-blk: \(s.output.suffix(2000))")
+        #expect(s.output.contains("rng=virtio_rng"))
+        #expect(s.output.contains("rngbytes=64\n"))
+        #expect(s.output.contains("fio-verify-ok"), "fio's verified write on /dev/vdb failed: \(s.output.suffix(2000))")
+        let iops = s.output.split(separator: "\n").first { $0.hasPrefix("randread-iops=") }.flatMap { Double($0.dropFirst(14)) }
+        #expect((iops ?? 0) > 0, "no random-read IOPS from fio: \(s.output.suffix(2000))")
+    }
+
     @Test func directLinuxBootVmlinux() throws {
         let s = try step("vmlinux")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
@@ -156,8 +168,24 @@ enum RigKVMSession {
          ("bzimage", [mvm, "run", "--mode", "direct", "--", "sh", "-c", "echo hello; exit 3"]),
          ("cpus2", [mvm, "run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"]),
          ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux,
-                      "--initrd", (vmlinux as NSString).deletingLastPathComponent + "/initrd.img", "--", "sh", "-c", "echo hello; exit 3"])]
+                      "--initrd", (vmlinux as NSString).deletingLastPathComponent + "/initrd.img", "--", "sh", "-c", "echo hello; exit 3"]),
+         ("scratch-disk", ["truncate", "-s", "64M", scratchDisk]),
+         ("devices", [mvm, "run", "--mode", "direct", "--disk", scratchDisk, "--", "sh", "-c", devicesScript])]
     }
+
+    /// Inside the rig /tmp is a fresh tmpfs: a writable home for the second disk.
+    static let scratchDisk = "/tmp/mvm-rig-scratch.img"
+
+    /// Runs in the guest on the image's rootfs (over virtio-blk): entropy from virtio-rng, a
+    /// verified random write and a random read with O_DIRECT on the second virtio disk.
+    static let devicesScript = """
+        mount | grep ' on / '; echo "rng=$(cat /sys/class/misc/hw_random/rng_current)"; \
+        echo "rngbytes=$(head -c 64 /dev/hwrng | wc -c)"; \
+        fio --name=verify --filename=/dev/vdb --direct=1 --rw=randwrite --bs=4k --size=8M --verify=crc32c \
+            --ioengine=psync --output-format=terse >/dev/null && echo fio-verify-ok; \
+        echo "randread-iops=$(fio --name=rr --filename=/dev/vdb --direct=1 --rw=randread --bs=4k --size=8M --runtime=3 \
+            --time_based --ioengine=psync --output-format=terse --terse-version=3 | cut -d';' -f8)"; exit 3
+        """
 
     static func script(_ steps: [(String, [String])]) -> String {
         var s = "exec 2>&1\n"
