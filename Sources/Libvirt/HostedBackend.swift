@@ -57,14 +57,21 @@ public struct HostedBackend: InstanceBackend {
 
     /// The embedded driver reads `etc/qemu.conf` under its root. `stdio_handler = "file"` makes it
     /// write QEMU's log and our serial file itself instead of asking virtlogd, which needs a daemon.
-    static func prepareEmbeddedRoot(_ root: String) throws {
+    /// Inside the nested rig (a chroot over 9p, `MVM_IN_RIG=1`) libvirt cannot build QEMU's private
+    /// /dev, so there QEMU shares the rig's /dev (`namespaces = []`).
+    static func prepareEmbeddedRoot(_ root: String, inRig: Bool = ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1") throws {
         try Paths.ensureDirectory(root + "/etc")
         let conf = root + "/etc/qemu.conf"
-        let want = "# written by MicroVM: no virtlogd without a daemon\nstdio_handler = \"file\"\n"
+        let want = qemuConf(inRig: inRig)
         if (try? String(contentsOfFile: conf, encoding: .utf8)) != want {
             do { try want.write(toFile: conf, atomically: true, encoding: .utf8) }
             catch { throw MicroVMError(.permissionDenied, "cannot write \(conf): make the state directory writable or set MVM_STATE_DIR", cause: error) }
         }
+    }
+
+    static func qemuConf(inRig: Bool) -> String {
+        "# written by MicroVM: no virtlogd without a daemon\nstdio_handler = \"file\"\n"
+            + (inRig ? "# inside the nested rig: no private /dev for QEMU (the rig's is a chroot's devtmpfs)\nnamespaces = []\n" : "")
     }
 
     // MARK: Run

@@ -126,6 +126,17 @@ struct TestDriverTests {
         #expect(HostedBackend(paths: p).embeddedRoot == "/s/libvirt")
         #expect(HostedBackend(connect: "qemu:///system", paths: p).embeddedRoot == nil)
     }
+
+    @Test func embeddedQemuConfOnlyDropsNamespacesInTheRig() throws {
+        let tmp = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-lv-\(UUID().uuidString.prefix(8))").path
+        defer { try? FileManager.default.removeItem(atPath: tmp) }
+        try HostedBackend.prepareEmbeddedRoot(tmp, inRig: false)
+        let plain = try String(contentsOfFile: tmp + "/etc/qemu.conf", encoding: .utf8)
+        #expect(plain.contains("stdio_handler = \"file\"") && !plain.contains("namespaces"))
+        try HostedBackend.prepareEmbeddedRoot(tmp, inRig: true)
+        let rig = try String(contentsOfFile: tmp + "/etc/qemu.conf", encoding: .utf8)
+        #expect(rig.contains("namespaces = []") && rig.contains("stdio_handler = \"file\""))
+    }
 }
 
 final class EventLog: @unchecked Sendable {
