@@ -181,7 +181,7 @@ enum RigKVMSession {
     static let devicesScript = """
         mount | grep ' on / '; echo "rng=$(cat /sys/class/misc/hw_random/rng_current)"; \
         echo "rngbytes=$(head -c 64 /dev/hwrng | wc -c)"; \
-        fio --name=verify --filename=/dev/vdb --direct=1 --rw=randwrite --bs=4k --size=8M --verify=crc32c \
+        fio --name=verify --filename=/dev/vdb --direct=1 --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_state_save=0 \
             --ioengine=psync --output-format=terse >/dev/null && echo fio-verify-ok; \
         echo "randread-iops=$(fio --name=rr --filename=/dev/vdb --direct=1 --rw=randread --bs=4k --size=8M --runtime=3 \
             --time_based --ioengine=psync --output-format=terse --terse-version=3 | cut -d';' -f8)"; exit 3
