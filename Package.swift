@@ -32,7 +32,7 @@ let package = Package(
         .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images"], swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
         .target(name: "Libvirt", dependencies: ["CLibvirt", "MicroVMCore", "Host", "Images"], swiftSettings: strict),
-        .target(name: "Containers", dependencies: ["MicroVMCore", "Host"], swiftSettings: strict),
+        .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator"], swiftSettings: strict),
         .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),

@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Allocator
 
 /// What a container gets besides its command: the choices `OCISpec.make` turns into config.json.
 public struct ContainerOptions: Sendable, Equatable {
@@ -117,23 +118,18 @@ extension OCISpec {
                 seccomp: defaultSeccomp))
     }
 
-    /// The cgroup limits for a slice. Weight is the v2 scale (default 100) and shares the v1 one
-    /// (default 1024), so the default maps to the default and the ratio is kept.
+    /// The cgroup limits for a slice, from the allocator's one mapping of a slice to OCI
+    /// `linux.resources` (`OCIResources`): weight → v1 shares (runtimes convert to v2 weight),
+    /// quota over a 100 ms period, memory with equal swap (none), pids; devices denied.
     public static func resources(for slice: ResourceSlice?) -> Resources {
         var r = Resources(devices: [DeviceRule(allow: false, access: "rwm")], memory: nil, cpu: nil, pids: nil)
         guard let s = slice else { return r }
-        let bytes = Int64(clamping: s.memory.bytes)
-        if bytes > 0 { r.memory = Memory(limit: bytes, swap: bytes) }
-        var cpu = CPU()
-        cpu.shares = cpuShares(weight: s.cpuWeight)
-        if let q = s.cpuQuota, q > 0 {
-            cpu.period = 100_000
-            cpu.quota = max(1_000, Int64((q * 100_000).rounded()))
-        }
-        if !s.cpuSet.isEmpty { cpu.cpus = s.cpuSetList }
-        if let n = s.numaNode { cpu.mems = String(n) }
-        r.cpu = cpu
-        if let p = s.pidsLimit { r.pids = Pids(limit: Int64(p)) }
+        let o = OCIResources(slice: s)
+        if let limit = o.memory.limit, limit > 0 { r.memory = Memory(limit: limit, swap: o.memory.swap) }
+        let hasQuota = (s.cpuQuota ?? 0) > 0
+        r.cpu = CPU(shares: o.cpu.shares, quota: hasQuota ? o.cpu.quota : nil, period: hasQuota ? o.cpu.period : nil,
+                    cpus: o.cpu.cpus, mems: o.cpu.mems)
+        r.pids = o.pids.map { Pids(limit: $0.limit) }
         return r
     }
 
@@ -145,7 +141,5 @@ extension OCISpec {
         return min(65_536, UInt64(r.rlim_max))
     }
 
-    public static func cpuShares(weight: Int) -> UInt64 {
-        UInt64(min(262_144, max(2, weight * 1024 / 100)))
-    }
+    public static func cpuShares(weight: Int) -> UInt64 { UInt64(CgroupSet.shares(weight: weight)) }
 }
