@@ -21,8 +21,11 @@ struct RigRunCommand: AsyncParsableCommand {
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments, after --.") var command: [String] = []
 
     func run() async throws {
+        // Passthrough capture would hand a lone --help to the rig as the command.
+        if command.first == "--help" || command.first == "-h" { throw CleanExit.helpRequest(self) }
         var argv = command
         if argv.first == "--" { argv.removeFirst() }
+        guard !argv.isEmpty else { throw ValidationError("no command to run: mvm rig run [options] -- COMMAND [ARGS...]") }
         var options = RigOptions()
         options.cpus = cpus
         options.memoryMiB = memory
