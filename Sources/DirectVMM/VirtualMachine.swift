@@ -59,6 +59,8 @@ public final class VirtualMachine: @unchecked Sendable {
     private let control: Mutex<Control>
     private let stopping = Atomic<Bool>(false)
     private let firstExitBits = Atomic<UInt64>(0)
+    /// Virtqueue notify registers that KVM signals through an eventfd (no exit per kick).
+    public let ioeventfdsRegistered = Atomic<Int>(0)
     private let group = DispatchGroup()
 
     public init(_ configuration: MachineConfiguration) throws {

@@ -75,10 +75,16 @@ public final class KVMVirtualMachine: Sendable {
     /// Makes a guest write of `length` bytes at `address` (MMIO, or a port when `pio`) signal
     /// `eventFD` instead of exiting to the VMM; with `datamatch`, only writes of that value.
     public func registerIOEventFD(_ eventFD: EventFD, address: UInt64, length: UInt32, pio: Bool = false, datamatch: UInt64? = nil) throws {
+        try registerIOEventFD(eventFD: eventFD.fd.raw, address: address, length: length, pio: pio, datamatch: datamatch)
+    }
+
+    /// The same for an eventfd owned elsewhere (a device's); it must outlive the registration
+    /// or the VM (KVM holds its own reference to the eventfd).
+    public func registerIOEventFD(eventFD: Int32, address: UInt64, length: UInt32, pio: Bool = false, datamatch: UInt64? = nil) throws {
         var r = kvm_ioeventfd()
         r.addr = address
         r.len = length
-        r.fd = eventFD.fd.raw
+        r.fd = eventFD
         r.flags = (pio ? CKVM_IOEVENTFD_FLAG_PIO : 0) | (datamatch != nil ? CKVM_IOEVENTFD_FLAG_DATAMATCH : 0)
         r.datamatch = datamatch ?? 0
         try kvmIoctl(fd.raw, CKVM_IOEVENTFD, "KVM_IOEVENTFD", &r)

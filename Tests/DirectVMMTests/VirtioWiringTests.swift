@@ -34,4 +34,33 @@ struct VirtioWiringTests {
         #expect(try vm.memory.read(at: 0x10_0204, as: UInt32.self) == 2)
         #expect(try vm.memory.read(at: 0x10_0208, as: UInt32.self) == VirtioMMIOTransport.magic)
     }
+
+    @Test func queueNotifyNeedsNoExitOnceRegistered() throws {
+        let disk = NSTemporaryDirectory() + "mvm-virtio-ioeventfd-\(getpid()).img"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 16 * 512)))
+        defer { unlink(disk) }
+        let vm = try VirtualMachine(MachineConfiguration(cpus: 1, memory: .mebibytes(4), interruptController: false))
+        try vm.installLegacyDevices { _ in }
+        let virtio = try vm.installVirtioDevices(spec: VMSpec(name: "w", disks: [DiskSpec(path: disk)]))
+        defer { virtio.attachments.forEach { $0.stop() } }
+        let code: [UInt8] = [
+            0xb8, 0x50, 0x00, 0x00, 0xd0,             // mov eax, 0xd0000050 (the disk's QueueNotify)
+            0xc7, 0x00, 0x00, 0x00, 0x00, 0x00,       // mov dword [rax], 0 (queue 0)
+            0xc7, 0x00, 0x07, 0x00, 0x00, 0x00,       // mov dword [rax], 7 (no such queue: no match)
+            0xf4,                                     // hlt
+        ]
+        try vm.memory.writeBytes(code, at: 0x10_0000)
+        let reason = try vm.run(BootEntry(.long64(entry: 0x10_0000, bootParams: 0)), timeout: 30)
+        #expect(reason == .halted)
+        let disk0 = virtio.attachments[0].transport
+        let registered = vm.ioeventfdsRegistered.load(ordering: .relaxed)
+        print("ioeventfds registered: \(registered); notify exits on the disk: \(disk0.notifyExits.load(ordering: .relaxed))")
+        if registered > 0 {
+            // Queue 0's kick stayed in KVM; the unmatched value still exits and is refused.
+            #expect(disk0.notifyExits.load(ordering: .relaxed) == 1)
+            #expect(registered == virtio.attachments.reduce(0) { $0 + $1.transport.queueCount })
+        } else {
+            #expect(disk0.notifyExits.load(ordering: .relaxed) == 2)
+        }
+    }
 }

@@ -61,6 +61,9 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     public let ignoredAccesses = Atomic<Int>(0)
     public let requestsServed = Atomic<Int>(0)
     public let interruptsRaised = Atomic<Int>(0)
+    /// QueueNotify writes that reached the transport as MMIO exits (none once the vmm has
+    /// registered the notify eventfds with KVM_IOEVENTFD).
+    public let notifyExits = Atomic<Int>(0)
     public private(set) var lastError: String? {
         get { lastErrorBox.withLock { $0 } }
         set { lastErrorBox.withLock { $0 = newValue } }
@@ -98,6 +101,9 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     /// The eventfd behind queue `queue`'s notify: the vmm may register it with KVM_IOEVENTFD at
     /// `mmioBase + notifyOffset` (datamatch = queue) so a kick never leaves the kernel.
     public func notifyEventFD(queue: Int) -> Int32? { notifyFDs.indices.contains(queue) ? notifyFDs[queue] : nil }
+
+    /// How many virtqueues the device has (one notify eventfd each).
+    public var queueCount: Int { notifyFDs.count }
 
     // MARK: registers
 
@@ -138,7 +144,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         var raw: UInt32 = 0
         withUnsafeMutableBytes(of: &raw) { $0.copyMemory(from: data) }
         let v = UInt32(littleEndian: raw)
-        if offset == Self.notifyOffset { notify(queue: Int(v)); return }
+        if offset == Self.notifyOffset { notifyExits.add(1, ordering: .relaxed); notify(queue: Int(v)); return }
         var raise = false
         state.withLock { s in
             let qi = Int(s.queueSel)
