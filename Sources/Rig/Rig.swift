@@ -121,7 +121,7 @@ public struct RigRunner: Sendable {
                     "-pidfile", scratchDir + "/qemu.pid",
                     "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                     "-virtfs", "local,path=\(Self.qemuEscape(scratchDir)),mount_tag=rigscratch,security_model=passthrough"]
-        for (i, share) in options.shares.enumerated() {
+        for (i, share) in shares.enumerated() {
             argv += ["-virtfs", "local,path=\(Self.qemuEscape(share)),mount_tag=rigshare\(i),security_model=passthrough"]
         }
 
@@ -169,7 +169,7 @@ public struct RigRunner: Sendable {
     /// The job script the rig's chroot runs: the caller's directory and environment, then the
     /// command. Everything is single-quoted, so no argument is ever interpreted by the shell.
     func writeJob(command: [String], scratchDir: String) throws {
-        for p in [scratchDir] + options.shares + [options.workingDirectory] {
+        for p in [scratchDir] + shares + [options.workingDirectory] {
             guard p.hasPrefix("/"), !p.contains("\n") else {
                 throw MicroVMError.invalidArgument("path '\(p)' must be absolute and free of newlines to be shared with the rig")
             }
@@ -197,8 +197,22 @@ public struct RigRunner: Sendable {
         script += "exec " + command.map(Self.shellQuote).joined(separator: " ") + "\n"
         try Data(script.utf8).write(to: URL(fileURLWithPath: scratchDir + "/job.sh"))
         try Data((scratchDir + "\n").utf8).write(to: URL(fileURLWithPath: scratchDir + "/path"))
-        let shares = options.shares.enumerated().map { "rigshare\($0.offset) \($0.element)\n" }.joined()
-        try Data(shares.utf8).write(to: URL(fileURLWithPath: scratchDir + "/shares"))
+        let lines = shares.enumerated().map { "rigshare\($0.offset) \($0.element)\n" }.joined()
+        try Data(lines.utf8).write(to: URL(fileURLWithPath: scratchDir + "/shares"))
+    }
+
+    /// Directories the rig mounts fresh (tmpfs) over the host's: nothing of the host's shows there.
+    static let maskedPrefixes = ["/tmp", "/run", "/var/tmp"]
+
+    /// The caller's shares, plus the working directory when it lies under a masked prefix and no
+    /// share covers it (a checkout under /tmp, as CI may use): shared read-write at its own path,
+    /// so the command, the binaries built there and the sources are all visible inside.
+    var shares: [String] {
+        let wd = options.workingDirectory
+        func under(_ path: String, _ dir: String) -> Bool { path == dir || path.hasPrefix(dir.hasSuffix("/") ? dir : dir + "/") }
+        let masked = Self.maskedPrefixes.contains { under(wd, $0) }
+        if masked && !options.shares.contains(where: { under(wd, $0) }) { return options.shares + [wd] }
+        return options.shares
     }
 
     static func shellQuote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }

@@ -93,6 +93,23 @@ import MicroVMCore
         #expect(out.stdoutText == "a b|it's|$X|a'b\"c $d|/|1|")
     }
 
+    @Test func aWorkingDirectoryUnderTmpIsSharedAutomatically() throws {
+        var o = RigOptions()
+        o.workingDirectory = "/tmp/ci/checkout"
+        #expect(RigRunner(o).shares == ["/tmp/ci/checkout"])
+        o.shares = ["/tmp/ci"]
+        #expect(RigRunner(o).shares == ["/tmp/ci"], "already covered by a share")
+        o.shares = ["/tmp/cix"]
+        #expect(RigRunner(o).shares == ["/tmp/cix", "/tmp/ci/checkout"], "a sibling with a common prefix covers nothing")
+        o.shares = []
+        o.workingDirectory = "/work/checkout"
+        #expect(RigRunner(o).shares.isEmpty)
+        o.workingDirectory = "/tmpfoo"
+        #expect(RigRunner(o).shares.isEmpty)
+        o.workingDirectory = "/run/user/0/x"
+        #expect(RigRunner(o).shares == ["/run/user/0/x"])
+    }
+
     @Test func rejectsRelativeAndNewlinePaths() throws {
         let dir = try RigRunner.makeScratch()
         defer { try? FileManager.default.removeItem(atPath: dir) }
