@@ -125,11 +125,11 @@ extension OCISpec {
         var r = Resources(devices: [DeviceRule(allow: false, access: "rwm")], memory: nil, cpu: nil, pids: nil)
         guard let s = slice else { return r }
         let o = OCIResources(slice: s)
-        if let limit = o.memory.limit, limit > 0 { r.memory = Memory(limit: limit, swap: o.memory.swap) }
-        let hasQuota = (s.cpuQuota ?? 0) > 0
-        r.cpu = CPU(shares: o.cpu.shares, quota: hasQuota ? o.cpu.quota : nil, period: hasQuota ? o.cpu.period : nil,
-                    cpus: o.cpu.cpus, mems: o.cpu.mems)
-        r.pids = o.pids.map { Pids(limit: $0.limit) }
+        if let limit = o.memory.limit, limit > 0 { r.memory = o.memory }
+        var cpu = o.cpu
+        if (s.cpuQuota ?? 0) <= 0 { cpu.quota = nil; cpu.period = nil }
+        r.cpu = cpu
+        r.pids = o.pids
         return r
     }
 

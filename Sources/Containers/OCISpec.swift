@@ -1,4 +1,5 @@
 import Foundation
+import Allocator
 
 /// The OCI runtime specification's `config.json` (1.0.2), as far as MicroVM writes it.
 /// Field names follow the spec exactly so `JSONEncoder` output is what runc and crun read;
@@ -93,22 +94,10 @@ public struct OCISpec: Codable, Sendable, Equatable {
         public var access: String?
     }
 
-    public struct Memory: Codable, Sendable, Equatable {
-        public var limit: Int64?
-        public var swap: Int64?
-    }
-
-    public struct CPU: Codable, Sendable, Equatable {
-        public var shares: UInt64?
-        public var quota: Int64?
-        public var period: UInt64?
-        public var cpus: String?
-        public var mems: String?
-    }
-
-    public struct Pids: Codable, Sendable, Equatable {
-        public var limit: Int64
-    }
+    /// The allocator's encoding of a slice, field for field as config.json spells it.
+    public typealias Memory = OCIResources.Memory
+    public typealias CPU = OCIResources.CPU
+    public typealias Pids = OCIResources.Pids
 
     public struct Seccomp: Codable, Sendable, Equatable {
         public var defaultAction: String

@@ -2,15 +2,22 @@ import ArgumentParser
 import Foundation
 import MicroVM
 
-struct StopCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop an instance by name (graceful, then forced), whatever its mode.")
+/// The instance a command acts on, whatever its mode.
+struct InstanceArguments: ParsableArguments {
     @Argument(help: "Instance name (see mvm ps).") var name: String
     @Option(help: "libvirt URI for hosted instances.") var connect: String?
 
+    func backend() async throws -> any InstanceBackend { try await InstanceLookup.find(name: name, connect: connect) }
+}
+
+struct StopCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop an instance by name (graceful, then forced), whatever its mode.")
+    @OptionGroup var instance: InstanceArguments
+
     func run() async throws {
         try await reportingErrors {
-            let backend = try await InstanceLookup.find(name: name, connect: connect)
-            try await backend.stop(name: name)
+            let name = instance.name
+            try await instance.backend().stop(name: name)
             print("stopped \(name)")
         }
     }
@@ -18,13 +25,11 @@ struct StopCommand: AsyncParsableCommand {
 
 struct LogsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "logs", abstract: "Print the console (VMs) or output (containers) of an instance.")
-    @Argument(help: "Instance name (see mvm ps).") var name: String
-    @Option(help: "libvirt URI for hosted instances.") var connect: String?
+    @OptionGroup var instance: InstanceArguments
 
     func run() async throws {
         try await reportingErrors {
-            let backend = try await InstanceLookup.find(name: name, connect: connect)
-            FileHandle.standardOutput.write(Data(try await backend.logs(name: name).utf8))
+            FileHandle.standardOutput.write(Data(try await instance.backend().logs(name: instance.name).utf8))
         }
     }
 }
