@@ -21,15 +21,25 @@ public enum BackendCatalog {
         }
     }
 
+    /// The label of KVM inside the nested rig: Linux's own kvm_amd, on a CPU that QEMU TCG
+    /// emulates one level down. Real KVM code paths, emulation speeds: never a hardware figure.
+    public static let nestedKVM = "nested KVM (rig, TCG below)"
+
+    /// Labels under which a VM runs on a real KVM implementation (the full scenario set).
+    public static let realKVM: Set<String> = ["hardware KVM", nestedKVM]
+
     /// What acceleration numbers from this mode really measure on this host. Never claims KVM for
-    /// emulation: the hosted backend falls back to TCG wherever KVM is not hardware.
-    public static func acceleration(mode: RunMode, kvm: KVMProbeResult.Verdict) -> String {
+    /// emulation: the hosted backend falls back to TCG wherever KVM is not hardware, and inside
+    /// the rig (`MVM_IN_RIG=1`) a hardware verdict is the nested KVM's.
+    public static func acceleration(mode: RunMode, kvm: KVMProbeResult.Verdict,
+                                    inRig: Bool = ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1") -> String {
+        let kvmLabel = inRig ? nestedKVM : "hardware KVM"
         switch mode {
         case .native, .container: return "none"
-        case .hosted: return kvm == .hardware ? "hardware KVM" : "TCG"
+        case .hosted: return kvm == .hardware ? kvmLabel : "TCG"
         case .direct:
             switch kvm {
-            case .hardware: return "hardware KVM"
+            case .hardware: return kvmLabel
             case .emulated: return "emulated KVM"
             case .absent: return "none"
             }

@@ -43,7 +43,7 @@ public struct BenchPlan: Sendable {
     }
 
     static func isEmulatedVM(_ t: BenchTarget) -> Bool {
-        (t.record.mode == .hosted || t.record.mode == .direct) && t.record.acceleration != "hardware KVM"
+        (t.record.mode == .hosted || t.record.mode == .direct) && !BackendCatalog.realKVM.contains(t.record.acceleration)
     }
 
     /// The context a target's cells run with.
@@ -72,7 +72,7 @@ public struct BenchPlan: Sendable {
 
     public func repeats(for t: BenchTarget) -> Int {
         let vm = t.record.mode == .hosted || t.record.mode == .direct
-        if vm, t.record.acceleration != "hardware KVM", let n = emulatedVMRepeats { return min(n, repeats) }
+        if vm, !BackendCatalog.realKVM.contains(t.record.acceleration), let n = emulatedVMRepeats { return min(n, repeats) }
         return repeats
     }
 }

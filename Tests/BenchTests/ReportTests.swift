@@ -106,7 +106,9 @@ import KVM
             #expect(hosted == "TCG")
             #expect(!hosted.contains("KVM"))
         }
-        #expect(BackendCatalog.acceleration(mode: .hosted, kvm: .hardware) == "hardware KVM")
+        #expect(BackendCatalog.acceleration(mode: .hosted, kvm: .hardware, inRig: false) == "hardware KVM")
+        #expect(BackendCatalog.acceleration(mode: .direct, kvm: .hardware, inRig: true) == BackendCatalog.nestedKVM)
+        #expect(BackendCatalog.acceleration(mode: .hosted, kvm: .emulated, inRig: true) == "TCG")
         #expect(BackendCatalog.acceleration(mode: .direct, kvm: .emulated) == "emulated KVM")
         #expect(BackendCatalog.acceleration(mode: .container, kvm: .hardware) == "none")
         #expect(BackendCatalog.acceleration(mode: .native, kvm: .hardware) == "none")
