@@ -47,8 +47,10 @@ public struct HostProfile: Codable, Sendable {
     }
 
     /// Labels numbers honestly: what acceleration a VM run here really gets.
+    /// Inside the nested rig a hardware verdict is the rig's own KVM, running on an emulated CPU.
     public var vmAcceleration: String {
-        kvm.verdict == .hardware ? "hardware KVM" : "TCG (emulation)"
+        guard kvm.verdict == .hardware else { return "TCG (emulation)" }
+        return ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1" ? "nested KVM inside the rig (TCG below: not a hardware figure)" : "hardware KVM"
     }
 }
 
