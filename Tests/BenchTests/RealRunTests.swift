@@ -106,6 +106,64 @@ struct RealRunTests {
     }
 }
 
+extension RealHost {
+    static var hostedReady: Bool {
+        isRoot && profile.capability("qemu").usable && profile.capability("libvirt-embed").usable
+    }
+    static var hostedReason: Comment {
+        if !isRoot { return "needs root" }
+        for name in ["qemu", "libvirt-embed"] where !profile.capability(name).usable {
+            return "\(name) is not usable here: \(profile.capability(name).detail)"
+        }
+        return "runnable"
+    }
+}
+
+/// The hosted VM in the bench as `--quick` runs it: a real boot under libvirt, labelled with the
+/// acceleration it really got (TCG on a host without hardware KVM), its ratio from raw samples.
+@Suite(.serialized, .timeLimit(.minutes(15)), .enabled(if: RealHost.hostedReady, RealHost.hostedReason))
+struct HostedBenchTests {
+    @Test func quickStartOfAHostedVMIsMeasuredAndLabelled() async throws {
+        let paths = try RealHost.paths()
+        defer { try? FileManager.default.removeItem(atPath: paths.state) }
+        let image = try ImageStore(paths: paths).ensureDefault()
+        let targets = BackendCatalog.targets(["native", "hosted"], host: RealHost.profile,
+                                             factories: BackendCatalog.standardFactories(image: image, paths: paths))
+        var d = BenchDurations.quick
+        d.instanceTimeout = 480
+        let slice = ResourceSlice(cpus: 1, placement: .shared, memory: .mebibytes(256), pidsLimit: 512)
+        // The CLI's --quick settings for VMs without hardware KVM: one serial start per cell.
+        let plan = BenchPlan(scenarios: [StartLatency()], targets: targets, repeats: 2,
+                             context: BenchContext(workload: Workload(image: image), slice: slice, durations: d), preset: "quick",
+                             emulatedVMRepeats: 1, emulatedVMScenarios: ["start", "cpu"])
+        let report = await BenchRunner(plan: plan, progress: { print($0) }).run(host: RealHost.profile)
+        let files = try BenchOutput.write(report, to: paths.state + "/out")
+        let back = try BenchReport.load(path: files.json)
+
+        let hardware = RealHost.profile.kvm.verdict == .hardware
+        let record = try #require(back.backends.first { $0.name == "hosted" })
+        #expect(record.available)
+        #expect(record.acceleration == (hardware ? "hardware KVM" : "TCG"))
+        let serial = try #require(back.cell(scenario: "start", metric: "start-serial", backend: "hosted"))
+        #expect(serial.status == .ok, "\(serial.note ?? "") \(serial.errors)")
+        #expect(serial.samples.count == (hardware ? 2 : 1))
+        #expect(serial.samples.allSatisfy { $0 > 0 })
+        let native = try #require(back.cell(scenario: "start", metric: "start-serial", backend: "native"))
+        // The ratio is the bench's, from the raw samples: recompute it here.
+        let expected = try #require(Statistics.ratio(serial.samples, to: native.samples))
+        #expect(serial.ratioToNative == expected)
+        #expect(expected.median > 1, "a VM boot cannot start faster than a process")
+        print("hosted start (\(record.acceleration)): \(serial.samples.map { String(format: "%.0f ms", $0) }), ×\(String(format: "%.1f", expected.median)) native")
+        if !hardware {
+            let parallel = back.cells.first { $0.backend == "hosted" && $0.metric.hasPrefix("start-parallel") }
+            #expect(parallel?.status == .unavailable)
+            let md = try String(contentsOfFile: files.markdown, encoding: .utf8)
+            #expect(md.contains("TCG"))
+            #expect(!md.contains("hardware KVM"))
+        }
+    }
+}
+
 @Suite(.serialized, .timeLimit(.minutes(5)), .enabled(if: RealHost.isRoot, "needs root: the native backend mounts /dev and /proc in a private namespace"))
 struct NativeBackendTests {
     @Test func runsInTheImageTreeWithItsOwnBinaries() async throws {
