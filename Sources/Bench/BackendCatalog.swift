@@ -10,12 +10,15 @@ import DirectVMM
 /// Which backends a bench run can use on this host, and why the others cannot run: a backend that
 /// cannot run still appears in every table, as `unavailable: <reason>`.
 public enum BackendCatalog {
-    public static let knownNames = ["native", "runc", "docker", "hosted", "direct"]
+    public static let knownNames = ["native", "runc", "docker", "hosted", "direct", "qemu-microvm"]
+    /// What `mvm bench` runs unless told otherwise; `qemu-microvm` (QEMU's minimal machine run
+    /// directly, the direct VMM's reference) is asked for by name.
+    public static let defaultNames = ["native", "runc", "docker", "hosted", "direct"]
 
     public static func mode(of name: String) -> RunMode {
         switch name {
         case "native": return .native
-        case "hosted": return .hosted
+        case "hosted", "qemu-microvm": return .hosted
         case "direct": return .direct
         default: return .container
         }
@@ -59,6 +62,9 @@ public enum BackendCatalog {
         case "hosted":
             let c = host.capability("libvirt-embed")
             return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
+        case "qemu-microvm":
+            let c = host.capability("qemu")
+            return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
         case "runc", "docker":
             let c = host.capability(name)
             guard c.usable else { return "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")" }
@@ -80,6 +86,9 @@ public enum BackendCatalog {
         case "hosted":
             v["qemu"] = host.capability("qemu").detail
             v["libvirt"] = host.capability("libvirt-embed").detail
+        case "qemu-microvm":
+            v["qemu"] = host.capability("qemu").detail
+            v["machine"] = "microvm (no libvirt)"
         case "direct": v["kvm"] = "\(host.kvm.verdict.rawValue): \(host.kvm.reason)"
         default: break
         }
@@ -136,6 +145,9 @@ extension BackendCatalog {
         if let image {
             f["hosted"] = { HostedBackend(paths: paths, image: { image }) }
             f["direct"] = { DirectBackend(options: DirectBackend.Options(paths: paths)) }
+            f["qemu-microvm"] = {
+                QEMUMicrovmBackend(image: image, accelerator: HostProfile.current().kvm.verdict == .hardware ? .kvm : .tcg)
+            }
         }
         return f
     }

@@ -108,20 +108,21 @@ public struct BenchContext: Sendable {
     }
 
     /// Runs one instance to completion on a backend with the bench slice.
-    public func run(_ target: BenchTarget, _ command: [String], tag: String, net: NetSpec? = nil) async throws -> RunResult {
+    public func run(_ target: BenchTarget, _ command: [String], tag: String, net: NetSpec? = nil, disks: [DiskSpec] = []) async throws -> RunResult {
         guard let backend = target.backend else {
             throw ScenarioUnavailable(target.record.unavailableReason ?? "backend not available")
         }
         let name = "bench-\(tag)-\(UUID().uuidString.prefix(6).lowercased())"
-        return try await run(backend, target: target, name: name, command: command, net: net)
+        return try await run(backend, target: target, name: name, command: command, net: net, disks: disks)
     }
 
     /// Runs one named instance in a slice granted for it alone, released when it ends.
-    func run(_ backend: any InstanceBackend, target: BenchTarget, name: String, command: [String], net: NetSpec? = nil) async throws -> RunResult {
+    func run(_ backend: any InstanceBackend, target: BenchTarget, name: String, command: [String], net: NetSpec? = nil, disks: [DiskSpec] = []) async throws -> RunResult {
         let lease = slices.lease(slice, owner: name, mode: target.record.mode, backend: target.name)
         defer { lease.release() }
         var spec = workload.spec(name: name, command: command, slice: lease.slice, timeout: durations.instanceTimeout)
         spec.net = net
+        spec.disks = disks
         return try await backend.run(spec)
     }
 }

@@ -173,40 +173,59 @@ public struct SyscallLatency: BenchScenario {
     }
 }
 
-/// fio 4 KiB random writes then reads on a file in the instance's own /tmp, O_DIRECT when the
-/// filesystem takes it (a container's /tmp is a tmpfs, which refuses it: then buffered, labelled).
+/// fio 4 KiB random writes then reads. VMs get a scratch raw disk of their own (a sparse file on
+/// the host, attached as the second virtio disk, /dev/vdb) so the numbers measure the VMM's
+/// block path; containers and native runs use a file in their own /tmp. O_DIRECT wherever the
+/// target takes it (a container's /tmp is a tmpfs, which refuses it: then buffered, labelled).
 public struct DiskIO: BenchScenario {
     public let name = "disk"
     public static let write = Metric("fio-randwrite", "Disk 4K random write (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
     public static let read = Metric("fio-randread", "Disk 4K random read (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
     public init() {}
     public func metrics(for ctx: BenchContext) -> [Metric] { [Self.write, Self.read] }
-    public var note: String? { "file in the instance's own /tmp (VM: its disk or tmpfs; container: a tmpfs; native: the image tree on the host's disk); direct=1 unless the filesystem refuses O_DIRECT (then details say buffered)" }
+    public var note: String? { "VMs: a scratch raw disk on the host as /dev/vdb (virtio-blk); containers: a file in their tmpfs /tmp; native: a file in the image tree on the host's disk; direct=1 unless the target refuses O_DIRECT (then details say buffered)" }
 
-    static func script(seconds: Int, size: ByteCount) -> String {
-        let common = "--name=mvmbench --filename=/tmp/mvm-bench.fio --size=\(size.mebibytes)M --bs=4k --ioengine=psync --runtime=\(seconds) --time_based --output-format=json"
+    /// With `scratchDisk` (VMs only: never on a host, whose own disks may be /dev/vd*) the target
+    /// is the guest's virtio disk that is not mounted (the rootfs is /dev/vda, mounted on /).
+    static func script(seconds: Int, size: ByteCount, scratchDisk: Bool) -> String {
+        let common = "--name=mvmbench --filename=$f --size=\(size.mebibytes)M --bs=4k --ioengine=psync --runtime=\(seconds) --time_based --output-format=json"
+        let pick = scratchDisk
+            ? "for v in /dev/vda /dev/vdb /dev/vdc; do [ -b $v ] && ! grep -q \"^$v \" /proc/mounts && { f=$v; break; }; done; [ -b \"$f\" ] || { echo 'no scratch disk in the guest'; exit 1; }"
+            : ""
         return """
-        d=1
+        d=1; f=/tmp/mvm-bench.fio; \(pick)
         fio \(common) --rw=randwrite --direct=1 > /tmp/mvm-fio-w 2>&1 || { d=0; fio \(common) --rw=randwrite --direct=0 > /tmp/mvm-fio-w 2>&1; }
         s=$?; echo @@write; cat /tmp/mvm-fio-w
         fio \(common) --rw=randread --direct=$d > /tmp/mvm-fio-r 2>&1; t=$?; echo @@read; cat /tmp/mvm-fio-r
-        rm -f /tmp/mvm-bench.fio /tmp/mvm-fio-w /tmp/mvm-fio-r; echo direct=$d
+        rm -f /tmp/mvm-bench.fio /tmp/mvm-fio-w /tmp/mvm-fio-r; echo direct=$d; echo target=$f
         [ $s -eq 0 ] && [ $t -eq 0 ]
         """
     }
 
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
-        let r = try await ctx.run(target, ["sh", "-c", Self.script(seconds: Int(ctx.durations.fioSeconds), size: ctx.durations.fioSize)], tag: "fio")
+        var disks: [DiskSpec] = []
+        var scratch: String?
+        if target.record.mode == .hosted || target.record.mode == .direct {
+            let path = NSTemporaryDirectory() + "mvm-bench-disk-\(UUID().uuidString.prefix(8)).img"
+            guard FileManager.default.createFile(atPath: path, contents: nil), truncate(path, off_t(ctx.durations.fioSize.bytes + (16 << 20))) == 0 else {
+                throw MicroVMError(.backend, "cannot create the scratch disk \(path): \(String(cString: strerror(errno)))")
+            }
+            scratch = path
+            disks = [DiskSpec(path: path)]
+        }
+        defer { if let scratch { unlink(scratch) } }
+        let r = try await ctx.run(target, ["sh", "-c", Self.script(seconds: Int(ctx.durations.fioSeconds), size: ctx.durations.fioSize, scratchDisk: scratch != nil)], tag: "fio", disks: disks)
         let text = try requireSuccess(r, "fio")
         guard let w = text.range(of: "@@write"), let rd = text.range(of: "@@read"), w.upperBound <= rd.lowerBound else {
             throw MicroVMError(.backend, "fio output lacks its markers: \(text.suffix(300))")
         }
-        let direct = ToolParsers.keyValues(String(text[rd.upperBound...]))["direct"] == "1" ? "O_DIRECT" : "buffered"
+        let kv = ToolParsers.keyValues(String(text[rd.upperBound...]))
+        let details = ["io": kv["direct"] == "1" ? "O_DIRECT" : "buffered", "target": kv["target"] ?? "?"]
         guard let wi = ToolParsers.fioIOPS(String(text[w.upperBound..<rd.lowerBound]), write: true),
               let ri = ToolParsers.fioIOPS(String(text[rd.upperBound...]), write: false) else {
             throw MicroVMError(.backend, "fio printed no IOPS: \(text.suffix(300))")
         }
-        return [Measurement(Self.write, wi, details: ["io": direct]), Measurement(Self.read, ri, details: ["io": direct])]
+        return [Measurement(Self.write, wi, details: details), Measurement(Self.read, ri, details: details)]
     }
 }
 

@@ -18,7 +18,7 @@ struct BenchRunCommand: AsyncParsableCommand {
 
     @Flag(help: "Short workloads and few repeats: minutes on a small host (the default).") var quick = false
     @Flag(help: "Longer workloads and more repeats, for steadier numbers.") var full = false
-    @Option(help: "Comma-separated backends: \(BackendCatalog.knownNames.joined(separator: ","))") var backends = BackendCatalog.knownNames.joined(separator: ",")
+    @Option(help: "Comma-separated backends: \(BackendCatalog.knownNames.joined(separator: ","))") var backends = BackendCatalog.defaultNames.joined(separator: ",")
     @Option(help: "Comma-separated scenarios: \(Scenarios.names.joined(separator: ","))") var scenarios = Scenarios.names.joined(separator: ",")
     @Option(name: .customLong("repeat"), help: "Repeats per cell (default: 2 quick, 5 full).") var repeats: Int?
     @Option(help: "Directory for results.json, results.md and charts/.") var out = "bench-results"
