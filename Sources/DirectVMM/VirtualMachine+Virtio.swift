@@ -7,7 +7,14 @@ extension VirtualMachine {
     /// guest built with VIRTIO_MMIO_CMDLINE_DEVICES where they are. Call `stop()` on each
     /// attachment after the VM ends.
     public func installVirtioDevices(spec: VMSpec) throws -> (attachments: [VirtioAttachment], cmdline: String) {
-        let attachments = try VirtioDevices.make(spec: spec, memory: memory) { self.interruptLine(gsi: $0) }
+        let attachments = try VirtioDevices.make(spec: spec, memory: memory) { gsi -> any InterruptLine in
+            // irqfd where KVM takes it (an in-kernel irqchip), else the KVM_IRQ_LINE pulse.
+            if let line = try? KVMIRQFDLine(vm: self.vm, gsi: gsi) {
+                self.irqfdsRegistered.add(1, ordering: .relaxed)
+                return line
+            }
+            return self.interruptLine(gsi: gsi)
+        }
         do {
             for a in attachments {
                 try addMMIODevice(a.device, address: a.mmioBase, length: a.mmioLength)

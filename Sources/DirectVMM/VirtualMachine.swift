@@ -61,6 +61,8 @@ public final class VirtualMachine: @unchecked Sendable {
     private let firstExitBits = Atomic<UInt64>(0)
     /// Virtqueue notify registers that KVM signals through an eventfd (no exit per kick).
     public let ioeventfdsRegistered = Atomic<Int>(0)
+    /// Device interrupt lines that KVM injects from an eventfd (irqfd).
+    public let irqfdsRegistered = Atomic<Int>(0)
     private let group = DispatchGroup()
 
     public init(_ configuration: MachineConfiguration) throws {

@@ -65,4 +65,17 @@ struct VirtioWiringTests {
             }
         }
     }
+
+    @Test func interruptsUseIRQFDWithTheInKernelIRQChip() throws {
+        let disk = NSTemporaryDirectory() + "mvm-virtio-irqfd-\(getpid()).img"
+        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 16 * 512)))
+        defer { unlink(disk) }
+        let vm = try VirtualMachine(MachineConfiguration(cpus: 1, memory: .mebibytes(4), interruptController: true))
+        try vm.installLegacyDevices { _ in }
+        let virtio = try vm.installVirtioDevices(spec: VMSpec(name: "irq", disks: [DiskSpec(path: disk)]))
+        defer { virtio.attachments.forEach { $0.stop() } }
+        #expect(vm.irqfdsRegistered.load(ordering: .relaxed) == virtio.attachments.count)
+        #expect(virtio.attachments.allSatisfy { $0.transport.interrupt is KVMIRQFDLine })
+        virtio.attachments[0].transport.interrupt.trigger()  // an eventfd write, accepted by KVM
+    }
 }
