@@ -123,9 +123,19 @@ extension RealHost {
 /// acceleration it really got (TCG on a host without hardware KVM), its ratio from raw samples.
 @Suite(.serialized, .timeLimit(.minutes(15)), .enabled(if: RealHost.hostedReady, RealHost.hostedReason))
 struct HostedBenchTests {
+    /// libvirt's embedded driver takes one root per process, held until exit: the same root as
+    /// the hosted boot tests (LibvirtTests), removed when the process ends.
+    static let paths: Paths = {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-hosted-\(getpid())").path
+        atexit { try? FileManager.default.removeItem(at: FileManager.default.temporaryDirectory.appendingPathComponent("mvm-hosted-\(getpid())")) }
+        return Paths(state: dir, cache: Paths.default.cache)
+    }()
+
     @Test func quickStartOfAHostedVMIsMeasuredAndLabelled() async throws {
-        let paths = try RealHost.paths()
-        defer { try? FileManager.default.removeItem(atPath: paths.state) }
+        let paths = Self.paths
+        try Paths.ensureDirectory(paths.state)
+        let out = paths.state + "/bench-out-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: out) }
         let image = try ImageStore(paths: paths).ensureDefault()
         let targets = BackendCatalog.targets(["native", "hosted"], host: RealHost.profile,
                                              factories: BackendCatalog.standardFactories(image: image, paths: paths))
@@ -137,7 +147,7 @@ struct HostedBenchTests {
                              context: BenchContext(workload: Workload(image: image), slice: slice, durations: d), preset: "quick",
                              emulatedVMRepeats: 1, emulatedVMScenarios: ["start", "cpu"])
         let report = await BenchRunner(plan: plan, progress: { print($0) }).run(host: RealHost.profile)
-        let files = try BenchOutput.write(report, to: paths.state + "/out")
+        let files = try BenchOutput.write(report, to: out)
         let back = try BenchReport.load(path: files.json)
 
         let hardware = RealHost.profile.kvm.verdict == .hardware
