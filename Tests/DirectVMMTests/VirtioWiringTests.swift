@@ -9,11 +9,11 @@ import Testing
 @Suite("Virtio on the direct VMM", .serialized, .enabled(if: kvmUsable, "no writable /dev/kvm on this host"), .timeLimit(.minutes(2)))
 struct VirtioWiringTests {
     /// A one-vCPU machine with a 16-sector disk and the entropy device, as the VMM places them.
-    func machineWithDisk(_ body: (VirtualMachine, [VirtioAttachment]) throws -> Void) throws {
+    func machineWithDisk(irqchip: Bool = false, _ body: (VirtualMachine, [VirtioAttachment]) throws -> Void) throws {
         let disk = NSTemporaryDirectory() + "mvm-virtio-wiring-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).img"
         #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 16 * 512)))
         defer { unlink(disk) }
-        let vm = try VirtualMachine(MachineConfiguration(cpus: 1, memory: .mebibytes(4), interruptController: false))
+        let vm = try VirtualMachine(MachineConfiguration(cpus: 1, memory: .mebibytes(4), interruptController: irqchip))
         try vm.installLegacyDevices { _ in }
         let virtio = try vm.installVirtioDevices(spec: VMSpec(name: "w", disks: [DiskSpec(path: disk)]))
         defer { virtio.attachments.forEach { $0.stop() } }
@@ -67,15 +67,17 @@ struct VirtioWiringTests {
     }
 
     @Test func interruptsUseIRQFDWithTheInKernelIRQChip() throws {
-        let disk = NSTemporaryDirectory() + "mvm-virtio-irqfd-\(getpid()).img"
-        #expect(FileManager.default.createFile(atPath: disk, contents: Data(count: 16 * 512)))
-        defer { unlink(disk) }
-        let vm = try VirtualMachine(MachineConfiguration(cpus: 1, memory: .mebibytes(4), interruptController: true))
-        try vm.installLegacyDevices { _ in }
-        let virtio = try vm.installVirtioDevices(spec: VMSpec(name: "irq", disks: [DiskSpec(path: disk)]))
-        defer { virtio.attachments.forEach { $0.stop() } }
-        #expect(vm.irqfdsRegistered.load(ordering: .relaxed) == virtio.attachments.count)
-        #expect(virtio.attachments.allSatisfy { $0.transport.interrupt is KVMIRQFDLine })
-        virtio.attachments[0].transport.interrupt.trigger()  // an eventfd write, accepted by KVM
+        try machineWithDisk(irqchip: true) { vm, attachments in
+            #expect(vm.irqfdsRegistered.load(ordering: .relaxed) == attachments.count)
+            #expect(attachments.allSatisfy { $0.transport.interrupt is KVMIRQFDLine })
+            attachments[0].transport.interrupt.trigger()  // an eventfd write, accepted by KVM
+        }
+    }
+
+    @Test func withoutAnIRQChipInterruptsFallBackToIRQLine() throws {
+        try machineWithDisk { vm, attachments in
+            #expect(vm.irqfdsRegistered.load(ordering: .relaxed) == 0)
+            #expect(attachments.allSatisfy { $0.transport.interrupt is KVMInterruptLine })
+        }
     }
 }
