@@ -24,9 +24,8 @@ public enum BackendCatalog {
         }
     }
 
-    /// The label of KVM inside the nested rig: Linux's own kvm_amd, on a CPU that QEMU TCG
-    /// emulates one level down. Real KVM code paths, emulation speeds: never a hardware figure.
-    public static let nestedKVM = "nested KVM (rig, TCG below)"
+    /// The label of KVM inside the nested rig (`RigEnvironment.kvmLabel`).
+    public static let nestedKVM = RigEnvironment.kvmLabel
 
     /// Labels under which a VM runs on a real KVM implementation (the full scenario set).
     public static let realKVM: Set<String> = ["hardware KVM", nestedKVM]
@@ -35,7 +34,7 @@ public enum BackendCatalog {
     /// emulation: the hosted backend falls back to TCG wherever KVM is not hardware, and inside
     /// the rig (`MVM_IN_RIG=1`) a hardware verdict is the nested KVM's.
     public static func acceleration(mode: RunMode, kvm: KVMProbeResult.Verdict,
-                                    inRig: Bool = ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1") -> String {
+                                    inRig: Bool = RigEnvironment.isInside) -> String {
         let kvmLabel = inRig ? nestedKVM : "hardware KVM"
         switch mode {
         case .native, .container: return "none"

@@ -43,7 +43,7 @@ public struct BenchPlan: Sendable {
     }
 
     static func isEmulatedVM(_ t: BenchTarget) -> Bool {
-        (t.record.mode == .hosted || t.record.mode == .direct) && !BackendCatalog.realKVM.contains(t.record.acceleration)
+        t.record.mode.isVM && !BackendCatalog.realKVM.contains(t.record.acceleration)
     }
 
     /// The context a target's cells run with.
@@ -71,8 +71,7 @@ public struct BenchPlan: Sendable {
     }
 
     public func repeats(for t: BenchTarget) -> Int {
-        let vm = t.record.mode == .hosted || t.record.mode == .direct
-        if vm, !BackendCatalog.realKVM.contains(t.record.acceleration), let n = emulatedVMRepeats { return min(n, repeats) }
+        if Self.isEmulatedVM(t), let n = emulatedVMRepeats { return min(n, repeats) }
         return repeats
     }
 }

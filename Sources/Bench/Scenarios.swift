@@ -205,7 +205,7 @@ public struct DiskIO: BenchScenario {
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
         var disks: [DiskSpec] = []
         var scratch: String?
-        if target.record.mode == .hosted || target.record.mode == .direct {
+        if target.record.mode.isVM {
             let path = NSTemporaryDirectory() + "mvm-bench-disk-\(UUID().uuidString.prefix(8)).img"
             guard FileManager.default.createFile(atPath: path, contents: nil), truncate(path, off_t(ctx.durations.fioSize.bytes + (16 << 20))) == 0 else {
                 throw MicroVMError(.backend, "cannot create the scratch disk \(path): \(String(cString: strerror(errno)))")

@@ -32,11 +32,7 @@ public struct MachineConfiguration: Sendable {
 public final class VirtualMachine: @unchecked Sendable {
     // SAFETY (Sendable): immutable after init except `control` (a Mutex) and the atomics.
 
-    public static func monotonicNow() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
+    public static func monotonicNow() -> Double { Monotonic.seconds() }
 
     /// CLOCK_MONOTONIC seconds when construction began: the origin of every timestamp here.
     public let createdAt: Double

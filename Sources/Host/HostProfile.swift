@@ -50,7 +50,7 @@ public struct HostProfile: Codable, Sendable {
     /// Inside the nested rig a hardware verdict is the rig's own KVM, running on an emulated CPU.
     public var vmAcceleration: String {
         guard kvm.verdict == .hardware else { return "TCG (emulation)" }
-        return ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1" ? "nested KVM inside the rig (TCG below: not a hardware figure)" : "hardware KVM"
+        return RigEnvironment.isInside ? RigEnvironment.kvmLabel + ": not a hardware figure" : "hardware KVM"
     }
 }
 

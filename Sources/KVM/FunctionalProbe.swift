@@ -148,11 +148,7 @@ public enum KVMFunctionalProbe {
     }
 }
 
-func monotonicSeconds() -> Double {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-}
+func monotonicSeconds() -> Double { Monotonic.seconds() }
 
 /// Kicks one vCPU out of KVM_RUN if it is still running after a deadline, and keeps kicking
 /// (a signal can land just before the thread re-enters the guest) until cancelled.

@@ -59,7 +59,7 @@ public struct HostedBackend: InstanceBackend {
     /// write QEMU's log and our serial file itself instead of asking virtlogd, which needs a daemon.
     /// Inside the nested rig (a chroot over 9p, `MVM_IN_RIG=1`) libvirt cannot build QEMU's private
     /// /dev, so there QEMU shares the rig's /dev (`namespaces = []`).
-    static func prepareEmbeddedRoot(_ root: String, inRig: Bool = ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1") throws {
+    static func prepareEmbeddedRoot(_ root: String, inRig: Bool = RigEnvironment.isInside) throws {
         try Paths.ensureDirectory(root + "/etc")
         let conf = root + "/etc/qemu.conf"
         let want = qemuConf(inRig: inRig)

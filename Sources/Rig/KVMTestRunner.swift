@@ -7,7 +7,7 @@ import Host
 public enum KVMTestRunner {
     /// Whether commands run directly (true) or in the rig (false) on this host.
     public static var hostHasHardwareKVM: Bool {
-        ProcessInfo.processInfo.environment["MVM_IN_RIG"] == "1" || HostProfile.current().kvm.verdict == .hardware
+        RigEnvironment.isInside || HostProfile.current().kvm.verdict == .hardware
     }
 
     public static func run(command: [String], options: RigOptions = RigOptions(),

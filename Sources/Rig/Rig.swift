@@ -180,7 +180,7 @@ public struct RigRunner: Sendable {
         env["HOME"] = "/tmp"
         env["TMPDIR"] = "/tmp"
         env["MVM_STATE_DIR"] = "/run/mvm-state"
-        env["MVM_IN_RIG"] = "1"
+        env[RigEnvironment.variable] = "1"
         env["MVM_RIG_SCRATCH"] = scratchDir
         if env["MVM_CACHE_DIR"] == nil { env["MVM_CACHE_DIR"] = options.paths.cache }
         if env["MVM_SOURCE_DIR"] == nil { env["MVM_SOURCE_DIR"] = Paths.sourceDirectory() }
