@@ -18,6 +18,9 @@ public final class ChildProcess: Sendable {
     public let pid: pid_t
     public let executable: String
     private let reaped = Mutex<Int32?>(nil)
+    /// A pidfd (Linux 5.3+): readable once the child has exited, so timed waits sleep in poll(2)
+    /// instead of polling waitpid; -1 where the kernel or C library has none.
+    private let pidFD: Int32
 
     /// Starts `argv` (looked up on PATH) with an empty signal mask and default dispositions.
     /// Throws `.notFound`, naming the Debian package when `package` is given, when it is missing.
@@ -62,7 +65,14 @@ public final class ChildProcess: Sendable {
         }
         self.pid = pid
         self.executable = exe
+        self.pidFD = Self.pidfdOpen.map { $0(pid, 0) } ?? -1
     }
+
+    /// Glibc 2.36 declares pidfd_open in <sys/pidfd.h>, which the Swift Glibc module leaves out.
+    private static let pidfdOpen: (@convention(c) (pid_t, UInt32) -> Int32)? = {
+        guard let sym = dlsym(nil, "pidfd_open") else { return nil }
+        return unsafeBitCast(sym, to: (@convention(c) (pid_t, UInt32) -> Int32).self)
+    }()
 
     /// The exit status the shell's way (128 + signal for a kill), once the child has exited.
     public var exitStatus: Int32? { reap() }
@@ -82,13 +92,23 @@ public final class ChildProcess: Sendable {
         return (waitForExit(), true)
     }
 
-    /// Waits at most `seconds` for the exit; nil when the child is still running then.
+    /// Waits at most `seconds` for the exit; nil when the child is still running then. Sleeps in
+    /// poll(2) on the pidfd (no wake-ups while a long run goes on); without one, re-checks with a
+    /// back-off from 1 to 20 ms.
     public func wait(upTo seconds: Double) -> Int32? {
-        let deadline = ProcessRunner.monotonicNow() + seconds
+        let deadline = Monotonic.seconds() + seconds
+        var pause: useconds_t = 1_000
         while true {
             if let s = reap() { return s }
-            if ProcessRunner.monotonicNow() >= deadline { return nil }
-            usleep(1_000)
+            let left = deadline - Monotonic.seconds()
+            if left <= 0 { return nil }
+            if pidFD >= 0 {
+                var pfd = pollfd(fd: pidFD, events: Int16(POLLIN), revents: 0)
+                _ = poll(&pfd, 1, Int32(min(left * 1000 + 1, 60_000)))
+            } else {
+                usleep(min(pause, useconds_t(left * 1e6) + 1))
+                pause = min(pause * 2, 20_000)
+            }
         }
     }
 
@@ -118,19 +138,12 @@ public final class ChildProcess: Sendable {
     }
 
     deinit {
+        if pidFD >= 0 { close(pidFD) }
         // Never leave a zombie behind: a child nobody waited for is killed and reaped.
         if reaped.withLock({ $0 }) == nil {
             _ = Glibc.kill(pid, SIGKILL)
             var status: Int32 = 0
             _ = waitpid(pid, &status, 0)
         }
-    }
-}
-
-extension ProcessRunner {
-    static func monotonicNow() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
     }
 }

@@ -60,20 +60,11 @@ public enum ProcessRunner {
         // Input after the readers started: a child that answers before reading all of it
         // must not fill its output pipe and stall us both.
         if let input, let inPipe {
-            // On its own thread, so the timeout holds even for a child that never reads; a child
-            // that exits early gives EPIPE, not a SIGPIPE that would end this process.
-            signal(SIGPIPE, SIG_IGN)
+            // On its own thread, so the timeout holds even for a child that never reads.
             group.enter()
             DispatchQueue.global().async {
-                let fd = inPipe.write
-                var sent = 0
-                input.withUnsafeBytes { buf in
-                    while sent < buf.count {
-                        let n = Glibc.write(fd, buf.baseAddress! + sent, buf.count - sent)
-                        if n > 0 { sent += n } else if n < 0 && errno == EINTR { continue } else { break }
-                    }
-                }
-                close(fd)
+                Self.feed(fd: inPipe.write, input, exited: exited)
+                close(inPipe.write)
                 group.leave()
             }
         }
@@ -113,6 +104,33 @@ extension ProcessRunner {
         let ptrs = strings.map { strdup($0) } + [nil]
         defer { for p in ptrs { free(p) } }
         return ptrs.withUnsafeBufferPointer { body($0.baseAddress!) }
+    }
+
+    /// A program that exits before reading all its input gives EPIPE rather than a SIGPIPE that
+    /// would end this process; set once, for the whole process.
+    private static let ignoreSIGPIPE: Void = { signal(SIGPIPE, SIG_IGN) }()
+
+    /// Writes `data` to `fd` until done, the reader is gone (EPIPE), or the program has exited and
+    /// the pipe stayed full for a second (a grandchild holding stdin open never blocks us). The
+    /// mirror of `drain`.
+    static func feed(fd: Int32, _ data: Data, exited: borrowing Atomic<Bool>) {
+        _ = ignoreSIGPIPE
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        var sent = 0
+        var stuckSince: Double?
+        data.withUnsafeBytes { buf in
+            while sent < buf.count {
+                let n = Glibc.write(fd, buf.baseAddress! + sent, buf.count - sent)
+                if n > 0 { sent += n; stuckSince = nil; continue }
+                guard n < 0, errno == EAGAIN || errno == EINTR else { return }
+                if exited.load(ordering: .acquiring) {
+                    let now = Monotonic.seconds()
+                    if let t = stuckSince { if now - t > 1 { return } } else { stuckSince = now }
+                }
+                var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                _ = poll(&pfd, 1, 100)
+            }
+        }
     }
 
     /// Reads `fd` until EOF, or until the program has exited and nothing more came for a second.

@@ -87,6 +87,22 @@ import Foundation
         #expect(out.stdout == big)
     }
 
+    @Test func aGrandchildHoldingStdinDoesNotBlockTheInputWriter() throws {
+        // sh exits at once; the background sleep keeps stdin open and never reads it. More input
+        // than a pipe holds must not keep the run waiting on that sleep.
+        let out = try ProcessRunner.run(["sh", "-c", "exec 3<&0; sleep 20 <&3 >/dev/null 2>&1 & exit 5"],
+                                        input: Data(count: 1 << 20), timeout: 30)
+        #expect(out.status == 5)
+        #expect(!out.timedOut)
+    }
+
+    @Test func aTimedWaitEndsWhenTheChildExitsNotAtTheDeadline() throws {
+        let c = try ChildProcess(["sh", "-c", "sleep 0.2; exit 4"])
+        let start = Monotonic.seconds()
+        #expect(c.wait(upTo: 50) == 4)
+        #expect(Monotonic.seconds() - start < 25, "woken by the exit, not by the 50 s deadline")
+    }
+
     @Test func aDescriptorBecomesTheChildsOutput() throws {
         let p = try ProcessRunner.makePipe()
         let c = try ChildProcess(["sh", "-c", "echo via-fd"], stdout: .descriptor(p.write))
