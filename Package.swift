@@ -51,7 +51,7 @@ let package = Package(
         .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "HostTests", dependencies: ["Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "ContainersTests", dependencies: ["Containers", "Host", "Images", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "ContainersTests", dependencies: ["Containers", "Allocator", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "AllocatorTests", dependencies: ["Allocator", .product(name: "PropertyBased", package: "swift-property-based"), "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "ImagesTests", dependencies: ["Images", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),

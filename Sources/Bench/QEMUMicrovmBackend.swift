@@ -87,9 +87,11 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                         _ = parser.feed(chunk)
                         if bootAt == nil, parser.bootComplete { bootAt = Date() }
                     }
-                    // The result is in: the guest powers off next; give it a moment, then stop it.
-                    if parser.report != nil, child.wait(upTo: 10) == nil { child.signal(SIGKILL); break }
-                    if parser.report != nil { break }
+                    if parser.report != nil {
+                        // The result is in: the guest powers off next; give it a moment, then stop it.
+                        if child.wait(upTo: 10) == nil { child.signal(SIGKILL) }
+                        break
+                    }
                     if Date() > deadline { killed = true; child.signal(SIGKILL); break }
                 }
                 close(pipe.read)

@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Allocator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -58,7 +59,7 @@ struct DockerDriver: Sendable {
         if !s.cpuSet.isEmpty { f += ["--cpuset-cpus", s.cpuSetList] }
         if let n = s.numaNode { f += ["--cpuset-mems", String(n)] }
         if let q = s.cpuQuota, q > 0 { f += ["--cpus", String(format: "%.3f", q)] }
-        f += ["--cpu-shares", String(OCISpec.cpuShares(weight: s.cpuWeight))]
+        f += ["--cpu-shares", String(CgroupSet.shares(weight: s.cpuWeight))]
         if s.memory.bytes > 0 { f += ["--memory", "\(s.memory.bytes)b", "--memory-swap", "\(s.memory.bytes)b"] }
         if let p = s.pidsLimit { f += ["--pids-limit", String(p)] }
         return f

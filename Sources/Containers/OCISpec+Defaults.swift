@@ -140,6 +140,4 @@ extension OCISpec {
         guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &r) == 0 else { return 1024 }
         return min(65_536, UInt64(r.rlim_max))
     }
-
-    public static func cpuShares(weight: Int) -> UInt64 { UInt64(CgroupSet.shares(weight: weight)) }
 }

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Allocator
 import MicroVMCore
 @testable import Containers
 
@@ -73,9 +74,9 @@ struct OCISpecTests {
         #expect(r.memory?.limit == 64 << 20)
         #expect(r.memory?.swap == 64 << 20)   // swap equal to the limit: no swap at all
         #expect(r.pids?.limit == 32)
-        #expect(OCISpec.cpuShares(weight: 100) == 1024)
-        #expect(OCISpec.cpuShares(weight: 1) == 10)
-        #expect(OCISpec.cpuShares(weight: 10_000) == 102_400)
+        #expect(CgroupSet.shares(weight: 100) == 1024)
+        #expect(CgroupSet.shares(weight: 1) == 10)
+        #expect(CgroupSet.shares(weight: 10_000) == 102_400)
         #expect(OCISpec.resources(for: nil).cpu == nil)
     }
 
