@@ -12,28 +12,17 @@ public struct ContainerNetwork: Sendable, Equatable {
 
     /// Interface names are limited to 15 bytes, so they carry a hash of the container id.
     static func names(id: String) -> (netns: String, host: String, peer: String) {
-        var h: UInt32 = 2_166_136_261
-        for b in id.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
-        let tag = String(format: "%08x", h)
+        let tag = HostLinks.interfaceTag(id)
         return (id, "mvh" + tag, "mvc" + tag)
-    }
-
-    /// The n-th /30 of 10.200.0.0/16: (host, container) addresses.
-    static func subnet(_ n: Int) -> (String, String) {
-        let base = n * 4
-        return ("10.200.\(base / 256).\(base % 256 + 1)", "10.200.\(base / 256).\(base % 256 + 2)")
     }
 
     /// Creates the namespace and link. Anything made before a failure is removed again.
     static func setUp(id: String, spec: NetSpec) throws -> ContainerNetwork {
         let n = names(id: id)
-        let used = (try? ProcessRunner.run(["ip", "-o", "-4", "addr", "show"], timeout: 10).stdoutText) ?? ""
-        var host = spec.hostAddress, guest = spec.guestAddress
+        var host = spec.hostAddress.map(HostLinks.address), guest = spec.guestAddress.map(HostLinks.address)
         if host == nil || guest == nil {
-            guard let free = (0..<16_384).first(where: { !used.contains(" \(subnet($0).0)/") }) else {
-                throw MicroVMError(.insufficientResources, "no free /30 left in 10.200.0.0/16 for container links: remove stale mvh* interfaces")
-            }
-            (host, guest) = subnet(free)
+            let free = try HostLinks.freeSubnet()
+            host = free.host; guest = free.instance
         }
         let net = ContainerNetwork(netns: n.netns, hostVeth: n.host, hostAddress: host ?? "", containerAddress: guest ?? "")
         do {
@@ -63,9 +52,6 @@ public struct ContainerNetwork: Sendable, Equatable {
     }
 
     private static func ip(_ args: [String]) throws {
-        let out = try ProcessRunner.run(["ip"] + args, timeout: 10, package: "iproute2")
-        guard out.status == 0 else {
-            throw MicroVMError(.backend, "'ip \(args.joined(separator: " "))' failed: \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines)); container networking needs root and iproute2")
-        }
+        try HostLinks.ip(args, purpose: "container networking")
     }
 }

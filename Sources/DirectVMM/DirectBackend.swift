@@ -79,8 +79,8 @@ public struct DirectBackend: InstanceBackend {
     public func run(_ spec: VMSpec) async throws -> RunResult {
         try spec.validate()
         try checkHost()
-        guard spec.net == nil, spec.vsockCID == nil else {
-            throw MicroVMError.unsupported("direct mode has no virtio-net or virtio-vsock yet: drop --net/--vsock, or use --mode hosted")
+        guard spec.vsockCID == nil else {
+            throw MicroVMError.unsupported("direct mode has no virtio-vsock yet: drop --vsock, or use --mode hosted")
         }
         let started = VirtualMachine.monotonicNow()
         var files = try bootFiles(for: spec)
@@ -113,9 +113,18 @@ public struct DirectBackend: InstanceBackend {
         // Virtio devices are described to the guest through ACPI (with COM1 and the i8042, whose
         // ISA interrupts a hardware-reduced platform only maps when described); with no disk
         // there are no devices and no tables: the legacy MP-table boot, the shortest.
-        let virtio = deviceSpec.disks.isEmpty ? (attachments: [], cmdline: "") : try vm.installVirtioDevices(spec: deviceSpec)
+        // The tap goes away with its descriptor, which the net device's attachment closes.
+        let link = try spec.net.map { try TapLink.open($0, owner: spec.name) }
+        let virtio: (attachments: [VirtioAttachment], cmdline: String)
+        do {
+            virtio = deviceSpec.disks.isEmpty && link == nil ? ([], "") : try vm.installVirtioDevices(spec: deviceSpec, tap: link?.tap)
+        } catch {
+            link?.tap.remove()
+            throw error
+        }
         defer { virtio.attachments.forEach { $0.stop() } }
         files.cmdline += " " + virtio.cmdline
+        if let link, !link.kernelParameters.isEmpty { files.cmdline += " " + link.kernelParameters }
         let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus,
                                          virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil

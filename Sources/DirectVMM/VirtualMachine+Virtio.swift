@@ -2,12 +2,12 @@ import Devices
 import MicroVMCore
 
 extension VirtualMachine {
-    /// Places the spec's virtio devices (disks, then entropy) on the MMIO bus, each interrupting
+    /// Places the spec's virtio devices (disks, the network on `tap`, then entropy) on the MMIO bus, each interrupting
     /// through its own GSI, and starts their I/O threads. The returned kernel parameters tell a
     /// guest built with VIRTIO_MMIO_CMDLINE_DEVICES where they are. Call `stop()` on each
     /// attachment after the VM ends.
-    public func installVirtioDevices(spec: VMSpec) throws -> (attachments: [VirtioAttachment], cmdline: String) {
-        let attachments = try VirtioDevices.make(spec: spec, memory: memory) { gsi -> any InterruptLine in
+    public func installVirtioDevices(spec: VMSpec, tap: TapDevice? = nil) throws -> (attachments: [VirtioAttachment], cmdline: String) {
+        let attachments = try VirtioDevices.make(spec: spec, memory: memory, tap: tap) { gsi -> any InterruptLine in
             // irqfd where KVM takes it (an in-kernel irqchip), else the KVM_IRQ_LINE pulse.
             if let line = try? KVMIRQFDLine(vm: self.vm, gsi: gsi) {
                 self.irqfdsRegistered.add(1, ordering: .relaxed)

@@ -42,6 +42,37 @@ public struct NetSpec: Codable, Sendable, Hashable {
     public init(tap: String? = nil, hostAddress: String? = nil, guestAddress: String? = nil) {
         self.tap = tap; self.hostAddress = hostAddress; self.guestAddress = guestAddress
     }
+
+    /// Parses `tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]]`.
+    public init(parsing text: String) throws {
+        var parts = text.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let head = parts.removeFirst()
+        let usage = "use --net tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]]"
+        if head == "tap" { self.init() }
+        else if head.hasPrefix("tap="), head.count > 4 { self.init(tap: String(head.dropFirst(4))) }
+        else { throw MicroVMError.invalidArgument("--net '\(text)' is not understood: \(usage)") }
+        for p in parts {
+            let kv = p.split(separator: "=", maxSplits: 1).map(String.init)
+            guard kv.count == 2, !kv[1].isEmpty else { throw MicroVMError.invalidArgument("--net option '\(p)' in '\(text)' has no value: \(usage)") }
+            guard Self.isIPv4CIDR(kv[1]) else {
+                throw MicroVMError.invalidArgument("--net \(kv[0])=\(kv[1]) is not an IPv4 address (a.b.c.d or a.b.c.d/len): \(usage)")
+            }
+            switch kv[0] {
+            case "host": hostAddress = kv[1]
+            case "guest": guestAddress = kv[1]
+            default: throw MicroVMError.invalidArgument("unknown --net option '\(kv[0])' in '\(text)': \(usage)")
+            }
+        }
+    }
+
+    /// a.b.c.d or a.b.c.d/len with each part in range.
+    public static func isIPv4CIDR(_ s: String) -> Bool {
+        let halves = s.split(separator: "/", omittingEmptySubsequences: false)
+        guard halves.count <= 2 else { return false }
+        if halves.count == 2 { guard let l = Int(halves[1]), (1...32).contains(l) else { return false } }
+        let octets = halves[0].split(separator: ".", omittingEmptySubsequences: false)
+        return octets.count == 4 && octets.allSatisfy { o in o.count <= 3 && Int(o).map { (0...255).contains($0) } == true }
+    }
 }
 
 /// What to run, independent of the backend. Every mode reads the same spec.

@@ -44,7 +44,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Extra kernel command-line arguments.") var cmdline: String = ""
     @Option(help: "Attach a raw disk image: FILE[,ro][,direct] (repeatable).") var disk: [String] = []
     @Flag(help: "Do not attach the image's rootfs disk (the command runs in the initramfs).") var noRootfs = false
-    @Option(help: "Network: tap or tap=NAME.") var net: String?
+    @Option(help: "Network over a tap: tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]] (default: a new tap on a free /30 of 10.200/16).") var net: String?
     @Option(help: "Guest vsock CID.") var vsock: UInt32?
     @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
     @Option(help: "Container runtime for --mode container: runc, crun or docker.") var runtime: String?
@@ -60,7 +60,7 @@ struct RunCommand: AsyncParsableCommand {
                               command: command, timeout: timeout)
             if let name { spec.name = name }
             spec.disks = try disk.map(DiskSpec.init(parsing:))
-            if let net { spec.net = try NetSpec(parsingOption: net) }
+            if let net { spec.net = try NetSpec(parsing: net) }
             spec.vsockCID = vsock
             try spec.validate()
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
@@ -82,11 +82,3 @@ struct RunCommand: AsyncParsableCommand {
     }
 }
 
-extension NetSpec {
-    /// Parses `--net tap` or `--net tap=NAME`.
-    init(parsingOption text: String) throws {
-        if text == "tap" { self.init() }
-        else if text.hasPrefix("tap=") && text.count > 4 { self.init(tap: String(text.dropFirst(4))) }
-        else { throw MicroVMError.invalidArgument("--net '\(text)' is not understood: use --net tap or --net tap=NAME") }
-    }
-}

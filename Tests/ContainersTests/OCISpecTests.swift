@@ -116,7 +116,7 @@ struct OCISpecTests {
         let n = ContainerNetwork.names(id: "mvm-" + String(repeating: "x", count: 48))
         #expect(n.host.count <= 15 && n.peer.count <= 15)
         #expect(n.host != ContainerNetwork.names(id: "mvm-y").host)
-        #expect(ContainerNetwork.subnet(0) == ("10.200.0.1", "10.200.0.2"))
-        #expect(ContainerNetwork.subnet(64) == ("10.200.1.1", "10.200.1.2"))
+        #expect(HostLinks.subnet(0) == ("10.200.0.1", "10.200.0.2"))
+        #expect(HostLinks.subnet(64) == ("10.200.1.1", "10.200.1.2"))
     }
 }

@@ -9,13 +9,19 @@ public struct VirtioAttachment: Sendable {
     public let mmioBase: UInt64
     public let mmioLength: UInt64
     public let irq: UInt32
+    /// A host resource the device uses (a tap), closed after the I/O thread has stopped.
+    public let backing: TapDevice?
     public var cmdline: String { "virtio_mmio.device=4K@0x\(String(mmioBase, radix: 16)):\(irq)" }
-    /// Joins the device's I/O thread.
-    public func stop() { transport.stop() }
+    /// Joins the device's I/O thread, then closes what backs the device.
+    public func stop() {
+        transport.stop()
+        backing?.close()
+    }
 }
 
 /// Places the virtio devices a `VMSpec` asks for: disks first (so the first is /dev/vda), then
-/// the entropy device. Bases from 0xd000_0000 step 4 KiB; IRQs from 5 up, skipping reserved ones.
+/// the network interface on `tap` (eth0), then the entropy device. Bases from 0xd000_0000 step
+/// 4 KiB; IRQs from 5 up, skipping reserved ones.
 ///
 /// ```swift
 /// let devs = try VirtioDevices.make(spec: spec, memory: vm.memory) { vm.interruptLine(gsi: $0) }
@@ -30,27 +36,31 @@ public enum VirtioDevices {
     /// IOAPIC pins above the legacy ones run out at 23.
     public static let lastIRQ: UInt32 = 23
 
-    public static func make(spec: VMSpec, memory: any GuestMemory,
+    public static func make(spec: VMSpec, memory: any GuestMemory, tap: TapDevice? = nil,
                             interrupt: (UInt32) -> any InterruptLine) throws -> [VirtioAttachment] {
-        if spec.net != nil {
-            throw MicroVMError.unsupported("virtio-net is not in the direct VMM yet; drop --net or use --mode hosted")
+        if spec.net != nil, tap == nil {
+            throw MicroVMError.invalidArgument("the spec asks for a network but no tap device was opened for it")
         }
         if spec.vsockCID != nil {
             throw MicroVMError.unsupported("virtio-vsock is not in the direct VMM yet; drop --vsock or use --mode hosted")
         }
-        var devices: [any VirtioDevice] = []
-        for d in spec.disks { devices.append(try VirtioBlock(path: d.path, readOnly: d.readOnly, direct: d.direct)) }
-        devices.append(VirtioRng())
+        var devices: [(any VirtioDevice, TapDevice?)] = []
+        for d in spec.disks { devices.append((try VirtioBlock(path: d.path, readOnly: d.readOnly, direct: d.direct), nil)) }
+        if let tap {
+            let net = VirtioNet(tapFD: tap.fd, mac: VirtioNet.mac(seed: spec.name), applyOffloads: { tap.setOffloads($0) })
+            devices.append((net, tap))
+        }
+        devices.append((VirtioRng(), nil))
 
         var out: [VirtioAttachment] = []
         var irq = firstIRQ
-        for (i, dev) in devices.enumerated() {
+        for (i, (dev, backing)) in devices.enumerated() {
             while reservedIRQs.contains(irq) { irq += 1 }
             guard irq <= lastIRQ else {
                 throw MicroVMError.invalidArgument("too many virtio devices (\(devices.count)): the IOAPIC has no free line left; attach fewer disks")
             }
             let t = try VirtioMMIOTransport(device: dev, memory: memory, interrupt: interrupt(irq))
-            out.append(VirtioAttachment(transport: t, mmioBase: firstBase + UInt64(i) * stride, mmioLength: stride, irq: irq))
+            out.append(VirtioAttachment(transport: t, mmioBase: firstBase + UInt64(i) * stride, mmioLength: stride, irq: irq, backing: backing))
             irq += 1
         }
         return out

@@ -15,6 +15,47 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// Serves one chain; returns the bytes written into it. Throws only for a malformed request
     /// that the device cannot answer through its own status byte.
     func handle(queue: Int, chain: DescriptorChain, memory: any GuestMemory) throws -> UInt32
+
+    /// Queues the device fills on its own (a NIC's receive queue). A notify on one of them only
+    /// wakes the I/O thread; chains are taken by `pump` when the device has something to put in.
+    var deviceDrivenQueues: Set<Int> { get }
+    /// A descriptor whose readability means the device has work for `pump` (a tap with frames
+    /// waiting), or -1. The I/O thread polls it only while `wantsSource` is true.
+    var sourceFD: Int32 { get }
+    /// False while the device holds work it cannot place (no buffers posted): polling the source
+    /// then would spin, so the thread waits for the driver's next notify instead.
+    var wantsSource: Bool { get }
+    /// Moves pending work into the device-driven queues through `fill`; runs on the I/O thread.
+    func pump(_ fill: VirtioQueueFiller)
+    /// The driver set DRIVER_OK having accepted `features`.
+    func activate(features: UInt64)
+    /// The driver reset the device: drop anything held for the old queues.
+    func reset()
+}
+
+extension VirtioDevice {
+    public var deviceDrivenQueues: Set<Int> { [] }
+    public var sourceFD: Int32 { -1 }
+    public var wantsSource: Bool { false }
+    public func pump(_ fill: VirtioQueueFiller) {}
+    public func activate(features: UInt64) {}
+    public func reset() {}
+}
+
+/// What a device's `pump` gets: a way to take one chain of a queue, fill it, and hand it back.
+public struct VirtioQueueFiller {
+    public enum Outcome: Equatable, Sendable {
+        case filled
+        /// The driver has posted no buffer: keep the work and wait for its notify.
+        case noBuffer
+        /// The queue is not live (not ready, reset, or broken): the work cannot go anywhere.
+        case unavailable
+    }
+    let take: (Int, (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome
+    /// Pops the next chain of `queue`, lets `body` write into it through the guest memory it is
+    /// given (returning the bytes written) and adds it to the used ring. The interrupt follows
+    /// when the pump returns.
+    public func fill(queue: Int, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome { take(queue, body) }
 }
 
 /// The virtio-mmio v2 register block (virtio 1.x §4.2.2) over one `VirtioDevice`.
@@ -202,6 +243,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             let gen = s.configGeneration
             s = State(queues: device.queueMaxSizes.map { Virtqueue(maxSize: $0) })
             s.configGeneration = gen &+ 1
+            device.reset()
             return false
         }
         // The driver may only add bits; NEEDS_RESET is the device's to set.
@@ -210,7 +252,13 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             let acceptable = s.driverFeatures & ~offeredFeatures == 0 && s.driverFeatures & Self.featureVersion1 != 0
             if !acceptable { next &= ~Self.statusFeaturesOK }
         }
+        let wasLive = s.status & Self.statusDriverOK != 0
         s.status = next | (s.status & Self.statusNeedsReset)
+        if !wasLive, s.status & Self.statusDriverOK != 0, s.status & Self.statusFeaturesOK != 0 {
+            device.activate(features: s.driverFeatures)
+            // Buffers may be posted already and the source may hold work: let the thread look.
+            for q in device.deviceDrivenQueues { notify(queue: q) }
+        }
         return false
     }
 
@@ -243,12 +291,59 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     @discardableResult
     public func processQueues() -> Int {
         var served = 0
+        let driven = device.deviceDrivenQueues
         for qi in 0..<notifyFDs.count {
             var count: UInt64 = 0
             _ = Foundation.read(notifyFDs[qi], &count, 8)  // drain the kick; we look at the ring anyway
-            served += processQueue(qi)
+            if !driven.contains(qi) { served += processQueue(qi) }
         }
+        if !driven.isEmpty { served += pumpDevice(driven) }
         return served
+    }
+
+    /// Lets the device fill its own queues, then interrupts once per queue that needs it.
+    private func pumpDevice(_ driven: Set<Int>) -> Int {
+        guard state.withLock({ $0.status & Self.statusDriverOK != 0 && $0.status & Self.statusNeedsReset == 0 }) else { return 0 }
+        var served = 0
+        device.pump(VirtioQueueFiller { qi, body in
+            let outcome = self.fillOne(qi, driven: driven, body)
+            if outcome == .filled { served += 1 }
+            return outcome
+        })
+        requestsServed.add(served, ordering: .relaxed)
+        guard served > 0 else { return 0 }
+        var raise = false
+        state.withLock { s in
+            for qi in driven where s.queues.indices.contains(qi) && s.queues[qi].ready {
+                do {
+                    if try s.queues[qi].needsInterrupt(memory: memory) { s.interruptStatus |= 1; raise = true }
+                } catch {
+                    raise = markBroken(&s, error) || raise
+                }
+            }
+        }
+        if raise { raiseInterrupt() }
+        return served
+    }
+
+    private func fillOne(_ qi: Int, driven: Set<Int>, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> VirtioQueueFiller.Outcome {
+        var outcome = VirtioQueueFiller.Outcome.unavailable
+        var raise = false
+        state.withLock { s in
+            guard driven.contains(qi), s.status & Self.statusDriverOK != 0, s.status & Self.statusNeedsReset == 0,
+                  s.queues.indices.contains(qi), s.queues[qi].ready else { return }
+            do {
+                guard let chain = try s.queues[qi].pop(memory: memory) else { outcome = .noBuffer; return }
+                let written: UInt32
+                do { written = try body(chain, memory) } catch let e as VirtqueueError { throw e } catch { throw VirtqueueError.memory("\(error)") }
+                try s.queues[qi].addUsed(head: chain.head, length: min(written, UInt32(clamping: chain.writableLength)), memory: memory)
+                outcome = .filled
+            } catch {
+                raise = markBroken(&s, error)
+            }
+        }
+        if raise { raiseInterrupt() }
+        return outcome
     }
 
     private func processQueue(_ qi: Int) -> Int {
@@ -302,11 +397,15 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     }
 
     private func loop() {
-        var fds = (notifyFDs + [stopFD]).map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        let base = (notifyFDs + [stopFD]).map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        let source = device.sourceFD
         while true {
+            // The source joins the set only while the device can place what it would read.
+            var fds = base
+            if source >= 0, device.wantsSource { fds.append(pollfd(fd: source, events: Int16(POLLIN), revents: 0)) }
             let r = poll(&fds, nfds_t(fds.count), -1)
             if r < 0 { if errno == EINTR { continue }; break }
-            if fds.last!.revents != 0 { break }
+            if fds[base.count - 1].revents != 0 { break }
             processQueues()
         }
         finished.store(true, ordering: .releasing)

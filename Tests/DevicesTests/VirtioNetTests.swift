@@ -1,0 +1,243 @@
+import Devices
+import Foundation
+import GuestMemory
+import MicroVMCore
+import Synchronization
+import Testing
+
+/// Plays a virtio-net driver on both queues (0 receive, 1 transmit). The tap is a datagram
+/// socket pair: like a tap, each read or write is one whole frame, and the test holds the
+/// "host" end.
+final class NetDriver {
+    struct Rings {
+        let desc: UInt64, avail: UInt64, used: UInt64
+        var nextDesc: UInt16 = 0, availIdx: UInt16 = 0
+    }
+    let ram: GuestRAM
+    let t: VirtioMMIOTransport
+    let net: VirtioNet
+    let irq = VirtioIRQ()
+    let qsize: UInt16 = 16
+    var rings = [Rings(desc: 0x10000, avail: 0x11000, used: 0x12000), Rings(desc: 0x20000, avail: 0x21000, used: 0x22000)]
+    var cursor: UInt64 = 0x100000
+    /// [0]: the device's end, [1]: the host's end.
+    let sock: [Int32]
+    var offered: UInt64 = 0
+
+    init(features: UInt64 = 1 << 32 | VirtioNet.featureMAC, offloads: Bool = false, negotiate: Bool = true) throws {
+        var fds: [Int32] = [0, 0]
+        guard socketpair(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0, &fds) == 0 else { throw MicroVMError.invalidArgument("socketpair failed") }
+        _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
+        // A frame of 64 KiB must fit the socket's buffers, as it fits a tap.
+        var big: Int32 = 1 << 20
+        for fd in fds {
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, 4); setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, 4)
+        }
+        sock = fds
+        ram = try GuestRAM(size: .mebibytes(4))
+        net = VirtioNet(tapFD: fds[0], mac: [2, 0, 0, 0, 0, 1], offloads: offloads)
+        t = try VirtioMMIOTransport(device: net, memory: ram, interrupt: irq)
+        guard negotiate else { return }
+        w(0x70, 0); w(0x70, 1); w(0x70, 3)
+        w(0x14, 0); offered = UInt64(r(0x10)); w(0x14, 1); offered |= UInt64(r(0x10)) << 32
+        w(0x24, 0); w(0x20, UInt32(truncatingIfNeeded: features)); w(0x24, 1); w(0x20, UInt32(features >> 32))
+        w(0x70, 3 | 8)
+        for q in 0..<2 {
+            w(0x30, UInt32(q)); w(0x38, UInt32(qsize))
+            w(0x80, UInt32(rings[q].desc)); w(0x84, 0); w(0x90, UInt32(rings[q].avail)); w(0x94, 0)
+            w(0xa0, UInt32(rings[q].used)); w(0xa4, 0)
+            w(0x44, 1)
+        }
+        w(0x70, 3 | 8 | 4)
+    }
+
+    deinit { sock.forEach { close($0) } }
+
+    func r(_ off: UInt64) -> UInt32 {
+        var v: UInt32 = 0
+        withUnsafeMutableBytes(of: &v) { t.read(offset: off, data: $0) }
+        return v
+    }
+    func w(_ off: UInt64, _ v: UInt32) { withUnsafeBytes(of: v) { t.write(offset: off, data: $0) } }
+
+    func alloc(_ bytes: [UInt8]) throws -> UInt64 {
+        let a = cursor
+        try ram.writeBytes(bytes, at: GuestAddress(a))
+        cursor += UInt64(max(bytes.count, 1) + 15) & ~15
+        return a
+    }
+
+    /// Posts (address, length, writable) buffers as one chain on `queue` and publishes it.
+    @discardableResult
+    func post(queue q: Int, _ bufs: [(UInt64, UInt32, Bool)]) throws -> UInt16 {
+        let head = rings[q].nextDesc
+        for (k, b) in bufs.enumerated() {
+            let i = (head &+ UInt16(k)) % qsize
+            let d = rings[q].desc + 16 * UInt64(i)
+            let last = k == bufs.count - 1
+            try ram.write(b.0, at: GuestAddress(d)); try ram.write(b.1, at: GuestAddress(d + 8))
+            try ram.write(UInt16((last ? 0 : 1) | (b.2 ? 2 : 0)), at: GuestAddress(d + 12))
+            try ram.write(UInt16((i + 1) % qsize), at: GuestAddress(d + 14))
+        }
+        rings[q].nextDesc = (head &+ UInt16(bufs.count)) % qsize
+        try ram.write(head, at: GuestAddress(rings[q].avail + 4 + 2 * UInt64(rings[q].availIdx % qsize)))
+        rings[q].availIdx &+= 1
+        try ram.write(rings[q].availIdx, at: GuestAddress(rings[q].avail + 2))
+        return head
+    }
+
+    func kick(_ q: Int) -> Int { w(0x50, UInt32(q)); return t.processQueues() }
+    func usedIdx(_ q: Int) -> UInt16 { try! ram.read(at: GuestAddress(rings[q].used + 2)) }
+    func usedLen(_ q: Int, _ i: UInt16) -> UInt32 { try! ram.read(at: GuestAddress(rings[q].used + 8 + 8 * UInt64(i % qsize))) }
+
+    /// Sends a frame from the "host" into the device's tap end.
+    func hostSend(_ bytes: [UInt8]) { #expect(bytes.withUnsafeBytes { send(sock[1], $0.baseAddress, $0.count, 0) } == bytes.count) }
+    /// One frame the device wrote to the tap, or nil if none is waiting.
+    func hostReceive() -> [UInt8]? {
+        var buf = [UInt8](repeating: 0, count: 70_000)
+        let n = buf.withUnsafeMutableBytes { recv(sock[1], $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+        return n < 0 ? nil : Array(buf[0..<n])
+    }
+}
+
+/// A 12-byte virtio-net header (flags, gso type, the rest zero) and an Ethernet frame of `n` bytes.
+func netFrame(_ n: Int, flags: UInt8 = 0, gso: UInt8 = 0, fill: UInt8 = 0xab) -> [UInt8] {
+    [flags, gso] + [UInt8](repeating: 0, count: 10) + [UInt8](repeating: fill, count: n)
+}
+
+@Suite("Virtio net")
+struct VirtioNetTests {
+    @Test func identityAndConfig() throws {
+        let d = try NetDriver()
+        #expect(d.r(0x008) == 1)
+        #expect(d.t.status & 4 != 0)
+        #expect(d.offered & VirtioNet.featureMAC != 0)
+        #expect(d.offered & VirtioNet.featureCsum == 0, "offloads are off in this driver")
+        var mac = [UInt8](repeating: 0, count: 8)
+        mac.withUnsafeMutableBytes { d.t.read(offset: 0x100, data: $0) }
+        #expect(Array(mac[0..<6]) == [2, 0, 0, 0, 0, 1])
+        #expect(mac[6] == 1, "link up")
+        let withOffloads = try NetDriver(offloads: true)
+        #expect(withOffloads.offered & (VirtioNet.featureGuestTSO4 | VirtioNet.featureHostTSO4 | VirtioNet.featureCsum) != 0)
+    }
+
+    @Test func transmitReachesTheTap() throws {
+        let d = try NetDriver()
+        let frame = netFrame(60)
+        let hdr = try d.alloc(Array(frame[0..<12])), body = try d.alloc(Array(frame[12...]))
+        try d.post(queue: 1, [(hdr, 12, false), (body, 60, false)])
+        #expect(d.kick(1) == 1)
+        let got = d.hostReceive()
+        #expect(got == frame)
+        #expect(d.usedIdx(1) == 1)
+        #expect(d.net.framesSent.load(ordering: .relaxed) == 1)
+        #expect(d.irq.count.load(ordering: .relaxed) >= 1)
+    }
+
+    @Test func receiveFillsPostedBuffers() throws {
+        let d = try NetDriver()
+        for _ in 0..<3 { try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1526)), 1526, true)]) }
+        _ = d.kick(0)
+        let frames = [netFrame(60, fill: 1), netFrame(1514, fill: 2)]
+        frames.forEach(d.hostSend)
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == 2)
+        #expect(d.usedLen(0, 0) == 72)
+        #expect(d.usedLen(0, 1) == 1526)
+        // The second buffer holds the second frame, with num_buffers = 1.
+        let buf1: [UInt8] = try d.ram.readBytes(at: GuestAddress(0x100000 + 1536), count: 1526)
+        var want = frames[1]; want[10] = 1
+        #expect(buf1 == want)
+        #expect(d.net.framesReceived.load(ordering: .relaxed) == 2)
+    }
+
+    @Test func frameWaitsForBuffersWithoutSpinning() throws {
+        let d = try NetDriver()
+        d.hostSend(netFrame(100, fill: 7))
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == 0)
+        #expect(d.net.wantsSource == false, "with a frame held and no buffer, the tap is not polled")
+        let buf = try d.alloc([UInt8](repeating: 0, count: 2048))
+        try d.post(queue: 0, [(buf, 2048, true)])
+        _ = d.kick(0)
+        #expect(d.usedIdx(0) == 1)
+        #expect(d.usedLen(0, 0) == 112)
+        #expect(d.net.wantsSource)
+        #expect(d.net.framesDropped.load(ordering: .relaxed) == 0)
+    }
+
+    @Test func shortBufferDropsTheFrameNotTheDevice() throws {
+        let d = try NetDriver()
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 64)), 64, true)])
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 2048)), 2048, true)])
+        _ = d.kick(0)
+        d.hostSend(netFrame(1000))
+        d.hostSend(netFrame(50))
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == 2)
+        #expect(d.usedLen(0, 0) == 0, "the too-small buffer comes back empty")
+        #expect(d.usedLen(0, 1) == 62)
+        #expect(d.net.framesDropped.load(ordering: .relaxed) == 1)
+        #expect(!d.needsReset)
+    }
+
+    @Test func transmitHeadersAskingForUnnegotiatedOffloadsAreDropped() throws {
+        let d = try NetDriver()
+        for (flags, gso) in [(UInt8(1), UInt8(0)), (0, 1), (0, 4), (0, 3), (0, 0x81)] {
+            let f = netFrame(60, flags: flags, gso: gso)
+            try d.post(queue: 1, [(try d.alloc(f), UInt32(f.count), false)])
+        }
+        // Too short (header only) and too long (beyond a 64 KiB segment).
+        try d.post(queue: 1, [(try d.alloc([UInt8](repeating: 0, count: 12)), 12, false)])
+        try d.post(queue: 1, [(try d.alloc([UInt8](repeating: 0, count: 12)), 12, false), (0x200000, UInt32(VirtioNet.maxFrame + 1), false)])
+        _ = d.kick(1)
+        #expect(d.usedIdx(1) == 7)
+        #expect(d.hostReceive() == nil)
+        #expect(d.net.framesDropped.load(ordering: .relaxed) == 7)
+        #expect(!d.needsReset)
+    }
+
+    @Test func negotiatedOffloadsPassTheHeaderThrough() throws {
+        let features: UInt64 = 1 << 32 | VirtioNet.featureCsum | VirtioNet.featureHostTSO4 | VirtioNet.featureGuestCsum
+        let d = try NetDriver(features: features, offloads: true)
+        var f = netFrame(3000, flags: 1, gso: 1)
+        f[10] = 9  // num_buffers is the device's to set; a transmit header's value is cleared
+        try d.post(queue: 1, [(try d.alloc(f), UInt32(f.count), false)])
+        _ = d.kick(1)
+        var want = f; want[10] = 0
+        #expect(d.hostReceive() == want)
+    }
+
+    @Test func resetDropsTheHeldFrame() throws {
+        let d = try NetDriver()
+        d.hostSend(netFrame(80, fill: 3))
+        _ = d.t.processQueues()
+        #expect(!d.net.wantsSource)
+        d.w(0x70, 0)
+        #expect(d.net.wantsSource, "a reset forgets the held frame")
+        #expect(d.t.status == 0)
+    }
+
+    @Test func ioThreadDeliversFromTheTap() throws {
+        let d = try NetDriver()
+        d.t.start()
+        defer { d.t.stop() }
+        for _ in 0..<4 { try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1600)), 1600, true)]) }
+        d.w(0x50, 0)
+        for i in 0..<4 { d.hostSend(netFrame(100 + i)) }
+        var waited = 0
+        while d.usedIdx(0) < 4 && waited < 5000 { usleep(1000); waited += 1 }
+        #expect(d.usedIdx(0) == 4)
+        #expect(d.irq.count.load(ordering: .relaxed) >= 1)
+    }
+
+    @Test func networkWithoutAnOpenTapIsRefused() throws {
+        let ram = try GuestRAM(size: .mebibytes(1))
+        let spec = VMSpec(name: "n", net: NetSpec())
+        #expect(throws: MicroVMError.self) { _ = try VirtioDevices.make(spec: spec, memory: ram) { _ in VirtioIRQ() } }
+    }
+}
+
+extension NetDriver {
+    var needsReset: Bool { r(0x70) & 64 != 0 }
+}
