@@ -21,6 +21,8 @@ let package = Package(
     targets: [
         // C only: KVM ioctl numbers and struct helpers.
         .target(name: "CKVM"),
+        // C only: vhost ioctl numbers and vsock socket addresses.
+        .target(name: "CVhost"),
         .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
         .systemLibrary(name: "CGuestfs", pkgConfig: "libguestfs", providers: [.apt(["libguestfs-dev"])]),
 
@@ -28,7 +30,7 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM", "MicroVMCore"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["MicroVMCore"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
         .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images"], swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
         .target(name: "Libvirt", dependencies: ["CLibvirt", "MicroVMCore", "Host", "Images"], swiftSettings: strict),

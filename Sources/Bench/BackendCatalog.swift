@@ -97,7 +97,9 @@ public enum BackendCatalog {
     /// Builds the targets for the given names. `factories` supplies the real backends by name
     /// (native is built in); a name without a factory is listed as unavailable with the reason.
     public static func targets(_ names: [String], host: HostProfile, factories: [String: @Sendable () throws -> any InstanceBackend],
-                               networks: [String: NetworkPath] = ["native": .hostLoopback, "runc": .perInstanceLink]) -> [BenchTarget] {
+                               networks: [String: NetworkPath] = ["native": .hostLoopback, "runc": .perInstanceLink, "direct": .perInstanceLink,
+                                                                  "hosted": .perInstanceLink, "qemu-microvm": .perInstanceLink,
+                                                                  "docker": .backendNetwork(host: ContainerBackend.dockerNetworkHost)]) -> [BenchTarget] {
         names.map { name in
             let mode = mode(of: name)
             var record = BackendRecord(name: name, mode: mode, acceleration: acceleration(mode: mode, kvm: host.kvm.verdict),

@@ -28,9 +28,11 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
         self.image = image; self.accelerator = accelerator; self.qemu = qemu
     }
 
-    /// The QEMU command line for `spec` (without the CPU pinning prefix).
-    public func arguments(for spec: VMSpec) -> [String] {
-        let cmdline = image.kernelCommandLine(command: spec.command, extra: (["mvm.ro=1"] + [spec.cmdline]).joined(separator: " "))
+    /// The QEMU command line for `spec` (without the CPU pinning prefix); `link` is the tap the
+    /// guest's virtio-net attaches to, userspace virtio-net (no vhost) as in the direct VMM.
+    public func arguments(for spec: VMSpec, link: TapLink? = nil) -> [String] {
+        let extra = ["mvm.ro=1", link?.kernelParameters ?? "", spec.cmdline].filter { !$0.isEmpty }
+        let cmdline = image.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
         var argv = [qemu, "-name", spec.name, "-M", "microvm,acpi=on,pic=off,pit=on,rtc=on,isa-serial=on",
                     "-accel", accelerator.rawValue, "-cpu", accelerator == .kvm ? "host" : "max",
                     "-m", "\(max(16, spec.memory.mebibytes))M", "-smp", "\(spec.cpus)",
@@ -43,6 +45,10 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                         + (d.direct ? ",cache=none" : ""),
                      "-device", "virtio-blk-device,drive=disk\(i)"]
         }
+        if let link {
+            argv += ["-netdev", "tap,id=net0,ifname=\(Self.escape(link.tap.name)),script=no,downscript=no,vnet_hdr=on,vhost=off",
+                     "-device", "virtio-net-device,netdev=net0,mac=\(HostLinks.format(mac: HostLinks.mac(seed: spec.name)))"]
+        }
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0"]
         return argv
     }
@@ -52,10 +58,14 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
 
     public func run(_ spec: VMSpec) async throws -> RunResult {
         try spec.validate()
-        guard spec.net == nil, spec.vsockCID == nil else {
-            throw MicroVMError.unsupported("the QEMU microvm reference runs without network or vsock")
+        guard spec.vsockCID == nil else {
+            throw MicroVMError.unsupported("the QEMU microvm reference runs without vsock")
         }
-        var argv = arguments(for: spec)
+        // QEMU opens the tap by name: it persists once made here and is removed after the run.
+        let link = try spec.net.map { try TapLink.open($0, owner: spec.name, persistent: true) }
+        link?.tap.close()
+        defer { link?.tap.remove() }
+        var argv = arguments(for: spec, link: link)
         if let cpus = spec.slice?.cpuSet, !cpus.isEmpty { argv = ["taskset", "-c", CPUList.format(cpus)] + argv }
         let pipe = try ProcessRunner.makePipe()
         let child: ChildProcess

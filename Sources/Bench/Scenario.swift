@@ -47,11 +47,11 @@ public struct BenchTarget: Sendable {
         switch network {
         case .unavailable(let why): throw ScenarioUnavailable(why)
         case .hostLoopback: return (nil, "127.0.0.1")
+        case .backendNetwork(let host): return (NetSpec(), host)
         case .perInstanceLink:
-            // A /30 of its own in 10.201/16, away from the runtimes' automatic 10.200/16 links.
-            let n = Int.random(in: 0..<16_384) * 4
-            let host = "10.201.\(n / 256).\(n % 256 + 1)", guest = "10.201.\(n / 256).\(n % 256 + 2)"
-            return (NetSpec(hostAddress: host, guestAddress: guest), host)
+            // A free /30 of its own in 10.201/16, away from the backends' automatic 10.200/16 links.
+            let s = try HostLinks.freeSubnet(prefix: "10.201")
+            return (NetSpec(hostAddress: s.host, guestAddress: s.instance), s.host)
         }
     }
 }
@@ -61,8 +61,10 @@ public enum NetworkPath: Sendable, Equatable {
     case unavailable(String)
     /// The host's own network (native runs): loopback.
     case hostLoopback
-    /// A link per instance made by the backend from `VMSpec.net` (a veth pair for containers).
+    /// A link per instance made by the backend from `VMSpec.net` (a veth pair for runc, a tap for VMs).
     case perInstanceLink
+    /// The backend's own network (Docker's bridge), with the host at this address.
+    case backendNetwork(host: String)
 }
 
 /// Workload lengths: `--quick` keeps a TCG VM run to seconds; `--full` gives steadier numbers.

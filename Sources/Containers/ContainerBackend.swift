@@ -19,6 +19,9 @@ import Glibc
 
 public struct ContainerBackend: InstanceBackend {
     public var mode: RunMode { .container }
+    /// Where a Docker container with a network reaches the host: the gateway of the bridge
+    /// network it joins (runc containers get a veth /30 of their own instead).
+    public static let dockerNetworkHost = DockerDriver.networkGateway
     public var runtime: ContainerRuntime
     public var paths: Paths
     /// The rootfs used when a spec names none (e.g. `{ try ImageStore().ensureDefault().rootfsTree }`).

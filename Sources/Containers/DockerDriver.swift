@@ -53,6 +53,23 @@ struct DockerDriver: Sendable {
         return t.tag
     }
 
+    /// The Docker network that instances with a `VMSpec.net` join: a user-defined bridge (veth
+    /// pairs on a Linux bridge, Docker's own network path), the host at its gateway address.
+    /// It is made on first use and kept, like Docker's default bridge.
+    static let networkName = "mvm"
+    static let networkSubnet = "10.202.0.0/24"
+    static let networkGateway = "10.202.0.1"
+
+    func ensureNetwork() throws {
+        if try docker(["network", "inspect", "--format", "{{.Id}}", Self.networkName], timeout: 30).status == 0 { return }
+        let out = try docker(["network", "create", "--driver", "bridge", "--subnet", Self.networkSubnet, "--gateway", Self.networkGateway,
+                              "-o", "com.docker.network.bridge.name=mvmbr0", Self.networkName], timeout: 60)
+        // Another run may have made it in the meantime.
+        guard out.status == 0 || out.stderrText.contains("already exists") else {
+            throw MicroVMError(.backend, "cannot create the Docker network '\(Self.networkName)' (\(Self.networkSubnet)): \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines).prefix(500)); remove what holds that subnet or run without a network")
+        }
+    }
+
     /// The `docker run` flags that enforce a slice, matching what the OCI path writes to config.json.
     static func resourceFlags(_ s: ResourceSlice) -> [String] {
         var f: [String] = []
@@ -82,7 +99,17 @@ struct DockerDriver: Sendable {
         let me = getpid()
         var args = ["run", "--rm", "--name", id, "--hostname", spec.name,
                     "--label", "\(Self.ownerLabel)=\(me):\(processStartTicks(me) ?? 0)",
-                    "--network", "none", "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
+                    "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
+        if let net = spec.net {
+            guard net.tap == nil, net.hostAddress == nil || HostLinks.address(net.hostAddress!) == Self.networkGateway else {
+                throw MicroVMError.invalidArgument("Docker containers join the '\(Self.networkName)' bridge network (host \(Self.networkGateway)): drop the tap name and host address from --net")
+            }
+            try ensureNetwork()
+            args += ["--network", Self.networkName]
+            if let g = net.guestAddress { args += ["--ip", HostLinks.address(g)] }
+        } else {
+            args += ["--network", "none"]
+        }
         args += Self.resourceFlags(slice)
         args += [image] + command
         guard let exe = ProcessRunner.which("docker") else { throw MicroVMError.notFound("'docker' is not installed: apt-get install docker.io") }

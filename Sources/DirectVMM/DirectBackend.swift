@@ -79,9 +79,6 @@ public struct DirectBackend: InstanceBackend {
     public func run(_ spec: VMSpec) async throws -> RunResult {
         try spec.validate()
         try checkHost()
-        guard spec.vsockCID == nil else {
-            throw MicroVMError.unsupported("direct mode has no virtio-vsock yet: drop --vsock, or use --mode hosted")
-        }
         let started = VirtualMachine.monotonicNow()
         var files = try bootFiles(for: spec)
         // Like the hosted backend: the default image's rootfs goes first (/dev/vda), read-only,
@@ -117,7 +114,8 @@ public struct DirectBackend: InstanceBackend {
         let link = try spec.net.map { try TapLink.open($0, owner: spec.name) }
         let virtio: (attachments: [VirtioAttachment], cmdline: String)
         do {
-            virtio = deviceSpec.disks.isEmpty && link == nil ? ([], "") : try vm.installVirtioDevices(spec: deviceSpec, tap: link?.tap)
+            virtio = deviceSpec.disks.isEmpty && link == nil && spec.vsockCID == nil ? ([], "")
+                : try vm.installVirtioDevices(spec: deviceSpec, tap: link?.tap)
         } catch {
             link?.tap.remove()
             throw error
@@ -125,6 +123,7 @@ public struct DirectBackend: InstanceBackend {
         defer { virtio.attachments.forEach { $0.stop() } }
         files.cmdline += " " + virtio.cmdline
         if let link, !link.kernelParameters.isEmpty { files.cmdline += " " + link.kernelParameters }
+        if spec.vsockCID != nil { files.cmdline += " \(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)" }
         let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus,
                                          virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil

@@ -24,6 +24,8 @@ public struct RootfsBuilder: Sendable {
         Tool(path: "/usr/bin/stress-ng", package: "stress-ng"),
         Tool(path: "/usr/bin/fio", package: "fio"),
         Tool(path: "/usr/bin/iperf3", package: "iperf3"),
+        // The guest init's vsock shell (mvm.vsock).
+        Tool(path: "/usr/bin/socat", package: "socat"),
     ]
 
     public var tools: [Tool]

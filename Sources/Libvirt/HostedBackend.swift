@@ -80,6 +80,17 @@ public struct HostedBackend: InstanceBackend {
         try spec.validate()
         try DomainXML.checkName(spec.name)
         let conn = try connection()
+        // A local QEMU gets a tap made here, as the direct VMM does; it persists (QEMU opens it
+        // by name once this process lets go of it) until the run ends, when it is removed.
+        var spec = spec
+        var link: TapLink?
+        if isLocal, let net = spec.net {
+            let l = try TapLink.open(net, owner: spec.name, persistent: true)
+            l.tap.close()
+            link = l
+            spec.net = NetSpec(tap: l.tap.name, hostAddress: l.hostAddress ?? net.hostAddress, guestAddress: l.guestAddress)
+        }
+        defer { link?.tap.remove() }
         let plan = try makePlan(spec, connection: conn)
         try Paths.ensureDirectory(recordDirectory)
         try Paths.ensureDirectory((plan.runDirectory as NSString).deletingLastPathComponent)

@@ -19,6 +19,10 @@ public enum GuestProtocol {
     public static let bootTimerValue: UInt8 = 123
     /// Kernel command-line key that carries the base64 of the command (NUL-separated argv).
     public static let commandParameter = "mvm.cmd"
+    /// Kernel command-line key that asks the init to serve a shell on this vsock port while the
+    /// command runs (the guest needs socat; the host connects to the VM's CID and this port).
+    public static let vsockParameter = "mvm.vsock"
+    public static let vsockShellPort: UInt32 = 1024
 
     /// Encodes argv for the kernel command line: base64 of the arguments joined by NUL,
     /// so spaces and quotes survive the kernel's parser.

@@ -34,6 +34,16 @@ public enum HostLinks {
         return String(format: "%08x", h)
     }
 
+    /// A locally administered unicast MAC derived from `seed` (02:4d:56:xx:xx:xx, "MV"), so an
+    /// instance keeps its address across runs and two instances differ.
+    public static func mac(seed: String) -> [UInt8] {
+        var h: UInt32 = 2_166_136_261
+        for b in seed.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
+        return [0x02, 0x4d, 0x56, UInt8(truncatingIfNeeded: h >> 16), UInt8(truncatingIfNeeded: h >> 8), UInt8(truncatingIfNeeded: h)]
+    }
+
+    public static func format(mac: [UInt8]) -> String { mac.map { String(format: "%02x", $0) }.joined(separator: ":") }
+
     /// Runs `ip ARGS`; a failure names the command and what the host needs.
     public static func ip(_ args: [String], purpose: String = "instance networking") throws {
         let out = try ProcessRunner.run(["ip"] + args, timeout: 10, package: "iproute2")

@@ -241,3 +241,25 @@ struct VirtioNetTests {
 extension NetDriver {
     var needsReset: Bool { r(0x70) & 64 != 0 }
 }
+
+@Suite("Virtio vsock")
+struct VirtioVsockTests {
+    @Test(arguments: [UInt32(0), 1, 2, UInt32.max])
+    func reservedCIDsAreRefused(_ cid: UInt32) throws {
+        let ram = try GuestRAM(size: .mebibytes(1))
+        #expect {
+            _ = try VirtioVsock(cid: cid, regions: ram.regions)
+        } throws: { error in
+            "\(error)".contains("reserved") && "\(error)".contains("3 or more")
+        }
+    }
+
+    @Test func missingVhostDeviceSaysWhatToLoad() throws {
+        let ram = try GuestRAM(size: .mebibytes(1))
+        #expect {
+            _ = try VirtioVsock(cid: 42, regions: ram.regions, device: "/nonexistent/vhost-vsock")
+        } throws: { error in
+            "\(error)".contains("modprobe vhost_vsock")
+        }
+    }
+}

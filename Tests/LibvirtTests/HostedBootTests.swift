@@ -100,6 +100,25 @@ struct HostedBootTests {
         #expect(try await backend.list().allSatisfy { $0.name != name })
     }
 
+    /// The guest's virtio-net reaches the host end of a tap that the backend made, addressed on a
+    /// /30 of its own, and the tap is gone after the run.
+    @Test(.enabled(if: getuid() == 0 && FileManager.default.fileExists(atPath: "/dev/net/tun"), "needs root and /dev/net/tun for a tap"))
+    func networkReachesTheHostOverATap() async throws {
+        let backend = Self.backend()
+        let name = "mvm-net-\(UUID().uuidString.prefix(6).lowercased())"
+        let tap = "mvt" + HostLinks.interfaceTag(name)
+        let spec = VMSpec(name: name, cpus: 1, memory: .mebibytes(128), net: NetSpec(tap: tap),
+                          command: ["sh", "-c", "ip -o -4 addr show dev eth0; ping -c 2 -W 5 \"$MVM_HOST\" && echo reached $MVM_HOST"], timeout: 420)
+        let result = try await backend.run(spec)
+        #expect(result.exitStatus == 0, "console: \(result.console.suffix(1500))")
+        let host = try #require(result.output.split(separator: "\n").first { $0.hasPrefix("reached ") }).dropFirst(8)
+        #expect(host.hasPrefix("10.200."), "the host end is on an automatic /30: \(host)")
+        #expect(result.output.contains("eth0"))
+        #expect(result.output.contains("2 packets received"))
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/" + tap), "the tap made for the run is removed")
+        try Self.expectNothingLeft(name, backend: backend)
+    }
+
     @Test func killingQEMUMidBootIsAClearError() async throws {
         let backend = Self.backend()
         let name = "mvm-kill-\(UUID().uuidString.prefix(6).lowercased())"

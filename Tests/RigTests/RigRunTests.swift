@@ -138,7 +138,7 @@ struct RigKVMTests {
 
     @Test func directVirtioDevicesInTheGuest() throws {
         let s = try step("devices")
-        print("direct VMM in the rig, virtio devices: \(s.output.split(separator: "\n").filter { $0.contains("=") || $0.contains(" on / ") }.joined(separator: "; "))")
+        print("direct VMM in the rig, virtio devices: \(s.output.split(separator: "\n").filter { $0.contains("=") || $0.contains(" on / ") || $0.contains("receiver") }.joined(separator: "; "))")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
         #expect(s.output.contains("/dev/vda on / type ext4"), "the rootfs must come from virtio-blk: \(s.output.suffix(2000))")
         #expect(s.output.contains("rng=virtio_rng"))
@@ -146,6 +146,20 @@ struct RigKVMTests {
         #expect(s.output.contains("fio-verify-ok"), "fio's verified write on /dev/vdb failed: \(s.output.suffix(2000))")
         let iops = s.output.split(separator: "\n").first { $0.hasPrefix("randread-iops=") }.flatMap { Double($0.dropFirst(14)) }
         #expect((iops ?? 0) > 0, "no random-read IOPS from fio: \(s.output.suffix(2000))")
+        // virtio-net over a tap: the host end answers pings and an iperf3 stream gets through.
+        #expect(s.output.contains("eth0=virtio_net"), "eth0 must be virtio-net: \(s.output.suffix(2000))")
+        #expect(s.output.contains("ping-ok"), "the guest could not ping the host end of its tap: \(s.output.suffix(2000))")
+        let receiver = s.output.split(separator: "\n").first { $0.contains("receiver") }.map(String.init) ?? ""
+        let mbits = receiver.split(separator: " ").firstIndex(of: "Mbits/sec").flatMap { i in Double(receiver.split(separator: " ")[i - 1]) }
+        #expect((mbits ?? 0) > 0, "no iperf3 throughput from the guest to the host: \(s.output.suffix(2000))")
+        let left = try step("taps-left")
+        #expect(left.output.trimmingCharacters(in: .whitespacesAndNewlines) == "0", "the run's tap must be gone: \(left.output)")
+    }
+
+    @Test func directVsockReachesTheGuestInit() throws {
+        let s = try step("vsock")
+        #expect(s.output.contains("vsock-ok"), "no answer from the guest's vsock shell: \(s.output.suffix(2000))")
+        #expect(s.output.contains("vm-status=9"), "ending the guest's sleep over vsock must end the run with its status: \(s.output.suffix(2000))")
     }
 
     @Test func directLinuxBootVmlinux() throws {
@@ -170,8 +184,36 @@ enum RigKVMSession {
          ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux,
                       "--initrd", (vmlinux as NSString).deletingLastPathComponent + "/initrd.img", "--", "sh", "-c", "echo hello; exit 3"]),
          ("scratch-disk", ["truncate", "-s", "64M", scratchDisk]),
-         ("devices", [mvm, "run", "--mode", "direct", "--disk", scratchDisk, "--", "sh", "-c", devicesScript])]
+         // The guest's iperf3 client finds this one-shot server at the host end of its tap.
+         ("iperf3-server", ["sh", "-c", "modprobe tun 2>/dev/null; iperf3 -s -1 -D -p \(iperfPort)"]),
+         ("devices", [mvm, "run", "--mode", "direct", "--disk", scratchDisk, "--net", "tap", "--", "sh", "-c", devicesScript]),
+         ("taps-left", ["sh", "-c", "ip -o link show | grep -c ' mvt' || true"]),
+         ("vsock", ["sh", "-c", vsockScript(mvm: mvm)])]
     }
+
+    /// A guest waits in `sleep`; the host reaches the init's vsock shell through vhost-vsock
+    /// (CID 42, port 1024), runs two commands there and ends the sleep, so the run ends early
+    /// with the command's status 9 instead of running out its time.
+    static func vsockScript(mvm: String) -> String {
+        """
+        modprobe vhost_vsock 2>/dev/null
+        \(RigRunner.shellQuote(mvm)) run --mode direct --vsock 42 --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
+        vm=$!
+        out=
+        for i in $(seq 1 200); do
+            out=$(printf 'uname -r; echo vsock-ok; killall sleep\n' \
+                  | socat -t 10 - VSOCK-CONNECT:42:1024 2>/dev/null)
+            case "$out" in *vsock-ok*) break ;; esac
+            sleep 1
+        done
+        printf '%s\n' "$out"
+        wait $vm
+        echo "vm-status=$?"
+        tail -5 /tmp/vsock-run.out
+        """
+    }
+
+    static let iperfPort = 5299
 
     /// Inside the rig /tmp is a fresh tmpfs: a writable home for the second disk.
     static let scratchDisk = "/tmp/mvm-rig-scratch.img"
@@ -184,7 +226,10 @@ enum RigKVMSession {
         fio --name=verify --filename=/dev/vdb --direct=1 --rw=randwrite --bs=4k --size=8M --verify=crc32c --verify_state_save=0 \
             --ioengine=psync --output-format=terse >/dev/null && echo fio-verify-ok; \
         echo "randread-iops=$(fio --name=rr --filename=/dev/vdb --direct=1 --rw=randread --bs=4k --size=8M --runtime=3 \
-            --time_based --ioengine=psync --output-format=terse --terse-version=3 | cut -d';' -f8)"; exit 3
+            --time_based --ioengine=psync --output-format=terse --terse-version=3 | cut -d';' -f8)"; \
+        echo "eth0=$(basename "$(readlink /sys/class/net/eth0/device/driver)")"; \
+        ping -c 2 -W 5 "$MVM_HOST" >/dev/null && echo ping-ok; \
+        iperf3 -c "$MVM_HOST" -p \(iperfPort) -t 2 -f m | grep receiver; exit 3
         """
 
     static func script(_ steps: [(String, [String])]) -> String {

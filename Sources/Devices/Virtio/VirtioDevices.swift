@@ -20,7 +20,7 @@ public struct VirtioAttachment: Sendable {
 }
 
 /// Places the virtio devices a `VMSpec` asks for: disks first (so the first is /dev/vda), then
-/// the network interface on `tap` (eth0), then the entropy device. Bases from 0xd000_0000 step
+/// the network interface on `tap` (eth0), vsock, then the entropy device. Bases from 0xd000_0000 step
 /// 4 KiB; IRQs from 5 up, skipping reserved ones.
 ///
 /// ```swift
@@ -41,14 +41,17 @@ public enum VirtioDevices {
         if spec.net != nil, tap == nil {
             throw MicroVMError.invalidArgument("the spec asks for a network but no tap device was opened for it")
         }
-        if spec.vsockCID != nil {
-            throw MicroVMError.unsupported("virtio-vsock is not in the direct VMM yet; drop --vsock or use --mode hosted")
-        }
         var devices: [(any VirtioDevice, TapDevice?)] = []
         for d in spec.disks { devices.append((try VirtioBlock(path: d.path, readOnly: d.readOnly, direct: d.direct), nil)) }
         if let tap {
-            let net = VirtioNet(tapFD: tap.fd, mac: VirtioNet.mac(seed: spec.name), applyOffloads: { tap.setOffloads($0) })
+            let net = VirtioNet(tapFD: tap.fd, mac: HostLinks.mac(seed: spec.name), applyOffloads: { tap.setOffloads($0) })
             devices.append((net, tap))
+        }
+        if let cid = spec.vsockCID {
+            guard let ram = memory as? GuestRAM else {
+                throw MicroVMError.unsupported("virtio-vsock needs guest RAM with host mappings for vhost")
+            }
+            devices.append((try VirtioVsock(cid: cid, regions: ram.regions), nil))
         }
         devices.append((VirtioRng(), nil))
 

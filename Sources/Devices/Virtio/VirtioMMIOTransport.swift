@@ -27,8 +27,14 @@ public protocol VirtioDevice: AnyObject, Sendable {
     var wantsSource: Bool { get }
     /// Moves pending work into the device-driven queues through `fill`; runs on the I/O thread.
     func pump(_ fill: VirtioQueueFiller)
-    /// The driver set DRIVER_OK having accepted `features`.
-    func activate(features: UInt64)
+    /// Queues served outside this process (by a vhost kernel worker): the transport neither
+    /// drains their notify eventfds nor touches their rings.
+    var offloadedQueues: Set<Int> { get }
+    /// Eventfds that a worker outside the process signals when it used buffers: the I/O thread
+    /// turns each signal into a used-buffer interrupt (so InterruptStatus says why).
+    var callFDs: [Int32] { get }
+    /// The driver set DRIVER_OK: what it accepted and where its queues are.
+    func activate(_ activation: VirtioActivation)
     /// The driver reset the device: drop anything held for the old queues.
     func reset()
 }
@@ -38,8 +44,23 @@ extension VirtioDevice {
     public var sourceFD: Int32 { -1 }
     public var wantsSource: Bool { false }
     public func pump(_ fill: VirtioQueueFiller) {}
-    public func activate(features: UInt64) {}
+    public var offloadedQueues: Set<Int> { [] }
+    public var callFDs: [Int32] { [] }
+    public func activate(_ activation: VirtioActivation) {}
     public func reset() {}
+}
+
+/// What a device learns when the driver sets DRIVER_OK.
+public struct VirtioActivation: Sendable {
+    public struct Queue: Sendable, Equatable {
+        public var ready: Bool
+        public var size: UInt16
+        public var descTable: UInt64, availRing: UInt64, usedRing: UInt64
+    }
+    public var features: UInt64
+    public var queues: [Queue]
+    /// Each queue's notify eventfd (registered with KVM_IOEVENTFD where KVM allows it).
+    public var notifyFDs: [Int32]
 }
 
 /// What a device's `pump` gets: a way to take one chain of a queue, fill it, and hand it back.
@@ -116,7 +137,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         state = Mutex(State(queues: device.queueMaxSizes.map { Virtqueue(maxSize: $0) }))
         var fds: [Int32] = []
         for _ in 0...device.queueMaxSizes.count {
-            let fd = makeEventFD()
+            let fd = makeVirtioEventFD()
             guard fd >= 0 else {
                 fds.forEach { close($0) }
                 throw MicroVMError(.internalError, "eventfd for a virtio queue failed: \(String(cString: strerror(errno))); raise the open-file limit")
@@ -255,7 +276,10 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         let wasLive = s.status & Self.statusDriverOK != 0
         s.status = next | (s.status & Self.statusNeedsReset)
         if !wasLive, s.status & Self.statusDriverOK != 0, s.status & Self.statusFeaturesOK != 0 {
-            device.activate(features: s.driverFeatures)
+            device.activate(VirtioActivation(
+                features: s.driverFeatures,
+                queues: s.queues.map { .init(ready: $0.ready, size: $0.size, descTable: $0.descTable, availRing: $0.availRing, usedRing: $0.usedRing) },
+                notifyFDs: notifyFDs))
             // Buffers may be posted already and the source may hold work: let the thread look.
             for q in device.deviceDrivenQueues { notify(queue: q) }
         }
@@ -291,8 +315,8 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     @discardableResult
     public func processQueues() -> Int {
         var served = 0
-        let driven = device.deviceDrivenQueues
-        for qi in 0..<notifyFDs.count {
+        let driven = device.deviceDrivenQueues, offloaded = device.offloadedQueues
+        for qi in 0..<notifyFDs.count where !offloaded.contains(qi) {
             var count: UInt64 = 0
             _ = Foundation.read(notifyFDs[qi], &count, 8)  // drain the kick; we look at the ring anyway
             if !driven.contains(qi) { served += processQueue(qi) }
@@ -397,7 +421,10 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     }
 
     private func loop() {
-        let base = (notifyFDs + [stopFD]).map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        let offloaded = device.offloadedQueues
+        let kicks = notifyFDs.indices.filter { !offloaded.contains($0) }.map { notifyFDs[$0] }
+        let calls = device.callFDs
+        let base = ([stopFD] + calls + kicks).map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
         let source = device.sourceFD
         while true {
             // The source joins the set only while the device can place what it would read.
@@ -405,10 +432,27 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             if source >= 0, device.wantsSource { fds.append(pollfd(fd: source, events: Int16(POLLIN), revents: 0)) }
             let r = poll(&fds, nfds_t(fds.count), -1)
             if r < 0 { if errno == EINTR { continue }; break }
-            if fds[base.count - 1].revents != 0 { break }
+            if fds[0].revents != 0 { break }
+            if fds[1..<(1 + calls.count)].contains(where: { $0.revents != 0 }) { relayCalls(calls) }
             processQueues()
         }
         finished.store(true, ordering: .releasing)
+    }
+
+    /// A vhost worker used buffers: drain its call eventfds and raise a used-buffer interrupt.
+    private func relayCalls(_ calls: [Int32]) {
+        var any = false
+        for fd in calls {
+            var count: UInt64 = 0
+            if Foundation.read(fd, &count, 8) == 8, count > 0 { any = true }
+        }
+        guard any else { return }
+        let live = state.withLock { s -> Bool in
+            guard s.status & Self.statusDriverOK != 0 else { return false }
+            s.interruptStatus |= 1
+            return true
+        }
+        if live { raiseInterrupt() }
     }
 
     /// Stops and joins the I/O thread (idempotent).
@@ -423,7 +467,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
 
 /// Glibc's eventfd lives in <sys/eventfd.h>, which the Swift Glibc module leaves out; look it up.
 /// Falls back to -1 (the caller reports it) on a C library without it.
-private func makeEventFD() -> Int32 {
+func makeVirtioEventFD() -> Int32 {
     typealias Create = @convention(c) (UInt32, Int32) -> Int32
     guard let sym = dlsym(nil, "eventfd") else { errno = ENOSYS; return -1 }
     // EFD_CLOEXEC | EFD_NONBLOCK (octal 02000000 | 04000, as O_CLOEXEC | O_NONBLOCK).

@@ -54,15 +54,6 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         self.fd = fd; self.mac = mac; self.offloads = offloads; self.applyOffloads = applyOffloads
     }
 
-    /// A locally administered unicast MAC derived from `seed` (02:4d:56:xx:xx:xx, "MV").
-    public static func mac(seed: String) -> [UInt8] {
-        var h: UInt32 = 2_166_136_261
-        for b in seed.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
-        return [0x02, 0x4d, 0x56, UInt8(truncatingIfNeeded: h >> 16), UInt8(truncatingIfNeeded: h >> 8), UInt8(truncatingIfNeeded: h)]
-    }
-
-    public static func format(mac: [UInt8]) -> String { mac.map { String(format: "%02x", $0) }.joined(separator: ":") }
-
     public var deviceType: UInt32 { 1 }
     public var queueMaxSizes: [UInt16] { [256, 256] }
     public var deviceFeatures: UInt64 {
@@ -81,7 +72,8 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     public var sourceFD: Int32 { fd }
     public var wantsSource: Bool { rx.withLock { !$0.waitingForBuffers && !$0.sourceDead } }
 
-    public func activate(features: UInt64) {
+    public func activate(_ activation: VirtioActivation) {
+        let features = activation.features
         var bits: UInt32 = 0
         if features & Self.featureGuestCsum != 0 {
             bits |= TapDevice.offloadCsum
