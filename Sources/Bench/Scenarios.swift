@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Containers
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -181,72 +182,125 @@ public struct DiskIO: BenchScenario {
     public let name = "disk"
     public static let write = Metric("fio-randwrite", "Disk 4K random write (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
     public static let read = Metric("fio-randread", "Disk 4K random read (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
+    public static let sequential = Metric("fio-seqread-bw", "Disk 128K sequential read (fio, psync, QD1)", unit: "MiB/s", higherIsBetter: true)
     public init() {}
-    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.write, Self.read] }
-    public var note: String? { "VMs: a scratch raw disk on the host as /dev/vdb (virtio-blk); containers: a file in their tmpfs /tmp; native: a file in the image tree on the host's disk; direct=1 unless the target refuses O_DIRECT (then details say buffered)" }
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.write, Self.read, Self.sequential] }
+    public var note: String? { "VMs: a scratch raw file on the host's disk as /dev/vdb (virtio-blk); containers: a scratch directory on the host's disk bind-mounted at /mnt; native: a file in the image tree on the host's disk; direct=1 unless the target refuses O_DIRECT (then details say buffered)" }
 
-    /// With `scratchDisk` (VMs only: never on a host, whose own disks may be /dev/vd*) the target
-    /// is the guest's virtio disk that is not mounted (the rootfs is /dev/vda, mounted on /).
-    static func script(seconds: Int, size: ByteCount, scratchDisk: Bool) -> String {
+    /// Where the target lies: a file in the instance's /tmp (native), the guest's virtio disk that
+    /// is not mounted (VMs: the rootfs is /dev/vda, mounted on /; never on a host, whose own
+    /// disks may be /dev/vd*), or a file in the bind-mounted scratch directory (containers).
+    enum Target { case temporaryFile, scratchDisk, scratchDirectory }
+
+    static func script(seconds: Int, size: ByteCount, target: Target) -> String {
         let common = "--name=mvmbench --filename=$f --size=\(size.mebibytes)M --bs=4k --ioengine=psync --runtime=\(seconds) --time_based --output-format=json"
-        let pick = scratchDisk
-            ? "for v in /dev/vda /dev/vdb /dev/vdc; do [ -b $v ] && ! grep -q \"^$v \" /proc/mounts && { f=$v; break; }; done; [ -b \"$f\" ] || { echo 'no scratch disk in the guest'; exit 1; }"
-            : ""
+        let pick: String
+        switch target {
+        case .temporaryFile: pick = ""
+        case .scratchDisk:
+            pick = "for v in /dev/vda /dev/vdb /dev/vdc; do [ -b $v ] && ! grep -q \"^$v \" /proc/mounts && { f=$v; break; }; done; [ -b \"$f\" ] || { echo 'no scratch disk in the guest'; exit 1; }"
+        case .scratchDirectory: pick = "f=\(ContainerBackend.diskMountPoint)/mvm-bench.fio"
+        }
         return """
         d=1; f=/tmp/mvm-bench.fio; \(pick)
         fio \(common) --rw=randwrite --direct=1 > /tmp/mvm-fio-w 2>&1 || { d=0; fio \(common) --rw=randwrite --direct=0 > /tmp/mvm-fio-w 2>&1; }
         s=$?; echo @@write; cat /tmp/mvm-fio-w
         fio \(common) --rw=randread --direct=$d > /tmp/mvm-fio-r 2>&1; t=$?; echo @@read; cat /tmp/mvm-fio-r
-        rm -f /tmp/mvm-bench.fio /tmp/mvm-fio-w /tmp/mvm-fio-r; echo direct=$d; echo target=$f
-        [ $s -eq 0 ] && [ $t -eq 0 ]
+        fio \(common.replacingOccurrences(of: "--bs=4k", with: "--bs=128k")) --rw=read --direct=$d > /tmp/mvm-fio-q 2>&1; u=$?; echo @@seq; cat /tmp/mvm-fio-q
+        [ -b "$f" ] || rm -f "$f"; rm -f /tmp/mvm-fio-w /tmp/mvm-fio-r /tmp/mvm-fio-q; echo direct=$d; echo target=$f
+        [ $s -eq 0 ] && [ $t -eq 0 ] && [ $u -eq 0 ]
         """
     }
 
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
         var disks: [DiskSpec] = []
         var scratch: String?
+        var where_ = Target.temporaryFile
+        let tag = UUID().uuidString.prefix(8)
         if target.record.mode.isVM {
-            let path = NSTemporaryDirectory() + "mvm-bench-disk-\(UUID().uuidString.prefix(8)).img"
+            let path = NSTemporaryDirectory() + "mvm-bench-disk-\(tag).img"
             guard FileManager.default.createFile(atPath: path, contents: nil), truncate(path, off_t(ctx.durations.fioSize.bytes + (16 << 20))) == 0 else {
                 throw MicroVMError(.backend, "cannot create the scratch disk \(path): \(String(cString: strerror(errno)))")
             }
             scratch = path
-            disks = [DiskSpec(path: path)]
+            where_ = .scratchDisk
+        } else if target.record.mode == .container {
+            let path = NSTemporaryDirectory() + "mvm-bench-dir-\(tag)"
+            guard mkdir(path, 0o777) == 0, chmod(path, 0o777) == 0 else {
+                throw MicroVMError(.backend, "cannot create the scratch directory \(path): \(String(cString: strerror(errno)))")
+            }
+            scratch = path
+            where_ = .scratchDirectory
         }
-        defer { if let scratch { unlink(scratch) } }
-        let r = try await ctx.run(target, ["sh", "-c", Self.script(seconds: Int(ctx.durations.fioSeconds), size: ctx.durations.fioSize, scratchDisk: scratch != nil)], tag: "fio", disks: disks)
+        if let scratch { disks = [DiskSpec(path: scratch)] }
+        defer { if let scratch { try? FileManager.default.removeItem(atPath: scratch) } }
+        let r = try await ctx.run(target, ["sh", "-c", Self.script(seconds: Int(ctx.durations.fioSeconds), size: ctx.durations.fioSize, target: where_)], tag: "fio", disks: disks)
         let text = try requireSuccess(r, "fio")
-        guard let w = text.range(of: "@@write"), let rd = text.range(of: "@@read"), w.upperBound <= rd.lowerBound else {
+        guard let w = text.range(of: "@@write"), let rd = text.range(of: "@@read"), let sq = text.range(of: "@@seq"),
+              w.upperBound <= rd.lowerBound, rd.upperBound <= sq.lowerBound else {
             throw MicroVMError(.backend, "fio output lacks its markers: \(text.suffix(300))")
         }
-        let kv = ToolParsers.keyValues(String(text[rd.upperBound...]))
+        let kv = ToolParsers.keyValues(String(text[sq.upperBound...]))
         let details = ["io": kv["direct"] == "1" ? "O_DIRECT" : "buffered", "target": kv["target"] ?? "?"]
         guard let wi = ToolParsers.fioIOPS(String(text[w.upperBound..<rd.lowerBound]), write: true),
-              let ri = ToolParsers.fioIOPS(String(text[rd.upperBound...]), write: false) else {
-            throw MicroVMError(.backend, "fio printed no IOPS: \(text.suffix(300))")
+              let ri = ToolParsers.fioIOPS(String(text[rd.upperBound..<sq.lowerBound]), write: false),
+              let bw = ToolParsers.fioBandwidth(String(text[sq.upperBound...]), write: false) else {
+            throw MicroVMError(.backend, "fio printed no IOPS or bandwidth: \(text.suffix(300))")
         }
-        return [Measurement(Self.write, wi, details: details), Measurement(Self.read, ri, details: details)]
+        return [Measurement(Self.write, wi, details: details), Measurement(Self.read, ri, details: details),
+                Measurement(Self.sequential, bw / 1_048_576, details: details)]
     }
 }
 
-/// iperf3 from the instance to a server on the host.
+/// iperf3 between the instance and a server on the host, both ways (instance→host exercises a
+/// VM's transmit path, host→instance its receive path), and the round-trip time of pings to the
+/// host, all in one instance run.
 public struct NetworkThroughput: BenchScenario {
     public let name = "network"
     public static let metric = Metric("iperf3-tcp", "Network instance→host (iperf3 TCP)", unit: "Gbit/s", higherIsBetter: true)
+    public static let receive = Metric("iperf3-tcp-reverse", "Network host→instance (iperf3 TCP -R)", unit: "Gbit/s", higherIsBetter: true)
+    public static let latency = Metric("ping-rtt", "Network round trip to the host (ping, average)", unit: "ms", higherIsBetter: false)
     public init() {}
-    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric] }
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.metric, Self.receive, Self.latency] }
+
+    static func script(address: String, port: Int, seconds: Int) -> String {
+        let client = "iperf3 -c \(address) -p \(port) -t \(seconds) -J"
+        return """
+        \(client) > /tmp/mvm-net-send 2>&1; s=$?
+        \(client) -R > /tmp/mvm-net-recv 2>&1; r=$?
+        ping -c 10 -i 0.2 -W 2 \(address) > /tmp/mvm-net-ping 2>&1
+        echo @@send; cat /tmp/mvm-net-send; echo @@recv; cat /tmp/mvm-net-recv; echo @@ping; cat /tmp/mvm-net-ping
+        rm -f /tmp/mvm-net-send /tmp/mvm-net-recv /tmp/mvm-net-ping
+        [ $s -eq 0 ] && [ $r -eq 0 ]
+        """
+    }
+
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
         let (net, addr) = try target.link()
         let server = try IperfServer.start()
         defer { server.stop() }
-        let r = try await ctx.run(target, ["iperf3", "-c", addr, "-p", "\(server.port)", "-t", "\(Int(ctx.durations.networkSeconds))", "-J"], tag: "net", net: net)
+        let r = try await ctx.run(target, ["sh", "-c", Self.script(address: addr, port: server.port, seconds: Int(ctx.durations.networkSeconds))],
+                                  tag: "net", net: net)
         let text = try requireSuccess(r, "iperf3")
-        guard let bps = ToolParsers.iperfBitsPerSecond(text) else { throw MicroVMError(.backend, "iperf3 printed no bits_per_second: \(text.suffix(300))") }
-        return [Measurement(Self.metric, bps / 1e9, details: ["path": net == nil ? "host loopback" : "per-instance link to \(addr)"])]
+        guard let send = text.range(of: "@@send"), let recv = text.range(of: "@@recv"), let ping = text.range(of: "@@ping"),
+              send.upperBound <= recv.lowerBound, recv.upperBound <= ping.lowerBound else {
+            throw MicroVMError(.backend, "the network script's output lacks its markers: \(text.suffix(300))")
+        }
+        let details = ["path": net == nil ? "host loopback" : "per-instance link to \(addr)"]
+        var out: [Measurement] = []
+        for (metric, part) in [(Self.metric, text[send.upperBound..<recv.lowerBound]), (Self.receive, text[recv.upperBound..<ping.lowerBound])] {
+            if let bps = ToolParsers.iperfBitsPerSecond(String(part)) { out.append(Measurement(metric, bps / 1e9, details: details)) }
+            else { throw MicroVMError(.backend, "iperf3 printed no bits_per_second: \(part.suffix(300))") }
+        }
+        let pingText = String(text[ping.upperBound...])
+        if let rtt = ToolParsers.pingAverageMilliseconds(pingText) { out.append(Measurement(Self.latency, rtt, details: details)) }
+        else { out.append(.unavailable(Self.latency, "ping gave no round-trip time (raw ICMP may be refused here): \(pingText.suffix(160).trimmingCharacters(in: .whitespacesAndNewlines))")) }
+        return out
     }
 }
 
-/// A one-shot iperf3 server on the host, on a free port; stopped (and reaped) by `stop()`.
+/// An iperf3 server on the host, on a free port, for one instance run's clients; stopped (and
+/// reaped) by `stop()`.
 final class IperfServer: Sendable {
     let process: ChildProcess
     let port: Int
@@ -255,7 +309,7 @@ final class IperfServer: Sendable {
     static func start() throws -> IperfServer {
         guard ProcessRunner.which("iperf3") != nil else { throw ScenarioUnavailable("iperf3 is not installed on the host: apt-get install iperf3") }
         let port = 20000 + Int(getpid() % 20000) + Int.random(in: 0..<500)
-        let p = try ChildProcess(["iperf3", "-s", "-1", "-p", "\(port)", "--bind", "0.0.0.0"])
+        let p = try ChildProcess(["iperf3", "-s", "-p", "\(port)", "--bind", "0.0.0.0"])
         usleep(300_000)  // let it listen before a client connects
         if let status = p.exitStatus {
             throw MicroVMError(.backend, "the iperf3 server on port \(port) exited at once with status \(status) (port taken?)")
@@ -263,7 +317,7 @@ final class IperfServer: Sendable {
         return IperfServer(process: p, port: port)
     }
 
-    /// SIGKILL: a server that never got its client waits forever.
+    /// SIGKILL: the server would otherwise wait for clients forever.
     func stop() {
         process.signal(SIGKILL)
         _ = process.wait()

@@ -34,13 +34,32 @@ public enum ToolParsers {
 
     /// fio `--output-format=json`: IOPS of the first job's read or write side.
     public static func fioIOPS(_ text: String, write: Bool) -> Double? {
+        fioField(text, write: write, "iops")
+    }
+
+    /// fio `--output-format=json`: bytes per second of the first job's read or write side.
+    public static func fioBandwidth(_ text: String, write: Bool) -> Double? {
+        fioField(text, write: write, "bw_bytes")
+    }
+
+    private static func fioField(_ text: String, write: Bool, _ field: String) -> Double? {
         // fio may print notes before the JSON object.
         guard let start = text.firstIndex(of: "{"), let end = text.lastIndex(of: "}"), start < end,
               let obj = try? JSONSerialization.jsonObject(with: Data(text[start...end].utf8)) as? [String: Any],
               let jobs = obj["jobs"] as? [[String: Any]], let job = jobs.first,
               let side = job[write ? "write" : "read"] as? [String: Any] else { return nil }
-        let iops = (side["iops"] as? NSNumber)?.doubleValue
-        return iops.flatMap { $0.isFinite && $0 > 0 ? $0 : nil }
+        let v = (side[field] as? NSNumber)?.doubleValue
+        return v.flatMap { $0.isFinite && $0 > 0 ? $0 : nil }
+    }
+
+    /// The average round trip of busybox's (`round-trip min/avg/max = a/b/c ms`) or iputils'
+    /// (`rtt min/avg/max/mdev = a/b/c/d ms`) ping summary, in milliseconds.
+    public static func pingAverageMilliseconds(_ text: String) -> Double? {
+        guard let line = text.split(separator: "\n").last(where: { $0.contains("min/avg/max") }),
+              let eq = line.range(of: "= ") else { return nil }
+        let fields = line[eq.upperBound...].split(separator: "/")
+        guard fields.count >= 3, let avg = Double(fields[1]), avg.isFinite, avg >= 0 else { return nil }
+        return avg
     }
 
     /// iperf3 `-J`: bits per second at the receiver.

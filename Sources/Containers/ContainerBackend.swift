@@ -22,6 +22,23 @@ public struct ContainerBackend: InstanceBackend {
     /// Where a Docker container with a network reaches the host: the gateway of the bridge
     /// network it joins (runc containers get a veth /30 of their own instead).
     public static let dockerNetworkHost = DockerDriver.networkGateway
+    /// Where a container sees its `--disk`: a host directory bind-mounted here (a container has no
+    /// block devices of its own; the image tree already has this directory, so nothing is created in it).
+    public static let diskMountPoint = "/mnt"
+
+    /// The bind mount for a container's disk: at most one, a directory.
+    static func diskBinds(_ disks: [DiskSpec]) throws -> [(source: String, destination: String, readOnly: Bool)] {
+        guard disks.count <= 1 else {
+            throw MicroVMError.invalidArgument("a container takes one --disk (a host directory, bind-mounted at \(diskMountPoint)); got \(disks.count)")
+        }
+        return try disks.map { d in
+            var isDir: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: d.path, isDirectory: &isDir), isDir.boolValue else {
+                throw MicroVMError.invalidArgument("container mode mounts a host directory as its disk, and '\(d.path)' is not one: pass a directory (it appears at \(diskMountPoint)), or use a VM mode for a raw disk image")
+            }
+            return (d.path, diskMountPoint, d.readOnly)
+        }
+    }
     public var runtime: ContainerRuntime
     public var paths: Paths
     /// The rootfs used when a spec names none (e.g. `{ try ImageStore().ensureDefault().rootfsTree }`).
@@ -107,7 +124,8 @@ public struct ContainerBackend: InstanceBackend {
             netnsPath = try ContainerNetwork.setUp(id: id, spec: net).netnsPath
         }
         let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
-                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", slice: slice, netnsPath: netnsPath))
+                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", slice: slice, netnsPath: netnsPath,
+                                                       binds: try Self.diskBinds(spec.disks)))
         try config.encoded().write(to: URL(fileURLWithPath: bundle + "/config.json"))
 
         let launched = try StreamedRun.run(

@@ -100,6 +100,9 @@ struct DockerDriver: Sendable {
         var args = ["run", "--rm", "--name", id, "--hostname", spec.name,
                     "--label", "\(Self.ownerLabel)=\(me):\(processStartTicks(me) ?? 0)",
                     "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
+        for b in try ContainerBackend.diskBinds(spec.disks) {
+            args += ["--volume", "\(b.source):\(b.destination)\(b.readOnly ? ":ro" : "")"]
+        }
         if let net = spec.net {
             guard net.tap == nil, net.hostAddress == nil || HostLinks.address(net.hostAddress!) == Self.networkGateway else {
                 throw MicroVMError.invalidArgument("Docker containers join the '\(Self.networkName)' bridge network (host \(Self.networkGateway)): drop the tap name and host address from --net")

@@ -45,9 +45,12 @@ import Images
     }
 
     @Test func diskScriptOnlyTouchesGuestDisksForVMs() {
-        let host = DiskIO.script(seconds: 1, size: .mebibytes(8), scratchDisk: false)
-        #expect(!host.contains("/dev/vd"), "a host's own /dev/vd* must never be a fio target")
-        let vm = DiskIO.script(seconds: 1, size: .mebibytes(8), scratchDisk: true)
+        for target in [DiskIO.Target.temporaryFile, .scratchDirectory] {
+            let host = DiskIO.script(seconds: 1, size: .mebibytes(8), target: target)
+            #expect(!host.contains("/dev/vd"), "a host's own /dev/vd* must never be a fio target")
+        }
+        #expect(DiskIO.script(seconds: 1, size: .mebibytes(8), target: .scratchDirectory).contains("f=/mnt/mvm-bench.fio"))
+        let vm = DiskIO.script(seconds: 1, size: .mebibytes(8), target: .scratchDisk)
         #expect(vm.contains("/proc/mounts") && vm.contains("/dev/vdb"))
     }
 }

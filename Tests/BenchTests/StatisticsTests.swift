@@ -70,6 +70,14 @@ import Testing
         #expect(ToolParsers.fioIOPS(fio, write: true) == nil)
         #expect(ToolParsers.fioIOPS("{ not json", write: false) == nil)
         #expect(ToolParsers.iperfBitsPerSecond(#"{"end": {"sum_received": {"bits_per_second": 9.5e9}}}"#) == 9.5e9)
+        let seq = #"{"jobs": [{"read": {"iops": 80, "bw_bytes": 10485760}, "write": {"bw_bytes": 0}}]}"#
+        #expect(ToolParsers.fioBandwidth(seq, write: false) == 10_485_760)
+        #expect(ToolParsers.fioBandwidth(seq, write: true) == nil)
+        let busybox = "PING 10.0.0.1 (10.0.0.1): 56 data bytes\n--- 10.0.0.1 ping statistics ---\n10 packets transmitted, 10 packets received, 0% packet loss\nround-trip min/avg/max = 0.112/0.345/1.020 ms\n"
+        #expect(ToolParsers.pingAverageMilliseconds(busybox) == 0.345)
+        #expect(ToolParsers.pingAverageMilliseconds("rtt min/avg/max/mdev = 0.031/0.047/0.070/0.012 ms\n") == 0.047)
+        #expect(ToolParsers.pingAverageMilliseconds("ping: permission denied (are you root?)\n") == nil)
+        #expect(ToolParsers.pingAverageMilliseconds("round-trip min/avg/max = x/y/z ms\n") == nil)
         #expect(ToolParsers.keyValues("x\nbomb_status=137 other=1\n")["bomb_status"] == "137")
         #expect(ProcessMemory.parsePss("Rss: 10 kB\nPss:                 2048 kB\n") == 2048 * 1024)
     }

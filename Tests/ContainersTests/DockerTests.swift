@@ -31,6 +31,24 @@ final class DockerTests {
         #expect(ps.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty)
     }
 
+    /// With a network the container joins the mvm bridge and reaches the host at its gateway; its
+    /// disk is a host directory at /mnt, written through.
+    @Test func bridgeNetworkAndDirectoryDisk() async throws {
+        let dir = NSTemporaryDirectory() + "mvm-docker-disk-\(UUID().uuidString.prefix(6))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var spec = box.spec("dnet", ["sh", "-c", "ping -c 1 -W 3 \(ContainerBackend.dockerNetworkHost) >/dev/null && echo ping-ok; echo written > /mnt/f"])
+        spec.net = NetSpec()
+        spec.disks = [DiskSpec(path: dir)]
+        let r = try await box.backend(.docker).run(spec)
+        #expect(r.exitStatus == 0, "\(r.output)")
+        #expect(r.output.contains("ping-ok"), "\(r.output)")
+        #expect((try? String(contentsOfFile: dir + "/f", encoding: .utf8)) == "written\n")
+        var bad = box.spec("dbad", ["true"])
+        bad.net = NetSpec(tap: "x")
+        await #expect(throws: MicroVMError.self) { try await self.box.backend(.docker).run(bad) }
+    }
+
     @Test func emptyCommandIsRefused() async {
         await #expect(throws: MicroVMError.self) { try await self.box.backend(.docker).run(self.box.spec("dempty", [])) }
     }

@@ -119,4 +119,13 @@ struct OCISpecTests {
         #expect(HostLinks.subnet(0) == ("10.200.0.1", "10.200.0.2"))
         #expect(HostLinks.subnet(64) == ("10.200.1.1", "10.200.1.2"))
     }
+
+    @Test func diskIsOneDirectoryAtMnt() throws {
+        let dir = NSTemporaryDirectory()
+        #expect(try ContainerBackend.diskBinds([]).isEmpty)
+        let b = try ContainerBackend.diskBinds([DiskSpec(path: dir, readOnly: true)])
+        #expect(b.count == 1 && b[0].source == dir && b[0].destination == "/mnt" && b[0].readOnly)
+        #expect(throws: MicroVMError.self) { _ = try ContainerBackend.diskBinds([DiskSpec(path: "/etc/hostname")]) }
+        #expect(throws: MicroVMError.self) { _ = try ContainerBackend.diskBinds([DiskSpec(path: dir), DiskSpec(path: dir)]) }
+    }
 }
