@@ -27,7 +27,8 @@ public struct NoisyNeighbour: BenchScenario {
     static func command(_ a: Aggressor, slice: ResourceSlice, seconds: Int, hostAddress: String?, port: Int) -> [String] {
         switch a {
         case .cpuHog:
-            return ["stress-ng", "--cpu", "0", "--timeout", "\(seconds)s", "--quiet"]
+            // stress-ng refuses to start without a writable temp path; a container's / is read-only.
+            return ["stress-ng", "--cpu", "0", "--timeout", "\(seconds)s", "--temp-path", "/tmp", "--quiet"]
         case .memoryBomb:
             // tail buffers a line without end: it grows until the bytes run out or a limit kills it.
             let bytes = slice.memory.bytes * 2

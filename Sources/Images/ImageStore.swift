@@ -203,7 +203,7 @@ struct ImageInputs {
     var description: String
     var key: String
 
-    static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "libc6", "e2fsprogs"]
+    static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "socat", "libc6", "e2fsprogs"]
 
     static func current(initScript: String) throws -> ImageInputs {
         let kernel = try DebianKernel.newest()

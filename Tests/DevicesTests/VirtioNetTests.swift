@@ -8,7 +8,7 @@ import Testing
 /// Plays a virtio-net driver on both queues (0 receive, 1 transmit). The tap is a datagram
 /// socket pair: like a tap, each read or write is one whole frame, and the test holds the
 /// "host" end.
-final class NetDriver {
+final class NetDriver: GuestSide {
     struct Rings {
         let desc: UInt64, avail: UInt64, used: UInt64
         var nextDesc: UInt16 = 0, availIdx: UInt16 = 0
@@ -19,7 +19,7 @@ final class NetDriver {
     let irq = VirtioIRQ()
     let qsize: UInt16 = 16
     var rings = [Rings(desc: 0x10000, avail: 0x11000, used: 0x12000), Rings(desc: 0x20000, avail: 0x21000, used: 0x22000)]
-    var cursor: UInt64 = 0x100000
+    var dataCursor: UInt64 = 0x100000
     /// [0]: the device's end, [1]: the host's end.
     let sock: [Int32]
     var offered: UInt64 = 0
@@ -53,19 +53,6 @@ final class NetDriver {
 
     deinit { sock.forEach { close($0) } }
 
-    func r(_ off: UInt64) -> UInt32 {
-        var v: UInt32 = 0
-        withUnsafeMutableBytes(of: &v) { t.read(offset: off, data: $0) }
-        return v
-    }
-    func w(_ off: UInt64, _ v: UInt32) { withUnsafeBytes(of: v) { t.write(offset: off, data: $0) } }
-
-    func alloc(_ bytes: [UInt8]) throws -> UInt64 {
-        let a = cursor
-        try ram.writeBytes(bytes, at: GuestAddress(a))
-        cursor += UInt64(max(bytes.count, 1) + 15) & ~15
-        return a
-    }
 
     /// Posts (address, length, writable) buffers as one chain on `queue` and publishes it.
     @discardableResult

@@ -11,8 +11,32 @@ final class VirtioIRQ: InterruptLine, @unchecked Sendable {
     func set(level: Bool) { if level { count.add(1, ordering: .relaxed) } }
 }
 
+/// What every test driver does the same way: register reads and writes, and buffers carved from
+/// the guest RAM in 16-byte steps.
+protocol GuestSide: AnyObject {
+    var t: VirtioMMIOTransport { get }
+    var ram: GuestRAM { get }
+    var dataCursor: UInt64 { get set }
+}
+
+extension GuestSide {
+    func r(_ off: UInt64) -> UInt32 {
+        var v: UInt32 = 0
+        withUnsafeMutableBytes(of: &v) { t.read(offset: off, data: $0) }
+        return v
+    }
+    func w(_ off: UInt64, _ v: UInt32) { withUnsafeBytes(of: v) { t.write(offset: off, data: $0) } }
+
+    func alloc(_ bytes: [UInt8]) throws -> UInt64 {
+        let a = dataCursor
+        try ram.writeBytes(bytes, at: GuestAddress(a))
+        dataCursor += UInt64(max(bytes.count, 1) + 15) & ~15
+        return a
+    }
+}
+
 /// Plays the guest driver: rings in a GuestRAM, feature negotiation, chains, kicks.
-final class VirtioDriver {
+final class VirtioDriver: GuestSide {
     let ram: GuestRAM
     let t: VirtioMMIOTransport
     let irq = VirtioIRQ()
@@ -35,19 +59,6 @@ final class VirtioDriver {
         w(0x70, 3 | 8 | 4)
     }
 
-    func r(_ off: UInt64) -> UInt32 {
-        var v: UInt32 = 0
-        withUnsafeMutableBytes(of: &v) { t.read(offset: off, data: $0) }
-        return v
-    }
-    func w(_ off: UInt64, _ v: UInt32) { withUnsafeBytes(of: v) { t.write(offset: off, data: $0) } }
-
-    func alloc(_ bytes: [UInt8]) throws -> UInt64 {
-        let a = dataCursor
-        try ram.writeBytes(bytes, at: GuestAddress(a))
-        dataCursor += UInt64(max(bytes.count, 1) + 15) & ~15
-        return a
-    }
 
     func setDesc(_ i: UInt16, addr: UInt64, len: UInt32, flags: UInt16, next: UInt16, table: UInt64? = nil) throws {
         let d = (table ?? desc) + 16 * UInt64(i)

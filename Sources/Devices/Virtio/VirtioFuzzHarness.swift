@@ -29,29 +29,45 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
 
     deinit { unlink(diskPath) }
 
-    /// Layout of `input`: [0] device (even: blk, odd: rng), [1] log2 queue size, [2] feature
-    /// bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the rings towards valid chains), [3] count of raw register
-    /// writes, then 8 bytes per register write (offset u16, size u8, pad, value u32), then bytes
-    /// copied over guest RAM from 0x1000 on (descriptor table, rings and buffers).
+    /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, modulo 3), [1] log2 queue size, [2]
+    /// feature bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the rings
+    /// towards valid chains, bit4 net offloads negotiated, bit5 the net queue: receive or
+    /// transmit), [3] count of raw register writes, then 8 bytes per register write (offset u16,
+    /// size u8, pad, value u32), then bytes copied over guest RAM from 0x1000 on (descriptor
+    /// table, rings and buffers). A net device's tap is a datagram socket pair; for the receive
+    /// queue two frames cut from the input arrive on it first.
     /// Returns the number of chains the device served.
     @discardableResult
     public func run(_ input: [UInt8]) -> Int {
         guard input.count >= 4 else { return 0 }
         if let p = try? ram.hostPointer(at: 0, count: Self.ramSize) { memset(p, 0, Self.ramSize) }
+        var tap: [Int32] = [-1, -1]
+        defer { tap.forEach { if $0 >= 0 { close($0) } } }
         let device: any VirtioDevice
-        if input[0] & 1 == 0, let blk = try? VirtioBlock(path: diskPath, readOnly: input[2] & 4 != 0, queueSize: 256) {
-            device = blk
-        } else {
-            device = VirtioRng()
+        var queue = 0
+        var features: UInt64 = 1 << 32
+        switch input[0] % 3 {
+        case 0: device = (try? VirtioBlock(path: diskPath, readOnly: input[2] & 4 != 0, queueSize: 256)) ?? VirtioRng()
+        case 2 where socketpair(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0, &tap) == 0:
+            tap.forEach { _ = fcntl($0, F_SETFL, O_NONBLOCK) }
+            device = VirtioNet(tapFD: tap[0], mac: [2, 0, 0, 0, 0, 1], offloads: true)
+            queue = Int(input[2] >> 5 & 1)
+            if input[2] & 16 != 0 { features |= VirtioNet.featureCsum | VirtioNet.featureHostTSO4 | VirtioNet.featureGuestCsum }
+            if queue == 0 {
+                for cut in [Int(input[1]) * 7, Int(input[3]) * 13] {
+                    let frame = Array(input.prefix(min(input.count, 12 + cut)))
+                    _ = frame.withUnsafeBytes { send(tap[1], $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+                }
+            }
+        default: device = VirtioRng()
         }
         guard let t = try? VirtioMMIOTransport(device: device, memory: ram, interrupt: NullLine()) else { return 0 }
         func w(_ off: UInt64, _ v: UInt32) { withUnsafeBytes(of: v) { t.write(offset: off, data: $0) } }
         let qsize = UInt32(1) << UInt32(input[1] % 10)
-        var features: UInt64 = 1 << 32
         if input[2] & 1 != 0 { features |= 1 << 29 }
         if input[2] & 2 != 0 { features |= 1 << 28 }
         w(0x70, 3); w(0x24, 0); w(0x20, UInt32(truncatingIfNeeded: features)); w(0x24, 1); w(0x20, UInt32(features >> 32))
-        w(0x70, 11); w(0x30, 0); w(0x38, qsize)
+        w(0x70, 11); w(0x30, UInt32(queue)); w(0x38, qsize)
         w(0x80, 0x1000); w(0x90, 0x1000 + 16 * qsize); w(0xa0, (0x1000 + 16 * qsize + 6 + 2 * qsize + 3) & ~3)
         w(0x44, 1); w(0x70, 15)
 
@@ -69,10 +85,13 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
         let rest = input[cursor...].prefix(Self.ramSize - 0x1000)
         try? ram.writeBytes(Array(rest), at: 0x1000)
         if input[2] & 8 != 0 { makePlausible(qsize: UInt64(qsize)) }
-        t.notify(queue: 0)
+        t.notify(queue: queue)
         var served = 0
         // Each pass serves at most a batch; a few passes cover every chain the ring can hold.
         for _ in 0..<8 { served += t.processQueues() }
+        // What the device sent to the tap is read and dropped, as a host would.
+        var sink = [UInt8](repeating: 0, count: 1 << 16)
+        while tap[1] >= 0, sink.withUnsafeMutableBytes({ recv(tap[1], $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }) > 0 {}
         return served
     }
 
