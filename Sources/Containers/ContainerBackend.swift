@@ -68,7 +68,10 @@ public struct ContainerBackend: InstanceBackend {
     // MARK: run
 
     public func run(_ spec: VMSpec) async throws -> RunResult {
-        try await offload { [self] in
+        guard spec.vsockCID == nil else {
+            throw MicroVMError.unsupported("containers have no vsock (it is a VM's channel to its host); drop --vsock, or use --mode direct or hosted")
+        }
+        return try await offload { [self] in
             if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(spec, rootfs: try resolveRootfs(spec)) }
             return try runOCI(spec)
         }

@@ -103,6 +103,8 @@ public struct DomainConfig: Sendable, Equatable {
     public var disks: [Disk]
     /// Host tap devices (existing, unmanaged) for virtio-net interfaces.
     public var taps: [String]
+    /// The guest's vsock CID (a vhost-vsock device), if it has one.
+    public var vsockCID: UInt32?
     /// The file that receives the serial console.
     public var consoleLog: String
     public var slice: ResourceSlice?
@@ -159,6 +161,12 @@ public enum DomainXML {
                     XMLTree("interface", ["type": "ethernet"]) {
                         XMLTree("target", ["dev": tap, "managed": "no"])
                         XMLTree("model", ["type": "virtio"])
+                        if c.machine == "microvm" { XMLTree("address", ["type": "virtio-mmio"]) }
+                    }
+                }
+                if let cid = c.vsockCID {
+                    XMLTree("vsock", ["model": "virtio"]) {
+                        XMLTree("cid", ["auto": "no", "address": "\(cid)"])
                         if c.machine == "microvm" { XMLTree("address", ["type": "virtio-mmio"]) }
                     }
                 }

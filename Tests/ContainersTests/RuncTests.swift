@@ -174,6 +174,12 @@ final class RuncTests {
         #expect(box.leftovers(id: "mvm-net").isEmpty)
     }
 
+    @Test func vsockIsRefusedClearly() async throws {
+        var spec = box.spec("vsock", ["true"])
+        spec.vsockCID = 42
+        await #expect { try await box.backend().run(spec) } throws: { "\($0)".contains("containers have no vsock") }
+    }
+
     @Test func startLatencyBenchmarkRuns() async throws {
         // MVM_CONTAINER_BENCH_ITERATIONS raises the sample count when the figures themselves are wanted.
         let n = Int(ProcessInfo.processInfo.environment["MVM_CONTAINER_BENCH_ITERATIONS"] ?? "") ?? 2

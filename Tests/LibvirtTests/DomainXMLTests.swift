@@ -73,6 +73,11 @@ struct DomainXMLTests {
         #expect(xml.contains("cache='none' io='native'"))
         #expect(xml.contains("<serial type='file'>"))
         #expect(xml.contains("<target dev='tap-mvm0' managed='no'/>"))
+        #expect(!xml.contains("<vsock"), "no CID, no vsock device")
+        var withVsock = Self.config()
+        withVsock.vsockCID = 42
+        let vsockXML = try DomainXML.document(for: withVsock)
+        #expect(vsockXML.contains("<vsock model='virtio'>") && vsockXML.contains("<cid auto='no' address='42'/>"))
         #expect(!xml.contains("<cpu"), "TCG must not ask for the host CPU")
         #expect(!xml.contains("<cputune"), "no slice, no tuning")
         let kvm = try DomainXML.document(for: Self.config(accelerator: .kvm))
@@ -131,6 +136,7 @@ struct DomainXMLTests {
                 for machine in ["pc", "microvm"] {
                     var c = Self.config(name: "mvm-\(name)", slice: slice, accelerator: accel, vcpus: profile.cpus, memory: profile.memory)
                     c.machine = machine
+                    c.vsockCID = 3
                     let xml = try DomainXML.document(for: c)
                     #expect(try Self.schemaErrors(xml) == nil, "profile \(name), \(accel), \(machine)")
                 }
