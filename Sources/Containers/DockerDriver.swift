@@ -64,8 +64,10 @@ struct DockerDriver: Sendable {
         if try docker(["network", "inspect", "--format", "{{.Id}}", Self.networkName], timeout: 30).status == 0 { return }
         let out = try docker(["network", "create", "--driver", "bridge", "--subnet", Self.networkSubnet, "--gateway", Self.networkGateway,
                               "-o", "com.docker.network.bridge.name=mvmbr0", Self.networkName], timeout: 60)
-        // Another run may have made it in the meantime.
-        guard out.status == 0 || out.stderrText.contains("already exists") else {
+        // Another run may have made it in the meantime (its error then says so, or names the pool).
+        guard out.status != 0 else { return }
+        let madeElsewhere = try docker(["network", "inspect", "--format", "{{.Id}}", Self.networkName], timeout: 30).status == 0
+        guard madeElsewhere else {
             throw MicroVMError(.backend, "cannot create the Docker network '\(Self.networkName)' (\(Self.networkSubnet)): \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines).prefix(500)); remove what holds that subnet or run without a network")
         }
     }

@@ -123,7 +123,7 @@ public struct DirectBackend: InstanceBackend {
         defer { virtio.attachments.forEach { $0.stop() } }
         files.cmdline += " " + virtio.cmdline
         if let link, !link.kernelParameters.isEmpty { files.cmdline += " " + link.kernelParameters }
-        if spec.vsockCID != nil { files.cmdline += " \(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)" }
+        if spec.vsockCID != nil, spec.vsockShell { files.cmdline += " \(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)" }
         let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus,
                                          virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil

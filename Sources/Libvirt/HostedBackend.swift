@@ -176,7 +176,7 @@ public struct HostedBackend: InstanceBackend {
             if let g = net.guestAddress { extra.append("mvm.ip=\(g)") }
             if let h = net.hostAddress { extra.append("mvm.gw=\(h.split(separator: "/").first.map(String.init) ?? h)") }
         }
-        if spec.vsockCID != nil { extra.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
+        if spec.vsockCID != nil, spec.vsockShell { extra.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
         if !spec.cmdline.isEmpty { extra.append(spec.cmdline) }
         let cmdline = img?.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
             ?? Self.fallbackCommandLine(command: spec.command, extra: extra.joined(separator: " "))

@@ -21,6 +21,7 @@ public enum GuestProtocol {
     public static let commandParameter = "mvm.cmd"
     /// Kernel command-line key that asks the init to serve a shell on this vsock port while the
     /// command runs (the guest needs socat; the host connects to the VM's CID and this port).
+    /// Only set when the spec asks for it (`VMSpec.vsockShell`): the shell has no credentials.
     public static let vsockParameter = "mvm.vsock"
     public static let vsockShellPort: UInt32 = 1024
 

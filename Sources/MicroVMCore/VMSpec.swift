@@ -87,6 +87,10 @@ public struct VMSpec: Codable, Sendable, Hashable {
     public var disks: [DiskSpec]
     public var net: NetSpec?
     public var vsockCID: UInt32?
+    /// With a vsock CID: the guest init serves a shell on `GuestProtocol.vsockShellPort` while the
+    /// command runs. Any host process may connect to it (vsock has no credentials), so it is
+    /// for hosts whose users are trusted, and off unless asked for.
+    public var vsockShell = false
     /// The command the guest init runs (empty: the init's default, `true`).
     public var command: [String]
     /// The rootfs tree for containers (the same tree the VM's disk is made from).
@@ -113,6 +117,9 @@ public struct VMSpec: Codable, Sendable, Hashable {
             if let path, !FileManager.default.fileExists(atPath: path) {
                 throw MicroVMError.notFound("\(label) file '\(path)' does not exist: pass an existing file, or omit it to use the default image (mvm image build)")
             }
+        }
+        if vsockShell, vsockCID == nil {
+            throw MicroVMError.invalidArgument("--vsock-shell needs --vsock CID: the shell listens on the VM's vsock device")
         }
         for d in disks where !FileManager.default.fileExists(atPath: d.path) {
             throw MicroVMError.notFound("disk image '\(d.path)' does not exist")

@@ -45,7 +45,8 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Attach a raw disk image: FILE[,ro][,direct] (repeatable).") var disk: [String] = []
     @Flag(help: "Do not attach the image's rootfs disk (the command runs in the initramfs).") var noRootfs = false
     @Option(help: "Network over a tap: tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]] (default: a new tap on a free /30 of 10.200/16).") var net: String?
-    @Option(help: "Guest vsock CID.") var vsock: UInt32?
+    @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; direct mode needs /dev/vhost-vsock).") var vsock: UInt32?
+    @Flag(help: "With --vsock: the guest init serves a root shell on vsock port 1024 while the command runs. Any host process can connect to it: use it only where the host's users are trusted.") var vsockShell = false
     @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
     @Option(help: "Container runtime for --mode container: runc, crun or docker.") var runtime: String?
     @Option(help: "Instance name (default: generated).") var name: String?
@@ -62,6 +63,7 @@ struct RunCommand: AsyncParsableCommand {
             spec.disks = try disk.map(DiskSpec.init(parsing:))
             if let net { spec.net = try NetSpec(parsing: net) }
             spec.vsockCID = vsock
+            spec.vsockShell = vsockShell
             try spec.validate()
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
                                             runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)

@@ -205,6 +205,30 @@ struct VirtioNetTests {
         #expect(d.t.status == 0)
     }
 
+    /// Frames on the tap of a device the guest never made live (or broke) must not spin the
+    /// I/O thread: nothing would read them.
+    @Test func framesForADeviceThatIsNotLiveDoNotSpinTheThread() throws {
+        let idle = try NetDriver(negotiate: false)
+        idle.t.start()
+        idle.hostSend(netFrame(60))
+        usleep(200_000)
+        #expect(idle.t.wakeups.load(ordering: .relaxed) < 5, "the I/O thread woke \(idle.t.wakeups.load(ordering: .relaxed)) times")
+        idle.t.stop()
+
+        let broken = try NetDriver()
+        broken.t.start()
+        defer { broken.t.stop() }
+        try broken.ram.write(UInt16(999), at: GuestAddress(broken.rings[1].avail + 2))  // an avail index past the queue size
+        broken.w(0x50, 1)
+        var waited = 0
+        while !broken.needsReset && waited < 2000 { usleep(1000); waited += 1 }
+        #expect(broken.needsReset)
+        let before = broken.t.wakeups.load(ordering: .relaxed)
+        broken.hostSend(netFrame(60))
+        usleep(200_000)
+        #expect(broken.t.wakeups.load(ordering: .relaxed) - before < 5)
+    }
+
     @Test func ioThreadDeliversFromTheTap() throws {
         let d = try NetDriver()
         d.t.start()

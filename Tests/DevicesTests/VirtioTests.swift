@@ -135,6 +135,15 @@ struct VirtioTransportTests {
         #expect(d.r(0xfc) == generation &+ 1)
     }
 
+    @Test func driverCannotClearStatusBitsWithoutAReset() throws {
+        let d = try VirtioDriver(device: VirtioRng())
+        #expect(d.r(0x70) & 4 != 0)
+        d.w(0x70, 1)
+        #expect(d.r(0x70) == 1 | 2 | 8 | 4, "bits stay until a write of 0")
+        d.w(0x70, 0)
+        #expect(d.r(0x70) == 0)
+    }
+
     @Test func notifyBeforeReadyIsIgnored() throws {
         let ram = try GuestRAM(size: .mebibytes(1))
         let t = try VirtioMMIOTransport(device: VirtioRng(), memory: ram, interrupt: VirtioIRQ())

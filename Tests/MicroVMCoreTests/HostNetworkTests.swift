@@ -63,3 +63,13 @@ struct TapDeviceTests {
         #expect(throws: MicroVMError.self) { _ = try TapDevice(name: "a-name-longer-than-15") }
     }
 }
+
+@Suite struct VsockSpecTests {
+    @Test func shellNeedsACID() throws {
+        var spec = VMSpec(name: "v")
+        spec.vsockShell = true
+        #expect { try spec.validate() } throws: { "\($0)".contains("--vsock-shell needs --vsock") }
+        spec.vsockCID = 42
+        try spec.validate()
+    }
+}

@@ -197,7 +197,7 @@ enum RigKVMSession {
     static func vsockScript(mvm: String) -> String {
         """
         modprobe vhost_vsock 2>/dev/null
-        \(RigRunner.shellQuote(mvm)) run --mode direct --vsock 42 --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
+        \(RigRunner.shellQuote(mvm)) run --mode direct --vsock 42 --vsock-shell --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
         vm=$!
         out=
         for i in $(seq 1 200); do

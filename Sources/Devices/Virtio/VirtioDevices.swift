@@ -12,9 +12,11 @@ public struct VirtioAttachment: Sendable {
     /// A host resource the device uses (a tap), closed after the I/O thread has stopped.
     public let backing: TapDevice?
     public var cmdline: String { "virtio_mmio.device=4K@0x\(String(mmioBase, radix: 16)):\(irq)" }
-    /// Joins the device's I/O thread, then closes what backs the device.
+    /// Joins the device's I/O thread, stops any worker outside the process (vhost), then closes
+    /// what backs the device.
     public func stop() {
         transport.stop()
+        transport.device.reset()
         backing?.close()
     }
 }

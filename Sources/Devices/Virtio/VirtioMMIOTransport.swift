@@ -126,6 +126,8 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     /// QueueNotify writes that reached the transport as MMIO exits (none once the vmm has
     /// registered the notify eventfds with KVM_IOEVENTFD).
     public let notifyExits = Atomic<Int>(0)
+    /// Times the I/O thread woke from poll (a spinning loop shows here).
+    public let wakeups = Atomic<Int>(0)
     public private(set) var lastError: String? {
         get { lastErrorBox.withLock { $0 } }
         set { lastErrorBox.withLock { $0 = newValue } }
@@ -267,8 +269,8 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             device.reset()
             return false
         }
-        // The driver may only add bits; NEEDS_RESET is the device's to set.
-        var next = v & ~Self.statusNeedsReset
+        // The driver may only add bits (only a write of 0 clears them); NEEDS_RESET is the device's to set.
+        var next = (v | s.status) & ~Self.statusNeedsReset
         if next & Self.statusFeaturesOK != 0, s.status & Self.statusFeaturesOK == 0 {
             let acceptable = s.driverFeatures & ~offeredFeatures == 0 && s.driverFeatures & Self.featureVersion1 != 0
             if !acceptable { next &= ~Self.statusFeaturesOK }
@@ -428,10 +430,16 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         let source = device.sourceFD
         while true {
             // The source joins the set only while the device can place what it would read.
+            // A device that is not live (before DRIVER_OK, after a reset, or broken) has no pump
+            // to read its source, whose readiness would then wake this loop forever.
             var fds = base
-            if source >= 0, device.wantsSource { fds.append(pollfd(fd: source, events: Int16(POLLIN), revents: 0)) }
+            if source >= 0, device.wantsSource,
+               state.withLock({ $0.status & Self.statusDriverOK != 0 && $0.status & Self.statusNeedsReset == 0 }) {
+                fds.append(pollfd(fd: source, events: Int16(POLLIN), revents: 0))
+            }
             let r = poll(&fds, nfds_t(fds.count), -1)
             if r < 0 { if errno == EINTR { continue }; break }
+            wakeups.add(1, ordering: .relaxed)
             if fds[0].revents != 0 { break }
             if fds[1..<(1 + calls.count)].contains(where: { $0.revents != 0 }) { relayCalls(calls) }
             processQueues()

@@ -41,6 +41,8 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         var features: UInt64 = 0
     }
     private let rx = Mutex(Receive())
+    /// Where frames are read from the tap; only the I/O thread's pump touches it.
+    private let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: VirtioNet.headerSize + VirtioNet.maxFrame, alignment: 16)
     public let framesReceived = Atomic<Int>(0)
     public let framesSent = Atomic<Int>(0)
     /// Frames refused or lost: malformed transmit headers, short buffers, tap write errors.
@@ -156,15 +158,16 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
         }
     }
 
+    deinit { scratch.deallocate() }
+
     /// One frame from the tap with num_buffers set to 1, or nil when none is waiting.
     private func readFrame() -> [UInt8]? {
-        var buf = [UInt8](repeating: 0, count: Self.headerSize + Self.maxFrame)
         while true {
-            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            let n = read(fd, scratch.baseAddress, scratch.count)
             if n > Self.headerSize {
-                buf.removeSubrange(n...)
-                buf[10] = 1; buf[11] = 0
-                return buf
+                var frame = Array(UnsafeRawBufferPointer(rebasing: scratch[0..<n]))
+                frame[10] = 1; frame[11] = 0
+                return frame
             }
             if n < 0, errno == EINTR { continue }
             if n < 0, errno != EAGAIN, errno != EWOULDBLOCK { rx.withLock { $0.sourceDead = true } }
