@@ -31,7 +31,9 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
     /// The QEMU command line for `spec` (without the CPU pinning prefix); `link` is the tap the
     /// guest's virtio-net attaches to, userspace virtio-net (no vhost) as in the direct VMM.
     public func arguments(for spec: VMSpec, link: TapLink? = nil) -> [String] {
-        let extra = ["mvm.ro=1", link?.kernelParameters ?? "", spec.cmdline].filter { !$0.isEmpty }
+        var resolved = spec
+        resolved.net = link?.resolved
+        let extra = (["mvm.ro=1"] + resolved.initParameters + [spec.cmdline]).filter { !$0.isEmpty }
         let cmdline = image.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
         var argv = [qemu, "-name", spec.name, "-M", "microvm,acpi=on,pic=off,pit=on,rtc=on,isa-serial=on",
                     "-accel", accelerator.rawValue, "-cpu", accelerator == .kvm ? "host" : "max",

@@ -79,7 +79,7 @@ public struct DirectBackend: InstanceBackend {
     public func run(_ spec: VMSpec) async throws -> RunResult {
         try spec.validate()
         try checkHost()
-        let started = VirtualMachine.monotonicNow()
+        let started = Monotonic.seconds()
         var files = try bootFiles(for: spec)
         // Like the hosted backend: the default image's rootfs goes first (/dev/vda), read-only,
         // so the command runs with the image's tools.
@@ -121,15 +121,15 @@ public struct DirectBackend: InstanceBackend {
             throw error
         }
         defer { virtio.attachments.forEach { $0.stop() } }
-        files.cmdline += " " + virtio.cmdline
-        if let link, !link.kernelParameters.isEmpty { files.cmdline += " " + link.kernelParameters }
-        if spec.vsockCID != nil, spec.vsockShell { files.cmdline += " \(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)" }
+        var resolved = spec
+        resolved.net = link?.resolved
+        files.cmdline += " " + ([virtio.cmdline] + resolved.initParameters).joined(separator: " ")
         let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus,
                                          virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
         defer { input?.stop() }
         let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
-        let total = VirtualMachine.monotonicNow() - started
+        let total = Monotonic.seconds() - started
 
         let console = recorder.text
         let parsed = ConsoleParser.parse(console)

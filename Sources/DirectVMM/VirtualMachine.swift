@@ -32,8 +32,6 @@ public struct MachineConfiguration: Sendable {
 public final class VirtualMachine: @unchecked Sendable {
     // SAFETY (Sendable): immutable after init except `control` (a Mutex) and the atomics.
 
-    public static func monotonicNow() -> Double { Monotonic.seconds() }
-
     /// CLOCK_MONOTONIC seconds when construction began: the origin of every timestamp here.
     public let createdAt: Double
     /// The same moment on the clock the boot timer device reads.
@@ -62,7 +60,7 @@ public final class VirtualMachine: @unchecked Sendable {
     private let group = DispatchGroup()
 
     public init(_ configuration: MachineConfiguration) throws {
-        createdAt = Self.monotonicNow()
+        createdAt = Monotonic.seconds()
         createdInstant = ContinuousClock.now
         guard (1...255).contains(configuration.cpus) else {
             throw MicroVMError.invalidArgument("a direct VM needs 1 to 255 vCPUs (got \(configuration.cpus))")
@@ -187,9 +185,9 @@ public final class VirtualMachine: @unchecked Sendable {
         if let timeout {
             if group.wait(timeout: .now() + timeout) == .timedOut {
                 requestStop(.timeout)
-                let giveUp = Self.monotonicNow() + Self.stopGraceSeconds
+                let giveUp = Monotonic.seconds() + Self.stopGraceSeconds
                 while group.wait(timeout: .now() + 0.25) == .timedOut {
-                    if Self.monotonicNow() >= giveUp {
+                    if Monotonic.seconds() >= giveUp {
                         let stuck = control.withLock { c in c.threads.indices.filter { c.threads[$0] != nil } }
                         return .error("vCPU \(stuck.map(String.init).joined(separator: ", ")) did not leave KVM_RUN within "
                                       + "\(Int(Self.stopGraceSeconds)) s of the stop (run timeout \(timeout) s); the VM was abandoned")
@@ -227,7 +225,7 @@ public final class VirtualMachine: @unchecked Sendable {
                 break
             }
             if index == 0 && firstExitBits.load(ordering: .relaxed) == 0 {
-                firstExitBits.store(Self.monotonicNow().bitPattern, ordering: .releasing)
+                firstExitBits.store(Monotonic.seconds().bitPattern, ordering: .releasing)
             }
             switch ExitHandler.decide(exit) {
             case .resume:

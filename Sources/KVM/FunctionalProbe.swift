@@ -106,7 +106,7 @@ public enum KVMFunctionalProbe {
         var start: Double?, loopNanos: Double?, casResult: Bool?, casFailure = ""
         loop: while true {
             let exit = try vcpu.run()
-            let now = monotonicSeconds()
+            let now = Monotonic.seconds()
             switch exit {
             case .portOut(port: 0x12, _, _, _): start = now
             case .portOut(port: 0x10, _, _, _): if let start { loopNanos = (now - start) * 1e9 / Double(iterations) }
@@ -148,8 +148,6 @@ public enum KVMFunctionalProbe {
     }
 }
 
-func monotonicSeconds() -> Double { Monotonic.seconds() }
-
 /// Kicks one vCPU out of KVM_RUN if it is still running after a deadline, and keeps kicking
 /// (a signal can land just before the thread re-enters the guest) until cancelled.
 public final class Watchdog: Sendable {
@@ -157,10 +155,10 @@ public final class Watchdog: Sendable {
 
     public init(vcpu: KVMVCPU, seconds: Double, thread: pthread_t = pthread_self()) {
         VCPUKick.install()
-        let deadline = monotonicSeconds() + seconds
+        let deadline = Monotonic.seconds() + seconds
         let t = Thread { [self] in
             while !self.done.load(ordering: .acquiring) {
-                if monotonicSeconds() >= deadline { VCPUKick.kick(vcpu, thread: thread) }
+                if Monotonic.seconds() >= deadline { VCPUKick.kick(vcpu, thread: thread) }
                 usleep(2_000)
             }
         }

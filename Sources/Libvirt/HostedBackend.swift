@@ -88,7 +88,7 @@ public struct HostedBackend: InstanceBackend {
             let l = try TapLink.open(net, owner: spec.name, persistent: true)
             l.tap.close()
             link = l
-            spec.net = NetSpec(tap: l.tap.name, hostAddress: l.hostAddress ?? net.hostAddress, guestAddress: l.guestAddress)
+            spec.net = l.resolved
         }
         defer { link?.tap.remove() }
         let plan = try makePlan(spec, connection: conn)
@@ -173,10 +173,8 @@ public struct HostedBackend: InstanceBackend {
                 throw MicroVMError.invalidArgument("hosted mode attaches an existing tap device: give the network a tap name")
             }
             taps.append(tap)
-            if let g = net.guestAddress { extra.append("mvm.ip=\(g)") }
-            if let h = net.hostAddress { extra.append("mvm.gw=\(h.split(separator: "/").first.map(String.init) ?? h)") }
         }
-        if spec.vsockCID != nil, spec.vsockShell { extra.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
+        extra += spec.initParameters
         if !spec.cmdline.isEmpty { extra.append(spec.cmdline) }
         let cmdline = img?.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
             ?? Self.fallbackCommandLine(command: spec.command, extra: extra.joined(separator: " "))

@@ -50,6 +50,21 @@ public enum GuestProtocol {
     }
 }
 
+extension VMSpec {
+    /// What the guest init reads besides the command, for every VM backend: eth0's address and
+    /// the host end as its gateway (`mvm.ip`, `mvm.gw`; the init exports the latter as
+    /// `$MVM_HOST`), and the vsock shell's port (`mvm.vsock`) when the spec asks for it.
+    public var initParameters: [String] {
+        var p: [String] = []
+        if let g = net?.guestAddress {
+            p.append("mvm.ip=\(HostLinks.withLength(g))")
+            if let h = net?.hostAddress { p.append("mvm.gw=\(HostLinks.address(h))") }
+        }
+        if vsockCID != nil, vsockShell { p.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
+        return p
+    }
+}
+
 /// The result the guest init reported.
 public struct GuestReport: Sendable, Equatable {
     public var status: Int32

@@ -163,13 +163,8 @@ public struct TapLink: Sendable {
     /// CIDR of the guest's eth0, when it has one.
     public let guestAddress: String?
 
-    /// `mvm.ip=` and `mvm.gw=` for the guest init (empty when the guest configures nothing).
-    public var kernelParameters: String {
-        var p: [String] = []
-        if let g = guestAddress { p.append("mvm.ip=\(HostLinks.withLength(g))") }
-        if let h = hostAddress, guestAddress != nil { p.append("mvm.gw=\(HostLinks.address(h))") }
-        return p.joined(separator: " ")
-    }
+    /// The spec's network as this link resolved it: the tap's name and both ends' addresses.
+    public var resolved: NetSpec { NetSpec(tap: tap.name, hostAddress: hostAddress, guestAddress: guestAddress) }
 
     public static func open(_ spec: NetSpec, owner: String, persistent: Bool = false) throws -> TapLink {
         let existed = spec.tap.map { FileManager.default.fileExists(atPath: "/sys/class/net/" + $0) } ?? false

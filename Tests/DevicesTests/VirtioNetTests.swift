@@ -153,6 +153,22 @@ struct VirtioNetTests {
         #expect(d.net.framesDropped.load(ordering: .relaxed) == 0)
     }
 
+    /// A transmit kick serves the transmit queue only; the tap is read when it is ready or when the
+    /// driver posts receive buffers.
+    @Test func transmitKicksDoNotReadTheTap() throws {
+        let d = try NetDriver()
+        #expect(d.t.processQueues() == 0, "takes the wake-up that DRIVER_OK left on the receive queue")
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 2048)), 2048, true)])
+        d.hostSend(netFrame(40))
+        let f = netFrame(60)
+        try d.post(queue: 1, [(try d.alloc(f), UInt32(f.count), false)])
+        d.w(0x50, 1)
+        #expect(d.t.processQueues(sourceReady: false) == 1)
+        #expect(d.usedIdx(0) == 0, "the frame waits for the tap's turn")
+        #expect(d.t.processQueues(sourceReady: true) == 1)
+        #expect(d.usedIdx(0) == 1)
+    }
+
     @Test func shortBufferDropsTheFrameNotTheDevice() throws {
         let d = try NetDriver()
         try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 64)), 64, true)])

@@ -39,9 +39,11 @@ struct TapDeviceTests {
         #expect(name.hasPrefix("mvt"))
         #expect(FileManager.default.fileExists(atPath: "/sys/class/net/" + name))
         let host = try #require(link.hostAddress), guest = try #require(link.guestAddress)
-        #expect(link.kernelParameters == "mvm.ip=\(guest) mvm.gw=\(HostLinks.address(host))")
+        var spec = VMSpec(name: "t")
+        spec.net = link.resolved
+        #expect(spec.initParameters == ["mvm.ip=\(guest)", "mvm.gw=\(HostLinks.address(host))"])
         let shown = try ProcessRunner.run(["ip", "-o", "-4", "addr", "show", "dev", name], timeout: 10).stdoutText
-        #expect(shown.contains(" \(host) ") || shown.contains(" \(host)"))
+        #expect(shown.contains(" \(host) "), "\(shown)")
         #expect(link.tap.setOffloads(TapDevice.offloadCsum | TapDevice.offloadTSO4))
         link.tap.close()
         #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/" + name), "closing the descriptor removes the tap")
@@ -54,7 +56,10 @@ struct TapDeviceTests {
         defer { owner.remove() }
         #expect(FileManager.default.fileExists(atPath: "/sys/class/net/" + name))
         let link = try TapLink.open(NetSpec(tap: name), owner: "x")
-        #expect(link.hostAddress == nil && link.guestAddress == nil && link.kernelParameters.isEmpty)
+        #expect(link.hostAddress == nil && link.guestAddress == nil)
+        var spec = VMSpec(name: "t")
+        spec.net = link.resolved
+        #expect(spec.initParameters.isEmpty, "an attached tap's guest configures nothing unless asked")
         link.tap.close()
         #expect(FileManager.default.fileExists(atPath: "/sys/class/net/" + name), "a tap that existed before stays")
     }
@@ -71,5 +76,15 @@ struct TapDeviceTests {
         #expect { try spec.validate() } throws: { "\($0)".contains("--vsock-shell needs --vsock") }
         spec.vsockCID = 42
         try spec.validate()
+        #expect(spec.initParameters == ["mvm.vsock=1024"])
+        spec.vsockShell = false
+        #expect(spec.initParameters.isEmpty, "no shell unless asked for")
+    }
+
+    @Test func initParametersCarryTheLink() {
+        var spec = VMSpec(name: "n", net: NetSpec(hostAddress: "10.9.0.1/30", guestAddress: "10.9.0.2"))
+        #expect(spec.initParameters == ["mvm.ip=10.9.0.2/30", "mvm.gw=10.9.0.1"])
+        spec.net = NetSpec(hostAddress: "10.9.0.1")
+        #expect(spec.initParameters.isEmpty, "a gateway without an address configures nothing")
     }
 }

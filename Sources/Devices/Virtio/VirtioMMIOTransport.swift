@@ -314,16 +314,20 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     // MARK: queue processing
 
     /// Serves every ready queue until it is empty (or a batch per queue). Returns chains served.
+    /// The device's pump runs when `sourceReady` (its source has work) or when the driver kicked
+    /// one of the device-driven queues (new buffers for held work), not on every other kick.
     @discardableResult
-    public func processQueues() -> Int {
+    public func processQueues(sourceReady: Bool = true) -> Int {
         var served = 0
+        var drivenKicked = false
         let driven = device.deviceDrivenQueues, offloaded = device.offloadedQueues
         for qi in 0..<notifyFDs.count where !offloaded.contains(qi) {
             var count: UInt64 = 0
-            _ = Foundation.read(notifyFDs[qi], &count, 8)  // drain the kick; we look at the ring anyway
-            if !driven.contains(qi) { served += processQueue(qi) }
+            // Drain the kick; the ring is looked at anyway.
+            let kicked = Foundation.read(notifyFDs[qi], &count, 8) == 8
+            if driven.contains(qi) { drivenKicked = drivenKicked || kicked } else { served += processQueue(qi) }
         }
-        if !driven.isEmpty { served += pumpDevice(driven) }
+        if !driven.isEmpty, sourceReady || drivenKicked { served += pumpDevice(driven) }
         return served
     }
 
@@ -433,16 +437,15 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             // A device that is not live (before DRIVER_OK, after a reset, or broken) has no pump
             // to read its source, whose readiness would then wake this loop forever.
             var fds = base
-            if source >= 0, device.wantsSource,
-               state.withLock({ $0.status & Self.statusDriverOK != 0 && $0.status & Self.statusNeedsReset == 0 }) {
-                fds.append(pollfd(fd: source, events: Int16(POLLIN), revents: 0))
-            }
+            let polling = source >= 0 && device.wantsSource
+                && state.withLock({ $0.status & Self.statusDriverOK != 0 && $0.status & Self.statusNeedsReset == 0 })
+            if polling { fds.append(pollfd(fd: source, events: Int16(POLLIN), revents: 0)) }
             let r = poll(&fds, nfds_t(fds.count), -1)
             if r < 0 { if errno == EINTR { continue }; break }
             wakeups.add(1, ordering: .relaxed)
             if fds[0].revents != 0 { break }
             if fds[1..<(1 + calls.count)].contains(where: { $0.revents != 0 }) { relayCalls(calls) }
-            processQueues()
+            processQueues(sourceReady: polling && fds[base.count].revents != 0)
         }
         finished.store(true, ordering: .releasing)
     }

@@ -133,7 +133,8 @@ public final class VirtioVsock: VirtioDevice, @unchecked Sendable {
 
     /// The ring at `guest` as a host address, checked to lie inside one region.
     private func hostAddress(_ guest: UInt64, _ count: Int) throws -> UInt64 {
-        for r in regions where guest >= r.guestBase.rawValue && guest + UInt64(count) <= r.guestEnd {
+        let (end, overflow) = guest.addingReportingOverflow(UInt64(count))
+        for r in regions where !overflow && guest >= r.guestBase.rawValue && end <= r.guestEnd {
             return UInt64(UInt(bitPattern: r.host)) + (guest - r.guestBase.rawValue)
         }
         throw MicroVMError(.guestError, "vsock ring 0x\(String(guest, radix: 16))+\(count) is outside guest RAM")
