@@ -17,6 +17,7 @@ let package = Package(
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // C only: KVM ioctl numbers and struct helpers.
@@ -31,15 +32,16 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["MicroVMCore"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
-        .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images"], swiftSettings: strict),
+        .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
-        .target(name: "Libvirt", dependencies: ["CLibvirt", "MicroVMCore", "Host", "Images"], swiftSettings: strict),
-        .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator"], swiftSettings: strict),
+        .target(name: "Libvirt", dependencies: ["CLibvirt", "MicroVMCore", "Host", "Images", "Launch"], swiftSettings: strict),
+        .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
-        .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs"], swiftSettings: strict),
+        .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
+        .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
-        .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),
-        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Rig", "Bench"], swiftSettings: strict),
+        .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),
+        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
         .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
 
@@ -58,6 +60,7 @@ let package = Package(
         .testTarget(name: "ImagesTests", dependencies: ["Images", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "BenchTests", dependencies: ["Bench", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "MicroVMCore"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]
 )

@@ -25,6 +25,12 @@ public struct OCIResources: Codable, Sendable, Equatable {
     public var memory: Memory
     public var pids: Pids?
 
+    /// An enforcement as config.json says it: the CPU cap always as a quota, the memory limit
+    /// with the enforcement's overhead rule applied.
+    public init(enforcement e: Enforcement) {
+        self.init(slice: e.cgroupSlice)
+    }
+
     public init(slice: ResourceSlice) {
         let period = UInt64(CgroupSet.period)
         cpu = CPU(shares: UInt64(CgroupSet.shares(weight: slice.cpuWeight)),

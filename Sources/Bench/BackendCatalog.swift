@@ -10,10 +10,10 @@ import DirectVMM
 /// Which backends a bench run can use on this host, and why the others cannot run: a backend that
 /// cannot run still appears in every table, as `unavailable: <reason>`.
 public enum BackendCatalog {
-    public static let knownNames = ["native", "runc", "docker", "hosted", "direct", "qemu-microvm"]
+    public static let knownNames = ["native", "runc", "runsc", "docker", "hosted", "direct", "qemu-microvm"]
     /// What `mvm bench` runs unless told otherwise; `qemu-microvm` (QEMU's minimal machine run
     /// directly, the direct VMM's reference) is asked for by name.
-    public static let defaultNames = ["native", "runc", "docker", "hosted", "direct"]
+    public static let defaultNames = ["native", "runc", "runsc", "docker", "hosted", "direct"]
 
     public static func mode(of name: String) -> RunMode {
         switch name {
@@ -64,7 +64,7 @@ public enum BackendCatalog {
         case "qemu-microvm":
             let c = host.capability("qemu")
             return c.usable ? nil : "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")"
-        case "runc", "docker":
+        case "runc", "runsc", "docker":
             let c = host.capability(name)
             guard c.usable else { return "\(c.detail)\(c.fix.map { "; fix: \($0)" } ?? "")" }
             // The host profile is cached: whether dockerd answers is asked now, or every docker
@@ -81,7 +81,7 @@ public enum BackendCatalog {
     public static func versions(_ name: String, host: HostProfile) -> [String: String] {
         var v = ["hostKernel": host.kernel]
         switch name {
-        case "runc", "docker": v[name] = host.capability(name).detail
+        case "runc", "runsc", "docker": v[name] = host.capability(name).detail
         case "hosted":
             v["qemu"] = host.capability("qemu").detail
             v["libvirt"] = host.capability("libvirt-embed").detail
@@ -141,6 +141,7 @@ extension BackendCatalog {
     public static func standardFactories(image: GuestImage?, paths: Paths = .default) -> [String: @Sendable () throws -> any InstanceBackend] {
         var f: [String: @Sendable () throws -> any InstanceBackend] = [
             "runc": { ContainerBackend(runtime: .runc, paths: paths) },
+            "runsc": { ContainerBackend(runtime: .runsc, paths: paths) },
             "docker": { ContainerBackend(runtime: .docker, paths: paths, rootfsTarball: image?.rootfsTarball) },
         ]
         if let image {

@@ -16,10 +16,10 @@ public final class NativeBackend: InstanceBackend, @unchecked Sendable {
 
     public init() {}
 
-    public func run(_ spec: VMSpec) async throws -> RunResult {
-        guard !spec.command.isEmpty else { throw MicroVMError.invalidArgument("native run needs a command") }
+    public func execute(_ plan: LaunchPlan) async throws -> RunResult {
+        let spec = plan.spec
         var argv = spec.command
-        if let root = spec.rootfs, root != "/" {
+        if let root = plan.rootfsTree, root != "/" {
             guard FileManager.default.fileExists(atPath: root) else {
                 throw MicroVMError.notFound("rootfs tree '\(root)' does not exist: build the image with `mvm image build`")
             }
@@ -28,21 +28,25 @@ public final class NativeBackend: InstanceBackend, @unchecked Sendable {
             let script = "mount --rbind /dev \"$0/dev\" && mount -t proc proc \"$0/proc\" && mount --rbind /sys \"$0/sys\" && exec chroot \"$0\" \"$@\""
             argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, root] + argv
         }
-        if let cpus = spec.slice?.cpuSet, !cpus.isEmpty {
-            argv = ["taskset", "-c", CPUList.format(cpus)] + argv
+        // The baseline shares the host: only its CPUs are bounded (no cgroup, no quota), so
+        // native and isolated runs compete for the same CPUs.
+        if !plan.enforcement.cpuSet.isEmpty {
+            argv = ["taskset", "-c", CPUList.format(plan.enforcement.cpuSet)] + argv
         }
         let name = spec.name
         let started = Date()
         let outcome = try await Self.spawn(argv, timeout: spec.timeout) { [weak self] pid in
+            // A process has no boot: it is ready once it exists.
+            plan.clock.mark(.spawned)
+            plan.clock.mark(.firstInstruction)
+            plan.clock.mark(.ready)
             self?.track(name, pid: pid, started: started, spec: spec)
         }
         untrack(name)
-        let total = Date().timeIntervalSince(started)
         if outcome.timedOut {
             throw MicroVMError(.timeout, "native run '\(name)' did not finish within \(Int(spec.timeout)) s and was killed")
         }
-        // Launch to first instruction, bounded above by launch to exit: the process has no boot.
-        return RunResult(exitStatus: outcome.status, output: outcome.output, bootSeconds: total, totalSeconds: total, console: outcome.output)
+        return plan.result(status: outcome.status, output: outcome.output, console: outcome.output)
     }
 
     public func list() async throws -> [InstanceInfo] {

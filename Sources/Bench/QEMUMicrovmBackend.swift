@@ -1,6 +1,8 @@
 import Foundation
 import MicroVMCore
 import Images
+import Allocator
+import Launch
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,21 +30,21 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
         self.image = image; self.accelerator = accelerator; self.qemu = qemu
     }
 
-    /// The QEMU command line for `spec` (without the CPU pinning prefix); `link` is the tap the
+    public func defaultArtifacts() throws -> BootArtifacts? { image.artifacts }
+
+    /// The QEMU command line for a plan (without the CPU pinning prefix); `link` is the tap the
     /// guest's virtio-net attaches to, userspace virtio-net (no vhost) as in the direct VMM.
-    public func arguments(for spec: VMSpec, link: TapLink? = nil) -> [String] {
+    public func arguments(for plan: LaunchPlan, link: TapLink? = nil) -> [String] {
+        let spec = plan.spec
         var resolved = spec
         resolved.net = link?.resolved
-        let extra = (["mvm.ro=1"] + resolved.initParameters + [spec.cmdline]).filter { !$0.isEmpty }
-        let cmdline = image.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
+        let cmdline = plan.commandLine(adding: resolved.initParameters)
         var argv = [qemu, "-name", spec.name, "-M", "microvm,acpi=on,pic=off,pit=on,rtc=on,isa-serial=on",
                     "-accel", accelerator.rawValue, "-cpu", accelerator == .kvm ? "host" : "max",
                     "-m", "\(max(16, spec.memory.mebibytes))M", "-smp", "\(spec.cpus)",
                     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
-                    "-kernel", spec.kernel ?? image.kernel, "-initrd", spec.initrd ?? image.initrd, "-append", cmdline,
-                    "-drive", "id=root,file=\(Self.escape(image.rootfsDisk)),format=raw,if=none,readonly=on",
-                    "-device", "virtio-blk-device,drive=root"]
-        for (i, d) in spec.disks.enumerated() {
+                    "-kernel", plan.kernel ?? image.kernel] + (plan.initrd.map { ["-initrd", $0] } ?? []) + ["-append", cmdline]
+        for (i, d) in plan.disks.enumerated() {
             argv += ["-drive", "id=disk\(i),file=\(Self.escape(d.path)),format=raw,if=none,readonly=\(d.readOnly ? "on" : "off")"
                         + (d.direct ? ",cache=none" : ""),
                      "-device", "virtio-blk-device,drive=disk\(i)"]
@@ -58,8 +60,8 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
     /// QEMU option values separate on commas; a literal comma is written twice.
     static func escape(_ s: String) -> String { s.replacingOccurrences(of: ",", with: ",,") }
 
-    public func run(_ spec: VMSpec) async throws -> RunResult {
-        try spec.validate()
+    public func execute(_ plan: LaunchPlan) async throws -> RunResult {
+        let spec = plan.spec
         guard spec.vsockCID == nil else {
             throw MicroVMError.unsupported("the QEMU microvm reference runs without vsock")
         }
@@ -67,8 +69,11 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
         let link = try spec.net.map { try TapLink.open($0, owner: spec.name, persistent: true) }
         link?.tap.close()
         defer { link?.tap.remove() }
-        var argv = arguments(for: spec, link: link)
-        if let cpus = spec.slice?.cpuSet, !cpus.isEmpty { argv = ["taskset", "-c", CPUList.format(cpus)] + argv }
+        var argv = arguments(for: plan, link: link)
+        if !plan.enforcement.cpuSet.isEmpty { argv = ["taskset", "-c", CPUList.format(plan.enforcement.cpuSet)] + argv }
+        // The same enforcement as the direct VMM's: QEMU joins a cgroup of the plan's slice.
+        let cgroup = getuid() == 0 ? try CgroupSet.create(name: "microvm/qemu-\(spec.name)", slice: plan.enforcement.cgroupSlice) : nil
+        defer { try? cgroup?.remove() }
         let pipe = try ProcessRunner.makePipe()
         let child: ChildProcess
         do {
@@ -78,6 +83,10 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
             throw error
         }
         close(pipe.write)
+        try? cgroup?.add(pid: child.pid)
+        plan.clock.mark(.spawned)
+        plan.clock.mark(.firstInstruction)
+        let clock = plan.clock
         let started = Date()
         let timeout = spec.timeout
         let (parser, console, status, timedOut, bootAt) = await withCheckedContinuation { cont in
@@ -97,7 +106,7 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                         let chunk = buf[0..<n]
                         if console.count < 16 << 20 { console.append(contentsOf: chunk) }
                         _ = parser.feed(chunk)
-                        if bootAt == nil, parser.bootComplete { bootAt = Date() }
+                        if bootAt == nil, parser.bootComplete { bootAt = Date(); clock.mark(.ready) }
                     }
                     if parser.report != nil {
                         // The result is in: the guest powers off next; give it a moment, then stop it.
@@ -111,7 +120,6 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                 cont.resume(returning: (parser, console, status, killed, bootAt))
             }
         }
-        let total = Date().timeIntervalSince(started)
         let text = String(decoding: console, as: UTF8.self)
         guard let report = parser.report else {
             let tail = text.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
@@ -120,7 +128,7 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
             }
             throw MicroVMError(.guestError, "QEMU microvm '\(spec.name)' exited (status \(status)) before the guest reported a result; console tail:\n\(tail)")
         }
-        return RunResult(exitStatus: report.status, output: report.outputText, bootSeconds: bootAt.map { $0.timeIntervalSince(started) },
-                         totalSeconds: total, console: text)
+        _ = bootAt
+        return plan.result(status: report.status, output: report.outputText, console: text)
     }
 }

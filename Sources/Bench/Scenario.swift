@@ -1,4 +1,5 @@
 import Foundation
+import Launch
 import MicroVMCore
 
 /// The binaries every backend runs: a guest image's kernel, initrd and rootfs disk for VMs, and
@@ -20,6 +21,13 @@ public struct Workload: Sendable {
 
     /// The host's own binaries: only for native and for tests where no image is built.
     public static let host = Workload(source: "host root filesystem (/)")
+
+    /// The files a launch plan takes when a spec names none: this workload's, or the default image's.
+    var artifacts: (@Sendable () throws -> BootArtifacts)? {
+        guard let kernel else { return nil }
+        let a = BootArtifacts(kernel: kernel, initrd: initrd, rootfsDisk: rootfsDisk, rootfsTree: rootfsTree, kernelVersion: kernelVersion)
+        return { a }
+    }
 
     /// One instance's spec: every backend gets the same slice and the same binaries. VM backends
     /// boot the default image themselves (kernel, initrd and this rootfs as their disk), so the
@@ -118,14 +126,17 @@ public struct BenchContext: Sendable {
         return try await run(backend, target: target, name: name, command: command, net: net, disks: disks)
     }
 
-    /// Runs one named instance in a slice granted for it alone, released when it ends.
+    /// Runs one named instance in a slice granted for it alone, released when it ends, through
+    /// the one launch path `mvm run` takes. The clock starts before the grant, so every
+    /// backend's phases cover the same interval: request, validation, grant, plan, backend.
     func run(_ backend: any InstanceBackend, target: BenchTarget, name: String, command: [String], net: NetSpec? = nil, disks: [DiskSpec] = []) async throws -> RunResult {
+        let clock = LaunchClock()
         let lease = slices.lease(slice, owner: name, mode: target.record.mode, backend: target.name)
         defer { lease.release() }
         var spec = workload.spec(name: name, command: command, slice: lease.slice, timeout: durations.instanceTimeout)
         spec.net = net
         spec.disks = disks
-        return try await backend.run(spec)
+        return try await InstanceLauncher(image: workload.artifacts).launch(spec, on: backend, clock: clock)
     }
 }
 

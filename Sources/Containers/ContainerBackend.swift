@@ -13,6 +13,7 @@
 import Foundation
 import MicroVMCore
 import Host
+import Launch
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -67,18 +68,21 @@ public struct ContainerBackend: InstanceBackend {
 
     // MARK: run
 
-    public func run(_ spec: VMSpec) async throws -> RunResult {
-        guard spec.vsockCID == nil else {
-            throw MicroVMError.unsupported("containers have no vsock (it is a VM's channel to its host); drop --vsock, or use --mode direct or hosted")
-        }
-        return try await offload { [self] in
-            if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(spec, rootfs: try resolveRootfs(spec)) }
-            return try runOCI(spec)
+    public func defaultArtifacts() throws -> BootArtifacts? {
+        guard let defaultRootfs else { return nil }
+        return BootArtifacts(kernel: "", rootfsTree: try defaultRootfs())
+    }
+
+    public func execute(_ plan: LaunchPlan) async throws -> RunResult {
+        try await offload { [self] in
+            let rootfs = try checkRootfs(plan.rootfsTree)
+            if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(plan, rootfs: rootfs) }
+            return try runOCI(plan, rootfs: rootfs)
         }
     }
 
-    func resolveRootfs(_ spec: VMSpec) throws -> String {
-        guard let rootfs = try spec.rootfs ?? defaultRootfs?() else {
+    func checkRootfs(_ tree: String?) throws -> String {
+        guard let rootfs = tree else {
             throw MicroVMError.invalidArgument("no rootfs for the container: pass a rootfs tree (VMSpec.rootfs) or build the default image with 'mvm image build'")
         }
         var isDir: ObjCBool = false
@@ -93,22 +97,18 @@ public struct ContainerBackend: InstanceBackend {
         return rootfs
     }
 
-    func runOCI(_ spec: VMSpec) throws -> RunResult {
-        let launch = Date()
+    func runOCI(_ plan: LaunchPlan, rootfs: String) throws -> RunResult {
+        let spec = plan.spec
         reapOrphans()
         let rt = try runtime.resolveOCI(profile: CachedProfile.get)
         let id = try Self.containerID(name: spec.name)
-        let rootfs = try resolveRootfs(spec)
-        guard !spec.command.isEmpty, !spec.command[0].isEmpty else {
-            throw MicroVMError.invalidArgument("the container has no command: pass one, e.g. mvm run --mode container -- echo hello")
-        }
         let driver = OCIRuntimeDriver(executable: rt.path, root: store.runtimeRoot)
         // Wrapping in the image's shell lets the command's first action print the start marker.
         let hasShell = (try? FileManager.default.attributesOfItem(atPath: rootfs + "/bin/sh")) != nil
         let args = hasShell ? ["/bin/sh", "-c", "echo @@mvm:container-started@@; exec \"$@\"", "mvm"] + spec.command : spec.command
-        let slice = spec.slice ?? ResourceSlice(cpus: spec.cpus, cpuQuota: Double(spec.cpus), memory: spec.memory)
+        let enforcement = plan.enforcement
 
-        var owner = OwnerRecord.current(name: spec.name, runtime: rt.path, cpus: slice.cpus, memory: slice.memory)
+        var owner = OwnerRecord.current(name: spec.name, runtime: rt.path, cpus: enforcement.cpus, memory: enforcement.memory)
         if spec.net != nil {
             let n = ContainerNetwork.names(id: id)
             owner.netns = n.netns; owner.hostVeth = n.host
@@ -127,20 +127,24 @@ public struct ContainerBackend: InstanceBackend {
             netnsPath = try ContainerNetwork.setUp(id: id, spec: net).netnsPath
         }
         let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
-                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", slice: slice, netnsPath: netnsPath,
+                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", enforcement: enforcement, netnsPath: netnsPath,
                                                        binds: try Self.diskBinds(spec.disks)))
         try config.encoded().write(to: URL(fileURLWithPath: bundle + "/config.json"))
 
         let launched = try StreamedRun.run(
             executable: rt.path,
-            arguments: ["--root", store.runtimeRoot, "run", "--bundle", bundle, "--pid-file", bundle + "/container.pid", id],
-            logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout,
+            arguments: driver.globalArguments(network: spec.net != nil) + ["run", "--bundle", bundle, "--pid-file", bundle + "/container.pid", id],
+            logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout, clock: plan.clock,
             onTimeout: { driver.kill(id, signal: "KILL") })
         let collector = launched.collector
         // The container's processes hold the pipes; once runc has reaped pid 1 they are all gone.
         if !collector.finish(timeout: 5) { CgroupDirs.remove(id: store.cgroupLeaf(id)); _ = collector.finish(timeout: 5) }
         cleanUp()
-        let status = launched.status, end = launched.end
+        let status = launched.status
+        if let started = collector.startedAt {
+            plan.clock.mark(.firstInstruction, at: started)
+            plan.clock.mark(.ready, at: started)
+        }
         let r = collector.result
         let console = (try? String(contentsOfFile: store.log(id), encoding: .utf8)) ?? (r.stdout + r.stderr)
         if launched.timedOut {
@@ -149,15 +153,13 @@ public struct ContainerBackend: InstanceBackend {
         if hasShell && !r.sawMarker && status != 0 {
             throw MicroVMError(.backend, "\(rt.name) could not start container '\(spec.name)' (status \(status)): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines).suffix(2000))")
         }
-        return RunResult(exitStatus: status, output: r.stdout + r.stderr,
-                         bootSeconds: collector.startedAt.map { $0.timeIntervalSince(launch) },
-                         totalSeconds: end.timeIntervalSince(launch), console: console)
+        return plan.result(status: status, output: r.stdout + r.stderr, console: console)
     }
 
     /// Removes every trace of a container: runtime state, cgroups, network, bundle.
     static func cleanUp(id: String, owner: OwnerRecord?, driver: OCIRuntimeDriver, store: ContainerStore) {
         // `runc run` deletes its own state when it returns normally; only ask when some is left.
-        if FileManager.default.fileExists(atPath: driver.root + "/" + id) {
+        if driver.isRunsc || FileManager.default.fileExists(atPath: driver.root + "/" + id) {
             driver.kill(id, signal: "KILL")
             driver.delete(id)
         }

@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Launch
 
 /// Container start latency, measured side by side on one rootfs: a bare `runc run` of a bundle
 /// holding the same config.json as the backend writes, against `ContainerBackend.run`, and
@@ -39,7 +40,7 @@ public enum ContainerBench {
         guard iterations >= 1 else { throw MicroVMError.invalidArgument("iterations must be at least 1") }
         let rt = try runtime.resolveOCI(profile: CachedProfile.get)
         let backend = ContainerBackend(runtime: runtime, paths: paths)
-        _ = try backend.resolveRootfs(VMSpec(rootfs: rootfs))
+        _ = try backend.checkRootfs(rootfs)
 
         // The bare runs use a bundle with the config the backend would write, minus the wrapper.
         let scratch = paths.state + "/containers/bench-\(getpid())"
@@ -51,7 +52,7 @@ public enum ContainerBench {
         for i in 0..<iterations {
             let id = "mvm-bench-bare-\(getpid())-\(i)"
             let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: ["/bin/true"], hostname: "bench",
-                                                           cgroupsPath: "/\(CgroupDirs.parent)/\(id)", slice: slice))
+                                                           cgroupsPath: "/\(CgroupDirs.parent)/\(id)", enforcement: Enforcement(slice: slice, mode: .container)))
             try config.encoded().write(to: URL(fileURLWithPath: scratch + "/bundle/config.json"))
             let t0 = Date()
             let out = try ProcessRunner.run([rt.path, "--root", scratch + "/root", "run", "--bundle", scratch + "/bundle", id], timeout: 60)

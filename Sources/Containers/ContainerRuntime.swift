@@ -9,6 +9,8 @@ public enum ContainerRuntime: Sendable, Hashable, ExpressibleByStringLiteral, Cu
     case automatic
     case runc
     case crun
+    /// gVisor's runsc: a user-space kernel between the container and the host (ptrace platform).
+    case runsc
     /// Debian's docker.io engine, fed from the rootfs tarball (no registry needed).
     case docker
     /// Any runtime with runc's command line, by path.
@@ -21,6 +23,7 @@ public enum ContainerRuntime: Sendable, Hashable, ExpressibleByStringLiteral, Cu
         case "auto", "automatic", "": self = .automatic
         case "runc": self = .runc
         case "crun": self = .crun
+        case "runsc", "gvisor": self = .runsc
         case "docker": self = .docker
         default: self = .oci(path: text)
         }
@@ -31,6 +34,7 @@ public enum ContainerRuntime: Sendable, Hashable, ExpressibleByStringLiteral, Cu
         case .automatic: "auto"
         case .runc: "runc"
         case .crun: "crun"
+        case .runsc: "runsc"
         case .docker: "docker"
         case .oci(let path): path
         }
@@ -44,6 +48,8 @@ public enum ContainerRuntime: Sendable, Hashable, ExpressibleByStringLiteral, Cu
             throw MicroVMError(.internalError, "docker is not an OCI runtime binary")
         case .runc:
             return ("runc", try Self.locate("runc", package: "runc"))
+        case .runsc:
+            return ("runsc", try Self.locate("runsc", package: "runsc"))
         case .crun:
             let cap = profile().capability("crun")
             guard cap.usable else {
@@ -88,7 +94,19 @@ struct OCIRuntimeDriver: Sendable {
     var executable: String
     var root: String
 
-    func command(_ args: [String]) -> [String] { [executable, "--root", root] + args }
+    /// gVisor's runsc takes runc's commands, with its own global flags: the network stack (none,
+    /// or the sandbox's namespace from the spec) and no host cgroup v2 requirement.
+    var isRunsc: Bool { (executable as NSString).lastPathComponent == "runsc" }
+
+    /// runsc keeps its state in a layout of its own: it gets a root of its own beside runc's.
+    var stateRoot: String { isRunsc ? root + "-runsc" : root }
+
+    /// The flags before the command: the state root, and runsc's network.
+    func globalArguments(network: Bool = false) -> [String] {
+        ["--root", stateRoot] + (isRunsc ? ["--network=\(network ? "sandbox" : "none")"] : [])
+    }
+
+    func command(_ args: [String]) -> [String] { [executable] + globalArguments() + args }
 
     struct State: Decodable, Sendable {
         var id: String

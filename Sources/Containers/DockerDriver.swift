@@ -72,30 +72,27 @@ struct DockerDriver: Sendable {
         }
     }
 
-    /// The `docker run` flags that enforce a slice, matching what the OCI path writes to config.json.
-    static func resourceFlags(_ s: ResourceSlice) -> [String] {
+    /// The `docker run` flags of an enforcement, meaning what the OCI path writes to config.json:
+    /// the CPU cap as a quota over the same period, the memory limit with no swap beyond it.
+    public static func resourceFlags(_ e: Enforcement) -> [String] {
         var f: [String] = []
-        if !s.cpuSet.isEmpty { f += ["--cpuset-cpus", s.cpuSetList] }
-        if let n = s.numaNode { f += ["--cpuset-mems", String(n)] }
-        if let q = s.cpuQuota, q > 0 { f += ["--cpus", String(format: "%.3f", q)] }
-        f += ["--cpu-shares", String(CgroupSet.shares(weight: s.cpuWeight))]
-        if s.memory.bytes > 0 { f += ["--memory", "\(s.memory.bytes)b", "--memory-swap", "\(s.memory.bytes)b"] }
-        if let p = s.pidsLimit { f += ["--pids-limit", String(p)] }
+        if !e.cpuSet.isEmpty { f += ["--cpuset-cpus", CPUList.format(e.cpuSet)] }
+        if let n = e.numaNode { f += ["--cpuset-mems", String(n)] }
+        f += ["--cpu-period", "\(Enforcement.period)", "--cpu-quota", "\(e.quotaMicros)"]
+        f += ["--cpu-shares", String(CgroupSet.shares(weight: e.cpuWeight))]
+        if e.memoryLimit.bytes > 0 { f += ["--memory", "\(e.memoryLimit.bytes)b", "--memory-swap", "\(e.memoryLimit.bytes)b"] }
+        if let p = e.pidsLimit { f += ["--pids-limit", String(p)] }
         return f
     }
 
-    func run(_ spec: VMSpec, rootfs: String) throws -> RunResult {
-        let launch = Date()
-        guard !spec.command.isEmpty, !spec.command[0].isEmpty else {
-            throw MicroVMError.invalidArgument("the container has no command: pass one, e.g. mvm run --mode container --runtime docker -- echo hello")
-        }
+    func run(_ plan: LaunchPlan, rootfs: String) throws -> RunResult {
+        let spec = plan.spec
         let id = try ContainerBackend.containerID(name: spec.name)
         try requireDaemon()
         reapOrphans()
         let image = try ensureImage(rootfs: rootfs)
         let store = ContainerStore(paths: paths)
         try Paths.ensureDirectory(store.logs)
-        let slice = spec.slice ?? ResourceSlice(cpus: spec.cpus, cpuQuota: Double(spec.cpus), memory: spec.memory)
         let hasShell = (try? FileManager.default.attributesOfItem(atPath: rootfs + "/bin/sh")) != nil
         let command = hasShell ? ["/bin/sh", "-c", "echo @@mvm:container-started@@; exec \"$@\"", "mvm"] + spec.command : spec.command
         let me = getpid()
@@ -115,11 +112,11 @@ struct DockerDriver: Sendable {
         } else {
             args += ["--network", "none"]
         }
-        args += Self.resourceFlags(slice)
+        args += Self.resourceFlags(plan.enforcement)
         args += [image] + command
         guard let exe = ProcessRunner.which("docker") else { throw MicroVMError.notFound("'docker' is not installed: apt-get install docker.io") }
         let launched = try StreamedRun.run(executable: exe, arguments: args, logPath: store.log(id), expectMarker: hasShell,
-                                           timeout: spec.timeout, onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
+                                           timeout: spec.timeout, clock: plan.clock, onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
         _ = launched.collector.finish(timeout: 10)
         let r = launched.collector.result
         if launched.timedOut {
@@ -131,9 +128,11 @@ struct DockerDriver: Sendable {
             throw MicroVMError(.backend, "docker could not start container '\(spec.name)' (status \(launched.status)): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines).suffix(2000))")
         }
         let console = (try? String(contentsOfFile: store.log(id), encoding: .utf8)) ?? ""
-        return RunResult(exitStatus: launched.status, output: r.stdout + r.stderr,
-                         bootSeconds: launched.collector.startedAt.map { $0.timeIntervalSince(launch) },
-                         totalSeconds: launched.end.timeIntervalSince(launch), console: console)
+        if let started = launched.collector.startedAt {
+            plan.clock.mark(.firstInstruction, at: started)
+            plan.clock.mark(.ready, at: started)
+        }
+        return plan.result(status: launched.status, output: r.stdout + r.stderr, console: console)
     }
 
     struct Listed: Decodable { var ID: String; var Names: String; var Labels: String; var State: String }

@@ -11,7 +11,8 @@ public struct ContainerOptions: Sendable, Equatable {
     public var env: [String]
     /// cgroup path below the `microvm` parent, so leftovers can be found and reaped by name.
     public var cgroupsPath: String
-    public var slice: ResourceSlice?
+    /// The granted slice as the runtime enforces it (`linux.resources`).
+    public var enforcement: Enforcement?
     /// A network namespace to join (from `ip netns add`); nil gives a fresh, unconnected one.
     public var netnsPath: String?
     /// Maps container root to an unprivileged host range (user namespace).
@@ -19,18 +20,18 @@ public struct ContainerOptions: Sendable, Equatable {
     /// Extra bind mounts (host source, container destination, read-only).
     public var binds: [(source: String, destination: String, readOnly: Bool)]
 
-    public init(rootfs: String, command: [String], hostname: String, cgroupsPath: String, slice: ResourceSlice? = nil,
+    public init(rootfs: String, command: [String], hostname: String, cgroupsPath: String, enforcement: Enforcement? = nil,
                 env: [String] = ContainerOptions.defaultEnv, netnsPath: String? = nil, userNamespace: Bool = false,
                 binds: [(source: String, destination: String, readOnly: Bool)] = []) {
         self.rootfs = rootfs; self.command = command; self.hostname = hostname; self.cgroupsPath = cgroupsPath
-        self.slice = slice; self.env = env; self.netnsPath = netnsPath; self.userNamespace = userNamespace; self.binds = binds
+        self.enforcement = enforcement; self.env = env; self.netnsPath = netnsPath; self.userNamespace = userNamespace; self.binds = binds
     }
 
     public static let defaultEnv = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb"]
 
     public static func == (a: ContainerOptions, b: ContainerOptions) -> Bool {
         a.rootfs == b.rootfs && a.command == b.command && a.hostname == b.hostname && a.env == b.env
-            && a.cgroupsPath == b.cgroupsPath && a.slice == b.slice && a.netnsPath == b.netnsPath
+            && a.cgroupsPath == b.cgroupsPath && a.enforcement == b.enforcement && a.netnsPath == b.netnsPath
             && a.userNamespace == b.userNamespace
             && a.binds.map { "\($0.source)|\($0.destination)|\($0.readOnly)" } == b.binds.map { "\($0.source)|\($0.destination)|\($0.readOnly)" }
     }
@@ -111,24 +112,22 @@ extension OCISpec {
             mounts: mounts,
             linux: Linux(
                 uidMappings: uidMappings, gidMappings: uidMappings,
-                resources: resources(for: o.slice),
+                resources: resources(for: o.enforcement),
                 cgroupsPath: o.cgroupsPath,
                 namespaces: namespaces,
                 maskedPaths: defaultMaskedPaths, readonlyPaths: defaultReadonlyPaths,
                 seccomp: defaultSeccomp))
     }
 
-    /// The cgroup limits for a slice, from the allocator's one mapping of a slice to OCI
-    /// `linux.resources` (`OCIResources`): weight → v1 shares (runtimes convert to v2 weight),
-    /// quota over a 100 ms period, memory with equal swap (none), pids; devices denied.
-    public static func resources(for slice: ResourceSlice?) -> Resources {
+    /// The cgroup limits of an enforcement, from its one OCI rendering (`OCIResources`): weight
+    /// → v1 shares (runtimes convert to v2 weight), the CPU cap as a quota over a 100 ms period,
+    /// memory with equal swap (none), pids; devices denied.
+    public static func resources(for enforcement: Enforcement?) -> Resources {
         var r = Resources(devices: [DeviceRule(allow: false, access: "rwm")], memory: nil, cpu: nil, pids: nil)
-        guard let s = slice else { return r }
-        let o = OCIResources(slice: s)
+        guard let e = enforcement else { return r }
+        let o = OCIResources(enforcement: e)
         if let limit = o.memory.limit, limit > 0 { r.memory = o.memory }
-        var cpu = o.cpu
-        if (s.cpuQuota ?? 0) <= 0 { cpu.quota = nil; cpu.period = nil }
-        r.cpu = cpu
+        r.cpu = o.cpu
         r.pids = o.pids
         return r
     }

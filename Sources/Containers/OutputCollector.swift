@@ -10,7 +10,7 @@ final class OutputCollector: @unchecked Sendable {
     private let lock = NSLock()
     private var out = Data()
     private var err = Data()
-    private var markerAt: Date?
+    private var markerAt: Double?
     private let expectMarker: Bool
     private let log: FileHandle?
     private let group = DispatchGroup()
@@ -33,7 +33,7 @@ final class OutputCollector: @unchecked Sendable {
             while true {
                 let chunk = h.availableData
                 if chunk.isEmpty { break }
-                let now = Date()
+                let now = Monotonic.seconds()
                 lock.lock()
                 if isStdout {
                     out.append(chunk)
@@ -60,7 +60,8 @@ final class OutputCollector: @unchecked Sendable {
         return ok
     }
 
-    var startedAt: Date? { lock.lock(); defer { lock.unlock() }; return markerAt }
+    /// CLOCK_MONOTONIC seconds when the start marker arrived.
+    var startedAt: Double? { lock.lock(); defer { lock.unlock() }; return markerAt }
 
     /// stdout without the marker line, then stderr.
     var result: (stdout: String, stderr: String, sawMarker: Bool) {
@@ -76,12 +77,12 @@ final class OutputCollector: @unchecked Sendable {
 struct StreamedRun {
     var status: Int32
     var collector: OutputCollector
-    var end: Date
     var timedOut: Bool
 
     /// Launches `executable`, kills through `onTimeout` after `timeout` seconds, and returns once
     /// the command has exited (a signal is reported the shell's way, 128 + signal).
-    static func run(executable: String, arguments: [String], logPath: String?, expectMarker: Bool, timeout: Double,
+    /// `clock` gets `spawned` once the runtime process exists; the caller marks the rest.
+    static func run(executable: String, arguments: [String], logPath: String?, expectMarker: Bool, timeout: Double, clock: LaunchClock,
                     onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
         let outPipe = try ProcessRunner.makePipe(), errPipe = try ProcessRunner.makePipe()
         let child: ChildProcess
@@ -91,6 +92,7 @@ struct StreamedRun {
             for fd in [outPipe.read, outPipe.write, errPipe.read, errPipe.write] { close(fd) }
             throw MicroVMError(.backend, "cannot launch '\(executable)': check that it is installed and executable", cause: error)
         }
+        clock.mark(.spawned)
         // Only the child may hold the write ends, or the readers never see the end of the stream.
         close(outPipe.write); close(errPipe.write)
         let collector = OutputCollector(stdout: FileHandle(fileDescriptor: outPipe.read, closeOnDealloc: true),
@@ -107,7 +109,6 @@ struct StreamedRun {
             onTimeout()
             status = child.wait(timeout: 10).status
         }
-        let end = Date()
-        return StreamedRun(status: status, collector: collector, end: end, timedOut: timedOut)
+        return StreamedRun(status: status, collector: collector, timedOut: timedOut)
     }
 }

@@ -1,5 +1,7 @@
+import Allocator
 import Devices
 import Foundation
+import Launch
 import Host
 import Images
 import LinuxBoot
@@ -32,12 +34,18 @@ public struct DirectBackend: InstanceBackend {
         /// command runs with the image's tools, as in hosted and container modes. Without it the
         /// command runs in the initramfs (busybox only).
         public var attachRootfs: Bool
+        /// Enforce the plan's slice in a cgroup of its own (as root).
+        public var enforceInCgroup: Bool
+        /// This process runs this one VM (`mvm run`): the whole process joins the VM's cgroup,
+        /// so the VMM's memory is limited too. Otherwise only vCPU threads join it.
+        public var processPerInstance: Bool
 
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
                     console: ConsoleEcho = .none, forwardStandardInput: Bool = false, paths: Paths = .default, devicePath: String = "/dev/kvm",
-                    attachRootfs: Bool = true) {
+                    attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0, processPerInstance: Bool = false) {
             self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.forwardStandardInput = forwardStandardInput
             self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
+            self.enforceInCgroup = enforceInCgroup; self.processPerInstance = processPerInstance
         }
     }
 
@@ -52,7 +60,7 @@ public struct DirectBackend: InstanceBackend {
 
     /// Throws unless this host can boot Linux under KVM (or the caller opted in).
     public func checkHost() throws {
-        let kvm = HostProfile.current(paths: options.paths).kvm
+        let kvm = HostProfile.kvm(paths: options.paths)
         switch kvm.verdict {
         case .hardware: return
         case .absent:
@@ -63,36 +71,20 @@ public struct DirectBackend: InstanceBackend {
         }
     }
 
-    /// What to boot: the spec's kernel, or the default image's bzImage, with the command line.
-    public func bootFiles(for spec: VMSpec) throws -> (kernel: String, initrd: String?, cmdline: String) {
-        let extra = [Self.kernelParameters, spec.cmdline].filter { !$0.isEmpty }.joined(separator: " ")
-        if let kernel = spec.kernel {
-            var parts = ["console=ttyS0", "quiet", "loglevel=3", "reboot=k", "panic=-1"]
-            if !spec.command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(spec.command))") }
-            parts.append(extra)
-            return (kernel, spec.initrd, parts.joined(separator: " "))
-        }
-        let image = try ImageStore(paths: options.paths).ensureDefault()
-        return (image.kernel, spec.initrd ?? image.initrd, image.kernelCommandLine(command: spec.command, extra: extra))
-    }
+    public var kernelParameters: String { Self.kernelParameters }
+    public var attachesRootfs: Bool { options.attachRootfs }
 
-    public func run(_ spec: VMSpec) async throws -> RunResult {
-        try spec.validate()
-        try checkHost()
-        let started = Monotonic.seconds()
-        var files = try bootFiles(for: spec)
-        // Like the hosted backend: the default image's rootfs goes first (/dev/vda), read-only,
-        // so the command runs with the image's tools.
-        var deviceSpec = spec
-        if spec.kernel == nil && options.attachRootfs {
-            let image = try ImageStore(paths: options.paths).ensureDefault()
-            deviceSpec.disks.insert(DiskSpec(path: image.rootfsDisk, readOnly: true), at: 0)
-            files.cmdline += " mvm.ro=1"
-        }
+    public func execute(_ plan: LaunchPlan) async throws -> RunResult {
+        let spec = plan.spec
+        guard let kernel = plan.kernel else { throw MicroVMError(.internalError, "a direct launch plan has no kernel") }
+        let records = InstanceRecords(directory: options.paths.instances + "/direct")
+        let logPath = try records.claim(DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
+                                                             cpus: spec.cpus, memory: spec.memory, startedAt: Date(),
+                                                             logPath: options.paths.instances + "/" + spec.name + "/console.log"))
+        defer { records.release(spec.name) }
+        let cgroup = try enforce(plan)
+        defer { try? cgroup?.set.remove() }
 
-        let logDir = options.paths.instances + "/" + spec.name
-        try Paths.ensureDirectory(logDir)
-        let logPath = logDir + "/console.log"
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)
         defer { try? log?.close() }
@@ -100,18 +92,24 @@ public struct DirectBackend: InstanceBackend {
         let echo = options.console == .standardOutput
         let sink: OutputSink = { bytes in
             recorder.sink(bytes)
-            log?.write(Data(bytes))
+            _ = try? log?.write(contentsOf: Data(bytes))
             if echo { OutputSinks.standardOutput(bytes) }
         }
 
-        let vm = try VirtualMachine(MachineConfiguration(cpus: spec.cpus, memory: spec.memory, interruptController: true,
-                                                         cpuSet: spec.slice?.cpuSet ?? [], devicePath: options.devicePath))
+        var machine = MachineConfiguration(enforcement: plan.enforcement, devicePath: options.devicePath)
+        if let threadsOnly = cgroup?.threadsOnly, threadsOnly, let set = cgroup?.set {
+            machine.onVCPUThread = { tid in try? set.add(thread: tid) }
+        }
+        let vm = try VirtualMachine(machine)
+        plan.clock.mark(.spawned)
         let devices = try vm.installLegacyDevices(console: sink)
         // Virtio devices are described to the guest through ACPI (with COM1 and the i8042, whose
         // ISA interrupts a hardware-reduced platform only maps when described); with no disk
         // there are no devices and no tables: the legacy MP-table boot, the shortest.
         // The tap goes away with its descriptor, which the net device's attachment closes.
         let link = try spec.net.map { try TapLink.open($0, owner: spec.name) }
+        var deviceSpec = spec
+        deviceSpec.disks = plan.disks
         let virtio: (attachments: [VirtioAttachment], cmdline: String)
         do {
             virtio = deviceSpec.disks.isEmpty && link == nil && spec.vsockCID == nil ? ([], "")
@@ -123,13 +121,17 @@ public struct DirectBackend: InstanceBackend {
         defer { virtio.attachments.forEach { $0.stop() } }
         var resolved = spec
         resolved.net = link?.resolved
-        files.cmdline += " " + ([virtio.cmdline] + resolved.initParameters).joined(separator: " ")
-        let entry = try LinuxLoader.load(kernelPath: files.kernel, initrdPath: files.initrd, cmdline: files.cmdline, memory: vm.memory, cpus: spec.cpus,
+        let cmdline = plan.commandLine(adding: [virtio.cmdline] + resolved.initParameters)
+        let entry = try LinuxLoader.load(kernelPath: kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: spec.cpus,
                                          virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
         defer { input?.stop() }
         let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
-        let total = Monotonic.seconds() - started
+        if let first = vm.firstEntry { plan.clock.mark(.firstInstruction, at: first) }
+        // The init's write to the boot timer port, timestamped by the VMM on the VM's clock.
+        if let boot = devices.bootTimer.bootTime {
+            plan.clock.mark(.ready, at: vm.createdAt + Double(boot.components.seconds) + Double(boot.components.attoseconds) / 1e18)
+        }
 
         let console = recorder.text
         let parsed = ConsoleParser.parse(console)
@@ -138,9 +140,45 @@ public struct DirectBackend: InstanceBackend {
             let code: MicroVMError.Code = reason == .timeout ? .timeout : .guestError
             throw MicroVMError(code, "the guest stopped (\(reason)) without reporting a result\(reason == .timeout ? " within \(Int(spec.timeout)) s" : ""); last console lines:\n\(tail)")
         }
-        let boot = devices.bootTimer.bootTime.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
-        return RunResult(exitStatus: report.status, output: report.outputText, bootSeconds: boot ?? report.bootUptime,
-                         totalSeconds: total, console: console)
+        return plan.result(status: report.status, output: report.outputText, console: console)
+    }
+
+    /// The plan's enforcement as a cgroup: the whole process joins it when it runs this one VM
+    /// (`mvm run`); otherwise (a bench or a library caller running several) only the vCPU
+    /// threads do, which bounds their CPU but leaves memory to the guest RAM's own size.
+    func enforce(_ plan: LaunchPlan) throws -> (set: CgroupSet, threadsOnly: Bool)? {
+        guard options.enforceInCgroup else { return nil }
+        let set = try CgroupSet.create(name: "microvm/direct-\(plan.name)", slice: plan.enforcement.cgroupSlice)
+        do {
+            if options.processPerInstance { try set.add(pid: getpid()) }
+        } catch {
+            try? set.remove()
+            throw error
+        }
+        return (set, !options.processPerInstance)
+    }
+
+    public func list() async throws -> [InstanceInfo] {
+        InstanceRecords(directory: options.paths.instances + "/direct").live().map { r in
+            InstanceInfo(name: r.name, mode: .direct, state: "running", pid: r.pid, cpus: r.cpus, memory: r.memory,
+                         startedAt: r.startedAt, logPath: r.logPath)
+        }
+    }
+
+    /// SIGTERM to the process running the VM (its handler stops the VM and cleans up), then
+    /// SIGKILL after 10 s.
+    public func stop(name: String) async throws {
+        let records = InstanceRecords(directory: options.paths.instances + "/direct")
+        guard let r = records.live().first(where: { $0.name == name }) else {
+            throw MicroVMError.notFound("no running direct instance named '\(name)': see mvm ps")
+        }
+        kill(r.pid, SIGTERM)
+        let deadline = Monotonic.seconds() + 10
+        while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        if ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) { kill(r.pid, SIGKILL) }
+        records.release(name)
     }
 
     /// vCPU threads block; so does waiting for them. Keep that off Swift's cooperative threads,

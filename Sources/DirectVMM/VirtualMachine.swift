@@ -1,3 +1,4 @@
+import Allocator
 import CKVM
 import Devices
 import Dispatch
@@ -17,13 +18,26 @@ public struct MachineConfiguration: Sendable {
     /// The in-kernel PIC/IOAPIC/LAPICs and PIT. Linux needs them; tiny test guests turn them off
     /// so that `hlt` exits to the VMM instead of waiting for an interrupt.
     public var interruptController: Bool
-    /// Host CPUs to pin vCPU threads to (vCPU i → cpuSet[i % count]); empty: no pinning.
-    public var cpuSet: [Int]
+    /// vCPU i → the host CPUs its thread may run on (`Enforcement.vcpuPins`); empty: no pinning.
+    public var vcpuPins: [[Int]]
+    /// Back guest RAM with huge pages (from the host's hugetlbfs pool).
+    public var hugePages: Bool
     public var devicePath: String
+    /// Called on each vCPU thread as it starts, with its thread id (e.g. to join a cgroup).
+    public var onVCPUThread: (@Sendable (Int32) -> Void)?
 
     public init(cpus: Int = 1, memory: ByteCount = .mebibytes(128), interruptController: Bool = true, cpuSet: [Int] = [], devicePath: String = "/dev/kvm") {
         self.cpus = cpus; self.memory = memory; self.interruptController = interruptController
-        self.cpuSet = cpuSet; self.devicePath = devicePath
+        self.vcpuPins = cpuSet.isEmpty ? [] : (0..<cpus).map { [cpuSet[$0 % cpuSet.count]] }
+        self.hugePages = false
+        self.devicePath = devicePath
+    }
+
+    /// The machine an enforcement describes: its vCPUs, RAM, pins and page size.
+    public init(enforcement e: Enforcement, interruptController: Bool = true, devicePath: String = "/dev/kvm") {
+        self.init(cpus: e.cpus, memory: e.memory, interruptController: interruptController, devicePath: devicePath)
+        self.vcpuPins = e.vcpuPins
+        self.hugePages = e.hugePages
     }
 }
 
@@ -53,6 +67,12 @@ public final class VirtualMachine: @unchecked Sendable {
     private let control: Mutex<Control>
     private let stopping = Atomic<Bool>(false)
     private let firstExitBits = Atomic<UInt64>(0)
+    private let firstEntryBits = Atomic<UInt64>(0)
+    /// CLOCK_MONOTONIC seconds when vCPU 0 first entered the guest (nil before).
+    public var firstEntry: Double? {
+        let b = firstEntryBits.load(ordering: .acquiring)
+        return b == 0 ? nil : Double(bitPattern: b)
+    }
     /// Virtqueue notify registers that KVM signals through an eventfd (no exit per kick).
     public let ioeventfdsRegistered = Atomic<Int>(0)
     /// Device interrupt lines that KVM injects from an eventfd (irqfd).
@@ -66,7 +86,7 @@ public final class VirtualMachine: @unchecked Sendable {
             throw MicroVMError.invalidArgument("a direct VM needs 1 to 255 vCPUs (got \(configuration.cpus))")
         }
         self.configuration = configuration
-        memory = try GuestRAM(size: configuration.memory)
+        memory = try GuestRAM(size: configuration.memory, hugePages: configuration.hugePages)
         kvm = try KVMSystem(path: configuration.devicePath)
         vm = try kvm.createVM()
         try vm.setTSSAddress(X86Layout.tssAddress)
@@ -212,9 +232,11 @@ public final class VirtualMachine: @unchecked Sendable {
         let vcpu = vcpus[index]
         VCPUKick.unblockOnCurrentThread()
         control.withLock { $0.threads[index] = pthread_self() }
-        if !configuration.cpuSet.isEmpty {
-            pin(to: configuration.cpuSet[index % configuration.cpuSet.count])
+        configuration.onVCPUThread?(ThreadAffinity.currentThreadID())
+        if !configuration.vcpuPins.isEmpty {
+            pin(to: configuration.vcpuPins[index % configuration.vcpuPins.count])
         }
+        if index == 0 { firstEntryBits.store(Monotonic.seconds().bitPattern, ordering: .releasing) }
         var scratch = [UInt8](repeating: 0, count: 8)
         while !stopping.load(ordering: .acquiring) {
             let exit: VCPUExit
@@ -267,10 +289,11 @@ public final class VirtualMachine: @unchecked Sendable {
         }
     }
 
-    private func pin(to cpu: Int) {
-        guard cpu >= 0, cpu < 1024 else { return }
+    private func pin(to cpus: [Int]) {
+        let valid = cpus.filter { $0 >= 0 && $0 < 1024 }
+        guard !valid.isEmpty else { return }
         var set = cpu_set_t()
-        withUnsafeMutableBytes(of: &set) { $0[cpu / 8] |= UInt8(1 << (cpu % 8)) }
+        withUnsafeMutableBytes(of: &set) { b in for cpu in valid { b[cpu / 8] |= UInt8(1 << (cpu % 8)) } }
         // Failure (an offline CPU, a cpuset that excludes it) leaves the thread unpinned, not broken.
         guard let setAffinity = Self.schedSetAffinity else { return }
         _ = setAffinity(0, MemoryLayout<cpu_set_t>.size, &set)

@@ -11,6 +11,12 @@ extension HostProfile {
         return probe(roots: roots, kvm: kvm, bootID: bootID)
     }
 
+    /// Only the KVM verdict (cached per boot): what a launch needs, without probing the tools.
+    public static func kvm(paths: Paths = .default, roots: HostRoots = HostRoots()) -> KVMProbeResult {
+        let bootID = read(roots.proc + "/sys/kernel/random/boot_id")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
+        return cachedKVM(paths: paths, bootID: bootID, refresh: false)
+    }
+
     /// Builds a profile from the given roots without touching /dev/kvm (the KVM result is passed in).
     /// Never throws: a missing or malformed file becomes "unknown" in the report.
     public static func probe(roots: HostRoots, kvm: KVMProbeResult, bootID: String = "unknown") -> HostProfile {
@@ -29,6 +35,7 @@ extension HostProfile {
         caps["libvirt-daemon"] = probeLibvirtDaemon()
         caps["runc"] = probeRuntime("runc", cgroupMode: cgroupMode)
         caps["crun"] = probeRuntime("crun", cgroupMode: cgroupMode)
+        caps["runsc"] = probeRuntime("runsc", cgroupMode: cgroupMode)
         caps["docker"] = probeDocker()
         caps["libguestfs"] = probeGuestfs(kvm: kvm)
         return HostProfile(bootID: bootID, kernel: kernel, cpuModel: model, onlineCPUs: cpus,

@@ -8,6 +8,7 @@
 /// // qemu-system-x86_64 -kernel image.kernel -initrd image.initrd -append cmdline \
 /// //   -drive file=image.rootfsDisk,format=raw,if=virtio
 /// ```
+import Crypto
 import Foundation
 import MicroVMCore
 #if canImport(Glibc)
@@ -74,11 +75,18 @@ public struct ImageStore: Sendable {
     var initScript: String { sourceDirectory + "/images/init" }
 
     /// Returns the image for the current inputs, building it first when it is not cached.
+    /// On a launch this is a few `stat` calls and one manifest read: the key is remembered
+    /// (`ImageKeyCache`) until a package, kernel or recipe file changes.
     public func ensureDefault() throws -> GuestImage {
+        if let key = keyCache.lookup(), let img = load(key: key) { return img }
+        let fingerprint = keyCache.fingerprint()
         let inputs = try ImageInputs.current(initScript: initScript)
-        if let img = load(key: inputs.key) { return img }
-        return try withLock { try load(key: inputs.key) ?? build(inputs: inputs) }
+        let img = try load(key: inputs.key) ?? withLock { try load(key: inputs.key) ?? build(inputs: inputs) }
+        keyCache.remember(img.key, fingerprint: fingerprint)
+        return img
     }
+
+    var keyCache: ImageKeyCache { ImageKeyCache(path: paths.images + "/.key-cache.json", initScript: initScript) }
 
     /// Builds the image for the current inputs; `force` rebuilds even when it is cached.
     @discardableResult
@@ -205,7 +213,14 @@ struct ImageInputs {
 
     static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "socat", "libc6", "e2fsprogs"]
 
-    static func current(initScript: String) throws -> ImageInputs {
+    /// The recipe's own files: the guest init, and every file of the image's probes (`images/probe`).
+    static func recipeFiles(initScript: String) -> [String] {
+        let probeDir = (initScript as NSString).deletingLastPathComponent + "/probe"
+        let probes = ((try? FileManager.default.contentsOfDirectory(atPath: probeDir)) ?? []).sorted().map { probeDir + "/" + $0 }
+        return [initScript] + probes
+    }
+
+    static func current(initScript: String, dpkgStatus: String = DpkgStatus.defaultPath) throws -> ImageInputs {
         let kernel = try DebianKernel.newest()
         guard let initData = FileManager.default.contents(atPath: initScript) else {
             throw MicroVMError.notFound("guest init '\(initScript)' is missing: set MVM_SOURCE_DIR to the MicroVM source tree")
@@ -213,7 +228,7 @@ struct ImageInputs {
         let fm = FileManager.default
         let kattrs = try? fm.attributesOfItem(atPath: kernel.bzImage)
         let kdep = try? fm.attributesOfItem(atPath: kernel.modulesDirectory + "/modules.dep")
-        let versions = try ProcessRunner.run(["dpkg-query", "-W", "-f", "${Package}=${Version}\n"] + packages, timeout: 30)
+        let versions = try DpkgStatus.installedVersions(of: packages, statusFile: dpkgStatus)
         var lines = [
             "recipe=\(ImageStore.recipeVersion)",
             "kernel=\(kernel.version) size=\(kattrs?[.size] as? UInt64 ?? 0) mtime=\((kattrs?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)",
@@ -221,11 +236,88 @@ struct ImageInputs {
             "modules=\(ModuleResolver.defaultModules.joined(separator: ","))",
             "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))",
         ]
-        lines += versions.stdoutText.split(separator: "\n").map { "package \($0)" }.sorted()
+        lines += versions.map { "package \($0)" }.sorted()
         let description = lines.joined(separator: "\n") + "\n"
-        let hashInput = Data(description.utf8) + initData
-        let digest = try ProcessRunner.check(["sha256sum"], input: hashInput, timeout: 30, package: "coreutils").stdoutText
+        var hash = SHA256()
+        hash.update(data: Data(description.utf8))
+        hash.update(data: initData)
+        for probe in recipeFiles(initScript: initScript).dropFirst() {
+            guard let data = fm.contents(atPath: probe) else { continue }
+            hash.update(data: Data(("\n" + (probe as NSString).lastPathComponent + "\n").utf8))
+            hash.update(data: data)
+        }
+        let digest = hash.finalize().map { String(format: "%02x", $0) }.joined()
         let key = "debian-\(kernel.version)-" + String(digest.prefix(16))
         return ImageInputs(kernel: kernel, description: description, key: key)
+    }
+}
+
+/// The image key without re-deriving it: a launch must not read package databases or hash the
+/// recipe. The key is remembered with a fingerprint of everything it depends on (the dpkg status
+/// file, /boot, /lib/modules and the recipe files, by inode, size and modification time); while
+/// the fingerprint holds, the key does too, and finding it costs a few `stat` calls.
+struct ImageKeyCache {
+    var path: String
+    var initScript: String
+    var watched: [String] = [DpkgStatus.defaultPath, "/boot", "/lib/modules"]
+
+    struct Entry: Codable { var fingerprint: String; var key: String }
+
+    func fingerprint() -> String {
+        var parts = ["recipe=\(ImageStore.recipeVersion)"]
+        let probeDir = (initScript as NSString).deletingLastPathComponent + "/probe"
+        for p in watched + [probeDir] + ImageInputs.recipeFiles(initScript: initScript) {
+            var st = stat()
+            if stat(p, &st) == 0 {
+                parts.append("\(p) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)")
+            } else {
+                parts.append("\(p) absent")
+            }
+        }
+        return parts.joined(separator: "\n")
+    }
+
+    /// The remembered key, if everything it was derived from is unchanged.
+    func lookup() -> String? {
+        guard let data = FileManager.default.contents(atPath: path),
+              let entry = try? JSONDecoder().decode(Entry.self, from: data), entry.fingerprint == fingerprint() else { return nil }
+        return entry.key
+    }
+
+    /// Remembers `key` for the fingerprint taken before it was derived (so a change made while
+    /// deriving it is seen next time). Best effort: a cache that cannot be written costs a
+    /// derivation on the next launch, nothing more.
+    func remember(_ key: String, fingerprint: String) {
+        guard let data = try? JSONEncoder().encode(Entry(fingerprint: fingerprint, key: key)) else { return }
+        try? data.write(to: URL(fileURLWithPath: path), options: .atomic)
+    }
+}
+
+/// Installed package versions, read from dpkg's status file in-process (what `dpkg-query -W`
+/// prints, without starting it).
+enum DpkgStatus {
+    static let defaultPath = "/var/lib/dpkg/status"
+
+    /// "NAME=VERSION" for each of `packages` that is installed (one line per architecture, as
+    /// dpkg-query prints them), in file order.
+    static func installedVersions(of packages: [String], statusFile: String = defaultPath) throws -> [String] {
+        guard let data = FileManager.default.contents(atPath: statusFile) else {
+            throw MicroVMError.notFound("dpkg status file '\(statusFile)' cannot be read: this needs a Debian host (the image is built from its packages)")
+        }
+        return parse(String(decoding: data, as: UTF8.self), packages: Set(packages))
+    }
+
+    static func parse(_ text: String, packages: Set<String>) -> [String] {
+        var out: [String] = []
+        for stanza in text.split(separator: "\n\n", omittingEmptySubsequences: true) {
+            var name: Substring?, version: Substring?, installed = false
+            for line in stanza.split(separator: "\n") {
+                if line.hasPrefix("Package: ") { name = line.dropFirst(9) }
+                else if line.hasPrefix("Version: ") { version = line.dropFirst(9) }
+                else if line.hasPrefix("Status: ") { installed = line.hasSuffix(" installed") }
+            }
+            if let name, let version, installed, packages.contains(String(name)) { out.append("\(name)=\(version)") }
+        }
+        return out
     }
 }

@@ -107,17 +107,18 @@ public struct DomainConfig: Sendable, Equatable {
     public var vsockCID: UInt32?
     /// The file that receives the serial console.
     public var consoleLog: String
-    public var slice: ResourceSlice?
+    /// The granted slice as libvirt enforces it (cputune, memtune, numatune, memoryBacking).
+    public var enforcement: Enforcement?
     /// Whether `<memtune><hard_limit>` is emitted: libvirt then raises RLIMIT_MEMLOCK, which needs
     /// CAP_SYS_RESOURCE (containers often lack it).
     public var memoryHardLimit: Bool
 
     public init(name: String, uuid: UUID = UUID(), memory: ByteCount, vcpus: Int, accelerator: Accelerator, machine: String = "pc",
                 kernel: String, initrd: String? = nil, cmdline: String, disks: [Disk] = [], taps: [String] = [],
-                consoleLog: String, slice: ResourceSlice? = nil, memoryHardLimit: Bool = true) {
+                consoleLog: String, enforcement: Enforcement? = nil, memoryHardLimit: Bool = true) {
         self.name = name; self.uuid = uuid; self.memory = memory; self.vcpus = vcpus; self.accelerator = accelerator
         self.machine = machine; self.kernel = kernel; self.initrd = initrd; self.cmdline = cmdline; self.disks = disks
-        self.taps = taps; self.consoleLog = consoleLog; self.slice = slice; self.memoryHardLimit = memoryHardLimit
+        self.taps = taps; self.consoleLog = consoleLog; self.enforcement = enforcement; self.memoryHardLimit = memoryHardLimit
     }
 }
 
@@ -125,9 +126,6 @@ public struct DomainConfig: Sendable, Equatable {
 /// the serial console into a file, every end of life mapped to destroy, and the resource slice
 /// as `<cputune>`/`<memtune>`.
 public enum DomainXML {
-    /// What QEMU itself needs beyond guest RAM, added to the hard limit so the limit caps the
-    /// guest rather than killing QEMU on its first allocation spike.
-    public static let qemuOverheadAllowance = ByteCount.mebibytes(256)
 
     public static func document(for c: DomainConfig) throws -> String {
         try validate(c)
@@ -142,6 +140,8 @@ public enum DomainXML {
             XMLTree("vcpu", ["placement": "static"], text: "\(c.vcpus)")
             cputune(c)
             memtune(c)
+            numatune(c)
+            memoryBacking(c)
             XMLTree("os") {
                 XMLTree("type", ["arch": "x86_64", "machine": c.machine], text: "hvm")
                 XMLTree("kernel", text: c.kernel)
@@ -214,38 +214,41 @@ public enum DomainXML {
 
     public static let quotaPeriod = 100_000
 
+    /// The whole domain (vCPUs, emulator and I/O threads) gets at most the enforcement's CPUs of
+    /// work (`global_*`; plain period/quota would apply per vCPU thread); each vCPU is pinned as
+    /// the enforcement says, QEMU's own threads to the whole set.
     static func cputune(_ c: DomainConfig) -> [XMLTree] {
-        guard let s = c.slice else { return [] }
+        guard let e = c.enforcement else { return [] }
         var kids: [XMLTree] = []
-        kids.append(XMLTree("shares", text: "\(shares(forWeight: s.cpuWeight))"))
-        if let q = s.cpuQuota, q > 0 {
-            // global_* bounds the whole domain; plain period/quota would apply per vCPU thread.
-            let quota = max(1000, Int((q * Double(quotaPeriod)).rounded()))
-            kids.append(XMLTree("global_period", text: "\(quotaPeriod)"))
-            kids.append(XMLTree("global_quota", text: "\(quota)"))
-        }
-        if !s.cpuSet.isEmpty {
-            let set = Array(Set(s.cpuSet)).sorted()
+        kids.append(XMLTree("shares", text: "\(shares(forWeight: e.cpuWeight))"))
+        kids.append(XMLTree("global_period", text: "\(Enforcement.period)"))
+        kids.append(XMLTree("global_quota", text: "\(e.quotaMicros)"))
+        if !e.vcpuPins.isEmpty {
             for v in 0..<c.vcpus {
-                // Dedicated: one host CPU per vCPU, round robin; otherwise each vCPU may use the whole set.
-                let pin = s.placement == .dedicated ? "\(set[v % set.count])" : CPUList.format(set)
-                kids.append(XMLTree("vcpupin", ["vcpu": "\(v)", "cpuset": pin]))
+                kids.append(XMLTree("vcpupin", ["vcpu": "\(v)", "cpuset": CPUList.format(e.vcpuPins[v % e.vcpuPins.count])]))
             }
-            kids.append(XMLTree("emulatorpin", ["cpuset": CPUList.format(set)]))
         }
+        if !e.cpuSet.isEmpty { kids.append(XMLTree("emulatorpin", ["cpuset": CPUList.format(e.cpuSet)])) }
         return [XMLTree("cputune", children: kids)]
     }
 
-    /// The memory hard limit: the slice's grant, never below guest RAM plus QEMU's own needs.
-    public static func hardLimit(memory: ByteCount, slice: ResourceSlice) -> ByteCount {
-        max(slice.memory, memory + qemuOverheadAllowance)
+    /// Guest RAM plus QEMU's own allowance (`Enforcement.overhead(for: .hosted)`).
+    static func memtune(_ c: DomainConfig) -> [XMLTree] {
+        guard let e = c.enforcement, c.memoryHardLimit else { return [] }
+        return [XMLTree("memtune") {
+            XMLTree("hard_limit", ["unit": "KiB"], text: "\(e.memoryLimit.kibibytes)")
+            XMLTree("swap_hard_limit", ["unit": "KiB"], text: "\(e.memoryLimit.kibibytes)")
+        }]
     }
 
-    static func memtune(_ c: DomainConfig) -> [XMLTree] {
-        guard let s = c.slice, c.memoryHardLimit else { return [] }
-        return [XMLTree("memtune") {
-            XMLTree("hard_limit", ["unit": "KiB"], text: "\(hardLimit(memory: c.memory, slice: s).kibibytes)")
-        }]
+    static func numatune(_ c: DomainConfig) -> [XMLTree] {
+        guard let node = c.enforcement?.numaNode else { return [] }
+        return [XMLTree("numatune") { XMLTree("memory", ["mode": "strict", "nodeset": "\(node)"]) }]
+    }
+
+    static func memoryBacking(_ c: DomainConfig) -> [XMLTree] {
+        guard c.enforcement?.hugePages == true else { return [] }
+        return [XMLTree("memoryBacking") { XMLTree("hugepages") }]
     }
 
     /// Rejects what no escaping can make valid: libvirt forbids '/' in names, and XML 1.0 cannot
@@ -268,8 +271,8 @@ public enum DomainXML {
             }
         }
         guard c.vcpus >= 1 else { throw MicroVMError.invalidArgument("a domain needs at least one vCPU (got \(c.vcpus))") }
-        if let s = c.slice, s.cpuSet.contains(where: { $0 < 0 }) {
-            throw MicroVMError.invalidArgument("CPU set \(s.cpuSet) names a negative CPU")
+        if let e = c.enforcement, (e.cpuSet + e.vcpuPins.flatMap { $0 }).contains(where: { $0 < 0 }) {
+            throw MicroVMError.invalidArgument("CPU set \(e.cpuSet) names a negative CPU")
         }
     }
 }

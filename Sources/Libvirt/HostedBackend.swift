@@ -2,6 +2,7 @@ import CLibvirt
 import Foundation
 import Host
 import Images
+import Launch
 import MicroVMCore
 #if canImport(Glibc)
 import Glibc
@@ -76,13 +77,15 @@ public struct HostedBackend: InstanceBackend {
 
     // MARK: Run
 
-    public func run(_ spec: VMSpec) async throws -> RunResult {
-        try spec.validate()
+    public var attachesRootfs: Bool { attachRootfs }
+    public func defaultArtifacts() throws -> BootArtifacts? { try image().artifacts }
+
+    public func execute(_ launch: LaunchPlan) async throws -> RunResult {
+        var spec = launch.spec
         try DomainXML.checkName(spec.name)
         let conn = try connection()
         // A local QEMU gets a tap made here, as the direct VMM does; it persists (QEMU opens it
         // by name once this process lets go of it) until the run ends, when it is removed.
-        var spec = spec
         var link: TapLink?
         if isLocal, let net = spec.net {
             let l = try TapLink.open(net, owner: spec.name, persistent: true)
@@ -91,7 +94,7 @@ public struct HostedBackend: InstanceBackend {
             spec.net = l.resolved
         }
         defer { link?.tap.remove() }
-        let plan = try makePlan(spec, connection: conn)
+        let plan = try makePlan(launch, spec: spec, connection: conn)
         try Paths.ensureDirectory(recordDirectory)
         try Paths.ensureDirectory((plan.runDirectory as NSString).deletingLastPathComponent)
         guard mkdir(plan.runDirectory, 0o755) == 0 else {
@@ -109,8 +112,9 @@ public struct HostedBackend: InstanceBackend {
             if let copyFrom = plan.copyRootfsFrom { try copyDisk(copyFrom, to: plan.config.disks[0].path) }
             _ = FileManager.default.createFile(atPath: plan.config.consoleLog, contents: nil)
             try record.save(in: recordDirectory)
-            let start = Date()
             let (d, config) = try createDomain(plan.config, connection: conn)
+            launch.clock.mark(.spawned)
+            launch.clock.mark(.firstInstruction)
             domain = d
             record.machine = config.machine
             try record.save(in: recordDirectory)
@@ -118,14 +122,12 @@ public struct HostedBackend: InstanceBackend {
             watch = try d.watchLifecycle { event, _ in
                 if event == Int32(VIR_DOMAIN_EVENT_STOPPED.rawValue) || event == Int32(VIR_DOMAIN_EVENT_CRASHED.rawValue) { stopped.set() }
             }
-            let outcome = try await follow(domain: d, log: config.consoleLog, start: start, timeout: spec.timeout, stopped: stopped)
+            let outcome = try await follow(domain: d, log: config.consoleLog, clock: launch.clock, timeout: spec.timeout, stopped: stopped)
             try await finish(domain: d, stopped: stopped)
             watch?.cancel()
             let console = (try? String(contentsOfFile: config.consoleLog, encoding: .utf8)) ?? outcome.console
             removeRunFiles(record)
-            let report = outcome.report
-            return RunResult(exitStatus: report.status, output: report.outputText, bootSeconds: outcome.bootSeconds,
-                             totalSeconds: Date().timeIntervalSince(start), console: console)
+            return launch.result(status: outcome.report.status, output: outcome.report.outputText, console: console)
         } catch {
             if let domain { try? domain.destroy() }
             watch?.cancel()
@@ -140,33 +142,24 @@ public struct HostedBackend: InstanceBackend {
         var copyRootfsFrom: String?
     }
 
-    /// Resolves a spec against the image, the host and the connection into a domain config.
-    func makePlan(_ spec: VMSpec, connection conn: LibvirtConnection) throws -> Plan {
+    /// The launch plan against the host and the connection: a domain config. The rootfs the plan
+    /// attaches is the shared image (read-only to QEMU, not relabelled by libvirt, mounted
+    /// read-only by the init), or with `writableRootfs` a per-run copy.
+    func makePlan(_ launch: LaunchPlan, spec: VMSpec, connection conn: LibvirtConnection) throws -> Plan {
         let runDirectory = paths.libvirtRoot + "/runs/" + spec.name
-        let needImage = spec.kernel == nil || attachRootfs
-        let img: GuestImage? = needImage ? try image() : nil
-        guard let kernel = spec.kernel ?? img?.kernel else {
-            throw MicroVMError.notFound("no guest kernel: pass --kernel or build the default image (mvm image build)")
-        }
-        guard FileManager.default.fileExists(atPath: kernel) else {
-            throw MicroVMError.notFound("guest kernel '\(kernel)' does not exist: rebuild the image (mvm image build) or pass an existing --kernel")
-        }
-        let initrd = spec.initrd ?? (spec.kernel == nil ? img?.initrd : nil)
-        var disks: [DomainConfig.Disk] = []
-        var extra: [String] = []
+        guard let kernel = launch.kernel else { throw MicroVMError(.internalError, "a hosted launch plan has no kernel") }
+        var disks: [DomainConfig.Disk] = launch.disks.map { .init(path: $0.path, readOnly: $0.readOnly, direct: $0.direct) }
         var copyFrom: String?
-        if attachRootfs, let img {
+        var cmdline = launch.cmdline
+        if launch.rootfsAttached {
             if writableRootfs {
-                disks.append(.init(path: runDirectory + "/rootfs.ext4", readOnly: false))
-                copyFrom = img.rootfsDisk
+                copyFrom = disks[0].path
+                disks[0] = .init(path: runDirectory + "/rootfs.ext4", readOnly: false)
+                cmdline = cmdline.replacingOccurrences(of: " \(GuestProtocol.readOnlyRootParameter)=1", with: "")
             } else {
-                // The shared image stays untouched: read-only to QEMU, not relabelled by libvirt,
-                // mounted read-only by the init (mvm.ro).
-                disks.append(.init(path: img.rootfsDisk, readOnly: true, relabel: false))
-                extra.append("mvm.ro=1")
+                disks[0].relabel = false
             }
         }
-        disks += spec.disks.map { .init(path: $0.path, readOnly: $0.readOnly, direct: $0.direct) }
         var taps: [String] = []
         if let net = spec.net {
             guard let tap = net.tap else {
@@ -174,27 +167,14 @@ public struct HostedBackend: InstanceBackend {
             }
             taps.append(tap)
         }
-        extra += spec.initParameters
-        if !spec.cmdline.isEmpty { extra.append(spec.cmdline) }
-        let cmdline = img?.kernelCommandLine(command: spec.command, extra: extra.joined(separator: " "))
-            ?? Self.fallbackCommandLine(command: spec.command, extra: extra.joined(separator: " "))
         let accel = accelerator(connection: conn)
         var config = DomainConfig(name: spec.name, memory: spec.memory, vcpus: spec.cpus, accelerator: accel,
                                   machine: MachineChoice.shared.preferred(for: conn, accelerator: accel),
-                                  kernel: kernel, initrd: initrd, cmdline: cmdline, disks: disks, taps: taps,
-                                  consoleLog: runDirectory + "/console.log", slice: spec.slice,
+                                  kernel: kernel, initrd: launch.initrd, cmdline: ([cmdline] + spec.initParameters).joined(separator: " "),
+                                  disks: disks, taps: taps, consoleLog: runDirectory + "/console.log", enforcement: launch.enforcement,
                                   memoryHardLimit: isLocal ? Self.canRaiseMemlockLimit() : true)
-        if config.slice == nil { config.memoryHardLimit = false }
         config.vsockCID = spec.vsockCID
         return Plan(config: config, runDirectory: runDirectory, copyRootfsFrom: copyFrom)
-    }
-
-    /// The same shape as the image's command line, for a caller-supplied kernel with no image.
-    static func fallbackCommandLine(command: [String], extra: String) -> String {
-        var parts = ["console=ttyS0", "quiet", "reboot=k", "panic=-1"]
-        if !command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(command))") }
-        if !extra.isEmpty { parts.append(extra) }
-        return parts.joined(separator: " ")
     }
 
     var isLocal: Bool { !uri.contains("://") || URLComponents(string: uri)?.host.map(\.isEmpty) ?? true }
@@ -204,7 +184,7 @@ public struct HostedBackend: InstanceBackend {
         if !isLocal {
             return conn.domainCapabilities(machine: "pc", virtType: "kvm") != nil ? .kvm : .qemu
         }
-        let kvm = HostProfile.current(paths: paths).kvm
+        let kvm = HostProfile.kvm(paths: paths)
         if kvm.verdict == .hardware { return .kvm }
         Warnings.once("hosted mode runs QEMU under TCG emulation here (KVM: \(kvm.reason)); its timings are emulation timings")
         return .qemu
@@ -258,7 +238,8 @@ public struct HostedBackend: InstanceBackend {
     }
 
     /// Tails the serial log until the framed result arrives, the domain stops, or time runs out.
-    func follow(domain: LibvirtDomain, log: String, start: Date, timeout: Double, stopped: StopFlag) async throws -> Outcome {
+    func follow(domain: LibvirtDomain, log: String, clock: LaunchClock, timeout: Double, stopped: StopFlag) async throws -> Outcome {
+        let start = Date()
         guard let handle = FileHandle(forReadingAtPath: log) else {
             throw MicroVMError(.backend, "cannot read the serial log \(log)")
         }
@@ -273,7 +254,10 @@ public struct HostedBackend: InstanceBackend {
                 // Bounded: a guest that floods its console must not exhaust our memory.
                 if console.count < 4 << 20 { console.append(chunk.prefix((4 << 20) - console.count)) }
                 parser.feed(chunk)
-                if bootSeconds == nil, parser.bootComplete { bootSeconds = Date().timeIntervalSince(start) }
+                if bootSeconds == nil, parser.bootComplete {
+                    bootSeconds = Date().timeIntervalSince(start)
+                    clock.mark(.ready)
+                }
                 if let report = parser.report {
                     return Outcome(report: report, bootSeconds: bootSeconds, console: String(decoding: console, as: UTF8.self))
                 }

@@ -17,5 +17,6 @@
 @_exported import Containers
 @_exported import Allocator
 @_exported import Images
+@_exported import Launch
 @_exported import Rig
 @_exported import Bench

@@ -23,6 +23,8 @@ public enum GuestProtocol {
     /// command runs (the guest needs socat; the host connects to the VM's CID and this port).
     /// Only set when the spec asks for it (`VMSpec.vsockShell`): the shell has no credentials.
     public static let vsockParameter = "mvm.vsock"
+    /// Set to 1 when the rootfs disk is the shared image, attached read-only: the init mounts it so.
+    public static let readOnlyRootParameter = "mvm.ro"
     public static let vsockShellPort: UInt32 = 1024
 
     /// Encodes argv for the kernel command line: base64 of the arguments joined by NUL,

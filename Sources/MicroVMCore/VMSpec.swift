@@ -108,21 +108,13 @@ public struct VMSpec: Codable, Sendable, Hashable {
         self.command = command; self.rootfs = rootfs; self.slice = slice; self.timeout = timeout
     }
 
-    /// Checks what can be checked without a backend; throws one clear error.
-    public func validate() throws {
+    /// Checks the sizes and flags that need no file system (`SpecValidator` checks the rest).
+    public func validateSizes() throws {
         guard cpus >= 1 else { throw MicroVMError.invalidArgument("--cpus must be at least 1 (got \(cpus))") }
         guard cpus <= 255 else { throw MicroVMError.invalidArgument("--cpus \(cpus) is more than the 255 vCPUs x86 xAPIC ids allow") }
         guard memory >= .mebibytes(16) else { throw MicroVMError.invalidArgument("--memory \(memory) is too small: a Linux guest needs at least 16M") }
-        for (label, path) in [("kernel", kernel), ("initrd", initrd)] {
-            if let path, !FileManager.default.fileExists(atPath: path) {
-                throw MicroVMError.notFound("\(label) file '\(path)' does not exist: pass an existing file, or omit it to use the default image (mvm image build)")
-            }
-        }
         if vsockShell, vsockCID == nil {
             throw MicroVMError.invalidArgument("--vsock-shell needs --vsock CID: the shell listens on the VM's vsock device")
-        }
-        for d in disks where !FileManager.default.fileExists(atPath: d.path) {
-            throw MicroVMError.notFound("disk image '\(d.path)' does not exist")
         }
     }
 }
@@ -137,9 +129,11 @@ public struct RunResult: Codable, Sendable {
     public var totalSeconds: Double
     /// The raw console, for `mvm logs` and for errors.
     public var console: String
-    public init(exitStatus: Int32, output: String, bootSeconds: Double?, totalSeconds: Double, console: String) {
+    /// Seconds from the launch request to each phase (`bootSeconds` is `phases.start`).
+    public var phases: LaunchPhases?
+    public init(exitStatus: Int32, output: String, bootSeconds: Double?, totalSeconds: Double, console: String, phases: LaunchPhases? = nil) {
         self.exitStatus = exitStatus; self.output = output; self.bootSeconds = bootSeconds
-        self.totalSeconds = totalSeconds; self.console = console
+        self.totalSeconds = totalSeconds; self.console = console; self.phases = phases
     }
 }
 
@@ -159,12 +153,21 @@ public struct InstanceInfo: Codable, Sendable {
     }
 }
 
-/// What every backend (direct VMM, libvirt, containers) implements.
-/// Optional features throw `.unsupported` by default.
+/// What every backend (direct VMM, libvirt, containers, native) implements. A backend executes
+/// plans: `InstanceLauncher` validates the spec, takes the grant and resolves the `LaunchPlan`;
+/// `run(_:)` (in the Launch module) is that path without an allocator.
 public protocol InstanceBackend: Sendable {
     var mode: RunMode { get }
-    /// Runs the spec to completion: boot, run the command, collect the framed result, tear down.
-    func run(_ spec: VMSpec) async throws -> RunResult
+    /// Kernel parameters this backend's VMs need on top of the common command line.
+    var kernelParameters: String { get }
+    /// Whether VMs get the image's rootfs disk as /dev/vda (containers always run in the tree).
+    var attachesRootfs: Bool { get }
+    /// Checks that this host can run the plan's kind of instance, before anything is allocated.
+    func checkHost() throws
+    /// The guest image this backend was given, if any (nil: the launcher's default image).
+    func defaultArtifacts() throws -> BootArtifacts?
+    /// Runs a plan to completion: boot, run the command, collect the framed result, tear down.
+    func execute(_ plan: LaunchPlan) async throws -> RunResult
     /// Instances this backend knows about.
     func list() async throws -> [InstanceInfo]
     /// Stops an instance by name (graceful, then forced).
@@ -174,6 +177,10 @@ public protocol InstanceBackend: Sendable {
 }
 
 extension InstanceBackend {
+    public var kernelParameters: String { "" }
+    public var attachesRootfs: Bool { mode.isVM }
+    public func checkHost() throws {}
+    public func defaultArtifacts() throws -> BootArtifacts? { nil }
     public func list() async throws -> [InstanceInfo] { [] }
     public func stop(name: String) async throws { throw MicroVMError.unsupported("\(mode) backend cannot stop instances") }
     public func logs(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) backend keeps no logs") }

@@ -48,28 +48,32 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; direct mode needs /dev/vhost-vsock).") var vsock: UInt32?
     @Flag(help: "With --vsock: the guest init serves a root shell on vsock port 1024 while the command runs. Any host process can connect to it: use it only where the host's users are trusted.") var vsockShell = false
     @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
-    @Option(help: "Container runtime for --mode container: runc, crun or docker.") var runtime: String?
+    @Option(help: "Container runtime for --mode container: runc, crun, runsc (gVisor) or docker.") var runtime: String?
     @Option(help: "Instance name (default: generated).") var name: String?
     @Option(help: "Seconds before the instance is killed.") var timeout: Double = 300
-    @Flag(help: "Print the run's timings and status as JSON instead of the command's output.") var json = false
+    @Flag(help: "Print the run's status, output and phase timings (seconds from the command's start, CLOCK_MONOTONIC) as JSON instead of the command's output.") var json = false
     @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []
 
     func run() async throws {
+        // The user's command started here: every phase is timed from this moment.
+        let clock = LaunchClock()
         let status: Int32 = try await reportingErrors {
             let (cfg, slice) = try instance.requestedSlice()
             var spec = VMSpec(kernel: kernel, initrd: initrd, cmdline: cmdline, cpus: slice.cpus, memory: slice.memory,
-                              command: command, timeout: timeout)
+                              command: command, slice: slice, timeout: timeout)
             if let name { spec.name = name }
             spec.disks = try disk.map(DiskSpec.init(parsing:))
             if let net { spec.net = try NetSpec(parsing: net) }
             spec.vsockCID = vsock
             spec.vsockShell = vsockShell
-            try spec.validate()
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
                                             runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
-            let result = try await Grants.withGrant(slice: slice, owner: spec.name, mode: mode, config: cfg) { granted in
-                spec.slice = granted
-                return try await backend.run(spec)
+            // Validation comes before the ledger is even opened: bad input allocates nothing.
+            try SpecValidator.validate(spec, mode: mode)
+            let launcher = InstanceLauncher(grants: try AllocatorGrants(config: cfg))
+            let checked = spec
+            let result = try await SignalStop.cancellingOnSignals {
+                try await launcher.launch(checked, on: backend, clock: clock)
             }
             if json {
                 let enc = JSONEncoder()
@@ -84,3 +88,24 @@ struct RunCommand: AsyncParsableCommand {
     }
 }
 
+/// SIGINT, SIGTERM and SIGHUP cancel the run (a VM is asked to stop, its grant released and its
+/// cgroup removed) instead of killing the process mid-way.
+enum SignalStop {
+    static func cancellingOnSignals<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
+        let task = Task { try await body() }
+        let signals = [SIGINT, SIGTERM, SIGHUP]
+        let sources = signals.map { sig -> any DispatchSourceSignal in
+            signal(sig, SIG_IGN)
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            s.setEventHandler { task.cancel() }
+            s.resume()
+            return s
+        }
+        defer {
+            sources.forEach { $0.cancel() }
+            signals.forEach { signal($0, SIG_DFL) }
+        }
+        do { return try await task.value }
+        catch is CancellationError { throw MicroVMError(.backend, "stopped by a signal; the instance was stopped and its resources released") }
+    }
+}

@@ -73,9 +73,9 @@ struct TapDeviceTests {
     @Test func shellNeedsACID() throws {
         var spec = VMSpec(name: "v")
         spec.vsockShell = true
-        #expect { try spec.validate() } throws: { "\($0)".contains("--vsock-shell needs --vsock") }
+        #expect { try spec.validateSizes() } throws: { "\($0)".contains("--vsock-shell needs --vsock") }
         spec.vsockCID = 42
-        try spec.validate()
+        try spec.validateSizes()
         #expect(spec.initParameters == ["mvm.vsock=1024"])
         spec.vsockShell = false
         #expect(spec.initParameters.isEmpty, "no shell unless asked for")

@@ -1,0 +1,53 @@
+import Foundation
+import Testing
+@testable import Launch
+import MicroVMCore
+
+@Suite struct SpecValidatorTests {
+    func temp(_ name: String, _ bytes: [UInt8]) throws -> String {
+        let dir = NSTemporaryDirectory() + "mvm-validate-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let p = dir + "/" + name
+        try Data(bytes).write(to: URL(fileURLWithPath: p))
+        return p
+    }
+
+    @Test func aFileThatIsNotAKernelIsNamedSo() throws {
+        let p = try temp("notakernel", Array("just text, no kernel here".utf8) + [UInt8](repeating: 0, count: 1024))
+        let e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(VMSpec(kernel: p, command: ["true"]), mode: .direct) }
+        #expect(e.code == .invalidImage)
+        #expect(e.message.contains("'\(p)' is not a kernel"))
+    }
+
+    @Test func bzImageAndELFHeadersPass() throws {
+        var bz = [UInt8](repeating: 0, count: 0x300)
+        bz.replaceSubrange(0x202..<0x206, with: Array("HdrS".utf8))
+        try SpecValidator.checkKernel(try temp("bz", bz))
+        try SpecValidator.checkKernel(try temp("elf", [0x7f, 0x45, 0x4c, 0x46] + [UInt8](repeating: 0, count: 64)))
+    }
+
+    @Test func missingDiskMalformedInputsAndTimeoutsAreNamed() throws {
+        let missing = "/nonexistent/disk-\(getpid()).img"
+        var e = try #require(throws: MicroVMError.self) {
+            try SpecValidator.validate(VMSpec(disks: [DiskSpec(path: missing)], command: ["true"]), mode: .hosted)
+        }
+        #expect(e.message.contains(missing) && e.message.contains("does not exist"))
+        e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(VMSpec(command: ["true"], timeout: -1), mode: .container) }
+        #expect(e.message.contains("--timeout -1"))
+        e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(VMSpec(command: ["true"], timeout: .nan), mode: .container) }
+        #expect(e.message.contains("--timeout"))
+        e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(VMSpec(name: "../etc", command: ["true"]), mode: .container) }
+        #expect(e.message.contains("instance name '../etc'"))
+        e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(VMSpec(command: []), mode: .container) }
+        #expect(e.message.contains("needs a command"))
+        e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(VMSpec(vsockCID: 2, command: ["true"]), mode: .direct) }
+        #expect(e.message.contains("--vsock 2 is reserved"))
+        #expect(throws: MicroVMError.self) { try NetSpec(parsing: "tap,host=300.1.1.1") }
+    }
+
+    @Test func insideTheRigAHostTmpFileIsOutOfSightNotMissing() {
+        #expect(SpecValidator.rigHint("/tmp/k/vmlinuz", inRig: true).contains("--share /tmp/k"))
+        #expect(SpecValidator.rigHint("/tmp/k/vmlinuz", inRig: false).isEmpty)
+        #expect(SpecValidator.rigHint("/work/vmlinuz", inRig: true).isEmpty)
+    }
+}
