@@ -127,7 +127,7 @@ public struct CgroupSet: Sendable {
 
     /// cgroup v1 cpu.shares for a v2-style weight (100 → 1024, the kernel's default).
     public static func shares(weight: Int) -> Int { max(2, min(262_144, weight * 1024 / 100)) }
-    static func quotaMicros(_ cpus: Double) -> Int { max(1000, Int((cpus * Double(period)).rounded())) }
+    public static func quotaMicros(_ cpus: Double) -> Int { max(1000, Int((cpus * Double(period)).rounded())) }
 
     /// Moves a whole process (all its threads) into the cgroup.
     public func add(pid: Int32) throws {

@@ -45,9 +45,10 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
                     "-kernel", plan.kernel ?? image.kernel] + (plan.initrd.map { ["-initrd", $0] } ?? []) + ["-append", cmdline]
         for (i, d) in plan.disks.enumerated() {
-            argv += ["-drive", "id=disk\(i),file=\(Self.escape(d.path)),format=raw,if=none,readonly=\(d.readOnly ? "on" : "off")"
+            let id = plan.rootfsAttached ? (i == 0 ? "root" : "disk\(i - 1)") : "disk\(i)"
+            argv += ["-drive", "id=\(id),file=\(Self.escape(d.path)),format=raw,if=none,readonly=\(d.readOnly ? "on" : "off")"
                         + (d.direct ? ",cache=none" : ""),
-                     "-device", "virtio-blk-device,drive=disk\(i)"]
+                     "-device", "virtio-blk-device,drive=\(id)"]
         }
         if let link {
             argv += ["-netdev", "tap,id=net0,ifname=\(Self.escape(link.tap.name)),script=no,downscript=no,vnet_hdr=on,vhost=off",

@@ -41,6 +41,8 @@ public struct ContainerBackend: InstanceBackend {
         }
     }
     public var runtime: ContainerRuntime
+    /// Tasks gVisor's own sandbox (sentry, gofer) needs inside a container's pids limit.
+    public static let runscSandboxTasks = 256
     public var paths: Paths
     /// The rootfs used when a spec names none (e.g. `{ try ImageStore().ensureDefault().rootfsTree }`).
     public var defaultRootfs: (@Sendable () throws -> String)?
@@ -106,7 +108,12 @@ public struct ContainerBackend: InstanceBackend {
         // Wrapping in the image's shell lets the command's first action print the start marker.
         let hasShell = (try? FileManager.default.attributesOfItem(atPath: rootfs + "/bin/sh")) != nil
         let args = hasShell ? ["/bin/sh", "-c", "echo @@mvm:container-started@@; exec \"$@\"", "mvm"] + spec.command : spec.command
-        let enforcement = plan.enforcement
+        var enforcement = plan.enforcement
+        if driver.isRunsc {
+            // gVisor's sentry and gofer run in the container's cgroup: its pids limit counts
+            // their threads too, so the sandbox gets its own allowance on top of the workload's.
+            enforcement.pidsLimit = enforcement.pidsLimit.map { $0 + Self.runscSandboxTasks }
+        }
 
         var owner = OwnerRecord.current(name: spec.name, runtime: rt.path, cpus: enforcement.cpus, memory: enforcement.memory)
         if spec.net != nil {

@@ -73,6 +73,7 @@ public struct DirectBackend: InstanceBackend {
 
     public var kernelParameters: String { Self.kernelParameters }
     public var attachesRootfs: Bool { options.attachRootfs }
+    public func defaultArtifacts() throws -> BootArtifacts? { try ImageStore(paths: options.paths).ensureDefault().artifacts }
 
     public func execute(_ plan: LaunchPlan) async throws -> RunResult {
         let spec = plan.spec

@@ -87,12 +87,7 @@ public struct InstanceLauncher: Sendable {
         let initrd = spec.initrd ?? (spec.kernel == nil ? img?.initrd : nil)
         var disks = spec.disks
         let rootfs = backend.attachesRootfs ? img?.rootfsDisk : nil
-        if let rootfs {
-            guard FileManager.default.fileExists(atPath: rootfs) else {
-                throw MicroVMError.notFound("the image's rootfs disk '\(rootfs)' is missing: rebuild it (mvm image build --force) or pass --no-rootfs")
-            }
-            disks.insert(DiskSpec(path: rootfs, readOnly: true), at: 0)
-        }
+        if let rootfs { disks.insert(DiskSpec(path: rootfs, readOnly: true), at: 0) }
         let cmdline = KernelCommandLine.build(command: spec.command, backend: backend.kernelParameters, rootfsReadOnly: rootfs != nil,
                                               initParameters: [], extra: spec.cmdline)
         return LaunchPlan(spec: spec, mode: mode, kernel: kernel, initrd: initrd, cmdline: cmdline, disks: disks,

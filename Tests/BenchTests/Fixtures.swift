@@ -47,9 +47,10 @@ struct CannedBackend: InstanceBackend {
     let mode: RunMode
     let eventsPerSecond: Double
     var fail = false
-    func run(_ spec: VMSpec) async throws -> RunResult {
+    func execute(_ plan: LaunchPlan) async throws -> RunResult {
         if fail { throw MicroVMError(.backend, "canned failure") }
         let out = "    events per second:  \(eventsPerSecond)\n"
-        return RunResult(exitStatus: 0, output: out, bootSeconds: 0.01, totalSeconds: 0.02, console: out)
+        plan.clock.mark(.ready)
+        return plan.result(status: 0, output: out, console: out)
     }
 }

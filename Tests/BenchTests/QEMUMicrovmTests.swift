@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import MicroVMCore
 import Images
+import Launch
 @testable import Bench
 
 @Suite struct QEMUMicrovmTests {
@@ -9,11 +10,11 @@ import Images
         {"key": "k", "directory": "/cache/img,1", "kernelVersion": "6.1", "hasPVHNote": true, "modules": []}
         """.utf8))
 
-    @Test func commandLineMirrorsTheDirectVMMsGuest() {
+    @Test func commandLineMirrorsTheDirectVMMsGuest() throws {
         let q = QEMUMicrovmBackend(image: image, accelerator: .kvm)
         var spec = VMSpec(name: "ref-1", cpus: 2, memory: .mebibytes(128), command: ["echo", "hi"])
         spec.disks = [DiskSpec(path: "/tmp/scratch.img", direct: true)]
-        let a = q.arguments(for: spec)
+        let a = q.arguments(for: try InstanceLauncher().plan(spec, slice: ResourceSlice(cpus: 2, memory: .mebibytes(128)), backend: q))
         func value(after flag: String) -> String? { a.firstIndex(of: flag).map { a[$0 + 1] } }
         #expect(value(after: "-name") == "ref-1")
         #expect(value(after: "-M")?.hasPrefix("microvm,acpi=on") == true)
@@ -32,8 +33,9 @@ import Images
         #expect(!a.contains("-enable-kvm") && !a.contains("pc"))
     }
 
-    @Test func tcgNeverAsksForTheHostCPU() {
-        let a = QEMUMicrovmBackend(image: image, accelerator: .tcg).arguments(for: VMSpec(name: "t"))
+    @Test func tcgNeverAsksForTheHostCPU() throws {
+        let q = QEMUMicrovmBackend(image: image, accelerator: .tcg)
+        let a = q.arguments(for: try InstanceLauncher().plan(VMSpec(name: "t"), slice: ResourceSlice(cpus: 1, memory: .mebibytes(128)), backend: q))
         #expect(a.firstIndex(of: "-accel").map { a[$0 + 1] } == "tcg")
         #expect(a.firstIndex(of: "-cpu").map { a[$0 + 1] } == "max")
     }

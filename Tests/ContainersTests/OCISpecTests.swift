@@ -11,7 +11,7 @@ struct OCISpecTests {
 
     func config() throws -> [String: Any] {
         let spec = try OCISpec.make(ContainerOptions(rootfs: "/r", command: ["echo", "hi"], hostname: "h",
-                                                     cgroupsPath: "/microvm/mvm-h", slice: slice, netnsPath: "/var/run/netns/mvm-h"))
+                                                     cgroupsPath: "/microvm/mvm-h", enforcement: Enforcement(slice: slice, mode: .container), netnsPath: "/var/run/netns/mvm-h"))
         let obj = try JSONSerialization.jsonObject(with: try spec.encoded())
         return try #require(obj as? [String: Any])
     }
@@ -65,7 +65,7 @@ struct OCISpecTests {
     }
 
     @Test func sliceBecomesCgroupLimits() throws {
-        let r = OCISpec.resources(for: slice)
+        let r = OCISpec.resources(for: Enforcement(slice: slice, mode: .container))
         #expect(r.cpu?.cpus == "0-1")
         #expect(r.cpu?.mems == "0")
         #expect(r.cpu?.shares == 2048)
@@ -81,10 +81,10 @@ struct OCISpecTests {
     }
 
     @Test func dockerFlagsMatchTheSlice() {
-        let f = DockerDriver.resourceFlags(slice)
+        let f = DockerDriver.resourceFlags(Enforcement(slice: slice, mode: .container))
         func value(_ flag: String) -> String? { f.firstIndex(of: flag).map { f[$0 + 1] } }
         #expect(value("--cpuset-cpus") == "0-1")
-        #expect(value("--cpus") == "0.500")
+        #expect(value("--cpu-quota") == "50000" && value("--cpu-period") == "100000")
         #expect(value("--cpu-shares") == "2048")
         #expect(value("--memory") == "67108864b")
         #expect(value("--memory-swap") == "67108864b")

@@ -130,7 +130,7 @@ final class RuncTests {
         owner.pid = Int32.max - 1
         let bundle = try store.createBundle(id: id, owner: owner)
         let config = try OCISpec.make(ContainerOptions(rootfs: box.rootfs, command: ["sleep", "100"], hostname: "orphan",
-                                                       cgroupsPath: "/microvm/\(store.cgroupLeaf(id))", slice: ResourceSlice(cpus: 1, memory: .mebibytes(64))))
+                                                       cgroupsPath: "/microvm/\(store.cgroupLeaf(id))", enforcement: Enforcement(slice: ResourceSlice(cpus: 1, memory: .mebibytes(64)), mode: .container)))
         try config.encoded().write(to: URL(fileURLWithPath: bundle + "/config.json"))
         // The created container keeps its stdio, so it gets /dev/null rather than our pipes.
         try ProcessRunner.check(["sh", "-c", "exec runc --root \"$1\" create --bundle \"$2\" \"$3\" </dev/null >/dev/null 2>&1",

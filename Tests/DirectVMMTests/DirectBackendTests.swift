@@ -3,6 +3,7 @@ import Host
 import Images
 import MicroVMCore
 import Testing
+import Launch
 @testable import DirectVMM
 
 let hostKVM = HostProfile.current().kvm.verdict
@@ -30,12 +31,14 @@ struct DirectBackendTests {
     }
 
     @Test func kernelCommandLineCarriesTheCommandAndOurParameters() throws {
-        let backend = DirectBackend(options: .init(paths: try tempPaths()))
-        let files = try backend.bootFiles(for: VMSpec(kernel: "/boot/vmlinuz", cmdline: "mvm.debug=1", command: ["echo", "a b"]))
-        #expect(files.kernel == "/boot/vmlinuz" && files.initrd == nil)
-        #expect(files.cmdline.contains("console=ttyS0") && files.cmdline.contains("reboot=k") && files.cmdline.contains("i8042.noaux"))
-        #expect(files.cmdline.contains("mvm.cmd=\(GuestProtocol.encodeCommand(["echo", "a b"]))"))
-        #expect(files.cmdline.hasSuffix("mvm.debug=1"))
+        let backend = DirectBackend(options: .init(paths: try tempPaths(), attachRootfs: false))
+        let plan = try InstanceLauncher().plan(VMSpec(kernel: "/boot/vmlinuz", cmdline: "mvm.debug=1", command: ["echo", "a b"]),
+                                               slice: ResourceSlice(cpus: 1, memory: .mebibytes(128)), backend: backend)
+        #expect(plan.kernel == "/boot/vmlinuz" && plan.initrd == nil && plan.disks.isEmpty)
+        #expect(plan.cmdline.contains("console=ttyS0") && plan.cmdline.contains("loglevel=3") && plan.cmdline.contains("reboot=k") && plan.cmdline.contains("i8042.noaux"))
+        #expect(plan.cmdline.contains("mvm.cmd=\(GuestProtocol.encodeCommand(["echo", "a b"]))"))
+        #expect(plan.cmdline.hasSuffix("mvm.debug=1"))
+        #expect(plan.enforcement.cpuQuota == 1)
     }
 
     /// The whole product path (image, loader, devices, vCPU threads, console parsing) under a

@@ -11,7 +11,7 @@ struct DomainXMLTests {
         DomainConfig(name: name, uuid: UUID(uuidString: "11111111-2222-3333-4444-555555555555")!, memory: memory, vcpus: vcpus,
                      accelerator: accelerator, kernel: "/img/vmlinuz", initrd: "/img/initrd.img", cmdline: cmdline,
                      disks: [.init(path: "/img/rootfs.ext4", readOnly: true, relabel: false), .init(path: "/data/d.img", readOnly: false, direct: true)],
-                     taps: ["tap-mvm0"], consoleLog: "/run/x/console.log", slice: slice)
+                     taps: ["tap-mvm0"], consoleLog: "/run/x/console.log", enforcement: slice.map { Enforcement(slice: $0, mode: .hosted) })
     }
 
     static let validator: String? = ProcessRunner.which("virt-xml-validate")
@@ -97,19 +97,23 @@ struct DomainXMLTests {
         // Guest RAM plus QEMU's allowance: 512 + 256 MiB.
         #expect(xml.contains("<hard_limit unit='KiB'>786432</hard_limit>"))
 
+        // Shared placement adds a weight; it does not lift the cap of 2 CPUs of work.
         let shared = ResourceSlice(cpus: 2, placement: .shared, cpuSet: [0, 1, 2], memory: .mebibytes(256))
         let xml2 = try DomainXML.document(for: Self.config(slice: shared, vcpus: 2))
         #expect(xml2.contains("<vcpupin vcpu='0' cpuset='0-2'/>"))
         #expect(xml2.contains("<vcpupin vcpu='1' cpuset='0-2'/>"))
         #expect(xml2.contains("<shares>1024</shares>"))
-        #expect(!xml2.contains("global_quota"))
+        #expect(xml2.contains("<global_quota>200000</global_quota>"))
 
         var noLimit = Self.config(slice: shared)
         noLimit.memoryHardLimit = false
         #expect(!(try DomainXML.document(for: noLimit)).contains("memtune"))
         #expect(DomainXML.shares(forWeight: 1) == 10)
         #expect(DomainXML.shares(forWeight: 10000) == 102_400)
-        #expect(DomainXML.hardLimit(memory: .mebibytes(128), slice: ResourceSlice(cpus: 1, memory: .gibibytes(2))) == .gibibytes(2))
+        let huge = ResourceSlice(cpus: 1, memory: .mebibytes(256), hugePages: true, numaNode: 1)
+        let xml3 = try DomainXML.document(for: Self.config(slice: huge))
+        #expect(xml3.contains("<hugepages/>"))
+        #expect(xml3.contains("<memory mode='strict' nodeset='1'/>"))
     }
 
     @Test func diskNamesFollowLinux() {
