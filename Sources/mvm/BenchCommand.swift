@@ -16,8 +16,8 @@ struct BenchRunCommand: AsyncParsableCommand {
         abstract: "Run the benchmark matrix and write results.json, results.md and charts/*.svg.",
         discussion: "Backends that cannot run on this host are listed as 'unavailable: <reason>'. Numbers from VMs under TCG or an emulated KVM are labelled so.")
 
-    @Flag(help: "Short workloads and few repeats: minutes on a small host (the default).") var quick = false
-    @Flag(help: "Longer workloads and more repeats, for steadier numbers.") var full = false
+    @Flag(help: "Short workloads; 5 repeats, 1 for emulated VMs (start and cpu only) and the noisy neighbour: minutes on a small host (the default).") var quick = false
+    @Flag(help: "Longer workloads, every scenario on every backend, 5 repeats each, for steadier numbers.") var full = false
     @Option(help: "Comma-separated backends: \(BackendCatalog.knownNames.joined(separator: ","))") var backends = BackendCatalog.defaultNames.joined(separator: ",")
     @Option(help: "Comma-separated scenarios: \(Scenarios.names.joined(separator: ","))") var scenarios = Scenarios.names.joined(separator: ",")
     @Option(name: .customLong("repeat"), help: "Repeats per cell, after one discarded warm-up (default 5; --quick gives emulated VMs 1 and the noisy neighbour 1).") var repeats: Int?
