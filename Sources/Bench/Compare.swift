@@ -160,7 +160,8 @@ public enum BenchComparison {
         let test = String(format: "Mann–Whitney %@p=%.4f", mw.exact ? "exact " : "", mw.p)
         guard mw.p < o.alpha else { return (.withinNoise, mw.p, effect, "\(test) ≥ \(fmt(o.alpha))") }
         guard let e = effect, abs(e) > floor else {
-            return (.withinNoise, mw.p, effect, "\(test), but the change \(effect.map { fmt($0) } ?? "?") is within the floor")
+            let unit = points ? " points" : " %"
+            return (.withinNoise, mw.p, effect, "\(test), but the change \(effect.map { fmt($0) + unit } ?? "?") is within the floor")
         }
         let improved = (e > 0) == higherIsBetter
         return (improved ? .better : .worse, mw.p, effect, "\(test) < \(fmt(o.alpha)) and |change| > floor")
