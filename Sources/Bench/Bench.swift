@@ -15,7 +15,7 @@ import Foundation
 import MicroVMCore
 import Host
 
-/// What to run: scenarios × targets, each cell `repeats` times.
+/// What to run: scenarios × targets, each cell `repeats` times after one discarded warm-up.
 public struct BenchPlan: Sendable {
     public var scenarios: [any BenchScenario]
     public var targets: [BenchTarget]
@@ -32,6 +32,8 @@ public struct BenchPlan: Sendable {
     /// At most this many repeats for the named scenarios (`--quick`: the noisy-neighbour runs
     /// several instances per repeat and measures containment, which one repeat shows).
     public var scenarioRepeatCap: [String: Int] = [:]
+    /// Scenarios that get no warm-up run, with why (recorded in their cells).
+    public var warmupSkipped: [String: String] = [:]
     /// Which of this process's new descendants a timed-out cell may have left: all of them in
     /// `mvm bench` (cells run one at a time); narrower where other work shares the process.
     public var leftoverFilter: @Sendable (Int32) -> Bool = { _ in true }
@@ -42,7 +44,8 @@ public struct BenchPlan: Sendable {
         self.emulatedVMScenarios = emulatedVMScenarios
     }
 
-    static func isEmulatedVM(_ t: BenchTarget) -> Bool {
+    /// A VM without real KVM: every boot costs seconds, so presets give it fewer repeats.
+    public static func isEmulatedVM(_ t: BenchTarget) -> Bool {
         t.record.mode.isVM && !BackendCatalog.realKVM.contains(t.record.acceleration)
     }
 
@@ -74,15 +77,41 @@ public struct BenchPlan: Sendable {
         if Self.isEmulatedVM(t), let n = emulatedVMRepeats { return min(n, repeats) }
         return repeats
     }
+
+    /// Warm-up runs of a scenario on a target: one, unless the plan skips it.
+    public func warmups(_ s: any BenchScenario) -> Int { warmupSkipped[s.name] == nil ? 1 : 0 }
 }
 
-/// Runs a plan and assembles the report. Failures become labelled cells, never missing ones.
+extension Measurement {
+    /// A metric this repeat could not measure (a victim that died, an aggressor that never ran):
+    /// the runner records `reason` as the repeat's failure, never a number.
+    public static func failed(_ metric: Metric, _ reason: String, details: [String: String] = [:]) -> Measurement {
+        var d = details
+        d["failure"] = reason
+        return Measurement(metric, .nan, details: d)
+    }
+
+    /// Why this measurement is not a sample: a non-finite value is a failure, with its reason.
+    var failure: String? {
+        guard unavailable == nil, !value.isFinite else { return nil }
+        return details["failure"] ?? "no finite value (\(value))"
+    }
+}
+
+/// Runs a plan and assembles the report. Failures become labelled cells, never missing ones,
+/// and never numbers.
+///
+/// Repeats are interleaved: for each scenario every backend gets its warm-up, then repeat 1 on
+/// every backend, then repeat 2, and so on, each round starting one backend further on. The
+/// machine drifts over minutes (other tenants, thermal and frequency state); interleaving spreads
+/// that drift over all backends alike, so it cancels in ratios to native instead of reading as a
+/// difference between backends.
 public final class BenchRunner: Sendable {
     public let plan: BenchPlan
     let progress: @Sendable (String) -> Void
     let checkpoint: @Sendable (BenchReport) -> Void
 
-    /// `checkpoint` gets the report so far after every cell, so a run that is killed keeps what it measured.
+    /// `checkpoint` gets the report so far after every round, so a run that is killed keeps what it measured.
     public init(plan: BenchPlan, progress: @escaping @Sendable (String) -> Void = { _ in },
                 checkpoint: @escaping @Sendable (BenchReport) -> Void = { _ in }) {
         self.plan = plan; self.progress = progress; self.checkpoint = checkpoint
@@ -101,81 +130,67 @@ public final class BenchRunner: Sendable {
     public func run(hostRecord: HostRecord) async -> BenchReport {
         let runnable = plan.targets.filter { $0.backend != nil }
         func runs(_ s: any BenchScenario, _ t: BenchTarget) -> Int {
-            plan.skipReason(s, t) != nil ? 0 : plan.repeats(for: t, scenario: s.name) * s.runsPerMeasure(plan.context(for: t))
+            plan.skipReason(s, t) != nil ? 0 : (plan.repeats(for: t, scenario: s.name) + plan.warmups(s)) * s.runsPerMeasure(plan.context(for: t))
         }
-        let totalRuns = plan.scenarios.reduce(0) { acc, s in acc + runnable.reduce(0) { $0 + runs(s, $1) } }
-        var doneRuns = 0
-        let start = Date()
         var estimate = ProgressEstimate()
         for t in runnable { estimate.planned[t.name] = plan.scenarios.reduce(0) { $0 + runs($1, t) } }
+        var clock = RunClock(total: plan.scenarios.reduce(0) { acc, s in acc + runnable.reduce(0) { $0 + runs(s, $1) } }, estimate: estimate)
         var cells: [Cell] = []
         for scenario in plan.scenarios {
-            for target in plan.targets {
-                let ctx = plan.context(for: target)
-                var metrics: [Metric] = []
-                for m in scenario.metrics(for: ctx) where !metrics.contains(m) { metrics.append(m) }
-                var samples: [String: [Double]] = [:], details: [String: [[String: String]]] = [:]
-                var unavailable: [String: String] = [:], errors: [String] = []
-                var seen = metrics
-                if target.backend == nil {
-                    for m in metrics { unavailable[m.id] = target.record.unavailableReason ?? "backend not available" }
-                } else if let why = plan.skipReason(scenario, target) {
-                    for m in metrics { unavailable[m.id] = why }
-                } else {
-                    let repeats = plan.repeats(for: target, scenario: scenario.name)
-                    let perMeasure = scenario.runsPerMeasure(ctx)
-                    for rep in 1...repeats {
-                        progress(progressLine(scenario: scenario.name, target: target.name, rep: rep, of: repeats, done: doneRuns, total: totalRuns,
-                                              start: start, left: estimate.secondsLeft()))
-                        let began = Date()
-                        defer { estimate.record(target.name, runs: perMeasure, seconds: Date().timeIntervalSince(began)) }
-                        do {
-                            let measured = try await Watchdog.run(seconds: plan.cellDeadline(scenario, target),
-                                                                  cleanup: { await Self.stopLeftovers(target) }, owned: plan.leftoverFilter) {
-                                try await scenario.measure(target, ctx)
-                            }
-                            for m in measured {
-                                if !seen.contains(m.metric) { seen.append(m.metric) }
-                                if let why = m.unavailable { unavailable[m.metric.id] = why; continue }
-                                samples[m.metric.id, default: []].append(m.value)
-                                details[m.metric.id, default: []].append(m.details)
-                            }
-                        } catch let u as ScenarioUnavailable {
-                            for m in metrics { unavailable[m.id] = u.reason }
-                            doneRuns += perMeasure * (repeats - rep + 1)
-                            estimate.skip(target.name, runs: perMeasure * (repeats - rep))
-                            break
-                        } catch let t as Watchdog.TimedOut {
-                            // A cell that hung once will hang again: its remaining repeats are not tried.
-                            errors.append("repeat \(rep): \(t)")
-                            progress("[bench] \(scenario.name) on \(target.name): \(t)")
-                            doneRuns += perMeasure * (repeats - rep + 1)
-                            estimate.skip(target.name, runs: perMeasure * (repeats - rep))
-                            break
-                        } catch {
-                            errors.append("repeat \(rep): \(error)")
-                        }
-                        doneRuns += perMeasure
-                    }
-                }
-                for m in seen {
-                    let s = samples[m.id] ?? []
-                    let status: Cell.Status = !s.isEmpty ? .ok : (unavailable[m.id] != nil ? .unavailable : .failed)
-                    let note = status == .unavailable ? unavailable[m.id] : (status == .failed ? errors.last.map(Self.failureNote) : scenario.note)
-                    cells.append(Cell(scenario: scenario.name, metric: m.id, title: m.title, unit: m.unit, higherIsBetter: m.higherIsBetter,
-                                      backend: target.name, status: status, note: note, samples: s, details: details[m.id] ?? [], errors: errors))
-                }
-                checkpoint(report(hostRecord, cells))
+            var tallies = plan.targets.map { CellTally(scenario: scenario, target: $0, plan: plan) }
+            let live = tallies.indices.filter { tallies[$0].open }
+            if plan.warmups(scenario) > 0 {
+                for i in live { await measure(&tallies[i], rep: 0, clock: &clock) }
+            } else {
+                for i in live { tallies[i].skipWarmup(plan.warmupSkipped[scenario.name] ?? "") }
             }
+            let rounds = live.map { tallies[$0].repeats }.max() ?? 0
+            if rounds > 0 {
+                for rep in 1...rounds where tallies.contains(where: \.open) {
+                    // Each round starts one backend further on, so no backend always follows the same one.
+                    let order = live.indices.map { live[($0 + rep - 1) % live.count] }
+                    for i in order where tallies[i].open && rep <= tallies[i].repeats { await measure(&tallies[i], rep: rep, clock: &clock) }
+                    checkpoint(report(hostRecord, cells + tallies.flatMap { $0.cells() }))
+                }
+            }
+            cells += tallies.flatMap { $0.cells() }
+            checkpoint(report(hostRecord, cells))
         }
-        progress("[bench] done: \(doneRuns) instance runs in \(Self.duration(Date().timeIntervalSince(start)))")
+        progress("[bench] done: \(clock.done) instance runs in \(Self.duration(Date().timeIntervalSince(clock.start)))")
         return report(hostRecord, cells)
     }
 
-    /// "repeat N: why" → "why", and a hang reads `failed: timed out after N s`.
-    static func failureNote(_ error: String) -> String {
-        guard let colon = error.range(of: ": "), error.hasPrefix("repeat ") else { return error }
-        return String(error[colon.upperBound...])
+    /// One run of a scenario on a target: repeat `rep`, or the warm-up when `rep` is 0.
+    func measure(_ tally: inout CellTally, rep: Int, clock: inout RunClock) async {
+        let scenario = tally.scenario, target = tally.target, ctx = tally.context
+        let perMeasure = scenario.runsPerMeasure(ctx)
+        let which = rep == 0 ? "warm-up (discarded)" : "repeat \(rep)/\(tally.repeats)"
+        progress(progressLine(scenario: scenario.name, target: target.name, which: which, clock: clock))
+        let began = Date()
+        defer { clock.estimate.record(target.name, runs: perMeasure, seconds: Date().timeIntervalSince(began)) }
+        do {
+            let measured = try await Watchdog.run(seconds: plan.cellDeadline(scenario, target),
+                                                  cleanup: { await Self.stopLeftovers(target) }, owned: plan.leftoverFilter) {
+                try await scenario.measure(target, ctx)
+            }
+            tally.record(measured, rep: rep)
+            clock.done += perMeasure
+        } catch let u as ScenarioUnavailable {
+            let left = tally.remainingRuns(after: rep) * perMeasure
+            clock.done += perMeasure + left
+            clock.estimate.skip(target.name, runs: left)
+            tally.unavailable(u.reason)
+        } catch let t as Watchdog.TimedOut {
+            // A cell that hung once will hang again: its remaining repeats are not tried.
+            progress("[bench] \(scenario.name) on \(target.name): \(t)")
+            let left = tally.remainingRuns(after: rep) * perMeasure
+            clock.done += perMeasure + left
+            clock.estimate.skip(target.name, runs: left)
+            tally.timedOut("\(t)", rep: rep)
+        } catch {
+            tally.failed("\(error)", rep: rep)
+            clock.done += perMeasure
+        }
     }
 
     func report(_ hostRecord: HostRecord, _ cells: [Cell]) -> BenchReport {
@@ -183,7 +198,8 @@ public final class BenchRunner: Sendable {
         let config = RunConfigRecord(preset: plan.preset, repeats: plan.repeats, scenarios: plan.scenarios.map(\.name), profile: plan.profile,
                                      slice: ctx.slice, workload: ctx.workload.source, guestKernel: ctx.workload.kernelVersion,
                                      durations: ctx.durations.asDictionary,
-                                     repeatsByBackend: Dictionary(uniqueKeysWithValues: plan.targets.map { ($0.name, plan.repeats(for: $0)) }))
+                                     repeatsByBackend: Dictionary(uniqueKeysWithValues: plan.targets.map { ($0.name, plan.repeats(for: $0)) }),
+                                     order: "interleaved")
         let usage = ctx.slices.usage()
         let backends = plan.targets.map { t -> BackendRecord in
             var r = t.record
@@ -203,27 +219,180 @@ public final class BenchRunner: Sendable {
         }
     }
 
-    /// Fills each cell's ratio to the native cell of the same metric in the same run.
+    /// Fills each `ok` cell's ratio to the `ok` native cell of the same metric in the same run.
     public static func withRatios(_ cells: [Cell], baseline: String = "native") -> [Cell] {
         cells.map { c in
             var c = c
-            if let base = cells.first(where: { $0.backend == baseline && $0.scenario == c.scenario && $0.metric == c.metric }),
-               !base.samples.isEmpty, !c.samples.isEmpty {
+            c.ratioToNative = nil
+            if c.status == .ok, let base = cells.first(where: { $0.backend == baseline && $0.scenario == c.scenario && $0.metric == c.metric }),
+               base.status == .ok {
                 c.ratioToNative = Statistics.ratio(c.samples, to: base.samples)
             }
             return c
         }
     }
 
-    func progressLine(scenario: String, target: String, rep: Int, of repeats: Int, done: Int, total: Int, start: Date, left seconds: Double?) -> String {
-        let elapsed = Date().timeIntervalSince(start)
-        let left = seconds.map(Self.duration) ?? "?"
-        return "[bench] \(scenario) on \(target), repeat \(rep)/\(repeats) — \(done)/\(total) instance runs done, \(Self.duration(elapsed)) elapsed, ~\(left) left"
+    func progressLine(scenario: String, target: String, which: String, clock: RunClock) -> String {
+        let elapsed = Date().timeIntervalSince(clock.start)
+        let left = clock.estimate.secondsLeft().map(Self.duration) ?? "?"
+        return "[bench] \(scenario) on \(target), \(which) — \(clock.done)/\(clock.total) instance runs done, \(Self.duration(elapsed)) elapsed, ~\(left) left"
     }
 
     static func duration(_ s: Double) -> String {
         let t = Int(s.rounded())
         return t >= 60 ? "\(t / 60)m\(String(format: "%02d", t % 60))s" : "\(t)s"
+    }
+}
+
+/// Where the run is: instance runs done of the total, since when, and the pace per backend.
+struct RunClock {
+    var total: Int
+    var done = 0
+    let start = Date()
+    var estimate: ProgressEstimate
+    init(total: Int, estimate: ProgressEstimate) { self.total = total; self.estimate = estimate }
+}
+
+/// What the repeats of one scenario on one target gave so far, per metric: samples with the
+/// repeat they came from, failures with their reasons, and what the warm-up saw.
+struct CellTally {
+    let scenario: any BenchScenario
+    let target: BenchTarget
+    let context: BenchContext
+    let repeats: Int
+    let warmups: Int
+    /// Why no run happens (no backend, left out by the plan, or the scenario said so).
+    private(set) var unavailableReason: String?
+    private(set) var open: Bool
+    private var metrics: [Metric]
+    private var samples: [String: [Double]] = [:]
+    private var sampleRepeats: [String: [Int]] = [:]
+    private var details: [String: [[String: String]]] = [:]
+    private var succeeded: [String: Set<Int>] = [:]
+    private var failures: [String: [String]] = [:]
+    /// Metrics the scenario reported unavailable in some repeat, with why.
+    private var metricUnavailable: [String: String] = [:]
+    private var attempted = 0
+    private var warmup: [String: Cell.Warmup] = [:]
+
+    init(scenario: any BenchScenario, target: BenchTarget, plan: BenchPlan) {
+        self.scenario = scenario; self.target = target
+        context = plan.context(for: target)
+        repeats = plan.repeats(for: target, scenario: scenario.name)
+        warmups = plan.warmups(scenario)
+        var ms: [Metric] = []
+        for m in scenario.metrics(for: context) where !ms.contains(m) { ms.append(m) }
+        metrics = ms
+        if target.backend == nil {
+            unavailableReason = target.record.unavailableReason ?? "backend not available"
+        } else {
+            unavailableReason = plan.skipReason(scenario, target)
+        }
+        open = unavailableReason == nil
+    }
+
+    /// Runs still planned after `rep` (0 is the warm-up).
+    func remainingRuns(after rep: Int) -> Int { max(0, repeats - rep) }
+
+    mutating func record(_ measured: [Measurement], rep: Int) {
+        if rep == 0 {
+            for m in measured {
+                see(m.metric)
+                var w = warmup[m.metric.id] ?? Cell.Warmup()
+                if let f = m.failure { w.failure = f } else if m.unavailable == nil { w.samples.append(m.value) }
+                warmup[m.metric.id] = w
+            }
+            return
+        }
+        attempted = rep
+        // A repeat succeeds for a metric when it gave samples and no failure: one failed launch
+        // among parallel ones makes the others' numbers suspect, so none of them count.
+        var got: [String: [Measurement]] = [:], failed: [String: String] = [:], unavailableNow: [String: String] = [:]
+        for m in measured {
+            see(m.metric)
+            if let why = m.unavailable { unavailableNow[m.metric.id] = why } else if let why = m.failure { failed[m.metric.id] = why } else { got[m.metric.id, default: []].append(m) }
+        }
+        for m in metrics {
+            if let why = failed[m.id] {
+                failures[m.id, default: []].append("repeat \(rep): \(why)")
+            } else if let ms = got[m.id] {
+                samples[m.id, default: []] += ms.map(\.value)
+                sampleRepeats[m.id, default: []] += ms.map { _ in rep }
+                details[m.id, default: []] += ms.map(\.details)
+                succeeded[m.id, default: []].insert(rep)
+            } else if let why = unavailableNow[m.id] {
+                metricUnavailable[m.id] = why
+                failures[m.id, default: []].append("repeat \(rep): unavailable: \(why)")
+            } else {
+                failures[m.id, default: []].append("repeat \(rep): no value reported")
+            }
+        }
+    }
+
+    mutating func failed(_ why: String, rep: Int) {
+        if rep == 0 {
+            for m in metrics { warmup[m.id] = Cell.Warmup(failure: why) }
+            return
+        }
+        attempted = rep
+        for m in metrics { failures[m.id, default: []].append("repeat \(rep): \(why)") }
+    }
+
+    mutating func timedOut(_ why: String, rep: Int) {
+        failed(why, rep: rep)
+        let which = rep == 0 ? "the warm-up" : "repeat \(rep)"
+        if rep < repeats {
+            for r in (rep + 1)...repeats {
+                for m in metrics { failures[m.id, default: []].append("repeat \(r): not run: \(which) \(why)") }
+            }
+        }
+        attempted = repeats
+        open = false
+    }
+
+    mutating func unavailable(_ why: String) {
+        unavailableReason = why
+        open = false
+    }
+
+    mutating func skipWarmup(_ why: String) {
+        for m in metrics { warmup[m.id] = Cell.Warmup(failure: "skipped: " + why) }
+    }
+
+    private mutating func see(_ m: Metric) {
+        if !metrics.contains(m) { metrics.append(m) }
+    }
+
+    /// The cells as they stand: one per metric.
+    func cells() -> [Cell] {
+        metrics.map { m in
+            func cell(_ status: Cell.Status, note: String?) -> Cell {
+                Cell(scenario: scenario.name, metric: m.id, title: m.title, unit: m.unit, higherIsBetter: m.higherIsBetter,
+                     backend: target.name, status: status, note: note, samples: samples[m.id] ?? [], sampleRepeats: sampleRepeats[m.id] ?? [],
+                     details: details[m.id] ?? [], attempts: attempted, successes: succeeded[m.id]?.count ?? 0,
+                     failures: failures[m.id] ?? [], warmup: warmup[m.id])
+            }
+            if let why = unavailableReason, (succeeded[m.id] ?? []).isEmpty { return cell(.unavailable, note: why) }
+            let ok = succeeded[m.id]?.count ?? 0
+            if ok == 0, let why = metricUnavailable[m.id], (failures[m.id] ?? []).allSatisfy({ $0.contains(": unavailable: ") }) {
+                return cell(.unavailable, note: why)
+            }
+            let status = Cell.status(successes: ok, attempts: attempted)
+            switch status {
+            case .ok: return cell(.ok, note: scenario.note)
+            case .partial:
+                return cell(.partial, note: "\(ok) of \(attempted) repeats succeeded, too few for a summary; last failure: " + BenchRunner.failureNote(failures[m.id]?.last ?? "?"))
+            default: return cell(.failed, note: failures[m.id]?.last.map(BenchRunner.failureNote))
+            }
+        }
+    }
+}
+
+extension BenchRunner {
+    /// "repeat N: why" → "why", and a hang reads `failed: timed out after N s`.
+    static func failureNote(_ error: String) -> String {
+        guard let colon = error.range(of: ": "), error.hasPrefix("repeat ") else { return error }
+        return String(error[colon.upperBound...])
     }
 }
 

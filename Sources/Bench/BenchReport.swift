@@ -4,7 +4,7 @@ import MicroVMCore
 /// The results file `mvm bench` writes (docs/bench-schema.md). Raw samples are always kept so a
 /// later `mvm bench compare` can test them, not just their summaries.
 public struct BenchReport: Codable, Sendable {
-    public static let currentSchemaVersion = 1
+    public static let currentSchemaVersion = 2
 
     public var schemaVersion: Int
     public var createdAt: Date
@@ -30,7 +30,7 @@ public struct BenchReport: Codable, Sendable {
         let d = JSONDecoder()
         d.dateDecodingStrategy = .iso8601
         do { return try d.decode(BenchReport.self, from: data) }
-        catch { throw MicroVMError(.invalidArgument, "\(source) does not match bench schema version 1 (docs/bench-schema.md)", cause: error) }
+        catch { throw MicroVMError(.invalidArgument, "\(source) does not match bench schema version \(currentSchemaVersion) (docs/bench-schema.md)", cause: error) }
     }
 
     public static func load(path: String) throws -> BenchReport {
@@ -87,11 +87,13 @@ public struct RunConfigRecord: Codable, Sendable, Equatable {
     public var durations: [String: Double]
     /// Repeats each backend really got (emulated VMs may get fewer in `--quick`).
     public var repeatsByBackend: [String: Int]?
+    /// How repeats were ordered: `interleaved` (repeat N of every backend, then N + 1).
+    public var order: String?
     public init(preset: String, repeats: Int, scenarios: [String], profile: String, slice: ResourceSlice, workload: String, guestKernel: String?,
-                durations: [String: Double], repeatsByBackend: [String: Int]? = nil) {
+                durations: [String: Double], repeatsByBackend: [String: Int]? = nil, order: String? = nil) {
         self.preset = preset; self.repeats = repeats; self.scenarios = scenarios; self.profile = profile
         self.slice = slice; self.workload = workload; self.guestKernel = guestKernel; self.durations = durations
-        self.repeatsByBackend = repeatsByBackend
+        self.repeatsByBackend = repeatsByBackend; self.order = order
     }
 }
 
@@ -116,8 +118,44 @@ public struct BackendRecord: Codable, Sendable, Equatable {
 }
 
 /// One scenario metric on one backend.
+///
+/// A failed repeat is never a number: each repeat either gives samples (a success) or a reason
+/// (a failure), and the cell gets a summary only when enough repeats succeeded
+/// (`hasEnoughSuccesses`). Otherwise it reads `partial` or `failed`, with every reason kept.
 public struct Cell: Codable, Sendable, Equatable {
-    public enum Status: String, Codable, Sendable { case ok, unavailable, failed }
+    public enum Status: String, Codable, Sendable {
+        /// Enough repeats succeeded: `stats` and `ratioToNative` summarise them.
+        case ok
+        /// Some repeats succeeded, too few to summarise: samples are kept, no summary.
+        case partial
+        /// No repeat succeeded.
+        case failed
+        /// Could not run here (`note` says why).
+        case unavailable
+    }
+
+    /// The one rule that turns repeats into a summary: more than half of the attempted repeats
+    /// succeeded (1 of 1, 2 of 2, 2 of 3, 3 of 4, 3 of 5). Fewer, and the failures could be
+    /// hiding the cell's real behaviour: a median of the survivors would read as a result.
+    public static func hasEnoughSuccesses(_ successes: Int, of attempts: Int) -> Bool {
+        attempts > 0 && successes * 2 > attempts
+    }
+
+    /// The status repeats earn: `ok` by the rule, `partial` below it, `failed` with none.
+    public static func status(successes: Int, attempts: Int) -> Status {
+        if hasEnoughSuccesses(successes, of: attempts) { return .ok }
+        return successes > 0 ? .partial : .failed
+    }
+
+    /// The discarded first run of a scenario on a backend (caches, image pages, lazily started
+    /// daemons): kept to show what it measured, never a sample.
+    public struct Warmup: Codable, Sendable, Equatable {
+        /// What it measured for this metric (empty when it failed or was skipped).
+        public var samples: [Double]
+        /// Why it failed, or why there was none (`skipped: …`).
+        public var failure: String?
+        public init(samples: [Double] = [], failure: String? = nil) { self.samples = samples; self.failure = failure }
+    }
 
     public var scenario: String
     public var metric: String
@@ -128,17 +166,47 @@ public struct Cell: Codable, Sendable, Equatable {
     public var status: Status
     /// Why the cell is unavailable or failed, or a caveat that labels how it was measured.
     public var note: String?
+    /// Raw samples of the successful repeats (kept in `partial` cells too, without a summary).
     public var samples: [Double]
+    /// The repeat (1-based) each sample came from, same order as `samples`: a repeat of every
+    /// backend runs in the same round, so repeat N of a backend and of native are neighbours in time.
+    public var sampleRepeats: [Int]
     /// Per-sample observations (same order as `samples`), e.g. whether a victim survived.
     public var details: [[String: String]]
-    public var errors: [String]
+    /// Repeats planned for this cell; a repeat skipped because an earlier one hung counts, as a failure.
+    public var attempts: Int
+    /// Repeats that gave at least one sample of this metric.
+    public var successes: Int
+    /// One entry per failed repeat: `repeat N: reason`.
+    public var failures: [String]
+    public var warmup: Warmup?
+    /// Only for `ok` cells.
     public var stats: SampleStats?
+    /// Only for `ok` cells whose native cell is `ok`.
     public var ratioToNative: Statistics.Ratio?
 
+    /// `attempts` and `successes` default to one successful repeat per sample (made-up cells);
+    /// an `ok` status that the rule does not grant is lowered to `partial` or `failed`.
     public init(scenario: String, metric: String, title: String, unit: String, higherIsBetter: Bool, backend: String,
-                status: Status, note: String? = nil, samples: [Double] = [], details: [[String: String]] = [], errors: [String] = []) {
+                status: Status, note: String? = nil, samples: [Double] = [], sampleRepeats: [Int]? = nil, details: [[String: String]] = [],
+                attempts: Int? = nil, successes: Int? = nil, failures: [String] = [], warmup: Warmup? = nil) {
         self.scenario = scenario; self.metric = metric; self.title = title; self.unit = unit; self.higherIsBetter = higherIsBetter
-        self.backend = backend; self.status = status; self.note = note; self.samples = samples; self.details = details
-        self.errors = errors; self.stats = SampleStats(samples); self.ratioToNative = nil
+        self.backend = backend; self.note = note; self.samples = samples; self.details = details
+        self.sampleRepeats = sampleRepeats ?? samples.indices.map { $0 + 1 }
+        let succeeded = successes ?? Set(self.sampleRepeats).count
+        self.successes = succeeded
+        self.attempts = attempts ?? (succeeded + failures.count)
+        self.failures = failures; self.warmup = warmup
+        self.status = status == .ok ? Self.status(successes: succeeded, attempts: self.attempts) : status
+        self.stats = self.status == .ok ? SampleStats(samples) : nil
+        self.ratioToNative = nil
+    }
+
+    /// One value per successful repeat (the median of that repeat's samples), by repeat: the
+    /// unit `mvm bench compare` tests, since samples of one repeat share its moment in time.
+    public var perRepeat: [Int: Double] {
+        var byRepeat: [Int: [Double]] = [:]
+        for (v, r) in zip(samples, sampleRepeats) where v.isFinite { byRepeat[r, default: []].append(v) }
+        return byRepeat.mapValues(Statistics.median)
     }
 }

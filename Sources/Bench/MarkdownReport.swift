@@ -14,7 +14,7 @@ public enum MarkdownReport {
             md += "| \(b.name) | \(b.mode.rawValue) | \(b.acceleration) | \(b.available ? reps : "—") | \(b.available ? "available" : "unavailable: " + escape(b.unavailableReason ?? "?")) |\n"
         }
         let names = r.backends.map(\.name)
-        md += "\n## Results\n\nEach cell: median (p99; min–max) and ×ratio to native (median ratio).\n\n"
+        md += "\n## Results\n\nEach cell: median (p99; min–max) and ×ratio to native (median ratio). Repeats ran interleaved across backends after one discarded warm-up each; a cell is summarised only when more than half of its repeats succeeded (`partial` otherwise).\n\n"
         md += "| scenario | metric | unit | " + names.joined(separator: " | ") + " |\n"
         md += "|---|---|---|" + names.map { _ in "---" }.joined(separator: "|") + "|\n"
         for (scenario, metric) in r.metrics {
@@ -24,14 +24,16 @@ public enum MarkdownReport {
             for b in r.backends { row += " \(cellText(r.cell(scenario: scenario, metric: metric, backend: b.name), backend: b)) |" }
             md += row + "\n"
         }
-        let noisy = r.cells.filter { $0.scenario == "noisy-neighbour" && $0.status == .ok }
+        let noisy = r.cells.filter { $0.scenario == "noisy-neighbour" && $0.status != .unavailable }
         if !noisy.isEmpty {
             md += "\n## Noisy neighbour outcomes\n\n| backend | aggressor | victim | aggressor outcome | host |\n|---|---|---|---|---|\n"
             for c in noisy {
+                let aggressor = c.metric.replacingOccurrences(of: "victim-slowdown-", with: "")
                 for d in c.details {
-                    let aggressor = c.metric.replacingOccurrences(of: "victim-slowdown-", with: "")
                     md += "| \(c.backend) | \(aggressor) | \(escape(d["victim"] ?? "?")) | \(escape(d["aggressor"] ?? "?")) | \(escape(d["host"] ?? "?")) |\n"
                 }
+                // Failed repeats (a victim that died, an aggressor that never ran) are outcomes too.
+                for f in c.failures { md += "| \(c.backend) | \(aggressor) | failed: \(escape(f)) | | |\n" }
             }
         }
         let notes = Dictionary(r.cells.compactMap { c in c.status == .ok ? c.note.map { (c.scenario, $0) } : nil }, uniquingKeysWith: { a, _ in a })
@@ -49,12 +51,15 @@ public enum MarkdownReport {
             // The backend's own reason is in the Backends table; repeating it in every row hides the numbers.
             if let b = backend, !b.available, c.note == b.unavailableReason { return "unavailable (see Backends)" }
             return "unavailable: " + escape(c.note ?? "?")
-        case .failed: return "failed: " + escape(String((c.note ?? "?").prefix(120)))
+        case .failed: return "failed (0 of \(c.attempts) repeats): " + escape(String((c.note ?? "?").prefix(120)))
+        case .partial:
+            // No median: the repeats that failed may be the cell's real behaviour.
+            return "partial (\(c.successes) of \(c.attempts) repeats, no summary): " + escape(String(BenchRunner.failureNote(c.failures.last ?? "?").prefix(120)))
         case .ok:
             guard let s = c.stats else { return "—" }
             var t = "\(format(s.median)) (p99 \(format(s.p99)); \(format(s.min))–\(format(s.max)))"
             if let ratio = c.ratioToNative { t += " ×\(String(format: "%.2f", ratio.median))" }
-            if !c.errors.isEmpty { t += " [\(c.errors.count) failed]" }
+            if c.successes < c.attempts { t += " [\(c.attempts - c.successes) of \(c.attempts) repeats failed]" }
             return t
         }
     }

@@ -21,7 +21,7 @@ public struct NoisyNeighbour: BenchScenario {
     }
     public func metrics(for ctx: BenchContext) -> [Metric] { aggressors.map(Self.metric) }
     public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 + 2 * aggressors.count }
-    public var note: String? { "victim: sysbench cpu (1 thread); slowdown = (alone − beside aggressor) / alone × 100; details say whether victim, aggressor and host survived and how the aggressor was contained" }
+    public var note: String? { "victim: sysbench cpu (1 thread); slowdown = (alone − beside aggressor) / alone × 100; details say whether victim, aggressor and host survived and how the aggressor was contained; a repeat whose victim died or whose aggressor did not run is a failure, not a slowdown" }
 
     /// The attack's command, sized from the slice so that a limit, when there is one, is what stops it.
     static func command(_ a: Aggressor, slice: ResourceSlice, seconds: Int, hostAddress: String?, port: Int) -> [String] {
@@ -45,7 +45,8 @@ public struct NoisyNeighbour: BenchScenario {
 
     /// How the aggressor ended, in words, from its run (or the error that ended it).
     public static func classify(_ a: Aggressor, result: RunResult?, error: String?, slice: ResourceSlice) -> (contained: Bool?, text: String) {
-        guard let r = result else { return (true, "instance ended by its backend: \(error ?? "unknown error")") }
+        // Without a result nothing shows the attack ran, so nothing shows it was contained.
+        guard let r = result else { return (nil, "did not run: \(error ?? "unknown error")") }
         let kv = ToolParsers.keyValues(r.output)
         switch a {
         case .memoryBomb:
@@ -110,15 +111,21 @@ public struct NoisyNeighbour: BenchScenario {
             var details = ["victim": v.status, "aggressor": verdict.text, "host": host,
                            "victimAlone": String(format: "%.1f", base)]
             if let c = verdict.contained { details["aggressorContained"] = c ? "true" : "false" }
-            if let eps = v.eps {
-                details["victimBeside"] = String(format: "%.1f", eps)
-                out.append(Measurement(metric, (base - eps) / base * 100, details: details))
-            } else {
-                // A victim that died is the worst outcome: 100 % slowdown, with the reason kept.
-                out.append(Measurement(metric, 100, details: details))
-            }
+            out.append(Self.outcome(metric, victimAlone: base, victim: v, aggressorRan: ar != nil, aggressor: verdict.text, details: details))
         }
         return out
+    }
+
+    /// One repeat's result for an aggressor. A slowdown is a number only when both ran: a victim
+    /// that died has no speed (a "100 %" would average with real slowdowns into nonsense), and a
+    /// victim beside an aggressor that never ran measured nothing about the aggressor.
+    static func outcome(_ metric: Metric, victimAlone base: Double, victim v: (eps: Double?, status: String), aggressorRan: Bool,
+                        aggressor: String, details: [String: String]) -> Measurement {
+        var details = details
+        guard aggressorRan else { return .failed(metric, "aggressor \(aggressor)", details: details) }
+        guard let eps = v.eps else { return .failed(metric, "victim died (\(v.status)); aggressor: \(aggressor)", details: details) }
+        details["victimBeside"] = String(format: "%.1f", eps)
+        return Measurement(metric, (base - eps) / base * 100, details: details)
     }
 
     /// The host survived if this process still runs, can start a program and has memory left.

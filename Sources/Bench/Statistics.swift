@@ -62,51 +62,60 @@ public enum Statistics {
         return Ratio(median: a.median / b.median, low: candidates.min() ?? 0, high: candidates.max() ?? 0)
     }
 
-    /// Two-sided Mann–Whitney U test. Exact p-value (by counting rank sums) when there are no ties
-    /// and the groups are small; otherwise the normal approximation with tie correction.
+    /// Two-sided Mann–Whitney U test (the Wilcoxon rank-sum test). For up to `exactLimit` samples
+    /// in all the p-value is exact: the share of all ways to split the pooled (mid)ranks into groups
+    /// of these sizes whose rank sum lies at least as far from its mean as the observed one, ties
+    /// included. Beyond that, the normal approximation with tie correction.
     public struct MannWhitney: Codable, Sendable, Equatable {
         public var u: Double
         public var p: Double
         public var exact: Bool
-        /// The smallest p this test could give for groups of these sizes: when it is above the
-        /// significance level, the test cannot decide and another rule must.
+        /// The smallest p this test could give for groups of these sizes (and ties): when it is
+        /// above the significance level, no data could be called a change.
         public var minimumP: Double
     }
+
+    public static let exactLimit = 60
 
     public static func mannWhitney(_ x: [Double], _ y: [Double]) -> MannWhitney? {
         let n1 = x.count, n2 = y.count
         guard n1 > 0, n2 > 0 else { return nil }
         let all = (x.map { ($0, 0) } + y.map { ($0, 1) }).sorted { $0.0 < $1.0 }
-        var ranks = [Double](repeating: 0, count: all.count)
+        // Ranks doubled, so that midranks of ties stay integers.
+        var ranks2 = [Int](repeating: 0, count: all.count)
         var tieTerm = 0.0
         var i = 0
         while i < all.count {
             var j = i
             while j + 1 < all.count && all[j + 1].0 == all[i].0 { j += 1 }
-            let r = Double(i + j) / 2 + 1
-            for k in i...j { ranks[k] = r }
+            for k in i...j { ranks2[k] = i + j + 2 }
             let t = Double(j - i + 1)
             tieTerm += t * t * t - t
             i = j + 1
         }
-        var r1 = 0.0
-        for (k, e) in all.enumerated() where e.1 == 0 { r1 += ranks[k] }
-        let u1 = r1 - Double(n1 * (n1 + 1)) / 2
-        let u2 = Double(n1 * n2) - u1
-        let u = Swift.min(u1, u2)
-        let total = binomial(n1 + n2, n1)
-        let minimumP = Swift.min(1, 2 / total)
-        if tieTerm == 0, n1 + n2 <= 30 {
-            // Count subsets of n1 ranks (1...N) by their sum; U = sum - n1(n1+1)/2.
-            let counts = rankSumCounts(n: n1 + n2, k: n1)
-            let uMax = n1 * n2
-            var tail = 0.0
-            for uu in 0...uMax where Double(uu) <= u { tail += counts[uu] }
-            return MannWhitney(u: u, p: Swift.min(1, 2 * tail / total), exact: true, minimumP: minimumP)
+        var r1x2 = 0
+        for (k, e) in all.enumerated() where e.1 == 0 { r1x2 += ranks2[k] }
+        let u1 = Double(r1x2) / 2 - Double(n1 * (n1 + 1)) / 2
+        let u = Swift.min(u1, Double(n1 * n2) - u1)
+        let n = n1 + n2
+        if n <= exactLimit {
+            let counts = rankSumCounts(doubledRanks: ranks2, k: n1)
+            let total = counts.reduce(0, +)
+            // The mean of the doubled rank sum is n1 (n + 1); compare distances in the same units.
+            let mean = n1 * (n + 1)
+            let observed = abs(r1x2 - mean)
+            var tail = 0.0, extreme = 0.0, widest = 0
+            for (s, c) in counts.enumerated() where c > 0 {
+                let d = abs(s - mean)
+                if d >= observed { tail += c }
+                if d > widest { widest = d; extreme = c } else if d == widest { extreme += c }
+            }
+            return MannWhitney(u: u, p: Swift.min(1, tail / total), exact: true, minimumP: Swift.min(1, extreme / total))
         }
-        let n = Double(n1 + n2)
+        let nn = Double(n)
         let mu = Double(n1 * n2) / 2
-        let sigma2 = Double(n1 * n2) / 12 * ((n + 1) - tieTerm / (n * (n - 1)))
+        let sigma2 = Double(n1 * n2) / 12 * ((nn + 1) - tieTerm / (nn * (nn - 1)))
+        let minimumP = Swift.min(1, 2 / binomial(n, n1))
         guard sigma2 > 0 else { return MannWhitney(u: u, p: 1, exact: false, minimumP: minimumP) }
         let z = (abs(u - mu) - 0.5) / sigma2.squareRoot()
         let p = Swift.min(1, Swift.max(0, erfc(Swift.max(z, 0) / 2.0.squareRoot())))
@@ -119,25 +128,18 @@ public enum Statistics {
         return r
     }
 
-    /// counts[u]: how many k-subsets of 1...n have U statistic u.
-    static func rankSumCounts(n: Int, k: Int) -> [Double] {
-        let m = n - k
-        // f[i][j][u]: ways with i items of group 1 and j of group 2, U = u (a classic recurrence).
-        var table = [[[Double]]](repeating: [[Double]](repeating: [], count: m + 1), count: k + 1)
-        for i in 0...k {
-            for j in 0...m {
-                var row = [Double](repeating: 0, count: i * j + 1)
-                if i == 0 || j == 0 { row[0] = 1 } else {
-                    // The largest value belongs to group 1 (adds j to U) or to group 2 (adds nothing).
-                    let a = table[i - 1][j], b = table[i][j - 1]
-                    for u in 0..<row.count {
-                        if u - j >= 0 && u - j < a.count { row[u] += a[u - j] }
-                        if u < b.count { row[u] += b[u] }
-                    }
-                }
-                table[i][j] = row
+    /// counts[s]: how many k-element subsets of these (doubled) ranks sum to s.
+    static func rankSumCounts(doubledRanks: [Int], k: Int) -> [Double] {
+        let maxSum = doubledRanks.sorted(by: >).prefix(k).reduce(0, +)
+        // ways[j][s]: subsets of j of the ranks seen so far that sum to s.
+        var ways = [[Double]](repeating: [Double](repeating: 0, count: maxSum + 1), count: k + 1)
+        ways[0][0] = 1
+        for r in doubledRanks {
+            for j in stride(from: k, through: 1, by: -1) {
+                let from = ways[j - 1]
+                for s in stride(from: maxSum, through: r, by: -1) where from[s - r] > 0 { ways[j][s] += from[s - r] }
             }
         }
-        return table[k][m]
+        return ways[k]
     }
 }

@@ -16,11 +16,11 @@ struct BenchRunCommand: AsyncParsableCommand {
         abstract: "Run the benchmark matrix and write results.json, results.md and charts/*.svg.",
         discussion: "Backends that cannot run on this host are listed as 'unavailable: <reason>'. Numbers from VMs under TCG or an emulated KVM are labelled so.")
 
-    @Flag(help: "Short workloads and few repeats: minutes on a small host (the default).") var quick = false
-    @Flag(help: "Longer workloads and more repeats, for steadier numbers.") var full = false
+    @Flag(help: "Short workloads; 5 repeats, 1 for emulated VMs (start and cpu only) and the noisy neighbour: minutes on a small host (the default).") var quick = false
+    @Flag(help: "Longer workloads, every scenario on every backend, 5 repeats each, for steadier numbers.") var full = false
     @Option(help: "Comma-separated backends: \(BackendCatalog.knownNames.joined(separator: ","))") var backends = BackendCatalog.defaultNames.joined(separator: ",")
     @Option(help: "Comma-separated scenarios: \(Scenarios.names.joined(separator: ","))") var scenarios = Scenarios.names.joined(separator: ",")
-    @Option(name: .customLong("repeat"), help: "Repeats per cell (default: 2 quick, 5 full).") var repeats: Int?
+    @Option(name: .customLong("repeat"), help: "Repeats per cell, after one discarded warm-up (default 5; --quick gives emulated VMs 1 and the noisy neighbour 1).") var repeats: Int?
     @Option(help: "Directory for results.json, results.md and charts/.") var out = "bench-results"
     @Option(help: "Config profile giving every instance's slice.") var profile = "bench"
     @Option(help: "Workload binaries: 'image' (the default image's rootfs; built if needed) or 'host' (the host's own /, native and containers only).") var workload = "image"
@@ -32,7 +32,8 @@ struct BenchRunCommand: AsyncParsableCommand {
             let preset = full ? "full" : "quick"
             var durations: BenchDurations = full ? .full : .quick
             if !full { durations.victimSeconds = 2 }
-            let n = repeats ?? (full ? 5 : 2)
+            // Five a cell: the fewest with which `bench compare` can call a change at p < 0.01.
+            let n = repeats ?? 5
             guard n >= 1 else { throw MicroVMError.invalidArgument("--repeat must be at least 1") }
             let names = backends.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
             for name in names where !BackendCatalog.knownNames.contains(name) {
@@ -54,7 +55,10 @@ struct BenchRunCommand: AsyncParsableCommand {
                                  preset: preset, profile: profile,
                                  emulatedVMRepeats: full || repeats != nil ? nil : 1,
                                  emulatedVMScenarios: full ? nil : ["start", "cpu"])
-            if !full && repeats == nil { plan.scenarioRepeatCap = ["noisy-neighbour": 1] }
+            if !full && repeats == nil {
+                plan.scenarioRepeatCap = ["noisy-neighbour": 1]
+                plan.warmupSkipped = ["noisy-neighbour": "--quick runs it once; each repeat runs the victim alone before the attacks"]
+            }
             let dir = out
             let runner = BenchRunner(plan: plan, progress: { FileHandleOutput.stderr($0 + "\n") }, checkpoint: { partial in
                 // After every cell: a run that is killed keeps what it measured.
@@ -76,22 +80,33 @@ struct BenchRunCommand: AsyncParsableCommand {
 struct BenchCompareCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "compare",
-        abstract: "Compare two results files: per cell change in % and whether it is outside the noise.")
+        abstract: "Compare two results files from one host: per cell, whether it changed beyond the noise.",
+        discussion: """
+        A cell is called better or worse only when a Mann–Whitney test on one value per repeat gives p < 0.01 \
+        and the median moved by more than the floor, with at least 5 repeats a side. Non-native backends are \
+        compared by their per-repeat ratio to native measured in the same run, so drift of the whole machine \
+        between runs cancels; native itself is compared raw, against --raw-floor. Cells that went from ok to \
+        failed (or back) are reported as such. See docs/bench-schema.md.
+        """)
 
     @Argument(help: "The earlier results.json.") var before: String
     @Argument(help: "The later results.json.") var after: String
+    @Option(help: "Smallest change in % (points for % metrics) that may be called a change.") var floor = 5.0
+    @Option(help: "Smallest change in % for raw comparisons (native), which run-to-run host drift moves.") var rawFloor = 25.0
+    @Flag(help: "Compare results from different hosts anyway (CPU model, cores, kernel or memory differ).") var allowDifferentHosts = false
     @Flag(help: "Print the comparison as JSON.") var json = false
 
     func run() async throws {
         try await reportingErrors {
+            guard floor >= 0, rawFloor >= 0 else { throw MicroVMError.invalidArgument("--floor and --raw-floor must not be negative") }
             let a = try BenchReport.load(path: before), b = try BenchReport.load(path: after)
-            let changes = BenchComparison.compare(a, b)
-            if a.host != b.host { FileHandleOutput.stderr("[bench] note: the two files come from different hosts; compare ratios, not raw numbers\n") }
+            let options = BenchComparison.Options(floorPercent: floor, rawFloorPercent: rawFloor, allowDifferentHosts: allowDifferentHosts)
+            let changes = try BenchComparison.compare(a, b, options: options)
             if json {
                 let e = JSONEncoder(); e.outputFormatting = [.prettyPrinted, .sortedKeys]
                 print(String(decoding: try e.encode(changes), as: UTF8.self))
             } else {
-                print(BenchComparison.markdown(changes))
+                print(BenchComparison.markdown(changes, options: options))
             }
         }
     }

@@ -44,13 +44,13 @@ struct RealRunTests {
         let files = try BenchOutput.write(report, to: out)
 
         let back = try BenchReport.load(path: files.json)
-        #expect(back.schemaVersion == 1)
+        #expect(back.schemaVersion == BenchReport.currentSchemaVersion)
         #expect(back.host.cores == RealHost.profile.onlineCPUs.count)
         #expect(back.backends.map(\.name) == ["native", "runc", "direct"])
         for backend in ["native", "runc"] {
             for metric in ["start-serial", "start-parallel-2", "sysbench-cpu", "syscall-sched-yield"] {
                 let c = back.cells.first { $0.backend == backend && $0.metric == metric }
-                #expect(c?.status == .ok, "\(backend) \(metric): \(c?.note ?? "missing") \(c?.errors ?? [])")
+                #expect(c?.status == .ok, "\(backend) \(metric): \(c?.note ?? "missing") \(c?.failures ?? [])")
                 #expect((c?.samples.count ?? 0) >= 2)
                 #expect((c?.stats?.median ?? 0) > 0)
             }
@@ -95,7 +95,7 @@ struct RealRunTests {
                              context: BenchContext(workload: Workload(image: image), slice: slice, durations: d))
         let report = await BenchRunner(plan: plan).run(host: RealHost.profile)
         let cell = try #require(report.cell(scenario: "noisy-neighbour", metric: "victim-slowdown-memory-bomb", backend: "runc"))
-        #expect(cell.status == .ok, "\(cell.note ?? "") \(cell.errors)")
+        #expect(cell.status == .ok, "\(cell.note ?? "") \(cell.failures)")
         let d0 = try #require(cell.details.first)
         print("runc memory bomb (256 MiB into a 128 MiB container): victim slowdown \(cell.samples.first.map { String(format: "%.1f%%", $0) } ?? "?"), victim alone \(d0["victimAlone"] ?? "?") ev/s, beside \(d0["victimBeside"] ?? "?") ev/s; aggressor: \(d0["aggressor"] ?? "?"); host: \(d0["host"] ?? "?")")
         #expect(d0["aggressorContained"] == "true")
@@ -155,7 +155,7 @@ struct HostedBenchTests {
         #expect(record.available)
         #expect(record.acceleration == (hardware ? "hardware KVM" : "TCG"))
         let serial = try #require(back.cell(scenario: "start", metric: "start-serial", backend: "hosted"))
-        #expect(serial.status == .ok, "\(serial.note ?? "") \(serial.errors)")
+        #expect(serial.status == .ok, "\(serial.note ?? "") \(serial.failures)")
         #expect(serial.samples.count == (hardware ? 2 : 1))
         #expect(serial.samples.allSatisfy { $0 > 0 })
         let native = try #require(back.cell(scenario: "start", metric: "start-serial", backend: "native"))

@@ -12,16 +12,21 @@ import KVM
         let r = Fixtures.report()
         let data = try r.encoded()
         let back = try BenchReport.decode(data)
-        #expect(back.schemaVersion == 1)
+        #expect(back.schemaVersion == 2)
         #expect(back.cells == r.cells)
         #expect(back.backends == r.backends)
         #expect(back.host == r.host)
         #expect(back.config == r.config)
         #expect(back.cell(scenario: "cpu", metric: "sysbench-cpu", backend: "runc")?.samples == [200, 204, 196])
         var obj = try #require(try JSONSerialization.jsonObject(with: data) as? [String: Any])
-        obj["schemaVersion"] = 2
-        let v2 = try JSONSerialization.data(withJSONObject: obj)
-        #expect(throws: MicroVMError.self) { try BenchReport.decode(v2) }
+        // Version 1 counted any sample as ok: its cells cannot be read as version 2's.
+        for other in [1, 3] {
+            obj["schemaVersion"] = other
+            let data = try JSONSerialization.data(withJSONObject: obj)
+            #expect(throws: MicroVMError.self) { try BenchReport.decode(data) }
+        }
+        let native = try #require(back.cell(scenario: "cpu", metric: "sysbench-cpu", backend: "native"))
+        #expect(native.attempts == 3 && native.successes == 3 && native.failures.isEmpty && native.sampleRepeats == [1, 2, 3])
         #expect(throws: MicroVMError.self) { try BenchReport.decode(Data("not json".utf8)) }
     }
 
@@ -69,24 +74,6 @@ import KVM
             return (n, h)
         })
         #expect((heights["runc"] ?? 0) > (heights["native"] ?? 0) * 1.9)
-    }
-
-    @Test func compareReportsChangeAndNoise() {
-        let a = Fixtures.report()
-        var b = a
-        b.cells = a.cells.map { c in
-            var c = c
-            if c.backend == "runc" { c.samples = [300, 306, 294]; c.stats = SampleStats(c.samples) }
-            return c
-        }
-        let changes = BenchComparison.compare(a, b)
-        #expect(changes.count == 2)  // unavailable cells are not compared
-        let runc = changes.first { $0.backend == "runc" }
-        #expect(runc?.changePercent == 50)
-        #expect(runc?.significant == true && runc?.improved == true)
-        let native = changes.first { $0.backend == "native" }
-        #expect(native?.significant == false && native?.changePercent == 0)
-        #expect(BenchComparison.markdown(changes).contains("+50.0%"))
     }
 
     @Test func writesAllFiles() throws {
@@ -152,8 +139,14 @@ import KVM
         #expect(runc.ratioToNative?.median == 0.5)
         let hosted = try #require(report.cell(scenario: "cpu", metric: "sysbench-cpu", backend: "hosted"))
         #expect(hosted.status == .failed)
-        #expect(hosted.errors.count == 3)
+        #expect(hosted.attempts == 3 && hosted.successes == 0)
+        #expect(hosted.failures.count == 3 && hosted.failures.allSatisfy { $0.contains("canned failure") })
+        #expect(hosted.warmup?.failure?.contains("canned failure") == true)
+        #expect(hosted.stats == nil && hosted.ratioToNative == nil)
         #expect(hosted.note?.contains("canned failure") == true)
+        // The warm-up ran and was discarded: three samples from three repeats, not four.
+        #expect(runc.warmup?.samples == [50])
+        #expect(runc.sampleRepeats == [1, 2, 3])
         let direct = try #require(report.cell(scenario: "cpu", metric: "sysbench-cpu", backend: "direct"))
         #expect(direct.status == .unavailable)
         #expect(direct.note?.contains("emulated") == true)

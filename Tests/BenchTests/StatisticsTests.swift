@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import MicroVMCore
 @testable import Bench
 
 @Suite struct StatisticsTests {
@@ -39,24 +40,76 @@ import Testing
         #expect(abs(sep.p - 2.0 / 252.0) < 1e-12)
         let same = try #require(Statistics.mannWhitney([1, 3, 5, 7], [2, 4, 6, 8]))
         #expect(same.p > 0.5)
+        // Ties no longer force the approximation: separated groups of six, p = 2 / C(12, 6).
         let tied = try #require(Statistics.mannWhitney([1, 1, 2, 2, 3, 3], [5, 5, 6, 6, 7, 7]))
-        #expect(!tied.exact)
-        #expect(tied.p < 0.01)
-        // Two samples each can never reach p < 0.05: the compare falls back to the spread rule.
+        #expect(tied.exact)
+        #expect(abs(tied.p - 2.0 / 924.0) < 1e-12)
+        // Two samples each can never reach p < 0.01 (the old rule then called disjoint ranges a change).
         let small = try #require(Statistics.mannWhitney([1, 2], [8, 9]))
-        #expect(small.minimumP > 0.05)
+        #expect(small.minimumP > 0.01)
+        #expect(abs(small.p - 2.0 / 6.0) < 1e-12)
+        // Five a side is the smallest balanced design that can go below 0.01.
+        #expect(try #require(Statistics.mannWhitney([1, 2, 3, 4], [5, 6, 7, 8])).minimumP > 0.01)
+        #expect(try #require(Statistics.mannWhitney([1, 2, 3, 4, 5], [6, 7, 8, 9, 10])).minimumP < 0.01)
     }
 
-    @Test func compareNoiseDecision() {
-        #expect(BenchComparison.decide([100, 101, 99, 100, 102], [120, 121, 119, 122, 120]).significant)
-        #expect(!BenchComparison.decide([100, 110, 90, 105, 95], [101, 111, 91, 104, 96]).significant)
-        // Few samples: the spread rule decides.
-        #expect(BenchComparison.decide([100, 102], [150, 151]).significant)
-        #expect(!BenchComparison.decide([100, 140], [120, 150]).significant)
-        // One sample each decides nothing.
-        let one = BenchComparison.decide([100], [200])
-        #expect(!one.significant)
-        #expect(one.method.contains("too few"))
+    /// The exact p with ties equals the share of all relabellings at least as extreme, counted one by one.
+    @Test func exactPValueWithTiesMatchesEnumeration() throws {
+        var g = SeededGenerator(seed: 7)
+        for _ in 0..<30 {
+            let n1 = 2 + g.below(5), n2 = 2 + g.below(5)
+            // Few distinct values, so ties are common.
+            let x = (0..<n1).map { _ in Double(g.below(4)) }, y = (0..<n2).map { _ in Double(g.below(4)) }
+            let mw = try #require(Statistics.mannWhitney(x, y))
+            #expect(abs(mw.p - bruteForceP(x, y)) < 1e-9, "\(x) vs \(y): \(mw.p)")
+        }
+    }
+
+    /// Two-sided permutation p of the (mid)rank sum, by enumerating every split of the pooled values.
+    func bruteForceP(_ x: [Double], _ y: [Double]) -> Double {
+        let pooled = x + y, n = pooled.count
+        let sorted = pooled.sorted()
+        func midrank(_ v: Double) -> Double {
+            let lo = sorted.firstIndex(of: v)!, hi = sorted.lastIndex(of: v)!
+            return Double(lo + hi) / 2 + 1
+        }
+        let ranks = pooled.map(midrank)
+        let mean = Double(x.count) * Double(n + 1) / 2
+        let observed = abs(ranks.prefix(x.count).reduce(0, +) - mean)
+        var extreme = 0, total = 0
+        for mask in 0..<(1 << n) where mask.nonzeroBitCount == x.count {
+            let sum = (0..<n).filter { mask & (1 << $0) != 0 }.map { ranks[$0] }.reduce(0, +)
+            total += 1
+            if abs(sum - mean) >= observed - 1e-9 { extreme += 1 }
+        }
+        return Double(extreme) / Double(total)
+    }
+
+    @Test func compareDecision() {
+        let up = BenchComparison.decide([100, 101, 99, 100, 102], [120, 121, 119, 122, 120], floor: 5, higherIsBetter: true)
+        #expect(up.verdict == .better)
+        #expect(BenchComparison.decide([100, 101, 99, 100, 102], [120, 121, 119, 122, 120], floor: 5, higherIsBetter: false).verdict == .worse)
+        #expect(BenchComparison.decide([100, 110, 90, 105, 95], [101, 111, 91, 104, 96], floor: 5, higherIsBetter: true).verdict == .withinNoise)
+        // Separated, so p < 0.01, but by 2 %: under the floor.
+        let small = BenchComparison.decide([100, 100.1, 100.2, 100.3, 100.4], [102, 102.1, 102.2, 102.3, 102.4], floor: 5, higherIsBetter: true)
+        #expect(small.verdict == .withinNoise)
+        #expect((small.p ?? 1) < 0.01)
+        // Fewer than five a side: no verdict, however far apart (the old rule called this a change).
+        let few = BenchComparison.decide([100, 102], [150, 151], floor: 5, higherIsBetter: true)
+        #expect(few.verdict == .tooFewSamples)
+        #expect(BenchComparison.decide([100, 101, 102, 103], [200, 201, 202, 203], floor: 5, higherIsBetter: true).verdict == .tooFewSamples)
+    }
+
+    @Test func successRule() {
+        let cases: [(Int, Int, Bool)] = [(1, 1, true), (0, 1, false), (2, 2, true), (1, 2, false), (2, 3, true), (1, 3, false),
+                                         (3, 4, true), (2, 4, false), (3, 5, true), (2, 5, false), (0, 0, false)]
+        for (s, a, enough) in cases { #expect(Cell.hasEnoughSuccesses(s, of: a) == enough, "\(s) of \(a)") }
+        #expect(Cell.status(successes: 2, attempts: 5) == .partial)
+        #expect(Cell.status(successes: 0, attempts: 5) == .failed)
+        // A made-up ok cell that the rule does not grant gets no summary.
+        let c = Cell(scenario: "s", metric: "m", title: "t", unit: "u", higherIsBetter: true, backend: "b", status: .ok,
+                     samples: [1, 2], attempts: 5, successes: 2, failures: ["repeat 3: x", "repeat 4: x", "repeat 5: x"])
+        #expect(c.status == .partial && c.stats == nil)
     }
 
     @Test func toolParsers() {

@@ -30,12 +30,17 @@ struct WatchdogTests {
         let report = await BenchRunner(plan: plan, checkpoint: { r in counter.add(r.cells.count) }).run(hostRecord: Fixtures.hostRecord)
         let hang = try #require(report.cell(scenario: "hang", metric: "hang", backend: "native"))
         #expect(hang.status == .failed)
-        #expect(hang.note?.hasPrefix("timed out after 2 s") == true, "\(hang.note ?? "")")
-        // A cell that hung is not retried.
-        #expect(hang.errors.count == 1)
+        // The warm-up hung: it is recorded as such, and every repeat reads as not run because of it.
+        #expect(hang.warmup?.failure?.hasPrefix("timed out after 2 s") == true, "\(String(describing: hang.warmup))")
+        #expect(hang.note?.contains("the warm-up timed out after 2 s") == true, "\(hang.note ?? "")")
+        // A cell that hung is not retried: its planned repeats are failures, none of them run.
+        #expect(hang.attempts == 3 && hang.successes == 0)
+        #expect(hang.failures.count == 3 && hang.failures.allSatisfy { $0.contains("not run") })
+        #expect(hang.stats == nil && hang.samples.isEmpty)
         #expect(report.cell(scenario: "cpu", metric: "sysbench-cpu", backend: "native")?.status == .ok)
-        // A checkpoint after each cell, the first holding only the hung cell.
-        #expect(counter.values == [1, 2])
+        // A checkpoint after each round: the first holds only the hung cell, the rest add the cpu cell.
+        #expect(counter.values.first == 1)
+        #expect(counter.values.dropFirst().allSatisfy { $0 == 2 } && counter.values.count == 5, "\(counter.values)")
     }
 
     @Test(.enabled(if: ProcessRunner.which("sleep") != nil, "needs sleep(1)"))
