@@ -110,7 +110,7 @@ extension MarkdownReport {
             ("/proc/kcore", { _, p in p.host.procKcore ?? "?" }),
             ("/sys/firmware", { _, p in p.host.sysFirmware ?? "?" }),
             ("/sys/fs/cgroup", { _, p in "\(p.host.cgroupRoot ?? "?"), \(p.host.cgroupDirs) cgroups below" }),
-            ("own cgroup (/proc/self/cgroup)", { _, p in p.host.selfCgroup ?? "?" }),
+            ("own cgroup (/proc/self/cgroup)", { _, p in p.host.selfCgroup ?? "none" }),
         ]
         let tried = Set(a.entries.flatMap { $0.probe?.syscalls.keys.map { $0 } ?? [] })
         let known = ProbeReport.syscallChecks.map(\.key)
