@@ -241,6 +241,16 @@ enum ProbeTree {
         print(MarkdownReport.renderAudit(a))
         return a
     }
+
+    /// One backend's audit entry, which must have run, and its probe report.
+    static func probe(on backend: String) async throws -> (AuditRecord, AuditEntry, ProbeReport) {
+        let paths = try RealHost.paths()
+        defer { try? FileManager.default.removeItem(atPath: paths.state) }
+        let a = try await audit([backend], paths: paths)
+        let e = try #require(a.entry(backend))
+        #expect(e.status == .ok, "\(e.note ?? "")")
+        return (a, e, try #require(e.probe))
+    }
 }
 
 @Suite(.serialized, .timeLimit(.minutes(5)),
@@ -248,12 +258,7 @@ enum ProbeTree {
 struct ProbeNativeTests {
     /// On the host itself nothing is isolated: the host's kernel and processes, every call allowed.
     @Test func nativeSeesTheHostAndMayDoEverything() async throws {
-        let paths = try RealHost.paths()
-        defer { try? FileManager.default.removeItem(atPath: paths.state) }
-        let a = try await ProbeTree.audit(["native"], paths: paths)
-        let e = try #require(a.entry("native"))
-        #expect(e.status == .ok, "\(e.note ?? "")")
-        let p = try #require(e.probe)
+        let (a, e, p) = try await ProbeTree.probe(on: "native")
         #expect(p.kernel.release == a.host.release)
         #expect(e.sharesHostKernel == true)
         #expect(e.seesHostPIDs == true)
@@ -279,12 +284,7 @@ struct ProbeRuncTests {
     /// runc: the host's kernel, but its own PID namespace, no host devices, masked firmware, and
     /// the calls our seccomp profile lists (OCISpec.deniedSyscalls) refused with EPERM.
     @Test func runcDeniesWhatItsSeccompProfileLists() async throws {
-        let paths = try RealHost.paths()
-        defer { try? FileManager.default.removeItem(atPath: paths.state) }
-        let a = try await ProbeTree.audit(["runc"], paths: paths)
-        let e = try #require(a.entry("runc"))
-        #expect(e.status == .ok, "\(e.note ?? "")")
-        let p = try #require(e.probe)
+        let (_, e, p) = try await ProbeTree.probe(on: "runc")
         #expect(e.sharesHostKernel == true)
         #expect(e.seesHostPIDs == false)
         #expect(p.processes.selfPID == 1)
@@ -319,14 +319,9 @@ extension RealHost {
 struct ProbeDockerTests {
     /// Docker's own default seccomp profile and capabilities: no mount, no bpf, its own PIDs.
     @Test func dockerKeepsTheKernelButNotThePIDsOrMounts() async throws {
-        let paths = try RealHost.paths()
-        defer { try? FileManager.default.removeItem(atPath: paths.state) }
         let before = Set(Self.rootfsImages())
         defer { for tag in Set(Self.rootfsImages()).subtracting(before) { _ = try? ProcessRunner.run(["docker", "image", "rm", tag], timeout: 60) } }
-        let a = try await ProbeTree.audit(["docker"], paths: paths)
-        let e = try #require(a.entry("docker"))
-        #expect(e.status == .ok, "\(e.note ?? "")")
-        let p = try #require(e.probe)
+        let (_, e, p) = try await ProbeTree.probe(on: "docker")
         #expect(e.sharesHostKernel == true)
         #expect(e.seesHostPIDs == false)
         #expect(p.processes.pid1 == "mvm-audit")

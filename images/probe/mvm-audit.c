@@ -310,6 +310,13 @@ static void report_host_interfaces(void) {
 
 /* ---- sensitive system calls ------------------------------------------------------------- */
 
+/* A call that returns a descriptor: closed at once; its errno, or 0 when it succeeded. */
+static int fd_outcome(long fd) {
+    if (fd < 0) return errno;
+    close((int)fd);
+    return 0;
+}
+
 static int try_mount(void) {
     static const char *bases[] = {"/tmp", "/dev/shm", "/run", "/var/tmp", NULL};
     char dir[64];
@@ -340,10 +347,7 @@ static int try_bpf(void) {
     a.insns = (unsigned long)insns;
     a.insn_cnt = 2;
     a.license = (unsigned long)"GPL";
-    long fd = syscall(SYS_bpf, BPF_PROG_LOAD, &a, sizeof a);
-    if (fd < 0) return errno;
-    close((int)fd);
-    return 0;
+    return fd_outcome(syscall(SYS_bpf, BPF_PROG_LOAD, &a, sizeof a));
 }
 
 static int try_perf(void) {
@@ -355,10 +359,7 @@ static int try_perf(void) {
     a.disabled = 1;
     a.exclude_kernel = 1;
     a.exclude_hv = 1;
-    long fd = syscall(SYS_perf_event_open, &a, 0, -1, -1, 0);
-    if (fd < 0) return errno;
-    close((int)fd);
-    return 0;
+    return fd_outcome(syscall(SYS_perf_event_open, &a, 0, -1, -1, 0));
 }
 
 static int try_add_key(void) {
@@ -370,19 +371,13 @@ static int try_add_key(void) {
 }
 
 static int try_userfaultfd(void) {
-    long fd = syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) return errno;
-    close((int)fd);
-    return 0;
+    return fd_outcome(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
 }
 
 static int try_io_uring(void) {
     struct io_uring_params p;
     memset(&p, 0, sizeof p);
-    long fd = syscall(SYS_io_uring_setup, 1, &p);
-    if (fd < 0) return errno;
-    close((int)fd);
-    return 0;
+    return fd_outcome(syscall(SYS_io_uring_setup, 1, &p));
 }
 
 static int child_unshare_user(void) { return unshare(CLONE_NEWUSER) == 0 ? 0 : errno; }
