@@ -12,6 +12,8 @@ public struct BenchReport: Codable, Sendable {
     public var config: RunConfigRecord
     public var backends: [BackendRecord]
     public var cells: [Cell]
+    /// The isolation audit, one probe run per backend (absent in files written before it existed).
+    public var audit: AuditRecord?
 
     public init(createdAt: Date = Date(), host: HostRecord, config: RunConfigRecord, backends: [BackendRecord], cells: [Cell]) {
         self.schemaVersion = Self.currentSchemaVersion

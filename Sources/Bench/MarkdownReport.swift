@@ -41,6 +41,7 @@ public enum MarkdownReport {
             md += "\n## How each scenario measures\n\n"
             for (s, n) in notes.sorted(by: { $0.key < $1.key }) { md += "- **\(s)**: \(escape(n))\n" }
         }
+        if let audit = r.audit { md += "\n" + renderAudit(audit) }
         return md
     }
 
@@ -73,5 +74,72 @@ public enum MarkdownReport {
 
     static func escape(_ s: String) -> String {
         s.replacingOccurrences(of: "|", with: "\\|").replacingOccurrences(of: "\n", with: " ")
+    }
+}
+
+extension MarkdownReport {
+    /// The isolation audit: a column per backend, a row per check, as each instance saw it.
+    public static func renderAudit(_ a: AuditRecord) -> String {
+        var md = "## Isolation audit\n\n"
+        md += "What an instance sees and may do, measured from inside it by the probe (/usr/bin/mvm-audit). "
+        md += "Host: kernel \(a.host.release ?? "?") (\(escape(a.host.version ?? "?"))), boot ID \(a.host.bootID ?? "?").\n\n"
+        md += "| check | " + a.entries.map(\.backend).joined(separator: " | ") + " |\n"
+        md += "|---|" + a.entries.map { _ in "---" }.joined(separator: "|") + "|\n"
+        md += "| probe | " + a.entries.map { escape(probeStatus($0)) }.joined(separator: " | ") + " |\n"
+        for (title, value) in auditRows(a) {
+            md += "| \(escape(title)) | " + a.entries.map { e in e.probe.map { escape(value(e, $0)) } ?? "—" }.joined(separator: " | ") + " |\n"
+        }
+        return md
+    }
+
+    /// The audit's rows: a title and the cell for an entry whose probe ran.
+    static func auditRows(_ a: AuditRecord) -> [(String, (AuditEntry, ProbeReport) -> String)] {
+        func yesNo(_ b: Bool?, _ yes: String, _ no: String) -> String { b.map { $0 ? yes : no } ?? "?" }
+        var rows: [(String, (AuditEntry, ProbeReport) -> String)] = [
+            ("kernel (uname -r)", { _, p in p.kernel.release ?? "?" }),
+            ("kernel is", { e, _ in yesNo(e.sharesHostKernel, "the host's", "its own") }),
+            ("kernel build (uname -v)", { _, p in p.kernel.version ?? "?" }),
+            ("PID namespace", { e, _ in yesNo(e.seesHostPIDs, "the host's: host processes visible", "its own") }),
+            ("processes visible", { _, p in "\(p.processes.visible)" }),
+            ("pid 1 (comm); probe's pid", { _, p in "\(p.processes.pid1 ?? "?"); \(p.processes.selfPID)" }),
+            ("uid; CapEff", { _, p in "\(p.identity.uid); \(p.identity.capEff ?? "?")" }),
+            ("seccomp mode; no_new_privs", { _, p in "\(seccompMode(p.identity.seccomp)); \(p.identity.noNewPrivs ?? "?")" }),
+            ("/dev entries", { _, p in "\(p.devices.count)" }),
+            ("block devices", { _, p in p.devices.block.isEmpty ? "none" : p.devices.block.replacingOccurrences(of: ",", with: ", ") }),
+        ]
+        let seen = Set(a.entries.flatMap { $0.probe?.devices.sensitive.keys.map { $0 } ?? [] })
+        for d in ProbeReport.sensitiveDevices.filter(seen.contains) + seen.subtracting(ProbeReport.sensitiveDevices).sorted() {
+            rows.append(("/dev/\(d)", { _, p in p.devices.sensitive[d] ?? "?" }))
+        }
+        rows += [
+            ("/proc/kcore", { _, p in p.host.procKcore ?? "?" }),
+            ("/sys/firmware", { _, p in p.host.sysFirmware ?? "?" }),
+            ("/sys/fs/cgroup", { _, p in "\(p.host.cgroupRoot ?? "?"), \(p.host.cgroupDirs) cgroups below" }),
+            ("own cgroup (/proc/self/cgroup)", { _, p in p.host.selfCgroup ?? "none" }),
+        ]
+        let tried = Set(a.entries.flatMap { $0.probe?.syscalls.keys.map { $0 } ?? [] })
+        let known = ProbeReport.syscallChecks.map(\.key)
+        for (key, title) in ProbeReport.syscallChecks where tried.contains(key) {
+            rows.append((title, { _, p in p.syscalls[key] ?? "not reported" }))
+        }
+        for key in tried.subtracting(known).sorted() { rows.append((key, { _, p in p.syscalls[key] ?? "not reported" })) }
+        return rows
+    }
+
+    static func probeStatus(_ e: AuditEntry) -> String {
+        switch e.status {
+        case .ok: return e.note.map { "ok (\($0))" } ?? "ok"
+        case .unavailable: return "unavailable: " + (e.note ?? "?")
+        case .failed: return "failed: " + String((e.note ?? "?").prefix(160))
+        }
+    }
+
+    static func seccompMode(_ s: String?) -> String {
+        switch s {
+        case "0": return "none"
+        case "1": return "strict"
+        case "2": return "filter"
+        default: return s ?? "?"
+        }
     }
 }

@@ -2,9 +2,9 @@ import Foundation
 import MicroVMCore
 
 /// Builds the guest and container root filesystem: busybox, the benchmark tools with their
-/// shared libraries (the ldd closure, dynamic loader included), a minimal /etc, and from that
-/// tree an ext4 disk image and a tarball for `docker import`. VMs and containers thereby run
-/// byte-identical binaries.
+/// shared libraries (the ldd closure, dynamic loader included), the isolation probe compiled
+/// statically from images/probe, a minimal /etc, and from that tree an ext4 disk image and a
+/// tarball for `docker import`. VMs and containers thereby run byte-identical binaries.
 ///
 /// ```swift
 /// let b = RootfsBuilder()
@@ -28,19 +28,36 @@ public struct RootfsBuilder: Sendable {
         Tool(path: "/usr/bin/socat", package: "socat"),
     ]
 
+    /// What compiling the probe needs on the host (checked by path, not copied into the tree).
+    public static let buildRequirements = [
+        Tool(path: "/usr/bin/gcc", package: "gcc"),
+        Tool(path: "/usr/include/stdio.h", package: "libc6-dev"),
+    ]
+
+    /// Where the isolation probe lands in the tree (`mvm bench --audit` runs it there).
+    public static let probePath = "/usr/bin/mvm-audit"
+    /// The probe's C source in the MicroVM source tree.
+    public static var defaultProbeSource: String { Paths.sourceDirectory() + "/images/probe/mvm-audit.c" }
+
     public var tools: [Tool]
     public var busybox: String
     public var diskSize: ByteCount
+    /// The probe's source; nil leaves the probe out of the tree.
+    public var probeSource: String?
 
-    public init(tools: [Tool] = RootfsBuilder.defaultTools, busybox: String = "/bin/busybox", diskSize: ByteCount = .mebibytes(512)) {
+    public init(tools: [Tool] = RootfsBuilder.defaultTools, busybox: String = "/bin/busybox", diskSize: ByteCount = .mebibytes(512),
+                probeSource: String? = RootfsBuilder.defaultProbeSource) {
         self.tools = tools
         self.busybox = busybox
         self.diskSize = diskSize
+        self.probeSource = probeSource
     }
 
     /// Installs the tools' packages when a binary is missing (as root), else says what to install.
     public func ensureToolsInstalled() throws {
-        let missing = tools.filter { !FileManager.default.isExecutableFile(atPath: $0.path) }
+        let fm = FileManager.default
+        let missing = tools.filter { !fm.isExecutableFile(atPath: $0.path) }
+            + (probeSource == nil ? [] : Self.buildRequirements.filter { !fm.fileExists(atPath: $0.path) })
         guard !missing.isEmpty else { return }
         let pkgs = missing.map(\.package)
         guard getuid() == 0 else {
@@ -67,6 +84,7 @@ public struct RootfsBuilder: Sendable {
         try copier.mirror(busybox)
         let bbInTree = "/" + (try copier.resolvedInTree(busybox))
         for tool in tools { try copier.mirror(tool.path) }
+        if let probeSource { try Self.compileProbe(source: probeSource, output: root + Self.probePath) }
         for lib in try Self.libraryClosure(of: tools.map(\.path)) { try copier.mirror(lib) }
         for applet in bb.applets {
             let p = "\(root)/\(applet)"
@@ -83,6 +101,15 @@ public struct RootfsBuilder: Sendable {
             "hostname": "mvm\n",
         ]
         for (name, text) in etc { try Data(text.utf8).write(to: URL(fileURLWithPath: "\(root)/etc/\(name)")) }
+    }
+
+    /// Compiles the isolation probe as a static binary: it runs unchanged in every backend's
+    /// root, whatever libraries that root has.
+    public static func compileProbe(source: String, output: String) throws {
+        guard FileManager.default.fileExists(atPath: source) else {
+            throw MicroVMError.notFound("isolation probe source '\(source)' is missing: set MVM_SOURCE_DIR to the MicroVM source tree")
+        }
+        try ProcessRunner.check(["gcc", "-static", "-O2", "-Wall", "-o", output, source], timeout: 300, package: "gcc libc6-dev")
     }
 
     /// Makes the ext4 image straight from the tree (mke2fs -d), so no mount or root is needed.

@@ -14,7 +14,7 @@ struct BenchRunCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
         abstract: "Run the benchmark matrix and write results.json, results.md and charts/*.svg.",
-        discussion: "Backends that cannot run on this host are listed as 'unavailable: <reason>'. Numbers from VMs under TCG or an emulated KVM are labelled so.")
+        discussion: "Backends that cannot run on this host are listed as 'unavailable: <reason>'. Numbers from VMs under TCG or an emulated KVM are labelled so. After the measurements, an isolation audit runs a probe once inside each backend (what kernel, processes, devices and system calls an instance reaches); --audit runs only that.")
 
     @Flag(help: "Short workloads; 5 repeats, 1 for emulated VMs (start and cpu only) and the noisy neighbour: minutes on a small host (the default).") var quick = false
     @Flag(help: "Longer workloads, every scenario on every backend, 5 repeats each, for steadier numbers.") var full = false
@@ -25,6 +25,7 @@ struct BenchRunCommand: AsyncParsableCommand {
     @Option(help: "Config profile giving every instance's slice.") var profile = "bench"
     @Option(help: "Workload binaries: 'image' (the default image's rootfs; built if needed) or 'host' (the host's own /, native and containers only).") var workload = "image"
     @Flag(help: "Print the results JSON to stdout instead of the Markdown table.") var json = false
+    @Flag(help: "Run only the isolation audit (one probe instance per backend), not the scenarios.") var audit = false
 
     func run() async throws {
         try await reportingErrors {
@@ -50,7 +51,7 @@ struct BenchRunCommand: AsyncParsableCommand {
             let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: image))
             // Every instance is granted its slice by the allocator, as `mvm run` is.
             let slices = SliceSource.open(config: config)
-            var plan = BenchPlan(scenarios: chosen, targets: targets, repeats: n,
+            var plan = BenchPlan(scenarios: audit ? [] : chosen, targets: targets, repeats: n,
                                  context: BenchContext(workload: load, slice: slice, durations: durations, slices: slices),
                                  preset: preset, profile: profile,
                                  emulatedVMRepeats: full || repeats != nil ? nil : 1,
@@ -69,10 +70,13 @@ struct BenchRunCommand: AsyncParsableCommand {
                     FileHandleOutput.stderr("[bench] warning: cannot write \(dir)/results.json: \(error)\n")
                 }
             })
-            let report = await runner.run(host: host)
+            var report = await runner.run(host: host)
+            report.audit = await IsolationAudit(context: plan.context, progress: { FileHandleOutput.stderr($0 + "\n") }).run(targets)
             let files = try BenchOutput.write(report, to: out)
             FileHandleOutput.stderr("[bench] wrote \(files.json), \(files.markdown) and \(files.charts.count) charts in \(out)/charts\n")
-            if json { print(String(decoding: try report.encoded(), as: UTF8.self)) } else { print(MarkdownReport.render(report)) }
+            if json { print(String(decoding: try report.encoded(), as: UTF8.self)) }
+            else if audit, let a = report.audit { print(MarkdownReport.renderAudit(a)) }
+            else { print(MarkdownReport.render(report)) }
         }
     }
 }
