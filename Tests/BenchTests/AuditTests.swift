@@ -154,8 +154,9 @@ struct ScriptedBackend: InstanceBackend {
     let mode: RunMode
     let output: String
     var status: Int32 = 0
-    func run(_ spec: VMSpec) async throws -> RunResult {
-        RunResult(exitStatus: status, output: output, bootSeconds: 0.01, totalSeconds: 0.02, console: output)
+    func execute(_ plan: LaunchPlan) async throws -> RunResult {
+        plan.clock.mark(.ready)
+        return plan.result(status: status, output: output, console: output)
     }
 }
 
