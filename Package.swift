@@ -52,7 +52,7 @@ let package = Package(
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "MicroVMCore"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "MicroVMCore"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "MicroVMCore"]),
-        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "Launch", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "HostTests", dependencies: ["Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "ContainersTests", dependencies: ["Containers", "Allocator", "Host", "Images", "MicroVMCore", "GuestMemory"]),

@@ -98,7 +98,9 @@ public struct DirectBackend: InstanceBackend {
         }
 
         var machine = MachineConfiguration(enforcement: plan.enforcement, devicePath: options.devicePath)
-        if let threadsOnly = cgroup?.threadsOnly, threadsOnly, let set = cgroup?.set {
+        // Threads alone can join a cgroup v1 hierarchy; on v2 a thread id moves its whole
+        // process, so there a shared process leaves its VMs' CPU to their vCPU count and pins.
+        if let threadsOnly = cgroup?.threadsOnly, threadsOnly, let set = cgroup?.set, set.mode != .v2 {
             machine.onVCPUThread = { tid in try? set.add(thread: tid) }
         }
         let vm = try VirtualMachine(machine)

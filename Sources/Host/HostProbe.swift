@@ -102,7 +102,7 @@ extension HostProfile {
         }
         let bin = ProcessRunner.which("libvirtd") ?? ProcessRunner.which("virtqemud")
         return Capability(usable: false, detail: bin == nil ? "no libvirt daemon installed" : "daemon installed but not running",
-                          fix: bin == nil ? "apt-get install libvirt-daemon-system (only needed for qemu:///system)" : "mkdir -p /var/log/libvirt /run/libvirt && libvirtd -d (only needed for qemu:///system)")
+                          fix: bin == nil ? "apt-get install libvirt-daemon-system (only needed for qemu:///system)" : "mkdir -p /var/log/libvirt /run/libvirt && virtlogd -d && libvirtd -d (only needed for qemu:///system)")
     }
 
     static func probeRuntime(_ name: String, cgroupMode: CgroupMode) -> Capability {

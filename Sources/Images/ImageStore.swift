@@ -31,14 +31,10 @@ public struct GuestImage: Sendable, Equatable, Codable {
     public var rootfsTree: String { directory + "/rootfs" }
     public var rootfsTarball: String { directory + "/rootfs.tar" }
 
-    /// The kernel command line for running `command` with the init: serial console, a quiet
-    /// kernel, reboot=k and panic=-1 so that both a power-off and a panic end the VM.
+    /// The kernel command line for running `command` with the init (`KernelCommandLine`, the
+    /// one builder every VM backend uses).
     public func kernelCommandLine(command: [String], extra: String = "") -> String {
-        var parts = ["console=ttyS0", "quiet", "loglevel=3", "reboot=k", "panic=-1"]
-        if !command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(command))") }
-        let x = extra.trimmingCharacters(in: .whitespaces)
-        if !x.isEmpty { parts.append(x) }
-        return parts.joined(separator: " ")
+        KernelCommandLine.build(command: command, extra: extra)
     }
 }
 

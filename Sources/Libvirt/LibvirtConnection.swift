@@ -70,7 +70,7 @@ public final class LibvirtConnection: @unchecked Sendable {
         if uri.hasPrefix("test:") {
             return failure.error("cannot open \(uri)")
         }
-        return MicroVMError(.backend, "cannot connect to \(uri): \(m). Is libvirtd running? (mkdir -p /var/log/libvirt /run/libvirt && libvirtd -d)")
+        return MicroVMError(.backend, "cannot connect to \(uri): \(m). Is libvirtd running? (mkdir -p /var/log/libvirt /run/libvirt && virtlogd -d && libvirtd -d)")
     }
 
     /// libvirt's version as major.minor.micro.

@@ -57,7 +57,7 @@ struct DoctorReport: Codable {
         lines.append(Line(check: "kvm", verdict: k.verdict == .emulated ? "emulated (\(k.reason))" : k.verdict.rawValue, detail: kvmDetail, fix: kvmFix))
         lines.append(Line(check: "cgroups", verdict: p.cgroupMode.rawValue, detail: "cgroup layout \(p.cgroupMode.rawValue)",
                           fix: p.cgroupMode == .none ? "mount a cgroup filesystem" : nil))
-        for name in ["qemu", "libvirt-embed", "libvirt-daemon", "runc", "crun", "docker", "libguestfs"] {
+        for name in ["qemu", "libvirt-embed", "libvirt-daemon", "runc", "crun", "runsc", "docker", "libguestfs"] {
             let c = p.capability(name)
             lines.append(Line(check: name, verdict: c.usable ? "usable" : "unusable", detail: c.detail, fix: c.fix))
         }

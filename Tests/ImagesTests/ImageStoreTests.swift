@@ -97,8 +97,8 @@ struct ImageStoreTests {
         #expect(images.count == 3)
         #expect(Set(images.map(\.directory)).count == 1)
         let names = try FileManager.default.contentsOfDirectory(atPath: store.paths.images).sorted()
-        // One image directory and the lock file; no leftover build directories.
-        #expect(names == [".lock", images[0].key])
+        // One image directory, the lock file and the remembered key; no leftover build directories.
+        #expect(names == [".key-cache.json", ".lock", images[0].key])
 
         // A stale image and a dead builder's leftovers go; the current image stays.
         let fm = FileManager.default
@@ -108,7 +108,7 @@ struct ImageStoreTests {
         try fm.moveItem(atPath: store.paths.images + "/manifest.tmp", toPath: stale + "/manifest.json")
         try fm.createDirectory(atPath: store.paths.images + "/.build-x-1", withIntermediateDirectories: true)
         #expect(try store.prune() == ["debian-old-0000"])
-        #expect(try fm.contentsOfDirectory(atPath: store.paths.images).sorted() == [".lock", images[0].key])
+        #expect(try fm.contentsOfDirectory(atPath: store.paths.images).sorted() == [".key-cache.json", ".lock", images[0].key])
         #expect(store.load(key: images[0].key) != nil)
     }
 }

@@ -4,7 +4,13 @@ import GuestMemory
 
 /// Builders for small kernels the tests synthesize, and little-endian helpers.
 enum Fixture {
-    static let debianKernel = "/boot/vmlinuz-6.1.0-56-amd64"
+    /// The newest Debian kernel installed (by its version's numeric runs), whatever Debian has moved to.
+    static let debianKernel: String = {
+        let names = ((try? FileManager.default.contentsOfDirectory(atPath: "/boot")) ?? []).filter { $0.hasPrefix("vmlinuz-") }
+        func runs(_ s: String) -> [Int] { s.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) } }
+        let newest = names.max { runs($0).lexicographicallyPrecedes(runs($1)) }
+        return "/boot/" + (newest ?? "vmlinuz-not-installed")
+    }()
     static var haveDebianKernel: Bool { FileManager.default.isReadableFile(atPath: debianKernel) }
     static var haveXZ: Bool { FileManager.default.isExecutableFile(atPath: "/usr/bin/xz") }
 
