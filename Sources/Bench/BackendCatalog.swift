@@ -99,7 +99,8 @@ public enum BackendCatalog {
     public static func targets(_ names: [String], host: HostProfile, factories: [String: @Sendable () throws -> any InstanceBackend],
                                networks: [String: NetworkPath] = ["native": .hostLoopback, "runc": .perInstanceLink, "direct": .perInstanceLink,
                                                                   "hosted": .perInstanceLink, "qemu-microvm": .perInstanceLink,
-                                                                  "docker": .backendNetwork(host: ContainerBackend.dockerNetworkHost)]) -> [BenchTarget] {
+                                                                  "docker": .backendNetwork(host: ContainerBackend.dockerNetworkHost),
+                                                                  "runsc": .unavailable("runsc runs without a network here: gVisor's netstack does not take mvm's veth namespace")]) -> [BenchTarget] {
         names.map { name in
             let mode = mode(of: name)
             var record = BackendRecord(name: name, mode: mode, acceleration: acceleration(mode: mode, kvm: host.kvm.verdict),

@@ -75,11 +75,24 @@ public struct ContainerBackend: InstanceBackend {
         return BootArtifacts(kernel: "", rootfsTree: try defaultRootfs())
     }
 
+    /// Cancelling the task (a signal to `mvm run`) kills the container; the run then cleans up.
     public func execute(_ plan: LaunchPlan) async throws -> RunResult {
-        try await offload { [self] in
-            let rootfs = try checkRootfs(plan.rootfsTree)
-            if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(plan, rootfs: rootfs) }
-            return try runOCI(plan, rootfs: rootfs)
+        let id = try Self.containerID(name: plan.name)
+        if case .runsc = runtime, plan.spec.net != nil {
+            throw MicroVMError.unsupported("runsc containers run without a network here (gVisor's netstack does not take mvm's veth namespace): drop --net, or use --runtime runc or docker")
+        }
+        return try await withTaskCancellationHandler {
+            try await offload { [self] in
+                let rootfs = try checkRootfs(plan.rootfsTree)
+                if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(plan, rootfs: rootfs) }
+                return try runOCI(plan, rootfs: rootfs)
+            }
+        } onCancel: { [self] in
+            if case .docker = runtime {
+                _ = try? ProcessRunner.run(["docker", "kill", id], timeout: 30)
+            } else if let rt = try? runtime.resolveOCI(profile: CachedProfile.get) {
+                OCIRuntimeDriver(executable: rt.path, root: store.runtimeRoot).kill(id, signal: "KILL")
+            }
         }
     }
 

@@ -75,6 +75,12 @@ import MicroVMCore
         (["run", "--placement", "everywhere", "--", "true"], "unknown placement"),
         (["run", "--disk", "/nonexistent.img,ro", "--", "true"], "does not exist"),
         (["run", "--disk", "/tmp,bogus", "--", "true"], "unknown disk option"),
+        (["run", "--kernel", "/etc/hostname", "--", "true"], "'/etc/hostname' is not a kernel"),
+        (["run", "--net", "tap,host=1.2.3", "--", "true"], "is not an IPv4 address"),
+        (["run", "--net", "bridge", "--", "true"], "--net 'bridge' is not understood"),
+        (["run", "--timeout=-5", "--", "true"], "--timeout -5.0 is not a positive number"),
+        (["run", "--name", "../x", "--", "true"], "instance name '../x' is not usable"),
+        (["run", "--mode", "container", "--vsock", "7", "--", "true"], "containers have no vsock"),
     ])
     func badInputGivesOneClearError(args: [String], message: String) throws {
         let out = try MVM.run(args)
@@ -82,6 +88,20 @@ import MicroVMCore
         let err = out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines)
         #expect(err.contains(message), "stderr was: \(err)")
         #expect(err.split(separator: "\n").count == 1, "one line expected, got: \(err)")
+    }
+
+    /// Bad input is refused before the ledger is opened, a cgroup made or a host probed: the
+    /// state directory stays empty.
+    @Test func badInputLeavesNothingBehind() throws {
+        let state = NSTemporaryDirectory() + "mvm-badinput-\(UUID().uuidString.prefix(8))"
+        defer { try? FileManager.default.removeItem(atPath: state) }
+        for args in [["run", "--kernel", "/etc/hostname", "--", "true"], ["run", "--mode", "container", "--timeout", "-1", "--", "true"],
+                     ["run", "--mode", "hosted", "--disk", "/nonexistent/d.img", "--", "true"]] {
+            let out = try MVM.run(args, environment: ["MVM_STATE_DIR": state])
+            #expect(out.status == 2, "\(args): \(out.stderrText)")
+        }
+        let left = (try? FileManager.default.contentsOfDirectory(atPath: state)) ?? []
+        #expect(left.isEmpty, "bad input left \(left) in the state directory")
     }
 
     @Test func configTypoIsNamed() throws {
