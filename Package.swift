@@ -24,8 +24,11 @@ let package = Package(
         .target(name: "CKVM"),
         // C only: vhost ioctl numbers and vsock socket addresses.
         .target(name: "CVhost"),
-        .systemLibrary(name: "CLibvirt", pkgConfig: "libvirt", providers: [.apt(["libvirt-dev"])]),
-        .systemLibrary(name: "CGuestfs", pkgConfig: "libguestfs", providers: [.apt(["libguestfs-dev"])]),
+        // Headers only: the libraries are loaded on first use (CLazyLibs), not linked.
+        .systemLibrary(name: "CLibvirt", providers: [.apt(["libvirt-dev"])]),
+        .systemLibrary(name: "CGuestfs", providers: [.apt(["libguestfs-dev"])]),
+        // C only: trampolines that load libvirt and libguestfs when first called.
+        .target(name: "CLazyLibs", linkerSettings: [.linkedLibrary("dl")]),
 
         .target(name: "MicroVMCore", dependencies: [.product(name: "Logging", package: "swift-log"), "Yams"], swiftSettings: strict),
         .target(name: "KVM", dependencies: ["CKVM", "MicroVMCore"], swiftSettings: strict),
@@ -34,10 +37,10 @@ let package = Package(
         .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
         .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
-        .target(name: "Libvirt", dependencies: ["CLibvirt", "MicroVMCore", "Host", "Images", "Launch"], swiftSettings: strict),
+        .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
-        .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
+        .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", "CLazyLibs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),

@@ -1,4 +1,5 @@
 import CLibvirt
+import CLazyLibs
 import Foundation
 import MicroVMCore
 
@@ -23,7 +24,7 @@ public final class LibvirtConnection: @unchecked Sendable {
         let ptr: virConnectPtr?
         if uri.contains("+") {
             // SAFETY: virConnectAuthPtrDefault is libvirt's static default callback table.
-            ptr = virConnectOpenAuth(uri, mvm_default_auth(), 0)
+            ptr = virConnectOpenAuth(uri, mvm_lazy_libvirt_default_auth().assumingMemoryBound(to: virConnectAuth.self), 0)
         } else {
             ptr = virConnectOpen(uri)
         }
