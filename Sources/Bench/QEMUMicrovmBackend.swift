@@ -36,9 +36,7 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
     /// guest's virtio-net attaches to, userspace virtio-net (no vhost) as in the direct VMM.
     public func arguments(for plan: LaunchPlan, link: TapLink? = nil) -> [String] {
         let spec = plan.spec
-        var resolved = spec
-        resolved.net = link?.resolved
-        let cmdline = plan.commandLine(adding: resolved.initParameters)
+        let cmdline = plan.cmdline
         var argv = [qemu, "-name", spec.name, "-M", "microvm,acpi=on,pic=off,pit=on,rtc=on,isa-serial=on",
                     "-accel", accelerator.rawValue, "-cpu", accelerator == .kvm ? "host" : "max",
                     "-m", "\(max(16, spec.memory.mebibytes))M", "-smp", "\(spec.cpus)",

@@ -70,6 +70,11 @@ public struct ContainerBackend: InstanceBackend {
 
     // MARK: run
 
+    public var networkAttachment: NetworkAttachment {
+        if case .docker = runtime { return .backendNetwork }
+        return .perInstanceLink
+    }
+
     public func defaultArtifacts() throws -> BootArtifacts? {
         guard let defaultRootfs else { return nil }
         return BootArtifacts(kernel: "", rootfsTree: try defaultRootfs())

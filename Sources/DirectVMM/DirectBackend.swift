@@ -122,9 +122,8 @@ public struct DirectBackend: InstanceBackend {
             throw error
         }
         defer { virtio.attachments.forEach { $0.stop() } }
-        var resolved = spec
-        resolved.net = link?.resolved
-        let cmdline = plan.commandLine(adding: [virtio.cmdline] + resolved.initParameters)
+        // The plan's command line already carries the link's addresses (mvm.ip, mvm.gw).
+        let cmdline = plan.commandLine(adding: [virtio.cmdline])
         let entry = try LinuxLoader.load(kernelPath: kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: spec.cpus,
                                          virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil

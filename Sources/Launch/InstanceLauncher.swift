@@ -75,6 +75,7 @@ public struct InstanceLauncher: Sendable {
         spec.memory = slice.memory
         let mode = backend.mode
         let enforcement = Enforcement(slice: slice, mode: mode)
+        spec.net = try resolveLink(spec.net, backend: backend)
         guard mode.isVM else {
             let tree = try spec.rootfs ?? (mode == .native ? nil : artifacts(for: backend).rootfsTree)
             return LaunchPlan(spec: spec, mode: mode, disks: spec.disks, rootfsTree: tree, enforcement: enforcement, clock: clock)
@@ -89,13 +90,26 @@ public struct InstanceLauncher: Sendable {
         let rootfs = backend.attachesRootfs ? img?.rootfsDisk : nil
         if let rootfs { disks.insert(DiskSpec(path: rootfs, readOnly: true), at: 0) }
         let cmdline = KernelCommandLine.build(command: spec.command, backend: backend.kernelParameters, rootfsReadOnly: rootfs != nil,
-                                              initParameters: [], extra: spec.cmdline)
+                                              initParameters: spec.initParameters, extra: spec.cmdline)
         return LaunchPlan(spec: spec, mode: mode, kernel: kernel, initrd: initrd, cmdline: cmdline, disks: disks,
                           rootfsAttached: rootfs != nil, rootfsTree: img?.rootfsTree, enforcement: enforcement, clock: clock)
     }
 }
 
 extension InstanceLauncher {
+    /// A link the backend makes (a new tap or veth pair) gets its addresses here, so the plan's
+    /// command line already tells the guest init its address and gateway: a free /30 of
+    /// 10.200/16 for what was not given. An existing tap is attached as it is.
+    func resolveLink(_ net: NetSpec?, backend: any InstanceBackend) throws -> NetSpec? {
+        guard var net, backend.networkAttachment == .perInstanceLink, backend.mode != .native else { return net }
+        let existing = net.tap.map { FileManager.default.fileExists(atPath: "/sys/class/net/" + $0) } ?? false
+        guard !existing, net.hostAddress == nil || net.guestAddress == nil else { return net }
+        let free = try HostLinks.freeSubnet()
+        net.hostAddress = HostLinks.withLength(net.hostAddress ?? free.host)
+        net.guestAddress = HostLinks.withLength(net.guestAddress ?? free.instance)
+        return net
+    }
+
     func artifacts(for backend: any InstanceBackend) throws -> BootArtifacts {
         try backend.defaultArtifacts() ?? image()
     }

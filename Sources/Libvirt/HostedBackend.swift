@@ -170,7 +170,7 @@ public struct HostedBackend: InstanceBackend {
         let accel = accelerator(connection: conn)
         var config = DomainConfig(name: spec.name, memory: spec.memory, vcpus: spec.cpus, accelerator: accel,
                                   machine: MachineChoice.shared.preferred(for: conn, accelerator: accel),
-                                  kernel: kernel, initrd: launch.initrd, cmdline: ([cmdline] + spec.initParameters).joined(separator: " "),
+                                  kernel: kernel, initrd: launch.initrd, cmdline: cmdline,
                                   disks: disks, taps: taps, consoleLog: runDirectory + "/console.log", enforcement: launch.enforcement,
                                   memoryHardLimit: isLocal ? Self.canRaiseMemlockLimit() : true)
         config.vsockCID = spec.vsockCID

@@ -153,6 +153,14 @@ public struct InstanceInfo: Codable, Sendable {
     }
 }
 
+/// How an instance's network reaches the host.
+public enum NetworkAttachment: Sendable, Equatable {
+    /// A tap (VMs) or veth pair (runc) of its own, on a /30 the launch plan names.
+    case perInstanceLink
+    /// The backend's own network, which addresses the instance itself (Docker's bridge).
+    case backendNetwork
+}
+
 /// What every backend (direct VMM, libvirt, containers, native) implements. A backend executes
 /// plans: `InstanceLauncher` validates the spec, takes the grant and resolves the `LaunchPlan`;
 /// `run(_:)` (in the Launch module) is that path without an allocator.
@@ -162,6 +170,9 @@ public protocol InstanceBackend: Sendable {
     var kernelParameters: String { get }
     /// Whether VMs get the image's rootfs disk as /dev/vda (containers always run in the tree).
     var attachesRootfs: Bool { get }
+    /// How `--net` reaches the host: a link of the instance's own (its /30 chosen by the launcher)
+    /// or the backend's own network (Docker's bridge).
+    var networkAttachment: NetworkAttachment { get }
     /// Checks that this host can run the plan's kind of instance, before anything is allocated.
     func checkHost() throws
     /// The guest image this backend was given, if any (nil: the launcher's default image).
@@ -179,6 +190,7 @@ public protocol InstanceBackend: Sendable {
 extension InstanceBackend {
     public var kernelParameters: String { "" }
     public var attachesRootfs: Bool { mode.isVM }
+    public var networkAttachment: NetworkAttachment { .perInstanceLink }
     public func checkHost() throws {}
     public func defaultArtifacts() throws -> BootArtifacts? { nil }
     public func list() async throws -> [InstanceInfo] { [] }

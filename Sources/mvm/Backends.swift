@@ -20,6 +20,7 @@ enum Backends {
 
     /// Every backend that can list, stop and show logs of instances (for ps/stop/logs).
     static func all(connect: String?) -> [any InstanceBackend] {
-        [DirectBackend(), HostedBackend(connect: connect), ContainerBackend(runtime: .runc), ContainerBackend(runtime: .runsc)]
+        // One container backend lists every bundle, whatever runtime each was started with.
+        [DirectBackend(), HostedBackend(connect: connect), ContainerBackend(runtime: .runc)]
     }
 }

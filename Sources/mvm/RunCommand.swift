@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import Synchronization
 import MicroVM
 
 extension RunMode: ExpressibleByArgument {}
@@ -88,16 +89,21 @@ struct RunCommand: AsyncParsableCommand {
     }
 }
 
-/// SIGINT, SIGTERM and SIGHUP cancel the run (a VM is asked to stop, its grant released and its
-/// cgroup removed) instead of killing the process mid-way.
+/// SIGINT, SIGTERM and SIGHUP cancel the run instead of killing the process mid-way: a VM is
+/// asked to stop, a container is killed, and the run's cleanup removes its cgroup, tap and
+/// grant. `mvm run` then exits as a shell reports a signal (128 + its number).
 enum SignalStop {
     static func cancellingOnSignals<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
         let task = Task { try await body() }
+        let received = Mutex<Int32?>(nil)
         let signals = [SIGINT, SIGTERM, SIGHUP]
         let sources = signals.map { sig -> any DispatchSourceSignal in
             signal(sig, SIG_IGN)
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            s.setEventHandler { task.cancel() }
+            s.setEventHandler {
+                received.withLock { if $0 == nil { $0 = sig } }
+                task.cancel()
+            }
             s.resume()
             return s
         }
@@ -105,7 +111,12 @@ enum SignalStop {
             sources.forEach { $0.cancel() }
             signals.forEach { signal($0, SIG_DFL) }
         }
-        do { return try await task.value }
-        catch is CancellationError { throw MicroVMError(.backend, "stopped by a signal; the instance was stopped and its resources released") }
+        do {
+            return try await task.value
+        } catch {
+            guard let sig = received.withLock({ $0 }) else { throw error }
+            FileHandleOutput.stderr("mvm: stopped by signal \(sig); the instance was stopped and its resources released\n")
+            throw ExitCode(128 + sig)
+        }
     }
 }

@@ -95,7 +95,7 @@ import MicroVMCore
     @Test func badInputLeavesNothingBehind() throws {
         let state = NSTemporaryDirectory() + "mvm-badinput-\(UUID().uuidString.prefix(8))"
         defer { try? FileManager.default.removeItem(atPath: state) }
-        for args in [["run", "--kernel", "/etc/hostname", "--", "true"], ["run", "--mode", "container", "--timeout", "-1", "--", "true"],
+        for args in [["run", "--kernel", "/etc/hostname", "--", "true"], ["run", "--mode", "container", "--timeout=-1", "--", "true"],
                      ["run", "--mode", "hosted", "--disk", "/nonexistent/d.img", "--", "true"]] {
             let out = try MVM.run(args, environment: ["MVM_STATE_DIR": state])
             #expect(out.status == 2, "\(args): \(out.stderrText)")

@@ -155,7 +155,8 @@ struct HostedBootTests {
     @Test func destroyingTheDomainFromStopIsAClearError() async throws {
         let backend = Self.backend()
         let name = "mvm-stop-\(UUID().uuidString.prefix(6).lowercased())"
-        let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["true"], timeout: 300)
+        // A command that outlasts the stop: with `true` a fast boot could finish before it.
+        let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["sleep", "120"], timeout: 300)
         let done = EventLog()
         let run = Task { defer { done.append(1) }; return try await backend.run(spec) }
         let deadline = Date().addingTimeInterval(120)

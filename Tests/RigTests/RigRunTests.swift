@@ -162,6 +162,17 @@ struct RigKVMTests {
         #expect(s.output.contains("vm-status=9"), "ending the guest's sleep over vsock must end the run with its status: \(s.output.suffix(2000))")
     }
 
+    @Test func directInstancesAreListedEnforcedStoppedAndCleanedUp() throws {
+        let s = try step("lifecycle")
+        #expect(s.output.contains("rigps") && s.output.contains("direct"), "\(s.output)")
+        #expect(s.output.contains("cpu.max=100000 100000"), "\(s.output)")
+        #expect(s.output.contains("memory.max=335544320"), "256 MiB of guest RAM plus the VMM's 64 MiB: \(s.output)")
+        #expect(s.output.contains("logs-boot=1"), "\(s.output)")
+        #expect(s.output.contains("stop=0"), "\(s.output)")
+        #expect(s.output.contains("run-status=143"), "\(s.output)")
+        #expect(s.output.contains("cgroup-gone") && s.output.contains("grants-left=0"), "\(s.output)")
+    }
+
     @Test func directLinuxBootVmlinux() throws {
         let s = try step("vmlinux")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
@@ -188,7 +199,29 @@ enum RigKVMSession {
          ("iperf3-server", ["sh", "-c", "modprobe tun 2>/dev/null; iperf3 -s -1 -D -p \(iperfPort)"]),
          ("devices", [mvm, "run", "--mode", "direct", "--disk", scratchDisk, "--net", "tap", "--", "sh", "-c", devicesScript]),
          ("taps-left", ["sh", "-c", "ip -o link show | grep -c ' mvt' || true"]),
-         ("vsock", ["sh", "-c", vsockScript(mvm: mvm)])]
+         ("vsock", ["sh", "-c", vsockScript(mvm: mvm)]),
+         ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)])]
+    }
+
+    /// A direct VM seen from its host while it runs: `mvm ps` lists it, its cgroup holds the
+    /// slice (one CPU of work, guest RAM plus the VMM's 64 MiB), `mvm logs` reads its console,
+    /// `mvm stop` ends it, and nothing is left: no cgroup, no grant.
+    static func lifecycleScript(mvm: String) -> String {
+        let m = RigRunner.shellQuote(mvm)
+        return """
+        \(m) run --mode direct --name rigps --cpus 1 --memory 256M --timeout 280 -- sh -c 'sleep 200' >/tmp/ps-run.out 2>&1 &
+        vm=$!
+        for i in $(seq 1 150); do \(m) logs rigps 2>/dev/null | grep -q boot-complete && break; sleep 1; done
+        \(m) ps | grep rigps
+        echo "cpu.max=$(cat /sys/fs/cgroup/microvm/direct-rigps/cpu.max)"
+        echo "memory.max=$(cat /sys/fs/cgroup/microvm/direct-rigps/memory.max)"
+        echo "logs-boot=$(\(m) logs rigps | grep -c boot-complete)"
+        \(m) stop rigps; echo "stop=$?"
+        wait $vm; echo "run-status=$?"
+        test -d /sys/fs/cgroup/microvm/direct-rigps && echo cgroup-left || echo cgroup-gone
+        echo "grants-left=$(\(m) alloc show | grep -c rigps)"
+        tail -3 /tmp/ps-run.out
+        """
     }
 
     /// A guest waits in `sleep`; the host reaches the init's vsock shell through vhost-vsock
