@@ -183,8 +183,9 @@ public struct ContainerBackend: InstanceBackend {
 
     /// Removes every trace of a container: runtime state, cgroups, network, bundle.
     static func cleanUp(id: String, owner: OwnerRecord?, driver: OCIRuntimeDriver, store: ContainerStore) {
-        // `runc run` deletes its own state when it returns normally; only ask when some is left.
-        if driver.isRunsc || FileManager.default.fileExists(atPath: driver.root + "/" + id) {
+        // `runc run` deletes its own state when it returns normally; only ask when some is left
+        // (runc keeps a directory per container, runsc files that name it).
+        if driver.hasState(id) {
             driver.kill(id, signal: "KILL")
             driver.delete(id)
         }

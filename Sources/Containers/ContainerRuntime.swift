@@ -108,6 +108,12 @@ struct OCIRuntimeDriver: Sendable {
 
     func command(_ args: [String]) -> [String] { [executable] + globalArguments() + args }
 
+    /// Whether the runtime still holds state for `id`.
+    func hasState(_ id: String) -> Bool {
+        guard isRunsc else { return FileManager.default.fileExists(atPath: root + "/" + id) }
+        return ((try? FileManager.default.contentsOfDirectory(atPath: stateRoot)) ?? []).contains { $0.contains(id) }
+    }
+
     struct State: Decodable, Sendable {
         var id: String
         var pid: Int32?

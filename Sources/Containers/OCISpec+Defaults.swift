@@ -58,6 +58,9 @@ extension OCISpec {
         "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
         "iopl", "ioperm", "syslog", "quotactl", "lookup_dcookie", "uselib", "vhangup", "sysfs", "_sysctl",
         "get_kernel_syms", "query_module", "nfsservctl", "fsopen", "fsmount", "fsconfig", "move_mount", "open_tree",
+        // io_uring reaches kernel code paths that have been a steady source of privilege escalations;
+        // the isolation audit found it allowed.
+        "io_uring_setup", "io_uring_enter", "io_uring_register",
     ]
 
     public static let defaultSeccomp = Seccomp(
