@@ -86,15 +86,14 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
         plan.clock.mark(.spawned)
         plan.clock.mark(.firstInstruction)
         let clock = plan.clock
-        let started = Date()
         let timeout = spec.timeout
-        let (parser, console, status, timedOut, bootAt) = await withCheckedContinuation { cont in
+        let (parser, console, status, timedOut) = await withCheckedContinuation { cont in
             Thread.detachNewThread {
                 var parser = ConsoleParser()
                 var console = Data()
-                var bootAt: Date?
+                var booted = false
                 var buf = [UInt8](repeating: 0, count: 65536)
-                let deadline = started.addingTimeInterval(timeout)
+                let deadline = Monotonic.seconds() + timeout
                 var killed = false
                 while true {
                     var pfd = pollfd(fd: pipe.read, events: Int16(POLLIN), revents: 0)
@@ -105,18 +104,18 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                         let chunk = buf[0..<n]
                         if console.count < 16 << 20 { console.append(contentsOf: chunk) }
                         _ = parser.feed(chunk)
-                        if bootAt == nil, parser.bootComplete { bootAt = Date(); clock.mark(.ready) }
+                        if !booted, parser.bootComplete { booted = true; clock.mark(.ready) }
                     }
                     if parser.report != nil {
                         // The result is in: the guest powers off next; give it a moment, then stop it.
                         if child.wait(upTo: 10) == nil { child.signal(SIGKILL) }
                         break
                     }
-                    if Date() > deadline { killed = true; child.signal(SIGKILL); break }
+                    if Monotonic.seconds() > deadline { killed = true; child.signal(SIGKILL); break }
                 }
                 close(pipe.read)
                 let status = child.wait(timeout: 10).status
-                cont.resume(returning: (parser, console, status, killed, bootAt))
+                cont.resume(returning: (parser, console, status, killed))
             }
         }
         let text = String(decoding: console, as: UTF8.self)
@@ -127,7 +126,6 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
             }
             throw MicroVMError(.guestError, "QEMU microvm '\(spec.name)' exited (status \(status)) before the guest reported a result; console tail:\n\(tail)")
         }
-        _ = bootAt
         return plan.result(status: report.status, output: report.outputText, console: text)
     }
 }

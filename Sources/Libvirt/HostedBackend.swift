@@ -113,6 +113,7 @@ public struct HostedBackend: InstanceBackend {
             _ = FileManager.default.createFile(atPath: plan.config.consoleLog, contents: nil)
             try record.save(in: recordDirectory)
             let (d, config) = try createDomain(plan.config, connection: conn)
+            if isLocal, !config.memoryHardLimit { try Self.limitMemory(of: qemuPid(name: spec.name), to: launch.enforcement.memoryLimit) }
             launch.clock.mark(.spawned)
             launch.clock.mark(.firstInstruction)
             domain = d
@@ -190,6 +191,32 @@ public struct HostedBackend: InstanceBackend {
         return .qemu
     }
 
+    /// Where libvirt may not take `<memtune>` (no CAP_SYS_RESOURCE), the enforcement's memory
+    /// limit is written into the memory cgroup libvirt made for the domain (QEMU's, from
+    /// /proc/PID/cgroup; its per-thread subgroups' parent), so the grant holds all the same.
+    static func limitMemory(of pid: Int32?, to limit: ByteCount, root: String = "/sys/fs/cgroup") throws {
+        guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else {
+            throw MicroVMError(.backend, "cannot find QEMU's cgroup to limit its memory: the domain has no QEMU process")
+        }
+        var files: [String] = []
+        for line in text.split(separator: "\n") {
+            let f = line.split(separator: ":", maxSplits: 2).map(String.init)
+            guard f.count == 3 else { continue }
+            var path = f[2]
+            for leaf in ["/emulator", "/vcpu"] where path.contains(leaf) { path = String(path[..<path.range(of: leaf)!.lowerBound]) }
+            guard path.hasPrefix("/machine") else { continue }
+            if f[1].split(separator: ",").contains("memory") { files.append(root + "/memory" + path + "/memory.limit_in_bytes") }
+            if f[0] == "0", f[1].isEmpty, FileManager.default.fileExists(atPath: root + path + "/memory.max") { files.append(root + path + "/memory.max") }
+        }
+        guard !files.isEmpty else {
+            throw MicroVMError(.backend, "QEMU (pid \(pid)) is in no memory cgroup of libvirt's: its memory limit cannot be enforced")
+        }
+        for file in files {
+            do { try "\(limit.bytes)".write(toFile: file, atomically: false, encoding: .utf8) }
+            catch { throw MicroVMError(.backend, "cannot limit QEMU's memory to \(limit) in \(file)", cause: error) }
+        }
+    }
+
     /// `<memtune><hard_limit>` makes libvirt raise QEMU's RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE.
     static func canRaiseMemlockLimit(status: String? = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) -> Bool {
         guard let line = status?.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
@@ -233,55 +260,51 @@ public struct HostedBackend: InstanceBackend {
 
     struct Outcome {
         var report: GuestReport
-        var bootSeconds: Double?
         var console: String
     }
 
-    /// Tails the serial log until the framed result arrives, the domain stops, or time runs out.
+    /// Tails the serial log until the framed result arrives, the domain stops, or time runs out;
+    /// marks `ready` on the clock when the init's boot-complete arrives (read every 5 ms).
     func follow(domain: LibvirtDomain, log: String, clock: LaunchClock, timeout: Double, stopped: StopFlag) async throws -> Outcome {
-        let start = Date()
+        let start = Monotonic.seconds()
         guard let handle = FileHandle(forReadingAtPath: log) else {
             throw MicroVMError(.backend, "cannot read the serial log \(log)")
         }
         defer { try? handle.close() }
         var parser = ConsoleParser()
         var console = Data()
-        var bootSeconds: Double?
-        var lastStateCheck = Date()
+        var lastStateCheck = start
         while true {
             let chunk = handle.availableData
             if !chunk.isEmpty {
                 // Bounded: a guest that floods its console must not exhaust our memory.
                 if console.count < 4 << 20 { console.append(chunk.prefix((4 << 20) - console.count)) }
                 parser.feed(chunk)
-                if bootSeconds == nil, parser.bootComplete {
-                    bootSeconds = Date().timeIntervalSince(start)
-                    clock.mark(.ready)
-                }
+                if parser.bootComplete { clock.mark(.ready) }
                 if let report = parser.report {
-                    return Outcome(report: report, bootSeconds: bootSeconds, console: String(decoding: console, as: UTF8.self))
+                    return Outcome(report: report, console: String(decoding: console, as: UTF8.self))
                 }
                 continue
             }
             var gone = stopped.isSet
-            if !gone, Date().timeIntervalSince(lastStateCheck) > 0.5 {
-                lastStateCheck = Date()
+            if !gone, Monotonic.seconds() - lastStateCheck > 0.5 {
+                lastStateCheck = Monotonic.seconds()
                 gone = !domain.state().isActive
             }
             if gone {
                 // The last bytes may have landed after the previous read.
                 parser.feed(handle.availableData)
                 if let report = parser.report {
-                    return Outcome(report: report, bootSeconds: bootSeconds, console: String(decoding: console, as: UTF8.self))
+                    return Outcome(report: report, console: String(decoding: console, as: UTF8.self))
                 }
                 let tail = String(String(decoding: console, as: UTF8.self).suffix(1500))
                 throw MicroVMError(.guestError, "the hosted guest '\(domain.name)' stopped before it reported a result (\(parser.bootComplete ? "after" : "before") boot completed); QEMU was killed or the guest crashed. Console tail:\n\(tail)")
             }
-            if Date().timeIntervalSince(start) > timeout {
+            if Monotonic.seconds() - start > timeout {
                 throw MicroVMError(.timeout, "the hosted guest '\(domain.name)' gave no result within \(Int(timeout)) s and was destroyed: raise --timeout, or see its console with a longer run")
             }
             if Task.isCancelled { throw CancellationError() }
-            try? await Task.sleep(for: .milliseconds(20))
+            try? await Task.sleep(for: .milliseconds(5))
         }
     }
 
@@ -295,8 +318,8 @@ public struct HostedBackend: InstanceBackend {
     }
 
     func waitStopped(_ domain: LibvirtDomain, _ stopped: StopFlag, seconds: Double) async -> Bool {
-        let deadline = Date().addingTimeInterval(seconds)
-        while Date() < deadline {
+        let deadline = Monotonic.seconds() + seconds
+        while Monotonic.seconds() < deadline {
             if stopped.isSet || !domain.state().isActive { return true }
             try? await Task.sleep(for: .milliseconds(20))
         }
@@ -345,8 +368,8 @@ public struct HostedBackend: InstanceBackend {
             throw MicroVMError(.backend, "hosted instance '\(name)' has no QEMU process yet: try again in a moment")
         }
         kill(pid, SIGTERM)
-        let deadline = Date().addingTimeInterval(shutdownTimeout)
-        while Date() < deadline, kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
+        let deadline = Monotonic.seconds() + shutdownTimeout
+        while Monotonic.seconds() < deadline, kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
         if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
     }
 

@@ -152,6 +152,47 @@ struct HostedBootTests {
         try Self.expectNothingLeft(name, backend: backend)
     }
 
+    /// The slice as the host enforces it on QEMU: one CPU of work for the whole domain, and guest
+    /// RAM plus QEMU's allowance as its memory limit (through libvirt's memtune, or written into
+    /// libvirt's cgroup where libvirt may not set it), read from QEMU's cgroups while it runs.
+    @Test func theSliceIsEnforcedOnQEMU() async throws {
+        let backend = Self.backend()
+        let name = "mvm-slice-\(UUID().uuidString.prefix(6).lowercased())"
+        let spec = VMSpec(name: name, memory: .mebibytes(128), command: ["sleep", "120"],
+                          slice: ResourceSlice(cpus: 1, placement: .shared, memory: .mebibytes(128)), timeout: 300)
+        let done = EventLog()
+        let run = Task { defer { done.append(1) }; return try await backend.run(spec) }
+        let deadline = Date().addingTimeInterval(120)
+        while Date() < deadline, done.events.isEmpty, backend.qemuPid(name: name) == nil { try await Task.sleep(for: .milliseconds(50)) }
+        let pid = try #require(backend.qemuPid(name: name))
+        // QEMU's pid file appears before libvirt moves it into the domain's cgroups, and the run
+        // sets the limits once the domain is up: wait for the run to be past its spawn.
+        var cgroupText = ""
+        while Date() < deadline, done.events.isEmpty {
+            cgroupText = (try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8)) ?? ""
+            if cgroupText.contains("memory:/machine"), (try? String(contentsOfFile: HostedRecord.file(name, in: backend.recordDirectory), encoding: .utf8))?.contains("\"machine\"") == true { break }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        let cgroups = cgroupText.split(separator: "\n").map { $0.split(separator: ":", maxSplits: 2).map(String.init) }
+        func dir(_ controller: String) -> String? {
+            cgroups.first { $0.count == 3 && $0[1].split(separator: ",").contains(Substring(controller)) }.map { f in
+                let p = f[2].components(separatedBy: "/emulator").first ?? f[2]
+                return "/sys/fs/cgroup/\(controller)" + p
+            }
+        }
+        if let mem = dir("memory"), let cpu = dir("cpu") {
+            let limit = try String(contentsOfFile: mem + "/memory.limit_in_bytes", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(limit == "\((ByteCount.mebibytes(128) + Enforcement.overhead(for: .hosted)).bytes)", "memory limit \(limit) in \(mem)")
+            let quota = try String(contentsOfFile: cpu + "/cpu.cfs_quota_us", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(quota == "100000", "cpu quota \(quota) in \(cpu)")
+        } else {
+            print("QEMU is in no v1 memory and cpu cgroup here (\(cgroups)); only the stop is checked")
+        }
+        try await backend.stop(name: name)
+        _ = try? await run.value
+        try Self.expectNothingLeft(name, backend: backend)
+    }
+
     @Test func destroyingTheDomainFromStopIsAClearError() async throws {
         let backend = Self.backend()
         let name = "mvm-stop-\(UUID().uuidString.prefix(6).lowercased())"
