@@ -15,7 +15,7 @@ public struct CgroupSet: Sendable {
     let mounts: [String: String]
 
     public static let controllers = ["cpuset", "cpu", "memory", "pids"]
-    static let period = 100_000
+    static let period = Enforcement.period
 
     /// Creates (or takes over a leftover of) the cgroup `name` and writes the slice's limits.
     /// A failure removes what was created and names the file that refused the value.
@@ -127,7 +127,7 @@ public struct CgroupSet: Sendable {
 
     /// cgroup v1 cpu.shares for a v2-style weight (100 → 1024, the kernel's default).
     public static func shares(weight: Int) -> Int { max(2, min(262_144, weight * 1024 / 100)) }
-    public static func quotaMicros(_ cpus: Double) -> Int { max(1000, Int((cpus * Double(period)).rounded())) }
+    public static func quotaMicros(_ cpus: Double) -> Int { Enforcement.quotaMicros(cpus) }
 
     /// Moves a whole process (all its threads) into the cgroup.
     public func add(pid: Int32) throws {

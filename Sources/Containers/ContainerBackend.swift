@@ -11,6 +11,7 @@
 /// let result = try await backend.run(spec)   // exitStatus 3, output "hello\n"
 /// ```
 import Foundation
+import Synchronization
 import MicroVMCore
 import Host
 import Launch
@@ -86,13 +87,17 @@ public struct ContainerBackend: InstanceBackend {
         if case .runsc = runtime, plan.spec.net != nil {
             throw MicroVMError.unsupported("runsc containers run without a network here (gVisor's netstack does not take mvm's veth namespace): drop --net, or use --runtime runc or docker")
         }
+        let cancelled = CancelFlag()
         return try await withTaskCancellationHandler {
             try await offload { [self] in
                 let rootfs = try checkRootfs(plan.rootfsTree)
-                if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).run(plan, rootfs: rootfs) }
-                return try runOCI(plan, rootfs: rootfs)
+                if case .docker = runtime {
+                    return try DockerDriver(paths: paths, tarball: rootfsTarball).run(plan, rootfs: rootfs, cancelled: { cancelled.isSet })
+                }
+                return try runOCI(plan, rootfs: rootfs, cancelled: { cancelled.isSet })
             }
         } onCancel: { [self] in
+            cancelled.set()
             if case .docker = runtime {
                 _ = try? ProcessRunner.run(["docker", "kill", id], timeout: 30)
             } else if let rt = try? runtime.resolveOCI(profile: CachedProfile.get) {
@@ -117,7 +122,7 @@ public struct ContainerBackend: InstanceBackend {
         return rootfs
     }
 
-    func runOCI(_ plan: LaunchPlan, rootfs: String) throws -> RunResult {
+    func runOCI(_ plan: LaunchPlan, rootfs: String, cancelled: @escaping @Sendable () -> Bool = { false }) throws -> RunResult {
         let spec = plan.spec
         reapOrphans()
         let rt = try runtime.resolveOCI(profile: CachedProfile.get)
@@ -159,7 +164,7 @@ public struct ContainerBackend: InstanceBackend {
         let launched = try StreamedRun.run(
             executable: rt.path,
             arguments: driver.globalArguments(network: spec.net != nil) + ["run", "--bundle", bundle, "--pid-file", bundle + "/container.pid", id],
-            logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout, clock: plan.clock,
+            logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout, clock: plan.clock, cancelled: cancelled,
             onTimeout: { driver.kill(id, signal: "KILL") })
         let collector = launched.collector
         // The container's processes hold the pipes; once runc has reaped pid 1 they are all gone.
@@ -256,6 +261,13 @@ public struct ContainerBackend: InstanceBackend {
         }
         return text
     }
+}
+
+/// Set once a run is cancelled; read by the thread that starts the runtime.
+final class CancelFlag: Sendable {
+    private let flag = Atomic<Bool>(false)
+    func set() { flag.store(true, ordering: .releasing) }
+    var isSet: Bool { flag.load(ordering: .acquiring) }
 }
 
 /// Blocking runtime calls run on GCD's threads, not the cooperative pool, so several

@@ -85,7 +85,7 @@ struct DockerDriver: Sendable {
         return f
     }
 
-    func run(_ plan: LaunchPlan, rootfs: String) throws -> RunResult {
+    func run(_ plan: LaunchPlan, rootfs: String, cancelled: @escaping @Sendable () -> Bool = { false }) throws -> RunResult {
         let spec = plan.spec
         let id = try ContainerBackend.containerID(name: spec.name)
         try requireDaemon()
@@ -116,7 +116,7 @@ struct DockerDriver: Sendable {
         args += [image] + command
         guard let exe = ProcessRunner.which("docker") else { throw MicroVMError.notFound("'docker' is not installed: apt-get install docker.io") }
         let launched = try StreamedRun.run(executable: exe, arguments: args, logPath: store.log(id), expectMarker: hasShell,
-                                           timeout: spec.timeout, clock: plan.clock, onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
+                                           timeout: spec.timeout, clock: plan.clock, cancelled: cancelled, onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
         _ = launched.collector.finish(timeout: 10)
         let r = launched.collector.result
         if launched.timedOut {

@@ -82,8 +82,10 @@ struct StreamedRun {
     /// Launches `executable`, kills through `onTimeout` after `timeout` seconds, and returns once
     /// the command has exited (a signal is reported the shell's way, 128 + signal).
     /// `clock` gets `spawned` once the runtime process exists; the caller marks the rest.
+    /// `cancelled` is asked once the runtime exists: a cancellation that came before it (while
+    /// the bundle or network was made) then kills the container through `onTimeout`.
     static func run(executable: String, arguments: [String], logPath: String?, expectMarker: Bool, timeout: Double, clock: LaunchClock,
-                    onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
+                    cancelled: @escaping @Sendable () -> Bool = { false }, onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
         let outPipe = try ProcessRunner.makePipe(), errPipe = try ProcessRunner.makePipe()
         let child: ChildProcess
         do {
@@ -100,6 +102,11 @@ struct StreamedRun {
                                         logPath: logPath, expectMarker: expectMarker)
         var timedOut = false
         var status: Int32
+        if cancelled() {
+            // Give the runtime a moment to name the container, then kill it.
+            _ = child.wait(upTo: 0.2)
+            onTimeout()
+        }
         if let s = child.wait(upTo: max(0.1, timeout)) {
             status = s
         } else {

@@ -72,17 +72,23 @@ public struct DirectBackend: InstanceBackend {
     }
 
     public var kernelParameters: String { Self.kernelParameters }
-    public var attachesRootfs: Bool { options.attachRootfs }
+    /// The image's rootfs goes with the image's kernel; a kernel of the caller's boots its own
+    /// initrd alone (the shortest boot: no virtio devices, no ACPI tables).
+    public func attachesRootfs(to spec: VMSpec) -> Bool { options.attachRootfs && spec.kernel == nil }
     public func defaultArtifacts() throws -> BootArtifacts? { try ImageStore(paths: options.paths).ensureDefault().artifacts }
 
     public func execute(_ plan: LaunchPlan) async throws -> RunResult {
         let spec = plan.spec
         guard let kernel = plan.kernel else { throw MicroVMError(.internalError, "a direct launch plan has no kernel") }
+        // A record lets `mvm ps/stop/logs` find the VM; only a process that runs this one VM
+        // (`mvm run`) writes one, since `mvm stop` ends the process that holds it.
         let records = InstanceRecords(directory: options.paths.instances + "/direct")
-        let logPath = try records.claim(DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
-                                                             cpus: spec.cpus, memory: spec.memory, startedAt: Date(),
-                                                             logPath: options.paths.instances + "/" + spec.name + "/console.log"))
-        defer { records.release(spec.name) }
+        let record = DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
+                                          cpus: spec.cpus, memory: spec.memory, startedAt: Date(),
+                                          logPath: options.paths.instances + "/" + spec.name + "/console.log")
+        let logPath = options.processPerInstance ? try records.claim(record) : record.logPath
+        defer { if options.processPerInstance { records.release(spec.name, owner: record) } }
+        try Paths.ensureDirectory((logPath as NSString).deletingLastPathComponent)
         let cgroup = try enforce(plan)
         defer { try? cgroup?.set.remove() }
 
@@ -167,7 +173,7 @@ public struct DirectBackend: InstanceBackend {
         }
     }
 
-    /// SIGTERM to the process running the VM (its handler stops the VM and cleans up), then
+    /// SIGTERM to the `mvm run` holding the VM (its handler stops the VM and cleans up), then
     /// SIGKILL after 10 s.
     public func stop(name: String) async throws {
         let records = InstanceRecords(directory: options.paths.instances + "/direct")
@@ -179,8 +185,12 @@ public struct DirectBackend: InstanceBackend {
         while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
             try? await Task.sleep(for: .milliseconds(50))
         }
-        if ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) { kill(r.pid, SIGKILL) }
-        records.release(name)
+        if ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
+            kill(r.pid, SIGKILL)
+            // The run could not clean up after itself: its cgroup is removed here.
+            try? CgroupSet.create(name: "microvm/direct-\(name)", slice: ResourceSlice(cpus: r.cpus, memory: r.memory)).remove()
+        }
+        records.removeStale(name)
     }
 
     /// vCPU threads block; so does waiting for them. Keep that off Swift's cooperative threads,

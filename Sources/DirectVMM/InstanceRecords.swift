@@ -21,20 +21,43 @@ struct InstanceRecords: Sendable {
 
     func file(_ name: String) -> String { directory + "/" + name + ".json" }
 
-    /// Writes the record (its log's directory too) and returns the log path; refuses a name a
-    /// live instance holds.
+    /// Writes the record (its log's directory too) and returns the log path. The record is
+    /// created exclusively: a name a live instance holds cannot be claimed again, by this process
+    /// or another; a stale record (its process gone) is replaced.
     func claim(_ record: DirectInstanceRecord) throws -> String {
         try Paths.ensureDirectory(directory)
         try Paths.ensureDirectory((record.logPath as NSString).deletingLastPathComponent)
-        if let old = read(record.name), ProcessIdentity.isAlive(pid: old.pid, startTime: old.pidStart), old.pid != record.pid {
-            throw MicroVMError.invalidArgument("a direct instance named '\(record.name)' is running (pid \(old.pid)): pick another --name or mvm stop it")
-        }
         let data = try JSONEncoder.iso8601.encode(record)
-        try data.write(to: URL(fileURLWithPath: file(record.name)), options: .atomic)
-        return record.logPath
+        for _ in 0..<2 {
+            let fd = open(file(record.name), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+            if fd >= 0 {
+                defer { close(fd) }
+                let n = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+                guard n == data.count else { release(record.name, owner: record); throw MicroVMError(.internalError, "cannot write the record of '\(record.name)'") }
+                return record.logPath
+            }
+            guard errno == EEXIST else {
+                throw MicroVMError(.permissionDenied, "cannot create the record of '\(record.name)' in \(directory): \(String(cString: strerror(errno)))")
+            }
+            if let old = read(record.name), ProcessIdentity.isAlive(pid: old.pid, startTime: old.pidStart) {
+                throw MicroVMError.invalidArgument("a direct instance named '\(record.name)' is running (pid \(old.pid)): pick another --name or mvm stop it")
+            }
+            try? FileManager.default.removeItem(atPath: file(record.name))
+        }
+        throw MicroVMError.invalidArgument("a direct instance named '\(record.name)' is being started by another process: pick another --name")
     }
 
-    func release(_ name: String) { try? FileManager.default.removeItem(atPath: file(name)) }
+    /// Removes the record if it is still `owner`'s (another run may have claimed the name since).
+    func release(_ name: String, owner: DirectInstanceRecord) {
+        guard let r = read(name), r.pid == owner.pid, r.pidStart == owner.pidStart else { return }
+        try? FileManager.default.removeItem(atPath: file(name))
+    }
+
+    /// Removes a record whose process is gone.
+    func removeStale(_ name: String) {
+        guard let r = read(name), !ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) else { return }
+        try? FileManager.default.removeItem(atPath: file(name))
+    }
 
     func read(_ name: String) -> DirectInstanceRecord? {
         FileManager.default.contents(atPath: file(name)).flatMap { try? JSONDecoder.iso8601.decode(DirectInstanceRecord.self, from: $0) }
@@ -46,7 +69,7 @@ struct InstanceRecords: Sendable {
         return names.compactMap { n -> DirectInstanceRecord? in
             let name = String(n.dropLast(5))
             guard let r = read(name) else { return nil }
-            guard ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) else { release(name); return nil }
+            guard ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) else { removeStale(name); return nil }
             return r
         }
     }

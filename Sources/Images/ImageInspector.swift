@@ -1,4 +1,5 @@
 import CGuestfs
+import CLazyLibs
 import Foundation
 import Host
 import MicroVMCore
@@ -40,6 +41,9 @@ public enum ImageInspector {
         let size = (try? fm.attributesOfItem(atPath: path))?[.size] as? UInt64 ?? 0
         guard size >= 512 else {
             throw MicroVMError(.invalidImage, "disk image '\(path)' is \(size) bytes, too small to hold a partition table or filesystem: it is empty or truncated")
+        }
+        guard mvm_lazy_available(1) != 0 else {
+            throw MicroVMError.notFound("image inspection needs libguestfs (libguestfs.so.0), which is not installed: apt-get install libguestfs-tools")
         }
         guard let g = guestfs_create() else {
             throw MicroVMError(.backend, "libguestfs could not create a handle: check that libguestfs0 is installed (apt-get install libguestfs-tools)")

@@ -260,9 +260,14 @@ struct ImageKeyCache {
     struct Entry: Codable { var fingerprint: String; var key: String }
 
     func fingerprint() -> String {
-        var parts = ["recipe=\(ImageStore.recipeVersion)"]
+        // What the key hashes besides files: the recipe's lists, compiled into this binary.
+        var parts = ["recipe=\(ImageStore.recipeVersion)", "modules=\(ModuleResolver.defaultModules.joined(separator: ","))",
+                     "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))", "packages=\(ImageInputs.packages.joined(separator: ","))"]
+        // depmod rewrites a kernel's modules.dep without touching /lib/modules itself.
+        let kernels = ((try? FileManager.default.contentsOfDirectory(atPath: "/lib/modules")) ?? []).sorted()
+        let moduleDeps = watched.contains("/lib/modules") ? kernels.map { "/lib/modules/\($0)/modules.dep" } : []
         let probeDir = (initScript as NSString).deletingLastPathComponent + "/probe"
-        for p in watched + [probeDir] + ImageInputs.recipeFiles(initScript: initScript) {
+        for p in watched + moduleDeps + [probeDir] + ImageInputs.recipeFiles(initScript: initScript) {
             var st = stat()
             if stat(p, &st) == 0 {
                 parts.append("\(p) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)")

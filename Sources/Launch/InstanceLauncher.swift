@@ -3,7 +3,7 @@
 /// release. Each step is marked on one monotonic clock that starts at the launch request.
 ///
 /// ```swift
-/// let launcher = InstanceLauncher(grants: try AllocatorGrants(config: .load()))
+/// let launcher = InstanceLauncher(grants: AllocatorGrants(config: try .load()))
 /// let result = try await launcher.launch(VMSpec(command: ["uname", "-r"]), on: ContainerBackend(runtime: .runc))
 /// print(result.phases?.summary ?? "")   // validated=0.2ms granted=3.1ms planned=3.3ms … ready=41.0ms
 /// ```
@@ -27,17 +27,18 @@ public struct FixedGrants: GrantSource {
     }
 }
 
-/// Grants from the allocator's ledger, held by this process for the run.
+/// Grants from the allocator's ledger, held by this process for the run. Made from a
+/// configuration, it opens the ledger only when the first grant is asked for (after validation).
 public struct AllocatorGrants: GrantSource {
-    public let allocator: Allocator
-    public init(allocator: Allocator) { self.allocator = allocator }
-    public init(config: MicroVMConfig, paths: Paths = .default) throws { allocator = try Allocator.open(paths: paths, config: config) }
+    let open: @Sendable () throws -> Allocator
+    public init(allocator: Allocator) { open = { allocator } }
+    public init(config: MicroVMConfig, paths: Paths = .default) { open = { try Allocator.open(paths: paths, config: config) } }
 
     public func acquire(_ s: ResourceSlice, owner: String, mode: RunMode) throws -> (slice: ResourceSlice, release: @Sendable () -> Void) {
+        let allocator = try open()
         let request = SliceRequest(cpus: s.cpus, placement: s.placement, weight: s.cpuWeight, quota: s.cpuQuota, memory: s.memory,
                                    hugePages: s.hugePages, pidsLimit: s.pidsLimit, owner: owner, ownerPID: getpid(), mode: mode.rawValue)
         let grant = try allocator.allocate(request)
-        let allocator = self.allocator
         return (grant.slice, { _ = try? allocator.release(grant.id) })
     }
 }
@@ -80,14 +81,14 @@ public struct InstanceLauncher: Sendable {
             let tree = try spec.rootfs ?? (mode == .native ? nil : artifacts(for: backend).rootfsTree)
             return LaunchPlan(spec: spec, mode: mode, disks: spec.disks, rootfsTree: tree, enforcement: enforcement, clock: clock)
         }
-        let needImage = spec.kernel == nil || backend.attachesRootfs
-        let img = needImage ? try artifacts(for: backend) : nil
+        let attach = backend.attachesRootfs(to: spec)
+        let img = spec.kernel == nil || attach ? try artifacts(for: backend) : nil
         guard let kernel = spec.kernel ?? img?.kernel else {
             throw MicroVMError.notFound("no guest kernel: pass --kernel or build the default image (mvm image build)")
         }
         let initrd = spec.initrd ?? (spec.kernel == nil ? img?.initrd : nil)
         var disks = spec.disks
-        let rootfs = backend.attachesRootfs ? img?.rootfsDisk : nil
+        let rootfs = attach ? img?.rootfsDisk : nil
         if let rootfs { disks.insert(DiskSpec(path: rootfs, readOnly: true), at: 0) }
         let cmdline = KernelCommandLine.build(command: spec.command, backend: backend.kernelParameters, rootfsReadOnly: rootfs != nil,
                                               initParameters: spec.initParameters, extra: spec.cmdline)

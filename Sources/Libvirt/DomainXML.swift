@@ -212,7 +212,6 @@ public enum DomainXML {
         min(262_144, max(2, weight * 1024 / 100))
     }
 
-    public static let quotaPeriod = 100_000
 
     /// The whole domain (vCPUs, emulator and I/O threads) gets at most the enforcement's CPUs of
     /// work (`global_*`; plain period/quota would apply per vCPU thread); each vCPU is pinned as

@@ -1,4 +1,5 @@
 import CLibvirt
+import CLazyLibs
 import Foundation
 import Host
 import Images
@@ -77,7 +78,14 @@ public struct HostedBackend: InstanceBackend {
 
     // MARK: Run
 
-    public var attachesRootfs: Bool { attachRootfs }
+    public func attachesRootfs(to spec: VMSpec) -> Bool { attachRootfs }
+
+    /// libvirt is loaded on first use: a host without it gets this error, not an abort.
+    public func checkHost() throws {
+        guard mvm_lazy_available(0) != 0 else {
+            throw MicroVMError.notFound("hosted mode needs libvirt (libvirt.so.0), which is not installed: apt-get install libvirt0 libvirt-daemon-driver-qemu")
+        }
+    }
     public func defaultArtifacts() throws -> BootArtifacts? { try image().artifacts }
 
     public func execute(_ launch: LaunchPlan) async throws -> RunResult {

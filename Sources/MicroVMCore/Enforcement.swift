@@ -10,9 +10,11 @@
 ///   each for dedicated and pinned slices, the whole set for shared ones.
 /// - **Memory**: the instance sees `memory` (a VM's RAM, a container's limit). The cgroup limit is
 ///   `memory + overhead`, where the overhead is the VMM's or QEMU's own memory
-///   (`Enforcement.overhead(for:)`): 0 for containers (the runtime stays outside the container's
-///   cgroup), 64 MiB for the direct VMM, 256 MiB for QEMU. No swap beyond it.
-/// - **pids**: the slice's limit, on the container's processes or the VMM's threads.
+///   (`Enforcement.overhead(for:)`): 0 for containers (runc and crun stay outside the container's
+///   cgroup; gVisor's sandbox does not, and shares the limit with the workload), 64 MiB for the
+///   direct VMM, 256 MiB for QEMU. No swap beyond it.
+/// - **pids**: the slice's limit, on the container's processes or the VMM's threads (runsc adds
+///   an allowance for its sandbox's own tasks).
 /// - **Huge pages**: a VM's RAM is backed by hugetlbfs pages; containers refuse them.
 /// - **NUMA**: a slice placed on a node takes its memory there (cpuset.mems, `numatune`).
 public struct Enforcement: Codable, Sendable, Hashable {
@@ -41,7 +43,10 @@ public struct Enforcement: Codable, Sendable, Hashable {
     public static let period = 100_000
 
     /// The quota in microseconds per `period`.
-    public var quotaMicros: Int { max(1000, Int((cpuQuota * Double(Self.period)).rounded())) }
+    public var quotaMicros: Int { Self.quotaMicros(cpuQuota) }
+
+    /// `cpus` CPUs of work as microseconds per `period` (at least 1 ms, the kernel's minimum).
+    public static func quotaMicros(_ cpus: Double) -> Int { max(1000, Int((cpus * Double(period)).rounded())) }
 
     /// The VMM's or runtime's allowance on top of what the instance sees (see the type's rules).
     public static func overhead(for mode: RunMode) -> ByteCount {

@@ -119,8 +119,9 @@ public struct LaunchPlan: Sendable {
     /// VMs: what to boot (nil for containers and native runs).
     public var kernel: String?
     public var initrd: String?
-    /// VMs: the command line, before the parameters only the backend can know (its device
-    /// layout, the addresses of the link it opens), which it appends with `commandLine(adding:)`.
+    /// VMs: the command line, the init's network parameters included; a backend appends only
+    /// what its device layout decides (the direct VMM's virtio-mmio devices) with
+    /// `commandLine(adding:)`.
     public var cmdline: String
     /// VMs: every disk in attach order, the image's rootfs (read-only) first when attached.
     public var disks: [DiskSpec]
@@ -139,7 +140,7 @@ public struct LaunchPlan: Sendable {
 
     public var name: String { spec.name }
 
-    /// The command line with what the backend adds (device parameters, the opened link's addresses).
+    /// The command line with what the backend adds (its device parameters).
     public func commandLine(adding parameters: [String]) -> String {
         ([cmdline] + parameters).filter { !$0.isEmpty }.joined(separator: " ")
     }

@@ -168,8 +168,9 @@ public protocol InstanceBackend: Sendable {
     var mode: RunMode { get }
     /// Kernel parameters this backend's VMs need on top of the common command line.
     var kernelParameters: String { get }
-    /// Whether VMs get the image's rootfs disk as /dev/vda (containers always run in the tree).
-    var attachesRootfs: Bool { get }
+    /// Whether a VM of this spec gets the image's rootfs disk as /dev/vda (containers always run
+    /// in the tree).
+    func attachesRootfs(to spec: VMSpec) -> Bool
     /// How `--net` reaches the host: a link of the instance's own (its /30 chosen by the launcher)
     /// or the backend's own network (Docker's bridge).
     var networkAttachment: NetworkAttachment { get }
@@ -189,7 +190,7 @@ public protocol InstanceBackend: Sendable {
 
 extension InstanceBackend {
     public var kernelParameters: String { "" }
-    public var attachesRootfs: Bool { mode.isVM }
+    public func attachesRootfs(to spec: VMSpec) -> Bool { mode.isVM }
     public var networkAttachment: NetworkAttachment { .perInstanceLink }
     public func checkHost() throws {}
     public func defaultArtifacts() throws -> BootArtifacts? { nil }

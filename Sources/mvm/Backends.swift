@@ -20,7 +20,8 @@ enum Backends {
 
     /// Every backend that can list, stop and show logs of instances (for ps/stop/logs).
     static func all(connect: String?) -> [any InstanceBackend] {
-        // One container backend lists every bundle, whatever runtime each was started with.
+        // One OCI container backend lists every bundle, whatever OCI runtime (runc, crun, runsc)
+        // each was started with; Docker's containers are Docker's to list (docker ps).
         [DirectBackend(), HostedBackend(connect: connect), ContainerBackend(runtime: .runc)]
     }
 }

@@ -69,9 +69,8 @@ struct RunCommand: AsyncParsableCommand {
             spec.vsockShell = vsockShell
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
                                             runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
-            // Validation comes before the ledger is even opened: bad input allocates nothing.
-            try SpecValidator.validate(spec, mode: mode)
-            let launcher = InstanceLauncher(grants: try AllocatorGrants(config: cfg))
+            // The ledger is opened at the grant, after validation: bad input allocates nothing.
+            let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
             let checked = spec
             let result = try await SignalStop.cancellingOnSignals {
                 try await launcher.launch(checked, on: backend, clock: clock)
@@ -94,29 +93,34 @@ struct RunCommand: AsyncParsableCommand {
 /// grant. `mvm run` then exits as a shell reports a signal (128 + its number).
 enum SignalStop {
     static func cancellingOnSignals<T: Sendable>(_ body: @escaping @Sendable () async throws -> T) async throws -> T {
-        let task = Task { try await body() }
+        // The handlers are in place before the work starts: a signal at any moment is seen.
         let received = Mutex<Int32?>(nil)
+        let running = Mutex<Task<T, any Error>?>(nil)
         let signals = [SIGINT, SIGTERM, SIGHUP]
+        var previous: [Int32: sighandler_t?] = [:]
         let sources = signals.map { sig -> any DispatchSourceSignal in
-            signal(sig, SIG_IGN)
+            previous[sig] = signal(sig, SIG_IGN)
             let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
             s.setEventHandler {
                 received.withLock { if $0 == nil { $0 = sig } }
-                task.cancel()
+                running.withLock { $0?.cancel() }
             }
             s.resume()
             return s
         }
         defer {
             sources.forEach { $0.cancel() }
-            signals.forEach { signal($0, SIG_DFL) }
+            for sig in signals { signal(sig, previous[sig] ?? SIG_DFL) }
         }
-        do {
-            return try await task.value
-        } catch {
-            guard let sig = received.withLock({ $0 }) else { throw error }
+        let task = Task { try await body() }
+        running.withLock { $0 = task }
+        if received.withLock({ $0 }) != nil { task.cancel() }
+        let outcome = await task.result
+        // Whatever the run ended with, an instance a signal stopped reports the signal.
+        if let sig = received.withLock({ $0 }) {
             FileHandleOutput.stderr("mvm: stopped by signal \(sig); the instance was stopped and its resources released\n")
             throw ExitCode(128 + sig)
         }
+        return try outcome.get()
     }
 }
