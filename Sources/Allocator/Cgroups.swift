@@ -20,6 +20,19 @@ public struct CgroupSet: Sendable {
     /// Creates (or takes over a leftover of) the cgroup `name` and writes the slice's limits.
     /// A failure removes what was created and names the file that refused the value.
     public static func create(name: String, slice: ResourceSlice, roots: HostRoots = HostRoots(), mode: CgroupMode? = nil) throws -> CgroupSet {
+        let set = try existing(name: name, roots: roots, mode: mode)
+        do {
+            try set.build(slice: slice, parts: name.split(separator: "/").map(String.init))
+        } catch {
+            try? set.remove()
+            throw error
+        }
+        return set
+    }
+
+    /// The cgroup `name` as it is (or would be) on this host, nothing written: e.g. to remove one
+    /// that a process which died left behind.
+    public static func existing(name: String, roots: HostRoots = HostRoots(), mode: CgroupMode? = nil) throws -> CgroupSet {
         let parts = name.split(separator: "/", omittingEmptySubsequences: false).map(String.init)
         guard !parts.isEmpty, !name.hasPrefix("/"), parts.allSatisfy({ $0 != "." && $0 != ".." && !$0.isEmpty }) else {
             throw MicroVMError.invalidArgument("cgroup name '\(name)' must be a relative path like microvm/NAME, without '.' or '..'")
@@ -29,14 +42,7 @@ public struct CgroupSet: Sendable {
         let mounts = try mountPoints(mountsText, mode: mode)
         var dirs: [String: String] = [:]
         for (controller, mount) in mounts { dirs[controller] = mount + "/" + name }
-        let set = CgroupSet(name: name, mode: mode, directories: dirs, mounts: mounts)
-        do {
-            try set.build(slice: slice, parts: parts)
-        } catch {
-            try? set.remove()
-            throw error
-        }
-        return set
+        return CgroupSet(name: name, mode: mode, directories: dirs, mounts: mounts)
     }
 
     /// Controller → mount point, from /proc/self/mounts.
@@ -126,7 +132,7 @@ public struct CgroupSet: Sendable {
     }
 
     /// cgroup v1 cpu.shares for a v2-style weight (100 → 1024, the kernel's default).
-    public static func shares(weight: Int) -> Int { max(2, min(262_144, weight * 1024 / 100)) }
+    public static func shares(weight: Int) -> Int { Enforcement.shares(weight: weight) }
     public static func quotaMicros(_ cpus: Double) -> Int { Enforcement.quotaMicros(cpus) }
 
     /// Moves a whole process (all its threads) into the cgroup.

@@ -41,7 +41,7 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                     "-accel", accelerator.rawValue, "-cpu", accelerator == .kvm ? "host" : "max",
                     "-m", "\(max(16, spec.memory.mebibytes))M", "-smp", "\(spec.cpus)",
                     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
-                    "-kernel", plan.kernel ?? image.kernel] + (plan.initrd.map { ["-initrd", $0] } ?? []) + ["-append", cmdline]
+                    "-kernel", plan.kernel ?? ""] + (plan.initrd.map { ["-initrd", $0] } ?? []) + ["-append", cmdline]
         for (i, d) in plan.disks.enumerated() {
             let id = plan.rootfsAttached ? (i == 0 ? "root" : "disk\(i - 1)") : "disk\(i)"
             argv += ["-drive", "id=\(id),file=\(Self.escape(d.path)),format=raw,if=none,readonly=\(d.readOnly ? "on" : "off")"
@@ -61,6 +61,7 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
 
     public func execute(_ plan: LaunchPlan) async throws -> RunResult {
         let spec = plan.spec
+        guard plan.kernel != nil else { throw MicroVMError(.internalError, "a QEMU microvm launch plan has no kernel") }
         guard spec.vsockCID == nil else {
             throw MicroVMError.unsupported("the QEMU microvm reference runs without vsock")
         }

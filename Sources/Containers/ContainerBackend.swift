@@ -61,11 +61,7 @@ public struct ContainerBackend: InstanceBackend {
     /// The container id for an instance name; names are checked so they are safe in paths,
     /// cgroup names and runc ids.
     public static func containerID(name: String) throws -> String {
-        let ok = !name.isEmpty && name.count <= 48 && name.allSatisfy { $0.isASCII && ($0.isLetter || $0.isNumber || "-_.".contains($0)) }
-            && !name.hasPrefix(".")
-        guard ok else {
-            throw MicroVMError.invalidArgument("container name '\(name)' is not usable: use 1-48 letters, digits, '-', '_' or '.', not starting with '.'")
-        }
+        try SpecValidator.validateName(name)
         return "mvm-" + name
     }
 

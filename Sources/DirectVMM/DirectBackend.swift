@@ -104,9 +104,7 @@ public struct DirectBackend: InstanceBackend {
         }
 
         var machine = MachineConfiguration(enforcement: plan.enforcement, devicePath: options.devicePath)
-        // Threads alone can join a cgroup v1 hierarchy; on v2 a thread id moves its whole
-        // process, so there a shared process leaves its VMs' CPU to their vCPU count and pins.
-        if let threadsOnly = cgroup?.threadsOnly, threadsOnly, let set = cgroup?.set, set.mode != .v2 {
+        if let threadsOnly = cgroup?.threadsOnly, threadsOnly, let set = cgroup?.set {
             machine.onVCPUThread = { tid in try? set.add(thread: tid) }
         }
         let vm = try VirtualMachine(machine)
@@ -156,7 +154,11 @@ public struct DirectBackend: InstanceBackend {
     /// threads do, which bounds their CPU but leaves memory to the guest RAM's own size.
     func enforce(_ plan: LaunchPlan) throws -> (set: CgroupSet, threadsOnly: Bool)? {
         guard options.enforceInCgroup else { return nil }
-        let set = try CgroupSet.create(name: "microvm/direct-\(plan.name)", slice: plan.enforcement.cgroupSlice)
+        let name = "microvm/direct-\(plan.name)"
+        // Threads alone can join a cgroup v1 hierarchy; on v2 a thread id moves its whole
+        // process, so there a shared process leaves its VMs' CPU to their vCPU count and pins.
+        if !options.processPerInstance, try CgroupSet.existing(name: name).mode == .v2 { return nil }
+        let set = try CgroupSet.create(name: name, slice: plan.enforcement.cgroupSlice)
         do {
             if options.processPerInstance { try set.add(pid: getpid()) }
         } catch {
@@ -188,7 +190,7 @@ public struct DirectBackend: InstanceBackend {
         if ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
             kill(r.pid, SIGKILL)
             // The run could not clean up after itself: its cgroup is removed here.
-            try? CgroupSet.create(name: "microvm/direct-\(name)", slice: ResourceSlice(cpus: r.cpus, memory: r.memory)).remove()
+            try? CgroupSet.existing(name: "microvm/direct-\(name)").remove()
         }
         records.removeStale(name)
     }

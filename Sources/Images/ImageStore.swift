@@ -4,7 +4,7 @@
 ///
 /// ```swift
 /// let image = try ImageStore().ensureDefault()
-/// let cmdline = image.kernelCommandLine(command: ["uname", "-r"])
+/// let cmdline = KernelCommandLine.build(command: ["uname", "-r"])
 /// // qemu-system-x86_64 -kernel image.kernel -initrd image.initrd -append cmdline \
 /// //   -drive file=image.rootfsDisk,format=raw,if=virtio
 /// ```
@@ -31,11 +31,6 @@ public struct GuestImage: Sendable, Equatable, Codable {
     public var rootfsTree: String { directory + "/rootfs" }
     public var rootfsTarball: String { directory + "/rootfs.tar" }
 
-    /// The kernel command line for running `command` with the init (`KernelCommandLine`, the
-    /// one builder every VM backend uses).
-    public func kernelCommandLine(command: [String], extra: String = "") -> String {
-        KernelCommandLine.build(command: command, extra: extra)
-    }
 }
 
 /// One cached image as `mvm image list` shows it.
@@ -207,6 +202,12 @@ struct ImageInputs {
     var description: String
     var key: String
 
+    /// The recipe as this binary has it: its version and its lists of modules and tools.
+    static var recipeLines: [String] {
+        ["recipe=\(ImageStore.recipeVersion)", "modules=\(ModuleResolver.defaultModules.joined(separator: ","))",
+         "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))"]
+    }
+
     static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "socat", "libc6", "e2fsprogs"]
 
     /// The recipe's own files: the guest init, and every file of the image's probes (`images/probe`).
@@ -225,13 +226,11 @@ struct ImageInputs {
         let kattrs = try? fm.attributesOfItem(atPath: kernel.bzImage)
         let kdep = try? fm.attributesOfItem(atPath: kernel.modulesDirectory + "/modules.dep")
         let versions = try DpkgStatus.installedVersions(of: packages, statusFile: dpkgStatus)
-        var lines = [
-            "recipe=\(ImageStore.recipeVersion)",
-            "kernel=\(kernel.version) size=\(kattrs?[.size] as? UInt64 ?? 0) mtime=\((kattrs?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)",
-            "modules.dep size=\(kdep?[.size] as? UInt64 ?? 0) mtime=\((kdep?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)",
-            "modules=\(ModuleResolver.defaultModules.joined(separator: ","))",
-            "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))",
-        ]
+        let recipe = recipeLines
+        var lines = [recipe[0],
+                     "kernel=\(kernel.version) size=\(kattrs?[.size] as? UInt64 ?? 0) mtime=\((kattrs?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)",
+                     "modules.dep size=\(kdep?[.size] as? UInt64 ?? 0) mtime=\((kdep?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0)"]
+            + recipe.dropFirst()
         lines += versions.map { "package \($0)" }.sorted()
         let description = lines.joined(separator: "\n") + "\n"
         var hash = SHA256()
@@ -261,19 +260,13 @@ struct ImageKeyCache {
 
     func fingerprint() -> String {
         // What the key hashes besides files: the recipe's lists, compiled into this binary.
-        var parts = ["recipe=\(ImageStore.recipeVersion)", "modules=\(ModuleResolver.defaultModules.joined(separator: ","))",
-                     "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))", "packages=\(ImageInputs.packages.joined(separator: ","))"]
+        var parts = ImageInputs.recipeLines + ["packages=\(ImageInputs.packages.joined(separator: ","))"]
         // depmod rewrites a kernel's modules.dep without touching /lib/modules itself.
         let kernels = ((try? FileManager.default.contentsOfDirectory(atPath: "/lib/modules")) ?? []).sorted()
         let moduleDeps = watched.contains("/lib/modules") ? kernels.map { "/lib/modules/\($0)/modules.dep" } : []
         let probeDir = (initScript as NSString).deletingLastPathComponent + "/probe"
         for p in watched + moduleDeps + [probeDir] + ImageInputs.recipeFiles(initScript: initScript) {
-            var st = stat()
-            if stat(p, &st) == 0 {
-                parts.append("\(p) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)")
-            } else {
-                parts.append("\(p) absent")
-            }
+            parts.append(FileStamp.of(p) ?? "\(p) absent")
         }
         return parts.joined(separator: "\n")
     }

@@ -207,11 +207,6 @@ public enum DomainXML {
         return "vd" + suffix
     }
 
-    /// cgroup v1 cpu.shares for a v2-style weight (100 ↔ 1024), libvirt's `<shares>` unit.
-    public static func shares(forWeight weight: Int) -> Int {
-        min(262_144, max(2, weight * 1024 / 100))
-    }
-
 
     /// The whole domain (vCPUs, emulator and I/O threads) gets at most the enforcement's CPUs of
     /// work (`global_*`; plain period/quota would apply per vCPU thread); each vCPU is pinned as
@@ -219,7 +214,7 @@ public enum DomainXML {
     static func cputune(_ c: DomainConfig) -> [XMLTree] {
         guard let e = c.enforcement else { return [] }
         var kids: [XMLTree] = []
-        kids.append(XMLTree("shares", text: "\(shares(forWeight: e.cpuWeight))"))
+        kids.append(XMLTree("shares", text: "\(Enforcement.shares(weight: e.cpuWeight))"))
         kids.append(XMLTree("global_period", text: "\(Enforcement.period)"))
         kids.append(XMLTree("global_quota", text: "\(e.quotaMicros)"))
         if !e.vcpuPins.isEmpty {

@@ -21,18 +21,15 @@ public struct HostedBackend: InstanceBackend {
     public var paths: Paths
     /// Attach the image's rootfs disk as /dev/vda so the command runs chrooted in it.
     public var attachRootfs: Bool
-    /// true: a per-run writable copy of the rootfs disk; false: the shared image, read-only.
-    public var writableRootfs: Bool
     /// Seconds a guest gets to power itself off (or answer an ACPI shutdown) before it is destroyed.
     public var shutdownTimeout: Double
     public var image: @Sendable () throws -> GuestImage
 
-    public init(connect: String? = nil, paths: Paths = .default, attachRootfs: Bool = true, writableRootfs: Bool = false,
+    public init(connect: String? = nil, paths: Paths = .default, attachRootfs: Bool = true,
                 shutdownTimeout: Double = 10, image: (@Sendable () throws -> GuestImage)? = nil) {
         self.paths = paths
         self.uri = Self.expand(connect ?? "qemu:///embed", paths: paths)
         self.attachRootfs = attachRootfs
-        self.writableRootfs = writableRootfs
         self.shutdownTimeout = shutdownTimeout
         self.image = image ?? { try ImageStore(paths: paths).ensureDefault() }
     }
@@ -117,7 +114,6 @@ public struct HostedBackend: InstanceBackend {
         var domain: LibvirtDomain?
         var watch: LifecycleWatch?
         do {
-            if let copyFrom = plan.copyRootfsFrom { try copyDisk(copyFrom, to: plan.config.disks[0].path) }
             _ = FileManager.default.createFile(atPath: plan.config.consoleLog, contents: nil)
             try record.save(in: recordDirectory)
             let (d, config) = try createDomain(plan.config, connection: conn)
@@ -148,27 +144,16 @@ public struct HostedBackend: InstanceBackend {
     struct Plan {
         var config: DomainConfig
         var runDirectory: String
-        var copyRootfsFrom: String?
     }
 
     /// The launch plan against the host and the connection: a domain config. The rootfs the plan
-    /// attaches is the shared image (read-only to QEMU, not relabelled by libvirt, mounted
-    /// read-only by the init), or with `writableRootfs` a per-run copy.
+    /// attaches is the shared image: read-only to QEMU, not relabelled by libvirt (the init mounts
+    /// it read-only, `mvm.ro` on the plan's command line).
     func makePlan(_ launch: LaunchPlan, spec: VMSpec, connection conn: LibvirtConnection) throws -> Plan {
         let runDirectory = paths.libvirtRoot + "/runs/" + spec.name
         guard let kernel = launch.kernel else { throw MicroVMError(.internalError, "a hosted launch plan has no kernel") }
         var disks: [DomainConfig.Disk] = launch.disks.map { .init(path: $0.path, readOnly: $0.readOnly, direct: $0.direct) }
-        var copyFrom: String?
-        var cmdline = launch.cmdline
-        if launch.rootfsAttached {
-            if writableRootfs {
-                copyFrom = disks[0].path
-                disks[0] = .init(path: runDirectory + "/rootfs.ext4", readOnly: false)
-                cmdline = cmdline.replacingOccurrences(of: " \(GuestProtocol.readOnlyRootParameter)=1", with: "")
-            } else {
-                disks[0].relabel = false
-            }
-        }
+        if launch.rootfsAttached { disks[0].relabel = false }
         var taps: [String] = []
         if let net = spec.net {
             guard let tap = net.tap else {
@@ -179,11 +164,11 @@ public struct HostedBackend: InstanceBackend {
         let accel = accelerator(connection: conn)
         var config = DomainConfig(name: spec.name, memory: spec.memory, vcpus: spec.cpus, accelerator: accel,
                                   machine: MachineChoice.shared.preferred(for: conn, accelerator: accel),
-                                  kernel: kernel, initrd: launch.initrd, cmdline: cmdline,
+                                  kernel: kernel, initrd: launch.initrd, cmdline: launch.cmdline,
                                   disks: disks, taps: taps, consoleLog: runDirectory + "/console.log", enforcement: launch.enforcement,
                                   memoryHardLimit: isLocal ? Self.canRaiseMemlockLimit() : true)
         config.vsockCID = spec.vsockCID
-        return Plan(config: config, runDirectory: runDirectory, copyRootfsFrom: copyFrom)
+        return Plan(config: config, runDirectory: runDirectory)
     }
 
     var isLocal: Bool { !uri.contains("://") || URLComponents(string: uri)?.host.map(\.isEmpty) ?? true }
@@ -256,13 +241,6 @@ public struct HostedBackend: InstanceBackend {
         catch let e as MicroVMError where e.message.contains("/sys/fs/cgroup") {
             usleep(300_000)
             return try conn.createTransient(xml: xml)
-        }
-    }
-
-    func copyDisk(_ from: String, to: String) throws {
-        let out = try ProcessRunner.run(["cp", "--sparse=always", "--reflink=auto", from, to], timeout: 120)
-        guard out.status == 0 else {
-            throw MicroVMError(.backend, "cannot copy the rootfs disk to \(to): \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
     }
 

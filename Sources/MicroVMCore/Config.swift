@@ -109,11 +109,7 @@ struct ParsedConfigCache {
 
     struct Entry: Codable { var stamp: String; var config: MicroVMConfig }
 
-    var stamp: String? {
-        var st = stat()
-        guard stat(file, &st) == 0 else { return nil }
-        return "\(file) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
-    }
+    var stamp: String? { FileStamp.of(file) }
 
     func lookup() -> MicroVMConfig? {
         guard let stamp, let data = FileManager.default.contents(atPath: path),
@@ -125,5 +121,16 @@ struct ParsedConfigCache {
         guard let stamp, FileManager.default.fileExists(atPath: (path as NSString).deletingLastPathComponent),
               let data = try? JSONEncoder().encode(Entry(stamp: stamp, config: config)) else { return }
         try? data.write(to: URL(fileURLWithPath: path), options: .atomic)
+    }
+}
+
+/// A file's identity and version without reading it: path, inode, size and modification time.
+/// Caches keyed by it (the parsed config, the image key) stay valid until the file is replaced
+/// or rewritten.
+public enum FileStamp {
+    public static func of(_ path: String) -> String? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return "\(path) \(st.st_ino) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
     }
 }

@@ -45,6 +45,10 @@ public struct Enforcement: Codable, Sendable, Hashable {
     /// The quota in microseconds per `period`.
     public var quotaMicros: Int { Self.quotaMicros(cpuQuota) }
 
+    /// cgroup v1 cpu.shares (libvirt's `<shares>`, Docker's `--cpu-shares`) for a v2-style
+    /// weight: 100 ↔ 1024, the kernel's default.
+    public static func shares(weight: Int) -> Int { max(2, min(262_144, weight * 1024 / 100)) }
+
     /// `cpus` CPUs of work as microseconds per `period` (at least 1 ms, the kernel's minimum).
     public static func quotaMicros(_ cpus: Double) -> Int { max(1000, Int((cpus * Double(period)).rounded())) }
 

@@ -32,7 +32,7 @@ enum Fixture {
                          kernel: String? = nil) throws -> (ConsoleParser, String) {
         var argv = ["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-m", "256", "-nographic", "-no-reboot",
                     "-nodefaults", "-serial", "stdio", "-kernel", kernel ?? image.kernel, "-initrd", image.initrd,
-                    "-append", image.kernelCommandLine(command: command, extra: extra)]
+                    "-append", KernelCommandLine.build(command: command, extra: extra)]
         if let disk {
             // snapshot=on: guest writes go to a temporary overlay, so the cached disk stays pristine.
             argv += ["-drive", "file=\(disk),format=raw,if=virtio,snapshot=on"]

@@ -22,7 +22,7 @@ struct ImageStoreTests {
         #expect(fm.fileExists(atPath: img.rootfsTree + "/etc/passwd"))
         // The container tree and the VM tree are the same bytes.
         #expect(fm.contentsEqual(atPath: img.rootfsTree + "/usr/bin/fio", andPath: "/usr/bin/fio"))
-        let cmd = img.kernelCommandLine(command: ["echo", "a b"], extra: "mvm.ro")
+        let cmd = KernelCommandLine.build(command: ["echo", "a b"], extra: "mvm.ro")
         #expect(cmd.hasPrefix("console=ttyS0 "))
         #expect(cmd.contains("panic=-1"))
         #expect(cmd.contains("mvm.cmd=\(GuestProtocol.encodeCommand(["echo", "a b"]))"))

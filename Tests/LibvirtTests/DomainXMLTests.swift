@@ -108,8 +108,8 @@ struct DomainXMLTests {
         var noLimit = Self.config(slice: shared)
         noLimit.memoryHardLimit = false
         #expect(!(try DomainXML.document(for: noLimit)).contains("memtune"))
-        #expect(DomainXML.shares(forWeight: 1) == 10)
-        #expect(DomainXML.shares(forWeight: 10000) == 102_400)
+        #expect(Enforcement.shares(weight: 1) == 10)
+        #expect(Enforcement.shares(weight: 10000) == 102_400)
         let huge = ResourceSlice(cpus: 1, memory: .mebibytes(256), hugePages: true, numaNode: 1)
         let xml3 = try DomainXML.document(for: Self.config(slice: huge))
         #expect(xml3.contains("<hugepages/>"))
