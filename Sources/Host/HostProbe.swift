@@ -6,15 +6,19 @@ extension HostProfile {
     /// The profile of this host. The KVM functional probe is cached per boot (keyed by boot_id);
     /// the cheap probes are read fresh each time.
     public static func current(paths: Paths = .default, roots: HostRoots = HostRoots(), refresh: Bool = false) -> HostProfile {
-        let bootID = read(roots.proc + "/sys/kernel/random/boot_id")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
+        let bootID = bootID(roots: roots)
         let kvm = cachedKVM(paths: paths, bootID: bootID, refresh: refresh)
         return probe(roots: roots, kvm: kvm, bootID: bootID)
     }
 
     /// Only the KVM verdict (cached per boot): what a launch needs, without probing the tools.
     public static func kvm(paths: Paths = .default, roots: HostRoots = HostRoots()) -> KVMProbeResult {
-        let bootID = read(roots.proc + "/sys/kernel/random/boot_id")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
-        return cachedKVM(paths: paths, bootID: bootID, refresh: false)
+        cachedKVM(paths: paths, bootID: bootID(roots: roots), refresh: false)
+    }
+
+    /// This boot's id: what per-boot caches are keyed by.
+    static func bootID(roots: HostRoots) -> String {
+        read(roots.proc + "/sys/kernel/random/boot_id")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
     }
 
     /// Builds a profile from the given roots without touching /dev/kvm (the KVM result is passed in).
