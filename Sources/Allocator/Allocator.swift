@@ -14,6 +14,7 @@
 /// try allocator.release(grant.id)
 /// ```
 import Foundation
+import Synchronization
 import GRDB
 import MicroVMCore
 import Host
@@ -28,20 +29,39 @@ public final class Allocator: Sendable {
     let procRoot: String
 
     /// Opens (creating when absent) the ledger at `paths.ledger` for this host's capacity, less
-    /// the configured reservation.
-    public static func open(paths: Paths = .default, config: MicroVMConfig, roots: HostRoots = HostRoots()) throws -> Allocator {
-        let capacity = try HostCapacity.probe(roots: roots, reservation: config.reservation)
+    /// the configured reservation. A `warmup` started earlier for the same ledger hands over the
+    /// connection it opened meanwhile.
+    public static func open(paths: Paths = .default, config: MicroVMConfig, roots: HostRoots = HostRoots(),
+                            warmup: LedgerWarmup? = nil) throws -> Allocator {
+        let warm = warmup?.take(path: paths.ledger, roots: roots)
+        let host = try warm?.host ?? HostCapacity.probe(roots: roots)
+        let capacity = try host.reserving(config.reservation)
+        if let ledger = warm?.ledger { return Allocator(capacity: capacity, ledger: ledger) }
         try Paths.ensureDirectory(paths.state)
         // Owners are processes of this host: their liveness is always read from the real /proc.
         return try Allocator(capacity: capacity, ledgerPath: paths.ledger)
     }
 
-    public init(capacity: HostCapacity, ledgerPath: String, procRoot: String = "/proc",
-                ownerAlive: (@Sendable (_ pid: Int32, _ startTime: UInt64?) -> Bool)? = nil) throws {
+    public convenience init(capacity: HostCapacity, ledgerPath: String, procRoot: String = "/proc",
+                            ownerAlive: (@Sendable (_ pid: Int32, _ startTime: UInt64?) -> Bool)? = nil) throws {
+        self.init(capacity: capacity, ledger: try Ledger(path: ledgerPath), procRoot: procRoot, ownerAlive: ownerAlive)
+    }
+
+    init(capacity: HostCapacity, ledger: Ledger, procRoot: String = "/proc",
+         ownerAlive: (@Sendable (_ pid: Int32, _ startTime: UInt64?) -> Bool)? = nil) {
         self.capacity = capacity
         self.procRoot = procRoot
         self.ownerAlive = ownerAlive ?? { pid, start in ProcessIdentity.isAlive(pid: pid, startTime: start, procRoot: procRoot) }
-        self.ledger = try Ledger(path: ledgerPath)
+        self.ledger = ledger
+    }
+
+    /// Scans the whole ledger file for damage (slow on a long event log: `mvm doctor` runs it,
+    /// launches do not). Throws the ledger's corruption error, which says what to do.
+    public func verifyLedger() throws {
+        let problems = try ledger.integrityProblems()
+        guard problems.isEmpty else {
+            throw Ledger.corrupt(ledger.path, "fails SQLite's integrity check (\(problems.prefix(3).joined(separator: "; ")))")
+        }
     }
 
     /// Grants `request` whole or throws one error naming the short resource. Grants of dead
@@ -176,5 +196,37 @@ public final class Allocator: Sendable {
             hugePagesUsed = s.hugePagesUsed
             hugePagesFree = max(0, c.hugePages.total - s.hugePagesUsed)
         }
+    }
+}
+
+
+/// Opens an existing ledger and reads the host's capacity on another thread while the caller
+/// reads its configuration and checks its input, so a launch does not wait for them in turn.
+/// Only a ledger that already exists is opened early: a first ledger is still created at the
+/// grant, after validation, so bad input leaves a new state directory as it was. A failed early
+/// open is forgotten; the grant then opens the ledger itself and reports what is wrong with it.
+public final class LedgerWarmup: Sendable {
+    let path: String
+    let roots = HostRoots()
+    private let opened = Mutex<(ledger: Ledger?, host: HostCapacity?)>((nil, nil))
+    private let done = DispatchGroup()
+
+    public init(paths: Paths = .default) {
+        path = paths.ledger
+        let exists = FileManager.default.fileExists(atPath: path)
+        done.enter()
+        DispatchQueue.global(qos: .userInitiated).async { [self] in
+            let host = try? HostCapacity.probe(roots: roots)
+            let ledger = exists ? try? Ledger(path: path) : nil
+            opened.withLock { $0 = (ledger, host) }
+            done.leave()
+        }
+    }
+
+    /// What was read for `path` and `roots`, once it is there; nil for what was not or failed.
+    func take(path wanted: String, roots wantedRoots: HostRoots) -> (ledger: Ledger?, host: HostCapacity?)? {
+        guard wanted == path, wantedRoots.proc == roots.proc, wantedRoots.sys == roots.sys else { return nil }
+        done.wait()
+        return opened.withLock { o in defer { o = (nil, nil) }; return o }
     }
 }

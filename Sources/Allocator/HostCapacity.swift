@@ -62,6 +62,11 @@ public struct HostCapacity: Codable, Sendable, Equatable {
     /// `reservation.cpuList` when given, else the highest-numbered online CPUs, so CPU 0 (where
     /// most interrupts land) stays grantable only when nothing is reserved.
     public static func probe(roots: HostRoots = HostRoots(), reservation: HostReservation) throws -> HostCapacity {
+        try probe(roots: roots).reserving(reservation)
+    }
+
+    /// The whole host as /proc and /sys under `roots` describe it, nothing reserved.
+    public static func probe(roots: HostRoots = HostRoots()) throws -> HostCapacity {
         let cpuRoot = roots.sys + "/devices/system/cpu"
         guard let onlineText = read(cpuRoot + "/online") else {
             throw MicroVMError.notFound("cannot read \(cpuRoot)/online: is /sys mounted?")
@@ -97,7 +102,13 @@ public struct HostCapacity: Codable, Sendable, Equatable {
         }
         nodes.sort { $0.id < $1.id }
         if nodes.isEmpty { nodes = [NUMANode(id: 0, cpus: online, memory: total)] }
+        return HostCapacity(onlineCPUs: online, cores: cores, nodes: nodes, memoryTotal: total, hugePages: huge,
+                            reservedCPUs: [], reservedMemory: 0)
+    }
 
+    /// This capacity less `reservation` (which replaces any reservation it had).
+    public func reserving(_ reservation: HostReservation) throws -> HostCapacity {
+        let online = onlineCPUs, total = memoryTotal
         let reserved: [Int]
         if let list = reservation.cpuList {
             reserved = try CPUList.parse(list)
@@ -113,7 +124,7 @@ public struct HostCapacity: Codable, Sendable, Equatable {
         guard reservation.memory < total else {
             throw MicroVMError.invalidArgument("reservation.memory \(reservation.memory) is not below the host's \(total): lower it in config/microvm.yaml")
         }
-        return HostCapacity(onlineCPUs: online, cores: cores, nodes: nodes, memoryTotal: total, hugePages: huge,
+        return HostCapacity(onlineCPUs: online, cores: cores, nodes: nodes, memoryTotal: total, hugePages: hugePages,
                             reservedCPUs: reserved, reservedMemory: reservation.memory,
                             memoryOvercommit: reservation.memoryOvercommit ?? 1.0)
     }

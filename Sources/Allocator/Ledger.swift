@@ -1,5 +1,7 @@
 import Foundation
 import GRDB
+import GRDBSQLite
+import CLedger
 import MicroVMCore
 
 /// The grant ledger: one SQLite file shared by every `mvm` process on the host. Each allocation
@@ -17,21 +19,30 @@ final class Ledger: Sendable {
         config.label = "microvm-ledger"
         // Write-ahead log, synced at checkpoints: a crash keeps the ledger consistent (it may lose
         // the last grants, whose owners died with the host), and a grant costs no fsync.
+        // The log is kept between processes (truncated to 1 MiB after a checkpoint) and is not
+        // checkpointed at close: each `mvm run` would otherwise create it, sync the directory,
+        // copy it into the database with two fsyncs and delete it again. SQLite checkpoints it
+        // every 1000 pages instead, during a commit.
         config.prepareDatabase { db in
+            var persist: CInt = 1
+            _ = sqlite3_file_control(db.sqliteConnection, nil, SQLITE_FCNTL_PERSIST_WAL, &persist)
+            _ = mvm_sqlite_skip_checkpoint_on_close(db.sqliteConnection)
             try db.execute(sql: "PRAGMA journal_mode = WAL")
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
+            try db.execute(sql: "PRAGMA journal_size_limit = 1048576")
         }
         do {
             queue = try DatabaseQueue(path: path, configuration: config)
         } catch {
             throw Ledger.corrupt(path, "cannot be opened as a SQLite database", cause: error)
         }
+        // No integrity scan here: it reads every page, and the event log only grows. SQLite finds
+        // a damaged page when a grant reads it (reported as `corrupt` by `immediate` and `read`);
+        // `mvm doctor` scans the whole file (`integrityProblems`).
         do {
-            let result = try queue.read { db in try String.fetchAll(db, sql: "PRAGMA quick_check") }
-            guard result == ["ok"] else {
-                throw Ledger.corrupt(path, "fails SQLite's integrity check (\(result.prefix(3).joined(separator: "; ")))")
-            }
-            try Ledger.migrateExclusively(queue, path: path)
+            // A ledger already at this schema needs no lock and no migrator.
+            let version = try queue.read { db in try Int.fetchOne(db, sql: "PRAGMA user_version") ?? 0 }
+            if version != Ledger.schemaVersion { try Ledger.migrateExclusively(queue, path: path) }
         } catch let e as MicroVMError {
             throw e
         } catch {
@@ -50,7 +61,11 @@ final class Ledger: Sendable {
         guard flock(fd, LOCK_EX) == 0 else { throw MicroVMError(.internalError, "cannot lock \(path).lock", cause: SystemCallError("flock", errno: errno)) }
         defer { flock(fd, LOCK_UN) }
         try migrator.migrate(queue)
+        try queue.write { db in try db.execute(sql: "PRAGMA user_version = \(schemaVersion)") }
     }
+
+    /// Stamped in SQLite's `user_version` once every migration has run; bump it with each new one.
+    static let schemaVersion = 2
 
     static func corrupt(_ path: String, _ what: String, cause: (any Error)? = nil) -> MicroVMError {
         MicroVMError(.corruptState, "the allocator ledger \(path) \(what): move it aside (mv \(path) \(path).bad) so a new one is created, then check for leftover instances with mvm ps; the grants it held are forgotten", cause: cause)
@@ -114,19 +129,34 @@ final class Ledger: Sendable {
 
     /// Runs `body` inside one IMMEDIATE transaction: the write lock is taken before the first read.
     func immediate<T>(_ body: (Database) throws -> T) throws -> T {
-        try queue.writeWithoutTransaction { db in
-            var out: T?
-            try db.inTransaction(.immediate) {
-                out = try body(db)
-                return .commit
+        try reportingDamage {
+            try queue.writeWithoutTransaction { db in
+                var out: T?
+                try db.inTransaction(.immediate) {
+                    out = try body(db)
+                    return .commit
+                }
+                guard let out else { throw MicroVMError(.internalError, "ledger transaction returned nothing") }
+                return out
             }
-            guard let out else { throw MicroVMError(.internalError, "ledger transaction returned nothing") }
-            return out
         }
     }
 
     func read<T>(_ body: (Database) throws -> T) throws -> T {
-        try queue.read { db in try body(db) }
+        try reportingDamage { try queue.read { db in try body(db) } }
+    }
+
+    /// A damaged page met by a query becomes the ledger's corruption error, which says what to do.
+    private func reportingDamage<T>(_ body: () throws -> T) throws -> T {
+        do { return try body() } catch let e as DatabaseError where [.SQLITE_CORRUPT, .SQLITE_NOTADB].contains(e.resultCode) {
+            throw Ledger.corrupt(path, "is damaged (\(e.message ?? "\(e.resultCode)"))", cause: e)
+        }
+    }
+
+    /// SQLite's page-by-page check of the whole file: empty when the ledger is sound.
+    func integrityProblems() throws -> [String] {
+        let result = try reportingDamage { try queue.read { db in try String.fetchAll(db, sql: "PRAGMA quick_check") } }
+        return result == ["ok"] ? [] : result
     }
 
     // MARK: rows

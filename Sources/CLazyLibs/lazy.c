@@ -3,6 +3,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include "clazylibs.h"
 
 static const char *const sonames[2] = { "libvirt.so.0", "libguestfs.so.0" };
@@ -28,6 +29,19 @@ static void *load(int lib, int fatal) {
 }
 
 int mvm_lazy_available(int lib) { return load(lib, 0) != NULL; }
+
+int mvm_lazy_installed(int lib) {
+    if (__atomic_load_n(&handles[lib], __ATOMIC_ACQUIRE)) return 1;
+    static const char *const dirs[] = { "/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu",
+                                        "/usr/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64", "/usr/local/lib", "/usr/lib" };
+    char path[512];
+    for (size_t i = 0; i < sizeof dirs / sizeof dirs[0]; i++) {
+        snprintf(path, sizeof path, "%s/%s", dirs[i], sonames[lib]);
+        if (access(path, R_OK) == 0) return 1;
+    }
+    /* Not in the usual places: let the dynamic linker look (LD_LIBRARY_PATH, ld.so.conf). */
+    return mvm_lazy_available(lib);
+}
 
 /* Called by a trampoline the first time its function is used; returns the real function. */
 __attribute__((visibility("hidden"))) void *mvm_lazy_resolve(const char *name, long lib, void **slot) {

@@ -155,7 +155,7 @@ public struct ContainerBackend: InstanceBackend {
         let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
                                                        cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", enforcement: enforcement, netnsPath: netnsPath,
                                                        binds: try Self.diskBinds(spec.disks)))
-        try config.encoded().write(to: URL(fileURLWithPath: bundle + "/config.json"))
+        try Paths.writeScratch(config.encoded(), to: bundle + "/config.json")
 
         let launched = try StreamedRun.run(
             executable: rt.path,

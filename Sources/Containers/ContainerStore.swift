@@ -105,7 +105,7 @@ struct ContainerStore: Sendable {
     private func writeJSON<T: Encodable>(_ v: T, to path: String) throws {
         let enc = JSONEncoder()
         enc.dateEncodingStrategy = .secondsSince1970
-        try enc.encode(v).write(to: URL(fileURLWithPath: path), options: .atomic)
+        try Paths.writeScratch(enc.encode(v), to: path, atomically: true)
     }
 }
 

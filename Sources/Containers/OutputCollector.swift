@@ -18,8 +18,9 @@ final class OutputCollector: @unchecked Sendable {
     init(stdout: FileHandle, stderr: FileHandle, logPath: String?, expectMarker: Bool) {
         self.expectMarker = expectMarker
         if let logPath {
-            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
-            log = FileHandle(forWritingAtPath: logPath)
+            // Created (or emptied) directly: FileManager.createFile writes a temporary and syncs it.
+            let fd = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            log = fd >= 0 ? FileHandle(fileDescriptor: fd, closeOnDealloc: true) : nil
         } else {
             log = nil
         }

@@ -32,7 +32,10 @@ public struct FixedGrants: GrantSource {
 public struct AllocatorGrants: GrantSource {
     let open: @Sendable () throws -> Allocator
     public init(allocator: Allocator) { open = { allocator } }
-    public init(config: MicroVMConfig, paths: Paths = .default) { open = { try Allocator.open(paths: paths, config: config) } }
+    /// `warmup`, started when the command started, has the ledger open by the time it is needed.
+    public init(config: MicroVMConfig, paths: Paths = .default, warmup: LedgerWarmup? = nil) {
+        open = { try Allocator.open(paths: paths, config: config, warmup: warmup) }
+    }
 
     public func acquire(_ s: ResourceSlice, owner: String, mode: RunMode) throws -> (slice: ResourceSlice, release: @Sendable () -> Void) {
         let allocator = try open()

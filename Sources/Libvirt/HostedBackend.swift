@@ -50,6 +50,10 @@ public struct HostedBackend: InstanceBackend {
     /// The connection for this backend's URI, opened once per process and shared: the embedded
     /// driver can be initialised once per process, and its root locked by one process only.
     public func connection() throws -> LibvirtConnection {
+        // Installed is not always loadable (a missing dependency): say so rather than abort.
+        guard mvm_lazy_available(0) != 0 else {
+            throw MicroVMError.notFound("libvirt.so.0 is installed but cannot be loaded (a library it needs is missing): apt-get install --reinstall libvirt0 libvirt-daemon-driver-qemu")
+        }
         if let root = embeddedRoot { try Self.prepareEmbeddedRoot(root) }
         return try ConnectionCache.shared.connection(uri)
     }
@@ -79,9 +83,10 @@ public struct HostedBackend: InstanceBackend {
 
     /// libvirt is loaded on first use: a host without it gets this error, not an abort.
     public func checkHost() throws {
-        guard mvm_lazy_available(0) != 0 else {
+        guard mvm_lazy_installed(0) != 0 else {
             throw MicroVMError.notFound("hosted mode needs libvirt (libvirt.so.0), which is not installed: apt-get install libvirt0 libvirt-daemon-driver-qemu")
         }
+        // Its 50-odd libraries (some 15 ms) load when the backend connects, after the grant.
     }
     public func defaultArtifacts() throws -> BootArtifacts? { try image().artifacts }
 

@@ -29,6 +29,31 @@ public struct Paths: Sendable {
         catch { throw MicroVMError(.permissionDenied, "cannot create directory '\(path)': set MVM_STATE_DIR/MVM_CACHE_DIR to a writable place", cause: error) }
     }
 
+    /// Writes a file of one run's scratch state (a bundle's config, an owner record) without the
+    /// fsync Foundation's `Data.write` adds: such files mean nothing after a host crash, and each
+    /// sync is milliseconds on the launch path. `atomically` writes a sibling and renames it, so
+    /// readers never see half a file.
+    public static func writeScratch(_ data: Data, to path: String, atomically: Bool = false) throws {
+        let target = atomically ? path + ".tmp-\(getpid())" : path
+        let fd = open(target, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw MicroVMError(.permissionDenied, "cannot write '\(path)'", cause: SystemCallError("open", errno: errno)) }
+        var failure: Int32 = 0
+        data.withUnsafeBytes { raw in
+            var off = 0
+            while off < raw.count {
+                let n = Glibc.write(fd, raw.baseAddress! + off, raw.count - off)
+                if n < 0 { if errno == EINTR { continue }; failure = errno; return }
+                off += n
+            }
+        }
+        close(fd)
+        if failure == 0, atomically, rename(target, path) != 0 { failure = errno }
+        if failure != 0 {
+            if atomically { unlink(target) }
+            throw MicroVMError(.backend, "cannot write '\(path)'", cause: SystemCallError("write", errno: failure))
+        }
+    }
+
     /// The repository's own files (images/, config/), found next to the executable's package or via MVM_SOURCE_DIR.
     public static func sourceDirectory(file: String = #filePath) -> String {
         if let s = ProcessInfo.processInfo.environment["MVM_SOURCE_DIR"] { return s }

@@ -58,6 +58,8 @@ struct RunCommand: AsyncParsableCommand {
     func run() async throws {
         // The user's command started here: every phase is timed from this moment.
         let clock = LaunchClock()
+        // An existing ledger opens on another thread meanwhile; it is used only once the input holds.
+        let warmup = LedgerWarmup()
         let status: Int32 = try await reportingErrors {
             let (cfg, slice) = try instance.requestedSlice()
             var spec = VMSpec(kernel: kernel, initrd: initrd, cmdline: cmdline, cpus: slice.cpus, memory: slice.memory,
@@ -70,7 +72,7 @@ struct RunCommand: AsyncParsableCommand {
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
                                             runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
             // The ledger is opened at the grant, after validation: bad input allocates nothing.
-            let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
+            let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg, warmup: warmup))
             let checked = spec
             let result = try await SignalStop.cancellingOnSignals {
                 try await launcher.launch(checked, on: backend, clock: clock)

@@ -3,6 +3,7 @@ import Testing
 import GRDB
 import MicroVMCore
 @testable import Allocator
+import Host
 
 @Suite struct LedgerTests {
     static let host = HostCapacity(onlineCPUs: [0, 1, 2, 3], memoryTotal: .gibibytes(8), reservedMemory: .gibibytes(1))
@@ -57,8 +58,45 @@ import MicroVMCore
         #expect(bytes.count > 8192)
         for i in 4096..<bytes.count { bytes[i] = 0xA5 }
         try bytes.write(to: URL(fileURLWithPath: path))
-        let e = try #require(throws: MicroVMError.self) { try Allocator(capacity: Self.host, ledgerPath: path) }
-        #expect(e.code == .corruptState && e.message.contains(path), "\(e.message)")
+        // Opening reads only the header; the first grant meets the damaged pages, and the full scan
+        // (`mvm doctor`) finds them without granting anything.
+        let e = try #require(throws: MicroVMError.self) {
+            let a = try Allocator(capacity: Self.host, ledgerPath: path)
+            try a.allocate(SliceRequest(cpus: 1, memory: .mebibytes(1), owner: "after-damage"))
+        }
+        #expect(e.code == .corruptState && e.message.contains(path) && e.message.contains("mv \(path)"), "\(e.message)")
+        let scan = try #require(throws: MicroVMError.self) { try Allocator(capacity: Self.host, ledgerPath: path).verifyLedger() }
+        #expect(scan.code == .corruptState && scan.message.contains(path), "\(scan.message)")
+    }
+
+    @Test func aWarmupCreatesNothingAndHandsOverAnExistingLedger() throws {
+        let dir = Fixture.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let paths = Paths(state: dir + "/state", cache: dir + "/cache")
+        let config = try MicroVMConfig.load()
+        // No ledger yet: the warm-up only reads the host, and the state directory is not made.
+        let cold = LedgerWarmup(paths: paths)
+        _ = cold.take(path: paths.ledger, roots: HostRoots())
+        #expect(!FileManager.default.fileExists(atPath: paths.state))
+        let first = try Allocator.open(paths: paths, config: config, warmup: cold)
+        let g = try first.allocate(SliceRequest(cpus: 1, memory: .mebibytes(16), owner: "first", ownerPID: getpid()))
+        // An existing ledger is opened ahead and handed over: the grant made before is seen.
+        let warm = LedgerWarmup(paths: paths)
+        let second = try Allocator.open(paths: paths, config: config, warmup: warm)
+        #expect(try second.grants().map(\.id) == [g.id])
+        #expect(second.capacity.grantableCPUs == first.capacity.grantableCPUs)
+        // A warm-up for another ledger is not used for this one.
+        #expect(LedgerWarmup(paths: Paths(state: dir + "/other", cache: dir)).take(path: paths.ledger, roots: HostRoots()) == nil)
+    }
+
+    @Test func aSoundLedgerPassesTheFullScanAndReopensWithoutMigrating() throws {
+        let dir = Fixture.tempDir()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/ledger.sqlite"
+        try Allocator(capacity: Self.host, ledgerPath: path).allocate(SliceRequest(cpus: 1, memory: .mebibytes(1), owner: "a"))
+        let again = try Allocator(capacity: Self.host, ledgerPath: path)
+        try again.verifyLedger()
+        #expect(try again.grants().map(\.owner) == ["a"])
     }
 
     @Test func aDeadOwnersGrantIsReclaimedAtTheNextAllocation() throws {

@@ -12,4 +12,8 @@ void *mvm_lazy_libvirt_default_auth(void);
 /* Whether the library can be loaded (0: libvirt, 1: libguestfs), without aborting. */
 int mvm_lazy_available(int lib);
 
+/* Whether the library is installed, found by its file where Debian puts it (no loading); asks
+   the dynamic linker when it is not there. */
+int mvm_lazy_installed(int lib);
+
 #endif
