@@ -38,6 +38,8 @@ let package = Package(
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
         .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
+        // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
+        .target(name: "VMMAPI", swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
         .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
@@ -66,6 +68,7 @@ let package = Package(
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "BenchTests", dependencies: ["Bench", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "MicroVMCore"]),
+        .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]
 )

@@ -1,0 +1,161 @@
+/// The micro-VM's configuration in Firecracker's JSON shapes (API version 1.x): the bodies of
+/// `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, `/vsock`,
+/// `/logger` and `/metrics`, and together the `--config-file` document and `GET /vm/config`.
+/// Field names are Firecracker's, so its clients and SDKs drive `mvm-vmm` unchanged.
+public struct VMConfiguration: Codable, Sendable, Equatable {
+    public var machineConfig: MachineConfig
+    public var bootSource: BootSource?
+    public var drives: [Drive]
+    public var networkInterfaces: [NetworkInterface]
+    public var vsock: Vsock?
+    public var logger: Logger?
+    public var metrics: Metrics?
+
+    public init(machineConfig: MachineConfig = MachineConfig(), bootSource: BootSource? = nil, drives: [Drive] = [],
+                networkInterfaces: [NetworkInterface] = [], vsock: Vsock? = nil, logger: Logger? = nil, metrics: Metrics? = nil) {
+        self.machineConfig = machineConfig; self.bootSource = bootSource; self.drives = drives
+        self.networkInterfaces = networkInterfaces; self.vsock = vsock; self.logger = logger; self.metrics = metrics
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case machineConfig = "machine-config", bootSource = "boot-source", drives
+        case networkInterfaces = "network-interfaces", vsock, logger, metrics
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        machineConfig = try c.decodeIfPresent(MachineConfig.self, forKey: .machineConfig) ?? MachineConfig()
+        bootSource = try c.decodeIfPresent(BootSource.self, forKey: .bootSource)
+        drives = try c.decodeIfPresent([Drive].self, forKey: .drives) ?? []
+        networkInterfaces = try c.decodeIfPresent([NetworkInterface].self, forKey: .networkInterfaces) ?? []
+        vsock = try c.decodeIfPresent(Vsock.self, forKey: .vsock)
+        logger = try c.decodeIfPresent(Logger.self, forKey: .logger)
+        metrics = try c.decodeIfPresent(Metrics.self, forKey: .metrics)
+    }
+}
+
+/// `machine-config`: vCPUs and memory (Firecracker's defaults: 1 vCPU, 128 MiB).
+public struct MachineConfig: Codable, Sendable, Equatable {
+    public var vcpuCount: Int
+    public var memSizeMib: Int
+    public var smt: Bool?
+    public var trackDirtyPages: Bool?
+    /// "None" or "2M" (hugetlbfs-backed guest RAM).
+    public var hugePages: String?
+
+    public init(vcpuCount: Int = 1, memSizeMib: Int = 128, smt: Bool? = nil, trackDirtyPages: Bool? = nil, hugePages: String? = nil) {
+        self.vcpuCount = vcpuCount; self.memSizeMib = memSizeMib; self.smt = smt; self.trackDirtyPages = trackDirtyPages; self.hugePages = hugePages
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case vcpuCount = "vcpu_count", memSizeMib = "mem_size_mib", smt, trackDirtyPages = "track_dirty_pages", hugePages = "huge_pages"
+    }
+}
+
+/// `boot-source`: the kernel (bzImage or ELF vmlinux), its initrd and command line.
+public struct BootSource: Codable, Sendable, Equatable {
+    public var kernelImagePath: String
+    public var initrdPath: String?
+    public var bootArgs: String?
+
+    public init(kernelImagePath: String, initrdPath: String? = nil, bootArgs: String? = nil) {
+        self.kernelImagePath = kernelImagePath; self.initrdPath = initrdPath; self.bootArgs = bootArgs
+    }
+
+    enum CodingKeys: String, CodingKey { case kernelImagePath = "kernel_image_path", initrdPath = "initrd_path", bootArgs = "boot_args" }
+}
+
+/// `drives/{drive_id}`: a raw disk image over virtio-blk.
+public struct Drive: Codable, Sendable, Equatable {
+    public var driveId: String
+    public var pathOnHost: String
+    public var isRootDevice: Bool
+    public var isReadOnly: Bool?
+    public var partuuid: String?
+    /// "Unsafe" (the default) or "Writeback".
+    public var cacheType: String?
+    /// "Sync" (the only engine here) or "Async".
+    public var ioEngine: String?
+
+    public init(driveId: String, pathOnHost: String, isRootDevice: Bool = false, isReadOnly: Bool? = nil, partuuid: String? = nil,
+                cacheType: String? = nil, ioEngine: String? = nil) {
+        self.driveId = driveId; self.pathOnHost = pathOnHost; self.isRootDevice = isRootDevice; self.isReadOnly = isReadOnly
+        self.partuuid = partuuid; self.cacheType = cacheType; self.ioEngine = ioEngine
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case driveId = "drive_id", pathOnHost = "path_on_host", isRootDevice = "is_root_device", isReadOnly = "is_read_only"
+        case partuuid, cacheType = "cache_type", ioEngine = "io_engine"
+    }
+}
+
+/// `network-interfaces/{iface_id}`: an existing tap on the host, over virtio-net.
+public struct NetworkInterface: Codable, Sendable, Equatable {
+    public var ifaceId: String
+    public var hostDevName: String
+    public var guestMac: String?
+
+    public init(ifaceId: String, hostDevName: String, guestMac: String? = nil) {
+        self.ifaceId = ifaceId; self.hostDevName = hostDevName; self.guestMac = guestMac
+    }
+
+    enum CodingKeys: String, CodingKey { case ifaceId = "iface_id", hostDevName = "host_dev_name", guestMac = "guest_mac" }
+}
+
+/// `vsock`: a virtio-vsock device with this CID. Firecracker proxies guest ports to a unix
+/// socket at `uds_path`; this VMM uses the kernel's vhost-vsock instead, so host processes
+/// reach the guest with AF_VSOCK at `guest_cid`, and `uds_path` is kept only to be reported back.
+public struct Vsock: Codable, Sendable, Equatable {
+    public var guestCid: UInt32
+    public var udsPath: String
+    public var vsockId: String?
+
+    public init(guestCid: UInt32, udsPath: String, vsockId: String? = nil) { self.guestCid = guestCid; self.udsPath = udsPath; self.vsockId = vsockId }
+
+    enum CodingKeys: String, CodingKey { case guestCid = "guest_cid", udsPath = "uds_path", vsockId = "vsock_id" }
+}
+
+/// `logger`: where the VMM writes its own log.
+public struct Logger: Codable, Sendable, Equatable {
+    public var logPath: String
+    /// "Error", "Warning", "Info", "Debug", "Trace" or "Off".
+    public var level: String?
+    public var showLevel: Bool?
+    public var showLogOrigin: Bool?
+
+    public init(logPath: String, level: String? = nil, showLevel: Bool? = nil, showLogOrigin: Bool? = nil) {
+        self.logPath = logPath; self.level = level; self.showLevel = showLevel; self.showLogOrigin = showLogOrigin
+    }
+
+    enum CodingKeys: String, CodingKey { case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin" }
+}
+
+/// `metrics`: where `FlushMetrics` (and the VMM's periodic flush) writes its counters.
+public struct Metrics: Codable, Sendable, Equatable {
+    public var metricsPath: String
+    public init(metricsPath: String) { self.metricsPath = metricsPath }
+    enum CodingKeys: String, CodingKey { case metricsPath = "metrics_path" }
+}
+
+/// `GET /`'s `state`.
+public enum InstanceState: String, Codable, Sendable {
+    case notStarted = "Not started"
+    case running = "Running"
+    case paused = "Paused"
+}
+
+/// What the API drives: the VMM behind `mvm-vmm`. Calls come from the API's thread; each
+/// either does what it says or throws an error whose text becomes the 400's `fault_message`.
+public protocol VMMController: AnyObject, Sendable {
+    var state: InstanceState { get }
+    /// Builds and boots the machine `config` describes (`InstanceStart`).
+    func start(_ config: VMConfiguration) throws
+    /// Stops every vCPU outside the guest (`PATCH /vm {"state": "Paused"}`).
+    func pause() throws
+    /// Lets the vCPUs run again (`PATCH /vm {"state": "Resumed"}`).
+    func resume() throws
+    /// Presses Ctrl-Alt-Del on the i8042 keyboard: the guest reboots, which ends this VM.
+    func sendCtrlAltDel() throws
+    /// The VMM's counters in Prometheus' text format (`GET /metrics`, `FlushMetrics`).
+    func metricsText() -> String
+}
