@@ -10,6 +10,7 @@ let package = Package(
         .library(name: "MicroVM", targets: ["MicroVM"]),
         .executable(name: "mvm", targets: ["mvm"]),
         .executable(name: "mvm-kvm-probe", targets: ["mvm-kvm-probe"]),
+        .executable(name: "mvm-vmm", targets: ["mvm-vmm"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
@@ -37,7 +38,9 @@ let package = Package(
         .target(name: "GuestMemory", dependencies: ["MicroVMCore"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
         .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
-        .target(name: "DirectVMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
+        // The machine itself: KVM, guest memory, devices, boot. What `mvm-vmm` links, and nothing else.
+        .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "VMMAPI"], swiftSettings: strict),
+        .target(name: "DirectVMM", dependencies: ["VMM", "KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
         .target(name: "VMMAPI", swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
@@ -47,19 +50,21 @@ let package = Package(
         .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", "CLazyLibs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
-        .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM"], swiftSettings: strict),
-        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
+        .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM", "VMM"], swiftSettings: strict),
+        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
         .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
 
         .executableTarget(name: "mvm-kvm-probe", dependencies: ["KVM"], swiftSettings: strict),
+        // One micro-VM per process: the VMM, its API and the per-boot KVM verdict, nothing else.
+        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "Host", "MicroVMCore"], swiftSettings: strict),
 
         .testTarget(name: "MicroVMCoreTests", dependencies: ["MicroVMCore", "GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "MicroVMCore"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "MicroVMCore"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "MicroVMCore"]),
-        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "VMM", "VMMAPI", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "HostTests", dependencies: ["Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "ContainersTests", dependencies: ["Containers", "Allocator", "Host", "Images", "MicroVMCore", "GuestMemory"]),
@@ -67,7 +72,7 @@ let package = Package(
         .testTarget(name: "ImagesTests", dependencies: ["Images", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "BenchTests", dependencies: ["Bench", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "MicroVMCore"]),
+        .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore"]),
         .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]

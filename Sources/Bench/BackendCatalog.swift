@@ -6,6 +6,7 @@ import Images
 import Containers
 import Libvirt
 import DirectVMM
+import VMM
 
 /// Which backends a bench run can use on this host, and why the others cannot run: a backend that
 /// cannot run still appears in every table, as `unavailable: <reason>`.

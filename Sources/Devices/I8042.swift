@@ -2,8 +2,9 @@ import MicroVMCore
 import Synchronization
 
 /// Just enough of the PS/2 keyboard controller for Linux: its probe finds a controller that
-/// passes self-test, and the reset command (0xFE to port 0x64, how `reboot=k` ends the VM)
-/// calls the injected reset callback. No keyboard is attached.
+/// passes self-test, the reset command (0xFE to port 0x64, how `reboot=k` ends the VM) calls
+/// the injected reset callback, and the VMM can type Ctrl-Alt-Del (`pressCtrlAltDel`), as
+/// Firecracker's `SendCtrlAltDel` does. No other keys.
 ///
 /// Insert at `Layout.i8042Port` (0x60) with length 5: offset 0 is the data port (0x60),
 /// offset 1 is system control port B (0x61, which KVM's in-kernel PIT answers first when the
@@ -76,15 +77,17 @@ public final class I8042: BusDevice {
     }
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
-        state.withLock { s in
+        let more = state.withLock { s -> Bool in
             for i in 0..<data.count { data[i] = 0 }
-            guard data.count > 0 else { return }
+            guard data.count > 0 else { return false }
             switch offset {
             case Port.data:
                 if s.buffer.isEmpty {
                     data[0] = 0
                 } else {
                     data[0] = s.buffer.removeFirst().byte
+                    // The next byte interrupts again, as the controller's output-full line would.
+                    return !s.buffer.isEmpty && s.config & 0x01 != 0
                 }
             case Port.portB:
                 // Bit 5 is the PIT channel 2 output; reading it high lets Linux's PIT-based
@@ -100,7 +103,24 @@ public final class I8042: BusDevice {
             default:
                 break
             }
+            return false
         }
+        if more { keyboardInterrupt?.trigger() }
+    }
+
+    /// Scancodes (set 1, as the controller's translation delivers them) of Ctrl and Alt pressed,
+    /// Delete pressed and released, then Alt and Ctrl released.
+    public static let ctrlAltDel: [UInt8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]
+
+    /// Types Ctrl-Alt-Del on the keyboard: Linux reboots (or signals its init), and a reboot
+    /// through this controller's reset line ends the VM. The bytes interrupt on IRQ 1.
+    public func pressCtrlAltDel() {
+        let irq = state.withLock { s -> Bool in
+            let hadData = !s.buffer.isEmpty
+            for b in Self.ctrlAltDel { s.respond(b) }
+            return !hadData && s.config & 0x01 != 0
+        }
+        if irq { keyboardInterrupt?.trigger() }
     }
 
     public func write(offset: UInt64, data: UnsafeRawBufferPointer) {

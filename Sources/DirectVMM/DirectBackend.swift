@@ -1,5 +1,6 @@
 import Allocator
 import Devices
+import VMM
 import Foundation
 import Launch
 import Host
@@ -51,7 +52,7 @@ public struct DirectBackend: InstanceBackend {
 
     /// Kernel parameters this VMM needs on top of the image's: no PS/2 mouse/mux/PnP probing
     /// (there is only a reset line), no PCI bus to scan.
-    public static let kernelParameters = "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off"
+    public static let kernelParameters = VirtualMachine.kernelParameters
 
     public let options: Options
     public var mode: RunMode { .direct }

@@ -11,6 +11,8 @@
 @_exported import GuestMemory
 @_exported import LinuxBoot
 @_exported import Devices
+@_exported import VMM
+@_exported import VMMAPI
 @_exported import DirectVMM
 @_exported import Host
 @_exported import Libvirt

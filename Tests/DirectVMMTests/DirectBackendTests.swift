@@ -5,6 +5,7 @@ import MicroVMCore
 import Testing
 import Launch
 @testable import DirectVMM
+@testable import VMM
 
 let hostKVM = HostProfile.current().kvm.verdict
 let kvmIsHardware = hostKVM == .hardware

@@ -1,5 +1,6 @@
 import Testing
 @testable import DirectVMM
+@testable import VMM
 import KVM
 import Devices
 

@@ -3,6 +3,7 @@ import Testing
 import Allocator
 import MicroVMCore
 @testable import DirectVMM
+@testable import VMM
 
 /// `mvm ps`, `stop` and `logs` for direct instances: a record names the process that runs the
 /// VMM, and is believed only while that process (pid and start time) lives.

@@ -4,6 +4,7 @@ import Foundation
 import GuestMemory
 import Testing
 @testable import DirectVMM
+@testable import VMM
 import KVM
 
 let kvmUsable = FileManager.default.isWritableFile(atPath: "/dev/kvm")

@@ -4,6 +4,7 @@ import GuestMemory
 import MicroVMCore
 import Testing
 @testable import DirectVMM
+@testable import VMM
 
 /// The virtio devices as the direct VMM places them, seen from a tiny guest on real KVM.
 @Suite("Virtio on the direct VMM", .serialized, .enabled(if: kvmUsable, "no writable /dev/kvm on this host"), .timeLimit(.minutes(2)))

@@ -3,6 +3,7 @@ import Testing
 import Allocator
 @testable import Containers
 @testable import DirectVMM
+@testable import VMM
 @testable import Libvirt
 import MicroVMCore
 

@@ -38,7 +38,7 @@ public enum VirtioDevices {
     /// IOAPIC pins above the legacy ones run out at 23.
     public static let lastIRQ: UInt32 = 23
 
-    public static func make(spec: VMSpec, memory: any GuestMemory, tap: TapDevice? = nil,
+    public static func make(spec: VMSpec, memory: any GuestMemory, tap: TapDevice? = nil, mac: [UInt8]? = nil,
                             interrupt: (UInt32) -> any InterruptLine) throws -> [VirtioAttachment] {
         if spec.net != nil, tap == nil {
             throw MicroVMError.invalidArgument("the spec asks for a network but no tap device was opened for it")
@@ -46,7 +46,7 @@ public enum VirtioDevices {
         var devices: [(any VirtioDevice, TapDevice?)] = []
         for d in spec.disks { devices.append((try VirtioBlock(path: d.path, readOnly: d.readOnly, direct: d.direct), nil)) }
         if let tap {
-            let net = VirtioNet(tapFD: tap.fd, mac: HostLinks.mac(seed: spec.name), applyOffloads: { tap.setOffloads($0) })
+            let net = VirtioNet(tapFD: tap.fd, mac: mac ?? HostLinks.mac(seed: spec.name), applyOffloads: { tap.setOffloads($0) })
             devices.append((net, tap))
         }
         if let cid = spec.vsockCID {

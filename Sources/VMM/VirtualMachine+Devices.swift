@@ -10,9 +10,14 @@ public struct LegacyDevices: Sendable {
 }
 
 extension VirtualMachine {
+    /// Kernel parameters this machine needs: no PS/2 mouse/mux/PnP probing (the i8042 has a
+    /// keyboard line and a reset line only), no PCI bus to scan.
+    public static let kernelParameters = "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off"
+
     public static let com1Port: UInt16 = 0x3f8
     public static let com1IRQ: UInt32 = 4
     public static let i8042Port: UInt16 = 0x60
+    public static let keyboardIRQ: UInt32 = 1
     public static let cmosPort: UInt16 = 0x70
 
     /// COM1 (0x3f8, IRQ 4) printing to `console`, the i8042 whose reset line powers the VM off
@@ -24,7 +29,7 @@ extension VirtualMachine {
         let serial = Serial8250(interrupt: interruptLine(gsi: Self.com1IRQ), output: console)
         try addPortDevice(serial, port: Self.com1Port, length: 8)
         // Weak: the bus holds the device, and the VM holds the bus.
-        let i8042 = I8042 { [weak self] in self?.requestStop(.powerOff) }
+        let i8042 = I8042(keyboardInterrupt: interruptLine(gsi: Self.keyboardIRQ)) { [weak self] in self?.requestStop(.powerOff) }
         try addPortDevice(i8042, port: Self.i8042Port, length: 5)
         let clock = CMOSClock()
         try addPortDevice(clock, port: Self.cmosPort, length: 2)

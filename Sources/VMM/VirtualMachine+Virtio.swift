@@ -6,8 +6,8 @@ extension VirtualMachine {
     /// through its own GSI, and starts their I/O threads. The returned kernel parameters tell a
     /// guest built with VIRTIO_MMIO_CMDLINE_DEVICES where they are. Call `stop()` on each
     /// attachment after the VM ends.
-    public func installVirtioDevices(spec: VMSpec, tap: TapDevice? = nil) throws -> (attachments: [VirtioAttachment], cmdline: String) {
-        let attachments = try VirtioDevices.make(spec: spec, memory: memory, tap: tap) { gsi -> any InterruptLine in
+    public func installVirtioDevices(spec: VMSpec, tap: TapDevice? = nil, mac: [UInt8]? = nil) throws -> (attachments: [VirtioAttachment], cmdline: String) {
+        let attachments = try VirtioDevices.make(spec: spec, memory: memory, tap: tap, mac: mac) { gsi -> any InterruptLine in
             // irqfd where KVM takes it (an in-kernel irqchip), else the KVM_IRQ_LINE pulse.
             if let line = try? KVMIRQFDLine(vm: self.vm, gsi: gsi) {
                 self.irqfdsRegistered.add(1, ordering: .relaxed)

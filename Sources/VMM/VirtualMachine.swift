@@ -1,4 +1,3 @@
-import Allocator
 import CKVM
 import Devices
 import Dispatch
@@ -44,7 +43,8 @@ public struct MachineConfiguration: Sendable {
 /// A VM on raw KVM, assembled in one order: memory → VM → irqchip/PIT → vCPUs; the caller then
 /// adds devices and loads a kernel (or a test guest) and calls `run`. One thread per vCPU.
 public final class VirtualMachine: @unchecked Sendable {
-    // SAFETY (Sendable): immutable after init except `control` (a Mutex) and the atomics.
+    // SAFETY (Sendable): immutable after init except `control` (a Mutex), the atomics and
+    // `parking` (an NSCondition, used only under its own lock).
 
     /// CLOCK_MONOTONIC seconds when construction began: the origin of every timestamp here.
     public let createdAt: Double
@@ -66,6 +66,12 @@ public final class VirtualMachine: @unchecked Sendable {
     }
     private let control: Mutex<Control>
     private let stopping = Atomic<Bool>(false)
+    /// Set while the VM is paused: vCPUs leave the guest and park until it clears.
+    private let pausing = Atomic<Bool>(false)
+    private let parkedCount = Atomic<Int>(0)
+    private let parking = NSCondition()
+    /// Exits to the VMM by kind, for metrics (`exitCounts`).
+    let exitCounters = ExitCounters()
     private let firstExitBits = Atomic<UInt64>(0)
     private let firstEntryBits = Atomic<UInt64>(0)
     /// CLOCK_MONOTONIC seconds when vCPU 0 first entered the guest (nil before).
@@ -191,6 +197,59 @@ public final class VirtualMachine: @unchecked Sendable {
                 if let t = c.threads[i] { pthread_kill(t, VCPUKick.signal) }
             }
         }
+        parking.lock()
+        parking.broadcast()
+        parking.unlock()
+    }
+
+    /// Whether `pause` holds the vCPUs outside the guest.
+    public var isPaused: Bool { pausing.load(ordering: .acquiring) }
+
+    /// Takes every vCPU out of the guest and parks its thread; returns once all are parked (or
+    /// have ended), or throws after `timeout` seconds with the VM resumed.
+    public func pause(timeout: Double = 5) throws {
+        guard control.withLock({ $0.started }), !stopping.load(ordering: .acquiring) else {
+            throw MicroVMError(.invalidArgument, "the VM is not running, so it cannot be paused")
+        }
+        guard !pausing.exchange(true, ordering: .acquiringAndReleasing) else {
+            throw MicroVMError(.invalidArgument, "the VM is already paused")
+        }
+        control.withLock { c in
+            for (i, v) in vcpus.enumerated() {
+                v.requestImmediateExit()
+                if let t = c.threads[i] { pthread_kill(t, VCPUKick.signal) }
+            }
+        }
+        let deadline = Monotonic.seconds() + timeout
+        while parkedCount.load(ordering: .acquiring) < liveVCPUs() {
+            guard Monotonic.seconds() < deadline else {
+                try? resume()
+                throw MicroVMError(.timeout, "the vCPUs did not leave the guest within \(timeout) s; the VM was left running")
+            }
+            usleep(200)
+        }
+    }
+
+    /// Lets parked vCPUs enter the guest again.
+    public func resume() throws {
+        guard pausing.load(ordering: .acquiring) else { throw MicroVMError(.invalidArgument, "the VM is not paused") }
+        parking.lock()
+        for v in vcpus { v.requestImmediateExit(false) }
+        pausing.store(false, ordering: .releasing)
+        parking.broadcast()
+        parking.unlock()
+    }
+
+    private func liveVCPUs() -> Int { control.withLock { c in c.threads.compactMap { $0 }.count } }
+
+    /// Holds the calling vCPU thread while the VM is paused (or until it stops).
+    private func parkWhilePaused(_ vcpu: KVMVCPU) {
+        parking.lock()
+        parkedCount.add(1, ordering: .releasing)
+        while pausing.load(ordering: .acquiring) && !stopping.load(ordering: .acquiring) { parking.wait() }
+        parkedCount.subtract(1, ordering: .releasing)
+        parking.unlock()
+        if !stopping.load(ordering: .acquiring) { vcpu.requestImmediateExit(false) }
     }
 
     /// How long stopped vCPUs may take to leave KVM_RUN before `wait` gives up on them.
@@ -232,13 +291,17 @@ public final class VirtualMachine: @unchecked Sendable {
         let vcpu = vcpus[index]
         VCPUKick.unblockOnCurrentThread()
         control.withLock { $0.threads[index] = pthread_self() }
-        configuration.onVCPUThread?(ThreadAffinity.currentThreadID())
+        configuration.onVCPUThread?(Self.currentThreadID())
         if !configuration.vcpuPins.isEmpty {
             pin(to: configuration.vcpuPins[index % configuration.vcpuPins.count])
         }
         if index == 0 { firstEntryBits.store(Monotonic.seconds().bitPattern, ordering: .releasing) }
         var scratch = [UInt8](repeating: 0, count: 8)
         while !stopping.load(ordering: .acquiring) {
+            if pausing.load(ordering: .acquiring) {
+                parkWhilePaused(vcpu)
+                continue
+            }
             let exit: VCPUExit
             do {
                 exit = try vcpu.run()
@@ -246,6 +309,7 @@ public final class VirtualMachine: @unchecked Sendable {
                 requestStop(.error("vCPU \(index): \(error)"))
                 break
             }
+            exitCounters.count(exit)
             if index == 0 && firstExitBits.load(ordering: .relaxed) == 0 {
                 firstExitBits.store(Monotonic.seconds().bitPattern, ordering: .releasing)
             }
@@ -305,6 +369,12 @@ public final class VirtualMachine: @unchecked Sendable {
         guard let sym = dlsym(nil, "sched_setaffinity") else { return nil }
         return unsafeBitCast(sym, to: (@convention(c) (pid_t, Int, UnsafeMutableRawPointer) -> Int32).self)
     }()
+
+    /// The calling thread's id (gettid: the number a cgroup's `tasks` file takes).
+    static func currentThreadID() -> Int32 {
+        guard let sym = dlsym(nil, "gettid") else { return getpid() }
+        return unsafeBitCast(sym, to: (@convention(c) () -> pid_t).self)()
+    }
 
     static func describeRegisters(_ vcpu: KVMVCPU) -> String {
         guard let r = try? vcpu.registers(), let s = try? vcpu.specialRegisters() else { return "registers unavailable" }

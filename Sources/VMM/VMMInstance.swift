@@ -1,0 +1,218 @@
+import Devices
+import Foundation
+import KVM
+import LinuxBoot
+import MicroVMCore
+import Synchronization
+import VMMAPI
+
+/// One micro-VM as `mvm-vmm` runs it: built from a `VMConfiguration` (a config file or the API's
+/// PUTs) when started, then paused, resumed, sent Ctrl-Alt-Del and counted through the
+/// `VMMController` calls the API makes. Every machine gets the same description (legacy PC
+/// devices, an entropy device at least, so ACPI tables as well as the MP table), whatever it boots.
+public final class VMMInstance: VMMController, Sendable {
+    public struct Options: Sendable {
+        public var id: String
+        public var devicePath: String
+        /// Where the guest's serial console goes.
+        public var console: OutputSink
+        /// Called once, from a thread of its own, when the VM has stopped.
+        public var onExit: @Sendable (StopReason) -> Void
+
+        public init(id: String, devicePath: String = "/dev/kvm", console: @escaping OutputSink = { _ in },
+                    onExit: @escaping @Sendable (StopReason) -> Void = { _ in }) {
+            self.id = id; self.devicePath = devicePath; self.console = console; self.onExit = onExit
+        }
+    }
+
+    /// Boot arguments when the configuration gives none: the serial console, reboot through the
+    /// i8042 (which ends the VM) and what this machine needs.
+    public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1 " + VirtualMachine.kernelParameters
+
+    struct Running: @unchecked Sendable {
+        // SAFETY (Sendable): each member is Sendable or only used under `running`'s lock.
+        let vm: VirtualMachine
+        let devices: LegacyDevices
+        let attachments: [VirtioAttachment]
+        let tap: TapDevice?
+        let startedAt: Double
+    }
+
+    public let options: Options
+    private let running = Mutex<Running?>(nil)
+    private let stopped = Mutex<StopReason?>(nil)
+    private let exited = DispatchSemaphore(value: 0)
+
+    public init(options: Options) { self.options = options }
+
+    public var state: InstanceState {
+        running.withLock { r in
+            guard let r else { return .notStarted }
+            return r.vm.isPaused ? .paused : .running
+        }
+    }
+
+    /// Why the VM stopped; nil while it runs or before it starts.
+    public var stopReason: StopReason? { stopped.withLock { $0 } }
+
+    public func start(_ config: VMConfiguration) throws {
+        try running.withLock { r in
+            guard r == nil else { throw MicroVMError(.invalidArgument, "the microVM is already started") }
+            r = try build(config)
+        }
+    }
+
+    private func build(_ config: VMConfiguration) throws -> Running {
+        let plan = try VMMBootPlan(config, id: options.id)
+        var machine = MachineConfiguration(cpus: plan.cpus, memory: plan.memory, devicePath: options.devicePath)
+        machine.hugePages = plan.hugePages
+        let vm = try VirtualMachine(machine)
+        let devices = try vm.installLegacyDevices(console: options.console)
+        let tap = try plan.tapName.map { try TapDevice(name: $0) }
+        let virtio = try vm.installVirtioDevices(spec: plan.deviceSpec, tap: tap, mac: plan.mac)
+        do {
+            let cmdline = [plan.bootArgs, virtio.cmdline].filter { !$0.isEmpty }.joined(separator: " ")
+            let entry = try LinuxLoader.load(kernelPath: plan.kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: plan.cpus,
+                                             virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
+            try vm.setBootEntry(BootEntry(entry))
+            try vm.start()
+        } catch {
+            virtio.attachments.forEach { $0.stop() }
+            throw error
+        }
+        let started = Running(vm: vm, devices: devices, attachments: virtio.attachments, tap: tap, startedAt: Monotonic.seconds())
+        let waiter = Thread { [self] in
+            let reason = vm.wait()
+            started.attachments.forEach { $0.stop() }
+            stopped.withLock { $0 = reason }
+            options.onExit(reason)
+            exited.signal()
+        }
+        waiter.name = "vmm-wait"
+        waiter.start()
+        return started
+    }
+
+    private func current() throws -> Running {
+        guard let r = running.withLock({ $0 }) else {
+            throw MicroVMError(.invalidArgument, "the microVM is not started: PUT /actions {\"action_type\": \"InstanceStart\"} first")
+        }
+        if let reason = stopped.withLock({ $0 }) { throw MicroVMError(.invalidArgument, "the microVM has stopped (\(reason))") }
+        return r
+    }
+
+    public func pause() throws { try current().vm.pause() }
+    public func resume() throws { try current().vm.resume() }
+    public func sendCtrlAltDel() throws { try current().devices.i8042.pressCtrlAltDel() }
+
+    /// Stops the VM (its vCPUs leave the guest; `onExit` follows).
+    public func stop() { running.withLock { $0 }?.vm.requestStop(.requested) }
+
+    /// Blocks until the VM has stopped and returns why; nil if it was never started.
+    public func waitForExit() -> StopReason? {
+        guard running.withLock({ $0 != nil }) else { return nil }
+        exited.wait()
+        exited.signal()
+        return stopped.withLock { $0 }
+    }
+
+    public func metricsText() -> String {
+        var m = PrometheusText()
+        let r = running.withLock { $0 }
+        m.gauge("mvm_vmm_state", "0 not started, 1 running, 2 paused, 3 stopped",
+                Double(r == nil ? 0 : stopped.withLock { $0 } != nil ? 3 : r!.vm.isPaused ? 2 : 1))
+        if let r {
+            m.gauge("mvm_vmm_vcpus", "vCPUs of the machine", Double(r.vm.vcpus.count))
+            m.gauge("mvm_vmm_memory_bytes", "guest RAM", Double(r.vm.configuration.memory.bytes))
+            m.gauge("mvm_vmm_uptime_seconds", "since InstanceStart", Monotonic.seconds() - r.startedAt)
+            m.counter("mvm_vmm_exits_total", "exits from the guest to the VMM, by kind", r.vm.exitCounts.map { (["kind": $0.kind], Double($0.count)) })
+            m.gauge("mvm_vmm_ioeventfds", "virtqueue notify registers KVM signals without an exit", Double(r.vm.ioeventfdsRegistered.load(ordering: .relaxed)))
+            m.gauge("mvm_vmm_irqfds", "device interrupt lines KVM injects from an eventfd", Double(r.vm.irqfdsRegistered.load(ordering: .relaxed)))
+            m.counter("mvm_vmm_i8042_resets_total", "reset pulses from the guest", [([:], Double(r.devices.i8042.resetCount))])
+        }
+        return m.text
+    }
+}
+
+/// A `VMConfiguration` checked and resolved into what the machine is built from. Every problem
+/// is reported before anything is allocated, naming the field.
+struct VMMBootPlan {
+    var cpus: Int
+    var memory: ByteCount
+    var hugePages: Bool
+    var kernel: String
+    var initrd: String?
+    var bootArgs: String
+    var deviceSpec: VMSpec
+    var tapName: String?
+    var mac: [UInt8]?
+
+    init(_ c: VMConfiguration, id: String) throws {
+        let m = c.machineConfig
+        guard (1...32).contains(m.vcpuCount) else { throw MicroVMError.invalidArgument("machine-config vcpu_count must be 1 to 32 (got \(m.vcpuCount))") }
+        guard m.memSizeMib >= 16 else { throw MicroVMError.invalidArgument("machine-config mem_size_mib must be at least 16 (got \(m.memSizeMib))") }
+        guard [nil, "None", "2M"].contains(m.hugePages) else {
+            throw MicroVMError.invalidArgument("machine-config huge_pages must be \"None\" or \"2M\" (got \"\(m.hugePages!)\")")
+        }
+        guard let boot = c.bootSource else {
+            throw MicroVMError.invalidArgument("no boot source: PUT /boot-source {\"kernel_image_path\": …} before InstanceStart")
+        }
+        for (what, path) in [("boot-source kernel_image_path", boot.kernelImagePath), ("boot-source initrd_path", boot.initrdPath)] {
+            if let path, !FileManager.default.isReadableFile(atPath: path) { throw MicroVMError.notFound("\(what) '\(path)' is not a readable file") }
+        }
+        guard c.drives.filter(\.isRootDevice).count <= 1 else { throw MicroVMError.invalidArgument("more than one drive has is_root_device: true") }
+        guard c.networkInterfaces.count <= 1 else {
+            throw MicroVMError.unsupported("this VMM attaches one network interface (got \(c.networkInterfaces.count))")
+        }
+        cpus = m.vcpuCount
+        memory = .mebibytes(UInt64(m.memSizeMib))
+        hugePages = m.hugePages == "2M"
+        kernel = boot.kernelImagePath
+        initrd = boot.initrdPath
+        // The root device is /dev/vda: it goes first, and the kernel is told, as Firecracker does.
+        let drives = c.drives.filter(\.isRootDevice) + c.drives.filter { !$0.isRootDevice }
+        for d in drives where !FileManager.default.isReadableFile(atPath: d.pathOnHost) {
+            throw MicroVMError.notFound("drive '\(d.driveId)' path_on_host '\(d.pathOnHost)' is not a readable file")
+        }
+        var args = boot.bootArgs ?? VMMInstance.defaultBootArgs
+        if let root = drives.first, root.isRootDevice {
+            args += " root=" + (root.partuuid.map { "PARTUUID=" + $0 } ?? "/dev/vda") + (root.isReadOnly == true ? " ro" : " rw")
+        }
+        bootArgs = args
+        var spec = VMSpec(name: id, cpus: cpus, memory: memory)
+        spec.disks = drives.map { DiskSpec(path: $0.pathOnHost, readOnly: $0.isReadOnly ?? false) }
+        spec.vsockCID = c.vsock?.guestCid
+        if let cid = spec.vsockCID, cid < 3 { throw MicroVMError.invalidArgument("vsock guest_cid must be 3 or more (got \(cid))") }
+        deviceSpec = spec
+        tapName = c.networkInterfaces.first?.hostDevName
+        if let text = c.networkInterfaces.first?.guestMac {
+            let bytes = text.split(separator: ":").compactMap { UInt8($0, radix: 16) }
+            guard bytes.count == 6, text.split(separator: ":").count == 6 else {
+                throw MicroVMError.invalidArgument("network-interfaces guest_mac '\(text)' is not a MAC address (six hex bytes, AA:BB:CC:DD:EE:FF)")
+            }
+            mac = bytes
+        }
+    }
+}
+
+/// Prometheus' text exposition format (version 0.0.4), written by hand: a few lines, no registry.
+struct PrometheusText {
+    private(set) var text = ""
+
+    mutating func gauge(_ name: String, _ help: String, _ value: Double) {
+        family(name, help, "gauge", [([:], value)])
+    }
+
+    mutating func counter(_ name: String, _ help: String, _ samples: [([String: String], Double)]) {
+        family(name, help, "counter", samples)
+    }
+
+    private mutating func family(_ name: String, _ help: String, _ type: String, _ samples: [([String: String], Double)]) {
+        text += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
+        for (labels, v) in samples {
+            let l = labels.sorted { $0.key < $1.key }.map { "\($0.key)=\"\($0.value)\"" }.joined(separator: ",")
+            let value = v == v.rounded() && abs(v) < 1e15 ? String(Int64(v)) : String(v)
+            text += name + (l.isEmpty ? "" : "{\(l)}") + " " + value + "\n"
+        }
+    }
+}

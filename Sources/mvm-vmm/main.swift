@@ -1,0 +1,147 @@
+/// mvm-vmm: one micro-VM per process. `mvm run --mode direct` starts it with the launch plan as a
+/// config file; by hand it takes Firecracker's `--config-file` document, or waits for a whole
+/// configuration over the Firecracker-compatible API on `--api-sock`. It links the VMM alone: no
+/// libvirt, libguestfs, SQLite or container code.
+///
+///     mvm-vmm --api-sock /run/vm1.sock --id vm1
+///     mvm-vmm --config-file vm1.json --console-log vm1.log --attached
+import Foundation
+import Synchronization
+import Devices
+import Host
+import MicroVMCore
+import VMM
+import VMMAPI
+
+struct Arguments {
+    var configFile: String?
+    var apiSocket: String?
+    var id = "mvm-vmm-\(getpid())"
+    var consoleLog: String?
+    /// Die with the parent (`mvm run`, which holds the grant).
+    var attached = false
+    var devicePath = "/dev/kvm"
+
+    static let usage = """
+        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE] [--attached] [--kvm-device PATH]
+          --config-file FILE   a Firecracker configuration document: boot at once
+          --api-sock PATH      serve the Firecracker-compatible API on this unix socket
+          --id ID              the instance id GET / reports
+          --console-log FILE   write the guest's serial console here (default: standard output)
+          --attached           end when the parent process ends
+        One of --config-file and --api-sock is required. On a host whose KVM is emulated, guests boot
+        only with MVM_DIRECT_ALLOW_EMULATED=1 (tiny test guests; Linux cannot boot there).
+        """
+
+    init(_ argv: [String]) throws {
+        var it = argv.makeIterator()
+        func value(_ flag: String) throws -> String {
+            guard let v = it.next(), !v.hasPrefix("--") else { throw MicroVMError.invalidArgument("\(flag) needs a value") }
+            return v
+        }
+        while let a = it.next() {
+            switch a {
+            case "--config-file": configFile = try value(a)
+            case "--api-sock": apiSocket = try value(a)
+            case "--id": id = try value(a)
+            case "--console-log": consoleLog = try value(a)
+            case "--kvm-device": devicePath = try value(a)
+            case "--attached": attached = true
+            case "-h", "--help": print(Self.usage); exit(0)
+            default: throw MicroVMError.invalidArgument("unknown argument '\(a)'")
+            }
+        }
+        guard configFile != nil || apiSocket != nil else { throw MicroVMError.invalidArgument("give --config-file or --api-sock (or both)") }
+    }
+}
+
+func fail(_ message: String, status: Int32) -> Never {
+    FileHandle.standardError.write(Data("mvm-vmm: \(message)\n".utf8))
+    exit(status)
+}
+
+/// PR_SET_PDEATHSIG through a fixed-argument view of prctl (variadic in C).
+func dieWithParent() {
+    let parent = getppid()
+    if let sym = dlsym(nil, "prctl") {
+        let prctl = unsafeBitCast(sym, to: (@convention(c) (Int32, UInt, UInt, UInt, UInt) -> Int32).self)
+        _ = prctl(1 /* PR_SET_PDEATHSIG */, UInt(SIGKILL), 0, 0, 0)
+    }
+    // The parent may have ended before the signal was armed.
+    if getppid() != parent { exit(1) }
+}
+
+let args: Arguments
+do { args = try Arguments(Array(CommandLine.arguments.dropFirst())) } catch {
+    fail("\(error)\n\(Arguments.usage)", status: 2)
+}
+if args.attached { dieWithParent() }
+
+var config = VMConfiguration()
+if let file = args.configFile {
+    guard let data = FileManager.default.contents(atPath: file) else { fail("cannot read --config-file '\(file)'", status: 2) }
+    do { config = try JSONDecoder().decode(VMConfiguration.self, from: data) } catch {
+        fail("--config-file '\(file)' is not a Firecracker configuration: \(error)", status: 2)
+    }
+}
+
+// The KVM verdict is cached per boot (mvm doctor and mvm share it): no probing here.
+let kvm = HostProfile.kvm()
+switch kvm.verdict {
+case .hardware: break
+case .absent: fail("no usable KVM: \(kvm.reason)", status: 3)
+case .emulated where ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1": break
+case .emulated:
+    fail("this host's KVM is emulated (\(kvm.reason)); a Linux guest cannot boot under it. Run in the nested rig (mvm rig run), or set MVM_DIRECT_ALLOW_EMULATED=1 for tiny test guests.", status: 3)
+}
+
+let console: OutputSink
+if let path = args.consoleLog {
+    let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+    guard fd >= 0 else { fail("cannot open --console-log '\(path)': \(String(cString: strerror(errno)))", status: 2) }
+    console = { bytes in bytes.withUnsafeBytes { _ = write(fd, $0.baseAddress, $0.count) } }
+} else {
+    console = OutputSinks.standardOutput
+}
+
+let exitStatus = Atomic<Int32>(0)
+let instance = VMMInstance(options: VMMInstance.Options(id: args.id, devicePath: args.devicePath, console: console) { reason in
+    switch reason {
+    case .powerOff, .reboot, .halted, .requested: exitStatus.store(0, ordering: .relaxed)
+    default:
+        FileHandle.standardError.write(Data("mvm-vmm: the VM stopped: \(reason)\n".utf8))
+        exitStatus.store(1, ordering: .relaxed)
+    }
+})
+
+var server: APIServer?
+if let socket = args.apiSocket {
+    do {
+        let s = try APIServer(socketPath: socket, controller: instance, configuration: config, id: args.id)
+        try s.start()
+        server = s
+    } catch { fail("cannot serve the API on '\(socket)': \(error)", status: 2) }
+}
+
+// SIGINT/SIGTERM stop the VM; the process then exits as it would after a power-off.
+let signals = [SIGINT, SIGTERM].map { sig -> any DispatchSourceSignal in
+    signal(sig, SIG_IGN)
+    let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+    s.setEventHandler {
+        if instance.state == .notStarted { server?.stop(); exit(128 + sig) }
+        instance.stop()
+    }
+    s.resume()
+    return s
+}
+
+if args.configFile != nil {
+    do { try instance.start(config) } catch {
+        server?.stop()
+        fail("cannot start the VM: \(error)", status: 1)
+    }
+}
+// Until the VM has started and stopped: the API may start it at any time.
+while instance.waitForExit() == nil { usleep(20_000) }
+server?.stop()
+exit(exitStatus.load(ordering: .relaxed))
