@@ -122,12 +122,16 @@ public struct Logger: Codable, Sendable, Equatable {
     public var level: String?
     public var showLevel: Bool?
     public var showLogOrigin: Bool?
+    /// Only messages from this module path (Firecracker's `module` filter; firecracker-go-sdk may send it).
+    public var module: String?
 
-    public init(logPath: String, level: String? = nil, showLevel: Bool? = nil, showLogOrigin: Bool? = nil) {
-        self.logPath = logPath; self.level = level; self.showLevel = showLevel; self.showLogOrigin = showLogOrigin
+    public init(logPath: String, level: String? = nil, showLevel: Bool? = nil, showLogOrigin: Bool? = nil, module: String? = nil) {
+        self.logPath = logPath; self.level = level; self.showLevel = showLevel; self.showLogOrigin = showLogOrigin; self.module = module
     }
 
-    enum CodingKeys: String, CodingKey { case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin" }
+    enum CodingKeys: String, CodingKey {
+        case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin", module
+    }
 }
 
 /// `metrics`: where `FlushMetrics` (and the VMM's periodic flush) writes its counters.
