@@ -17,7 +17,7 @@ public enum TinyGuest {
         0xe4, 0x60,              // in al, 0x60 (data)
         0xee,                    // out dx, al
         0x3c, 0x53,              // cmp al, 0x53 (Delete pressed)
-        0x75, 0xf2,              // jne poll
+        0x75, 0xf3,              // jne poll
         0xb0, 0xfe,              // mov al, 0xfe (pulse reset)
         0xe6, 0x64,              // out 0x64, al
         0xf4,                    // hlt

@@ -104,6 +104,9 @@ if let path = args.consoleLog {
     console = OutputSinks.standardOutput
 }
 
+/// This VMM's own version, as `GET /` reports it.
+let vmmVersion = "0.3.0"
+
 let exitStatus = Atomic<Int32>(0)
 let instance = VMMInstance(options: VMMInstance.Options(id: args.id, devicePath: args.devicePath, console: console) { reason in
     switch reason {
@@ -117,7 +120,8 @@ let instance = VMMInstance(options: VMMInstance.Options(id: args.id, devicePath:
 var server: APIServer?
 if let socket = args.apiSocket {
     do {
-        let s = try APIServer(socketPath: socket, controller: instance, configuration: config, id: args.id)
+        let router = APIRouter(controller: instance, instanceID: args.id, vmmVersion: vmmVersion, configuration: config)
+        let s = APIServer(socketPath: socket, router: router)
         try s.start()
         server = s
     } catch { fail("cannot serve the API on '\(socket)': \(error)", status: 2) }

@@ -1,0 +1,195 @@
+import Foundation
+import Testing
+import Host
+import MicroVMCore
+import VMM
+
+/// `mvm-vmm` as a process, driven the way Firecracker's clients drive Firecracker: plain HTTP
+/// over its unix socket, a whole lifecycle of a tiny guest on this host's KVM.
+@Suite("mvm-vmm process", .serialized, .timeLimit(.minutes(3)))
+struct VMMProcessTests {
+    static var binary: String? {
+        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
+        for _ in 0..<4 {
+            let candidate = dir.appendingPathComponent("mvm-vmm").path
+            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
+            dir.deleteLastPathComponent()
+        }
+        let fallback = Paths.sourceDirectory() + "/.build/debug/mvm-vmm"
+        return FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil
+    }
+
+    func scratch() throws -> String {
+        let dir = "/tmp/mvm-vmm-test-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return dir
+    }
+
+    func launch(_ args: [String], allowEmulated: Bool = true) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: try #require(Self.binary, "mvm-vmm was not built (swift build --build-tests builds it)"))
+        p.arguments = args
+        var env = ProcessInfo.processInfo.environment
+        env["MVM_DIRECT_ALLOW_EMULATED"] = allowEmulated ? "1" : nil
+        p.environment = env
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        return p
+    }
+
+    func waitForExit(_ p: Process, seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while p.isRunning && Date() < deadline { usleep(10_000) }
+        return !p.isRunning
+    }
+
+    @Test(.enabled(if: HostProfile.current().kvm.verdict != .absent, "no /dev/kvm"))
+    func aWholeLifecycleOverTheAPISocket() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let kernel = dir + "/tiny.elf", disk = dir + "/disk.raw", sock = dir + "/api.sock", console = dir + "/console.log"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        try Data(count: 1 << 20).write(to: URL(fileURLWithPath: disk))
+        let vmm = try launch(["--api-sock", sock, "--id", "tiny-1", "--console-log", console])
+        defer { if vmm.isRunning { vmm.terminate() } }
+        let api = UnixHTTPClient(path: sock)
+        try api.waitUntilServing(seconds: 10)
+
+        var r = try api.send("GET", "/")
+        #expect(r.status == 200 && r.json["state"] as? String == "Not started" && r.json["id"] as? String == "tiny-1", "\(r.text)")
+        r = try api.send("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 32}"#)
+        #expect(r.status == 204, "\(r.text)")
+        r = try api.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)"}"#)
+        #expect(r.status == 204, "\(r.text)")
+        r = try api.send("PUT", "/drives/scratch", #"{"drive_id": "scratch", "path_on_host": "\#(disk)", "is_root_device": false, "is_read_only": true}"#)
+        #expect(r.status == 204, "\(r.text)")
+        r = try api.send("PUT", "/drives/other", #"{"drive_id": "scratch", "path_on_host": "\#(disk)", "is_root_device": false}"#)
+        #expect(r.status == 400 && (r.json["fault_message"] as? String)?.isEmpty == false, "a drive id that differs from the path's: \(r.text)")
+        r = try api.send("PUT", "/actions", #"{"action_type": "InstanceStart"}"#)
+        #expect(r.status == 204, "\(r.text)")
+        r = try api.send("GET", "/")
+        #expect(r.json["state"] as? String == "Running", "\(r.text)")
+        r = try api.send("PUT", "/boot-source", #"{"kernel_image_path": "\#(kernel)"}"#)
+        #expect(r.status == 400, "the boot source cannot change after the start: \(r.text)")
+
+        r = try api.send("PATCH", "/vm", #"{"state": "Paused"}"#)
+        #expect(r.status == 204, "\(r.text)")
+        r = try api.send("GET", "/")
+        #expect(r.json["state"] as? String == "Paused", "\(r.text)")
+        // Paused vCPUs make no exits: the count stands still.
+        let before = try api.send("GET", "/metrics").text
+        usleep(200_000)
+        let after = try api.send("GET", "/metrics").text
+        #expect(before.contains("mvm_vmm_state 2") && Self.exits(before, "io_in") == Self.exits(after, "io_in"), "\(after)")
+        r = try api.send("PATCH", "/vm", #"{"state": "Resumed"}"#)
+        #expect(r.status == 204, "\(r.text)")
+        usleep(100_000)
+        #expect(try Self.exits(api.send("GET", "/metrics").text, "io_in") > Self.exits(after, "io_in"), "the guest polls again once resumed")
+
+        r = try api.send("PUT", "/actions", #"{"action_type": "SendCtrlAltDel"}"#)
+        #expect(r.status == 204, "\(r.text)")
+        // The guest echoes the keys it reads, then resets through the i8042: the VMM exits 0.
+        #expect(waitForExit(vmm, seconds: 20), "mvm-vmm did not exit after Ctrl-Alt-Del")
+        #expect(vmm.terminationStatus == 0)
+        let bytes = [UInt8](try Data(contentsOf: URL(fileURLWithPath: console)))
+        #expect(bytes.first == UInt8(ascii: "K") && Array(bytes.dropFirst().prefix(4)) == [0x1d, 0x38, 0xe0, 0x53], "console: \(bytes)")
+        #expect(!FileManager.default.fileExists(atPath: sock), "the API socket is removed at exit")
+    }
+
+    @Test(.enabled(if: HostProfile.current().kvm.verdict != .absent, "no /dev/kvm"))
+    func aConfigFileBootsAtOnceAndSIGTERMStopsIt() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let kernel = dir + "/tiny.elf", config = dir + "/vm.json", console = dir + "/console.log"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        try Data(#"{"boot-source": {"kernel_image_path": "\#(kernel)"}, "machine-config": {"vcpu_count": 2, "mem_size_mib": 32}}"#.utf8)
+            .write(to: URL(fileURLWithPath: config))
+        let vmm = try launch(["--config-file", config, "--console-log", console])
+        defer { if vmm.isRunning { vmm.terminate() } }
+        let deadline = Date().addingTimeInterval(10)
+        while (try? Data(contentsOf: URL(fileURLWithPath: console)))?.first != UInt8(ascii: "K"), Date() < deadline { usleep(10_000) }
+        #expect(try Data(contentsOf: URL(fileURLWithPath: console)).first == UInt8(ascii: "K"), "the guest ran")
+        vmm.terminate()
+        #expect(waitForExit(vmm, seconds: 15))
+        #expect(vmm.terminationReason == .exit && vmm.terminationStatus == 0)
+    }
+
+    @Test func badArgumentsAndAnEmulatedKVMAreRefusedWithAReason() throws {
+        let bad = try launch(["--bogus"])
+        #expect(waitForExit(bad, seconds: 10) && bad.terminationStatus == 2)
+        let none = try launch([])
+        #expect(waitForExit(none, seconds: 10) && none.terminationStatus == 2)
+        if HostProfile.current().kvm.verdict == .emulated {
+            let dir = try scratch()
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let refused = try launch(["--api-sock", dir + "/s"], allowEmulated: false)
+            #expect(waitForExit(refused, seconds: 10) && refused.terminationStatus == 3)
+            #expect(!FileManager.default.fileExists(atPath: dir + "/s"), "nothing served before the refusal")
+        }
+    }
+
+    static func exits(_ metrics: String, _ kind: String) -> Int {
+        metrics.split(separator: "\n").first { $0.hasPrefix("mvm_vmm_exits_total{kind=\"\(kind)\"}") }
+            .flatMap { Int($0.split(separator: " ").last ?? "") } ?? -1
+    }
+}
+
+/// HTTP/1.1 over a unix socket, one request per connection, as curl --unix-socket sends it.
+struct UnixHTTPClient {
+    let path: String
+
+    struct Response {
+        var status: Int
+        var text: String
+        var json: [String: Any] {
+            (try? JSONSerialization.jsonObject(with: Data(text.utf8))) as? [String: Any] ?? [:]
+        }
+    }
+
+    func waitUntilServing(seconds: Double) throws {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if (try? send("GET", "/version")) != nil { return }
+            usleep(20_000)
+        }
+        throw MicroVMError(.timeout, "nothing served on \(path) within \(seconds) s")
+    }
+
+    func send(_ method: String, _ target: String, _ body: String? = nil) throws -> Response {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw SystemCallError("socket", errno: errno) }
+        defer { close(fd) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { p in
+            for (i, b) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = b }
+        }
+        let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        guard ok == 0 else { throw SystemCallError("connect", errno: errno) }
+        var request = "\(method) \(target) HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
+        if let body { request += "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)" } else { request += "\r\n" }
+        let bytes = Array(request.utf8)
+        guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else { throw SystemCallError("write", errno: errno) }
+        var reply: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            reply += buf[0..<n]
+            if let r = Self.parse(reply), r.complete { return r.response }
+        }
+        guard let r = Self.parse(reply) else { throw MicroVMError(.backend, "no HTTP response from \(path)") }
+        return r.response
+    }
+
+    static func parse(_ bytes: [UInt8]) -> (response: Response, complete: Bool)? {
+        let text = String(decoding: bytes, as: UTF8.self)
+        guard let split = text.range(of: "\r\n\r\n") else { return nil }
+        let head = text[..<split.lowerBound].split(separator: "\r\n")
+        guard let status = head.first?.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
+        let length = head.first { $0.lowercased().hasPrefix("content-length:") }.flatMap { Int($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) } ?? 0
+        let body = String(text[split.upperBound...])
+        return (Response(status: status, text: body), body.utf8.count >= length)
+    }
+}
