@@ -41,6 +41,7 @@ public final class VMMInstance: VMMController, Sendable {
     public let options: Options
     private let running = Mutex<Running?>(nil)
     private let stopped = Mutex<StopReason?>(nil)
+    private let stoppedAt = Mutex<Double?>(nil)
     private let exited = DispatchSemaphore(value: 0)
 
     public init(options: Options) { self.options = options }
@@ -83,6 +84,7 @@ public final class VMMInstance: VMMController, Sendable {
         let started = Running(vm: vm, devices: devices, attachments: virtio.attachments, tap: tap, startedAt: Monotonic.seconds())
         let waiter = Thread { [self] in
             let reason = vm.wait()
+            stoppedAt.withLock { $0 = Monotonic.seconds() }
             started.attachments.forEach { $0.stop() }
             stopped.withLock { $0 = reason }
             options.onExit(reason)
@@ -114,6 +116,20 @@ public final class VMMInstance: VMMController, Sendable {
         exited.wait()
         exited.signal()
         return stopped.withLock { $0 }
+    }
+
+    /// When the machine reached each milestone, in CLOCK_MONOTONIC seconds: `created` (its
+    /// construction began), `firstInstruction` (vCPU 0 entered the guest), `ready` (the guest's
+    /// init wrote the boot timer), `stopped`.
+    public var milestones: [String: Double] {
+        guard let r = running.withLock({ $0 }) else { return [:] }
+        var m = ["created": r.vm.createdAt]
+        m["firstInstruction"] = r.vm.firstEntry
+        if let boot = r.devices.bootTimer.bootTime {
+            m["ready"] = r.vm.createdAt + Double(boot.components.seconds) + Double(boot.components.attoseconds) / 1e18
+        }
+        m["stopped"] = stoppedAt.withLock { $0 }
+        return m
     }
 
     public func metricsText() -> String {

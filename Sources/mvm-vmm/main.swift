@@ -21,14 +21,20 @@ struct Arguments {
     /// Die with the parent (`mvm run`, which holds the grant).
     var attached = false
     var devicePath = "/dev/kvm"
+    /// Where to write, at exit, when the VM reached each milestone (CLOCK_MONOTONIC seconds,
+    /// comparable with the launching process's clock).
+    var timingsFile: String?
 
     static let usage = """
-        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE] [--attached] [--kvm-device PATH]
+        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE] [--attached] [--kvm-device PATH] [--timings-file FILE]
           --config-file FILE   a Firecracker configuration document: boot at once
           --api-sock PATH      serve the Firecracker-compatible API on this unix socket
           --id ID              the instance id GET / reports
           --console-log FILE   write the guest's serial console here (default: standard output)
           --attached           end when the parent process ends
+          --timings-file FILE  at exit, write when the process started, the VM was created, its first
+                               vCPU entered the guest and the guest's init reported ready (JSON,
+                               CLOCK_MONOTONIC seconds)
         One of --config-file and --api-sock is required. On a host whose KVM is emulated, guests boot
         only with MVM_DIRECT_ALLOW_EMULATED=1 (tiny test guests; Linux cannot boot there).
         """
@@ -46,6 +52,7 @@ struct Arguments {
             case "--id": id = try value(a)
             case "--console-log": consoleLog = try value(a)
             case "--kvm-device": devicePath = try value(a)
+            case "--timings-file": timingsFile = try value(a)
             case "--attached": attached = true
             case "-h", "--help": print(Self.usage); exit(0)
             default: throw MicroVMError.invalidArgument("unknown argument '\(a)'")
@@ -70,6 +77,9 @@ func dieWithParent() {
     // The parent may have ended before the signal was armed.
     if getppid() != parent { exit(1) }
 }
+
+/// CLOCK_MONOTONIC seconds when this process's code started.
+let processStarted = Monotonic.seconds()
 
 let args: Arguments
 do { args = try Arguments(Array(CommandLine.arguments.dropFirst())) } catch {
@@ -148,4 +158,9 @@ if args.configFile != nil {
 // Until the VM has started and stopped: the API may start it at any time.
 while instance.waitForExit() == nil { usleep(20_000) }
 server?.stop()
+if let file = args.timingsFile {
+    var t = instance.milestones
+    t["processStarted"] = processStarted
+    if let data = try? JSONEncoder().encode(t) { try? Paths.writeScratch(data, to: file, atomically: true) }
+}
 exit(exitStatus.load(ordering: .relaxed))
