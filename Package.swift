@@ -73,7 +73,7 @@ let package = Package(
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "BenchTests", dependencies: ["Bench", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore"]),
-        .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI"]),
+        .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI", "Yams"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]
 )

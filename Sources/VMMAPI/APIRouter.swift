@@ -132,12 +132,12 @@ public final class APIRouter: Sendable {
 
         case .putMachineConfig:
             try preBoot(what)
-            let m = try JSONBody.decode(MachineConfig.self, from: request, allowed: MachineConfig.jsonKeys)
+            let m = try JSONBody.decode(MachineConfig.self, from: request, allowed: MachineConfig.jsonKeys, integers: MachineConfig.integerRanges)
             try Self.validate(m)
             cfg.machineConfig = m
         case .patchMachineConfig:
             try preBoot(what)
-            let patch = try JSONBody.decode(MachineConfigPatch.self, from: request, allowed: MachineConfig.jsonKeys)
+            let patch = try JSONBody.decode(MachineConfigPatch.self, from: request, allowed: MachineConfig.jsonKeys, integers: MachineConfig.integerRanges)
             guard patch.changesSomething else { throw APIFault("\(what): the body names no field to change") }
             let m = patch.applied(to: cfg.machineConfig)
             try Self.validate(m)
@@ -168,7 +168,8 @@ public final class APIRouter: Sendable {
             }
         case .putVsock:
             try preBoot(what)
-            let v = try JSONBody.decode(Vsock.self, from: request, allowed: ["guest_cid", "uds_path", "vsock_id"])
+            let v = try JSONBody.decode(Vsock.self, from: request, allowed: ["guest_cid", "uds_path", "vsock_id"],
+                                      integers: ["guest_cid": 0...Double(UInt32.max)])
             // 0-2 are the hypervisor, the local loopback and the host; 0xFFFFFFFF is VMADDR_CID_ANY.
             guard v.guestCid >= 3, v.guestCid < UInt32.max else {
                 throw APIFault("guest_cid must be at least 3 and below 4294967295 (got \(v.guestCid))")
@@ -390,6 +391,8 @@ struct MachineConfigPatch: Decodable {
 
 extension MachineConfig {
     static let jsonKeys = ["vcpu_count", "mem_size_mib", "smt", "track_dirty_pages", "huge_pages"]
+    /// Wide enough for any sane value, narrow enough to be exact in a Double; `validate` narrows further.
+    static let integerRanges: [String: ClosedRange<Double>] = ["vcpu_count": -1e15...1e15, "mem_size_mib": -1e15...1e15]
 
     /// The configuration with Firecracker's defaults spelled out (what `GET /machine-config` shows).
     public var withDefaults: MachineConfig {

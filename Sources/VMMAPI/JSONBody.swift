@@ -11,20 +11,30 @@ struct APIFault: Error {
 /// (serde's) messages do: unknown fields are refused, as Firecracker refuses them.
 enum JSONBody {
     /// `T` from `request`'s body, which must be a JSON object with no keys outside `allowed`.
-    static func decode<T: Decodable>(_ type: T.Type, from request: HTTPRequest, allowed: [String]) throws(APIFault) -> T {
+    /// `integers` names the integer fields and their ranges: JSONDecoder reports a fraction or an
+    /// out-of-range number only as invalid JSON, so these are checked first to name the field.
+    static func decode<T: Decodable>(_ type: T.Type, from request: HTTPRequest, allowed: [String],
+                                     integers: [String: ClosedRange<Double>] = [:]) throws(APIFault) -> T {
         let what = "\(request.method) \(request.path)"
         guard !request.body.allSatisfy({ $0 == 32 || $0 == 9 || $0 == 10 || $0 == 13 }) else {
             throw APIFault("\(what) needs a JSON body")
         }
         let data = Data(request.body)
-        let keys: [String]
+        let object: [String: JSONValue]
         do {
-            keys = try JSONDecoder().decode(ObjectKeys.self, from: data).keys
+            object = try JSONDecoder().decode([String: JSONValue].self, from: data)
         } catch {
             throw APIFault("\(what): \(describe(error))")
         }
-        if let unknown = keys.first(where: { !allowed.contains($0) }) {
+        if let unknown = object.keys.sorted().first(where: { !allowed.contains($0) }) {
             throw APIFault("\(what): unknown field `\(unknown)`, expected one of: \(allowed.map { "`\($0)`" }.joined(separator: ", "))")
+        }
+        for (key, range) in integers.sorted(by: { $0.key < $1.key }) {
+            guard case .number(let n)? = object[key] else { continue }
+            guard n.rounded() == n, range.contains(n) else {
+                let bounds = "\(Int64(range.lowerBound))...\(Int64(range.upperBound))"
+                throw APIFault("\(what): field `\(key)` must be an integer in \(bounds) (got \(n))")
+            }
         }
         do {
             return try JSONDecoder().decode(T.self, from: data)
@@ -69,18 +79,18 @@ enum JSONBody {
         }
     }
 
-    /// The keys of a JSON object, whatever their values.
-    private struct ObjectKeys: Decodable {
-        var keys: [String]
-        init(from decoder: any Decoder) throws {
-            keys = try decoder.container(keyedBy: AnyKey.self).allKeys.map(\.stringValue)
-        }
-    }
+    /// Any JSON value; numbers as Double, which is enough to check them.
+    enum JSONValue: Decodable {
+        case null, bool(Bool), number(Double), string(String), array([JSONValue]), object([String: JSONValue])
 
-    private struct AnyKey: CodingKey {
-        var stringValue: String
-        var intValue: Int? { nil }
-        init(stringValue: String) { self.stringValue = stringValue }
-        init?(intValue: Int) { nil }
+        init(from decoder: any Decoder) throws {
+            let c = try decoder.singleValueContainer()
+            if c.decodeNil() { self = .null }
+            else if let b = try? c.decode(Bool.self) { self = .bool(b) }
+            else if let n = try? c.decode(Double.self) { self = .number(n) }
+            else if let s = try? c.decode(String.self) { self = .string(s) }
+            else if let a = try? c.decode([JSONValue].self) { self = .array(a) }
+            else { self = .object(try c.decode([String: JSONValue].self)) }
+        }
     }
 }
