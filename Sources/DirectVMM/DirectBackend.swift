@@ -1,6 +1,7 @@
 import Allocator
 import Devices
 import VMM
+import VMMAPI
 import Foundation
 import Launch
 import Host
@@ -87,11 +88,19 @@ public struct DirectBackend: InstanceBackend {
         let record = DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
                                           cpus: spec.cpus, memory: spec.memory, startedAt: Date(),
                                           logPath: options.paths.instances + "/" + spec.name + "/console.log")
-        let logPath = options.processPerInstance ? try records.claim(record) : record.logPath
-        defer { if options.processPerInstance { records.release(spec.name, owner: record) } }
+        // `mvm run` runs the VM in an `mvm-vmm` process of its own; a bench or a library caller
+        // that runs several VMs keeps them in this process.
+        let vmm = options.processPerInstance ? try Self.vmmBinary() : nil
+        var claimed = record
+        if vmm != nil { claimed.apiSocket = options.paths.instances + "/" + spec.name + "/api.sock" }
+        let logPath = options.processPerInstance ? try records.claim(claimed) : record.logPath
+        defer { if options.processPerInstance { records.release(spec.name, owner: claimed) } }
         try Paths.ensureDirectory((logPath as NSString).deletingLastPathComponent)
         let cgroup = try enforce(plan)
         defer { try? cgroup?.set.remove() }
+        if let vmm {
+            return try await executeInVMMProcess(plan, kernel: kernel, binary: vmm, record: claimed, records: records, logPath: logPath)
+        }
 
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let log = FileHandle(forWritingAtPath: logPath)
@@ -150,6 +159,44 @@ public struct DirectBackend: InstanceBackend {
         return plan.result(status: report.status, output: report.outputText, console: console)
     }
 
+    static func vmmBinary() throws -> String {
+        guard let b = VMMProcess.binary() else {
+            throw MicroVMError.notFound("mvm-vmm, the direct mode's VMM, was not found next to mvm: build it (swift build -c release --product mvm-vmm --static-swift-stdlib) or set MVM_VMM to its path")
+        }
+        return b
+    }
+
+    /// The plan in an `mvm-vmm` process: the tap made here (persistent, so the VMM attaches to it
+    /// by name) and removed after; the VMM's pid and API socket in the instance's record.
+    func executeInVMMProcess(_ plan: LaunchPlan, kernel: String, binary: String, record: DirectInstanceRecord,
+                             records: InstanceRecords, logPath: String) async throws -> RunResult {
+        let spec = plan.spec
+        let link = try spec.net.map { try TapLink.open($0, owner: spec.name, persistent: true) }
+        defer { link?.tap.remove() }
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let config = VMMProcess.configuration(plan, kernel: kernel, tap: link?.tap.name)
+        let directory = (logPath as NSString).deletingLastPathComponent
+        let outcome = try await VMMProcess.run(
+            binary: binary, configuration: config, directory: directory, name: spec.name, logPath: logPath,
+            apiSocket: record.apiSocket ?? directory + "/api.sock", allowEmulatedKVM: options.allowEmulatedKVM, timeout: spec.timeout) { pid in
+                plan.clock.mark(.spawned)
+                var r = record
+                r.vmmPID = pid
+                try? records.update(r)
+            }
+        if let t = outcome.milestones["firstInstruction"] { plan.clock.mark(.firstInstruction, at: t) }
+        if let t = outcome.milestones["ready"] { plan.clock.mark(.ready, at: t) }
+        let console = String(decoding: FileManager.default.contents(atPath: logPath) ?? Data(), as: UTF8.self)
+        if options.console == .standardOutput { FileHandle.standardOutput.write(Data(console.utf8)) }
+        guard let report = ConsoleParser.parse(console).report else {
+            let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
+            let why = outcome.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
+            let code: MicroVMError.Code = Task.isCancelled ? .backend : why.contains("timeout") ? .timeout : .guestError
+            throw MicroVMError(code, "the guest stopped without reporting a result (mvm-vmm exited with status \(outcome.status)\(why.isEmpty ? "" : ": " + why)); last console lines:\n\(tail)")
+        }
+        return plan.result(status: report.status, output: report.outputText, console: console)
+    }
+
     /// The plan's enforcement as a cgroup: the whole process joins it when it runs this one VM
     /// (`mvm run`); otherwise (a bench or a library caller running several) only the vCPU
     /// threads do, which bounds their CPU but leaves memory to the guest RAM's own size.
@@ -195,6 +242,33 @@ public struct DirectBackend: InstanceBackend {
         }
         records.removeStale(name)
     }
+
+    /// The VMM's API socket of a running instance, or an error that says why there is none.
+    func api(_ name: String) throws -> APIClient {
+        let records = InstanceRecords(directory: options.paths.instances + "/direct")
+        guard let r = records.live().first(where: { $0.name == name }) else {
+            throw MicroVMError.notFound("no running direct instance named '\(name)': see mvm ps")
+        }
+        guard let socket = r.apiSocket else {
+            throw MicroVMError.unsupported("direct instance '\(name)' runs inside its mvm process, which serves no API")
+        }
+        return APIClient(socketPath: socket)
+    }
+
+    func call(_ name: String, _ method: String, _ path: String, body: String? = nil) throws -> String {
+        let r: APIClient.Response
+        do { r = try api(name).send(method, path, body: body) } catch let e as APIClient.ClientError {
+            throw MicroVMError(.backend, "direct instance '\(name)': \(e)")
+        }
+        guard (200..<300).contains(r.status) else {
+            throw MicroVMError(.invalidArgument, "direct instance '\(name)': \(r.faultMessage ?? "the VMM answered \(r.status)")")
+        }
+        return r.body
+    }
+
+    public func pause(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Paused"}"#) }
+    public func resume(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Resumed"}"#) }
+    public func stats(name: String) async throws -> String { try call(name, "GET", "/metrics") }
 
     /// vCPU threads block; so does waiting for them. Keep that off Swift's cooperative threads,
     /// and turn task cancellation into a stop request.

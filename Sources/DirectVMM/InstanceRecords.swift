@@ -12,6 +12,10 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     public var memory: ByteCount
     public var startedAt: Date
     public var logPath: String
+    /// The `mvm-vmm` process that runs the VM, once started.
+    public var vmmPID: Int32?
+    /// Its API socket (Firecracker-compatible): `mvm pause`, `resume` and `stats` talk to it.
+    public var apiSocket: String?
 }
 
 /// One JSON file per running direct instance. A record whose process is gone is stale and is
@@ -45,6 +49,12 @@ struct InstanceRecords: Sendable {
             try? FileManager.default.removeItem(atPath: file(record.name))
         }
         throw MicroVMError.invalidArgument("a direct instance named '\(record.name)' is being started by another process: pick another --name")
+    }
+
+    /// Rewrites the owner's own record (replaced whole, never seen half-written).
+    func update(_ record: DirectInstanceRecord) throws {
+        guard let r = read(record.name), r.pid == record.pid, r.pidStart == record.pidStart else { return }
+        try Paths.writeScratch(try JSONEncoder.iso8601.encode(record), to: file(record.name), atomically: true)
     }
 
     /// Removes the record if it is still `owner`'s (another run may have claimed the name since).

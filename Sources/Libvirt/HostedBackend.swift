@@ -383,6 +383,18 @@ public struct HostedBackend: InstanceBackend {
 
     /// The QEMU process of a running instance (from the driver's pid file), so the benchmark can
     /// read its memory (PSS) from /proc.
+    /// Stops QEMU's process as a whole (its vCPUs and device threads): another `mvm` owns the
+    /// embedded driver's connection, so the process is signalled rather than the domain suspended.
+    public func pause(name: String) async throws { try signalQEMU(name, SIGSTOP) }
+    public func resume(name: String) async throws { try signalQEMU(name, SIGCONT) }
+
+    func signalQEMU(_ name: String, _ sig: Int32) throws {
+        guard let pid = qemuPid(name: name) else {
+            throw MicroVMError.notFound("no running QEMU for hosted instance '\(name)': see mvm ps")
+        }
+        guard kill(pid, sig) == 0 else { throw MicroVMError(.permissionDenied, "cannot signal QEMU (pid \(pid)) of '\(name)': \(String(cString: strerror(errno)))") }
+    }
+
     public func qemuPid(name: String) -> Int32? {
         qemuPid(record: HostedRecord.load(name, in: recordDirectory) ?? HostedRecord(name: name, uri: uri))
     }

@@ -186,6 +186,12 @@ public protocol InstanceBackend: Sendable {
     func stop(name: String) async throws
     /// The console or output log of an instance.
     func logs(name: String) async throws -> String
+    /// Holds a running instance's vCPUs (or processes) without ending it.
+    func pause(name: String) async throws
+    /// Lets a paused instance run again.
+    func resume(name: String) async throws
+    /// The instance's counters as text (Prometheus' format where the backend keeps them).
+    func stats(name: String) async throws -> String
 }
 
 extension InstanceBackend {
@@ -197,4 +203,7 @@ extension InstanceBackend {
     public func list() async throws -> [InstanceInfo] { [] }
     public func stop(name: String) async throws { throw MicroVMError.unsupported("\(mode) backend cannot stop instances") }
     public func logs(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) backend keeps no logs") }
+    public func pause(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused by mvm: pause and resume work for direct and hosted instances") }
+    public func resume(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused or resumed by mvm: pause and resume work for direct and hosted instances") }
+    public func stats(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) instances keep no counters mvm can read: mvm stats works for direct instances") }
 }

@@ -67,6 +67,7 @@ public final class VMMInstance: VMMController, Sendable {
         let plan = try VMMBootPlan(config, id: options.id)
         var machine = MachineConfiguration(cpus: plan.cpus, memory: plan.memory, devicePath: options.devicePath)
         machine.hugePages = plan.hugePages
+        machine.vcpuPins = plan.vcpuPins
         let vm = try VirtualMachine(machine)
         let devices = try vm.installLegacyDevices(console: options.console)
         let tap = try plan.tapName.map { try TapDevice(name: $0) }
@@ -156,6 +157,7 @@ struct VMMBootPlan {
     var cpus: Int
     var memory: ByteCount
     var hugePages: Bool
+    var vcpuPins: [[Int]]
     var kernel: String
     var initrd: String?
     var bootArgs: String
@@ -183,6 +185,10 @@ struct VMMBootPlan {
         cpus = m.vcpuCount
         memory = .mebibytes(UInt64(m.memSizeMib))
         hugePages = m.hugePages == "2M"
+        vcpuPins = c.vcpuPins ?? []
+        if let bad = vcpuPins.first(where: { $0.isEmpty || $0.contains { $0 < 0 || $0 >= 1024 } }) {
+            throw MicroVMError.invalidArgument("x-mvm-vcpu-pins holds \(bad): each vCPU needs host CPUs between 0 and 1023")
+        }
         kernel = boot.kernelImagePath
         initrd = boot.initrdPath
         // The root device is /dev/vda: it goes first, and the kernel is told, as Firecracker does.

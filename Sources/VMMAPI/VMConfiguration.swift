@@ -10,6 +10,9 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var vsock: Vsock?
     public var logger: Logger?
     public var metrics: Metrics?
+    /// vCPU i → the host CPUs its thread may run on (an `mvm` launch plan's placement; not a
+    /// Firecracker field, so only config files carry it, under `x-mvm-vcpu-pins`).
+    public var vcpuPins: [[Int]]?
 
     public init(machineConfig: MachineConfig = MachineConfig(), bootSource: BootSource? = nil, drives: [Drive] = [],
                 networkInterfaces: [NetworkInterface] = [], vsock: Vsock? = nil, logger: Logger? = nil, metrics: Metrics? = nil) {
@@ -19,7 +22,7 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
 
     enum CodingKeys: String, CodingKey {
         case machineConfig = "machine-config", bootSource = "boot-source", drives
-        case networkInterfaces = "network-interfaces", vsock, logger, metrics
+        case networkInterfaces = "network-interfaces", vsock, logger, metrics, vcpuPins = "x-mvm-vcpu-pins"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -31,6 +34,7 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
         vsock = try c.decodeIfPresent(Vsock.self, forKey: .vsock)
         logger = try c.decodeIfPresent(Logger.self, forKey: .logger)
         metrics = try c.decodeIfPresent(Metrics.self, forKey: .metrics)
+        vcpuPins = try c.decodeIfPresent([[Int]].self, forKey: .vcpuPins)
     }
 }
 

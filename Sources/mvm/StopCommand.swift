@@ -43,3 +43,38 @@ enum InstanceLookup {
         throw MicroVMError.notFound("no instance named '\(name)': see `mvm ps` for the instances of every mode")
     }
 }
+
+struct PauseCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause an instance (direct: its vCPUs leave the guest; hosted: QEMU stops).")
+    @OptionGroup var instance: InstanceArguments
+
+    func run() async throws {
+        try await reportingErrors {
+            try await instance.backend().pause(name: instance.name)
+            print("paused \(instance.name)")
+        }
+    }
+}
+
+struct ResumeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume a paused instance.")
+    @OptionGroup var instance: InstanceArguments
+
+    func run() async throws {
+        try await reportingErrors {
+            try await instance.backend().resume(name: instance.name)
+            print("resumed \(instance.name)")
+        }
+    }
+}
+
+struct StatsCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "stats", abstract: "Print an instance's counters (direct: the VMM's exits, devices and state, in Prometheus' text format).")
+    @OptionGroup var instance: InstanceArguments
+
+    func run() async throws {
+        try await reportingErrors {
+            print(try await instance.backend().stats(name: instance.name), terminator: "")
+        }
+    }
+}

@@ -3,6 +3,7 @@ import Testing
 import Host
 import MicroVMCore
 import VMM
+import VMMAPI
 
 /// `mvm-vmm` as a process, driven the way Firecracker's clients drive Firecracker: plain HTTP
 /// over its unix socket, a whole lifecycle of a tiny guest on this host's KVM.
@@ -135,7 +136,7 @@ struct VMMProcessTests {
     }
 }
 
-/// HTTP/1.1 over a unix socket, one request per connection, as curl --unix-socket sends it.
+/// The tests' view of the API: the library's client, with the JSON decoded.
 struct UnixHTTPClient {
     let path: String
 
@@ -157,39 +158,7 @@ struct UnixHTTPClient {
     }
 
     func send(_ method: String, _ target: String, _ body: String? = nil) throws -> Response {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw SystemCallError("socket", errno: errno) }
-        defer { close(fd) }
-        var addr = sockaddr_un()
-        addr.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &addr.sun_path) { p in
-            for (i, b) in path.utf8.prefix(p.count - 1).enumerated() { p[i] = b }
-        }
-        let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
-        guard ok == 0 else { throw SystemCallError("connect", errno: errno) }
-        var request = "\(method) \(target) HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\nConnection: close\r\n"
-        if let body { request += "Content-Type: application/json\r\nContent-Length: \(body.utf8.count)\r\n\r\n\(body)" } else { request += "\r\n" }
-        let bytes = Array(request.utf8)
-        guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else { throw SystemCallError("write", errno: errno) }
-        var reply: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            reply += buf[0..<n]
-            if let r = Self.parse(reply), r.complete { return r.response }
-        }
-        guard let r = Self.parse(reply) else { throw MicroVMError(.backend, "no HTTP response from \(path)") }
-        return r.response
-    }
-
-    static func parse(_ bytes: [UInt8]) -> (response: Response, complete: Bool)? {
-        let text = String(decoding: bytes, as: UTF8.self)
-        guard let split = text.range(of: "\r\n\r\n") else { return nil }
-        let head = text[..<split.lowerBound].split(separator: "\r\n")
-        guard let status = head.first?.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
-        let length = head.first { $0.lowercased().hasPrefix("content-length:") }.flatMap { Int($0.split(separator: ":")[1].trimmingCharacters(in: .whitespaces)) } ?? 0
-        let body = String(text[split.upperBound...])
-        return (Response(status: status, text: body), body.utf8.count >= length)
+        let r = try APIClient(socketPath: path).send(method, target, body: body)
+        return Response(status: r.status, text: r.body)
     }
 }
