@@ -191,8 +191,9 @@ public struct DirectBackend: InstanceBackend {
         guard let report = ConsoleParser.parse(console).report else {
             let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
             let why = outcome.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
-            let code: MicroVMError.Code = Task.isCancelled ? .backend : why.contains("timeout") ? .timeout : .guestError
-            throw MicroVMError(code, "the guest stopped without reporting a result (mvm-vmm exited with status \(outcome.status)\(why.isEmpty ? "" : ": " + why)); last console lines:\n\(tail)")
+            let code: MicroVMError.Code = outcome.timedOut ? .timeout : .guestError
+            let when = outcome.timedOut ? " within \(Int(spec.timeout)) s" : ""
+            throw MicroVMError(code, "the guest stopped without reporting a result\(when) (mvm-vmm exited with status \(outcome.status)\(why.isEmpty ? "" : ": " + why)); last console lines:\n\(tail)")
         }
         return plan.result(status: report.status, output: report.outputText, console: console)
     }

@@ -39,6 +39,8 @@ enum VMMProcess {
 
     struct Outcome {
         var status: Int32
+        /// The run outlived its time and was stopped.
+        var timedOut: Bool
         var stderr: String
         var milestones: [String: Double]
     }
@@ -83,9 +85,10 @@ enum VMMProcess {
             kill(pid, SIGTERM)
             DispatchQueue.global().asyncAfter(deadline: .now() + 10) { if p.isRunning { kill(pid, SIGKILL) } }
         }
+        let timedOut = Atomic<Bool>(false)
         let timer = DispatchSource.makeTimerSource(queue: .global())
         timer.schedule(deadline: .now() + timeout)
-        timer.setEventHandler(handler: stop)
+        timer.setEventHandler { timedOut.store(true, ordering: .relaxed); stop() }
         timer.resume()
         defer { timer.cancel() }
         await withTaskCancellationHandler {
@@ -104,6 +107,6 @@ enum VMMProcess {
         let text = String(decoding: errors.withLock { $0 } + rest, as: UTF8.self)
         let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) } ?? [:]
         let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus
-        return Outcome(status: status, stderr: text, milestones: milestones)
+        return Outcome(status: status, timedOut: timedOut.load(ordering: .relaxed), stderr: text, milestones: milestones)
     }
 }
