@@ -40,7 +40,7 @@ let package = Package(
         .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
         // The machine itself: KVM, guest memory, devices, boot. What `mvm-vmm` links, and nothing else.
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "VMMAPI"], swiftSettings: strict),
-        .target(name: "DirectVMM", dependencies: ["VMM", "VMMAPI", "KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
+        .target(name: "DirectVMM", dependencies: ["VMM", "VMMAPI", "CVhost", "KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
         .target(name: "VMMAPI", swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),

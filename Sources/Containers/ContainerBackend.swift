@@ -250,6 +250,22 @@ public struct ContainerBackend: InstanceBackend {
         }
     }
 
+    /// `runc exec` (or the runtime's, or `docker exec`) in the running container.
+    public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
+        try await offload { [self] in
+            let id = try Self.containerID(name: name)
+            let argv: [String]
+            if case .docker = runtime {
+                argv = ["docker", "exec", id] + command
+            } else {
+                guard let owner = store.readOwner(id) else { throw MicroVMError.notFound("no running container named '\(name)': see mvm ps") }
+                argv = OCIRuntimeDriver(executable: owner.runtime, root: store.runtimeRoot).command(["exec", id] + command)
+            }
+            let r = try ProcessRunner.run(argv, timeout: 3600)
+            return (r.status, r.stdoutText + r.stderrText)
+        }
+    }
+
     public func logs(name: String) async throws -> String {
         let id = try Self.containerID(name: name)
         guard let text = try? String(contentsOfFile: store.log(id), encoding: .utf8) else {

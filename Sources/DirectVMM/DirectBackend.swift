@@ -93,6 +93,8 @@ public struct DirectBackend: InstanceBackend {
         let vmm = options.processPerInstance ? try Self.vmmBinary() : nil
         var claimed = record
         if vmm != nil { claimed.apiSocket = options.paths.instances + "/" + spec.name + "/api.sock" }
+        claimed.vsockCID = spec.vsockCID
+        claimed.vsockShell = spec.vsockCID != nil && spec.vsockShell
         let logPath = options.processPerInstance ? try records.claim(claimed) : record.logPath
         defer { if options.processPerInstance { records.release(spec.name, owner: claimed) } }
         try Paths.ensureDirectory((logPath as NSString).deletingLastPathComponent)
@@ -171,7 +173,10 @@ public struct DirectBackend: InstanceBackend {
     func executeInVMMProcess(_ plan: LaunchPlan, kernel: String, binary: String, record: DirectInstanceRecord,
                              records: InstanceRecords, logPath: String) async throws -> RunResult {
         let spec = plan.spec
+        // Made persistent and let go of: a tap takes one process at a time, and the VMM attaches
+        // to it by name.
         let link = try spec.net.map { try TapLink.open($0, owner: spec.name, persistent: true) }
+        link?.tap.close()
         defer { link?.tap.remove() }
         FileManager.default.createFile(atPath: logPath, contents: nil)
         let config = VMMProcess.configuration(plan, kernel: kernel, tap: link?.tap.name)
@@ -219,7 +224,8 @@ public struct DirectBackend: InstanceBackend {
 
     public func list() async throws -> [InstanceInfo] {
         InstanceRecords(directory: options.paths.instances + "/direct").live().map { r in
-            InstanceInfo(name: r.name, mode: .direct, state: "running", pid: r.pid, cpus: r.cpus, memory: r.memory,
+            // A run that has not started its VMM yet is starting.
+            InstanceInfo(name: r.name, mode: .direct, state: r.apiSocket != nil && r.vmmPID == nil ? "starting" : "running", pid: r.vmmPID ?? r.pid, cpus: r.cpus, memory: r.memory,
                          startedAt: r.startedAt, logPath: r.logPath)
         }
     }
@@ -270,6 +276,26 @@ public struct DirectBackend: InstanceBackend {
     public func pause(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Paused"}"#) }
     public func resume(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Resumed"}"#) }
     public func stats(name: String) async throws -> String { try call(name, "GET", "/metrics") }
+
+    /// Through the guest init's vsock shell (`--vsock CID --vsock-shell`), over the host's
+    /// vhost-vsock: the command, then its status on a line of its own.
+    public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
+        let records = InstanceRecords(directory: options.paths.instances + "/direct")
+        guard let r = records.live().first(where: { $0.name == name }) else {
+            throw MicroVMError.notFound("no running direct instance named '\(name)': see mvm ps")
+        }
+        guard let cid = r.vsockCID, r.vsockShell == true else {
+            throw MicroVMError.unsupported("direct instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
+        }
+        let marker = "@@mvm-exec-status="
+        let script = command.map(GuestShell.quote).joined(separator: " ") + " 2>&1; echo \"\(marker)$?\"; exit\n"
+        let reply = try await Task.detached { try VsockShell.run(cid: cid, port: GuestProtocol.vsockShellPort, input: script, timeout: 3600) }.value
+        guard let at = reply.range(of: marker, options: .backwards),
+              let status = Int32(reply[at.upperBound...].prefix { $0.isNumber }) else {
+            throw MicroVMError(.guestError, "the guest's shell on vsock \(cid):\(GuestProtocol.vsockShellPort) gave no status: \(reply.suffix(300))")
+        }
+        return (status, String(reply[..<at.lowerBound]))
+    }
 
     /// vCPU threads block; so does waiting for them. Keep that off Swift's cooperative threads,
     /// and turn task cancellation into a stop request.

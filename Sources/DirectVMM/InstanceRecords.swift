@@ -16,6 +16,9 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     public var vmmPID: Int32?
     /// Its API socket (Firecracker-compatible): `mvm pause`, `resume` and `stats` talk to it.
     public var apiSocket: String?
+    /// The guest's vsock CID, and whether its init serves the shell `mvm exec` uses.
+    public var vsockCID: UInt32?
+    public var vsockShell: Bool?
 }
 
 /// One JSON file per running direct instance. A record whose process is gone is stale and is

@@ -192,6 +192,8 @@ public protocol InstanceBackend: Sendable {
     func resume(name: String) async throws
     /// The instance's counters as text (Prometheus' format where the backend keeps them).
     func stats(name: String) async throws -> String
+    /// Runs a command inside a running instance; its exit status and output (stdout and stderr).
+    func exec(name: String, command: [String]) async throws -> (status: Int32, output: String)
 }
 
 extension InstanceBackend {
@@ -206,4 +208,7 @@ extension InstanceBackend {
     public func pause(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused by mvm: pause and resume work for direct and hosted instances") }
     public func resume(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused or resumed by mvm: pause and resume work for direct and hosted instances") }
     public func stats(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) instances keep no counters mvm can read: mvm stats works for direct instances") }
+    public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
+        throw MicroVMError.unsupported("\(mode) instances have no agent to run commands in: mvm exec works for containers and for direct VMs started with --vsock CID --vsock-shell")
+    }
 }

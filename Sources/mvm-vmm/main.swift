@@ -67,14 +67,30 @@ func fail(_ message: String, status: Int32) -> Never {
     exit(status)
 }
 
-/// PR_SET_PDEATHSIG through a fixed-argument view of prctl (variadic in C).
+/// Ends this process when the process that started it ends. PR_SET_PDEATHSIG follows the
+/// parent *thread*, and a pool thread of the parent may end long before the parent does, so the
+/// parent process is watched instead: a pidfd of it becomes readable when it exits (polling
+/// getppid where pidfds are missing).
 func dieWithParent() {
     let parent = getppid()
-    if let sym = dlsym(nil, "prctl") {
-        let prctl = unsafeBitCast(sym, to: (@convention(c) (Int32, UInt, UInt, UInt, UInt) -> Int32).self)
-        _ = prctl(1 /* PR_SET_PDEATHSIG */, UInt(SIGKILL), 0, 0, 0)
+    guard parent > 1 else { exit(1) }
+    // syscall(2) is variadic in C: a fixed-argument view of it.
+    let pidfd: Int32 = dlsym(nil, "syscall").map { sym in
+        let call = unsafeBitCast(sym, to: (@convention(c) (Int, Int32, UInt32) -> Int).self)
+        return Int32(truncatingIfNeeded: call(434 /* SYS_pidfd_open */, parent, 0))
+    } ?? -1
+    let watcher = Thread {
+        if pidfd >= 0 {
+            var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+            while poll(&p, 1, -1) < 0 && errno == EINTR {}
+        } else {
+            while getppid() == parent { usleep(200_000) }
+        }
+        FileHandle.standardError.write(Data("mvm-vmm: the process that started it (pid \(parent)) ended; stopping\n".utf8))
+        _exit(137)
     }
-    // The parent may have ended before the signal was armed.
+    watcher.name = "parent-watch"
+    watcher.start()
     if getppid() != parent { exit(1) }
 }
 

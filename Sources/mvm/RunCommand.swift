@@ -53,6 +53,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Instance name (default: generated).") var name: String?
     @Option(help: "Seconds before the instance is killed.") var timeout: Double = 300
     @Flag(help: "Print the run's status, output and phase timings (seconds from the command's start, CLOCK_MONOTONIC) as JSON instead of the command's output.") var json = false
+    @Flag(name: [.customShort("d"), .long], help: "Detach: return once the instance is up, leaving it to run (mvm ps, logs -f, pause, stop). Its status and output go to the file printed.") var detach = false
     @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []
 
     func run() async throws {
@@ -71,6 +72,11 @@ struct RunCommand: AsyncParsableCommand {
             spec.vsockShell = vsockShell
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
                                             runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
+            if detach {
+                try SpecValidator.validate(spec, mode: backend.mode)
+                try backend.checkHost()
+                return try await Detached.start(name: spec.name, backend: backend, json: json)
+            }
             // The ledger is opened at the grant, after validation: bad input allocates nothing.
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg, warmup: warmup))
             let checked = spec
@@ -124,5 +130,55 @@ enum SignalStop {
             throw ExitCode(128 + sig)
         }
         return try outcome.get()
+    }
+}
+
+
+/// `mvm run -d`: the same `mvm run`, attached to nothing, in a session of its own (so closing the
+/// terminal does not stop it); it holds the grant, the cgroup and the link and cleans them up
+/// when the instance ends, exactly as an attached run does. This process returns once the
+/// backend lists the instance, or reports why it ended first.
+enum Detached {
+    static func start(name: String, backend: any InstanceBackend, json: Bool) async throws -> Int32 {
+        let dir = Paths.default.instances + "/detached"
+        try Paths.ensureDirectory(dir)
+        let out = dir + "/" + name + ".out"
+        var args = Array(CommandLine.arguments.dropFirst()).filter { $0 != "-d" && $0 != "--detach" }
+        if !args.contains("--name") && !args.contains(where: { $0.hasPrefix("--name=") }) {
+            // The generated name, so the run is found by it; before the command's `--`.
+            let at = args.firstIndex(of: "--") ?? args.endIndex
+            args.insert(contentsOf: ["--name", name], at: at)
+        }
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/usr/bin/setsid")
+        // -w: setsid waits for the run, so its status tells this process if it ended early.
+        p.arguments = ["-w", exe] + args
+        p.standardInput = FileHandle.nullDevice
+        let fd = open(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw MicroVMError(.permissionDenied, "cannot create \(out): \(String(cString: strerror(errno)))") }
+        let handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
+        p.standardOutput = handle
+        p.standardError = handle
+        try p.run()
+        let deadline = Monotonic.seconds() + 300
+        while Monotonic.seconds() < deadline {
+            if let list = try? await backend.list(), let up = list.first(where: { $0.name == name && $0.state == "running" }) {
+                let pid = up.pid.map(String.init) ?? "null"
+                if json { print(#"{"name": "\#(name)", "pid": \#(pid), "output": "\#(out)"}"#) } else {
+                    print(name)
+                    FileHandleOutput.stderr("mvm: \(name) runs detached (pid \(pid)); its status and output go to \(out)\n")
+                }
+                return 0
+            }
+            if !p.isRunning {
+                let text = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
+                FileHandleOutput.stderr(text)
+                FileHandleOutput.stderr("mvm: \(name) ended before it was up (status \(p.terminationStatus))\n")
+                return p.terminationStatus == 0 ? 1 : p.terminationStatus
+            }
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        throw MicroVMError(.timeout, "\(name) was not up within 300 s; it keeps starting in the background (pid \(p.processIdentifier)): see \(out) and mvm ps")
     }
 }

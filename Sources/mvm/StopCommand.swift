@@ -26,10 +26,22 @@ struct StopCommand: AsyncParsableCommand {
 struct LogsCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "logs", abstract: "Print the console (VMs) or output (containers) of an instance.")
     @OptionGroup var instance: InstanceArguments
+    @Flag(name: .shortAndLong, help: "Follow: keep printing what arrives until the instance ends.") var follow = false
 
     func run() async throws {
         try await reportingErrors {
-            FileHandle.standardOutput.write(Data(try await instance.backend().logs(name: instance.name).utf8))
+            let backend = try await instance.backend()
+            let first = Array(try await backend.logs(name: instance.name).utf8)
+            FileHandle.standardOutput.write(Data(first))
+            var shown = first.count
+            guard follow else { return }
+            while true {
+                let running = (try? await backend.list())?.contains { $0.name == instance.name } ?? false
+                let text = Array((try? await backend.logs(name: instance.name))?.utf8 ?? "".utf8)
+                if text.count > shown { FileHandle.standardOutput.write(Data(text[shown...])); shown = text.count }
+                if !running { return }
+                try await Task.sleep(for: .milliseconds(200))
+            }
         }
     }
 }
@@ -76,5 +88,24 @@ struct StatsCommand: AsyncParsableCommand {
         try await reportingErrors {
             print(try await instance.backend().stats(name: instance.name), terminator: "")
         }
+    }
+}
+
+struct ExecCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "exec",
+        abstract: "Run a command in a running instance and exit with its status (containers; direct VMs started with --vsock CID --vsock-shell).",
+        discussion: "Example: mvm exec web-1 -- cat /proc/loadavg")
+    @OptionGroup var instance: InstanceArguments
+    @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []
+
+    func run() async throws {
+        let status: Int32 = try await reportingErrors {
+            guard !command.isEmpty else { throw MicroVMError.invalidArgument("give the command after --: mvm exec \(instance.name) -- CMD") }
+            let r = try await instance.backend().exec(name: instance.name, command: command)
+            FileHandle.standardOutput.write(Data(r.output.utf8))
+            return r.status
+        }
+        if status != 0 { throw ExitCode(status) }
     }
 }

@@ -116,6 +116,35 @@ struct VMMProcessTests {
         #expect(vmm.terminationReason == .exit && vmm.terminationStatus == 0)
     }
 
+    /// `--attached` follows the parent process, not the thread that started it: the VMM outlives
+    /// the starting thread's end, and ends when the process does.
+    @Test(.enabled(if: HostProfile.current().kvm.verdict != .absent, "no /dev/kvm"))
+    func anAttachedVMMEndsWithItsParentProcess() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let kernel = dir + "/tiny.elf", config = dir + "/vm.json", pidFile = dir + "/vmm.pid"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        try Data(#"{"boot-source": {"kernel_image_path": "\#(kernel)"}}"#.utf8).write(to: URL(fileURLWithPath: config))
+        let vmm = try #require(Self.binary)
+        // The parent: a shell that starts the VMM from a subshell (that thread of work ends at
+        // once), lives 2 s, then exits.
+        let parent = Process()
+        parent.executableURL = URL(fileURLWithPath: "/bin/sh")
+        parent.arguments = ["-c", "( '\(vmm)' --config-file '\(config)' --console-log /dev/null --attached & echo $! > '\(pidFile)' ); sleep 2"]
+        parent.environment = ProcessInfo.processInfo.environment.merging(["MVM_DIRECT_ALLOW_EMULATED": "1"]) { $1 }
+        try parent.run()
+        let deadline = Date().addingTimeInterval(5)
+        while (try? String(contentsOfFile: pidFile, encoding: .utf8)) == nil, Date() < deadline { usleep(20_000) }
+        let pid = try #require((try? String(contentsOfFile: pidFile, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) })
+        usleep(1_000_000)
+        #expect(kill(pid, 0) == 0, "the VMM runs while its parent does")
+        parent.waitUntilExit()
+        let gone = Date().addingTimeInterval(5)
+        while kill(pid, 0) == 0, Date() < gone { usleep(20_000) }
+        #expect(kill(pid, 0) != 0, "the VMM must end once its parent has")
+        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+    }
+
     @Test func badArgumentsAndAnEmulatedKVMAreRefusedWithAReason() throws {
         let bad = try launch(["--bogus"])
         #expect(waitForExit(bad, seconds: 10) && bad.terminationStatus == 2)

@@ -160,6 +160,7 @@ struct RigKVMTests {
         let s = try step("vsock")
         #expect(s.output.contains("vsock-ok"), "no answer from the guest's vsock shell: \(s.output.suffix(2000))")
         #expect(s.output.contains("vm-status=9"), "ending the guest's sleep over vsock must end the run with its status: \(s.output.suffix(2000))")
+        #expect(s.output.contains("exec-ran-in-") && s.output.contains("exec-status=5"), "mvm exec through the guest's vsock agent: \(s.output.suffix(2000))")
     }
 
     @Test func directInstancesAreListedEnforcedStoppedAndCleanedUp() throws {
@@ -171,6 +172,15 @@ struct RigKVMTests {
         #expect(s.output.contains("stop=0"), "\(s.output)")
         #expect(s.output.contains("run-status=143"), "\(s.output)")
         #expect(s.output.contains("cgroup-gone") && s.output.contains("grants-left=0"), "\(s.output)")
+    }
+
+    @Test func vmmIsDrivenThroughALinuxBootByHTTP() throws {
+        let s = try step("vmm-api")
+        for ok in ["machine-config=HTTP/1.1 204", "boot-source=HTTP/1.1 204", "drive=HTTP/1.1 204", "start=HTTP/1.1 204",
+                   "guest-up=1", "state-running=1", "pause=HTTP/1.1 204", "state-paused=1", "resume=HTTP/1.1 204", "cad=HTTP/1.1 204"] {
+            #expect(s.output.contains(ok), "\(ok) expected: \(s.output.suffix(2000))")
+        }
+        #expect(!s.output.contains("cad-timeout") && s.output.contains("vmm-status=0"), "Ctrl-Alt-Del must reboot Linux, which ends the VMM: \(s.output.suffix(2000))")
     }
 
     @Test func directLinuxBootVmlinux() throws {
@@ -200,7 +210,44 @@ enum RigKVMSession {
          ("devices", [mvm, "run", "--mode", "direct", "--disk", scratchDisk, "--net", "tap", "--", "sh", "-c", devicesScript]),
          ("taps-left", ["sh", "-c", "ip -o link show | grep -c ' mvt' || true"]),
          ("vsock", ["sh", "-c", vsockScript(mvm: mvm)]),
-         ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)])]
+         ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)]),
+         ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
+    }
+
+    /// `mvm-vmm` driven through a whole Linux boot by plain HTTP over its socket, as Firecracker's
+    /// clients drive Firecracker: machine-config, boot-source, a drive, InstanceStart, GET /,
+    /// Paused, Resumed, then SendCtrlAltDel, which reboots Linux through the i8042 and ends the VMM.
+    static func vmmAPIScript(mvm: String, image: String) -> String {
+        let vmm = RigRunner.shellQuote((mvm as NSString).deletingLastPathComponent + "/mvm-vmm")
+        let args = KernelCommandLine.build(command: ["sh", "-c", "echo api-guest-up; sleep 600"],
+                                           backend: "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off", rootfsReadOnly: true)
+        let boot = #"{"kernel_image_path": "\#(image)/vmlinuz", "initrd_path": "\#(image)/initrd.img", "boot_args": "\#(args)"}"#
+        let drive = #"{"drive_id": "rootfs", "path_on_host": "\#(image)/rootfs.ext4", "is_root_device": false, "is_read_only": true}"#
+        return """
+        sock=/tmp/vmm-api.sock; log=/tmp/vmm-api.console
+        \(vmm) --api-sock $sock --id rigapi --console-log $log >/tmp/vmm-api.out 2>&1 &
+        v=$!
+        api() {
+            printf '%s %s HTTP/1.1\\r\\nHost: localhost\\r\\nContent-Type: application/json\\r\\nContent-Length: %s\\r\\nConnection: close\\r\\n\\r\\n%s' \\
+                "$1" "$2" "$(printf %s "$3" | wc -c)" "$3" | socat -t 10 - UNIX-CONNECT:$sock | tr -d '\\r'
+        }
+        for i in $(seq 1 100); do [ -S $sock ] && break; sleep 0.1; done
+        echo "machine-config=$(api PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 512}' | head -1)"
+        echo "boot-source=$(api PUT /boot-source \(RigRunner.shellQuote(boot)) | head -1)"
+        echo "drive=$(api PUT /drives/rootfs \(RigRunner.shellQuote(drive)) | head -1)"
+        echo "start=$(api PUT /actions '{"action_type": "InstanceStart"}' | head -1)"
+        for i in $(seq 1 200); do grep -q api-guest-up $log 2>/dev/null && break; sleep 1; done
+        echo "guest-up=$(grep -c api-guest-up $log)"
+        echo "state-running=$(api GET / '' | grep -c '"Running"')"
+        echo "pause=$(api PATCH /vm '{"state": "Paused"}' | head -1)"
+        echo "state-paused=$(api GET / '' | grep -c '"Paused"')"
+        echo "resume=$(api PATCH /vm '{"state": "Resumed"}' | head -1)"
+        echo "cad=$(api PUT /actions '{"action_type": "SendCtrlAltDel"}' | head -1)"
+        for i in $(seq 1 90); do kill -0 $v 2>/dev/null || break; sleep 1; done
+        if kill -0 $v 2>/dev/null; then echo cad-timeout; kill $v; fi
+        wait $v; echo "vmm-status=$?"
+        tail -5 $log; cat /tmp/vmm-api.out
+        """
     }
 
     /// A direct VM seen from its host while it runs: `mvm ps` lists it, its cgroup holds the
@@ -230,16 +277,19 @@ enum RigKVMSession {
     static func vsockScript(mvm: String) -> String {
         """
         modprobe vhost_vsock 2>/dev/null
-        \(RigRunner.shellQuote(mvm)) run --mode direct --vsock 42 --vsock-shell --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
+        \(RigRunner.shellQuote(mvm)) run --mode direct --name rigvs --vsock 42 --vsock-shell --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
         vm=$!
         out=
         for i in $(seq 1 200); do
-            out=$(printf 'uname -r; echo vsock-ok; killall sleep\n' \
+            out=$(printf 'uname -r; echo vsock-ok\n' \
                   | socat -t 10 - VSOCK-CONNECT:42:1024 2>/dev/null)
             case "$out" in *vsock-ok*) break ;; esac
             sleep 1
         done
         printf '%s\n' "$out"
+        \(RigRunner.shellQuote(mvm)) exec rigvs -- sh -c 'echo exec-ran-in-$(hostname); exit 5'
+        echo "exec-status=$?"
+        printf 'killall sleep\n' | socat -t 10 - VSOCK-CONNECT:42:1024 >/dev/null 2>&1
         wait $vm
         echo "vm-status=$?"
         tail -5 /tmp/vsock-run.out

@@ -1,0 +1,46 @@
+import Foundation
+import Testing
+import MicroVM
+
+/// A direct instance's whole lifecycle through the command line, as a user drives it: `run -d`
+/// returns once it is up, then `ps`, `pause`, `stats`, `resume`, `logs` and `stop`. The guest is
+/// a tiny PVH image (this host's KVM may be emulated; it cannot boot Linux).
+@Suite("Instance lifecycle from the command line", .serialized, .timeLimit(.minutes(3)))
+struct LifecycleCLITests {
+    @Test(.enabled(if: HostProfile.current().kvm.verdict != .absent, "no /dev/kvm"))
+    func aDetachedDirectInstanceIsPausedResumedCountedAndStopped() throws {
+        let dir = "/tmp/mvm-lifecycle-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let kernel = dir + "/tiny.elf"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        let env = ["MVM_STATE_DIR": dir + "/state", "MVM_DIRECT_ALLOW_EMULATED": "1"]
+        let name = "life-\(UUID().uuidString.prefix(6).lowercased())"
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 60) }
+
+        let run = try mvm("run", "-d", "--mode", "direct", "--kernel", kernel, "--no-rootfs", "--name", name, "--timeout", "120", "--", "true")
+        #expect(run.status == 0 && run.stdoutText == name + "\n", "\(run.stdoutText) \(run.stderrText)")
+        defer { _ = try? mvm("stop", name) }
+        #expect(try mvm("ps").stdoutText.contains(name))
+
+        #expect(try mvm("pause", name).status == 0)
+        let paused = try mvm("stats", name)
+        #expect(paused.status == 0 && paused.stdoutText.contains("mvm_vmm_state 2"), "\(paused.stdoutText)\(paused.stderrText)")
+        let again = try mvm("pause", name)
+        #expect(again.status == 2 && again.stderrText.contains("already paused"), "\(again.stderrText)")
+        #expect(try mvm("resume", name).status == 0)
+        #expect(try mvm("stats", name).stdoutText.contains("mvm_vmm_state 1"))
+        #expect(try mvm("logs", name).stdoutText.hasPrefix("K"), "the tiny guest's first byte on COM1")
+
+        let stop = try mvm("stop", name)
+        #expect(stop.status == 0, "\(stop.stderrText)")
+        #expect(!(try mvm("ps").stdoutText.contains(name)))
+        let left = try mvm("pause", name)
+        #expect(left.status == 2 && left.stderrText.contains("no instance named"), "\(left.stderrText)")
+    }
+
+    @Test func pauseOfAContainerSaysWhatCanBePaused() throws {
+        let out = try MVM.run(["pause", "no-such-instance"])
+        #expect(out.status == 2 && out.stderrText.contains("no instance named 'no-such-instance'"), "\(out.stderrText)")
+    }
+}
