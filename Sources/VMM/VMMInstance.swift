@@ -142,12 +142,33 @@ public final class VMMInstance: VMMController, Sendable {
             m.gauge("mvm_vmm_vcpus", "vCPUs of the machine", Double(r.vm.vcpus.count))
             m.gauge("mvm_vmm_memory_bytes", "guest RAM", Double(r.vm.configuration.memory.bytes))
             m.gauge("mvm_vmm_uptime_seconds", "since InstanceStart", Monotonic.seconds() - r.startedAt)
+            m.counter("mvm_vmm_vcpu_run_seconds_total", "time the vCPUs spent in KVM_RUN", [([:], Double(r.vm.guestNanoseconds.load(ordering: .relaxed)) / 1e9)])
             m.counter("mvm_vmm_exits_total", "exits from the guest to the VMM, by kind", r.vm.exitCounts.map { (["kind": $0.kind], Double($0.count)) })
             m.gauge("mvm_vmm_ioeventfds", "virtqueue notify registers KVM signals without an exit", Double(r.vm.ioeventfdsRegistered.load(ordering: .relaxed)))
             m.gauge("mvm_vmm_irqfds", "device interrupt lines KVM injects from an eventfd", Double(r.vm.irqfdsRegistered.load(ordering: .relaxed)))
             m.counter("mvm_vmm_i8042_resets_total", "reset pulses from the guest", [([:], Double(r.devices.i8042.resetCount))])
+            let devices = r.attachments.map { a -> (labels: [String: String], t: VirtioMMIOTransport) in
+                (["device": VMMInstance.deviceName(a.transport.device.deviceType), "irq": String(a.irq)], a.transport)
+            }
+            m.counter("mvm_vmm_virtio_requests_total", "descriptor chains a device served", devices.map { ($0.labels, Double($0.t.requestsServed.load(ordering: .relaxed))) })
+            m.counter("mvm_vmm_virtio_bytes_to_guest_total", "bytes a device wrote into guest buffers", devices.map { ($0.labels, Double($0.t.bytesToGuest.load(ordering: .relaxed))) })
+            m.counter("mvm_vmm_virtio_notifications_total", "queue kicks from the driver", devices.map { ($0.labels, Double($0.t.notifications.load(ordering: .relaxed))) })
+            m.counter("mvm_vmm_virtio_interrupts_total", "used-buffer and config interrupts raised", devices.map { ($0.labels, Double($0.t.interruptsRaised.load(ordering: .relaxed))) })
         }
         return m.text
+    }
+}
+
+extension VMMInstance {
+    /// Virtio device type numbers by name (virtio 1.2, 5).
+    static func deviceName(_ type: UInt32) -> String {
+        switch type {
+        case 1: "net"
+        case 2: "block"
+        case 4: "rng"
+        case 19: "vsock"
+        default: "type\(type)"
+        }
     }
 }
 

@@ -72,6 +72,8 @@ public final class VirtualMachine: @unchecked Sendable {
     private let parking = NSCondition()
     /// Exits to the VMM by kind, for metrics (`exitCounts`).
     let exitCounters = ExitCounters()
+    /// Time all vCPUs spent inside KVM_RUN (running the guest, or halted in the kernel).
+    public let guestNanoseconds = Atomic<UInt64>(0)
     private let firstExitBits = Atomic<UInt64>(0)
     private let firstEntryBits = Atomic<UInt64>(0)
     /// CLOCK_MONOTONIC seconds when vCPU 0 first entered the guest (nil before).
@@ -303,12 +305,14 @@ public final class VirtualMachine: @unchecked Sendable {
                 continue
             }
             let exit: VCPUExit
+            let entered = DispatchTime.now().uptimeNanoseconds
             do {
                 exit = try vcpu.run()
             } catch {
                 requestStop(.error("vCPU \(index): \(error)"))
                 break
             }
+            guestNanoseconds.add(DispatchTime.now().uptimeNanoseconds &- entered, ordering: .relaxed)
             exitCounters.count(exit)
             if index == 0 && firstExitBits.load(ordering: .relaxed) == 0 {
                 firstExitBits.store(Monotonic.seconds().bitPattern, ordering: .releasing)

@@ -219,8 +219,10 @@ enum RigKVMSession {
     /// Paused, Resumed, then SendCtrlAltDel, which reboots Linux through the i8042 and ends the VMM.
     static func vmmAPIScript(mvm: String, image: String) -> String {
         let vmm = RigRunner.shellQuote((mvm as NSString).deletingLastPathComponent + "/mvm-vmm")
-        let args = KernelCommandLine.build(command: ["sh", "-c", "echo api-guest-up; sleep 600"],
-                                           backend: "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off", rootfsReadOnly: true)
+        // The keyboard's IRQ 1 comes from the DSDT's PS2K device through PNP (no i8042.nopnp).
+        let report = "echo api-guest-up >/dev/ttyS0; grep -E 'i8042|serio' /proc/interrupts >/dev/ttyS0; grep -h Name= /proc/bus/input/devices >/dev/ttyS0; sleep 600"
+        let args = KernelCommandLine.build(command: ["sh", "-c", report],
+                                           backend: "i8042.noaux i8042.nomux i8042.dumbkbd pci=off", rootfsReadOnly: true)
         let boot = #"{"kernel_image_path": "\#(image)/vmlinuz", "initrd_path": "\#(image)/initrd.img", "boot_args": "\#(args)"}"#
         let drive = #"{"drive_id": "rootfs", "path_on_host": "\#(image)/rootfs.ext4", "is_root_device": false, "is_read_only": true}"#
         return """
@@ -246,7 +248,7 @@ enum RigKVMSession {
         for i in $(seq 1 90); do kill -0 $v 2>/dev/null || break; sleep 1; done
         if kill -0 $v 2>/dev/null; then echo cad-timeout; kill $v; fi
         wait $v; echo "vmm-status=$?"
-        tail -5 $log; cat /tmp/vmm-api.out
+        grep -v '^@@' $log | tail -8; cat /tmp/vmm-api.out
         """
     }
 
@@ -352,7 +354,10 @@ enum RigKVMSession {
         var o = RigGate.options(timeout: 1500)
         o.memoryMiB = 3072
         let started = Date()
-        let r = try KVMTestRunner.run(command: ["sh", "-c", script(steps(mvm: try MvmBinary.find(), vmlinux: image.vmlinux))],
+        // MVM_RIG_STEPS=a,b runs only those steps (to iterate on one; the others then fail as not run).
+        let only = ProcessInfo.processInfo.environment["MVM_RIG_STEPS"].map { Set($0.split(separator: ",").map(String.init)) }
+        let chosen = steps(mvm: try MvmBinary.find(), vmlinux: image.vmlinux).filter { only?.contains($0.0) ?? true }
+        let r = try KVMTestRunner.run(command: ["sh", "-c", script(chosen)],
                                       options: o, streamOutput: { FileHandle.standardOutput.write($0) })
         rawOutput = r.outputText
         print("rig KVM session: rig boot \(r.bootSeconds) s, wall \(Date().timeIntervalSince(started)) s, status \(r.status)")

@@ -123,6 +123,10 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     public let ignoredAccesses = Atomic<Int>(0)
     public let requestsServed = Atomic<Int>(0)
     public let interruptsRaised = Atomic<Int>(0)
+    /// Bytes the device wrote into the guest's buffers (reads, received frames, entropy).
+    public let bytesToGuest = Atomic<Int>(0)
+    /// Kicks the driver gave (notify writes that reached the VMM, or ioeventfd counts drained).
+    public let notifications = Atomic<Int>(0)
     /// QueueNotify writes that reached the transport as MMIO exits (none once the vmm has
     /// registered the notify eventfds with KVM_IOEVENTFD).
     public let notifyExits = Atomic<Int>(0)
@@ -325,6 +329,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             var count: UInt64 = 0
             // Drain the kick; the ring is looked at anyway.
             let kicked = Foundation.read(notifyFDs[qi], &count, 8) == 8
+            if kicked { notifications.add(Int(truncatingIfNeeded: count), ordering: .relaxed) }
             if driven.contains(qi) { drivenKicked = drivenKicked || kicked } else { served += processQueue(qi) }
         }
         if !driven.isEmpty, sourceReady || drivenKicked { served += pumpDevice(driven) }
@@ -395,7 +400,9 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
                     } catch {
                         throw VirtqueueError.memory("\(error)")
                     }
-                    try s.queues[qi].addUsed(head: chain.head, length: min(written, UInt32(clamping: chain.writableLength)), memory: memory)
+                    let used = min(written, UInt32(clamping: chain.writableLength))
+                    try s.queues[qi].addUsed(head: chain.head, length: used, memory: memory)
+                    bytesToGuest.add(Int(used), ordering: .relaxed)
                     served += 1
                 }
                 more = served == Self.batch
