@@ -115,10 +115,11 @@ public final class I8042: BusDevice {
     /// Types Ctrl-Alt-Del on the keyboard: Linux reboots (or signals its init), and a reboot
     /// through this controller's reset line ends the VM. The bytes interrupt on IRQ 1.
     public func pressCtrlAltDel() {
+        // Interrupts even when a byte was already waiting: an edge for a byte the driver never
+        // read is long gone, and without a new one the keys would wait behind it forever.
         let irq = state.withLock { s -> Bool in
-            let hadData = !s.buffer.isEmpty
             for b in Self.ctrlAltDel { s.respond(b) }
-            return !hadData && s.config & 0x01 != 0
+            return s.config & 0x01 != 0
         }
         if irq { keyboardInterrupt?.trigger() }
     }

@@ -212,6 +212,31 @@ struct I8042Tests {
         return (bus, dev, r)
     }
 
+    @Test("Ctrl-Alt-Del: the scancodes in order on IRQ 1, an edge per byte, even behind a stale byte")
+    func ctrlAltDel() throws {
+        let line = CountingLine()
+        let dev = I8042(keyboardInterrupt: line) {}
+        let bus = IOBus()
+        try bus.insert(dev, at: 0x60, length: I8042.length)
+        // A byte the driver never read (a self-test answer) is waiting: the keys still interrupt.
+        bus.write(address: 0x64, bytes: [0xaa])
+        let before = line.count
+        dev.pressCtrlAltDel()
+        #expect(line.count == before + 1)
+        #expect(bus.read(address: 0x60, count: 1)[0] == 0x55)
+        var codes: [UInt8] = []
+        while bus.read(address: 0x64, count: 1)[0] & 0x01 != 0 { codes.append(bus.read(address: 0x60, count: 1)[0]) }
+        #expect(codes == I8042.ctrlAltDel)
+        // One more edge for each byte left after a read.
+        #expect(line.count == before + 1 + I8042.ctrlAltDel.count)
+        // With the keyboard interrupt off in the config byte, the keys wait silently.
+        bus.write(address: 0x64, bytes: [0x60])
+        bus.write(address: 0x60, bytes: [0x44])
+        let quiet = line.count
+        dev.pressCtrlAltDel()
+        #expect(line.count == quiet && bus.read(address: 0x60, count: 1)[0] == 0x1d)
+    }
+
     @Test("0xFE on port 0x64 resets (Linux reboot=k), once per command")
     func reset() throws {
         let (bus, dev, r) = try rig()

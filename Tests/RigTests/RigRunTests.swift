@@ -220,7 +220,8 @@ enum RigKVMSession {
     static func vmmAPIScript(mvm: String, image: String) -> String {
         let vmm = RigRunner.shellQuote((mvm as NSString).deletingLastPathComponent + "/mvm-vmm")
         // The keyboard's IRQ 1 comes from the DSDT's PS2K device through PNP (no i8042.nopnp).
-        let report = "echo api-guest-up >/dev/ttyS0; grep -E 'i8042|serio' /proc/interrupts >/dev/ttyS0; grep -h Name= /proc/bus/input/devices >/dev/ttyS0; sleep 600"
+        let report = "echo api-guest-up >/dev/ttyS0; grep -h Name= /proc/bus/input/devices >/dev/ttyS0; dmesg | grep -i -E 'i8042|atkbd|serio' >/dev/ttyS0; "
+            + "cat /proc/sys/kernel/ctrl-alt-del >/dev/ttyS0; while :; do grep i8042 /proc/interrupts >/dev/ttyS0; sleep 3; done"
         let args = KernelCommandLine.build(command: ["sh", "-c", report],
                                            backend: "i8042.noaux i8042.nomux i8042.dumbkbd pci=off", rootfsReadOnly: true)
         let boot = #"{"kernel_image_path": "\#(image)/vmlinuz", "initrd_path": "\#(image)/initrd.img", "boot_args": "\#(args)"}"#
@@ -244,11 +245,15 @@ enum RigKVMSession {
         echo "pause=$(api PATCH /vm '{"state": "Paused"}' | head -1)"
         echo "state-paused=$(api GET / '' | grep -c '"Paused"')"
         echo "resume=$(api PATCH /vm '{"state": "Resumed"}' | head -1)"
-        echo "cad=$(api PUT /actions '{"action_type": "SendCtrlAltDel"}' | head -1)"
-        for i in $(seq 1 90); do kill -0 $v 2>/dev/null || break; sleep 1; done
+        # Up to three presses, 20 s apart, as a client would retry: one was seen to go unanswered.
+        for press in 1 2 3; do
+            echo "cad=$(api PUT /actions '{"action_type": "SendCtrlAltDel"}' | head -1)"
+            for i in $(seq 1 20); do kill -0 $v 2>/dev/null || break; sleep 1; done
+            kill -0 $v 2>/dev/null || { echo "cad-presses=$press"; break; }
+        done
         if kill -0 $v 2>/dev/null; then echo cad-timeout; kill $v; fi
         wait $v; echo "vmm-status=$?"
-        grep -v '^@@' $log | tail -8; cat /tmp/vmm-api.out
+        grep -v '^@@' $log | tail -30; cat /tmp/vmm-api.out
         """
     }
 
