@@ -272,16 +272,3 @@ struct APIServerTests {
         }
     }
 }
-
-/// Not a check: serves a router over a fake VMM at `MVM_API_SERVE_SOCKET` for
-/// `MVM_API_SERVE_SECONDS` seconds, for driving the API with outside tools (curl, API fuzzers
-/// reading docs/vmm-api.yaml). Skipped unless the variable is set.
-@Test(.enabled(if: ProcessInfo.processInfo.environment["MVM_API_SERVE_SOCKET"] != nil))
-func serveForOutsideTools() throws {
-    let env = ProcessInfo.processInfo.environment
-    let server = APIServer(socketPath: env["MVM_API_SERVE_SOCKET"]!,
-                           router: APIRouter(controller: FakeController(), vmmVersion: "0.0.0-test"))
-    try server.start()
-    defer { server.stop() }
-    sleep(UInt32(env["MVM_API_SERVE_SECONDS"] ?? "") ?? 60)
-}
