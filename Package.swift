@@ -28,8 +28,6 @@ let package = Package(
         // Headers only: the libraries are loaded on first use (CLazyLibs), not linked.
         .systemLibrary(name: "CLibvirt", providers: [.apt(["libvirt-dev"])]),
         .systemLibrary(name: "CGuestfs", providers: [.apt(["libguestfs-dev"])]),
-        // C only: a SQLite setting Swift cannot reach (sqlite3_db_config is variadic).
-        .target(name: "CLedger", linkerSettings: [.linkedLibrary("sqlite3")]),
         // C only: trampolines that load libvirt and libguestfs when first called.
         .target(name: "CLazyLibs", linkerSettings: [.linkedLibrary("dl")]),
 
@@ -46,7 +44,7 @@ let package = Package(
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
         .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
-        .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", "CLedger", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
+        .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", "CLazyLibs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
         .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),

@@ -1,7 +1,6 @@
 import Foundation
 import GRDB
 import GRDBSQLite
-import CLedger
 import MicroVMCore
 
 /// The grant ledger: one SQLite file shared by every `mvm` process on the host. Each allocation
@@ -19,14 +18,13 @@ final class Ledger: Sendable {
         config.label = "microvm-ledger"
         // Write-ahead log, synced at checkpoints: a crash keeps the ledger consistent (it may lose
         // the last grants, whose owners died with the host), and a grant costs no fsync.
-        // The log is kept between processes (truncated to 1 MiB after a checkpoint) and is not
-        // checkpointed at close: each `mvm run` would otherwise create it, sync the directory,
-        // copy it into the database with two fsyncs and delete it again. SQLite checkpoints it
-        // every 1000 pages instead, during a commit.
+        // The log is kept between processes (truncated to 1 MiB), so each `mvm run` does not
+        // create it, sync the directory and delete it again. It is still checkpointed when the
+        // last connection closes (after the run): a log left full would be read back frame by
+        // frame by the next process's open, before its grant.
         config.prepareDatabase { db in
             var persist: CInt = 1
             _ = sqlite3_file_control(db.sqliteConnection, nil, SQLITE_FCNTL_PERSIST_WAL, &persist)
-            _ = mvm_sqlite_skip_checkpoint_on_close(db.sqliteConnection)
             try db.execute(sql: "PRAGMA journal_mode = WAL")
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
             try db.execute(sql: "PRAGMA journal_size_limit = 1048576")
