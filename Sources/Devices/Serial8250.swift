@@ -15,6 +15,9 @@ public enum OutputSinks {
     /// Writes to the process's standard output, unbuffered.
     public static let standardOutput: OutputSink = { bytes in writeAll(bytes, to: STDOUT_FILENO) }
 
+    /// Writes to an open file descriptor (a console log), whole chunks, unbuffered.
+    public static func file(descriptor fd: Int32) -> OutputSink { { bytes in writeAll(bytes, to: fd) } }
+
     /// Sends every chunk to each sink in turn (e.g. the terminal and a ConsoleParser feeder).
     public static func tee(_ sinks: OutputSink...) -> OutputSink {
         { bytes in for s in sinks { s(bytes) } }

@@ -69,7 +69,8 @@ public final class ChildProcess: Sendable {
     }
 
     /// Glibc 2.36 declares pidfd_open in <sys/pidfd.h>, which the Swift Glibc module leaves out.
-    private static let pidfdOpen: (@convention(c) (pid_t, UInt32) -> Int32)? = {
+    /// A pidfd becomes readable when its process exits (nil where the C library lacks the call).
+    public static let pidfdOpen: (@convention(c) (pid_t, UInt32) -> Int32)? = {
         guard let sym = dlsym(nil, "pidfd_open") else { return nil }
         return unsafeBitCast(sym, to: (@convention(c) (pid_t, UInt32) -> Int32).self)
     }()

@@ -59,31 +59,48 @@ public struct APIClient: Sendable {
         let bytes = Array(request.utf8)
         var sent = 0
         while sent < bytes.count {
-            let n = bytes.withUnsafeBytes { write(fd, $0.baseAddress! + sent, $0.count - sent) }
+            // MSG_NOSIGNAL: a VMM that closes first is an error here, not a SIGPIPE that ends mvm.
+            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + sent, $0.count - sent, Int32(MSG_NOSIGNAL)) }
+            if n < 0 && errno == EINTR { continue }
             guard n > 0 else { throw .io("the VMM's API closed the connection while the request was sent") }
             sent += n
         }
         var reply: [UInt8] = []
+        var head: Head?
         var buf = [UInt8](repeating: 0, count: 4096)
-        while reply.count < 1 << 20 {
+        while reply.count < Self.maxReply {
             let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             reply += buf[0..<n]
-            if let r = Self.parse(reply), r.complete { return r.response }
+            if head == nil { head = try Self.head(reply, from: socketPath) }
+            if let h = head, reply.count >= h.bodyStart + h.length { break }
         }
-        guard let r = Self.parse(reply) else { throw .io("no HTTP response from the VMM's API at \(socketPath)") }
-        return r.response
+        if head == nil { head = try Self.head(reply, from: socketPath) }
+        guard let h = head else { throw .io("no HTTP response from the VMM's API at \(socketPath)") }
+        let body = reply[min(h.bodyStart, reply.count)...].prefix(h.length)
+        return Response(status: h.status, body: String(decoding: body, as: UTF8.self))
     }
 
-    /// A status line, headers and a body of `Content-Length` bytes (complete once all are in).
-    static func parse(_ bytes: [UInt8]) -> (response: Response, complete: Bool)? {
+    static let maxReply = 1 << 20
+
+    struct Head { var status: Int; var bodyStart: Int; var length: Int }
+
+    /// The status line and `Content-Length` of a reply, once its head is in (nil before).
+    static func head(_ bytes: [UInt8], from path: String) throws(ClientError) -> Head? {
         guard let end = bytes.indices.dropLast(3).first(where: { bytes[$0] == 13 && bytes[$0 + 1] == 10 && bytes[$0 + 2] == 13 && bytes[$0 + 3] == 10 }) else { return nil }
-        let head = String(decoding: bytes[..<end], as: UTF8.self).split(separator: "\r\n")
-        guard let status = head.first?.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else { return nil }
-        let length = head.dropFirst().first { $0.lowercased().hasPrefix("content-length:") }
-            .flatMap { Int($0.split(separator: ":", maxSplits: 1)[1].trimmingCharacters(in: " \t")) } ?? 0
-        let body = Array(bytes[(end + 4)...])
-        return (Response(status: status, body: String(decoding: body.prefix(length), as: UTF8.self)), body.count >= length)
+        let lines = String(decoding: bytes[..<end], as: UTF8.self).split(separator: "\r\n")
+        guard let status = lines.first?.split(separator: " ").dropFirst().first.flatMap({ Int($0) }) else {
+            throw .io("the VMM's API at \(path) answered something that is not HTTP")
+        }
+        var length = 0
+        if let field = lines.dropFirst().first(where: { $0.lowercased().hasPrefix("content-length:") }) {
+            guard let n = Int(field.dropFirst("content-length:".count).trimmingCharacters(in: " \t")), (0...maxReply).contains(n) else {
+                throw .io("the VMM's API at \(path) sent a bad Content-Length (\(field))")
+            }
+            length = n
+        }
+        return Head(status: status, bodyStart: end + 4, length: length)
     }
 }
 

@@ -74,11 +74,7 @@ func fail(_ message: String, status: Int32) -> Never {
 func dieWithParent() {
     let parent = getppid()
     guard parent > 1 else { exit(1) }
-    // syscall(2) is variadic in C: a fixed-argument view of it.
-    let pidfd: Int32 = dlsym(nil, "syscall").map { sym in
-        let call = unsafeBitCast(sym, to: (@convention(c) (Int, Int32, UInt32) -> Int).self)
-        return Int32(truncatingIfNeeded: call(434 /* SYS_pidfd_open */, parent, 0))
-    } ?? -1
+    let pidfd = ChildProcess.pidfdOpen?(parent, 0) ?? -1
     let watcher = Thread {
         if pidfd >= 0 {
             var p = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
@@ -125,7 +121,7 @@ let console: OutputSink
 if let path = args.consoleLog {
     let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
     guard fd >= 0 else { fail("cannot open --console-log '\(path)': \(String(cString: strerror(errno)))", status: 2) }
-    console = { bytes in bytes.withUnsafeBytes { _ = write(fd, $0.baseAddress, $0.count) } }
+    console = OutputSinks.file(descriptor: fd)
 } else {
     console = OutputSinks.standardOutput
 }
@@ -171,8 +167,9 @@ if args.configFile != nil {
         fail("cannot start the VM: \(error)", status: 1)
     }
 }
-// Until the VM has started and stopped: the API may start it at any time.
-while instance.waitForExit() == nil { usleep(20_000) }
+// Until the VM has started and stopped: the API may start it at any time (a signal before
+// then ends the process at once).
+_ = instance.waitForExit()
 server?.stop()
 if let file = args.timingsFile {
     var t = instance.milestones
