@@ -84,7 +84,7 @@ public struct DirectBackend: InstanceBackend {
         guard let kernel = plan.kernel else { throw MicroVMError(.internalError, "a direct launch plan has no kernel") }
         // A record lets `mvm ps/stop/logs` find the VM; only a process that runs this one VM
         // (`mvm run`) writes one, since `mvm stop` ends the process that holds it.
-        let records = InstanceRecords(directory: options.paths.instances + "/direct")
+        let records = self.records
         let record = DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
                                           cpus: spec.cpus, memory: spec.memory, startedAt: Date(),
                                           logPath: options.paths.instances + "/" + spec.name + "/console.log")
@@ -141,15 +141,13 @@ public struct DirectBackend: InstanceBackend {
         // The plan's command line already carries the link's addresses (mvm.ip, mvm.gw).
         let cmdline = plan.commandLine(adding: [virtio.cmdline])
         let entry = try LinuxLoader.load(kernelPath: kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: spec.cpus,
-                                         virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
+                                         virtioMMIO: virtio.attachments.map(\.acpiDevice))
         let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
         defer { input?.stop() }
         let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
         if let first = vm.firstEntry { plan.clock.mark(.firstInstruction, at: first) }
         // The init's write to the boot timer port, timestamped by the VMM on the VM's clock.
-        if let boot = devices.bootTimer.bootTime {
-            plan.clock.mark(.ready, at: vm.createdAt + Double(boot.components.seconds) + Double(boot.components.attoseconds) / 1e18)
-        }
+        if let ready = vm.readyAt(devices) { plan.clock.mark(.ready, at: ready) }
 
         let console = recorder.text
         let parsed = ConsoleParser.parse(console)
@@ -223,7 +221,7 @@ public struct DirectBackend: InstanceBackend {
     }
 
     public func list() async throws -> [InstanceInfo] {
-        InstanceRecords(directory: options.paths.instances + "/direct").live().map { r in
+        records.live().map { r in
             // A run that has not started its VMM yet is starting.
             InstanceInfo(name: r.name, mode: .direct, state: r.apiSocket != nil && r.vmmPID == nil ? "starting" : "running", pid: r.vmmPID ?? r.pid, cpus: r.cpus, memory: r.memory,
                          startedAt: r.startedAt, logPath: r.logPath)
@@ -233,10 +231,7 @@ public struct DirectBackend: InstanceBackend {
     /// SIGTERM to the `mvm run` holding the VM (its handler stops the VM and cleans up), then
     /// SIGKILL after 10 s.
     public func stop(name: String) async throws {
-        let records = InstanceRecords(directory: options.paths.instances + "/direct")
-        guard let r = records.live().first(where: { $0.name == name }) else {
-            throw MicroVMError.notFound("no running direct instance named '\(name)': see mvm ps")
-        }
+        let r = try running(name)
         kill(r.pid, SIGTERM)
         let deadline = Monotonic.seconds() + 10
         while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
@@ -250,12 +245,20 @@ public struct DirectBackend: InstanceBackend {
         records.removeStale(name)
     }
 
-    /// The VMM's API socket of a running instance, or an error that says why there is none.
-    func api(_ name: String) throws -> APIClient {
-        let records = InstanceRecords(directory: options.paths.instances + "/direct")
+    /// This host's direct-instance records.
+    var records: InstanceRecords { InstanceRecords(directory: options.paths.instances + "/direct") }
+
+    /// The record of a running direct instance, or an error naming it.
+    func running(_ name: String) throws -> DirectInstanceRecord {
         guard let r = records.live().first(where: { $0.name == name }) else {
             throw MicroVMError.notFound("no running direct instance named '\(name)': see mvm ps")
         }
+        return r
+    }
+
+    /// The VMM's API socket of a running instance, or an error that says why there is none.
+    func api(_ name: String) throws -> APIClient {
+        let r = try running(name)
         guard let socket = r.apiSocket else {
             throw MicroVMError.unsupported("direct instance '\(name)' runs inside its mvm process, which serves no API")
         }
@@ -280,15 +283,12 @@ public struct DirectBackend: InstanceBackend {
     /// Through the guest init's vsock shell (`--vsock CID --vsock-shell`), over the host's
     /// vhost-vsock: the command, then its status on a line of its own.
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
-        let records = InstanceRecords(directory: options.paths.instances + "/direct")
-        guard let r = records.live().first(where: { $0.name == name }) else {
-            throw MicroVMError.notFound("no running direct instance named '\(name)': see mvm ps")
-        }
+        let r = try running(name)
         guard let cid = r.vsockCID, r.vsockShell == true else {
             throw MicroVMError.unsupported("direct instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
         }
         let marker = "@@mvm-exec-status="
-        let script = command.map(GuestShell.quote).joined(separator: " ") + " 2>&1; echo \"\(marker)$?\"; exit\n"
+        let script = command.map(ProcessRunner.shellQuote).joined(separator: " ") + " 2>&1; echo \"\(marker)$?\"; exit\n"
         let reply = try await Task.detached { try VsockShell.run(cid: cid, port: GuestProtocol.vsockShellPort, input: script, timeout: 3600) }.value
         guard let at = reply.range(of: marker, options: .backwards),
               let status = Int32(reply[at.upperBound...].prefix { $0.isNumber }) else {

@@ -2,11 +2,6 @@ import CVhost
 import Foundation
 import MicroVMCore
 
-/// A command line for a POSIX shell: each word single-quoted.
-enum GuestShell {
-    static func quote(_ word: String) -> String { "'" + word.replacingOccurrences(of: "'", with: "'\\''") + "'" }
-}
-
 /// One exchange with a shell listening on a guest's vsock port: write `input`, read until the
 /// guest closes the connection (or `timeout` seconds pass), return what it wrote.
 enum VsockShell {

@@ -7,6 +7,9 @@ import Glibc
 /// Runs external programs (qemu-img, runc, mke2fs, …) and captures their output.
 /// One place for it, so every module gets timeouts and clear "not installed" errors alike.
 public enum ProcessRunner {
+    /// `s` as one word of a POSIX shell command line: single-quoted, inner quotes escaped.
+    public static func shellQuote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+
     public struct Output: Sendable {
         public var status: Int32
         public var stdout: Data

@@ -190,11 +190,11 @@ public struct RigRunner: Sendable {
             guard k.allSatisfy({ $0.isLetter || $0.isNumber || $0 == "_" }), !k.isEmpty else {
                 throw MicroVMError.invalidArgument("environment name '\(k)' is not a shell variable name")
             }
-            script += "\(k)=\(Self.shellQuote(v)); export \(k)\n"
+            script += "\(k)=\(ProcessRunner.shellQuote(v)); export \(k)\n"
         }
         script += "mkdir -p \"$MVM_STATE_DIR\"\n"
-        script += "cd \(Self.shellQuote(options.workingDirectory)) || { echo \"mvm rig: cannot enter \(Self.shellQuote(options.workingDirectory).replacingOccurrences(of: "\"", with: "")) inside the rig (/tmp, /run and /var/tmp are fresh tmpfs there; pass --share)\"; exit 126; }\n"
-        script += "exec " + command.map(Self.shellQuote).joined(separator: " ") + "\n"
+        script += "cd \(ProcessRunner.shellQuote(options.workingDirectory)) || { echo \"mvm rig: cannot enter \(ProcessRunner.shellQuote(options.workingDirectory).replacingOccurrences(of: "\"", with: "")) inside the rig (/tmp, /run and /var/tmp are fresh tmpfs there; pass --share)\"; exit 126; }\n"
+        script += "exec " + command.map(ProcessRunner.shellQuote).joined(separator: " ") + "\n"
         try Data(script.utf8).write(to: URL(fileURLWithPath: scratchDir + "/job.sh"))
         try Data((scratchDir + "\n").utf8).write(to: URL(fileURLWithPath: scratchDir + "/path"))
         let lines = shares.enumerated().map { "rigshare\($0.offset) \($0.element)\n" }.joined()
@@ -215,7 +215,6 @@ public struct RigRunner: Sendable {
         return options.shares
     }
 
-    static func shellQuote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
     /// QEMU option values separate on commas; a literal comma is written twice.
     static func qemuEscape(_ s: String) -> String { s.replacingOccurrences(of: ",", with: ",,") }
 

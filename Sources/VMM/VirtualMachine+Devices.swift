@@ -38,3 +38,10 @@ extension VirtualMachine {
         return LegacyDevices(serial: serial, i8042: i8042, bootTimer: timer, clock: clock)
     }
 }
+
+extension VirtualMachine {
+    /// CLOCK_MONOTONIC seconds when the guest's init wrote the boot timer (nil before it did).
+    public func readyAt(_ devices: LegacyDevices) -> Double? {
+        devices.bootTimer.bootTime.map { createdAt + Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+    }
+}

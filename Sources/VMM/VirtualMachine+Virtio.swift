@@ -1,4 +1,5 @@
 import Devices
+import LinuxBoot
 import MicroVMCore
 
 extension VirtualMachine {
@@ -46,4 +47,9 @@ extension VirtualMachine {
         ioeventfdsRegistered.add(registered, ordering: .relaxed)
         return registered
     }
+}
+
+extension VirtioAttachment {
+    /// The device as the loader's ACPI tables describe it.
+    public var acpiDevice: ACPIMMIODevice { ACPIMMIODevice(base: mmioBase, length: mmioLength, gsi: irq) }
 }

@@ -218,7 +218,7 @@ enum RigKVMSession {
     /// clients drive Firecracker: machine-config, boot-source, a drive, InstanceStart, GET /,
     /// Paused, Resumed, then SendCtrlAltDel, which reboots Linux through the i8042 and ends the VMM.
     static func vmmAPIScript(mvm: String, image: String) -> String {
-        let vmm = RigRunner.shellQuote((mvm as NSString).deletingLastPathComponent + "/mvm-vmm")
+        let vmm = ProcessRunner.shellQuote((mvm as NSString).deletingLastPathComponent + "/mvm-vmm")
         // The keyboard's IRQ 1 comes from the DSDT's PS2K device through PNP (no i8042.nopnp).
         let report = "echo api-guest-up >/dev/ttyS0; grep -h Name= /proc/bus/input/devices >/dev/ttyS0; dmesg | grep -i -E 'i8042|atkbd|serio' >/dev/ttyS0; "
             + "cat /proc/sys/kernel/ctrl-alt-del >/dev/ttyS0; while :; do grep i8042 /proc/interrupts >/dev/ttyS0; sleep 3; done"
@@ -236,8 +236,8 @@ enum RigKVMSession {
         }
         for i in $(seq 1 100); do [ -S $sock ] && break; sleep 0.1; done
         echo "machine-config=$(api PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 512}' | head -1)"
-        echo "boot-source=$(api PUT /boot-source \(RigRunner.shellQuote(boot)) | head -1)"
-        echo "drive=$(api PUT /drives/rootfs \(RigRunner.shellQuote(drive)) | head -1)"
+        echo "boot-source=$(api PUT /boot-source \(ProcessRunner.shellQuote(boot)) | head -1)"
+        echo "drive=$(api PUT /drives/rootfs \(ProcessRunner.shellQuote(drive)) | head -1)"
         echo "start=$(api PUT /actions '{"action_type": "InstanceStart"}' | head -1)"
         for i in $(seq 1 200); do grep -q api-guest-up $log 2>/dev/null && break; sleep 1; done
         echo "guest-up=$(grep -c api-guest-up $log)"
@@ -261,7 +261,7 @@ enum RigKVMSession {
     /// slice (one CPU of work, guest RAM plus the VMM's 64 MiB), `mvm logs` reads its console,
     /// `mvm stop` ends it, and nothing is left: no cgroup, no grant.
     static func lifecycleScript(mvm: String) -> String {
-        let m = RigRunner.shellQuote(mvm)
+        let m = ProcessRunner.shellQuote(mvm)
         return """
         \(m) run --mode direct --name rigps --cpus 1 --memory 256M --timeout 280 -- sh -c 'sleep 200' >/tmp/ps-run.out 2>&1 &
         vm=$!
@@ -284,7 +284,7 @@ enum RigKVMSession {
     static func vsockScript(mvm: String) -> String {
         """
         modprobe vhost_vsock 2>/dev/null
-        \(RigRunner.shellQuote(mvm)) run --mode direct --name rigvs --vsock 42 --vsock-shell --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
+        \(ProcessRunner.shellQuote(mvm)) run --mode direct --name rigvs --vsock 42 --vsock-shell --timeout 280 -- sh -c 'sleep 240; exit 9' >/tmp/vsock-run.out 2>&1 &
         vm=$!
         out=
         for i in $(seq 1 200); do
@@ -294,7 +294,7 @@ enum RigKVMSession {
             sleep 1
         done
         printf '%s\n' "$out"
-        \(RigRunner.shellQuote(mvm)) exec rigvs -- sh -c 'echo exec-ran-in-$(hostname); exit 5'
+        \(ProcessRunner.shellQuote(mvm)) exec rigvs -- sh -c 'echo exec-ran-in-$(hostname); exit 5'
         echo "exec-status=$?"
         printf 'killall sleep\n' | socat -t 10 - VSOCK-CONNECT:42:1024 >/dev/null 2>&1
         wait $vm
@@ -326,7 +326,7 @@ enum RigKVMSession {
         var s = "exec 2>&1\n"
         for (name, argv) in steps {
             s += "echo '@@step \(name)@@'\n"
-            s += argv.map(RigRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
+            s += argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
             s += "echo; echo \"@@step-end \(name) status=$s@@\"\n"
         }
         return s
