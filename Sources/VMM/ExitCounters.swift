@@ -1,7 +1,8 @@
 import KVM
 import Synchronization
 
-/// Exits to the VMM by kind, counted by the vCPU threads without a lock, and read for metrics.
+/// One vCPU's exits to the VMM by kind and its time inside KVM_RUN, counted by its thread
+/// without a lock and read for metrics.
 public final class ExitCounters: Sendable {
     /// Kinds in the order metrics list them; `index(of:)` maps an exit to its counter.
     public static let kinds = ["io_in", "io_out", "mmio_read", "mmio_write", "halt", "shutdown", "system_event",
@@ -10,6 +11,8 @@ public final class ExitCounters: Sendable {
     private let c0 = Atomic<UInt64>(0), c1 = Atomic<UInt64>(0), c2 = Atomic<UInt64>(0), c3 = Atomic<UInt64>(0)
     private let c4 = Atomic<UInt64>(0), c5 = Atomic<UInt64>(0), c6 = Atomic<UInt64>(0), c7 = Atomic<UInt64>(0)
     private let c8 = Atomic<UInt64>(0), c9 = Atomic<UInt64>(0), c10 = Atomic<UInt64>(0), c11 = Atomic<UInt64>(0)
+    /// Nanoseconds inside KVM_RUN (running the guest, or halted in the kernel).
+    let guestNanoseconds = Atomic<UInt64>(0)
 
     public init() {}
 
@@ -47,7 +50,10 @@ public final class ExitCounters: Sendable {
         }
     }
 
-    func count(_ exit: VCPUExit) { counter(Self.index(of: exit)) { _ = $0.add(1, ordering: .relaxed) } }
+    func count(_ exit: VCPUExit, inGuestFor nanoseconds: UInt64) {
+        counter(Self.index(of: exit)) { _ = $0.add(1, ordering: .relaxed) }
+        guestNanoseconds.add(nanoseconds, ordering: .relaxed)
+    }
 
     /// Kind → count, every kind present.
     public var snapshot: [(kind: String, count: UInt64)] {
@@ -56,6 +62,14 @@ public final class ExitCounters: Sendable {
 }
 
 extension VirtualMachine {
-    /// Exits to the VMM so far, by kind.
-    public var exitCounts: [(kind: String, count: UInt64)] { exitCounters.snapshot }
+    /// Exits to the VMM so far, by kind, over all vCPUs.
+    public var exitCounts: [(kind: String, count: UInt64)] {
+        let each = exitCounters.map(\.snapshot)
+        return ExitCounters.kinds.indices.map { i in (ExitCounters.kinds[i], each.reduce(0) { $0 + $1[i].count }) }
+    }
+
+    /// Seconds all vCPUs spent inside KVM_RUN.
+    public var guestSeconds: Double {
+        Double(exitCounters.reduce(0) { $0 + $1.guestNanoseconds.load(ordering: .relaxed) }) / 1e9
+    }
 }

@@ -27,7 +27,7 @@ public final class VMMInstance: VMMController, Sendable {
 
     /// Boot arguments when the configuration gives none: the serial console, reboot through the
     /// i8042 (which ends the VM) and what this machine needs.
-    public static let defaultBootArgs = "console=ttyS0 reboot=k panic=1 " + VirtualMachine.kernelParameters
+    public static let defaultBootArgs = KernelCommandLine.build(command: [], backend: VirtualMachine.kernelParameters)
 
     struct Running: @unchecked Sendable {
         // SAFETY (Sendable): each member is Sendable or only used under `running`'s lock.
@@ -40,8 +40,8 @@ public final class VMMInstance: VMMController, Sendable {
 
     public let options: Options
     private let running = Mutex<Running?>(nil)
-    private let stopped = Mutex<StopReason?>(nil)
-    private let stoppedAt = Mutex<Double?>(nil)
+    /// Why and when (CLOCK_MONOTONIC seconds) the VM stopped.
+    private let stopped = Mutex<(reason: StopReason, at: Double)?>(nil)
     private let exited = DispatchSemaphore(value: 0)
 
     public init(options: Options) { self.options = options }
@@ -54,7 +54,7 @@ public final class VMMInstance: VMMController, Sendable {
     }
 
     /// Why the VM stopped; nil while it runs or before it starts.
-    public var stopReason: StopReason? { stopped.withLock { $0 } }
+    public var stopReason: StopReason? { stopped.withLock { $0?.reason } }
 
     public func start(_ config: VMConfiguration) throws {
         try running.withLock { r in
@@ -75,7 +75,7 @@ public final class VMMInstance: VMMController, Sendable {
         do {
             let cmdline = [plan.bootArgs, virtio.cmdline].filter { !$0.isEmpty }.joined(separator: " ")
             let entry = try LinuxLoader.load(kernelPath: plan.kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: plan.cpus,
-                                             virtioMMIO: virtio.attachments.map { ACPIMMIODevice(base: $0.mmioBase, length: $0.mmioLength, gsi: $0.irq) })
+                                             virtioMMIO: virtio.attachments.map(\.acpiDevice))
             try vm.setBootEntry(BootEntry(entry))
             try vm.start()
         } catch {
@@ -85,9 +85,8 @@ public final class VMMInstance: VMMController, Sendable {
         let started = Running(vm: vm, devices: devices, attachments: virtio.attachments, tap: tap, startedAt: Monotonic.seconds())
         let waiter = Thread { [self] in
             let reason = vm.wait()
-            stoppedAt.withLock { $0 = Monotonic.seconds() }
+            stopped.withLock { $0 = (reason, Monotonic.seconds()) }
             started.attachments.forEach { $0.stop() }
-            stopped.withLock { $0 = reason }
             options.onExit(reason)
             exited.signal()
         }
@@ -100,7 +99,7 @@ public final class VMMInstance: VMMController, Sendable {
         guard let r = running.withLock({ $0 }) else {
             throw MicroVMError(.invalidArgument, "the microVM is not started: PUT /actions {\"action_type\": \"InstanceStart\"} first")
         }
-        if let reason = stopped.withLock({ $0 }) { throw MicroVMError(.invalidArgument, "the microVM has stopped (\(reason))") }
+        if let reason = stopReason { throw MicroVMError(.invalidArgument, "the microVM has stopped (\(reason))") }
         return r
     }
 
@@ -111,12 +110,11 @@ public final class VMMInstance: VMMController, Sendable {
     /// Stops the VM (its vCPUs leave the guest; `onExit` follows).
     public func stop() { running.withLock { $0 }?.vm.requestStop(.requested) }
 
-    /// Blocks until the VM has stopped and returns why; nil if it was never started.
-    public func waitForExit() -> StopReason? {
-        guard running.withLock({ $0 != nil }) else { return nil }
+    /// Blocks until the VM has been started (by `start` or the API) and has stopped; returns why.
+    public func waitForExit() -> StopReason {
         exited.wait()
         exited.signal()
-        return stopped.withLock { $0 }
+        return stopReason ?? .requested
     }
 
     /// When the machine reached each milestone, in CLOCK_MONOTONIC seconds: `created` (its
@@ -126,10 +124,8 @@ public final class VMMInstance: VMMController, Sendable {
         guard let r = running.withLock({ $0 }) else { return [:] }
         var m = ["created": r.vm.createdAt]
         m["firstInstruction"] = r.vm.firstEntry
-        if let boot = r.devices.bootTimer.bootTime {
-            m["ready"] = r.vm.createdAt + Double(boot.components.seconds) + Double(boot.components.attoseconds) / 1e18
-        }
-        m["stopped"] = stoppedAt.withLock { $0 }
+        m["ready"] = r.vm.readyAt(r.devices)
+        m["stopped"] = stopped.withLock { $0?.at }
         return m
     }
 
@@ -137,12 +133,12 @@ public final class VMMInstance: VMMController, Sendable {
         var m = PrometheusText()
         let r = running.withLock { $0 }
         m.gauge("mvm_vmm_state", "0 not started, 1 running, 2 paused, 3 stopped",
-                Double(r == nil ? 0 : stopped.withLock { $0 } != nil ? 3 : r!.vm.isPaused ? 2 : 1))
+                stopReason != nil ? 3 : [.notStarted: 0, .running: 1, .paused: 2][state] ?? 0)
         if let r {
             m.gauge("mvm_vmm_vcpus", "vCPUs of the machine", Double(r.vm.vcpus.count))
             m.gauge("mvm_vmm_memory_bytes", "guest RAM", Double(r.vm.configuration.memory.bytes))
             m.gauge("mvm_vmm_uptime_seconds", "since InstanceStart", Monotonic.seconds() - r.startedAt)
-            m.counter("mvm_vmm_vcpu_run_seconds_total", "time the vCPUs spent in KVM_RUN", [([:], Double(r.vm.guestNanoseconds.load(ordering: .relaxed)) / 1e9)])
+            m.counter("mvm_vmm_vcpu_run_seconds_total", "time the vCPUs spent in KVM_RUN", [([:], r.vm.guestSeconds)])
             m.counter("mvm_vmm_exits_total", "exits from the guest to the VMM, by kind", r.vm.exitCounts.map { (["kind": $0.kind], Double($0.count)) })
             m.gauge("mvm_vmm_ioeventfds", "virtqueue notify registers KVM signals without an exit", Double(r.vm.ioeventfdsRegistered.load(ordering: .relaxed)))
             m.gauge("mvm_vmm_irqfds", "device interrupt lines KVM injects from an eventfd", Double(r.vm.irqfdsRegistered.load(ordering: .relaxed)))
@@ -188,16 +184,12 @@ struct VMMBootPlan {
 
     init(_ c: VMConfiguration, id: String) throws {
         let m = c.machineConfig
-        guard (1...32).contains(m.vcpuCount) else { throw MicroVMError.invalidArgument("machine-config vcpu_count must be 1 to 32 (got \(m.vcpuCount))") }
-        guard m.memSizeMib >= 16 else { throw MicroVMError.invalidArgument("machine-config mem_size_mib must be at least 16 (got \(m.memSizeMib))") }
-        guard [nil, "None", "2M"].contains(m.hugePages) else {
-            throw MicroVMError.invalidArgument("machine-config huge_pages must be \"None\" or \"2M\" (got \"\(m.hugePages!)\")")
-        }
+        if let problem = m.problem { throw MicroVMError.invalidArgument("machine-config: \(problem)") }
         guard let boot = c.bootSource else {
             throw MicroVMError.invalidArgument("no boot source: PUT /boot-source {\"kernel_image_path\": …} before InstanceStart")
         }
         for (what, path) in [("boot-source kernel_image_path", boot.kernelImagePath), ("boot-source initrd_path", boot.initrdPath)] {
-            if let path, !FileManager.default.isReadableFile(atPath: path) { throw MicroVMError.notFound("\(what) '\(path)' is not a readable file") }
+            if let path { try Self.requireRegularFile(path, what) }
         }
         guard c.drives.filter(\.isRootDevice).count <= 1 else { throw MicroVMError.invalidArgument("more than one drive has is_root_device: true") }
         guard c.networkInterfaces.count <= 1 else {
@@ -213,10 +205,8 @@ struct VMMBootPlan {
         kernel = boot.kernelImagePath
         initrd = boot.initrdPath
         // The root device is /dev/vda: it goes first, and the kernel is told, as Firecracker does.
-        let drives = c.drives.filter(\.isRootDevice) + c.drives.filter { !$0.isRootDevice }
-        for d in drives where !FileManager.default.isReadableFile(atPath: d.pathOnHost) {
-            throw MicroVMError.notFound("drive '\(d.driveId)' path_on_host '\(d.pathOnHost)' is not a readable file")
-        }
+        let drives = c.drivesRootFirst
+        for d in drives { try Self.requireRegularFile(d.pathOnHost, "drive '\(d.driveId)' path_on_host", orBlockDevice: true) }
         var args = boot.bootArgs ?? VMMInstance.defaultBootArgs
         if let root = drives.first, root.isRootDevice {
             args += " root=" + (root.partuuid.map { "PARTUUID=" + $0 } ?? "/dev/vda") + (root.isReadOnly == true ? " ro" : " rw")
@@ -224,16 +214,26 @@ struct VMMBootPlan {
         bootArgs = args
         var spec = VMSpec(name: id, cpus: cpus, memory: memory)
         spec.disks = drives.map { DiskSpec(path: $0.pathOnHost, readOnly: $0.isReadOnly ?? false) }
+        if let problem = c.vsock?.problem { throw MicroVMError.invalidArgument("vsock: \(problem)") }
         spec.vsockCID = c.vsock?.guestCid
-        if let cid = spec.vsockCID, cid < 3 { throw MicroVMError.invalidArgument("vsock guest_cid must be 3 or more (got \(cid))") }
         deviceSpec = spec
         tapName = c.networkInterfaces.first?.hostDevName
         if let text = c.networkInterfaces.first?.guestMac {
-            let bytes = text.split(separator: ":").compactMap { UInt8($0, radix: 16) }
-            guard bytes.count == 6, text.split(separator: ":").count == 6 else {
+            guard let bytes = NetworkInterface.macBytes(text) else {
                 throw MicroVMError.invalidArgument("network-interfaces guest_mac '\(text)' is not a MAC address (six hex bytes, AA:BB:CC:DD:EE:FF)")
             }
             mac = bytes
+        }
+    }
+
+    /// A kernel, initrd or disk must be a readable regular file (a disk may be a block device):
+    /// a FIFO or a character device named by a client would block the opening thread (the
+    /// API's) or read without end.
+    static func requireRegularFile(_ path: String, _ what: String, orBlockDevice: Bool = false) throws {
+        var st = stat()
+        let kind = stat(path, &st) == 0 ? st.st_mode & S_IFMT : 0
+        guard kind == S_IFREG || (orBlockDevice && kind == S_IFBLK), access(path, R_OK) == 0 else {
+            throw MicroVMError.notFound("\(what) '\(path)' is not a readable regular file\(orBlockDevice ? " or block device" : "")")
         }
     }
 }

@@ -70,10 +70,9 @@ public final class VirtualMachine: @unchecked Sendable {
     private let pausing = Atomic<Bool>(false)
     private let parkedCount = Atomic<Int>(0)
     private let parking = NSCondition()
-    /// Exits to the VMM by kind, for metrics (`exitCounts`).
-    let exitCounters = ExitCounters()
-    /// Time all vCPUs spent inside KVM_RUN (running the guest, or halted in the kernel).
-    public let guestNanoseconds = Atomic<UInt64>(0)
+    /// Exits to the VMM by kind and time in KVM_RUN, one set per vCPU: the vCPU threads never
+    /// share a counter's cache line in their exit path (`exitCounts`, `guestSeconds`).
+    let exitCounters: [ExitCounters]
     private let firstExitBits = Atomic<UInt64>(0)
     private let firstEntryBits = Atomic<UInt64>(0)
     /// CLOCK_MONOTONIC seconds when vCPU 0 first entered the guest (nil before).
@@ -122,6 +121,7 @@ public final class VirtualMachine: @unchecked Sendable {
             made.append(vcpu)
         }
         vcpus = made
+        exitCounters = made.map { _ in ExitCounters() }
         control = Mutex(Control(threads: Array(repeating: nil, count: configuration.cpus)))
     }
 
@@ -291,6 +291,7 @@ public final class VirtualMachine: @unchecked Sendable {
 
     private func vcpuLoop(_ index: Int) {
         let vcpu = vcpus[index]
+        let counters = exitCounters[index]
         VCPUKick.unblockOnCurrentThread()
         control.withLock { $0.threads[index] = pthread_self() }
         configuration.onVCPUThread?(Self.currentThreadID())
@@ -312,8 +313,7 @@ public final class VirtualMachine: @unchecked Sendable {
                 requestStop(.error("vCPU \(index): \(error)"))
                 break
             }
-            guestNanoseconds.add(DispatchTime.now().uptimeNanoseconds &- entered, ordering: .relaxed)
-            exitCounters.count(exit)
+            counters.count(exit, inGuestFor: DispatchTime.now().uptimeNanoseconds &- entered)
             if index == 0 && firstExitBits.load(ordering: .relaxed) == 0 {
                 firstExitBits.store(Monotonic.seconds().bitPattern, ordering: .releasing)
             }

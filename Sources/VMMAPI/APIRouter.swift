@@ -154,8 +154,7 @@ public final class APIRouter: Sendable {
                                                                              "partuuid", "cache_type", "io_engine"])
             try Self.validate(d, pathID: id, among: cfg.drives)
             if let i = cfg.drives.firstIndex(where: { $0.driveId == d.driveId }) { cfg.drives[i] = d } else { cfg.drives.append(d) }
-            // The root device comes first, so the guest sees it as /dev/vda (as in Firecracker).
-            cfg.drives = cfg.drives.filter(\.isRootDevice) + cfg.drives.filter { !$0.isRootDevice }
+            cfg.drives = cfg.drivesRootFirst
         case .putNetworkInterface:
             try preBoot(what)
             try Self.checkID(id, "iface_id")
@@ -170,10 +169,7 @@ public final class APIRouter: Sendable {
             try preBoot(what)
             let v = try JSONBody.decode(Vsock.self, from: request, allowed: ["guest_cid", "uds_path", "vsock_id"],
                                       integers: ["guest_cid": 0...Double(UInt32.max)])
-            // 0-2 are the hypervisor, the local loopback and the host; 0xFFFFFFFF is VMADDR_CID_ANY.
-            guard v.guestCid >= 3, v.guestCid < UInt32.max else {
-                throw APIFault("guest_cid must be at least 3 and below 4294967295 (got \(v.guestCid))")
-            }
+            if let problem = v.problem { throw APIFault(problem) }
             cfg.vsock = v
         case .putLogger:
             try preBoot(what)
@@ -287,20 +283,7 @@ public final class APIRouter: Sendable {
     }
 
     static func validate(_ m: MachineConfig) throws(APIFault) {
-        guard (1...32).contains(m.vcpuCount) else { throw APIFault("vcpu_count must be between 1 and 32 (got \(m.vcpuCount))") }
-        guard m.memSizeMib >= 16 else { throw APIFault("mem_size_mib must be at least 16 (got \(m.memSizeMib))") }
-        // Beyond this the byte count no longer fits the guest's 64-bit address arithmetic comfortably.
-        guard m.memSizeMib <= 1 << 30 else { throw APIFault("mem_size_mib is too large (got \(m.memSizeMib))") }
-        if m.smt == true, m.vcpuCount > 1, m.vcpuCount % 2 != 0 {
-            throw APIFault("with smt enabled, vcpu_count must be 1 or even (got \(m.vcpuCount))")
-        }
-        switch m.hugePages {
-        case nil, "None": break
-        case "2M":
-            guard m.memSizeMib % 2 == 0 else { throw APIFault("with huge_pages \"2M\", mem_size_mib must be a multiple of 2 (got \(m.memSizeMib))") }
-        case let other?:
-            throw APIFault("huge_pages must be \"None\" or \"2M\" (got \"\(other)\")")
-        }
+        if let problem = m.problem { throw APIFault(problem) }
     }
 
     private static func validate(_ d: Drive, pathID: String, among drives: [Drive]) throws(APIFault) {
@@ -326,7 +309,7 @@ public final class APIRouter: Sendable {
         guard !n.hostDevName.isEmpty, n.hostDevName.utf8.count < 16 else {
             throw APIFault("host_dev_name must be a tap device name of 1 to 15 bytes (got \"\(n.hostDevName)\")")
         }
-        if let mac = n.guestMac, !isMAC(mac) {
+        if let mac = n.guestMac, NetworkInterface.macBytes(mac) == nil {
             throw APIFault("guest_mac must be six hexadecimal pairs separated by colons (got \"\(mac)\")")
         }
         for other in interfaces where other.ifaceId != n.ifaceId {
@@ -337,11 +320,6 @@ public final class APIRouter: Sendable {
                 throw APIFault("guest_mac \(mac) is already used by network interface `\(other.ifaceId)`")
             }
         }
-    }
-
-    private static func isMAC(_ s: String) -> Bool {
-        let pairs = s.split(separator: ":", omittingEmptySubsequences: false)
-        return pairs.count == 6 && pairs.allSatisfy { $0.utf8.count == 2 && $0.allSatisfy(\.isHexDigit) }
     }
 }
 

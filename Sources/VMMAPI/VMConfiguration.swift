@@ -56,6 +56,46 @@ public struct MachineConfig: Codable, Sendable, Equatable {
     }
 }
 
+extension MachineConfig {
+    /// What is wrong with this machine, or nil: one rule for the API's PUT and PATCH and for a
+    /// `--config-file`, checked before anything is allocated.
+    public var problem: String? {
+        guard (1...32).contains(vcpuCount) else { return "vcpu_count must be between 1 and 32 (got \(vcpuCount))" }
+        guard memSizeMib >= 16 else { return "mem_size_mib must be at least 16 (got \(memSizeMib))" }
+        // Beyond this the byte count no longer fits the guest's 64-bit address arithmetic comfortably.
+        guard memSizeMib <= 1 << 30 else { return "mem_size_mib is too large (got \(memSizeMib))" }
+        if smt == true, vcpuCount > 1, vcpuCount % 2 != 0 { return "with smt enabled, vcpu_count must be 1 or even (got \(vcpuCount))" }
+        switch hugePages {
+        case nil, "None": return nil
+        case "2M": return memSizeMib % 2 == 0 ? nil : "with huge_pages \"2M\", mem_size_mib must be a multiple of 2 (got \(memSizeMib))"
+        case let other?: return "huge_pages must be \"None\" or \"2M\" (got \"\(other)\")"
+        }
+    }
+}
+
+extension VMConfiguration {
+    /// The drives with the root device first, so the guest sees it as /dev/vda (as in Firecracker).
+    public var drivesRootFirst: [Drive] { drives.filter(\.isRootDevice) + drives.filter { !$0.isRootDevice } }
+}
+
+extension NetworkInterface {
+    /// "AA:BB:CC:DD:EE:FF" as six bytes; nil unless it is six hexadecimal pairs separated by colons.
+    public static func macBytes(_ text: String) -> [UInt8]? {
+        let pairs = text.split(separator: ":", omittingEmptySubsequences: false)
+        guard pairs.count == 6, pairs.allSatisfy({ $0.utf8.count == 2 }) else { return nil }
+        let bytes = pairs.compactMap { UInt8($0, radix: 16) }
+        return bytes.count == 6 ? bytes : nil
+    }
+}
+
+extension Vsock {
+    /// What is wrong with the CID, or nil: 0-2 are the hypervisor, the local loopback and the
+    /// host; 0xFFFFFFFF is VMADDR_CID_ANY.
+    public var problem: String? {
+        guestCid >= 3 && guestCid < UInt32.max ? nil : "guest_cid must be at least 3 and below 4294967295 (got \(guestCid))"
+    }
+}
+
 /// `boot-source`: the kernel (bzImage or ELF vmlinux), its initrd and command line.
 public struct BootSource: Codable, Sendable, Equatable {
     public var kernelImagePath: String

@@ -2,23 +2,16 @@ import Foundation
 import Testing
 import Host
 import MicroVMCore
-import VMM
+@testable import DirectVMM
+@testable import VMM
 import VMMAPI
 
 /// `mvm-vmm` as a process, driven the way Firecracker's clients drive Firecracker: plain HTTP
 /// over its unix socket, a whole lifecycle of a tiny guest on this host's KVM.
 @Suite("mvm-vmm process", .serialized, .timeLimit(.minutes(3)))
 struct VMMProcessTests {
-    static var binary: String? {
-        var dir = URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()
-        for _ in 0..<4 {
-            let candidate = dir.appendingPathComponent("mvm-vmm").path
-            if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
-            dir.deleteLastPathComponent()
-        }
-        let fallback = Paths.sourceDirectory() + "/.build/debug/mvm-vmm"
-        return FileManager.default.isExecutableFile(atPath: fallback) ? fallback : nil
-    }
+    /// The one the direct backend starts (beside the test bundle in the build folder).
+    static var binary: String? { VMMProcess.binary() }
 
     func scratch() throws -> String {
         let dir = "/tmp/mvm-vmm-test-\(UUID().uuidString.prefix(8))"
@@ -150,6 +143,14 @@ struct VMMProcessTests {
         #expect(waitForExit(bad, seconds: 10) && bad.terminationStatus == 2)
         let none = try launch([])
         #expect(waitForExit(none, seconds: 10) && none.terminationStatus == 2)
+        // A machine the API would refuse is refused from a config file too, before anything is
+        // allocated: an exit with a status, not a trap on the size arithmetic.
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Data(#"{"boot-source": {"kernel_image_path": "/nonexistent"}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 9223372036854775807}}"#.utf8)
+            .write(to: URL(fileURLWithPath: dir + "/huge.json"))
+        let huge = try launch(["--config-file", dir + "/huge.json"])
+        #expect(waitForExit(huge, seconds: 10) && huge.terminationReason == .exit && huge.terminationStatus == 1)
         if HostProfile.current().kvm.verdict == .emulated {
             let dir = try scratch()
             defer { try? FileManager.default.removeItem(atPath: dir) }
@@ -157,6 +158,21 @@ struct VMMProcessTests {
             #expect(waitForExit(refused, seconds: 10) && refused.terminationStatus == 3)
             #expect(!FileManager.default.fileExists(atPath: dir + "/s"), "nothing served before the refusal")
         }
+    }
+
+    /// A FIFO named as a kernel or a drive would block the API's thread in open(2): refused first.
+    @Test func aFIFOIsNotAKernelOrADrive() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let fifo = dir + "/fifo", kernel = dir + "/tiny.elf"
+        #expect(mkfifo(fifo, 0o600) == 0)
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        let asKernel = VMConfiguration(bootSource: BootSource(kernelImagePath: fifo))
+        #expect(throws: MicroVMError.self) { try VMMBootPlan(asKernel, id: "t") }
+        let asDrive = VMConfiguration(bootSource: BootSource(kernelImagePath: kernel), drives: [Drive(driveId: "d", pathOnHost: fifo)])
+        let e = try #require(throws: MicroVMError.self) { try VMMBootPlan(asDrive, id: "t") }
+        #expect(e.message.contains("regular file"), "\(e.message)")
+        #expect(throws: Never.self) { try VMMBootPlan(VMConfiguration(bootSource: BootSource(kernelImagePath: kernel)), id: "t") }
     }
 
     static func exits(_ metrics: String, _ kind: String) -> Int {
