@@ -1,4 +1,4 @@
-import Allocator
+import Host
 import Foundation
 import MicroVMCore
 

@@ -124,7 +124,7 @@ public struct HostedBackend: InstanceBackend {
             let (d, config) = try createDomain(plan.config, connection: conn)
             if isLocal, !config.memoryHardLimit {
                 let pid = qemuPid(name: spec.name)
-                do { try Self.limitMemory(of: pid, to: launch.enforcement.memoryLimit) } catch where !Self.isLive(pid) {
+                do { try Self.limitMemory(of: pid, to: launch.enforcement.memoryLimit) } catch where !(pid.map { ProcessIdentity.isAlive(pid: $0, startTime: nil) } ?? false) {
                     // QEMU ended before its limit could be set: following the domain reports how.
                 }
             }
@@ -192,13 +192,6 @@ public struct HostedBackend: InstanceBackend {
         if kvm.verdict == .hardware { return .kvm }
         Warnings.once("hosted mode runs QEMU under TCG emulation here (KVM: \(kvm.reason)); its timings are emulation timings")
         return .qemu
-    }
-
-    /// Whether `pid` runs (exists and is not a zombie).
-    static func isLive(_ pid: Int32?) -> Bool {
-        guard let pid, let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-              let close = stat.lastIndex(of: ")") else { return false }
-        return !stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).hasPrefix("Z")
     }
 
     /// Where libvirt may not take `<memtune>` (no CAP_SYS_RESOURCE), the enforcement's memory

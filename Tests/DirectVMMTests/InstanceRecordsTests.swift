@@ -1,6 +1,6 @@
 import Foundation
 import Testing
-import Allocator
+import Host
 import MicroVMCore
 @testable import DirectVMM
 @testable import VMM
