@@ -200,8 +200,9 @@ private final class ServeLoop {
             let now = Self.now()
             for i in connections.indices where !closed.contains(connections[i].fd) {
                 if let d = connections[i].deadline, d <= now {
+                    // A short answer to a client already late: no waiting on its socket for it.
                     send(connections[i].fd, HTTPResponse.fault(408, "the request did not arrive whole within \(requestTimeout) ms")
-                        .serialized(keepAlive: false))
+                        .serialized(keepAlive: false), until: now + 100)
                     closed.insert(connections[i].fd)
                 }
             }
@@ -243,21 +244,24 @@ private final class ServeLoop {
         if n == 0 { return false }  // hung up, possibly mid-request: nothing to answer
         c.parser.append(buffer[0..<n])
         c.lastActive = Self.now()
+        // One deadline for every answer to this read: a client that pipelines many requests and
+        // drains its socket slowly holds the server thread for at most `requestTimeout`.
+        let until = c.lastActive + requestTimeout
         while true {
             let request: HTTPRequest?
             do {
                 request = try c.parser.next()
             } catch {
-                send(c.fd, error.response.serialized(keepAlive: false))
+                send(c.fd, error.response.serialized(keepAlive: false), until: until)
                 return false
             }
             guard let request else { break }
             let response = router.handle(request)
             let keepAlive = request.keepAlive
-            guard send(c.fd, response.serialized(keepAlive: keepAlive)), keepAlive else { return false }
+            guard send(c.fd, response.serialized(keepAlive: keepAlive), until: until), keepAlive else { return false }
         }
         if c.parser.takeContinueRequest() {
-            guard send(c.fd, HTTPResponse(status: 100).serialized(keepAlive: true)) else { return false }
+            guard send(c.fd, HTTPResponse(status: 100).serialized(keepAlive: true), until: until) else { return false }
         }
         if c.parser.bufferedByteCount == 0 {
             c.deadline = nil
@@ -267,9 +271,9 @@ private final class ServeLoop {
         return true
     }
 
-    /// Writes all of `bytes`, waiting for a full socket buffer to drain at most `requestTimeout`.
+    /// Writes all of `bytes`, waiting for a full socket buffer to drain until `until` (ms, monotonic).
     @discardableResult
-    private func send(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+    private func send(_ fd: Int32, _ bytes: [UInt8], until: Int) -> Bool {
         var done = 0
         while done < bytes.count {
             let n = bytes[done...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
@@ -277,7 +281,8 @@ private final class ServeLoop {
             if n < 0 && errno == EINTR { continue }
             guard n < 0, errno == EAGAIN else { return false }
             var p = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            guard poll(&p, 1, Int32(clamping: requestTimeout)) == 1 else { return false }
+            let left = until - Self.now()
+            guard left > 0, poll(&p, 1, Int32(clamping: left)) == 1 else { return false }
         }
         return true
     }
