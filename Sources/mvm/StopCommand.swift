@@ -14,13 +14,7 @@ struct StopCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "stop", abstract: "Stop an instance by name (graceful, then forced), whatever its mode.")
     @OptionGroup var instance: InstanceArguments
 
-    func run() async throws {
-        try await reportingErrors {
-            let name = instance.name
-            try await instance.backend().stop(name: name)
-            print("stopped \(name)")
-        }
-    }
+    func run() async throws { try await instance.act("stopped") { try await $0.stop(name: $1) } }
 }
 
 struct LogsCommand: AsyncParsableCommand {
@@ -31,16 +25,17 @@ struct LogsCommand: AsyncParsableCommand {
     func run() async throws {
         try await reportingErrors {
             let backend = try await instance.backend()
-            let first = Array(try await backend.logs(name: instance.name).utf8)
-            FileHandle.standardOutput.write(Data(first))
-            var shown = first.count
-            guard follow else { return }
+            let path = try await backend.list().first { $0.name == instance.name }?.logPath
+            guard follow, let path, let log = FileHandle(forReadingAtPath: path) else {
+                FileHandle.standardOutput.write(Data(try await backend.logs(name: instance.name).utf8))
+                return
+            }
+            // Follow the log file itself: each round reads only what was appended since the last.
             while true {
                 let running = (try? await backend.list())?.contains { $0.name == instance.name } ?? false
-                let text = Array((try? await backend.logs(name: instance.name))?.utf8 ?? "".utf8)
-                if text.count > shown { FileHandle.standardOutput.write(Data(text[shown...])); shown = text.count }
+                if let more = try log.readToEnd(), !more.isEmpty { FileHandle.standardOutput.write(more) }
                 if !running { return }
-                try await Task.sleep(for: .milliseconds(200))
+                try await Task.sleep(for: .milliseconds(250))
             }
         }
     }
@@ -60,22 +55,22 @@ struct PauseCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause an instance (direct: its vCPUs leave the guest; hosted: QEMU stops).")
     @OptionGroup var instance: InstanceArguments
 
-    func run() async throws {
-        try await reportingErrors {
-            try await instance.backend().pause(name: instance.name)
-            print("paused \(instance.name)")
-        }
-    }
+    func run() async throws { try await instance.act("paused") { try await $0.pause(name: $1) } }
 }
 
 struct ResumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume a paused instance.")
     @OptionGroup var instance: InstanceArguments
 
-    func run() async throws {
+    func run() async throws { try await instance.act("resumed") { try await $0.resume(name: $1) } }
+}
+
+extension InstanceArguments {
+    /// Finds the instance's backend, does `action` to it and says so.
+    func act(_ done: String, _ action: (any InstanceBackend, String) async throws -> Void) async throws {
         try await reportingErrors {
-            try await instance.backend().resume(name: instance.name)
-            print("resumed \(instance.name)")
+            try await action(try await backend(), name)
+            print("\(done) \(name)")
         }
     }
 }

@@ -32,14 +32,27 @@ struct LifecycleCLITests {
         #expect(try mvm("stats", name).stdoutText.contains("mvm_vmm_state 1"))
         #expect(try mvm("logs", name).stdoutText.hasPrefix("K"), "the tiny guest's first byte on COM1")
 
+        // `logs -f` prints what is there, follows, and returns once the instance has ended.
+        let follow = Process()
+        follow.executableURL = URL(fileURLWithPath: try #require(MVM.binary))
+        follow.arguments = ["logs", "-f", name]
+        follow.environment = ProcessInfo.processInfo.environment.merging(env) { $1 }
+        let followed = Pipe()
+        follow.standardOutput = followed
+        try follow.run()
         let stop = try mvm("stop", name)
         #expect(stop.status == 0, "\(stop.stderrText)")
+        let deadline = Date().addingTimeInterval(10)
+        while follow.isRunning && Date() < deadline { usleep(20_000) }
+        #expect(!follow.isRunning, "logs -f must return once the instance has ended")
+        if follow.isRunning { follow.terminate() }
+        #expect(String(decoding: followed.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).hasPrefix("K"))
         #expect(!(try mvm("ps").stdoutText.contains(name)))
         let left = try mvm("pause", name)
         #expect(left.status == 2 && left.stderrText.contains("no instance named"), "\(left.stderrText)")
     }
 
-    @Test func pauseOfAContainerSaysWhatCanBePaused() throws {
+    @Test func pausingAnInstanceThatDoesNotExistNamesIt() throws {
         let out = try MVM.run(["pause", "no-such-instance"])
         #expect(out.status == 2 && out.stderrText.contains("no instance named 'no-such-instance'"), "\(out.stderrText)")
     }
