@@ -13,23 +13,14 @@ import Synchronization
 import Glibc
 #endif
 
-/// `InstanceBackend` for `--mode direct`: boots the spec's kernel (or the default image) in a
-/// `VirtualMachine`, reads the guest init's framed result from COM1, and tears everything down.
+/// `InstanceBackend` for `--mode direct`: boots the spec's kernel (or the default image) in an
+/// `mvm-vmm` process of the instance's own, reads the guest init's framed result from the
+/// console log, and tears everything down.
 public struct DirectBackend: InstanceBackend {
-    public enum ConsoleEcho: Sendable, Equatable {
-        /// Keep the console in memory only (and in the instance's log file).
-        case none
-        /// Also copy it to standard output as it arrives.
-        case standardOutput
-    }
-
     public struct Options: Sendable {
         /// Boot even when the host's KVM is not hardware (tiny test guests; Linux will not boot).
         /// Defaults to the environment variable `MVM_DIRECT_ALLOW_EMULATED=1`.
         public var allowEmulatedKVM: Bool
-        public var console: ConsoleEcho
-        /// Feed standard input to COM1 (an interactive console).
-        public var forwardStandardInput: Bool
         public var paths: Paths
         public var devicePath: String
         /// Attach the default image's rootfs disk as /dev/vda (read-only, over virtio-blk) so the
@@ -38,16 +29,12 @@ public struct DirectBackend: InstanceBackend {
         public var attachRootfs: Bool
         /// Enforce the plan's slice in a cgroup of its own (as root).
         public var enforceInCgroup: Bool
-        /// This process runs this one VM (`mvm run`): the whole process joins the VM's cgroup,
-        /// so the VMM's memory is limited too. Otherwise only vCPU threads join it.
-        public var processPerInstance: Bool
-
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
-                    console: ConsoleEcho = .none, forwardStandardInput: Bool = false, paths: Paths = .default, devicePath: String = "/dev/kvm",
-                    attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0, processPerInstance: Bool = false) {
-            self.allowEmulatedKVM = allowEmulatedKVM; self.console = console; self.forwardStandardInput = forwardStandardInput
+                    paths: Paths = .default, devicePath: String = "/dev/kvm",
+                    attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0) {
+            self.allowEmulatedKVM = allowEmulatedKVM
             self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
-            self.enforceInCgroup = enforceInCgroup; self.processPerInstance = processPerInstance
+            self.enforceInCgroup = enforceInCgroup
         }
     }
 
@@ -82,81 +69,24 @@ public struct DirectBackend: InstanceBackend {
     public func execute(_ plan: LaunchPlan) async throws -> RunResult {
         let spec = plan.spec
         guard let kernel = plan.kernel else { throw MicroVMError(.internalError, "a direct launch plan has no kernel") }
-        // A record lets `mvm ps/stop/logs` find the VM; only a process that runs this one VM
-        // (`mvm run`) writes one, since `mvm stop` ends the process that holds it.
+        // Every direct VM runs in an `mvm-vmm` process of its own, whoever launches it (`mvm run`,
+        // the bench, a library caller): one boot path, and a VMM whose memory and CPU are its own.
+        let binary = try Self.vmmBinary()
         let records = self.records
-        let record = DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
-                                          cpus: spec.cpus, memory: spec.memory, startedAt: Date(),
-                                          logPath: options.paths.instances + "/" + spec.name + "/console.log")
-        // `mvm run` runs the VM in an `mvm-vmm` process of its own; a bench or a library caller
-        // that runs several VMs keeps them in this process.
-        let vmm = options.processPerInstance ? try Self.vmmBinary() : nil
-        var claimed = record
-        if vmm != nil { claimed.apiSocket = options.paths.instances + "/" + spec.name + "/api.sock" }
-        claimed.vsockCID = spec.vsockCID
-        claimed.vsockShell = spec.vsockCID != nil && spec.vsockShell
-        let logPath = options.processPerInstance ? try records.claim(claimed) : record.logPath
-        defer { if options.processPerInstance { records.release(spec.name, owner: claimed) } }
-        try Paths.ensureDirectory((logPath as NSString).deletingLastPathComponent)
+        let directory = options.paths.instances + "/" + spec.name
+        var record = DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
+                                          cpus: spec.cpus, memory: spec.memory, startedAt: Date(), logPath: directory + "/console.log")
+        record.apiSocket = directory + "/api.sock"
+        record.vsockCID = spec.vsockCID
+        record.vsockShell = spec.vsockCID != nil && spec.vsockShell
+        // A record lets `mvm ps/stop/logs` find the VM, and refuses a second one of that name.
+        let logPath = try records.claim(record)
+        defer { records.release(spec.name, owner: record) }
+        try Paths.ensureDirectory(directory)
         let cgroup = try enforce(plan)
-        defer { try? cgroup?.set.remove() }
-        if let vmm {
-            return try await executeInVMMProcess(plan, kernel: kernel, binary: vmm, record: claimed, records: records, logPath: logPath)
-        }
-
-        FileManager.default.createFile(atPath: logPath, contents: nil)
-        let log = FileHandle(forWritingAtPath: logPath)
-        defer { try? log?.close() }
-        let recorder = ConsoleRecorder(limit: 16 << 20)
-        let echo = options.console == .standardOutput
-        let sink: OutputSink = { bytes in
-            recorder.sink(bytes)
-            _ = try? log?.write(contentsOf: Data(bytes))
-            if echo { OutputSinks.standardOutput(bytes) }
-        }
-
-        var machine = MachineConfiguration(enforcement: plan.enforcement, devicePath: options.devicePath)
-        if let threadsOnly = cgroup?.threadsOnly, threadsOnly, let set = cgroup?.set {
-            machine.onVCPUThread = { tid in try? set.add(thread: tid) }
-        }
-        let vm = try VirtualMachine(machine)
-        plan.clock.mark(.spawned)
-        let devices = try vm.installLegacyDevices(console: sink)
-        // Virtio devices are described to the guest through ACPI (with COM1 and the i8042, whose
-        // ISA interrupts a hardware-reduced platform only maps when described); with no disk
-        // there are no devices and no tables: the legacy MP-table boot, the shortest.
-        // The tap goes away with its descriptor, which the net device's attachment closes.
-        let link = try spec.net.map { try TapLink.open($0, owner: spec.name) }
-        var deviceSpec = spec
-        deviceSpec.disks = plan.disks
-        let virtio: (attachments: [VirtioAttachment], cmdline: String)
-        do {
-            virtio = deviceSpec.disks.isEmpty && link == nil && spec.vsockCID == nil ? ([], "")
-                : try vm.installVirtioDevices(spec: deviceSpec, tap: link?.tap)
-        } catch {
-            link?.tap.remove()
-            throw error
-        }
-        defer { virtio.attachments.forEach { $0.stop() } }
-        // The plan's command line already carries the link's addresses (mvm.ip, mvm.gw).
-        let cmdline = plan.commandLine(adding: [virtio.cmdline])
-        let entry = try LinuxLoader.load(kernelPath: kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: spec.cpus,
-                                         virtioMMIO: virtio.attachments.map(\.acpiDevice))
-        let input = options.forwardStandardInput ? InputPump(fd: STDIN_FILENO, into: devices.serial) : nil
-        defer { input?.stop() }
-        let reason = try await Self.runOffTheCooperativePool(vm, BootEntry(entry), timeout: spec.timeout)
-        if let first = vm.firstEntry { plan.clock.mark(.firstInstruction, at: first) }
-        // The init's write to the boot timer port, timestamped by the VMM on the VM's clock.
-        if let ready = vm.readyAt(devices) { plan.clock.mark(.ready, at: ready) }
-
-        let console = recorder.text
-        let parsed = ConsoleParser.parse(console)
-        guard let report = parsed.report else {
-            let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
-            let code: MicroVMError.Code = reason == .timeout ? .timeout : .guestError
-            throw MicroVMError(code, "the guest stopped (\(reason)) without reporting a result\(reason == .timeout ? " within \(Int(spec.timeout)) s" : ""); last console lines:\n\(tail)")
-        }
-        return plan.result(status: report.status, output: report.outputText, console: console)
+        defer { try? cgroup?.remove() }
+        return try await executeInVMMProcess(plan, kernel: kernel, binary: binary, record: record, records: records, logPath: logPath,
+                                             cgroups: cgroup.map { Array(Set($0.directories.values)).sorted() } ?? [])
     }
 
     static func vmmBinary() throws -> String {
@@ -169,19 +99,20 @@ public struct DirectBackend: InstanceBackend {
     /// The plan in an `mvm-vmm` process: the tap made here (persistent, so the VMM attaches to it
     /// by name) and removed after; the VMM's pid and API socket in the instance's record.
     func executeInVMMProcess(_ plan: LaunchPlan, kernel: String, binary: String, record: DirectInstanceRecord,
-                             records: InstanceRecords, logPath: String) async throws -> RunResult {
+                             records: InstanceRecords, logPath: String, cgroups: [String]) async throws -> RunResult {
         let spec = plan.spec
         // Made persistent and let go of: a tap takes one process at a time, and the VMM attaches
         // to it by name.
         let link = try spec.net.map { try TapLink.open($0, owner: spec.name, persistent: true) }
         link?.tap.close()
         defer { link?.tap.remove() }
-        FileManager.default.createFile(atPath: logPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         let config = VMMProcess.configuration(plan, kernel: kernel, tap: link?.tap.name)
         let directory = (logPath as NSString).deletingLastPathComponent
         let outcome = try await VMMProcess.run(
             binary: binary, configuration: config, directory: directory, name: spec.name, logPath: logPath,
-            apiSocket: record.apiSocket ?? directory + "/api.sock", allowEmulatedKVM: options.allowEmulatedKVM, timeout: spec.timeout) { pid in
+            apiSocket: record.apiSocket ?? directory + "/api.sock", cgroups: cgroups, devicePath: options.devicePath, allowEmulatedKVM: options.allowEmulatedKVM,
+            timeout: spec.timeout) { pid in
                 plan.clock.mark(.spawned)
                 var r = record
                 r.vmmPID = pid
@@ -190,7 +121,6 @@ public struct DirectBackend: InstanceBackend {
         if let t = outcome.milestones["firstInstruction"] { plan.clock.mark(.firstInstruction, at: t) }
         if let t = outcome.milestones["ready"] { plan.clock.mark(.ready, at: t) }
         let console = String(decoding: FileManager.default.contents(atPath: logPath) ?? Data(), as: UTF8.self)
-        if options.console == .standardOutput { FileHandle.standardOutput.write(Data(console.utf8)) }
         guard let report = ConsoleParser.parse(console).report else {
             let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
             let why = outcome.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -201,39 +131,28 @@ public struct DirectBackend: InstanceBackend {
         return plan.result(status: report.status, output: report.outputText, console: console)
     }
 
-    /// The plan's enforcement as a cgroup: the whole process joins it when it runs this one VM
-    /// (`mvm run`); otherwise (a bench or a library caller running several) only the vCPU
-    /// threads do, which bounds their CPU but leaves memory to the guest RAM's own size.
-    func enforce(_ plan: LaunchPlan) throws -> (set: CgroupSet, threadsOnly: Bool)? {
+    /// The plan's enforcement as a cgroup of the instance's own, which the VMM process joins
+    /// before it creates the VM: its guest memory, its threads and its own heap are all charged
+    /// there, and the launching process stays outside (a bench runs several VMs at once).
+    func enforce(_ plan: LaunchPlan) throws -> CgroupSet? {
         guard options.enforceInCgroup else { return nil }
-        let name = "microvm/direct-\(plan.name)"
-        // Threads alone can join a cgroup v1 hierarchy; on v2 a thread id moves its whole
-        // process, so there a shared process leaves its VMs' CPU to their vCPU count and pins.
-        if !options.processPerInstance, try CgroupSet.existing(name: name).mode == .v2 { return nil }
-        let set = try CgroupSet.create(name: name, slice: plan.enforcement.cgroupSlice)
-        do {
-            if options.processPerInstance { try set.add(pid: getpid()) }
-        } catch {
-            try? set.remove()
-            throw error
-        }
-        return (set, !options.processPerInstance)
+        return try CgroupSet.create(name: "microvm/direct-\(plan.name)", slice: plan.enforcement.cgroupSlice)
     }
 
     public func list() async throws -> [InstanceInfo] {
         records.live().map { r in
-            // A run that has not started its VMM yet is starting.
-            InstanceInfo(name: r.name, mode: .direct, state: r.apiSocket != nil && r.vmmPID == nil ? "starting" : "running", pid: r.vmmPID ?? r.pid, cpus: r.cpus, memory: r.memory,
+            // A run that has not started its VMM yet is starting, and has no process of its own.
+            InstanceInfo(name: r.name, mode: .direct, state: r.vmmPID == nil ? "starting" : "running", pid: r.vmmPID, cpus: r.cpus, memory: r.memory,
                          startedAt: r.startedAt, logPath: r.logPath)
         }
     }
 
-    /// SIGTERM to the `mvm run` holding the VM (its handler stops the VM and cleans up), then
-    /// SIGKILL after 10 s.
+    /// SIGTERM to the `mvm run` holding the VM (its handler gives the guest a Ctrl-Alt-Del and
+    /// `VMMProcess.stopGrace` to reset, stops the VMM and cleans up), then SIGKILL after 10 s more.
     public func stop(name: String) async throws {
         let r = try running(name)
         kill(r.pid, SIGTERM)
-        let deadline = Monotonic.seconds() + 10
+        let deadline = Monotonic.seconds() + VMMProcess.stopGrace + 10
         while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
             try? await Task.sleep(for: .milliseconds(50))
         }
@@ -297,22 +216,6 @@ public struct DirectBackend: InstanceBackend {
         return (status, String(reply[..<at.lowerBound]))
     }
 
-    /// vCPU threads block; so does waiting for them. Keep that off Swift's cooperative threads,
-    /// and turn task cancellation into a stop request.
-    static func runOffTheCooperativePool(_ vm: VirtualMachine, _ entry: BootEntry, timeout: Double) async throws -> StopReason {
-        try await withTaskCancellationHandler {
-            try await withCheckedThrowingContinuation { (c: CheckedContinuation<StopReason, any Error>) in
-                let t = Thread {
-                    do { c.resume(returning: try vm.run(entry, timeout: timeout)) } catch { c.resume(throwing: error) }
-                }
-                t.name = "vmm-wait"
-                t.start()
-            }
-        } onCancel: {
-            vm.requestStop(.requested)
-        }
-    }
-
     public func logs(name: String) async throws -> String {
         let path = options.paths.instances + "/" + name + "/console.log"
         guard let d = FileManager.default.contents(atPath: path) else {
@@ -320,33 +223,4 @@ public struct DirectBackend: InstanceBackend {
         }
         return String(decoding: d, as: UTF8.self)
     }
-}
-
-/// Copies bytes from a file descriptor into the UART's receive FIFO until stopped, polling so
-/// that it notices `stop` without needing input to arrive.
-final class InputPump: Sendable {
-    private let done = Atomic<Bool>(false)
-
-    init(fd: Int32, into serial: Serial8250) {
-        let t = Thread { [self] in
-            var pending: [UInt8] = []
-            var buf = [UInt8](repeating: 0, count: 256)
-            while !self.done.load(ordering: .acquiring) {
-                if !pending.isEmpty {
-                    let n = serial.enqueueInput(pending)
-                    pending.removeFirst(min(n, pending.count))
-                    if !pending.isEmpty { usleep(2_000); continue }
-                }
-                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-                guard poll(&p, 1, 100) > 0 else { continue }
-                let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-                if n <= 0 { if n == 0 || errno != EINTR { return } else { continue } }
-                pending += buf[0..<n]
-            }
-        }
-        t.name = "vmm-stdin"
-        t.start()
-    }
-
-    func stop() { done.store(true, ordering: .releasing) }
 }

@@ -6,20 +6,25 @@ import VMM
 import VMMAPI
 
 /// A direct VM in a process of its own: `mvm run` starts `mvm-vmm` with the launch plan as a
-/// Firecracker configuration document, as a jailer starts Firecracker. The VMM inherits the
-/// run's cgroup (the slice's enforcement), dies with `mvm run` (parent-death signal), serves the
+/// Firecracker configuration document, as a jailer starts Firecracker. The VMM joins the
+/// instance's cgroup (the slice's enforcement) before it creates the VM, dies with the process
+/// that started it, serves the
 /// API on the instance's socket (`mvm pause`, `resume`, `stats`), writes the console to the
 /// instance's log and, at exit, its milestones on the host's monotonic clock.
-enum VMMProcess {
+public enum VMMProcess {
     /// `mvm-vmm` beside the running executable, else `MVM_VMM`, else the package's build folders.
-    static func binary() -> String? {
-        if let env = ProcessInfo.processInfo.environment["MVM_VMM"] { return FileManager.default.isExecutableFile(atPath: env) ? env : nil }
+    static func binary() -> String? { companion("mvm-vmm", environment: "MVM_VMM") }
+
+    /// One of the package's executables: the path in `environment` when set, else beside the
+    /// running executable, else in the package's build folders.
+    public static func companion(_ name: String, environment: String) -> String? {
+        if let env = ProcessInfo.processInfo.environment[environment] { return FileManager.default.isExecutableFile(atPath: env) ? env : nil }
         var candidates: [String] = []
         if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
-            candidates.append((exe as NSString).deletingLastPathComponent + "/mvm-vmm")
+            candidates.append((exe as NSString).deletingLastPathComponent + "/" + name)
         }
         let src = Paths.sourceDirectory()
-        candidates += [src + "/.build/release/mvm-vmm", src + "/.build/debug/mvm-vmm"]
+        candidates += [src + "/.build/release/" + name, src + "/.build/debug/" + name]
         return candidates.first { FileManager.default.isExecutableFile(atPath: $0) }
     }
 
@@ -45,10 +50,15 @@ enum VMMProcess {
         var milestones: [String: Double]
     }
 
-    /// Runs the VMM to its end: stops it (SIGTERM, then SIGKILL after 10 s) on `timeout` or when
-    /// the task is cancelled. `started` gets its pid once it runs.
+    /// How long a guest has to end after a Ctrl-Alt-Del before its VMM is stopped.
+    public static let stopGrace: Double = 5
+
+    /// Runs the VMM to its end. When the task is cancelled (`mvm stop`, a signal to `mvm run`)
+    /// the guest gets a Ctrl-Alt-Del through the API and `stopGrace` seconds to reset, then the
+    /// VMM a SIGTERM, then a SIGKILL after 10 s; on `timeout` the SIGTERM comes at once.
+    /// `started` gets its pid once it runs.
     static func run(binary: String, configuration: VMConfiguration, directory: String, name: String, logPath: String,
-                    apiSocket: String, allowEmulatedKVM: Bool, timeout: Double,
+                    apiSocket: String, cgroups: [String] = [], devicePath: String = "/dev/kvm", allowEmulatedKVM: Bool, timeout: Double,
                     started: @Sendable (Int32) -> Void) async throws -> Outcome {
         let configFile = directory + "/vmm.json", timings = directory + "/vmm-timings.json"
         let enc = JSONEncoder()
@@ -58,7 +68,7 @@ enum VMMProcess {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = ["--config-file", configFile, "--api-sock", apiSocket, "--id", name, "--console-log", logPath,
-                       "--timings-file", timings, "--attached"]
+                       "--timings-file", timings, "--attached", "--kvm-device", devicePath] + cgroups.flatMap { ["--cgroup", $0] }
         var env = ProcessInfo.processInfo.environment
         env["MVM_DIRECT_ALLOW_EMULATED"] = allowEmulatedKVM ? "1" : nil
         p.environment = env
@@ -85,6 +95,28 @@ enum VMMProcess {
             kill(pid, SIGTERM)
             DispatchQueue.global().asyncAfter(deadline: .now() + 10) { if p.isRunning { kill(pid, SIGKILL) } }
         }
+        let stopGracefully: @Sendable () -> Void = {
+            DispatchQueue.global().async {
+                let t0 = Monotonic.seconds()
+                // Pressed again every 1.5 s of the grace, as a person would: a press while the
+                // guest's driver has the keyboard interrupt off is only seen with the next one.
+                var asked = false, pressed = -Double.infinity
+                while p.isRunning && Monotonic.seconds() < t0 + stopGrace {
+                    if Monotonic.seconds() - pressed >= 1.5 {
+                        pressed = Monotonic.seconds()
+                        let ok = (try? APIClient(socketPath: apiSocket).send("PUT", "/actions", body: #"{"action_type": "SendCtrlAltDel"}"#))?.status == 204
+                        asked = asked || ok
+                        if !asked { break }
+                    }
+                    usleep(20_000)
+                }
+                let said = !asked ? "the VMM took no Ctrl-Alt-Del; stopping it"
+                    : p.isRunning ? "Ctrl-Alt-Del sent; the guest did not reset within \(Int(stopGrace)) s; stopping its VMM"
+                    : String(format: "Ctrl-Alt-Del sent; the guest reset after %.2f s", Monotonic.seconds() - t0)
+                FileHandle.standardError.write(Data("mvm: \(name): \(said)\n".utf8))
+                if p.isRunning { stop() }
+            }
+        }
         let timedOut = Atomic<Bool>(false)
         let timer = DispatchSource.makeTimerSource(queue: .global())
         timer.schedule(deadline: .now() + timeout)
@@ -100,7 +132,7 @@ enum VMMProcess {
                 if done { c.resume() }
             }
         } onCancel: {
-            stop()
+            stopGracefully()
         }
         err.fileHandleForReading.readabilityHandler = nil
         let rest = (try? err.fileHandleForReading.readToEnd()) ?? Data()

@@ -24,9 +24,11 @@ struct Arguments {
     /// Where to write, at exit, when the VM reached each milestone (CLOCK_MONOTONIC seconds,
     /// comparable with the launching process's clock).
     var timingsFile: String?
+    /// Cgroup directories to join before the VM exists (the instance's slice).
+    var cgroups: [String] = []
 
     static let usage = """
-        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE] [--attached] [--kvm-device PATH] [--timings-file FILE]
+        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE] [--attached] [--kvm-device PATH] [--timings-file FILE] [--cgroup DIR]...
           --config-file FILE   a Firecracker configuration document: boot at once
           --api-sock PATH      serve the Firecracker-compatible API on this unix socket
           --id ID              the instance id GET / reports
@@ -35,6 +37,9 @@ struct Arguments {
           --timings-file FILE  at exit, write when the process started, the VM was created, its first
                                vCPU entered the guest and the guest's init reported ready (JSON,
                                CLOCK_MONOTONIC seconds)
+          --cgroup DIR         join this cgroup (a directory holding cgroup.procs) before the VM is
+                               created, so guest memory and vCPU time are charged there; repeat it
+                               for each cgroup v1 hierarchy
         One of --config-file and --api-sock is required. On a host whose KVM is emulated, guests boot
         only with MVM_DIRECT_ALLOW_EMULATED=1 (tiny test guests; Linux cannot boot there).
         """
@@ -53,6 +58,7 @@ struct Arguments {
             case "--console-log": consoleLog = try value(a)
             case "--kvm-device": devicePath = try value(a)
             case "--timings-file": timingsFile = try value(a)
+            case "--cgroup": cgroups.append(try value(a))
             case "--attached": attached = true
             case "-h", "--help": print(Self.usage); exit(0)
             default: throw MicroVMError.invalidArgument("unknown argument '\(a)'")
@@ -98,6 +104,12 @@ do { args = try Arguments(Array(CommandLine.arguments.dropFirst())) } catch {
     fail("\(error)\n\(Arguments.usage)", status: 2)
 }
 if args.attached { dieWithParent() }
+// Into the slice's cgroups before anything sizable is allocated: writing 0 moves this process.
+for dir in args.cgroups {
+    let fd = open(dir + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
+    guard fd >= 0, write(fd, "0", 1) == 1 else { fail("cannot join the cgroup \(dir): \(String(cString: strerror(errno)))", status: 2) }
+    close(fd)
+}
 
 var config = VMConfiguration()
 if let file = args.configFile {

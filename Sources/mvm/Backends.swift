@@ -12,7 +12,7 @@ enum Backends {
             return NativeBackend()
         case .direct:
             // This process runs this one VM: all of it joins the VM's cgroup.
-            return DirectBackend(options: .init(attachRootfs: attachRootfs, processPerInstance: true))
+            return DirectBackend(options: .init(attachRootfs: attachRootfs))
         case .hosted:
             return HostedBackend(connect: connect, attachRootfs: attachRootfs)
         }

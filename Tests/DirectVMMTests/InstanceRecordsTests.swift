@@ -20,12 +20,18 @@ struct InstanceRecordsTests {
         // A process standing in for an `mvm run` that holds a VM: stop must end it.
         let child = try ChildProcess(["sleep", "60"])
         let records = InstanceRecords(directory: paths.instances + "/direct")
-        let log = try records.claim(record("vm-a", pid: child.pid, paths: paths))
+        var r = record("vm-a", pid: child.pid, paths: paths)
+        let log = try records.claim(r)
         try Data("@@mvm:boot-complete@@\n".utf8).write(to: URL(fileURLWithPath: log))
         let backend = DirectBackend(options: .init(paths: paths))
 
-        let listed = try await backend.list()
-        #expect(listed.map(\.name) == ["vm-a"] && listed.first?.pid == child.pid && listed.first?.mode == .direct)
+        // Until its VMM runs, the instance is starting and has no process of its own to show.
+        var listed = try await backend.list()
+        #expect(listed.map(\.name) == ["vm-a"] && listed.first?.state == "starting" && listed.first?.pid == nil)
+        r.vmmPID = 4_000_000
+        try records.update(r)
+        listed = try await backend.list()
+        #expect(listed.map(\.name) == ["vm-a"] && listed.first?.state == "running" && listed.first?.pid == 4_000_000 && listed.first?.mode == .direct)
         #expect(try await backend.logs(name: "vm-a").contains("boot-complete"))
         // The same name cannot be claimed while its process lives.
         #expect(throws: MicroVMError.self) { try records.claim(record("vm-a", pid: getpid(), paths: paths)) }
