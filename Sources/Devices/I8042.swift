@@ -128,7 +128,7 @@ public final class I8042: BusDevice {
         guard data.count > 0 else { return }
         let value = data[0]
         let (reset, irq) = state.withLock { s -> (Bool, Bool) in
-            let hadData = !s.buffer.isEmpty
+            let hadData = !s.buffer.isEmpty, wasEnabled = s.config & 0x01 != 0
             var reset = false
             switch offset {
             case Port.command:
@@ -144,7 +144,9 @@ public final class I8042: BusDevice {
                 s.ignored += 1
             }
             if reset { s.resets += 1 }
-            let irq = !hadData && !s.buffer.isEmpty && s.config & 0x01 != 0
+            // A byte that arrived, or bytes that waited while the keyboard interrupt was off
+            // (keys typed while the driver set the controller up) and now may interrupt.
+            let irq = !s.buffer.isEmpty && s.config & 0x01 != 0 && (!hadData || !wasEnabled)
             return (reset, irq)
         }
         if irq { keyboardInterrupt?.trigger() }

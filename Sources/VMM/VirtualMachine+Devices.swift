@@ -10,9 +10,11 @@ public struct LegacyDevices: Sendable {
 }
 
 extension VirtualMachine {
-    /// Kernel parameters this machine needs: no PS/2 mouse/mux/PnP probing (the i8042 has a
-    /// keyboard line and a reset line only), no PCI bus to scan.
-    public static let kernelParameters = "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd pci=off"
+    /// Kernel parameters this machine needs: no PS/2 mouse or mux probing (the i8042 has a
+    /// keyboard line and a reset line only), no PCI bus to scan. The keyboard is found through
+    /// PnP, from the DSDT's PS2K device: on this hardware-reduced ACPI machine that is what maps
+    /// its IRQ 1, so a Ctrl-Alt-Del (`SendCtrlAltDel`, `mvm stop`) reaches the guest kernel.
+    public static let kernelParameters = "i8042.noaux i8042.nomux i8042.dumbkbd pci=off"
 
     public static let com1Port: UInt16 = 0x3f8
     public static let com1IRQ: UInt32 = 4

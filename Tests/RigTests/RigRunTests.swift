@@ -171,6 +171,7 @@ struct RigKVMTests {
         #expect(s.output.contains("logs-boot=1"), "\(s.output)")
         #expect(s.output.contains("stop=0"), "\(s.output)")
         #expect(s.output.contains("run-status=143"), "\(s.output)")
+        #expect(s.output.contains("Ctrl-Alt-Del sent; the guest reset"), "mvm stop must end the guest through Ctrl-Alt-Del: \(s.output)")
         #expect(s.output.contains("cgroup-gone") && s.output.contains("grants-left=0"), "\(s.output)")
     }
 
@@ -181,6 +182,13 @@ struct RigKVMTests {
             #expect(s.output.contains(ok), "\(ok) expected: \(s.output.suffix(2000))")
         }
         #expect(!s.output.contains("cad-timeout") && s.output.contains("vmm-status=0"), "Ctrl-Alt-Del must reboot Linux, which ends the VMM: \(s.output.suffix(2000))")
+    }
+
+    @Test func twoCPUsWithoutADiskComeFromTheMADT() throws {
+        let s = try step("madt")
+        #expect(s.status == 3, "output: \(s.output.suffix(2000))")
+        #expect(s.output.contains("cpus=2"), "the guest must see 2 CPUs: \(s.output.suffix(2000))")
+        #expect(s.output.contains("Using ACPI (MADT) for SMP configuration"), "Linux must take its CPUs from the MADT: \(s.output.suffix(2000))")
     }
 
     @Test func directLinuxBootVmlinux() throws {
@@ -204,6 +212,11 @@ enum RigKVMSession {
          ("cpus2", [mvm, "run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"]),
          ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux,
                       "--initrd", (vmlinux as NSString).deletingLastPathComponent + "/initrd.img", "--", "sh", "-c", "echo hello; exit 3"]),
+         // No disk: the machine is still described by ACPI, and Linux takes its CPUs from the
+         // MADT (as a kernel built without CONFIG_X86_MPPARSE must), not from the MP table.
+         ("madt", [mvm, "run", "--mode", "direct", "--cpus", "2", "--kernel", vmlinux,
+                   "--initrd", (vmlinux as NSString).deletingLastPathComponent + "/initrd.img", "--", "sh", "-c",
+                   "echo cpus=$(nproc); dmesg | grep -E 'MADT|MP-table|MPTABLE|SMP configuration'; exit 3"]),
          ("scratch-disk", ["truncate", "-s", "64M", scratchDisk]),
          // The guest's iperf3 client finds this one-shot server at the host end of its tap.
          ("iperf3-server", ["sh", "-c", "modprobe tun 2>/dev/null; iperf3 -s -1 -D -p \(iperfPort)"]),
@@ -219,7 +232,7 @@ enum RigKVMSession {
     /// Paused, Resumed, then SendCtrlAltDel, which reboots Linux through the i8042 and ends the VMM.
     static func vmmAPIScript(mvm: String, image: String) -> String {
         let vmm = ProcessRunner.shellQuote((mvm as NSString).deletingLastPathComponent + "/mvm-vmm")
-        // The keyboard's IRQ 1 comes from the DSDT's PS2K device through PNP (no i8042.nopnp).
+        // The keyboard's IRQ 1 comes from the DSDT's PS2K device through PNP (the VMM's default parameters).
         let report = "echo api-guest-up >/dev/ttyS0; grep -h Name= /proc/bus/input/devices >/dev/ttyS0; dmesg | grep -i -E 'i8042|atkbd|serio' >/dev/ttyS0; "
             + "cat /proc/sys/kernel/ctrl-alt-del >/dev/ttyS0; while :; do grep i8042 /proc/interrupts >/dev/ttyS0; sleep 3; done"
         let args = KernelCommandLine.build(command: ["sh", "-c", report],
@@ -272,6 +285,7 @@ enum RigKVMSession {
         echo "logs-boot=$(\(m) logs rigps | grep -c boot-complete)"
         \(m) stop rigps; echo "stop=$?"
         wait $vm; echo "run-status=$?"
+        grep -o 'Ctrl-Alt-Del sent; the guest reset' /tmp/ps-run.out
         test -d /sys/fs/cgroup/microvm/direct-rigps && echo cgroup-left || echo cgroup-gone
         echo "grants-left=$(\(m) alloc show | grep -c rigps)"
         tail -3 /tmp/ps-run.out
