@@ -128,7 +128,7 @@ public final class BenchRunner: Sendable {
     }
 
     public func run(hostRecord: HostRecord) async -> BenchReport {
-        let runnable = plan.targets.filter { $0.backend != nil }
+        let runnable = plan.targets.filter { $0.backend != nil || plan.scenarios.contains { !$0.needsBackend } }
         func runs(_ s: any BenchScenario, _ t: BenchTarget) -> Int {
             plan.skipReason(s, t) != nil ? 0 : (plan.repeats(for: t, scenario: s.name) + plan.warmups(s)) * s.runsPerMeasure(plan.context(for: t))
         }
@@ -283,7 +283,7 @@ struct CellTally {
         var ms: [Metric] = []
         for m in scenario.metrics(for: context) where !ms.contains(m) { ms.append(m) }
         metrics = ms
-        if target.backend == nil {
+        if target.backend == nil && scenario.needsBackend {
             unavailableReason = target.record.unavailableReason ?? "backend not available"
         } else {
             unavailableReason = plan.skipReason(scenario, target)

@@ -182,12 +182,16 @@ public protocol BenchScenario: Sendable {
     func runsPerMeasure(_ ctx: BenchContext) -> Int
     /// A caveat that says how the number was obtained (recorded in each cell).
     var note: String? { get }
+    /// False for a scenario that measures the host's VMM binaries on tiny guests rather than
+    /// workloads through the backend: it runs where the backend cannot (a software KVM).
+    var needsBackend: Bool { get }
     func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement]
 }
 
 extension BenchScenario {
     public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 }
     public var note: String? { nil }
+    public var needsBackend: Bool { true }
 }
 
 /// Checks a tool run: a failed command is an error carrying its output's tail.

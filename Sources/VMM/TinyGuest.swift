@@ -23,6 +23,27 @@ public enum TinyGuest {
         0xf4,                    // hlt
     ]
 
+    /// Ends the VM at its first instructions, whichever VMM runs it: a reset through the i8042
+    /// (the direct VMM, Linux's `reboot=k`), then a write to QEMU's `isa-debug-exit` port 0xf4
+    /// (QEMU's microvm has no i8042; QEMU then exits with status 253), then a triple fault (an
+    /// empty IDT and an int3). The shortest life a VMM can give a guest.
+    public static let resetAtOnce: [UInt8] = [
+        0xb0, 0xfe,                                   // mov al, 0xfe (pulse reset)
+        0xe6, 0x64,                                   // out 0x64, al
+        0xe6, 0xf4,                                   // out 0xf4, al (isa-debug-exit)
+        0x0f, 0x01, 0x1d, 0x00, 0x01, 0x00, 0x01,     // lidt [0x1000100]: zeros past the code, limit 0
+        0xcc,                                         // int3: no IDT, so a triple fault
+        0xf4, 0xeb, 0xfd,                             // hlt; jmp hlt
+    ]
+
+    /// Halts with interrupts off, for ever: the vCPU sleeps in the kernel and the VMM idles, as
+    /// long as the VMM lets it (a memory figure of the VMM alone).
+    public static let idle: [UInt8] = [
+        0xfa,                                         // cli
+        0xf4,                                         // hlt
+        0xeb, 0xfd,                                   // jmp hlt
+    ]
+
     /// Where the code is loaded and entered.
     public static let loadAddress: UInt64 = 0x100_0000
 

@@ -55,7 +55,7 @@ struct BenchRunCommand: AsyncParsableCommand {
                                  context: BenchContext(workload: load, slice: slice, durations: durations, slices: slices),
                                  preset: preset, profile: profile,
                                  emulatedVMRepeats: full || repeats != nil ? nil : 1,
-                                 emulatedVMScenarios: full ? nil : ["start", "cpu"])
+                                 emulatedVMScenarios: full ? nil : ["start", "cpu", "vmm"])
             if !full && repeats == nil {
                 plan.scenarioRepeatCap = ["noisy-neighbour": 1]
                 plan.warmupSkipped = ["noisy-neighbour": "--quick runs it once; each repeat runs the victim alone before the attacks"]

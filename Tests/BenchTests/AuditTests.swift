@@ -165,7 +165,7 @@ struct ScriptedBackend: InstanceBackend {
     static func treeWithProbe() throws -> String {
         let tree = FileManager.default.temporaryDirectory.appendingPathComponent("mvm-audit-tree-\(UUID().uuidString.prefix(8))").path
         try FileManager.default.createDirectory(atPath: tree + "/usr/bin", withIntermediateDirectories: true)
-        FileManager.default.createFile(atPath: tree + RootfsBuilder.probePath, contents: Data("#!/bin/true\n".utf8), attributes: [.posixPermissions: 0o755])
+        _ = FileManager.default.createFile(atPath: tree + RootfsBuilder.probePath, contents: Data("#!/bin/true\n".utf8), attributes: [.posixPermissions: 0o755])
         return tree
     }
 

@@ -1,0 +1,222 @@
+import Foundation
+import MicroVMCore
+import Host
+import KVM
+import DirectVMM
+import VMM
+import VMMAPI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The VMM alone, apart from any workload: how soon it runs guest code, how long a whole VMM
+/// process lives for a guest that resets at once, and what it costs in memory beyond the guest's
+/// RAM. `mvm-vmm` (the direct mode's VMM) against QEMU's microvm on the same KVM, each sample
+/// paired with a run of `mvm-kvm-floor`, a C program that makes the same KVM calls and nothing
+/// else. Tiny PVH guests, so it runs on any KVM, an emulated one included (labelled so); where
+/// KVM is real (the nested rig) it also boots Linux on both, to init and to a ping of the host.
+public struct VMMScenario: BenchScenario {
+    public let name = "vmm"
+    public static let firstRun = Metric("vmm-first-run", "VMM exec → first KVM_RUN (tiny guest)", unit: "ms", higherIsBetter: false)
+    public static let whole = Metric("vmm-whole", "VMM process exec → exit (tiny guest that resets at once)", unit: "ms", higherIsBetter: false)
+    public static let floor = Metric("vmm-floor", "C floor (mvm-kvm-floor) exec → exit, paired with this VMM's runs", unit: "ms", higherIsBetter: false)
+    public static let pss = Metric("vmm-pss", "VMM PSS beyond guest RAM (128 MiB guest, 1 disk, 1 tap, idle)", unit: "MiB", higherIsBetter: false)
+    public static let linuxBoot = Metric("vmm-linux-boot", "Linux boot to init (launch request → ready)", unit: "ms", higherIsBetter: false)
+    public static let linuxPing = Metric("vmm-linux-ping", "Linux guest → host ping round trip (average)", unit: "ms", higherIsBetter: false)
+    /// Tiny-guest runs per repeat, each paired with a floor run.
+    public static let runs = 10
+    public static let guestMiB = 128
+
+    public init() {}
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.firstRun, Self.whole, Self.floor, Self.pss, Self.linuxBoot, Self.linuxPing] }
+    public var note: String? {
+        "tiny PVH guests on this host's /dev/kvm, whatever it is (each sample's details name it): whole = posix_spawn → waitpid of the VMM, "
+            + "interleaved with mvm-kvm-floor (the same KVM calls in C; its figure in each sample's details as floor_ms); first KVM_RUN from "
+            + "mvm-vmm's milestones (QEMU reports none); PSS of the VMM process less its guest RAM mapping, the guest idle in hlt; "
+            + "the Linux rows only where KVM is real"
+    }
+    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 2 }
+    public var needsBackend: Bool { false }
+
+    enum VMM { case direct(String), qemu(String) }
+
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        let vmm: VMM
+        switch target.name {
+        case "direct":
+            guard let b = VMMProcess.companion("mvm-vmm", environment: "MVM_VMM") else { throw ScenarioUnavailable("mvm-vmm is not built") }
+            vmm = .direct(b)
+        case "qemu-microvm":
+            guard let q = ProcessRunner.which("qemu-system-x86_64") else { throw ScenarioUnavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)") }
+            vmm = .qemu(q)
+        default:
+            throw ScenarioUnavailable("the vmm scenario compares VMMs: it runs on direct and qemu-microvm")
+        }
+        let kvm = HostProfile.current().kvm.verdict
+        guard kvm != .absent else { throw ScenarioUnavailable("no usable /dev/kvm") }
+        guard let floor = VMMProcess.companion("mvm-kvm-floor", environment: "MVM_KVM_FLOOR") else {
+            throw ScenarioUnavailable("mvm-kvm-floor is not built (swift build --product mvm-kvm-floor)")
+        }
+        let acceleration = BackendCatalog.acceleration(mode: .direct, kvm: kvm)
+        let dir = FileManager.default.temporaryDirectory.path + "/mvm-bench-vmm-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try Paths.ensureDirectory(dir)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let reset = dir + "/reset.elf", idle = dir + "/idle.elf", disk = dir + "/disk.img"
+        try Data(TinyGuest.pvhELF(code: TinyGuest.resetAtOnce)).write(to: URL(fileURLWithPath: reset))
+        try Data(TinyGuest.pvhELF(code: TinyGuest.idle)).write(to: URL(fileURLWithPath: idle))
+        guard truncate(disk, 64 << 20) == 0 || (FileManager.default.createFile(atPath: disk, contents: nil) && truncate(disk, 64 << 20) == 0) else {
+            throw MicroVMError(.backend, "cannot make the bench's scratch disk \(disk)")
+        }
+        var env: [String: String] = [:]
+        if kvm == .emulated { env["MVM_DIRECT_ALLOW_EMULATED"] = "1" }
+
+        var out: [Measurement] = []
+        for i in 0..<Self.runs {
+            // Floor first on even runs, second on odd ones: neither always follows the other.
+            var floorMs = 0.0, vmmMs = 0.0, first: Double?
+            for step in (i % 2 == 0 ? [0, 1] : [1, 0]) {
+                if step == 0 {
+                    floorMs = try Self.timed([floor, "--memory-mib", "\(Self.guestMiB)", reset], environment: env).ms
+                } else {
+                    let r = try runToExit(vmm, guest: reset, dir: dir, environment: env)
+                    vmmMs = r.ms; first = r.firstRun
+                }
+            }
+            let details = ["acceleration": acceleration, "floor_ms": String(format: "%.2f", floorMs), "guest": "tiny PVH, resets at once"]
+            out.append(Measurement(Self.whole, vmmMs, details: details))
+            out.append(Measurement(Self.floor, floorMs, details: details))
+            if let first { out.append(Measurement(Self.firstRun, first, details: details)) }
+        }
+        if case .qemu = vmm { out.append(.unavailable(Self.firstRun, "QEMU reports no time of its first KVM_RUN")) }
+        out.append(try idlePSS(vmm, guest: idle, disk: disk, dir: dir, environment: env, acceleration: acceleration))
+        out += try await linux(target, ctx)
+        return out
+    }
+
+    /// A program's life, posix_spawn to waitpid, in ms; an exit other than 0 is an error.
+    static func timed(_ argv: [String], environment: [String: String], success: Int32 = 0) throws -> (ms: Double, started: Double) {
+        let t0 = Monotonic.seconds()
+        let child = try ChildProcess(argv, environment: environment)
+        let (status, timedOut) = child.wait(timeout: 60)
+        let ms = (Monotonic.seconds() - t0) * 1000
+        guard !timedOut else { child.signal(SIGKILL); _ = child.wait(); throw MicroVMError(.timeout, "\(argv[0]) ran a tiny guest for more than 60 s") }
+        guard status == success else { throw MicroVMError(.backend, "\((argv[0] as NSString).lastPathComponent) ran the tiny guest and exited with status \(status)") }
+        return (ms, t0)
+    }
+
+    func runToExit(_ vmm: VMM, guest: String, dir: String, environment: [String: String]) throws -> (ms: Double, firstRun: Double?) {
+        switch vmm {
+        case .direct(let binary):
+            let config = dir + "/reset.json", timings = dir + "/timings.json"
+            var c = VMConfiguration()
+            c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: Self.guestMiB)
+            c.bootSource = BootSource(kernelImagePath: guest)
+            try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: config))
+            unlink(timings)
+            let r = try Self.timed([binary, "--config-file", config, "--console-log", "/dev/null", "--timings-file", timings], environment: environment)
+            let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) }
+            return (r.ms, milestones?["firstInstruction"].map { ($0 - r.started) * 1000 })
+        case .qemu(let qemu):
+            return (try Self.timed(Self.qemuArguments(qemu, guest: guest), environment: environment, success: Self.qemuDebugExit).ms, nil)
+        }
+    }
+
+    /// QEMU's status when the tiny guest writes 0xfe to `isa-debug-exit`: (0xfe << 1) | 1, in 8 bits.
+    static let qemuDebugExit: Int32 = 253
+
+    /// QEMU's microvm with no devices but what the guest needs (and the one-port exit device),
+    /// on KVM whatever it is. A software KVM refuses the host CPU model's ARCH_CAPABILITIES MSR.
+    static func qemuArguments(_ qemu: String, guest: String, disk: String? = nil, tap: String? = nil,
+                              kvm: KVMProbeResult.Verdict = HostProfile.current().kvm.verdict) -> [String] {
+        var argv = [qemu, "-M", "microvm,pic=off,pit=on,rtc=off,isa-serial=off", "-accel", "kvm",
+                    "-cpu", kvm == .hardware ? "host" : "host,-arch-capabilities",
+                    "-m", "\(guestMiB)M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                    "-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel", QEMUMicrovmBackend.escape(guest)]
+        if let disk {
+            argv += ["-drive", "id=disk0,file=\(QEMUMicrovmBackend.escape(disk)),format=raw,if=none", "-device", "virtio-blk-device,drive=disk0"]
+        }
+        if let tap {
+            argv += ["-netdev", "tap,id=net0,ifname=\(QEMUMicrovmBackend.escape(tap)),script=no,downscript=no,vnet_hdr=on,vhost=off", "-device", "virtio-net-device,netdev=net0"]
+        }
+        return argv
+    }
+
+    /// The VMM with an idle 128 MiB guest, a disk and (as root) a tap: the peak of three PSS
+    /// samples a second after the start, less the guest RAM mapping.
+    func idlePSS(_ vmm: VMM, guest: String, disk: String, dir: String, environment: [String: String], acceleration: String) throws -> Measurement {
+        let tap = getuid() == 0 ? try TapDevice(name: nil, tag: "bench-vmm-\(getpid())", persistent: true) : nil
+        tap?.close()
+        defer { tap?.remove() }
+        let argv: [String]
+        switch vmm {
+        case .direct(let binary):
+            var c = VMConfiguration()
+            c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: Self.guestMiB)
+            c.bootSource = BootSource(kernelImagePath: guest)
+            c.drives = [Drive(driveId: "disk0", pathOnHost: disk, isReadOnly: false)]
+            if let tap { c.networkInterfaces = [NetworkInterface(ifaceId: "eth0", hostDevName: tap.name)] }
+            let config = dir + "/idle.json"
+            try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: config))
+            argv = [binary, "--config-file", config, "--console-log", "/dev/null"]
+        case .qemu(let qemu):
+            argv = Self.qemuArguments(qemu, guest: guest, disk: disk, tap: tap?.name)
+        }
+        let child = try ChildProcess(argv, environment: environment)
+        defer {
+            child.signal(SIGTERM)
+            if child.wait(upTo: 10) == nil { child.signal(SIGKILL); _ = child.wait() }
+        }
+        usleep(1_000_000)
+        var peak: UInt64 = 0, rss: UInt64 = 0
+        for _ in 0..<3 {
+            guard let smaps = try? String(contentsOfFile: "/proc/\(child.pid)/smaps", encoding: .utf8) else {
+                throw MicroVMError(.backend, "the VMM (pid \(child.pid)) ended before its memory could be read")
+            }
+            let m = Self.memoryExcludingGuestRAM(smaps, guestBytes: UInt64(Self.guestMiB) << 20)
+            peak = max(peak, m.pss); rss = max(rss, m.rss)
+            usleep(200_000)
+        }
+        return Measurement(Self.pss, Double(peak) / 1_048_576,
+                           details: ["acceleration": acceleration, "devices": tap == nil ? "1 disk (no tap: not root)" : "1 disk, 1 tap",
+                                     "guest": "tiny PVH, idle in hlt", "rss_mib": String(format: "%.2f", Double(rss) / 1_048_576)])
+    }
+
+    /// The summed PSS and RSS of every mapping in a /proc/PID/smaps text except those at least as
+    /// large as the guest's RAM (the guest memory itself), in bytes.
+    public static func memoryExcludingGuestRAM(_ smaps: String, guestBytes: UInt64) -> (pss: UInt64, rss: UInt64) {
+        var pss: UInt64 = 0, rss: UInt64 = 0, size: UInt64 = 0
+        for line in smaps.split(separator: "\n") {
+            let f = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard f.count >= 2, let kb = UInt64(f[1]) else { continue }
+            switch f[0] {
+            case "Size:": size = kb * 1024
+            case "Pss:" where size < guestBytes: pss += kb * 1024
+            case "Rss:" where size < guestBytes: rss += kb * 1024
+            default: break
+            }
+        }
+        return (pss, rss)
+    }
+
+    /// Where KVM is real: Linux to init (the start scenario's interval) and a ping round trip to
+    /// the host (the network scenario's).
+    func linux(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        guard BackendCatalog.realKVM.contains(target.record.acceleration), target.backend != nil else {
+            let why = "Linux cannot boot under \(target.record.acceleration) here: run in the nested rig"
+            return [.unavailable(Self.linuxBoot, why), .unavailable(Self.linuxPing, why)]
+        }
+        let one = try await ctx.run(target, ["true"], tag: "vmm-boot")
+        _ = try requireSuccess(one, "true")
+        var boot = try StartLatency.start(one, Self.linuxBoot)
+        boot.details["acceleration"] = target.record.acceleration
+        var out = [boot]
+        let (net, host) = try target.link()
+        let r = try await ctx.run(target, ["ping", "-c", "20", "-i", "0.2", "-W", "2", host], tag: "vmm-ping", net: net)
+        if let rtt = ToolParsers.pingAverageMilliseconds(try requireSuccess(r, "ping")) {
+            out.append(Measurement(Self.linuxPing, rtt, details: ["acceleration": target.record.acceleration]))
+        } else {
+            out.append(.failed(Self.linuxPing, "ping printed no average: \(r.output.suffix(200))"))
+        }
+        return out
+    }
+}
