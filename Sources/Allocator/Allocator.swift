@@ -118,22 +118,43 @@ public final class Allocator: Sendable {
         }
     }
 
-    /// Reclaims the grants whose owner process is gone (pid missing or reused) and logs each.
+    /// Names the process that holds a grant's resources (`Grant.holder`): from now on the grant
+    /// is reclaimed only when its owner and that process are both gone. A holder that has
+    /// already ended is not recorded.
+    public func hold(_ grantID: Int64, pid: Int32, what: String) throws {
+        let start = ProcessIdentity.startTime(pid: pid, procRoot: procRoot)
+        guard start != nil || ownerAlive(pid, nil) else { return }
+        try ledger.immediate { db in
+            try db.execute(sql: "UPDATE grants SET holderPid = ?, holderStart = ?, holderWhat = ? WHERE id = ?",
+                           arguments: [Int64(pid), start.map { Int64(bitPattern: $0) }, what, grantID])
+            guard db.changesCount > 0, let g = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE id = ?", arguments: [grantID]).first else { return }
+            try Ledger.log(db, kind: "hold", grant: g, detail: "\(what) pid \(pid) holds it")
+        }
+    }
+
+    /// Reclaims the grants whose owner process is gone (pid missing or reused) and whose holder,
+    /// if one was named, is gone too; logs each.
     @discardableResult
     public func reclaimDead() throws -> [Grant] {
         try ledger.immediate { db in try reclaimDead(db) }
     }
 
     private func reclaimDead(_ db: Database) throws -> [Grant] {
+        var known: [String: Bool] = [:]
+        func alive(_ pid: Int32, _ start: UInt64?) -> Bool {
+            let key = "\(pid):\(start.map(String.init) ?? "-")"
+            if let v = known[key] { return v }
+            let v = ownerAlive(pid, start)
+            known[key] = v
+            return v
+        }
         var dead: [Grant] = []
-        for row in try Row.fetchAll(db, sql: "SELECT DISTINCT pid, pidStart FROM grants WHERE pid IS NOT NULL") {
-            let pid = Int32(truncatingIfNeeded: row["pid"] as Int64)
-            let start = (row["pidStart"] as Int64?).map { UInt64(bitPattern: $0) }
-            if ownerAlive(pid, start) { continue }
-            let gs = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE pid = ? AND pidStart IS ? ORDER BY id",
-                                       arguments: [Int64(pid), start.map { Int64(bitPattern: $0) }])
-            for g in gs { try Ledger.delete(db, g, kind: "reclaim", detail: "owner pid \(pid) is gone; " + Ledger.describe(g)) }
-            dead += gs
+        for g in try Ledger.grants(db, sql: "SELECT * FROM grants WHERE pid IS NOT NULL ORDER BY id") {
+            guard let pid = g.pid, !alive(pid, g.pidStartTime) else { continue }
+            if let h = g.holder, alive(h.pid, h.startTime) { continue }
+            let holder = g.holder.map { " and its holder, \($0.what) pid \($0.pid), too" } ?? ""
+            try Ledger.delete(db, g, kind: "reclaim", detail: "owner pid \(pid) is gone\(holder); " + Ledger.describe(g))
+            dead.append(g)
         }
         return dead
     }

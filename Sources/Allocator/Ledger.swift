@@ -63,7 +63,7 @@ final class Ledger: Sendable {
     }
 
     /// Stamped in SQLite's `user_version` once every migration has run; bump it with each new one.
-    static let schemaVersion = 2
+    static let schemaVersion = 3
 
     static func corrupt(_ path: String, _ what: String, cause: (any Error)? = nil) -> MicroVMError {
         MicroVMError(.corruptState, "the allocator ledger \(path) \(what): move it aside (mv \(path) \(path).bad) so a new one is created, then check for leftover instances with mvm ps; the grants it held are forgotten", cause: cause)
@@ -121,6 +121,15 @@ final class Ledger: Sendable {
         m.registerMigration("v2-pinned-index") { db in
             // Lets the per-CPU pinned load be grouped from an index instead of a sort.
             try db.create(index: "grants_by_cpuset", on: "grants", columns: ["placement", "cpuset"])
+        }
+        m.registerMigration("v3-holders") { db in
+            // The process that holds a grant's resources (the VMM, QEMU, a container's init),
+            // which may outlive the owner (`mvm run`) that asked for the grant.
+            try db.alter(table: "grants") { t in
+                t.add(column: "holderPid", .integer)
+                t.add(column: "holderStart", .integer)
+                t.add(column: "holderWhat", .text)
+            }
         }
         return m
     }()
@@ -208,9 +217,13 @@ final class Ledger: Sendable {
                                   cpuWeight: row["weight"], cpuQuota: row["quota"],
                                   memory: ByteCount(UInt64(max(0, row["memory"] as Int64))),
                                   hugePages: (row["hugePages"] as Int) > 0, pidsLimit: row["pidsLimit"], numaNode: row["numaNode"])
+        let holder = (row["holderPid"] as Int64?).map { pid in
+            Grant.Holder(pid: Int32(truncatingIfNeeded: pid), startTime: (row["holderStart"] as Int64?).map { UInt64(bitPattern: $0) },
+                         what: row["holderWhat"] ?? "")
+        }
         return Grant(id: row["id"], owner: row["owner"], pid: (row["pid"] as Int64?).map { Int32(truncatingIfNeeded: $0) },
                      pidStartTime: (row["pidStart"] as Int64?).map { UInt64(bitPattern: $0) }, mode: row["mode"],
-                     slice: slice, hugePageCount: row["hugePages"], created: Date(timeIntervalSince1970: row["created"]))
+                     slice: slice, hugePageCount: row["hugePages"], created: Date(timeIntervalSince1970: row["created"]), holder: holder)
     }
 
     static func grants(_ db: Database, sql: String = "SELECT * FROM grants ORDER BY id", arguments: StatementArguments = []) throws -> [Grant] {
@@ -229,5 +242,6 @@ final class Ledger: Sendable {
 
     static func describe(_ g: Grant) -> String {
         "\(g.slice.placement.rawValue) cpus=\(g.slice.cpuSetList) n=\(g.slice.cpus) memory=\(g.slice.memory)" + (g.pid.map { " pid=\($0)" } ?? "")
+            + (g.holder.map { " held by \($0.what) pid \($0.pid)" } ?? "")
     }
 }

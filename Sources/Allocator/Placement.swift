@@ -49,6 +49,23 @@ public struct Grant: Codable, Sendable, Hashable {
     /// Huge pages taken from the pool (0 unless the slice asked for them).
     public var hugePageCount: Int
     public var created: Date
+    /// The process holding the grant's resources once the backend started it (the VMM, QEMU,
+    /// a container's init): the grant lives while the owner *or* the holder does, so killing
+    /// `mvm` never frees resources a running VM or container still uses.
+    public var holder: Holder?
+
+    public struct Holder: Codable, Sendable, Hashable {
+        public var pid: Int32
+        public var startTime: UInt64?
+        public var what: String
+        public init(pid: Int32, startTime: UInt64?, what: String) { self.pid = pid; self.startTime = startTime; self.what = what }
+    }
+
+    public init(id: Int64, owner: String, pid: Int32?, pidStartTime: UInt64?, mode: String, slice: ResourceSlice, hugePageCount: Int,
+                created: Date, holder: Holder? = nil) {
+        self.id = id; self.owner = owner; self.pid = pid; self.pidStartTime = pidStartTime; self.mode = mode; self.slice = slice
+        self.hugePageCount = hugePageCount; self.created = created; self.holder = holder
+    }
 }
 
 /// The ledger's live grants reduced to what a placement decision needs. Built with aggregate

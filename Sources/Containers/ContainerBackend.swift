@@ -161,6 +161,12 @@ public struct ContainerBackend: InstanceBackend {
             executable: rt.path,
             arguments: driver.globalArguments(network: spec.net != nil) + ["run", "--bundle", bundle, "--pid-file", bundle + "/container.pid", id],
             logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout, clock: plan.clock, cancelled: cancelled,
+            onStart: { [pidFile = bundle + "/container.pid", holder = plan.holder, name = rt.name] in
+                // The runtime wrote the container's init pid before starting it: the grant follows that process.
+                if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                    holder(pid, "\(name) container init")
+                }
+            },
             onTimeout: { driver.kill(id, signal: "KILL") })
         let collector = launched.collector
         // The container's processes hold the pipes; once runc has reaped pid 1 they are all gone.

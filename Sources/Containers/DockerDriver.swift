@@ -116,7 +116,15 @@ struct DockerDriver: Sendable {
         args += [image] + command
         guard let exe = ProcessRunner.which("docker") else { throw MicroVMError.notFound("'docker' is not installed: apt-get install docker.io") }
         let launched = try StreamedRun.run(executable: exe, arguments: args, logPath: store.log(id), expectMarker: hasShell,
-                                           timeout: spec.timeout, clock: plan.clock, cancelled: cancelled, onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
+                                           timeout: spec.timeout, clock: plan.clock, cancelled: cancelled,
+                                           onStart: { [holder = plan.holder] in
+                                               // dockerd's child, not ours: the grant follows the container's init.
+                                               if let out = try? ProcessRunner.run([exe, "inspect", "--format", "{{.State.Pid}}", id], timeout: 15),
+                                                  out.status == 0, let pid = Int32(out.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)), pid > 0 {
+                                                   holder(pid, "docker container init")
+                                               }
+                                           },
+                                           onTimeout: { _ = try? ProcessRunner.run([exe, "rm", "-f", id], timeout: 30) })
         _ = launched.collector.finish(timeout: 10)
         let r = launched.collector.result
         if launched.timedOut {

@@ -14,9 +14,12 @@ final class OutputCollector: @unchecked Sendable {
     private let expectMarker: Bool
     private let log: FileHandle?
     private let group = DispatchGroup()
+    private let onStart: (@Sendable () -> Void)?
 
-    init(stdout: FileHandle, stderr: FileHandle, logPath: String?, expectMarker: Bool) {
+    /// `onStart` runs once, on a thread of its own, when the start marker arrives.
+    init(stdout: FileHandle, stderr: FileHandle, logPath: String?, expectMarker: Bool, onStart: (@Sendable () -> Void)? = nil) {
         self.expectMarker = expectMarker
+        self.onStart = onStart
         if let logPath {
             // Created (or emptied) directly: FileManager.createFile writes a temporary and syncs it.
             let fd = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
@@ -38,7 +41,10 @@ final class OutputCollector: @unchecked Sendable {
                 lock.lock()
                 if isStdout {
                     out.append(chunk)
-                    if expectMarker, markerAt == nil, out.starts(with: Self.marker) { markerAt = now }
+                    if expectMarker, markerAt == nil, out.starts(with: Self.marker) {
+                        markerAt = now
+                        if let onStart { Thread.detachNewThread(onStart) }
+                    }
                 } else {
                     err.append(chunk)
                 }
@@ -85,8 +91,10 @@ struct StreamedRun {
     /// `clock` gets `spawned` once the runtime process exists; the caller marks the rest.
     /// `cancelled` is asked once the runtime exists: a cancellation that came before it (while
     /// the bundle or network was made) then kills the container through `onTimeout`.
+    /// `onStart` runs once the command's start marker arrives (the container runs).
     static func run(executable: String, arguments: [String], logPath: String?, expectMarker: Bool, timeout: Double, clock: LaunchClock,
-                    cancelled: @escaping @Sendable () -> Bool = { false }, onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
+                    cancelled: @escaping @Sendable () -> Bool = { false }, onStart: (@Sendable () -> Void)? = nil,
+                    onTimeout: @escaping @Sendable () -> Void) throws -> StreamedRun {
         let outPipe = try ProcessRunner.makePipe(), errPipe = try ProcessRunner.makePipe()
         let child: ChildProcess
         do {
@@ -100,7 +108,7 @@ struct StreamedRun {
         close(outPipe.write); close(errPipe.write)
         let collector = OutputCollector(stdout: FileHandle(fileDescriptor: outPipe.read, closeOnDealloc: true),
                                         stderr: FileHandle(fileDescriptor: errPipe.read, closeOnDealloc: true),
-                                        logPath: logPath, expectMarker: expectMarker)
+                                        logPath: logPath, expectMarker: expectMarker, onStart: onStart)
         var timedOut = false
         var status: Int32
         if cancelled() {

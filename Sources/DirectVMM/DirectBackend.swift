@@ -79,6 +79,9 @@ public struct DirectBackend: InstanceBackend {
         record.apiSocket = directory + "/api.sock"
         record.vsockCID = spec.vsockCID
         record.vsockShell = spec.vsockCID != nil && spec.vsockShell
+        // Named before they exist, so a killed run's leftovers are found from its record.
+        record.tap = spec.net.map { TapLink.plannedTap($0, owner: spec.name) }.flatMap { $0.creates ? $0.name : nil }
+        record.cgroup = options.enforceInCgroup ? Self.cgroupName(spec.name) : nil
         // A record lets `mvm ps/stop/logs` find the VM, and refuses a second one of that name.
         let logPath = try records.claim(record)
         defer { records.release(spec.name, owner: record) }
@@ -114,6 +117,7 @@ public struct DirectBackend: InstanceBackend {
             apiSocket: record.apiSocket ?? directory + "/api.sock", cgroups: cgroups, devicePath: options.devicePath, allowEmulatedKVM: options.allowEmulatedKVM,
             timeout: spec.timeout) { pid in
                 plan.clock.mark(.spawned)
+                plan.holder(pid, "mvm-vmm")
                 var r = record
                 r.vmmPID = pid
                 try? records.update(r)
@@ -136,8 +140,10 @@ public struct DirectBackend: InstanceBackend {
     /// there, and the launching process stays outside (a bench runs several VMs at once).
     func enforce(_ plan: LaunchPlan) throws -> CgroupSet? {
         guard options.enforceInCgroup else { return nil }
-        return try CgroupSet.create(name: "microvm/direct-\(plan.name)", slice: plan.enforcement.cgroupSlice)
+        return try CgroupSet.create(name: Self.cgroupName(plan.name), slice: plan.enforcement.cgroupSlice)
     }
+
+    static func cgroupName(_ instance: String) -> String { "microvm/direct-\(instance)" }
 
     public func list() async throws -> [InstanceInfo] {
         records.live().map { r in
@@ -158,9 +164,10 @@ public struct DirectBackend: InstanceBackend {
         }
         if ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
             kill(r.pid, SIGKILL)
-            // The run could not clean up after itself: its cgroup is removed here.
-            try? CgroupSet.existing(name: "microvm/direct-\(name)").remove()
+            let gone = Monotonic.seconds() + 5
+            while Monotonic.seconds() < gone, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) { try? await Task.sleep(for: .milliseconds(20)) }
         }
+        // A run that could not clean up after itself: its tap and cgroup go with its record.
         records.removeStale(name)
     }
 

@@ -1,3 +1,4 @@
+import Allocator
 import Host
 import Foundation
 import MicroVMCore
@@ -19,6 +20,10 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     /// The guest's vsock CID, and whether its init serves the shell `mvm exec` uses.
     public var vsockCID: UInt32?
     public var vsockShell: Bool?
+    /// Host resources the run makes, recorded before they are made: whoever finds the record
+    /// stale (its run was killed) removes them. The tap the run creates, and its cgroup's name.
+    public var tap: String?
+    public var cgroup: String?
 }
 
 /// One JSON file per running direct instance. A record whose process is gone is stale and is
@@ -49,6 +54,7 @@ struct InstanceRecords: Sendable {
             if let old = read(record.name), ProcessIdentity.isAlive(pid: old.pid, startTime: old.pidStart) {
                 throw MicroVMError.invalidArgument("a direct instance named '\(record.name)' is running (pid \(old.pid)): pick another --name or mvm stop it")
             }
+            removeStale(record.name)
             try? FileManager.default.removeItem(atPath: file(record.name))
         }
         throw MicroVMError.invalidArgument("a direct instance named '\(record.name)' is being started by another process: pick another --name")
@@ -66,9 +72,16 @@ struct InstanceRecords: Sendable {
         try? FileManager.default.removeItem(atPath: file(name))
     }
 
-    /// Removes a record whose process is gone.
+    /// Removes a record whose process is gone, with what its run left on the host: the tap it
+    /// created and its cgroup (a VMM still in it is ended first: it lost its `mvm run`).
     func removeStale(_ name: String) {
         guard let r = read(name), !ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) else { return }
+        if let vmm = r.vmmPID, ProcessIdentity.isAlive(pid: vmm, startTime: nil),
+           (try? String(contentsOfFile: "/proc/\(vmm)/cmdline", encoding: .utf8))?.contains(r.name) == true {
+            kill(vmm, SIGKILL)
+        }
+        if let tap = r.tap { TapLink.removeLeftover(tap) }
+        if let cgroup = r.cgroup { try? CgroupSet.existing(name: cgroup).remove() }
         try? FileManager.default.removeItem(atPath: file(name))
     }
 

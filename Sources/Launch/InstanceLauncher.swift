@@ -15,15 +15,27 @@ import MicroVMCore
 /// Where a launch gets its slice: the allocator (a grant recorded in the ledger, released after
 /// the run) or the spec itself (tests, and callers that hold their own lease).
 public protocol GrantSource: Sendable {
-    /// The granted slice for `request`, and how to give it back.
-    func acquire(_ request: ResourceSlice, owner: String, mode: RunMode) throws -> (slice: ResourceSlice, release: @Sendable () -> Void)
+    /// The granted slice for `request`, how to give it back, and how to name its holder.
+    func acquire(_ request: ResourceSlice, owner: String, mode: RunMode) throws -> GrantLease
+}
+
+/// A granted slice for one launch.
+public struct GrantLease: Sendable {
+    public var slice: ResourceSlice
+    public var release: @Sendable () -> Void
+    /// Records the process that holds the slice's resources (`Allocator.hold`).
+    public var hold: @Sendable (_ pid: Int32, _ what: String) -> Void
+    public init(slice: ResourceSlice, release: @escaping @Sendable () -> Void = {},
+                hold: @escaping @Sendable (_ pid: Int32, _ what: String) -> Void = { _, _ in }) {
+        self.slice = slice; self.release = release; self.hold = hold
+    }
 }
 
 /// The slice as asked for: no ledger.
 public struct FixedGrants: GrantSource {
     public init() {}
-    public func acquire(_ request: ResourceSlice, owner: String, mode: RunMode) throws -> (slice: ResourceSlice, release: @Sendable () -> Void) {
-        (request, {})
+    public func acquire(_ request: ResourceSlice, owner: String, mode: RunMode) throws -> GrantLease {
+        GrantLease(slice: request)
     }
 }
 
@@ -37,12 +49,13 @@ public struct AllocatorGrants: GrantSource {
         open = { try Allocator.open(paths: paths, config: config, warmup: warmup) }
     }
 
-    public func acquire(_ s: ResourceSlice, owner: String, mode: RunMode) throws -> (slice: ResourceSlice, release: @Sendable () -> Void) {
+    public func acquire(_ s: ResourceSlice, owner: String, mode: RunMode) throws -> GrantLease {
         let allocator = try open()
         let request = SliceRequest(cpus: s.cpus, placement: s.placement, weight: s.cpuWeight, quota: s.cpuQuota, memory: s.memory,
                                    hugePages: s.hugePages, pidsLimit: s.pidsLimit, owner: owner, ownerPID: getpid(), mode: mode.rawValue)
         let grant = try allocator.allocate(request)
-        return (grant.slice, { _ = try? allocator.release(grant.id) })
+        return GrantLease(slice: grant.slice, release: { _ = try? allocator.release(grant.id) },
+                          hold: { pid, what in try? allocator.hold(grant.id, pid: pid, what: what) })
     }
 }
 
@@ -63,10 +76,11 @@ public struct InstanceLauncher: Sendable {
         try backend.checkHost()
         clock.mark(.validated)
         let asked = spec.slice ?? ResourceSlice(cpus: spec.cpus, memory: spec.memory)
-        let (slice, release) = try grants.acquire(asked, owner: spec.name, mode: backend.mode)
-        defer { release() }
+        let lease = try grants.acquire(asked, owner: spec.name, mode: backend.mode)
+        defer { lease.release() }
         clock.mark(.granted)
-        let plan = try self.plan(spec, slice: slice, backend: backend, clock: clock)
+        var plan = try self.plan(spec, slice: lease.slice, backend: backend, clock: clock)
+        plan.holder = lease.hold
         clock.mark(.planned)
         return try await backend.execute(plan)
     }

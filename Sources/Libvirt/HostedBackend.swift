@@ -95,15 +95,13 @@ public struct HostedBackend: InstanceBackend {
         try DomainXML.checkName(spec.name)
         let conn = try connection()
         // A local QEMU gets a tap made here, as the direct VMM does; it persists (QEMU opens it
-        // by name once this process lets go of it) until the run ends, when it is removed.
+        // by name once this process lets go of it) until the run ends, when it is removed. Its
+        // name is in the instance's record before it exists: a killed run's tap is found there.
         var link: TapLink?
-        if isLocal, let net = spec.net {
-            let l = try TapLink.open(net, owner: spec.name, persistent: true)
-            l.tap.close()
-            link = l
-            spec.net = l.resolved
-        }
         defer { link?.tap.remove() }
+        let wantedNet = isLocal ? spec.net : nil
+        let plannedTap = wantedNet.map { TapLink.plannedTap($0, owner: spec.name) }
+        if let plannedTap { spec.net?.tap = plannedTap.name }
         let plan = try makePlan(launch, spec: spec, connection: conn)
         try Paths.ensureDirectory(recordDirectory)
         try Paths.ensureDirectory((plan.runDirectory as NSString).deletingLastPathComponent)
@@ -116,14 +114,22 @@ public struct HostedBackend: InstanceBackend {
         var record = HostedRecord(name: spec.name, uri: uri, logPath: plan.config.consoleLog, runDirectory: plan.runDirectory,
                                   startedAt: Date(), cpus: spec.cpus, memory: spec.memory, ownerPID: getpid(),
                                   blockDevices: plan.config.disks.indices.map(DomainXML.diskName), taps: plan.config.taps)
+        record.ownTaps = plannedTap.flatMap { $0.creates ? [$0.name] : nil }
         var domain: LibvirtDomain?
         var watch: LifecycleWatch?
         do {
             _ = FileManager.default.createFile(atPath: plan.config.consoleLog, contents: nil)
             try record.save(in: recordDirectory)
+            if let wantedNet {
+                let l = try TapLink.open(wantedNet, owner: spec.name, persistent: true)
+                l.tap.close()
+                link = l
+            }
             let (d, config) = try createDomain(plan.config, connection: conn)
+            let qemu = isLocal ? qemuPid(name: spec.name) : nil
+            if let qemu { launch.holder(qemu, "qemu") }
             if isLocal, !config.memoryHardLimit {
-                let pid = qemuPid(name: spec.name)
+                let pid = qemu
                 do { try Self.limitMemory(of: pid, to: launch.enforcement.memoryLimit) } catch where !(pid.map { ProcessIdentity.isAlive(pid: $0, startTime: nil) } ?? false) {
                     // QEMU ended before its limit could be set: following the domain reports how.
                 }
@@ -322,6 +328,12 @@ public struct HostedBackend: InstanceBackend {
         return stopped.isSet || !domain.state().isActive
     }
 
+    /// What a run killed before its cleanup left: its taps, its run files.
+    func removeLeftovers(_ record: HostedRecord) {
+        (record.ownTaps ?? []).forEach(TapLink.removeLeftover)
+        removeRunFiles(record)
+    }
+
     func removeRunFiles(_ record: HostedRecord) {
         try? FileManager.default.removeItem(atPath: record.runDirectory)
         try? FileManager.default.removeItem(atPath: HostedRecord.file(record.name, in: recordDirectory))
@@ -337,7 +349,7 @@ public struct HostedBackend: InstanceBackend {
             let ownerAlive = kill(r.ownerPID, 0) == 0
             if pid == nil && !ownerAlive {
                 // The run that owned it is gone and so is QEMU: a leftover from a killed mvm.
-                removeRunFiles(r)
+                removeLeftovers(r)
                 return nil
             }
             return InstanceInfo(name: r.name, mode: .hosted, state: pid == nil ? "starting" : "running", pid: pid,
@@ -355,7 +367,7 @@ public struct HostedBackend: InstanceBackend {
                 try? d.shutdown()
                 if !(await waitStopped(d, StopFlag(), seconds: shutdownTimeout)) { try d.destroy() }
             }
-            if r.ownerPID != getpid() { removeRunFiles(r) }
+            if r.ownerPID != getpid() { removeLeftovers(r) }
             return
         }
         // Another mvm owns the run (and, for the embedded driver, the root's lock): stop its
@@ -430,6 +442,9 @@ struct HostedRecord: Codable, Sendable {
     var ownerPID: Int32 = 0
     var blockDevices: [String] = []
     var taps: [String] = []
+    /// The taps the run created (and must delete); a killed run's are deleted by whoever finds
+    /// its record stale (`mvm ps`, `mvm stop`, `mvm gc`).
+    var ownTaps: [String]?
     var machine: String?
 
     static func file(_ name: String, in dir: String) -> String {

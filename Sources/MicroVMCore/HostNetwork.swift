@@ -166,6 +166,20 @@ public struct TapLink: Sendable {
     /// The spec's network as this link resolved it: the tap's name and both ends' addresses.
     public var resolved: NetSpec { NetSpec(tap: tap.name, hostAddress: hostAddress, guestAddress: guestAddress) }
 
+    /// The tap `open(spec, owner:persistent: true)` will use, and whether it will create (and so
+    /// must later delete) it: known before it exists, so a record can name it first.
+    public static func plannedTap(_ spec: NetSpec, owner: String) -> (name: String, creates: Bool) {
+        let name = spec.tap ?? "mvt" + HostLinks.interfaceTag(owner)
+        return (name, !FileManager.default.fileExists(atPath: "/sys/class/net/" + name))
+    }
+
+    /// Deletes a tap this project created and made persistent, whoever made it (a run that was
+    /// killed leaves its tap behind); one already gone is fine.
+    public static func removeLeftover(_ name: String) {
+        guard FileManager.default.fileExists(atPath: "/sys/class/net/" + name) else { return }
+        _ = try? ProcessRunner.run(["ip", "link", "delete", name], timeout: 10)
+    }
+
     public static func open(_ spec: NetSpec, owner: String, persistent: Bool = false) throws -> TapLink {
         let existed = spec.tap.map { FileManager.default.fileExists(atPath: "/sys/class/net/" + $0) } ?? false
         let tap = try TapDevice(name: spec.tap, tag: owner, persistent: persistent && !existed)

@@ -130,6 +130,10 @@ public struct LaunchPlan: Sendable {
     public var rootfsTree: String?
     public var enforcement: Enforcement
     public let clock: LaunchClock
+    /// The backend calls this with the process that holds the instance's resources once it
+    /// runs (the VMM, QEMU, a container's init): the grant then follows that process, so a
+    /// killed `mvm` does not free what the instance still uses.
+    public var holder: @Sendable (_ pid: Int32, _ what: String) -> Void = { _, _ in }
 
     public init(spec: VMSpec, mode: RunMode, kernel: String? = nil, initrd: String? = nil, cmdline: String = "", disks: [DiskSpec] = [],
                 rootfsAttached: Bool = false, rootfsTree: String? = nil, enforcement: Enforcement, clock: LaunchClock = LaunchClock()) {

@@ -79,7 +79,8 @@ struct AllocShow: AsyncParsableCommand {
             print("dedicated   \(u.dedicatedCPUs.isEmpty ? "-" : CPUList.format(u.dedicatedCPUs)); pinned \(u.pinnedCPUs.isEmpty ? "-" : CPUList.format(u.pinnedCPUs)); shared pool \(u.sharedPool.isEmpty ? "-" : CPUList.format(u.sharedPool)); free for dedicated \(u.freeDedicatedCPUs.isEmpty ? "-" : CPUList.format(u.freeDedicatedCPUs))")
             print("grants      \(report.grants.count)")
             for g in report.grants {
-                print("  #\(g.id) \(g.owner) pid \(g.pid.map(String.init) ?? "-") \(g.mode.isEmpty ? "" : g.mode + " ")\(describe(g.slice))")
+                let held = g.holder.map { " held by \($0.what) pid \($0.pid)" } ?? ""
+                print("  #\(g.id) \(g.owner) pid \(g.pid.map(String.init) ?? "-")\(held) \(g.mode.isEmpty ? "" : g.mode + " ")\(describe(g.slice))")
             }
         }
     }

@@ -11,7 +11,7 @@ enum Backends {
         case .native:
             return NativeBackend()
         case .direct:
-            // This process runs this one VM: all of it joins the VM's cgroup.
+            // The VM runs in an mvm-vmm process of its own, which joins the instance's cgroup.
             return DirectBackend(options: .init(attachRootfs: attachRootfs))
         case .hosted:
             return HostedBackend(connect: connect, attachRootfs: attachRootfs)

@@ -34,3 +34,23 @@ struct PsCommand: AsyncParsableCommand {
         }
     }
 }
+
+/// Removes what killed runs left behind: every mode's stale records with their taps, cgroups,
+/// runtime state and run files (the same sweep `mvm ps` makes), then the ledger's grants whose
+/// owner and holder are both gone.
+struct GcCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "gc", abstract: "Remove what killed runs left behind (taps, cgroups, records, containers) and reclaim their grants.")
+    @Option(help: "libvirt URI for hosted instances.") var connect: String?
+
+    func run() async throws {
+        try await reportingErrors {
+            var running = 0
+            for b in Backends.all(connect: connect) {
+                do { running += try await b.list().count } catch { FileHandleOutput.stderr("mvm gc: \(b.mode.rawValue): \(error)\n") }
+            }
+            let reclaimed = try Allocator.open(paths: .default, config: try MicroVMConfig.load()).reclaimDead()
+            print("reclaimed \(reclaimed.count) grant\(reclaimed.count == 1 ? "" : "s") of runs that are gone; \(running) instance\(running == 1 ? "" : "s") still running")
+            for g in reclaimed { print("  #\(g.id) \(g.owner) \(g.mode)") }
+        }
+    }
+}

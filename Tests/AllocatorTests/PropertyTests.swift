@@ -101,6 +101,73 @@ import MicroVMCore
         }
     }
 
+    /// Owners (`mvm run`) and holders (the VMM, QEMU, a container's init) die in any order: a
+    /// grant whose owner or holder still lives is never reclaimed, so what running instances
+    /// really use is always in the ledger, which never exceeds the host.
+    @Test func noSequenceOfKillsFreesWhatAHolderStillUses() async throws {
+        await propertyCheck(count: 25, input: Gen.int(in: 0...1_000_000).array(of: 1...40)) { numbers in
+            let dead = DeadSet()
+            let (a, dir) = try Fixture.allocator(Self.host, dead: dead)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            var holders: [Int64: Int32] = [:]
+            var granted: [Grant] = []
+            for n in numbers {
+                let v = n / 4
+                switch n % 4 {
+                case 0:
+                    let owner = Int32(1000 + v % 6)
+                    if let g = try? a.allocate(SliceRequest(cpus: 1 + v % 3, placement: [.dedicated, .pinned, .shared][(v / 3) % 3],
+                                                            memory: .mebibytes(UInt64(256 << (v % 4))), owner: "o\(owner)", ownerPID: owner)) {
+                        granted.append(g)
+                    }
+                case 1:
+                    let live = try a.grants()
+                    if !live.isEmpty {
+                        let g = live[v % live.count], holder = Int32(5000 + v % 6)
+                        try a.hold(g.id, pid: holder, what: "vmm")
+                        holders[g.id] = holder
+                    }
+                case 2: dead.insert(Int32((v % 2 == 0 ? 1000 : 5000) + (v / 2) % 6))
+                default: _ = try a.reclaimDead()
+                }
+                let live = Set(try a.grants().map(\.id))
+                for g in granted where !live.contains(g.id) {
+                    let ownerAlive = !dead.contains(g.pid ?? 0)
+                    let holderAlive = holders[g.id].map { !dead.contains($0) } ?? false
+                    #expect(!ownerAlive && !holderAlive, "grant #\(g.id) was reclaimed while its owner or holder lives")
+                }
+                Self.check(try a.grants(), Self.host)
+            }
+            // Everything dead: everything comes back.
+            for p in 1000..<1006 { dead.insert(Int32(p)) }
+            for p in 5000..<5006 { dead.insert(Int32(p)) }
+            _ = try a.reclaimDead()
+            #expect(try a.grants().isEmpty)
+        }
+    }
+
+    @Test func aHeldGrantOutlivesItsOwnerUntilTheHolderGoes() throws {
+        let dead = DeadSet()
+        let (a, dir) = try Fixture.allocator(Self.host, dead: dead)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let g = try a.allocate(SliceRequest(cpus: 2, placement: .dedicated, memory: .gibibytes(1), owner: "vm", ownerPID: 1001))
+        try a.hold(g.id, pid: 5001, what: "mvm-vmm")
+        #expect(try a.grants().first?.holder == Grant.Holder(pid: 5001, startTime: nil, what: "mvm-vmm"))
+        dead.insert(1001)
+        #expect(try a.reclaimDead().isEmpty, "the VMM still holds the CPUs and memory")
+        #expect(try a.grants().map(\.id) == [g.id])
+        dead.insert(5001)
+        #expect(try a.reclaimDead().map(\.id) == [g.id])
+        let events = try a.events()
+        #expect(events.contains { $0.kind == "hold" && $0.detail.contains("mvm-vmm pid 5001") })
+        #expect(events.contains { $0.kind == "reclaim" && $0.detail.contains("its holder, mvm-vmm pid 5001, too") })
+        // A holder that has already ended is not recorded.
+        let h = try a.allocate(SliceRequest(cpus: 1, memory: .mebibytes(64), owner: "c", ownerPID: 1002))
+        dead.insert(5002)
+        try a.hold(h.id, pid: 5002, what: "runc container init")
+        #expect(try a.grants().first { $0.id == h.id }?.holder == nil)
+    }
+
     @Test func deadOwnersAreReclaimedByTheNextAllocation() async throws {
         await propertyCheck(count: 20, input: Gen.int(in: 1...7), Gen.int(in: 0...6)) { holders, deaths in
             let dead = DeadSet()

@@ -20,6 +20,7 @@ import MicroVMCore
             recorder.plans.withLock { $0.append(plan) }
             recorder.events.withLock { $0.append("execute") }
             plan.clock.mark(.spawned)
+            plan.holder(4242, "test holder")
             plan.clock.mark(.ready)
             if fail { throw MicroVMError(.backend, "the instance failed") }
             return plan.result(status: 0, output: "", console: "")
@@ -28,11 +29,12 @@ import MicroVMCore
 
     struct RecordingGrants: GrantSource {
         let recorder: Recorder
-        func acquire(_ request: ResourceSlice, owner: String, mode: RunMode) throws -> (slice: ResourceSlice, release: @Sendable () -> Void) {
+        func acquire(_ request: ResourceSlice, owner: String, mode: RunMode) throws -> GrantLease {
             recorder.events.withLock { $0.append("grant \(owner)") }
             var s = request
             s.cpuSet = [1]
-            return (s, { [recorder] in recorder.events.withLock { $0.append("release \(owner)") } })
+            return GrantLease(slice: s, release: { [recorder] in recorder.events.withLock { $0.append("release \(owner)") } },
+                              hold: { [recorder] pid, what in recorder.events.withLock { $0.append("held by \(what) \(pid)") } })
         }
     }
 
@@ -48,7 +50,7 @@ import MicroVMCore
         let times = try order.map { try #require(phases[$0], "\($0) not marked") }
         #expect(times == times.sorted())
         #expect(r.bootSeconds == phases.start)
-        #expect(rec.events.withLock { $0 } == ["grant vm-1", "execute", "release vm-1"])
+        #expect(rec.events.withLock { $0 } == ["grant vm-1", "execute", "held by test holder 4242", "release vm-1"])
 
         let plan = try #require(rec.plans.withLock { $0.first })
         #expect(plan.enforcement.cpuSet == [1] && plan.enforcement.cpuQuota == 1)
@@ -73,7 +75,7 @@ import MicroVMCore
         await #expect(throws: MicroVMError.self) {
             try await launcher.launch(VMSpec(name: "c-1", command: ["true"]), on: RecordingBackend(mode: .container, recorder: rec, fail: true))
         }
-        #expect(rec.events.withLock { $0 } == ["grant c-1", "execute", "release c-1"])
+        #expect(rec.events.withLock { $0 } == ["grant c-1", "execute", "held by test holder 4242", "release c-1"])
     }
 
     @Test func theInitsNetworkParametersAreOnTheOneCommandLine() throws {

@@ -1,0 +1,90 @@
+import Foundation
+import Testing
+import MicroVM
+
+/// `mvm` killed with SIGKILL while its instance runs: the grant follows the process that holds
+/// the resources, so nothing is granted twice, and `mvm gc` removes what was left.
+@Suite("Kill safety from the command line", .serialized, .timeLimit(.minutes(3)))
+struct KillSafetyCLITests {
+    static let canRunContainers = getuid() == 0 && ProcessRunner.which("runc") != nil
+
+    /// Polls `body` until it is true or `seconds` pass.
+    func eventually(_ seconds: Double, _ body: () throws -> Bool) rethrows -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if try body() { return true }
+            usleep(100_000)
+        }
+        return try body()
+    }
+
+    @Test(.enabled(if: canRunContainers, "needs root and runc"))
+    func aKilledRunsGrantFollowsItsContainerUntilGCRemovesIt() throws {
+        let dir = "/tmp/mvm-kill-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = ["MVM_STATE_DIR": dir + "/state"]
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 120) }
+        let name = "kill-\(UUID().uuidString.prefix(6).lowercased())"
+
+        // posix_spawn and waitpid: the run's exit is seen at once, whatever its children hold.
+        let run = try ChildProcess([try #require(MVM.binary), "run", "--mode", "container", "--name", name, "--memory", "256M",
+                                    "--timeout", "120", "--", "sleep", "300"], environment: env)
+        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10) }
+        let held = try eventually(60) { try mvm("alloc", "show").stdoutText.contains("held by runc container init") }
+        let shown = try mvm("alloc", "show").stdoutText
+        #expect(held, "the grant must name the container's init as its holder: \(shown)")
+
+        // mvm dies at once; the container goes on holding its memory and CPU.
+        run.signal(SIGKILL)
+        #expect(!run.wait(timeout: 10).timedOut, "mvm must end at once on SIGKILL")
+        let show = try mvm("alloc", "show").stdoutText
+        #expect(show.contains(name) && show.contains("grants      1"), "the grant must outlive its owner while the container runs: \(show)")
+        let released = try mvm("alloc", "release", "--dead")
+        #expect(released.stdoutText.hasPrefix("released 0 grants"), "a held grant is not reclaimed: \(released.stdoutText)")
+
+        // The sweep ends the orphaned container and removes its state, then the grant follows.
+        let gc = try mvm("gc")
+        #expect(gc.status == 0 && gc.stdoutText.hasPrefix("reclaimed 1 grant"), "\(gc.stdoutText)\(gc.stderrText)")
+        #expect(try mvm("alloc", "show").stdoutText.contains("grants      0"))
+        #expect(gc.stdoutText.contains(name))
+        #expect(!(try mvm("ps").stdoutText.contains(name)))
+        #expect(!FileManager.default.fileExists(atPath: "/sys/fs/cgroup/microvm/\(name)"))
+    }
+
+    static let canRunHosted = getuid() == 0 && HostProfile.current().capability("libvirt-embed").usable
+
+    /// The case that once handed resources out twice: a hosted VM with a tap, its `mvm` killed.
+    /// QEMU keeps the memory, so the grant stays; `mvm stop` ends QEMU and deletes the tap,
+    /// and only then is the grant reclaimed.
+    @Test(.enabled(if: canRunHosted, "needs root and libvirt's embedded QEMU driver"))
+    func aKilledHostedRunKeepsItsGrantUntilQEMUIsStoppedAndLeavesNoTap() throws {
+        let dir = "/tmp/mvm-kill-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = ["MVM_STATE_DIR": dir + "/state"]
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 150) }
+        let name = "killvm-\(UUID().uuidString.prefix(6).lowercased())"
+        let tap = "mvt" + HostLinks.interfaceTag(name)
+
+        let run = try ChildProcess([try #require(MVM.binary), "run", "--mode", "hosted", "--net", "tap", "--name", name, "--memory", "256M",
+                                    "--timeout", "280", "--", "sleep", "300"], environment: env)
+        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10); _ = try? mvm("stop", name); TapLink.removeLeftover(tap) }
+        let held = try eventually(90) { try mvm("alloc", "show").stdoutText.contains("held by qemu") }
+        let shown = try mvm("alloc", "show").stdoutText
+        #expect(held, "the grant must name QEMU as its holder: \(shown)")
+        #expect(FileManager.default.fileExists(atPath: "/sys/class/net/" + tap))
+
+        run.signal(SIGKILL)
+        #expect(!run.wait(timeout: 10).timedOut)
+        #expect(try mvm("alloc", "release", "--dead").stdoutText.hasPrefix("released 0 grants"), "QEMU still holds the grant's memory")
+        #expect(try mvm("ps").stdoutText.contains(name), "the orphaned VM is still listed")
+
+        let stop = try mvm("stop", name)
+        #expect(stop.status == 0, "\(stop.stderrText)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/" + tap), "mvm stop must delete the tap the killed run made")
+        let gc = try mvm("gc")
+        #expect(gc.stdoutText.hasPrefix("reclaimed 1 grant") && gc.stdoutText.contains(name), "\(gc.stdoutText)\(gc.stderrText)")
+        #expect(try mvm("alloc", "show").stdoutText.contains("grants      0"))
+    }
+}
