@@ -8,6 +8,13 @@ import MicroVM
 struct KillSafetyCLITests {
     static let canRunContainers = getuid() == 0 && ProcessRunner.which("runc") != nil
 
+    /// A state directory of the test's own (ledger, records): `MVM_STATE_DIR` and its path.
+    static func stateDirectory() throws -> (env: [String: String], dir: String) {
+        let dir = "/tmp/mvm-kill-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        return (["MVM_STATE_DIR": dir + "/state"], dir)
+    }
+
     /// Polls `body` until it is true or `seconds` pass.
     func eventually(_ seconds: Double, _ body: () throws -> Bool) rethrows -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
@@ -20,10 +27,8 @@ struct KillSafetyCLITests {
 
     @Test(.enabled(if: canRunContainers, "needs root and runc"))
     func aKilledRunsGrantFollowsItsContainerUntilGCRemovesIt() throws {
-        let dir = "/tmp/mvm-kill-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let (env, dir) = try Self.stateDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let env = ["MVM_STATE_DIR": dir + "/state"]
         func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 120) }
         let name = "kill-\(UUID().uuidString.prefix(6).lowercased())"
 
@@ -59,10 +64,8 @@ struct KillSafetyCLITests {
     /// and only then is the grant reclaimed.
     @Test(.enabled(if: canRunHosted, "needs root and libvirt's embedded QEMU driver"))
     func aKilledHostedRunKeepsItsGrantUntilQEMUIsStoppedAndLeavesNoTap() throws {
-        let dir = "/tmp/mvm-kill-\(UUID().uuidString.prefix(8))"
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let (env, dir) = try Self.stateDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let env = ["MVM_STATE_DIR": dir + "/state"]
         func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 150) }
         let name = "killvm-\(UUID().uuidString.prefix(6).lowercased())"
         let tap = "mvt" + HostLinks.interfaceTag(name)
