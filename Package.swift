@@ -73,7 +73,7 @@ let package = Package(
         .testTarget(name: "ImagesTests", dependencies: ["Images", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "BenchTests", dependencies: ["Bench", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore"]),
+        .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore", "Images", "Host"]),
         .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI", "Yams"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]

@@ -136,6 +136,8 @@ public enum VMMProcess {
         }
         err.fileHandleForReading.readabilityHandler = nil
         let rest = (try? err.fileHandleForReading.readToEnd()) ?? Data()
+        // Closed here: the pipe object may outlive the run in a handler that still holds the process.
+        try? err.fileHandleForReading.close()
         let text = String(decoding: errors.withLock { $0 } + rest, as: UTF8.self)
         let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) } ?? [:]
         let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus

@@ -1,0 +1,90 @@
+import Foundation
+import Testing
+import Allocator
+import Containers
+import DirectVMM
+import Host
+import Images
+import VMM
+@testable import Launch
+import MicroVMCore
+
+/// 200 launch/stop cycles through the one launch path, with real grants: 100 direct VMs (a tiny
+/// guest that reports success, each in its own mvm-vmm with a tap) and 100 runc containers. The
+/// host ends as it began — open descriptors, taps, cgroups, ledger rows — and the launching
+/// process's memory stays flat.
+@Suite("Soak", .serialized, .timeLimit(.minutes(10)))
+struct SoakTests {
+    static let canRun = getuid() == 0 && HostProfile.current().kvm.verdict != .absent && ProcessRunner.which("runc") != nil
+
+    struct Census: Equatable, CustomStringConvertible {
+        var descriptors: Int
+        var taps: Int
+        var cgroups: Int
+        var grants: Int
+        var description: String { "\(descriptors) fds, \(taps) taps, \(cgroups) cgroups, \(grants) grants" }
+    }
+
+    static func census(_ allocator: Allocator) throws -> Census {
+        func count(_ dir: String, _ keep: (String) -> Bool = { _ in true }) -> Int {
+            ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter(keep).count
+        }
+        // Every hierarchy's microvm/ subtree: one directory per live instance.
+        let hierarchies = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []).map { "/sys/fs/cgroup/" + $0 }
+        let cgroups = (hierarchies + ["/sys/fs/cgroup"]).reduce(0) { n, h in
+            n + count(h + "/microvm") { e in
+                var isDir: ObjCBool = false
+                return FileManager.default.fileExists(atPath: h + "/microvm/" + e, isDirectory: &isDir) && isDir.boolValue
+            }
+        }
+        return Census(descriptors: count("/proc/self/fd"), taps: count("/sys/class/net") { $0.hasPrefix("mvt") || $0.hasPrefix("mvc") },
+                      cgroups: cgroups, grants: try allocator.grants().count)
+    }
+
+    /// What this process's descriptors point at, for a failure's message.
+    static func openDescriptors() -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []).sorted().map { fd in
+            "\(fd)→" + ((try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd)) ?? "?")
+        }
+    }
+
+    static func residentBytes() -> UInt64 {
+        let statm = (try? String(contentsOfFile: "/proc/self/statm", encoding: .utf8)) ?? ""
+        return (statm.split(separator: " ").dropFirst().first.flatMap { UInt64($0) } ?? 0) * UInt64(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
+    @Test(.enabled(if: canRun, "needs root, /dev/kvm and runc"))
+    func twoHundredLaunchesLeaveNothingBehind() async throws {
+        let dir = FileManager.default.temporaryDirectory.path + "/mvm-soak-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let paths = Paths(state: dir + "/state", cache: Paths.default.cache)
+        let kernel = dir + "/reports.elf"
+        try Data(TinyGuest.pvhELF(code: TinyGuest.reportsSuccess)).write(to: URL(fileURLWithPath: kernel))
+        let rootfs = try ImageStore().ensureDefault().rootfsTree
+        let allocator = try Allocator.open(paths: paths, config: try MicroVMConfig.load())
+        let launcher = InstanceLauncher(grants: AllocatorGrants(allocator: allocator),
+                                        image: { BootArtifacts(kernel: kernel, rootfsTree: rootfs) }, paths: paths)
+        let direct = DirectBackend(options: .init(allowEmulatedKVM: true, paths: paths, attachRootfs: false))
+        let container = ContainerBackend(runtime: .runc, paths: paths)
+
+        func cycle(_ i: Int) async throws {
+            var vm = VMSpec(name: "soak-vm-\(i)", kernel: kernel, cpus: 1, memory: .mebibytes(64), command: ["true"], timeout: 30)
+            vm.net = NetSpec()
+            let v = try await launcher.launch(vm, on: direct)
+            #expect(v.exitStatus == 0, "direct run \(i)")
+            let c = try await launcher.launch(VMSpec(name: "soak-c-\(i)", cpus: 1, memory: .mebibytes(64), command: ["true"], rootfs: rootfs, timeout: 30),
+                                              on: container)
+            #expect(c.exitStatus == 0, "container run \(i)")
+        }
+        // Warm-up: caches, lazily opened descriptors (the ledger's), the runtime's first state.
+        for i in 0..<5 { try await cycle(i) }
+        let before = try Self.census(allocator), rss = Self.residentBytes()
+        let started = Date()
+        for i in 5..<105 { try await cycle(i) }
+        let after = try Self.census(allocator), grown = Int64(Self.residentBytes()) - Int64(rss)
+        print("soak: 200 launch/stop cycles in \(String(format: "%.1f", Date().timeIntervalSince(started))) s; before \(before), after \(after); resident memory grew \(grown >> 10) KiB")
+        #expect(after == before, "the cycles left something behind: before \(before), after \(after); open: \(Self.openDescriptors().suffix(20))")
+        #expect(grown < 16 << 20, "the launching process grew \(grown >> 20) MiB over 200 cycles")
+    }
+}
