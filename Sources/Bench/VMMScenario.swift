@@ -21,6 +21,8 @@ public struct VMMScenario: BenchScenario {
     public static let whole = Metric("vmm-whole", "VMM process exec → exit (tiny guest that resets at once)", unit: "ms", higherIsBetter: false)
     public static let floor = Metric("vmm-floor", "C floor (mvm-kvm-floor) exec → exit, paired with this VMM's runs", unit: "ms", higherIsBetter: false)
     public static let pss = Metric("vmm-pss", "VMM PSS beyond guest RAM (128 MiB guest, 1 disk, 1 tap, idle)", unit: "MiB", higherIsBetter: false)
+    public static let manyVMMs = 4
+    public static let pssMany = Metric("vmm-pss-\(manyVMMs)", "VMM PSS beyond guest RAM, per VMM with \(manyVMMs) running (same devices)", unit: "MiB", higherIsBetter: false)
     public static let linuxBoot = Metric("vmm-linux-boot", "Linux boot to init (launch request → ready)", unit: "ms", higherIsBetter: false)
     public static let linuxPing = Metric("vmm-linux-ping", "Linux guest → host ping round trip (average)", unit: "ms", higherIsBetter: false)
     /// Tiny-guest runs per repeat, each paired with a floor run.
@@ -28,7 +30,7 @@ public struct VMMScenario: BenchScenario {
     public static let guestMiB = 128
 
     public init() {}
-    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.firstRun, Self.whole, Self.floor, Self.pss, Self.linuxBoot, Self.linuxPing] }
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.firstRun, Self.whole, Self.floor, Self.pss, Self.pssMany, Self.linuxBoot, Self.linuxPing] }
     public var note: String? {
         "tiny PVH guests on this host's /dev/kvm, whatever it is (each sample's details name it): whole = posix_spawn → waitpid of the VMM, "
             + "interleaved with mvm-kvm-floor (the same KVM calls in C; its figure in each sample's details as floor_ms); first KVM_RUN from "
@@ -61,12 +63,9 @@ public struct VMMScenario: BenchScenario {
         let dir = FileManager.default.temporaryDirectory.path + "/mvm-bench-vmm-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try Paths.ensureDirectory(dir)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let reset = dir + "/reset.elf", idle = dir + "/idle.elf", disk = dir + "/disk.img"
+        let reset = dir + "/reset.elf", idle = dir + "/idle.elf"
         try Data(TinyGuest.pvhELF(code: TinyGuest.resetAtOnce)).write(to: URL(fileURLWithPath: reset))
         try Data(TinyGuest.pvhELF(code: TinyGuest.idle)).write(to: URL(fileURLWithPath: idle))
-        guard truncate(disk, 64 << 20) == 0 || (FileManager.default.createFile(atPath: disk, contents: nil) && truncate(disk, 64 << 20) == 0) else {
-            throw MicroVMError(.backend, "cannot make the bench's scratch disk \(disk)")
-        }
         var env: [String: String] = [:]
         if kvm == .emulated { env["MVM_DIRECT_ALLOW_EMULATED"] = "1" }
 
@@ -88,7 +87,9 @@ public struct VMMScenario: BenchScenario {
             if let first { out.append(Measurement(Self.firstRun, first, details: details)) }
         }
         if case .qemu = vmm { out.append(.unavailable(Self.firstRun, "QEMU reports no time of its first KVM_RUN")) }
-        out.append(try idlePSS(vmm, guest: idle, disk: disk, dir: dir, environment: env, acceleration: acceleration))
+        out.append(try idlePSS(vmm, count: 1, metric: Self.pss, guest: idle, dir: dir + "/one", environment: env, acceleration: acceleration))
+        out.append(try idlePSS(vmm, count: Self.manyVMMs, metric: Self.pssMany, guest: idle, dir: dir + "/many", environment: env,
+                               acceleration: acceleration))
         out += try await linux(target, ctx)
         return out
     }
@@ -141,44 +142,62 @@ public struct VMMScenario: BenchScenario {
         return argv
     }
 
-    /// The VMM with an idle 128 MiB guest, a disk and (as root) a tap: the peak of three PSS
-    /// samples a second after the start, less the guest RAM mapping.
-    func idlePSS(_ vmm: VMM, guest: String, disk: String, dir: String, environment: [String: String], acceleration: String) throws -> Measurement {
-        let tap = getuid() == 0 ? try TapDevice(name: nil, tag: "bench-vmm-\(getpid())", persistent: true) : nil
-        tap?.close()
-        defer { tap?.remove() }
-        let argv: [String]
-        switch vmm {
-        case .direct(let binary):
-            var c = VMConfiguration()
-            c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: Self.guestMiB)
-            c.bootSource = BootSource(kernelImagePath: guest)
-            c.drives = [Drive(driveId: "disk0", pathOnHost: disk, isReadOnly: false)]
-            if let tap { c.networkInterfaces = [NetworkInterface(ifaceId: "eth0", hostDevName: tap.name)] }
-            let config = dir + "/idle.json"
-            try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: config))
-            argv = [binary, "--config-file", config, "--console-log", "/dev/null"]
-        case .qemu(let qemu):
-            argv = Self.qemuArguments(qemu, guest: guest, disk: disk, tap: tap?.name)
-        }
-        let child = try ChildProcess(argv, environment: environment)
+    /// `count` VMMs, each with an idle 128 MiB guest, a disk of its own and (as root) a tap of its
+    /// own: the peak of three samples, a second after the start, of their summed PSS less the
+    /// guest RAM mappings, per VMM. With several, the pages of the VMM's binary and libraries
+    /// are shared between them, as on a host that runs many.
+    func idlePSS(_ vmm: VMM, count: Int, metric: Metric, guest: String, dir: String, environment: [String: String],
+                 acceleration: String) throws -> Measurement {
+        try Paths.ensureDirectory(dir)
+        var taps: [TapDevice] = []
+        defer { taps.forEach { $0.remove() } }
+        var children: [ChildProcess] = []
         defer {
-            child.signal(SIGTERM)
-            if child.wait(upTo: 10) == nil { child.signal(SIGKILL); _ = child.wait() }
+            children.forEach { $0.signal(SIGTERM) }
+            for c in children where c.wait(upTo: 10) == nil { c.signal(SIGKILL); _ = c.wait() }
+        }
+        for i in 0..<count {
+            let tap = getuid() == 0 ? try TapDevice(name: nil, tag: "bench-vmm-\(getpid())-\(i)", persistent: true) : nil
+            tap?.close()
+            if let tap { taps.append(tap) }
+            let ownDisk = dir + "/disk\(i).img"
+            guard FileManager.default.createFile(atPath: ownDisk, contents: nil), truncate(ownDisk, 64 << 20) == 0 else {
+                throw MicroVMError(.backend, "cannot make the bench's scratch disk \(ownDisk)")
+            }
+            let argv: [String]
+            switch vmm {
+            case .direct(let binary):
+                var c = VMConfiguration()
+                c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: Self.guestMiB)
+                c.bootSource = BootSource(kernelImagePath: guest)
+                c.drives = [Drive(driveId: "disk0", pathOnHost: ownDisk, isReadOnly: false)]
+                if let tap { c.networkInterfaces = [NetworkInterface(ifaceId: "eth0", hostDevName: tap.name)] }
+                let config = dir + "/idle\(i).json"
+                try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: config))
+                argv = [binary, "--config-file", config, "--console-log", "/dev/null"]
+            case .qemu(let qemu):
+                argv = Self.qemuArguments(qemu, guest: guest, disk: ownDisk, tap: tap?.name)
+            }
+            children.append(try ChildProcess(argv, environment: environment))
         }
         usleep(1_000_000)
         var peak: UInt64 = 0, rss: UInt64 = 0
         for _ in 0..<3 {
-            guard let smaps = try? String(contentsOfFile: "/proc/\(child.pid)/smaps", encoding: .utf8) else {
-                throw MicroVMError(.backend, "the VMM (pid \(child.pid)) ended before its memory could be read")
+            var pss: UInt64 = 0, resident: UInt64 = 0
+            for child in children {
+                guard let smaps = try? String(contentsOfFile: "/proc/\(child.pid)/smaps", encoding: .utf8) else {
+                    throw MicroVMError(.backend, "a VMM (pid \(child.pid)) ended before its memory could be read")
+                }
+                let m = Self.memoryExcludingGuestRAM(smaps, guestBytes: UInt64(Self.guestMiB) << 20)
+                pss += m.pss; resident += m.rss
             }
-            let m = Self.memoryExcludingGuestRAM(smaps, guestBytes: UInt64(Self.guestMiB) << 20)
-            peak = max(peak, m.pss); rss = max(rss, m.rss)
+            peak = max(peak, pss); rss = max(rss, resident)
             usleep(200_000)
         }
-        return Measurement(Self.pss, Double(peak) / 1_048_576,
-                           details: ["acceleration": acceleration, "devices": tap == nil ? "1 disk (no tap: not root)" : "1 disk, 1 tap",
-                                     "guest": "tiny PVH, idle in hlt", "rss_mib": String(format: "%.2f", Double(rss) / 1_048_576)])
+        let n = Double(count) * 1_048_576
+        return Measurement(metric, Double(peak) / n,
+                           details: ["acceleration": acceleration, "devices": taps.isEmpty ? "1 disk (no tap: not root)" : "1 disk, 1 tap",
+                                     "guest": "tiny PVH, idle in hlt", "vmms": "\(count)", "rss_mib_per_vmm": String(format: "%.2f", Double(rss) / n)])
     }
 
     /// The summed PSS and RSS of every mapping in a /proc/PID/smaps text except those at least as

@@ -42,13 +42,14 @@ struct VMMScenarioTests {
             #expect(values(VMMScenario.whole).count == VMMScenario.runs, "\(name)")
             #expect(values(VMMScenario.floor).count == VMMScenario.runs, "\(name)")
             #expect(values(VMMScenario.whole).allSatisfy { $0 > 0 && $0 < 60_000 }, "\(name)")
-            let pss = values(VMMScenario.pss)
+            let pss = values(VMMScenario.pss), many = values(VMMScenario.pssMany)
             #expect(pss.count == 1 && pss[0] > 0.1 && pss[0] < 512, "\(name): \(pss)")
+            #expect(many.count == 1 && many[0] > 0.1 && many[0] < 512, "\(name): \(many)")
             if name == "direct" {
                 let first = values(VMMScenario.firstRun)
                 #expect(first.count == VMMScenario.runs && zip(first, values(VMMScenario.whole)).allSatisfy { $0 < $1 })
             }
-            print("vmm scenario on \(name): whole \(values(VMMScenario.whole).sorted()[VMMScenario.runs / 2]) ms, floor \(values(VMMScenario.floor).sorted()[VMMScenario.runs / 2]) ms, PSS \(pss) MiB")
+            print("vmm scenario on \(name): whole \(values(VMMScenario.whole).sorted()[VMMScenario.runs / 2]) ms, floor \(values(VMMScenario.floor).sorted()[VMMScenario.runs / 2]) ms, PSS \(pss) MiB, with \(VMMScenario.manyVMMs) running \(many) MiB each")
         }
         // Nothing left behind: no VMM and no bench tap.
         let taps = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/class/net")) ?? []
