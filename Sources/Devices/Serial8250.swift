@@ -23,18 +23,69 @@ public enum OutputSinks {
         { bytes in for s in sinks { s(bytes) } }
     }
 
-    static func writeAll(_ bytes: [UInt8], to fd: Int32) {
+    /// Writes as much as the descriptor takes; returns how many bytes went out.
+    @discardableResult
+    static func writeAll(_ bytes: [UInt8], to fd: Int32) -> Int {
         bytes.withUnsafeBytes { buf in
             var done = 0
             while done < buf.count {
                 // SAFETY: baseAddress is non-nil for a non-empty buffer; done < count keeps it in range.
                 let n = Glibc.write(fd, buf.baseAddress! + done, buf.count - done)
                 if n < 0 && errno == EINTR { continue }
-                if n <= 0 { return }  // a closed terminal must not stop the guest
+                if n <= 0 { break }  // a closed terminal or a full disk must not stop the guest
                 done += n
             }
+            return done
         }
     }
+}
+
+/// A console log that never grows past `limit` bytes: when the next chunk would pass it, the
+/// file moves to `PATH.1` (replacing the one before) and a new one starts, so the newest output
+/// is always kept and at most twice the limit is on disk, whatever the guest prints. A failed
+/// write is counted, never fatal: the guest does not stop for its log.
+public final class RotatingLog: Sendable {
+    public static let defaultLimit = 8 << 20
+
+    struct State { var fd: Int32; var size: Int; var regular: Bool; var rotations = 0; var failures = 0 }
+    private let state: Mutex<State>
+    public let path: String
+    public let limit: Int
+
+    public init(path: String, limit: Int = RotatingLog.defaultLimit) throws {
+        let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw SystemCallError("open \(path)", errno: errno) }
+        var st = stat()
+        let known = fstat(fd, &st) == 0
+        // Only a regular file starts over: /dev/null or a pipe is written as it is, never renamed.
+        let regular = known && st.st_mode & S_IFMT == S_IFREG
+        self.path = path; self.limit = max(4096, limit)
+        state = Mutex(State(fd: fd, size: known ? Int(st.st_size) : 0, regular: regular))
+    }
+
+    deinit { state.withLock { if $0.fd >= 0 { _ = Glibc.close($0.fd) } } }
+
+    public var sink: OutputSink { { [self] bytes in write(bytes) } }
+
+    public func write(_ bytes: [UInt8]) {
+        state.withLock { s in
+            if s.regular, s.size > 0, s.size + bytes.count > limit {
+                _ = Glibc.close(s.fd)
+                _ = rename(path, path + ".1")
+                s.fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
+                s.size = 0
+                s.rotations += 1
+            }
+            guard s.fd >= 0 else { s.failures += 1; return }
+            let written = OutputSinks.writeAll(bytes, to: s.fd)
+            s.size += written
+            if written < bytes.count { s.failures += 1 }
+        }
+    }
+
+    /// How many times the log started over, and how many writes failed.
+    public var rotations: Int { state.withLock { $0.rotations } }
+    public var failures: Int { state.withLock { $0.failures } }
 }
 
 /// Collects console output in memory, keeping at most `limit` bytes (the newest).

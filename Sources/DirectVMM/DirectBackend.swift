@@ -92,6 +92,13 @@ public struct DirectBackend: InstanceBackend {
                                              cgroups: cgroup.map { Array(Set($0.directories.values)).sorted() } ?? [])
     }
 
+    /// A console log as the VMM keeps it (`RotatingLog`): the previous file, if it started
+    /// over, then the current one; nil when there is none.
+    static func consoleLog(_ path: String) -> Data? {
+        guard let current = FileManager.default.contents(atPath: path) else { return nil }
+        return (FileManager.default.contents(atPath: path + ".1") ?? Data()) + current
+    }
+
     static func vmmBinary() throws -> String {
         guard let b = VMMProcess.binary() else {
             throw MicroVMError.notFound("mvm-vmm, the direct mode's VMM, was not found next to mvm: build it (swift build -c release --product mvm-vmm --static-swift-stdlib) or set MVM_VMM to its path")
@@ -110,6 +117,7 @@ public struct DirectBackend: InstanceBackend {
         link?.tap.close()
         defer { link?.tap.remove() }
         _ = FileManager.default.createFile(atPath: logPath, contents: nil)
+        unlink(logPath + ".1")
         let config = VMMProcess.configuration(plan, kernel: kernel, tap: link?.tap.name)
         let directory = (logPath as NSString).deletingLastPathComponent
         let outcome = try await VMMProcess.run(
@@ -124,7 +132,7 @@ public struct DirectBackend: InstanceBackend {
             }
         if let t = outcome.milestones["firstInstruction"] { plan.clock.mark(.firstInstruction, at: t) }
         if let t = outcome.milestones["ready"] { plan.clock.mark(.ready, at: t) }
-        let console = String(decoding: FileManager.default.contents(atPath: logPath) ?? Data(), as: UTF8.self)
+        let console = String(decoding: Self.consoleLog(logPath) ?? Data(), as: UTF8.self)
         guard let report = ConsoleParser.parse(console).report else {
             let tail = console.split(separator: "\n", omittingEmptySubsequences: false).suffix(15).joined(separator: "\n")
             let why = outcome.stderr.trimmingCharacters(in: .whitespacesAndNewlines)
@@ -225,7 +233,7 @@ public struct DirectBackend: InstanceBackend {
 
     public func logs(name: String) async throws -> String {
         let path = options.paths.instances + "/" + name + "/console.log"
-        guard let d = FileManager.default.contents(atPath: path) else {
+        guard let d = Self.consoleLog(path) else {
             throw MicroVMError.notFound("no console log for direct instance '\(name)' (looked in \(path))")
         }
         return String(decoding: d, as: UTF8.self)

@@ -69,6 +69,7 @@ public enum VMMProcess {
         p.executableURL = URL(fileURLWithPath: binary)
         p.arguments = ["--config-file", configFile, "--api-sock", apiSocket, "--id", name, "--console-log", logPath,
                        "--timings-file", timings, "--attached", "--kvm-device", devicePath] + cgroups.flatMap { ["--cgroup", $0] }
+            + (ProcessInfo.processInfo.environment["MVM_CONSOLE_LOG_MAX"].map { ["--console-log-max", $0] } ?? [])
         var env = ProcessInfo.processInfo.environment
         env["MVM_DIRECT_ALLOW_EMULATED"] = allowEmulatedKVM ? "1" : nil
         p.environment = env

@@ -337,7 +337,7 @@ public final class VirtualMachine: @unchecked Sendable {
                     }
                 }
             case .mmioRead(let address, let length):
-                scratch.withUnsafeMutableBytes { buf in
+                _ = scratch.withUnsafeMutableBytes { buf in
                     mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(rebasing: buf[0..<length]))
                 }
                 vcpu.completeMMIORead(Array(scratch[0..<length]))

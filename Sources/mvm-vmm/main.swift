@@ -24,15 +24,19 @@ struct Arguments {
     /// Where to write, at exit, when the VM reached each milestone (CLOCK_MONOTONIC seconds,
     /// comparable with the launching process's clock).
     var timingsFile: String?
+    /// The console log's size before it starts over (the previous one kept as FILE.1).
+    var consoleLogMax = RotatingLog.defaultLimit
     /// Cgroup directories to join before the VM exists (the instance's slice).
     var cgroups: [String] = []
 
     static let usage = """
-        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE] [--attached] [--kvm-device PATH] [--timings-file FILE] [--cgroup DIR]...
+        usage: mvm-vmm [--config-file FILE] [--api-sock PATH] [--id ID] [--console-log FILE [--console-log-max BYTES]] [--attached] [--kvm-device PATH] [--timings-file FILE] [--cgroup DIR]...
           --config-file FILE   a Firecracker configuration document: boot at once
           --api-sock PATH      serve the Firecracker-compatible API on this unix socket
           --id ID              the instance id GET / reports
           --console-log FILE   write the guest's serial console here (default: standard output)
+          --console-log-max N  start the log over past N bytes, keeping the previous one as FILE.1
+                               (default 8 MiB)
           --attached           end when the parent process ends
           --timings-file FILE  at exit, write when the process started, the VM was created, its first
                                vCPU entered the guest and the guest's init reported ready (JSON,
@@ -56,6 +60,10 @@ struct Arguments {
             case "--api-sock": apiSocket = try value(a)
             case "--id": id = try value(a)
             case "--console-log": consoleLog = try value(a)
+            case "--console-log-max":
+                let v = try value(a)
+                guard let n = Int(v), n >= 4096 else { throw MicroVMError.invalidArgument("--console-log-max takes a size in bytes of at least 4096, not '\(v)'") }
+                consoleLogMax = n
             case "--kvm-device": devicePath = try value(a)
             case "--timings-file": timingsFile = try value(a)
             case "--cgroup": cgroups.append(try value(a))
@@ -131,9 +139,9 @@ case .emulated:
 
 let console: OutputSink
 if let path = args.consoleLog {
-    let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-    guard fd >= 0 else { fail("cannot open --console-log '\(path)': \(String(cString: strerror(errno)))", status: 2) }
-    console = OutputSinks.file(descriptor: fd)
+    do { console = try RotatingLog(path: path, limit: args.consoleLogMax).sink } catch {
+        fail("cannot open --console-log '\(path)': \(error)", status: 2)
+    }
 } else {
     console = OutputSinks.standardOutput
 }

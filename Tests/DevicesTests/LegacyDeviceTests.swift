@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import Synchronization
 import MicroVMCore
@@ -378,5 +379,30 @@ struct CMOSClockTests {
             bus.write(address: 0x71, bytes: [UInt8(255 - i)])
             _ = bus.read(address: 0x71, count: 8)
         }
+    }
+}
+
+@Suite("console log")
+struct RotatingLogTests {
+    @Test("starts over past its limit, keeps the previous file, and loses none of the newest output")
+    func rotatesAndKeepsTheNewest() throws {
+        let dir = FileManager.default.temporaryDirectory.path + "/mvm-log-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let path = dir + "/console.log"
+        let log = try RotatingLog(path: path, limit: 8192)
+        var written: [UInt8] = []
+        for i in 0..<40 {
+            let chunk = [UInt8](repeating: UInt8(65 + i % 26), count: 1000)
+            log.sink(chunk)
+            written += chunk
+        }
+        let current = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path)))
+        let previous = try [UInt8](Data(contentsOf: URL(fileURLWithPath: path + ".1")))
+        #expect(current.count <= 8192 && previous.count <= 8192, "\(current.count) and \(previous.count) bytes")
+        #expect(log.rotations == 4 && log.failures == 0)
+        // The two files are the newest output, whole and in order.
+        #expect(Array(written.suffix(previous.count + current.count)) == previous + current)
+        #expect(!FileManager.default.fileExists(atPath: path + ".2"))
     }
 }
