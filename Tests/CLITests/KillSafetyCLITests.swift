@@ -90,4 +90,41 @@ struct KillSafetyCLITests {
         #expect(gc.stdoutText.hasPrefix("reclaimed 1 grant") && gc.stdoutText.contains(name), "\(gc.stdoutText)\(gc.stderrText)")
         #expect(try mvm("alloc", "show").stdoutText.contains("grants      0"))
     }
+
+    /// A direct VM with a tap, its `mvm` killed: the VMM follows its parent out, and the tap and
+    /// cgroup the run made (named in its record before they were made) go at the next sweep,
+    /// with the grant.
+    @Test(.enabled(if: getuid() == 0 && HostProfile.current().kvm.verdict != .absent, "needs root and /dev/kvm"))
+    func aKilledDirectRunLeavesNoVMMTapOrCgroupAfterGC() throws {
+        let (env0, dir) = try Self.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = env0.merging(["MVM_DIRECT_ALLOW_EMULATED": "1"]) { $1 }
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 60) }
+        let kernel = dir + "/tiny.elf"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        let name = "killdv-\(UUID().uuidString.prefix(6).lowercased())"
+        let tap = "mvt" + HostLinks.interfaceTag(name)
+        let cgroups = ["cpu", "memory", "pids", "cpuset", ""].map { "/sys/fs/cgroup/\($0)/microvm/direct-\(name)".replacingOccurrences(of: "//", with: "/") }
+
+        let run = try ChildProcess([try #require(MVM.binary), "run", "--mode", "direct", "--kernel", kernel, "--no-rootfs", "--net", "tap",
+                                    "--name", name, "--timeout", "120", "--", "true"], environment: env)
+        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10); TapLink.removeLeftover(tap) }
+        let held = try eventually(30) { try mvm("alloc", "show").stdoutText.contains("held by mvm-vmm") }
+        #expect(held, "the grant must name the VMM as its holder")
+        #expect(FileManager.default.fileExists(atPath: "/sys/class/net/" + tap))
+        #expect(cgroups.contains { FileManager.default.fileExists(atPath: $0) })
+
+        run.signal(SIGKILL)
+        #expect(!run.wait(timeout: 10).timedOut)
+        // The VMM watches its parent and ends with it.
+        let vmmGone = eventually(10) {
+            (try? ProcessRunner.run(["pgrep", "-f", "mvm-vmm.*--id \(name)"], timeout: 10))?.stdoutText.isEmpty ?? true
+        }
+        #expect(vmmGone, "the VMM must end with its mvm")
+        let gc = try mvm("gc")
+        #expect(gc.stdoutText.hasPrefix("reclaimed 1 grant"), "\(gc.stdoutText)\(gc.stderrText)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/" + tap), "the killed run's tap must go")
+        #expect(!cgroups.contains { FileManager.default.fileExists(atPath: $0) }, "the killed run's cgroup must go")
+        #expect(!(try mvm("ps").stdoutText.contains(name)))
+    }
 }
