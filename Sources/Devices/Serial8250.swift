@@ -88,7 +88,8 @@ public final class RotatingLog: Sendable {
     public var failures: Int { state.withLock { $0.failures } }
 }
 
-/// Collects console output in memory, keeping at most `limit` bytes (the newest).
+/// Collects console output in memory and gives back the newest `limit` bytes. It holds up to
+/// twice that between trims, so a flood costs one copy per `limit` bytes, not one per chunk.
 public final class ConsoleRecorder: Sendable {
     private let buffer = Mutex<[UInt8]>([])
     public let limit: Int
@@ -98,12 +99,12 @@ public final class ConsoleRecorder: Sendable {
         { [self] bytes in
             buffer.withLock { b in
                 b += bytes
-                if b.count > limit { b.removeFirst(b.count - limit) }
+                if b.count > 2 * limit { b.removeFirst(b.count - limit) }
             }
         }
     }
 
-    public var bytes: [UInt8] { buffer.withLock { $0 } }
+    public var bytes: [UInt8] { buffer.withLock { Array($0.suffix(limit)) } }
     public var text: String { String(decoding: bytes, as: UTF8.self) }
 }
 

@@ -274,17 +274,26 @@ public struct HostedBackend: InstanceBackend {
         }
         defer { try? handle.close() }
         var parser = ConsoleParser()
+        // The newest 4 MiB of the console (up to twice that between trims): a guest that floods
+        // its console costs a bounded amount of memory and copying.
         var console = Data()
+        let keep = 4 << 20
         var lastStateCheck = start
         while true {
+            // Checked on every round, not only when the guest is quiet: a guest that prints
+            // without pause still ends at its time-out.
+            if Monotonic.seconds() - start > timeout {
+                throw MicroVMError(.timeout, "the hosted guest '\(domain.name)' gave no result within \(Int(timeout)) s and was destroyed: raise --timeout, or see its console with a longer run")
+            }
+            if Task.isCancelled { throw CancellationError() }
             let chunk = handle.availableData
             if !chunk.isEmpty {
-                // Bounded: a guest that floods its console must not exhaust our memory.
-                if console.count < 4 << 20 { console.append(chunk.prefix((4 << 20) - console.count)) }
+                console.append(chunk)
+                if console.count > 2 * keep { console.removeFirst(console.count - keep) }
                 parser.feed(chunk)
                 if parser.bootComplete { clock.mark(.ready) }
                 if let report = parser.report {
-                    return Outcome(report: report, console: String(decoding: console, as: UTF8.self))
+                    return Outcome(report: report, console: String(decoding: console.suffix(keep), as: UTF8.self))
                 }
                 continue
             }
@@ -297,15 +306,11 @@ public struct HostedBackend: InstanceBackend {
                 // The last bytes may have landed after the previous read.
                 parser.feed(handle.availableData)
                 if let report = parser.report {
-                    return Outcome(report: report, console: String(decoding: console, as: UTF8.self))
+                    return Outcome(report: report, console: String(decoding: console.suffix(keep), as: UTF8.self))
                 }
-                let tail = String(String(decoding: console, as: UTF8.self).suffix(1500))
+                let tail = String(String(decoding: console.suffix(8192), as: UTF8.self).suffix(1500))
                 throw MicroVMError(.guestError, "the hosted guest '\(domain.name)' stopped before it reported a result (\(parser.bootComplete ? "after" : "before") boot completed); QEMU was killed or the guest crashed. Console tail:\n\(tail)")
             }
-            if Monotonic.seconds() - start > timeout {
-                throw MicroVMError(.timeout, "the hosted guest '\(domain.name)' gave no result within \(Int(timeout)) s and was destroyed: raise --timeout, or see its console with a longer run")
-            }
-            if Task.isCancelled { throw CancellationError() }
             try? await Task.sleep(for: .milliseconds(5))
         }
     }

@@ -97,6 +97,8 @@ public struct ConsoleParser: Sendable {
             pending = String(pending[pending.index(after: nl)...])
             if consume(line: line) { changed = true }
         }
+        // A protocol line is short: a guest that never ends its line cannot grow this buffer.
+        if pending.utf8.count > Self.longestLine { pending = String(pending.suffix(Self.longestLine / 2)) }
         return changed
     }
 
@@ -108,6 +110,11 @@ public struct ConsoleParser: Sendable {
         _ = p.feed(console + "\n")
         return p
     }
+
+    /// Console lines longer than this are not the protocol's and are cut from the front.
+    static let longestLine = 64 << 10
+    /// The command's output kept in memory: past the limit, the newest half of it.
+    static let outputLimit = 64 << 20
 
     private mutating func consume(line raw: String) -> Bool {
         let line = raw.replacingOccurrences(of: "\r", with: "")
@@ -121,7 +128,10 @@ public struct ConsoleParser: Sendable {
         }
         if let r = line.range(of: GuestProtocol.dataPrefix) {
             let payload = line[r.upperBound...].trimmingCharacters(in: .whitespaces)
-            if let d = Data(base64Encoded: payload) { data.append(d) }
+            if let d = Data(base64Encoded: payload) {
+                data.append(d)
+                if data.count > Self.outputLimit { data.removeFirst(data.count - Self.outputLimit / 2) }
+            }
             return false
         }
         if let r = line.range(of: GuestProtocol.endMarker) {

@@ -145,3 +145,36 @@ final class EventLog: @unchecked Sendable {
     func append(_ e: Int32) { lock.lock(); list.append(e); lock.unlock() }
     var events: [Int32] { lock.lock(); defer { lock.unlock() }; return list }
 }
+
+/// The hosted backend's console follower against a guest that prints without pause: its time-out
+/// still ends the run, and the console it keeps stays bounded.
+@Suite("hosted console follower", .timeLimit(.minutes(1)))
+struct HostedFollowTests {
+    @Test func aGuestThatNeverStopsPrintingStillTimesOut() async throws {
+        let conn = try LibvirtConnection.open("test:///default")
+        let name = "mvm-f-\(UUID().uuidString.prefix(8))"
+        let d = try conn.define(xml: TestDriverTests.xml(name))
+        try d.start()
+        defer { try? d.destroy(); try? d.undefine() }
+        let log = FileManager.default.temporaryDirectory.path + "/\(name).log"
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        defer { unlink(log) }
+        // A flood of console lines that never pauses until the follower has returned: a
+        // follower that looked at the clock only in quiet moments would never return.
+        let done = StopFlag()
+        let writer = Thread {
+            guard let h = FileHandle(forWritingAtPath: log) else { return }
+            let line = Data(String(repeating: "x", count: 4095).utf8 + [10])
+            while !done.isSet { h.write(line) }
+            try? h.close()
+        }
+        writer.start()
+        defer { done.set() }
+        let backend = HostedBackend(connect: "test:///default")
+        await #expect {
+            _ = try await backend.follow(domain: d, log: log, clock: LaunchClock(), timeout: 1, stopped: StopFlag())
+        } throws: { e in
+            (e as? MicroVMError)?.code == .timeout
+        }
+    }
+}

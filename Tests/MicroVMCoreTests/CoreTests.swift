@@ -36,6 +36,16 @@ import Foundation
         let argv = ["sh", "-c", "echo 'a b' \"c\""]
         #expect(GuestProtocol.decodeCommand(GuestProtocol.encodeCommand(argv)) == argv)
     }
+    /// A hostile guest: megabytes without a newline, then a frame. Memory stays bounded and the
+    /// frame that follows is still read.
+    @Test func anEndlessLineIsCutAndTheFrameAfterItStillCounts() {
+        var p = ConsoleParser()
+        let junk = [UInt8](repeating: 0x41, count: 1 << 20)
+        for _ in 0..<8 { p.feed(junk) }
+        p.feed(Array(("\n" + GuestProtocol.frame(output: Data("ok\n".utf8), status: 3)).utf8))
+        #expect(p.report?.status == 3 && p.report?.outputText == "ok\n")
+    }
+
     @Test func noEndMeansNoReport() {
         let p = ConsoleParser.parse("@@mvm:d aGVsbG8=\n")
         #expect(p.report == nil)
