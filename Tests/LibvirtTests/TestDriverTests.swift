@@ -156,17 +156,22 @@ struct HostedFollowTests {
         let d = try conn.define(xml: TestDriverTests.xml(name))
         try d.start()
         defer { try? d.destroy(); try? d.undefine() }
-        let log = FileManager.default.temporaryDirectory.path + "/\(name).log"
-        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        // The console is a FIFO fed without pause until the follower has returned: a follower
+        // that looked at the clock only when a read came back empty would never return. A FIFO,
+        // not a file, so the flood costs no disk.
+        let log = FileManager.default.temporaryDirectory.path + "/\(name).fifo"
+        try #require(mkfifo(log, 0o600) == 0)
         defer { unlink(log) }
-        // A flood of console lines that never pauses until the follower has returned: a
-        // follower that looked at the clock only in quiet moments would never return.
+        signal(SIGPIPE, SIG_IGN)
         let done = StopFlag()
         let writer = Thread {
-            guard let h = FileHandle(forWritingAtPath: log) else { return }
-            let line = Data(String(repeating: "x", count: 4095).utf8 + [10])
-            while !done.isSet { h.write(line) }
-            try? h.close()
+            let fd = open(log, O_WRONLY)
+            guard fd >= 0 else { return }
+            defer { close(fd) }
+            let line = [UInt8](repeating: 0x78, count: 4095) + [10]
+            while !done.isSet {
+                if line.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) < 0 { return }
+            }
         }
         writer.start()
         defer { done.set() }
