@@ -65,36 +65,39 @@ public enum VMMProcess {
         enc.outputFormatting = [.sortedKeys]
         try Paths.writeScratch(try enc.encode(configuration), to: configFile)
         defer { unlink(configFile); unlink(timings) }
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: binary)
-        p.arguments = ["--config-file", configFile, "--api-sock", apiSocket, "--id", name, "--console-log", logPath,
-                       "--timings-file", timings, "--attached", "--kvm-device", devicePath] + cgroups.flatMap { ["--cgroup", $0] }
+        let arguments = [binary, "--config-file", configFile, "--api-sock", apiSocket, "--id", name, "--console-log", logPath,
+                         "--timings-file", timings, "--attached", "--kvm-device", devicePath] + cgroups.flatMap { ["--cgroup", $0] }
             + (ProcessInfo.processInfo.environment["MVM_CONSOLE_LOG_MAX"].map { ["--console-log-max", $0] } ?? [])
-        var env = ProcessInfo.processInfo.environment
-        env["MVM_DIRECT_ALLOW_EMULATED"] = allowEmulatedKVM ? "1" : nil
-        p.environment = env
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        let err = Pipe()
-        p.standardError = err
-        let errors = Mutex(Data())
-        err.fileHandleForReading.readabilityHandler = { h in
-            let d = h.availableData
-            errors.withLock { if $0.count < 64 << 10 { $0.append(d) } }
-        }
-        // Set before the start, so an exit at any moment is seen.
-        let exit = Mutex<(done: Bool, waiter: CheckedContinuation<Void, Never>?)>((false, nil))
-        p.terminationHandler = { _ in
-            exit.withLock { e -> CheckedContinuation<Void, Never>? in e.done = true; defer { e.waiter = nil }; return e.waiter }?.resume()
-        }
-        do { try p.run() } catch {
+        // posix_spawn with close-on-exec pipes and a pidfd (ChildProcess): the exit is seen the
+        // moment it happens, and no other child inherits the VMM's stderr.
+        let err = try ProcessRunner.makePipe()
+        let child: ChildProcess
+        do {
+            child = try ChildProcess(arguments, stderr: .descriptor(err.write),
+                                     environment: ["MVM_DIRECT_ALLOW_EMULATED": allowEmulatedKVM ? "1" : "0"])
+        } catch {
+            close(err.read); close(err.write)
             throw MicroVMError(.backend, "cannot start \(binary): \(error)")
         }
-        started(p.processIdentifier)
-        let pid = p.processIdentifier
+        close(err.write)
+        // Its stderr, the first 64 KiB kept, read to the end on a thread of its own.
+        let errors = Mutex(Data())
+        let drained = DispatchSemaphore(value: 0)
+        Thread.detachNewThread {
+            var buf = [UInt8](repeating: 0, count: 4096)
+            while true {
+                let n = buf.withUnsafeMutableBytes { read(err.read, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                errors.withLock { if $0.count < 64 << 10 { $0.append(contentsOf: buf[0..<n]) } }
+            }
+            close(err.read)
+            drained.signal()
+        }
+        started(child.pid)
         let stop: @Sendable () -> Void = {
-            kill(pid, SIGTERM)
-            DispatchQueue.global().asyncAfter(deadline: .now() + 10) { if p.isRunning { kill(pid, SIGKILL) } }
+            child.signal(SIGTERM)
+            DispatchQueue.global().asyncAfter(deadline: .now() + 10) { child.signal(SIGKILL) }
         }
         let stopGracefully: @Sendable () -> Void = {
             DispatchQueue.global().async {
@@ -102,20 +105,20 @@ public enum VMMProcess {
                 // Pressed again every 1.5 s of the grace, as a person would: a press while the
                 // guest's driver has the keyboard interrupt off is only seen with the next one.
                 var asked = false, pressed = -Double.infinity
-                while p.isRunning && Monotonic.seconds() < t0 + stopGrace {
+                while child.isRunning && Monotonic.seconds() < t0 + stopGrace {
                     if Monotonic.seconds() - pressed >= 1.5 {
                         pressed = Monotonic.seconds()
                         let ok = (try? APIClient(socketPath: apiSocket).send("PUT", "/actions", body: #"{"action_type": "SendCtrlAltDel"}"#))?.status == 204
                         asked = asked || ok
                         if !asked { break }
                     }
-                    usleep(20_000)
+                    _ = child.wait(upTo: 0.02)
                 }
                 let said = !asked ? "the VMM took no Ctrl-Alt-Del; stopping it"
-                    : p.isRunning ? "Ctrl-Alt-Del sent; the guest did not reset within \(Int(stopGrace)) s; stopping its VMM"
+                    : child.isRunning ? "Ctrl-Alt-Del sent; the guest did not reset within \(Int(stopGrace)) s; stopping its VMM"
                     : String(format: "Ctrl-Alt-Del sent; the guest reset after %.2f s", Monotonic.seconds() - t0)
                 FileHandle.standardError.write(Data("mvm: \(name): \(said)\n".utf8))
-                if p.isRunning { stop() }
+                if child.isRunning { stop() }
             }
         }
         let timedOut = Atomic<Bool>(false)
@@ -124,24 +127,18 @@ public enum VMMProcess {
         timer.setEventHandler { timedOut.store(true, ordering: .relaxed); stop() }
         timer.resume()
         defer { timer.cancel() }
-        await withTaskCancellationHandler {
-            await withCheckedContinuation { (c: CheckedContinuation<Void, Never>) in
-                let done = exit.withLock { e -> Bool in
-                    if !e.done { e.waiter = c }
-                    return e.done
-                }
-                if done { c.resume() }
+        // The wait blocks: on a thread of its own, off Swift's cooperative pool.
+        let status = await withTaskCancellationHandler {
+            await withCheckedContinuation { (c: CheckedContinuation<Int32, Never>) in
+                Thread.detachNewThread { c.resume(returning: child.wait().status) }
             }
         } onCancel: {
             stopGracefully()
         }
-        err.fileHandleForReading.readabilityHandler = nil
-        let rest = (try? err.fileHandleForReading.readToEnd()) ?? Data()
-        // Closed here: the pipe object may outlive the run in a handler that still holds the process.
-        try? err.fileHandleForReading.close()
-        let text = String(decoding: errors.withLock { $0 } + rest, as: UTF8.self)
+        // Whatever the VMM left in its stderr; a grandchild cannot hold the pipe (close-on-exec).
+        _ = drained.wait(timeout: .now() + 5)
+        let text = String(decoding: errors.withLock { $0 }, as: UTF8.self)
         let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) } ?? [:]
-        let status = p.terminationReason == .uncaughtSignal ? 128 + p.terminationStatus : p.terminationStatus
         return Outcome(status: status, timedOut: timedOut.load(ordering: .relaxed), stderr: text, milestones: milestones)
     }
 }

@@ -84,7 +84,12 @@ struct SoakTests {
         for i in 5..<105 { try await cycle(i) }
         let after = try Self.census(allocator), grown = Int64(Self.residentBytes()) - Int64(rss)
         print("soak: 200 launch/stop cycles in \(String(format: "%.1f", Date().timeIntervalSince(started))) s; before \(before), after \(after); resident memory grew \(grown >> 10) KiB")
-        #expect(after == before, "the cycles left something behind: before \(before), after \(after); open: \(Self.openDescriptors().suffix(20))")
+        // Descriptors may differ by one or two in flight (a pidfd released a moment later);
+        // one leaked per run would show as a hundred.
+        #expect(after.descriptors <= before.descriptors + 2,
+                "the cycles left descriptors open: before \(before), after \(after); open: \(Self.openDescriptors().suffix(20))")
+        #expect(after.taps == before.taps && after.cgroups == before.cgroups && after.grants == before.grants,
+                "the cycles left something behind: before \(before), after \(after)")
         #expect(grown < 16 << 20, "the launching process grew \(grown >> 20) MiB over 200 cycles")
     }
 }
