@@ -5,14 +5,14 @@ import Synchronization
 import VMM
 import VMMAPI
 
-/// A direct VM in a process of its own: `mvm run` starts `mvm-vmm` with the launch plan as a
-/// Firecracker configuration document, as a jailer starts Firecracker. The VMM joins the
-/// instance's cgroup (the slice's enforcement) before it creates the VM, dies with the process
-/// that started it, serves the
-/// API on the instance's socket (`mvm pause`, `resume`, `stats`), writes the console to the
-/// instance's log and, at exit, its milestones on the host's monotonic clock.
+/// A direct VM in a process of its own: `mvm run`, the bench and library callers start
+/// `mvm-vmm` with the launch plan as a Firecracker configuration document, as a jailer starts
+/// Firecracker. The VMM joins the instance's cgroup (the slice's enforcement) before it creates
+/// the VM, dies with the process that started it, serves the API on the instance's socket
+/// (`mvm pause`, `resume`, `stats`, and Ctrl-Alt-Del for `mvm stop`), writes the console to the
+/// instance's (bounded) log and, at exit, its milestones on the host's monotonic clock.
 public enum VMMProcess {
-    /// `mvm-vmm` beside the running executable, else `MVM_VMM`, else the package's build folders.
+    /// `MVM_VMM`, else `mvm-vmm` beside the running executable, else the package's build folders.
     static func binary() -> String? { companion("mvm-vmm", environment: "MVM_VMM") }
 
     /// One of the package's executables: the path in `environment` when set, else beside the
