@@ -162,9 +162,16 @@ public struct ContainerBackend: InstanceBackend {
             arguments: driver.globalArguments(network: spec.net != nil) + ["run", "--bundle", bundle, "--pid-file", bundle + "/container.pid", id],
             logPath: store.log(id), expectMarker: hasShell, timeout: spec.timeout, clock: plan.clock, cancelled: cancelled,
             onStart: { [pidFile = bundle + "/container.pid", holder = plan.holder, name = rt.name] in
-                // The runtime wrote the container's init pid before starting it: the grant follows that process.
-                if let text = try? String(contentsOfFile: pidFile, encoding: .utf8), let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-                    holder(pid, "\(name) container init")
+                // The grant follows the container's init. runc writes its pid file after the
+                // process has started, so the file may come a moment after the start marker.
+                let deadline = Monotonic.seconds() + 5
+                while Monotonic.seconds() < deadline {
+                    if let text = try? String(contentsOfFile: pidFile, encoding: .utf8),
+                       let pid = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+                        holder(pid, "\(name) container init")
+                        return
+                    }
+                    usleep(5_000)
                 }
             },
             onTimeout: { driver.kill(id, signal: "KILL") })
