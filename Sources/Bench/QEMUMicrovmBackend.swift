@@ -44,16 +44,23 @@ public final class QEMUMicrovmBackend: InstanceBackend, @unchecked Sendable {
                     "-kernel", plan.kernel ?? ""] + (plan.initrd.map { ["-initrd", $0] } ?? []) + ["-append", cmdline]
         for (i, d) in plan.disks.enumerated() {
             let id = plan.rootfsAttached ? (i == 0 ? "root" : "disk\(i - 1)") : "disk\(i)"
-            argv += ["-drive", "id=\(id),file=\(Self.escape(d.path)),format=raw,if=none,readonly=\(d.readOnly ? "on" : "off")"
-                        + (d.direct ? ",cache=none" : ""),
-                     "-device", "virtio-blk-device,drive=\(id)"]
+            argv += Self.blockDevice(id: id, d)
         }
-        if let link {
-            argv += ["-netdev", "tap,id=net0,ifname=\(Self.escape(link.tap.name)),script=no,downscript=no,vnet_hdr=on,vhost=off",
-                     "-device", "virtio-net-device,netdev=net0,mac=\(HostLinks.format(mac: HostLinks.mac(seed: spec.name)))"]
-        }
+        if let link { argv += Self.netDevice(tap: link.tap.name, mac: HostLinks.mac(seed: spec.name)) }
         argv += ["-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-device,rng=rng0"]
         return argv
+    }
+
+    /// A raw disk on virtio-blk over virtio-mmio.
+    static func blockDevice(id: String, _ d: DiskSpec) -> [String] {
+        ["-drive", "id=\(id),file=\(escape(d.path)),format=raw,if=none,readonly=\(d.readOnly ? "on" : "off")" + (d.direct ? ",cache=none" : ""),
+         "-device", "virtio-blk-device,drive=\(id)"]
+    }
+
+    /// An existing tap, opened by name, on userspace virtio-net (no vhost, as in the direct VMM).
+    static func netDevice(tap: String, mac: [UInt8]? = nil) -> [String] {
+        ["-netdev", "tap,id=net0,ifname=\(escape(tap)),script=no,downscript=no,vnet_hdr=on,vhost=off",
+         "-device", "virtio-net-device,netdev=net0" + (mac.map { ",mac=" + HostLinks.format(mac: $0) } ?? "")]
     }
 
     /// QEMU option values separate on commas; a literal comma is written twice.

@@ -19,6 +19,7 @@ public struct VMMScenario: BenchScenario {
     public let name = "vmm"
     public static let firstRun = Metric("vmm-first-run", "VMM exec → first KVM_RUN (tiny guest)", unit: "ms", higherIsBetter: false)
     public static let whole = Metric("vmm-whole", "VMM process exec → exit (tiny guest that resets at once)", unit: "ms", higherIsBetter: false)
+    public static let mvmRun = Metric("vmm-mvm-run", "Whole `mvm run --mode direct` (tiny guest reporting success): command → exit", unit: "ms", higherIsBetter: false)
     public static let floor = Metric("vmm-floor", "C floor (mvm-kvm-floor) exec → exit, paired with this VMM's runs", unit: "ms", higherIsBetter: false)
     public static let pss = Metric("vmm-pss", "VMM PSS beyond guest RAM (128 MiB guest, 1 disk, 1 tap, idle)", unit: "MiB", higherIsBetter: false)
     public static let manyVMMs = 4
@@ -30,17 +31,18 @@ public struct VMMScenario: BenchScenario {
     public static let guestMiB = 128
 
     public init() {}
-    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.firstRun, Self.whole, Self.floor, Self.pss, Self.pssMany, Self.linuxBoot, Self.linuxPing] }
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.firstRun, Self.whole, Self.mvmRun, Self.floor, Self.pss, Self.pssMany, Self.linuxBoot, Self.linuxPing] }
     public var note: String? {
         "tiny PVH guests on this host's /dev/kvm, whatever it is (each sample's details name it): whole = posix_spawn → waitpid of the VMM, "
-            + "interleaved with mvm-kvm-floor (the same KVM calls in C; its figure in each sample's details as floor_ms); first KVM_RUN from "
+            + "interleaved with mvm-kvm-floor (the same KVM calls in C; its figure in each sample's details as floor_ms) and, for direct, "
+            + "the whole `mvm run` a user types (validation, grant, cgroup, VMM, result); first KVM_RUN from "
             + "mvm-vmm's milestones (QEMU reports none); PSS of the VMM process less its guest RAM mapping, the guest idle in hlt; "
             + "the Linux rows only where KVM is real"
     }
     public func runsPerMeasure(_ ctx: BenchContext) -> Int { 2 }
     public var needsBackend: Bool { false }
 
-    enum VMM { case direct(String), qemu(String) }
+    enum VMM { case direct(String), qemu(String, kvm: KVMProbeResult.Verdict) }
 
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
         let vmm: VMM
@@ -50,7 +52,7 @@ public struct VMMScenario: BenchScenario {
             vmm = .direct(b)
         case "qemu-microvm":
             guard let q = ProcessRunner.which("qemu-system-x86_64") else { throw ScenarioUnavailable("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)") }
-            vmm = .qemu(q)
+            vmm = .qemu(q, kvm: HostProfile.current().kvm.verdict)
         default:
             throw ScenarioUnavailable("the vmm scenario compares VMMs: it runs on direct and qemu-microvm")
         }
@@ -63,30 +65,44 @@ public struct VMMScenario: BenchScenario {
         let dir = FileManager.default.temporaryDirectory.path + "/mvm-bench-vmm-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try Paths.ensureDirectory(dir)
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let reset = dir + "/reset.elf", idle = dir + "/idle.elf"
+        let reset = dir + "/reset.elf", idle = dir + "/idle.elf", reports = dir + "/reports.elf"
         try Data(TinyGuest.pvhELF(code: TinyGuest.resetAtOnce)).write(to: URL(fileURLWithPath: reset))
         try Data(TinyGuest.pvhELF(code: TinyGuest.idle)).write(to: URL(fileURLWithPath: idle))
+        try Data(TinyGuest.pvhELF(code: TinyGuest.reportsSuccess)).write(to: URL(fileURLWithPath: reports))
         var env: [String: String] = [:]
         if kvm == .emulated { env["MVM_DIRECT_ALLOW_EMULATED"] = "1" }
+        // What a user types, for direct: the whole command, beside the VMM alone and the floor.
+        var mvm: String?
+        if case .direct = vmm { mvm = VMMProcess.companion("mvm", environment: "MVM_BINARY") }
 
         var out: [Measurement] = []
         for i in 0..<Self.runs {
-            // Floor first on even runs, second on odd ones: neither always follows the other.
-            var floorMs = 0.0, vmmMs = 0.0, first: Double?
-            for step in (i % 2 == 0 ? [0, 1] : [1, 0]) {
-                if step == 0 {
-                    floorMs = try Self.timed([floor, "--memory-mib", "\(Self.guestMiB)", reset], environment: env).ms
-                } else {
+            // Each run starts one step further on: no step always follows the same one.
+            var floorMs = 0.0, vmmMs = 0.0, first: Double?, runMs: Double?
+            for k in 0..<3 {
+                switch (i + k) % 3 {
+                case 0: floorMs = try Self.timed([floor, "--memory-mib", "\(Self.guestMiB)", reset], environment: env).ms
+                case 1:
                     let r = try runToExit(vmm, guest: reset, dir: dir, environment: env)
                     vmmMs = r.ms; first = r.firstRun
+                default:
+                    guard let mvm else { continue }
+                    runMs = try Self.timed([mvm, "run", "--mode", "direct", "--kernel", reports, "--no-rootfs", "--name", "bench-vmm-run-\(getpid())-\(i)",
+                                            "--memory", "\(Self.guestMiB)M", "--", "true"], environment: env).ms
                 }
             }
             let details = ["acceleration": acceleration, "floor_ms": String(format: "%.2f", floorMs), "guest": "tiny PVH, resets at once"]
             out.append(Measurement(Self.whole, vmmMs, details: details))
             out.append(Measurement(Self.floor, floorMs, details: details))
             if let first { out.append(Measurement(Self.firstRun, first, details: details)) }
+            if let runMs { out.append(Measurement(Self.mvmRun, runMs, details: details.merging(["guest": "tiny PVH, prints the init's framed result"]) { $1 })) }
         }
-        if case .qemu = vmm { out.append(.unavailable(Self.firstRun, "QEMU reports no time of its first KVM_RUN")) }
+        if case .qemu = vmm {
+            out.append(.unavailable(Self.firstRun, "QEMU reports no time of its first KVM_RUN"))
+            out.append(.unavailable(Self.mvmRun, "no mvm mode runs QEMU's microvm directly"))
+        } else if mvm == nil {
+            out.append(.unavailable(Self.mvmRun, "the mvm binary was not found (set MVM_BINARY)"))
+        }
         out.append(try idlePSS(vmm, count: 1, metric: Self.pss, guest: idle, dir: dir + "/one", environment: env, acceleration: acceleration))
         out.append(try idlePSS(vmm, count: Self.manyVMMs, metric: Self.pssMany, guest: idle, dir: dir + "/many", environment: env,
                                acceleration: acceleration))
@@ -108,17 +124,13 @@ public struct VMMScenario: BenchScenario {
     func runToExit(_ vmm: VMM, guest: String, dir: String, environment: [String: String]) throws -> (ms: Double, firstRun: Double?) {
         switch vmm {
         case .direct(let binary):
-            let config = dir + "/reset.json", timings = dir + "/timings.json"
-            var c = VMConfiguration()
-            c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: Self.guestMiB)
-            c.bootSource = BootSource(kernelImagePath: guest)
-            try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: config))
+            let config = try Self.writeConfig(dir + "/reset.json", guest: guest), timings = dir + "/timings.json"
             unlink(timings)
             let r = try Self.timed([binary, "--config-file", config, "--console-log", "/dev/null", "--timings-file", timings], environment: environment)
             let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) }
             return (r.ms, milestones?["firstInstruction"].map { ($0 - r.started) * 1000 })
-        case .qemu(let qemu):
-            return (try Self.timed(Self.qemuArguments(qemu, guest: guest), environment: environment, success: Self.qemuDebugExit).ms, nil)
+        case .qemu(let qemu, let kvm):
+            return (try Self.timed(Self.qemuArguments(qemu, kvm: kvm, guest: guest), environment: environment, success: Self.qemuDebugExit).ms, nil)
         }
     }
 
@@ -127,19 +139,25 @@ public struct VMMScenario: BenchScenario {
 
     /// QEMU's microvm with no devices but what the guest needs (and the one-port exit device),
     /// on KVM whatever it is. A software KVM refuses the host CPU model's ARCH_CAPABILITIES MSR.
-    static func qemuArguments(_ qemu: String, guest: String, disk: String? = nil, tap: String? = nil,
-                              kvm: KVMProbeResult.Verdict = HostProfile.current().kvm.verdict) -> [String] {
+    static func qemuArguments(_ qemu: String, kvm: KVMProbeResult.Verdict, guest: String, disk: String? = nil, tap: String? = nil) -> [String] {
         var argv = [qemu, "-M", "microvm,pic=off,pit=on,rtc=off,isa-serial=off", "-accel", "kvm",
                     "-cpu", kvm == .hardware ? "host" : "host,-arch-capabilities",
                     "-m", "\(guestMiB)M", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                     "-device", "isa-debug-exit,iobase=0xf4,iosize=1", "-kernel", QEMUMicrovmBackend.escape(guest)]
-        if let disk {
-            argv += ["-drive", "id=disk0,file=\(QEMUMicrovmBackend.escape(disk)),format=raw,if=none", "-device", "virtio-blk-device,drive=disk0"]
-        }
-        if let tap {
-            argv += ["-netdev", "tap,id=net0,ifname=\(QEMUMicrovmBackend.escape(tap)),script=no,downscript=no,vnet_hdr=on,vhost=off", "-device", "virtio-net-device,netdev=net0"]
-        }
+        if let disk { argv += QEMUMicrovmBackend.blockDevice(id: "disk0", DiskSpec(path: disk)) }
+        if let tap { argv += QEMUMicrovmBackend.netDevice(tap: tap) }
         return argv
+    }
+
+    /// mvm-vmm's configuration for a tiny guest in a 128 MiB, one-vCPU machine, written to `path`.
+    static func writeConfig(_ path: String, guest: String, disk: String? = nil, tap: String? = nil) throws -> String {
+        var c = VMConfiguration()
+        c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: guestMiB)
+        c.bootSource = BootSource(kernelImagePath: guest)
+        if let disk { c.drives = [Drive(driveId: "disk0", pathOnHost: disk, isReadOnly: false)] }
+        if let tap { c.networkInterfaces = [NetworkInterface(ifaceId: "eth0", hostDevName: tap)] }
+        try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: path))
+        return path
     }
 
     /// `count` VMMs, each with an idle 128 MiB guest, a disk of its own and (as root) a tap of its
@@ -167,16 +185,10 @@ public struct VMMScenario: BenchScenario {
             let argv: [String]
             switch vmm {
             case .direct(let binary):
-                var c = VMConfiguration()
-                c.machineConfig = MachineConfig(vcpuCount: 1, memSizeMib: Self.guestMiB)
-                c.bootSource = BootSource(kernelImagePath: guest)
-                c.drives = [Drive(driveId: "disk0", pathOnHost: ownDisk, isReadOnly: false)]
-                if let tap { c.networkInterfaces = [NetworkInterface(ifaceId: "eth0", hostDevName: tap.name)] }
-                let config = dir + "/idle\(i).json"
-                try JSONEncoder().encode(c).write(to: URL(fileURLWithPath: config))
+                let config = try Self.writeConfig(dir + "/idle\(i).json", guest: guest, disk: ownDisk, tap: tap?.name)
                 argv = [binary, "--config-file", config, "--console-log", "/dev/null"]
-            case .qemu(let qemu):
-                argv = Self.qemuArguments(qemu, guest: guest, disk: ownDisk, tap: tap?.name)
+            case .qemu(let qemu, let kvm):
+                argv = Self.qemuArguments(qemu, kvm: kvm, guest: guest, disk: ownDisk, tap: tap?.name)
             }
             children.append(try ChildProcess(argv, environment: environment))
         }

@@ -128,6 +128,7 @@ public struct DirectBackend: InstanceBackend {
                 plan.holder(pid, "mvm-vmm")
                 var r = record
                 r.vmmPID = pid
+                r.vmmStart = ProcessIdentity.startTime(pid: pid)
                 try? records.update(r)
             }
         if let t = outcome.milestones["firstInstruction"] { plan.clock.mark(.firstInstruction, at: t) }

@@ -15,6 +15,8 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     public var logPath: String
     /// The `mvm-vmm` process that runs the VM, once started.
     public var vmmPID: Int32?
+    /// Its start time, so a reused pid is never taken for it.
+    public var vmmStart: UInt64?
     /// Its API socket (Firecracker-compatible): `mvm pause`, `resume` and `stats` talk to it.
     public var apiSocket: String?
     /// The guest's vsock CID, and whether its init serves the shell `mvm exec` uses.
@@ -76,11 +78,10 @@ struct InstanceRecords: Sendable {
     /// created and its cgroup (a VMM still in it is ended first: it lost its `mvm run`).
     func removeStale(_ name: String) {
         guard let r = read(name), !ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) else { return }
-        if let vmm = r.vmmPID, ProcessIdentity.isAlive(pid: vmm, startTime: nil),
-           (try? String(contentsOfFile: "/proc/\(vmm)/cmdline", encoding: .utf8))?.contains(r.name) == true {
+        if let vmm = r.vmmPID, let start = r.vmmStart, ProcessIdentity.isAlive(pid: vmm, startTime: start) {
             kill(vmm, SIGKILL)
         }
-        if let tap = r.tap { TapLink.removeLeftover(tap) }
+        if let tap = r.tap { TapDevice.delete(tap) }
         if let cgroup = r.cgroup { try? CgroupSet.existing(name: cgroup).remove() }
         try? FileManager.default.removeItem(atPath: file(name))
     }

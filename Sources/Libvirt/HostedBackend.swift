@@ -335,7 +335,7 @@ public struct HostedBackend: InstanceBackend {
 
     /// What a run killed before its cleanup left: its taps, its run files.
     func removeLeftovers(_ record: HostedRecord) {
-        (record.ownTaps ?? []).forEach(TapLink.removeLeftover)
+        (record.ownTaps ?? []).forEach(TapDevice.delete)
         removeRunFiles(record)
     }
 

@@ -146,7 +146,14 @@ public final class TapDevice: @unchecked Sendable {
     /// Closes and deletes a persistent tap (idempotent; a tap already gone is fine).
     public func remove() {
         close()
-        if persistent { _ = try? ProcessRunner.run(["ip", "link", "delete", name], timeout: 10) }
+        if persistent { Self.delete(name) }
+    }
+
+    /// Deletes the interface `name` if it exists: a persistent tap this project made, whoever
+    /// made it (a run that was killed leaves its tap behind).
+    public static func delete(_ name: String) {
+        guard FileManager.default.fileExists(atPath: "/sys/class/net/" + name) else { return }
+        _ = try? ProcessRunner.run(["ip", "link", "delete", name], timeout: 10)
     }
 }
 
@@ -171,13 +178,6 @@ public struct TapLink: Sendable {
     public static func plannedTap(_ spec: NetSpec, owner: String) -> (name: String, creates: Bool) {
         let name = spec.tap ?? "mvt" + HostLinks.interfaceTag(owner)
         return (name, !FileManager.default.fileExists(atPath: "/sys/class/net/" + name))
-    }
-
-    /// Deletes a tap this project created and made persistent, whoever made it (a run that was
-    /// killed leaves its tap behind); one already gone is fine.
-    public static func removeLeftover(_ name: String) {
-        guard FileManager.default.fileExists(atPath: "/sys/class/net/" + name) else { return }
-        _ = try? ProcessRunner.run(["ip", "link", "delete", name], timeout: 10)
     }
 
     public static func open(_ spec: NetSpec, owner: String, persistent: Bool = false) throws -> TapLink {

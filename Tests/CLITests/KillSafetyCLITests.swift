@@ -72,7 +72,7 @@ struct KillSafetyCLITests {
 
         let run = try ChildProcess([try #require(MVM.binary), "run", "--mode", "hosted", "--net", "tap", "--name", name, "--memory", "256M",
                                     "--timeout", "280", "--", "sleep", "300"], environment: env)
-        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10); _ = try? mvm("stop", name); TapLink.removeLeftover(tap) }
+        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10); _ = try? mvm("stop", name); TapDevice.delete(tap) }
         let held = try eventually(90) { try mvm("alloc", "show").stdoutText.contains("held by qemu") }
         let shown = try mvm("alloc", "show").stdoutText
         #expect(held, "the grant must name QEMU as its holder: \(shown)")
@@ -108,7 +108,7 @@ struct KillSafetyCLITests {
 
         let run = try ChildProcess([try #require(MVM.binary), "run", "--mode", "direct", "--kernel", kernel, "--no-rootfs", "--net", "tap",
                                     "--name", name, "--timeout", "120", "--", "true"], environment: env)
-        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10); TapLink.removeLeftover(tap) }
+        defer { run.signal(SIGKILL); _ = run.wait(timeout: 10); TapDevice.delete(tap) }
         let held = try eventually(30) { try mvm("alloc", "show").stdoutText.contains("held by mvm-vmm") }
         #expect(held, "the grant must name the VMM as its holder")
         #expect(FileManager.default.fileExists(atPath: "/sys/class/net/" + tap))
