@@ -130,7 +130,7 @@ public final class BenchRunner: Sendable {
     public func run(hostRecord: HostRecord) async -> BenchReport {
         let runnable = plan.targets.filter { $0.backend != nil || plan.scenarios.contains { !$0.needsBackend } }
         func runs(_ s: any BenchScenario, _ t: BenchTarget) -> Int {
-            plan.skipReason(s, t) != nil ? 0 : (plan.repeats(for: t, scenario: s.name) + plan.warmups(s)) * s.runsPerMeasure(plan.context(for: t))
+            plan.skipReason(s, t) != nil || (t.backend == nil && s.needsBackend) ? 0 : (plan.repeats(for: t, scenario: s.name) + plan.warmups(s)) * s.runsPerMeasure(plan.context(for: t))
         }
         var estimate = ProgressEstimate()
         for t in runnable { estimate.planned[t.name] = plan.scenarios.reduce(0) { $0 + runs($1, t) } }
