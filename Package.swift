@@ -29,6 +29,8 @@ let package = Package(
         // Headers only: the libraries are loaded on first use (CLazyLibs), not linked.
         .systemLibrary(name: "CLibvirt", providers: [.apt(["libvirt-dev"])]),
         .systemLibrary(name: "CGuestfs", providers: [.apt(["libguestfs-dev"])]),
+        // C only: pivot_root, prctl and libseccomp for the VMM's jail.
+        .target(name: "CJail", linkerSettings: [.linkedLibrary("seccomp")]),
         // C only: trampolines that load libvirt and libguestfs when first called.
         .target(name: "CLazyLibs", linkerSettings: [.linkedLibrary("dl")]),
 
@@ -39,7 +41,9 @@ let package = Package(
         .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
         // The machine itself: KVM, guest memory, devices, boot. What `mvm-vmm` links, and nothing else.
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "VMMAPI"], swiftSettings: strict),
-        .target(name: "DirectVMM", dependencies: ["VMM", "VMMAPI", "CVhost", "KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
+        .target(name: "DirectVMM", dependencies: ["VMM", "VMMAPI", "Jail", "CVhost", "KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
+        // The VMM's jail: namespaces, an empty root, no privileges, a seccomp allow-list per thread kind.
+        .target(name: "Jail", dependencies: ["CJail", "CKVM", "CVhost", "MicroVMCore"], swiftSettings: strict),
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
         .target(name: "VMMAPI", swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
@@ -50,7 +54,7 @@ let package = Package(
         .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM", "VMM", "VMMAPI"], swiftSettings: strict),
-        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
+        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Jail", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
         .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
 
@@ -58,14 +62,14 @@ let package = Package(
         // C only: the fewest KVM calls that run a tiny guest, the floor `mvm bench --scenarios vmm` compares the VMMs with.
         .executableTarget(name: "mvm-kvm-floor"),
         // One micro-VM per process: the VMM, its API and the per-boot KVM verdict, nothing else.
-        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "Host", "MicroVMCore"], swiftSettings: strict),
+        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "Host", "MicroVMCore", "Jail"], swiftSettings: strict),
 
         .testTarget(name: "MicroVMCoreTests", dependencies: ["MicroVMCore", "GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "MicroVMCore"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "MicroVMCore"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "MicroVMCore"]),
-        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "VMM", "VMMAPI", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "VMM", "VMMAPI", "Jail", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "HostTests", dependencies: ["Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "ContainersTests", dependencies: ["Containers", "Allocator", "Host", "Images", "MicroVMCore", "GuestMemory"]),

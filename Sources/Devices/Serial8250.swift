@@ -25,7 +25,7 @@ public enum OutputSinks {
 
     /// Writes as much as the descriptor takes; returns how many bytes went out.
     @discardableResult
-    static func writeAll(_ bytes: [UInt8], to fd: Int32) -> Int {
+    public static func writeAll(_ bytes: [UInt8], to fd: Int32) -> Int {
         bytes.withUnsafeBytes { buf in
             var done = 0
             while done < buf.count {
@@ -41,46 +41,76 @@ public enum OutputSinks {
 }
 
 /// A console log that never grows past `limit` bytes: when the next chunk would pass it, the
-/// file moves to `PATH.1` (replacing the one before) and a new one starts, so the newest output
-/// is always kept and at most twice the limit is on disk, whatever the guest prints. A failed
+/// file's content moves to `PATH.1` (replacing the one before) and the file starts over, so
+/// the newest output is always kept and at most twice the limit is on disk, whatever the guest
+/// prints. Both files are opened once, here, and the move copies and truncates in place: no
+/// path is used after this, so a jailed VMM (no host file system in sight) keeps rotating, and
+/// a reader holding the log open sees it shrink rather than lose it to a rename. A failed
 /// write is counted, never fatal: the guest does not stop for its log.
 public final class RotatingLog: Sendable {
     public static let defaultLimit = 8 << 20
 
-    struct State { var fd: Int32; var size: Int; var regular: Bool; var rotations = 0; var failures = 0 }
+    struct State { var fd: Int32; var previous: Int32; var size: Int; var rotations = 0; var failures = 0 }
     private let state: Mutex<State>
     public let path: String
     public let limit: Int
 
     public init(path: String, limit: Int = RotatingLog.defaultLimit) throws {
-        let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw SystemCallError("open \(path)", errno: errno) }
         var st = stat()
         let known = fstat(fd, &st) == 0
-        // Only a regular file starts over: /dev/null or a pipe is written as it is, never renamed.
-        let regular = known && st.st_mode & S_IFMT == S_IFREG
+        // Only a regular file starts over: /dev/null or a pipe is written as it is.
+        var previous: Int32 = -1
+        if known && st.st_mode & S_IFMT == S_IFREG {
+            previous = Glibc.open(path + ".1", O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+            guard previous >= 0 else {
+                let e = errno
+                _ = Glibc.close(fd)
+                throw SystemCallError("open \(path).1", errno: e)
+            }
+        }
         self.path = path; self.limit = max(4096, limit)
-        state = Mutex(State(fd: fd, size: known ? Int(st.st_size) : 0, regular: regular))
+        state = Mutex(State(fd: fd, previous: previous, size: known ? Int(st.st_size) : 0))
     }
 
-    deinit { state.withLock { if $0.fd >= 0 { _ = Glibc.close($0.fd) } } }
+    deinit {
+        state.withLock {
+            _ = Glibc.close($0.fd)
+            if $0.previous >= 0 { _ = Glibc.close($0.previous) }
+        }
+    }
 
     public var sink: OutputSink { { [self] bytes in write(bytes) } }
 
     public func write(_ bytes: [UInt8]) {
         state.withLock { s in
-            if s.regular, s.size > 0, s.size + bytes.count > limit {
-                _ = Glibc.close(s.fd)
-                _ = rename(path, path + ".1")
-                s.fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
+            if s.previous >= 0, s.size > 0, s.size + bytes.count > limit {
+                Self.move(from: s.fd, to: s.previous, size: s.size)
                 s.size = 0
                 s.rotations += 1
             }
-            guard s.fd >= 0 else { s.failures += 1; return }
             let written = OutputSinks.writeAll(bytes, to: s.fd)
             s.size += written
             if written < bytes.count { s.failures += 1 }
         }
+    }
+
+    /// Replaces `to`'s content with `from`'s first `size` bytes, then empties `from` (whose
+    /// O_APPEND writes then start at 0).
+    static func move(from: Int32, to: Int32, size: Int) {
+        _ = ftruncate(to, 0)
+        var buf = [UInt8](repeating: 0, count: 64 << 10)
+        var offset = 0
+        while offset < size {
+            let n = buf.withUnsafeMutableBytes { pread(from, $0.baseAddress, min($0.count, size - offset), off_t(offset)) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            let w = buf.withUnsafeBytes { pwrite(to, $0.baseAddress, n, off_t(offset)) }
+            if w != n { break }
+            offset += n
+        }
+        _ = ftruncate(from, 0)
     }
 
     /// How many times the log started over, and how many writes failed.

@@ -29,12 +29,18 @@ public struct DirectBackend: InstanceBackend {
         public var attachRootfs: Bool
         /// Enforce the plan's slice in a cgroup of its own (as root).
         public var enforceInCgroup: Bool
+        /// Run the VMM in its jail (`Jail`): its own PID, mount, IPC and UTS namespaces, an empty
+        /// root, an unprivileged uid, no capabilities, seccomp per thread. As root, unless
+        /// `mvm run --no-jail` (for debugging: `mvm ps` then says so) or `MVM_NO_JAIL=1`.
+        public var jail: Bool
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
                     paths: Paths = .default, devicePath: String = "/dev/kvm",
-                    attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0) {
+                    attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0,
+                    jail: Bool = getuid() == 0 && ProcessInfo.processInfo.environment["MVM_NO_JAIL"] != "1") {
             self.allowEmulatedKVM = allowEmulatedKVM
             self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
             self.enforceInCgroup = enforceInCgroup
+            self.jail = jail
         }
     }
 
@@ -77,6 +83,7 @@ public struct DirectBackend: InstanceBackend {
         var record = DirectInstanceRecord(name: spec.name, pid: getpid(), pidStart: ProcessIdentity.startTime(pid: getpid()),
                                           cpus: spec.cpus, memory: spec.memory, startedAt: Date(), logPath: directory + "/console.log")
         record.apiSocket = directory + "/api.sock"
+        record.jailed = options.jail
         record.vsockCID = spec.vsockCID
         record.vsockShell = spec.vsockCID != nil && spec.vsockShell
         // Named before they exist, so a killed run's leftovers are found from its record.
@@ -123,7 +130,7 @@ public struct DirectBackend: InstanceBackend {
         let outcome = try await VMMProcess.run(
             binary: binary, configuration: config, directory: directory, name: spec.name, logPath: logPath,
             apiSocket: record.apiSocket ?? directory + "/api.sock", cgroups: cgroups, devicePath: options.devicePath, allowEmulatedKVM: options.allowEmulatedKVM,
-            timeout: spec.timeout) { pid in
+            timeout: spec.timeout, jailed: options.jail) { pid in
                 plan.clock.mark(.spawned)
                 plan.holder(pid, "mvm-vmm")
                 var r = record
@@ -157,8 +164,9 @@ public struct DirectBackend: InstanceBackend {
     public func list() async throws -> [InstanceInfo] {
         records.live().map { r in
             // A run that has not started its VMM yet is starting, and has no process of its own.
+            // An unjailed VMM is a debugging run, and says so.
             InstanceInfo(name: r.name, mode: .direct, state: r.vmmPID == nil ? "starting" : "running", pid: r.vmmPID, cpus: r.cpus, memory: r.memory,
-                         startedAt: r.startedAt, logPath: r.logPath)
+                         startedAt: r.startedAt, logPath: r.logPath, note: r.jailed == false ? "no jail" : nil)
         }
     }
 

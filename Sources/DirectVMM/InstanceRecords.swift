@@ -19,6 +19,8 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     public var vmmStart: UInt64?
     /// Its API socket (Firecracker-compatible): `mvm pause`, `resume` and `stats` talk to it.
     public var apiSocket: String?
+    /// Whether the VMM runs in its jail (false: `--no-jail`).
+    public var jailed: Bool?
     /// The guest's vsock CID, and whether its init serves the shell `mvm exec` uses.
     public var vsockCID: UInt32?
     public var vsockShell: Bool?

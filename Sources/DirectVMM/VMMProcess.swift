@@ -3,6 +3,8 @@ import LinuxBoot
 import MicroVMCore
 import Synchronization
 import VMM
+import Host
+import Jail
 import VMMAPI
 
 /// A direct VM in a process of its own: `mvm run`, the bench and library callers start
@@ -57,29 +59,43 @@ public enum VMMProcess {
     /// the guest gets a Ctrl-Alt-Del through the API and `stopGrace` seconds to reset, then the
     /// VMM a SIGTERM, then a SIGKILL after 10 s; on `timeout` the SIGTERM comes at once.
     /// `started` gets its pid once it runs.
+    ///
+    /// `jailed` starts it as pid 1 of a PID namespace of its own, with its uid and gid in the
+    /// jail (`Jail.uid(for: name)`); it enters the rest of the jail itself once the machine is
+    /// built. Either way it holds a lifeline: a pipe whose write end only this process holds,
+    /// whose hang-up (this process gone, however) ends the VMM.
     static func run(binary: String, configuration: VMConfiguration, directory: String, name: String, logPath: String,
                     apiSocket: String, cgroups: [String] = [], devicePath: String = "/dev/kvm", allowEmulatedKVM: Bool, timeout: Double,
-                    started: @Sendable (Int32) -> Void) async throws -> Outcome {
+                    jailed: Bool = false, started: @Sendable (Int32) -> Void) async throws -> Outcome {
         let configFile = directory + "/vmm.json", timings = directory + "/vmm-timings.json"
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
         try Paths.writeScratch(try enc.encode(configuration), to: configFile)
         defer { unlink(configFile); unlink(timings) }
+        let id = Jail.uid(for: name)
         let arguments = [binary, "--config-file", configFile, "--api-sock", apiSocket, "--id", name, "--console-log", logPath,
-                         "--timings-file", timings, "--attached", "--kvm-device", devicePath] + cgroups.flatMap { ["--cgroup", $0] }
+                         "--timings-file", timings, "--attached", "--lifeline", "3", "--kvm-device", devicePath] + cgroups.flatMap { ["--cgroup", $0] }
             + (ProcessInfo.processInfo.environment["MVM_CONSOLE_LOG_MAX"].map { ["--console-log-max", $0] } ?? [])
+            + (jailed ? ["--jail-uid", String(id), "--jail-gid", String(id)] : [])
+        // A jailed VMM cannot remove its socket: it no longer sees the path.
+        defer { if jailed { unlink(apiSocket) } }
         // posix_spawn with close-on-exec pipes and a pidfd (ChildProcess): the exit is seen the
-        // moment it happens, and no other child inherits the VMM's stderr.
+        // moment it happens, and no other child inherits the VMM's stderr or its lifeline.
         let err = try ProcessRunner.makePipe()
+        let lifeline: (read: Int32, write: Int32)
+        do { lifeline = try ProcessRunner.makePipe() } catch { close(err.read); close(err.write); throw error }
+        defer { close(lifeline.write) }
         let child: ChildProcess
         do {
             child = try ChildProcess(arguments, stderr: .descriptor(err.write),
-                                     environment: ["MVM_DIRECT_ALLOW_EMULATED": allowEmulatedKVM ? "1" : "0"])
+                                     environment: ["MVM_DIRECT_ALLOW_EMULATED": allowEmulatedKVM ? "1" : "0"],
+                                     inherit: [lifeline.read], newPIDNamespace: jailed)
         } catch {
-            close(err.read); close(err.write)
+            close(err.read); close(err.write); close(lifeline.read)
             throw MicroVMError(.backend, "cannot start \(binary): \(error)")
         }
         close(err.write)
+        close(lifeline.read)
         // Its stderr, the first 64 KiB kept, read to the end on a thread of its own.
         let errors = Mutex(Data())
         let drained = DispatchSemaphore(value: 0)
@@ -140,5 +156,39 @@ public enum VMMProcess {
         let text = String(decoding: errors.withLock { $0 }, as: UTF8.self)
         let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) } ?? [:]
         return Outcome(status: status, timedOut: timedOut.load(ordering: .relaxed), stderr: text, milestones: milestones)
+    }
+
+    /// Whether a VMM can be jailed on this host, found by doing it: `mvm-vmm --seccomp-check`
+    /// in a PID namespace of its own enters the whole jail, and a confined vCPU thread then
+    /// makes a call its filter forbids; the VMM must die of SIGSYS, naming the call.
+    public static func jailCheck() -> Capability {
+        if let why = Jail.unavailableReason() { return Capability(usable: false, detail: why, fix: "run as root, or run direct VMs with --no-jail") }
+        guard let binary = binary() else { return Capability(usable: false, detail: "mvm-vmm not found", fix: "build it: swift build --product mvm-vmm") }
+        do {
+            let err = try ProcessRunner.makePipe()
+            let id = Jail.uid(for: "doctor")
+            let child: ChildProcess
+            do {
+                child = try ChildProcess([binary, "--jail-uid", String(id), "--jail-gid", String(id), "--seccomp-check", "vcpu"],
+                                         stderr: .descriptor(err.write), newPIDNamespace: true)
+            } catch { close(err.read); close(err.write); throw error }
+            close(err.write)
+            let status = child.wait(timeout: 10).status
+            var bytes = [UInt8](repeating: 0, count: 4096), used = 0
+            while used < bytes.count {
+                let n = bytes.withUnsafeMutableBytes { read(err.read, $0.baseAddress! + used, $0.count - used) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                used += n
+            }
+            close(err.read)
+            let said = String(decoding: bytes[..<used], as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            guard status == 128 + SIGSYS, said.contains("seccomp") else {
+                return Capability(usable: false, detail: "the jail check ended with status \(status): \(said)", fix: "run direct VMs with --no-jail until this is fixed")
+            }
+            return Capability(usable: true, detail: "direct VMMs run jailed: own PID, mount, IPC and UTS namespaces, an empty root, uid \(Jail.idBase)+, no capabilities, seccomp per thread (a forbidden call ends the VMM with SIGSYS)")
+        } catch {
+            return Capability(usable: false, detail: "cannot run the jail check: \(error)")
+        }
     }
 }

@@ -14,6 +14,7 @@
 @_exported import VMM
 @_exported import VMMAPI
 @_exported import DirectVMM
+@_exported import Jail
 @_exported import Host
 @_exported import Libvirt
 @_exported import Containers

@@ -24,8 +24,11 @@ public final class ChildProcess: Sendable {
 
     /// Starts `argv` (looked up on PATH) with an empty signal mask and default dispositions.
     /// Throws `.notFound`, naming the Debian package when `package` is given, when it is missing.
+    /// `inherit` are descriptors of ours the child gets as 3, 4, …; with `newPIDNamespace` it is
+    /// the first process (pid 1) of a PID namespace of its own.
     public init(_ argv: [String], stdin: Stream = .null, stdout: Stream = .null, stderr: Stream = .null,
-                environment: [String: String]? = nil, currentDirectory: String? = nil, package: String? = nil) throws {
+                environment: [String: String]? = nil, currentDirectory: String? = nil, package: String? = nil,
+                inherit: [Int32] = [], newPIDNamespace: Bool = false) throws {
         precondition(!argv.isEmpty)
         guard let exe = ProcessRunner.which(argv[0]) else {
             let fix = package.map { ": install it with 'apt-get install \($0)'" } ?? ""
@@ -42,6 +45,7 @@ public final class ChildProcess: Sendable {
             case .descriptor(let fd): posix_spawn_file_actions_adddup2(&actions, fd, target)
             }
         }
+        for (i, fd) in inherit.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, Int32(3 + i)) }
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
@@ -56,9 +60,12 @@ public final class ChildProcess: Sendable {
         let args = (currentDirectory.map { ["/usr/bin/env", "--chdir=\($0)"] } ?? []) + [exe] + argv.dropFirst()
         let program = currentDirectory == nil ? exe : "/usr/bin/env"
         var pid: pid_t = 0
-        let rc = ProcessRunner.withCStrings(args) { argvp in
-            ProcessRunner.withCStrings(env.map { "\($0.key)=\($0.value)" }) { envp in posix_spawn(&pid, program, &actions, &attr, argvp, envp) }
+        let spawn = { (pid: inout pid_t) -> Int32 in
+            ProcessRunner.withCStrings(args) { argvp in
+                ProcessRunner.withCStrings(env.map { "\($0.key)=\($0.value)" }) { envp in posix_spawn(&pid, program, &actions, &attr, argvp, envp) }
+            }
         }
+        let rc = newPIDNamespace ? Self.inNewPIDNamespace(&pid, spawn) : spawn(&pid)
         guard rc == 0 else {
             throw MicroVMError(.backend, "cannot start '\(exe)': \(String(cString: strerror(rc)))"
                                + (currentDirectory.map { " (in \($0))" } ?? ""))
@@ -67,6 +74,35 @@ public final class ChildProcess: Sendable {
         self.executable = exe
         self.pidFD = Self.pidfdOpen.map { $0(pid, 0) } ?? -1
     }
+
+    /// Runs `spawn` on a thread of its own that first unshares its PID namespace, so the child
+    /// it starts is pid 1 of a new one. The namespace for children is a thread's: the calling
+    /// thread, and any other child, are left as they were.
+    static func inNewPIDNamespace(_ pid: inout pid_t, _ spawn: (inout pid_t) -> Int32) -> Int32 {
+        guard let unshare = unshareCall else { return ENOSYS }
+        var child: pid_t = 0, result: Int32 = 0
+        withoutActuallyEscaping({
+            result = unshare(0x2000_0000) == 0 ? spawn(&child) : errno  // CLONE_NEWPID
+        }) { work in
+            final class Box { let work: () -> Void; init(_ w: @escaping () -> Void) { work = w } }
+            let box = Unmanaged.passRetained(Box(work))
+            var thread = pthread_t()
+            // SAFETY: the thread is joined here, so `work` does not outlive this call.
+            let created = pthread_create(&thread, nil, { context in
+                Unmanaged<Box>.fromOpaque(context!).takeRetainedValue().work()
+                return nil
+            }, box.toOpaque())
+            if created == 0 { pthread_join(thread, nil) } else { box.release(); result = created }
+        }
+        pid = child
+        return result
+    }
+
+    /// unshare(2), which the Swift Glibc module leaves out (it needs _GNU_SOURCE).
+    static let unshareCall: (@convention(c) (Int32) -> Int32)? = {
+        guard let sym = dlsym(nil, "unshare") else { return nil }
+        return unsafeBitCast(sym, to: (@convention(c) (Int32) -> Int32).self)
+    }()
 
     /// Glibc 2.36 declares pidfd_open in <sys/pidfd.h>, which the Swift Glibc module leaves out.
     /// A pidfd becomes readable when its process exits (nil where the C library lacks the call).

@@ -81,7 +81,7 @@ public final class TapDevice: @unchecked Sendable {
     // _IOW('T', n, int) on x86-64.
     static let TUNSETIFF: UInt = 0x4004_54ca
     static let TUNSETPERSIST: UInt = 0x4004_54cb
-    static let TUNSETOFFLOAD: UInt = 0x4004_54d0
+    public static let TUNSETOFFLOAD: UInt = 0x4004_54d0
     static let TUNSETVNETHDRSZ: UInt = 0x4004_54d8
     static let IFF_TAP: Int16 = 0x0002, IFF_NO_PI: Int16 = 0x1000, IFF_VNET_HDR: Int16 = 0x4000
     /// TUNSETOFFLOAD bits.

@@ -147,9 +147,12 @@ public struct InstanceInfo: Codable, Sendable {
     public var memory: ByteCount
     public var startedAt: Date?
     public var logPath: String?
-    public init(name: String, mode: RunMode, state: String, pid: Int32? = nil, cpus: Int, memory: ByteCount, startedAt: Date? = nil, logPath: String? = nil) {
+    /// What a user should know of how it runs, e.g. "no jail" for a direct VMM run with --no-jail.
+    public var note: String?
+    public init(name: String, mode: RunMode, state: String, pid: Int32? = nil, cpus: Int, memory: ByteCount, startedAt: Date? = nil,
+                logPath: String? = nil, note: String? = nil) {
         self.name = name; self.mode = mode; self.state = state; self.pid = pid; self.cpus = cpus
-        self.memory = memory; self.startedAt = startedAt; self.logPath = logPath
+        self.memory = memory; self.startedAt = startedAt; self.logPath = logPath; self.note = note
     }
 }
 

@@ -18,10 +18,17 @@ public final class VMMInstance: VMMController, Sendable {
         public var console: OutputSink
         /// Called once, from a thread of its own, when the VM has stopped.
         public var onExit: @Sendable (StopReason) -> Void
+        /// Called once the machine is built (guest memory, devices, taps, disks, kernel loaded)
+        /// and before any of its threads starts: a jailed VMM enters its jail here.
+        public var beforeThreads: (@Sendable () throws -> Void)?
+        /// Called first on each thread the machine starts, with its kind.
+        public var onThread: (@Sendable (VMMThreadKind) -> Void)?
 
         public init(id: String, devicePath: String = "/dev/kvm", console: @escaping OutputSink = { _ in },
+                    beforeThreads: (@Sendable () throws -> Void)? = nil, onThread: (@Sendable (VMMThreadKind) -> Void)? = nil,
                     onExit: @escaping @Sendable (StopReason) -> Void = { _ in }) {
             self.id = id; self.devicePath = devicePath; self.console = console; self.onExit = onExit
+            self.beforeThreads = beforeThreads; self.onThread = onThread
         }
     }
 
@@ -68,15 +75,20 @@ public final class VMMInstance: VMMController, Sendable {
         var machine = MachineConfiguration(cpus: plan.cpus, memory: plan.memory, devicePath: options.devicePath)
         machine.hugePages = plan.hugePages
         machine.vcpuPins = plan.vcpuPins
+        if let onThread = options.onThread { machine.onVCPUThread = { _ in onThread(.vcpu) } }
         let vm = try VirtualMachine(machine)
         let devices = try vm.installLegacyDevices(console: options.console)
         let tap = try plan.tapName.map { try TapDevice(name: $0) }
-        let virtio = try vm.installVirtioDevices(spec: plan.deviceSpec, tap: tap, mac: plan.mac)
+        let virtio = try vm.installVirtioDevices(spec: plan.deviceSpec, tap: tap, mac: plan.mac, startThreads: false)
         do {
             let cmdline = [plan.bootArgs, virtio.cmdline].filter { !$0.isEmpty }.joined(separator: " ")
             let entry = try LinuxLoader.load(kernelPath: plan.kernel, initrdPath: plan.initrd, cmdline: cmdline, memory: vm.memory, cpus: plan.cpus,
                                              virtioMMIO: virtio.attachments.map(\.acpiDevice))
             try vm.setBootEntry(BootEntry(entry))
+            try options.beforeThreads?()
+            var deviceThread: (@Sendable () -> Void)?
+            if let onThread = options.onThread { deviceThread = { onThread(.device) } }
+            vm.startVirtioThreads(virtio.attachments, onThread: deviceThread)
             try vm.start()
         } catch {
             virtio.attachments.forEach { $0.stop() }

@@ -6,8 +6,10 @@ extension VirtualMachine {
     /// Places the spec's virtio devices (disks, the network on `tap`, then entropy) on the MMIO bus, each interrupting
     /// through its own GSI, and starts their I/O threads. The returned kernel parameters tell a
     /// guest built with VIRTIO_MMIO_CMDLINE_DEVICES where they are. Call `stop()` on each
-    /// attachment after the VM ends.
-    public func installVirtioDevices(spec: VMSpec, tap: TapDevice? = nil, mac: [UInt8]? = nil) throws -> (attachments: [VirtioAttachment], cmdline: String) {
+    /// attachment after the VM ends. With `startThreads: false` the caller starts them
+    /// (`startVirtioThreads`), e.g. once the VMM is jailed.
+    public func installVirtioDevices(spec: VMSpec, tap: TapDevice? = nil, mac: [UInt8]? = nil,
+                                     startThreads: Bool = true) throws -> (attachments: [VirtioAttachment], cmdline: String) {
         let attachments = try VirtioDevices.make(spec: spec, memory: memory, tap: tap, mac: mac) { gsi -> any InterruptLine in
             // irqfd where KVM takes it (an in-kernel irqchip), else the KVM_IRQ_LINE pulse.
             if let line = try? KVMIRQFDLine(vm: self.vm, gsi: gsi) {
@@ -20,13 +22,18 @@ extension VirtualMachine {
             for a in attachments {
                 try addMMIODevice(a.device, address: a.mmioBase, length: a.mmioLength)
                 registerNotifyEventFDs(a)
-                a.transport.start(name: "virtio-\(a.irq)")
             }
+            if startThreads { startVirtioThreads(attachments) }
         } catch {
             attachments.forEach { $0.stop() }
             throw error
         }
         return (attachments, attachments.map(\.cmdline).joined(separator: " "))
+    }
+
+    /// Starts each device's I/O thread; `onThread` runs first on each.
+    public func startVirtioThreads(_ attachments: [VirtioAttachment], onThread: (@Sendable () -> Void)? = nil) {
+        for a in attachments { a.transport.start(name: "virtio-\(a.irq)", onThread: onThread) }
     }
 
     /// Lets a QueueNotify write signal the queue's eventfd inside KVM (KVM_IOEVENTFD, 4 bytes at

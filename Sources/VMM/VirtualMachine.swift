@@ -22,7 +22,7 @@ public struct MachineConfiguration: Sendable {
     /// Back guest RAM with huge pages (from the host's hugetlbfs pool).
     public var hugePages: Bool
     public var devicePath: String
-    /// Called on each vCPU thread as it starts, with its thread id (e.g. to join a cgroup).
+    /// Called on each vCPU thread as it starts (after pinning), with its thread id.
     public var onVCPUThread: (@Sendable (Int32) -> Void)?
 
     public init(cpus: Int = 1, memory: ByteCount = .mebibytes(128), interruptController: Bool = true, cpuSet: [Int] = [], devicePath: String = "/dev/kvm") {
@@ -293,11 +293,15 @@ public final class VirtualMachine: @unchecked Sendable {
         let vcpu = vcpus[index]
         let counters = exitCounters[index]
         VCPUKick.unblockOnCurrentThread()
+        // Named from inside: naming a thread from another goes through /proc, which a jailed
+        // VMM does not have.
+        Thread.current.name = "vcpu\(index)"
         control.withLock { $0.threads[index] = pthread_self() }
-        configuration.onVCPUThread?(Self.currentThreadID())
         if !configuration.vcpuPins.isEmpty {
             pin(to: configuration.vcpuPins[index % configuration.vcpuPins.count])
         }
+        // After pinning: a jailed VMM confines the thread here, and a vCPU never pins again.
+        configuration.onVCPUThread?(Self.currentThreadID())
         if index == 0 { firstEntryBits.store(Monotonic.seconds().bitPattern, ordering: .releasing) }
         var scratch = [UInt8](repeating: 0, count: 8)
         while !stopping.load(ordering: .acquiring) {

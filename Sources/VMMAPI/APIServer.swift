@@ -36,13 +36,23 @@ public final class APIServer: Sendable {
     private struct Running: Sendable {
         var listenFD: Int32
         var wakeFD: Int32
-        var thread: pthread_t
+        /// nil between `listen()` and `serve()`.
+        var thread: pthread_t?
         var inode: ino_t
+        var loop: ServeLoop
     }
     private let running = Mutex<Running?>(nil)
+    /// Called on the serving thread before it handles anything (a jailed VMM confines the
+    /// thread to the API's system calls there).
+    public let onServeThread: (@Sendable () -> Void)?
+    /// Whether `stop()` removes the socket file. A jailed VMM cannot see it any more, and its
+    /// launcher removes it.
+    public let removesSocketFile: Bool
 
-    public init(socketPath: String, router: APIRouter, requestTimeoutMilliseconds: Int = 5000, maxConnections: Int = 16) {
+    public init(socketPath: String, router: APIRouter, requestTimeoutMilliseconds: Int = 5000, maxConnections: Int = 16,
+                removesSocketFile: Bool = true, onServeThread: (@Sendable () -> Void)? = nil) {
         self.socketPath = socketPath; self.router = router
+        self.removesSocketFile = removesSocketFile; self.onServeThread = onServeThread
         self.requestTimeoutMilliseconds = requestTimeoutMilliseconds; self.maxConnections = max(1, maxConnections)
     }
 
@@ -51,6 +61,13 @@ public final class APIServer: Sendable {
     /// Binds and listens at `socketPath` (a stale socket file there is replaced, a live one is
     /// not), then serves on a thread of its own until `stop()`.
     public func start() throws(APIServerError) {
+        try listen()
+        try serve()
+    }
+
+    /// Binds and listens at `socketPath`, without serving yet: connections wait in the backlog
+    /// until `serve()`. A jailed VMM binds before it leaves the host's file system.
+    public func listen() throws(APIServerError) {
         try running.withLock { (state: inout Running?) throws(APIServerError) in
             guard state == nil else { throw APIServerError.alreadyStarted }
             let address = try Self.address(socketPath)
@@ -63,7 +80,7 @@ public final class APIServer: Sendable {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
             }
             guard bound == 0 else { let e = errno; close(fd); throw .system("bind \(socketPath)", errno: e) }
-            guard listen(fd, 64) == 0 else { let e = errno; close(fd); unlink(socketPath); throw .system("listen", errno: e) }
+            guard Glibc.listen(fd, 64) == 0 else { let e = errno; close(fd); unlink(socketPath); throw .system("listen", errno: e) }
             var st = stat()
             lstat(socketPath, &st)
 
@@ -74,19 +91,28 @@ public final class APIServer: Sendable {
             for p in pipeFDs { Self.setNonBlockingCloseOnExec(p) }
             let loop = ServeLoop(listenFD: fd, wakeFD: pipeFDs[0], router: router,
                                  requestTimeout: requestTimeoutMilliseconds, maxConnections: maxConnections)
-            let box = Unmanaged.passRetained(LoopBox(loop))
+            state = Running(listenFD: fd, wakeFD: pipeFDs[1], thread: nil, inode: st.st_ino, loop: loop)
+        }
+    }
+
+    /// Serves what `listen()` bound, on a thread of its own until `stop()`.
+    public func serve() throws(APIServerError) {
+        try running.withLock { (state: inout Running?) throws(APIServerError) in
+            guard var r = state, r.thread == nil else { throw APIServerError.alreadyStarted }
+            let box = Unmanaged.passRetained(LoopBox(r.loop, onStart: onServeThread))
             var thread = pthread_t()
             let created = pthread_create(&thread, nil, { context in
                 let box = Unmanaged<LoopBox>.fromOpaque(context!).takeRetainedValue()
+                box.onStart?()
                 box.loop.run()
                 return nil
             }, box.toOpaque())
             guard created == 0 else {
-                box.release(); close(fd); close(pipeFDs[0]); close(pipeFDs[1]); unlink(socketPath)
+                box.release()
                 throw .system("pthread_create", errno: created)
             }
-            // The loop owns the wake pipe's read end; stop() writes to its write end.
-            state = Running(listenFD: fd, wakeFD: pipeFDs[1], thread: thread, inode: st.st_ino)
+            r.thread = thread
+            state = r
         }
     }
 
@@ -96,9 +122,10 @@ public final class APIServer: Sendable {
         guard let r = running.withLock({ (state: inout Running?) -> Running? in defer { state = nil }; return state }) else { return }
         var byte: UInt8 = 1
         _ = write(r.wakeFD, &byte, 1)
-        pthread_join(r.thread, nil)
+        if let thread = r.thread { pthread_join(thread, nil) } else { r.loop.closeWakeEnd() }
         close(r.wakeFD)
         close(r.listenFD)
+        guard removesSocketFile else { return }
         var st = stat()
         if lstat(socketPath, &st) == 0, st.st_ino == r.inode { unlink(socketPath) }
     }
@@ -142,11 +169,14 @@ public final class APIServer: Sendable {
 
 private final class LoopBox {
     let loop: ServeLoop
-    init(_ loop: ServeLoop) { self.loop = loop }
+    let onStart: (@Sendable () -> Void)?
+    init(_ loop: ServeLoop, onStart: (@Sendable () -> Void)?) { self.loop = loop; self.onStart = onStart }
 }
 
 /// The serving thread's state; touched by that thread only.
-private final class ServeLoop {
+private final class ServeLoop: @unchecked Sendable {
+    // SAFETY (Sendable): held in `APIServer.running` between listen() and serve(), and used by
+    // the serving thread alone after it; never by two threads at once.
     struct Connection {
         var fd: Int32
         var parser = HTTPRequestParser()
@@ -166,6 +196,9 @@ private final class ServeLoop {
         self.listenFD = listenFD; self.wakeFD = wakeFD; self.router = router
         self.requestTimeout = requestTimeout; self.maxConnections = maxConnections
     }
+
+    /// Closes the wake pipe's read end when no thread ever served (run() closes it otherwise).
+    func closeWakeEnd() { close(wakeFD) }
 
     static func now() -> Int {
         var ts = timespec()

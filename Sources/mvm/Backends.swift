@@ -3,7 +3,7 @@ import MicroVM
 
 /// Builds the backend for a mode, the one place `mvm` maps modes to implementations.
 enum Backends {
-    static func make(mode: RunMode, connect: String?, runtime: String?, attachRootfs: Bool = true) throws -> any InstanceBackend {
+    static func make(mode: RunMode, connect: String?, runtime: String?, attachRootfs: Bool = true, jail: Bool = true) throws -> any InstanceBackend {
         switch mode {
         case .container:
             return ContainerBackend(runtime: ContainerRuntime(parsing: runtime ?? "runc"),
@@ -12,7 +12,9 @@ enum Backends {
             return NativeBackend()
         case .direct:
             // The VM runs in an mvm-vmm process of its own, which joins the instance's cgroup.
-            return DirectBackend(options: .init(attachRootfs: attachRootfs))
+            var options = DirectBackend.Options(attachRootfs: attachRootfs)
+            options.jail = options.jail && jail
+            return DirectBackend(options: options)
         case .hosted:
             return HostedBackend(connect: connect, attachRootfs: attachRootfs)
         }

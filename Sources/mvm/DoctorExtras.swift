@@ -12,6 +12,7 @@ func extraCapabilities() -> [(String, Capability)] {
                                         fix: "mvm image build")))
     }
     out.append(("ledger", ledgerHealth()))
+    out.append(("vmm-jail", VMMProcess.jailCheck()))
     return out
 }
 

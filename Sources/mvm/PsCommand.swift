@@ -20,14 +20,15 @@ struct PsCommand: AsyncParsableCommand {
                 enc.dateEncodingStrategy = .iso8601
                 print(String(decoding: try enc.encode(all), as: UTF8.self))
             } else {
-                print("NAME".padding(toLength: 24, withPad: " ", startingAt: 0) + "MODE       STATE      CPUS  MEMORY  PID")
+                print("NAME".padding(toLength: 24, withPad: " ", startingAt: 0) + "MODE       STATE      CPUS  MEMORY  PID      NOTE")
                 for i in all {
                     print(i.name.padding(toLength: 24, withPad: " ", startingAt: 0)
                           + i.mode.rawValue.padding(toLength: 11, withPad: " ", startingAt: 0)
                           + i.state.padding(toLength: 11, withPad: " ", startingAt: 0)
                           + "\(i.cpus)".padding(toLength: 6, withPad: " ", startingAt: 0)
                           + i.memory.description.padding(toLength: 8, withPad: " ", startingAt: 0)
-                          + (i.pid.map { "\($0)" } ?? "-"))
+                          + (i.pid.map { "\($0)" } ?? "-").padding(toLength: 9, withPad: " ", startingAt: 0)
+                          + (i.note ?? ""))
                 }
             }
             for p in problems { FileHandleOutput.stderr("mvm ps: \(p)\n") }

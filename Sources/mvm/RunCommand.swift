@@ -45,6 +45,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Extra kernel command-line arguments.") var cmdline: String = ""
     @Option(help: "Attach a raw disk image: FILE[,ro][,direct] (repeatable).") var disk: [String] = []
     @Flag(help: "Do not attach the image's rootfs disk (the command runs in the initramfs).") var noRootfs = false
+    @Flag(help: "Direct mode: run the VMM outside its jail (namespaces, empty root, no privileges, seccomp), for debugging; mvm ps says so.") var noJail = false
     @Option(help: "Network over a tap: tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]] (default: a new tap on a free /30 of 10.200/16).") var net: String?
     @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; direct mode needs /dev/vhost-vsock).") var vsock: UInt32?
     @Flag(help: "With --vsock: the guest init serves a root shell on vsock port 1024 while the command runs. Any host process can connect to it: use it only where the host's users are trusted.") var vsockShell = false
@@ -70,8 +71,11 @@ struct RunCommand: AsyncParsableCommand {
             if let net { spec.net = try NetSpec(parsing: net) }
             spec.vsockCID = vsock
             spec.vsockShell = vsockShell
+            if noJail && mode != .direct {
+                throw MicroVMError.invalidArgument("--no-jail is for --mode direct (the jail is the direct VMM's); leave it out for --mode \(mode.rawValue)")
+            }
             let backend = try Backends.make(mode: mode, connect: connect ?? cfg.defaults.connect,
-                                            runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs)
+                                            runtime: runtime ?? cfg.defaults.runtime, attachRootfs: !noRootfs, jail: !noJail)
             if detach {
                 try SpecValidator.validate(spec, mode: backend.mode)
                 try backend.checkHost()

@@ -405,4 +405,20 @@ struct RotatingLogTests {
         #expect(Array(written.suffix(previous.count + current.count)) == previous + current)
         #expect(!FileManager.default.fileExists(atPath: path + ".2"))
     }
+
+    @Test("starts over without its path: the directory moved away (as from a jailed VMM) changes nothing")
+    func rotatesThroughItsDescriptors() throws {
+        let base = FileManager.default.temporaryDirectory.path + "/mvm-log-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: base + "/a", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: base) }
+        let log = try RotatingLog(path: base + "/a/console.log", limit: 4096)
+        try FileManager.default.moveItem(atPath: base + "/a", toPath: base + "/b")
+        for i in 0..<10 { log.sink([UInt8](repeating: UInt8(48 + i), count: 1000)) }
+        let current = try [UInt8](Data(contentsOf: URL(fileURLWithPath: base + "/b/console.log")))
+        let previous = try [UInt8](Data(contentsOf: URL(fileURLWithPath: base + "/b/console.log.1")))
+        #expect(log.rotations == 2 && log.failures == 0)
+        #expect(current == [UInt8](repeating: 56, count: 1000) + [UInt8](repeating: 57, count: 1000), "\(current.count) bytes now")
+        #expect(previous.count == 4000 && previous.first == 52 && previous.last == 55)
+        #expect(!FileManager.default.fileExists(atPath: base + "/a"))
+    }
 }

@@ -25,6 +25,12 @@ struct SoakTests {
         var description: String { "\(descriptors) fds, \(taps) taps, \(cgroups) cgroups, \(grants) grants" }
     }
 
+    /// The soak's own resources only: other suites run beside it and make taps and cgroups of
+    /// their own.
+    static let links: Set<String> = Set((0..<105).flatMap { i in
+        ["soak-vm-\(i)", "soak-c-\(i)"].flatMap { ["mvt" + HostLinks.interfaceTag($0), "mvc" + HostLinks.interfaceTag($0)] }
+    })
+
     static func census(_ allocator: Allocator) throws -> Census {
         func count(_ dir: String, _ keep: (String) -> Bool = { _ in true }) -> Int {
             ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter(keep).count
@@ -33,11 +39,12 @@ struct SoakTests {
         let hierarchies = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []).map { "/sys/fs/cgroup/" + $0 }
         let cgroups = (hierarchies + ["/sys/fs/cgroup"]).reduce(0) { n, h in
             n + count(h + "/microvm") { e in
+                guard e.contains("soak-") else { return false }
                 var isDir: ObjCBool = false
                 return FileManager.default.fileExists(atPath: h + "/microvm/" + e, isDirectory: &isDir) && isDir.boolValue
             }
         }
-        return Census(descriptors: count("/proc/self/fd"), taps: count("/sys/class/net") { $0.hasPrefix("mvt") || $0.hasPrefix("mvc") },
+        return Census(descriptors: count("/proc/self/fd"), taps: count("/sys/class/net") { links.contains($0) },
                       cgroups: cgroups, grants: try allocator.grants().count)
     }
 

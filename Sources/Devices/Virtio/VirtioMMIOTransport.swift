@@ -422,11 +422,15 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
 
     // MARK: I/O thread
 
-    /// Starts the I/O thread that serves queues on notify.
-    public func start(name: String = "virtio") {
+    /// Starts the I/O thread that serves queues on notify; `onThread` runs on it first.
+    public func start(name: String = "virtio", onThread: (@Sendable () -> Void)? = nil) {
         worker.withLock { t in
             guard t == nil else { return }
-            let th = Thread { [unowned self] in self.loop() }
+            let th = Thread { [unowned self] in
+                Thread.current.name = name  // from inside: a jailed VMM has no /proc to name it through
+                onThread?()
+                self.loop()
+            }
             th.name = name
             t = th
             th.start()
