@@ -85,6 +85,9 @@ struct InstanceRecords: Sendable {
         }
         if let tap = r.tap { TapDevice.delete(tap) }
         if let cgroup = r.cgroup { try? CgroupSet.existing(name: cgroup).remove() }
+        // The run's files, but not its console log: `mvm logs` reads that after the end too.
+        let files = VMMProcess.runFiles(in: (r.logPath as NSString).deletingLastPathComponent)
+        for f in [files.config, files.timings] + (r.apiSocket.map { [$0] } ?? []) { unlink(f) }
         try? FileManager.default.removeItem(atPath: file(name))
     }
 

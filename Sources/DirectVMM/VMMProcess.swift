@@ -44,6 +44,12 @@ public enum VMMProcess {
         return c
     }
 
+    /// The files a run writes beside its console log for the VMM (its configuration, its
+    /// milestones), removed when it ends, or by whoever finds its record stale.
+    static func runFiles(in directory: String) -> (config: String, timings: String) {
+        (directory + "/vmm.json", directory + "/vmm-timings.json")
+    }
+
     struct Outcome {
         var status: Int32
         /// The run outlived its time and was stopped.
@@ -67,7 +73,7 @@ public enum VMMProcess {
     static func run(binary: String, configuration: VMConfiguration, directory: String, name: String, logPath: String,
                     apiSocket: String, cgroups: [String] = [], devicePath: String = "/dev/kvm", allowEmulatedKVM: Bool, timeout: Double,
                     jailed: Bool = false, started: @Sendable (Int32) -> Void) async throws -> Outcome {
-        let configFile = directory + "/vmm.json", timings = directory + "/vmm-timings.json"
+        let (configFile, timings) = runFiles(in: directory)
         let enc = JSONEncoder()
         enc.outputFormatting = [.sortedKeys]
         try Paths.writeScratch(try enc.encode(configuration), to: configFile)

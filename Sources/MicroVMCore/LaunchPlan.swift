@@ -37,7 +37,22 @@ public final class LaunchClock: Sendable {
 
     /// Records `phase` at `time` (now by default); the first mark of a phase stands.
     public func mark(_ phase: LaunchPhase, at time: Double = Monotonic.seconds()) {
-        marks.withLock { m in if m[phase] == nil { m[phase] = max(0, time - origin) } }
+        let first = marks.withLock { m in
+            guard m[phase] == nil else { return false }
+            m[phase] = max(0, time - origin)
+            return true
+        }
+        if first, phase == Self.stopAt { Self.stopForKill(phase) }
+    }
+
+    /// Fault injection for kill tests: with `MVM_STOP_AT=PHASE` (granted, spawned, …) the process
+    /// stops itself (SIGSTOP) the moment it reaches that phase, after saying so on stderr, so a
+    /// test can kill it exactly there and look at what is left.
+    static let stopAt: LaunchPhase? = ProcessInfo.processInfo.environment["MVM_STOP_AT"].flatMap(LaunchPhase.init(rawValue:))
+
+    static func stopForKill(_ phase: LaunchPhase) {
+        FileHandle.standardError.write(Data("mvm: stopped at \(phase.rawValue) (MVM_STOP_AT)\n".utf8))
+        raise(SIGSTOP)
     }
 
     /// Seconds since the launch request.

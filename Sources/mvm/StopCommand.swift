@@ -31,8 +31,12 @@ struct LogsCommand: AsyncParsableCommand {
                 return
             }
             // Follow the log file itself: each round reads only what was appended since the last.
+            // A console log that starts over shrinks in place (its content moved to .1): read it
+            // again from its start.
             while true {
                 let running = (try? await backend.list())?.contains { $0.name == instance.name } ?? false
+                var st = stat()
+                if fstat(log.fileDescriptor, &st) == 0, let at = try? log.offset(), UInt64(st.st_size) < at { try log.seek(toOffset: 0) }
                 if let more = try log.readToEnd(), !more.isEmpty { FileHandle.standardOutput.write(more) }
                 if !running { return }
                 try await Task.sleep(for: .milliseconds(250))

@@ -128,3 +128,109 @@ struct KillSafetyCLITests {
         #expect(!(try mvm("ps").stdoutText.contains(name)))
     }
 }
+
+/// `mvm` killed with SIGKILL at each phase of a launch: just after its grant (nothing started
+/// yet) and just after the backend started (the VMM, QEMU or the container exists, the guest is
+/// still booting); the running phase is `KillSafetyCLITests`'. `MVM_STOP_AT` stops the run at
+/// the phase so the kill lands there. Then, after `mvm gc` (and `mvm stop` of a VM that outlives
+/// its `mvm` by design, as hosted QEMU does), nothing is left: no instance, grant, tap, cgroup,
+/// record or VMM; and at no point does the ledger hold more than the host.
+@Suite("Kill at every launch phase", .serialized, .timeLimit(.minutes(6)))
+struct KillAtPhaseCLITests {
+    enum Mode: String, CaseIterable { case direct, hosted, container }
+
+    static func usable(_ mode: Mode) -> Bool {
+        guard getuid() == 0 else { return false }
+        switch mode {
+        case .direct: return HostProfile.current().kvm.verdict != .absent
+        case .hosted: return HostProfile.current().capability("libvirt-embed").usable
+        case .container: return ProcessRunner.which("runc") != nil
+        }
+    }
+
+    static let cases: [(Mode, LaunchPhase)] = Mode.allCases.flatMap { m in [(m, LaunchPhase.granted), (m, .spawned)] }
+
+    @Test(.enabled(if: getuid() == 0, "needs root"), arguments: cases)
+    func aRunKilledAtAPhaseLeavesNothingAfterGC(mode: Mode, phase: LaunchPhase) throws {
+        guard Self.usable(mode) else {
+            print("skipped: \(mode.rawValue) cannot run on this host")
+            return
+        }
+        let dir = "/tmp/mvm-killphase-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = ["MVM_STATE_DIR": dir + "/state", "MVM_DIRECT_ALLOW_EMULATED": "1"]
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 150) }
+        let name = "kp\(mode.rawValue.prefix(1))\(phase.rawValue.prefix(1))-\(UUID().uuidString.prefix(6).lowercased())"
+        let tap = "mvt" + HostLinks.interfaceTag(name)
+        var argv = [try #require(MVM.binary), "run", "--mode", mode.rawValue, "--name", name, "--memory", "256M", "--timeout", "280"]
+        switch mode {
+        case .direct:
+            let kernel = dir + "/tiny.elf"
+            try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+            argv += ["--kernel", kernel, "--no-rootfs", "--net", "tap"]
+        case .hosted: argv += ["--net", "tap"]
+        case .container: break
+        }
+        let err = try ProcessRunner.makePipe()
+        let run = try ChildProcess(argv + ["--", "sleep", "300"], stderr: .descriptor(err.write),
+                                   environment: env.merging(["MVM_STOP_AT": phase.rawValue]) { $1 })
+        close(err.write)
+        defer { close(err.read); run.signal(SIGKILL); _ = run.wait(timeout: 10); _ = try? mvm("stop", name); TapDevice.delete(tap) }
+
+        // Stopped at the phase (state T in /proc/PID/stat), then killed there.
+        let stopped = eventually(120) {
+            let stat = (try? String(contentsOfFile: "/proc/\(run.pid)/stat", encoding: .utf8)) ?? ""
+            return stat.split(separator: ")").last?.split(separator: " ").first == "T"
+        }
+        #expect(stopped, "the run never reached \(phase.rawValue)")
+        run.signal(SIGKILL)
+        #expect(!run.wait(timeout: 10).timedOut)
+        #expect(Self.ledgerWithinCapacity(try mvm("alloc", "show").stdoutText))
+
+        // A sweep; a VM that outlives its mvm by design (hosted QEMU) is listed and stopped.
+        _ = try mvm("gc")
+        let listed = try mvm("ps").stdoutText
+        if listed.contains(name) {
+            #expect(mode == .hosted, "only a hosted VM outlives its mvm: \(listed)")
+            #expect(try mvm("stop", name).status == 0)
+            _ = try mvm("gc")
+        }
+        #expect(!(try mvm("ps").stdoutText.contains(name)), "\(mode.rawValue) at \(phase.rawValue): still listed")
+        let show = try mvm("alloc", "show").stdoutText
+        #expect(show.contains("grants      0"), "\(mode.rawValue) at \(phase.rawValue): a grant is left: \(show)")
+        #expect(!FileManager.default.fileExists(atPath: "/sys/class/net/" + tap), "\(mode.rawValue) at \(phase.rawValue): the tap is left")
+        let cgroups = ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup")) ?? []).flatMap { h in
+            ((try? FileManager.default.contentsOfDirectory(atPath: "/sys/fs/cgroup/\(h)/microvm")) ?? []).filter { $0.contains(name) }
+        }
+        #expect(cgroups.isEmpty, "\(mode.rawValue) at \(phase.rawValue): cgroups left: \(cgroups)")
+        let vmm = try ProcessRunner.run(["pgrep", "-f", "--id \(name)"], timeout: 10).stdoutText
+        #expect(vmm.isEmpty, "\(mode.rawValue) at \(phase.rawValue): a VMM is left: \(vmm)")
+        let records = (FileManager.default.enumerator(atPath: dir + "/state")?.allObjects as? [String] ?? []).filter { $0.contains(name) && $0.hasSuffix(".json") }
+        #expect(records.isEmpty, "\(mode.rawValue) at \(phase.rawValue): records left: \(records)")
+    }
+
+    /// `mvm alloc show`'s memory line: what is granted never exceeds what is grantable.
+    static func ledgerWithinCapacity(_ show: String) -> Bool {
+        guard let line = show.split(separator: "\n").first(where: { $0.hasPrefix("memory") }) else { return false }
+        func kib(_ label: String) -> UInt64? {
+            guard let r = line.range(of: " " + label) else { return nil }
+            let before = line[..<r.lowerBound].split(separator: " ").last ?? ""
+            let digits = before.filter(\.isNumber)
+            let unit = before.last
+            guard let n = UInt64(digits) else { return nil }
+            return unit == "G" ? n << 20 : unit == "M" ? n << 10 : n
+        }
+        guard let grantable = kib("grantable"), let granted = kib("granted") else { return false }
+        return granted <= grantable
+    }
+
+    func eventually(_ seconds: Double, _ body: () -> Bool) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline {
+            if body() { return true }
+            usleep(50_000)
+        }
+        return body()
+    }
+}
