@@ -55,7 +55,7 @@ let package = Package(
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM", "VMM", "VMMAPI"], swiftSettings: strict),
         .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Jail", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
-        .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore"], swiftSettings: strict),
+        .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore", "VMMAPI"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
 
         .executableTarget(name: "mvm-kvm-probe", dependencies: ["KVM"], swiftSettings: strict),

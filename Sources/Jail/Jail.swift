@@ -62,7 +62,13 @@ public enum Jail {
     /// Enters the jail. Throws, naming the step, when the host or the caller cannot; nothing
     /// is half-done that matters then: the VMM exits.
     public static func enter(_ o: Options) throws(Failure) {
-        let threads = threadCount()
+        // A thread that has just ended (the KVM probe's, when the verdict was not cached yet)
+        // may still be listed for a moment.
+        var threads = threadCount()
+        for _ in 0..<100 where threads > 1 {
+            usleep(2_000)
+            threads = threadCount()
+        }
         guard threads == 1 else {
             throw Failure("\(threads) threads are running; namespaces and the root change per thread, so the VMM must enter the jail before it starts any")
         }

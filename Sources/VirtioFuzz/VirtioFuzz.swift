@@ -1,6 +1,8 @@
 import MicroVMCore
-/// Fuzzes the virtio transport, split virtqueue and the blk/rng request parsers with hostile
-/// guest input (see `VirtioFuzzHarness` for the input layout).
+/// Fuzzes the virtio transport, split virtqueue, the blk/rng/net request parsers and vsock's
+/// configuration with hostile guest input (see `VirtioFuzzHarness` for the input layout), and
+/// the control API's request parser and router with hostile client bytes (`APIFuzzHarness`):
+/// an input whose first byte has its top bit set goes to the API.
 ///
 /// Built with `-sanitize=fuzzer -D VIRTIO_LIBFUZZER` (scripts/fuzz-virtio) it is a libFuzzer
 /// target; built plainly it feeds seeded random inputs for a bounded time:
@@ -10,8 +12,10 @@ import MicroVMCore
 /// ```
 import Devices
 import Foundation
+import VMMAPI
 
 #if VIRTIO_LIBFUZZER
+let apiHarness = APIFuzzHarness()
 nonisolated(unsafe) let harness: VirtioFuzzHarness = {
     guard let h = try? VirtioFuzzHarness() else { fatalError("cannot allocate the fuzzing guest RAM") }
     return h
@@ -20,7 +24,8 @@ nonisolated(unsafe) let harness: VirtioFuzzHarness = {
 @_cdecl("LLVMFuzzerTestOneInput")
 public func virtioFuzzOne(_ data: UnsafePointer<UInt8>?, _ size: Int) -> Int32 {
     guard let data else { return 0 }
-    harness.run(Array(UnsafeBufferPointer(start: data, count: size)))
+    let input = Array(UnsafeBufferPointer(start: data, count: size))
+    if let first = input.first, first & 0x80 != 0 { apiHarness.run(Array(input.dropFirst())) } else { harness.run(input) }
     return 0
 }
 
@@ -46,6 +51,8 @@ struct VirtioFuzz {
         let seed = args.count > 2 ? UInt64(args[2]) ?? 1 : 1
         var rng = SplitMix(state: seed)
         let harness = try VirtioFuzzHarness()
+        let api = APIFuzzHarness()
+        var routed = 0
         let deadline = Date().addingTimeInterval(seconds)
         var iterations = 0, served = 0
         while Date() < deadline {
@@ -56,10 +63,11 @@ struct VirtioFuzz {
                 // Bias towards plausible rings: small descriptor indices and flags.
                 for i in stride(from: 4, to: n, by: 2) where Int.random(in: 0..<4, using: &rng) == 0 { input[i] &= 0x7 }
             }
-            served += harness.run(input)
+            // Every other input goes to the API, as a client's bytes.
+            if iterations % 2 == 1 { routed += api.run(input) } else { served += harness.run(input) }
             iterations += 1
         }
-        print("virtio fuzz: \(iterations) inputs in \(Int(seconds)) s (seed \(seed)), \(served) chains served, no crash")
+        print("virtio and API fuzz: \(iterations) inputs in \(Int(seconds)) s (seed \(seed)), \(served) chains served, \(routed) API requests routed, no crash")
     }
 }
 #endif

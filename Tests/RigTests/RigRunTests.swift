@@ -184,6 +184,17 @@ struct RigKVMTests {
         #expect(!s.output.contains("cad-timeout") && s.output.contains("vmm-status=0"), "Ctrl-Alt-Del must reboot Linux, which ends the VMM: \(s.output.suffix(2000))")
     }
 
+    @Test func aKilledRunLeavesNothingAtAnyPhaseAndItsVMMIsJailed() throws {
+        let s = try step("kill-phases")
+        for phase in ["granted", "spawned"] { #expect(s.output.contains("state-\(phase)=T"), "the run never stopped at \(phase): \(s.output)") }
+        for phase in ["granted", "spawned", "running"] {
+            #expect(s.output.contains("left-\(phase): ps=0 grants=0 taps=0 cgroups=0 vmm=0"), "left after a kill at \(phase): \(s.output)")
+        }
+        // NSpid: the rig's pid, then 1; no capability; no_new_privs; a seccomp filter.
+        #expect(s.output.range(of: #"jail-running: NSpid: \d+ 1 CapEff: 0000000000000000 NoNewPrivs: 1 Seccomp: 2"#, options: .regularExpression) != nil,
+                "the VMM must run jailed: \(s.output)")
+    }
+
     @Test func twoCPUsWithoutADiskComeFromTheMADT() throws {
         let s = try step("madt")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
@@ -224,6 +235,7 @@ enum RigKVMSession {
          ("taps-left", ["sh", "-c", "ip -o link show | grep -c ' mvt' || true"]),
          ("vsock", ["sh", "-c", vsockScript(mvm: mvm)]),
          ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)]),
+         ("kill-phases", ["sh", "-c", killPhasesScript(mvm: mvm)]),
          ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
     }
 
@@ -292,6 +304,37 @@ enum RigKVMSession {
         """
     }
 
+    /// `mvm run --mode direct --net tap` of Linux killed with SIGKILL after its grant, once its
+    /// VMM runs (Linux booting) and once the guest is up: each time `mvm gc` leaves no instance,
+    /// grant, tap, cgroup or VMM. While it runs, the VMM is jailed: pid 1 of its namespace, no
+    /// capabilities, seccomp on.
+    static func killPhasesScript(mvm: String) -> String {
+        let m = ProcessRunner.shellQuote(mvm)
+        return """
+        modprobe tun 2>/dev/null
+        for phase in granted spawned running; do
+            name=rigk$phase
+            if [ $phase = running ]; then
+                \(m) run --mode direct --net tap --name $name --timeout 280 -- sleep 200 >/tmp/k-$phase.out 2>&1 &
+                pid=$!
+                for i in $(seq 1 150); do \(m) logs $name 2>/dev/null | grep -q boot-complete && break; sleep 1; done
+                vmm=$(\(m) ps | awk -v n=$name '$1 == n {print $6}')
+                [ -n "$vmm" ] || { echo "no VMM for $name:"; \(m) ps; tail -5 /tmp/k-$phase.out; }
+                echo "jail-$phase: $(grep -E '^(NSpid|CapEff|NoNewPrivs|Seccomp):' /proc/$vmm/status | tr '\\t\\n' '  ')"
+            else
+                MVM_STOP_AT=$phase \(m) run --mode direct --net tap --name $name --timeout 280 -- sleep 200 >/tmp/k-$phase.out 2>&1 &
+                pid=$!
+                for i in $(seq 1 100); do [ "$(awk '{print $3}' /proc/$pid/stat 2>/dev/null)" = T ] && break; sleep 0.2; done
+                echo "state-$phase=$(awk '{print $3}' /proc/$pid/stat)"
+            fi
+            kill -9 $pid; wait $pid 2>/dev/null
+            sleep 1
+            \(m) gc >/dev/null
+            echo "left-$phase: ps=$(\(m) ps | grep -c $name) grants=$(\(m) alloc show | grep -c $name) taps=$(ip -o link show | grep -c ' mvt') cgroups=$(ls -d /sys/fs/cgroup/microvm/*$name* 2>/dev/null | wc -l) vmm=$(pgrep -fc -- "--id $name")"
+        done
+        """
+    }
+
     /// A guest waits in `sleep`; the host reaches the init's vsock shell through vhost-vsock
     /// (CID 42, port 1024), runs two commands there and ends the sleep, so the run ends early
     /// with the command's status 9 instead of running out its time.
@@ -336,11 +379,14 @@ enum RigKVMSession {
         iperf3 -c "$MVM_HOST" -p \(iperfPort) -t 2 -f m | grep receiver; exit 3
         """
 
-    static func script(_ steps: [(String, [String])]) -> String {
+    /// Each step runs under a time limit of its own, so a step that hangs costs that step (its
+    /// output then ends with the processes still running, and where each waits), not the session.
+    static func script(_ steps: [(String, [String])], stepTimeout: Int = 420) -> String {
         var s = "exec 2>&1\n"
         for (name, argv) in steps {
             s += "echo '@@step \(name)@@'\n"
-            s += argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
+            s += "timeout -k 10 \(stepTimeout) " + argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
+            s += "[ $s = 124 ] || [ $s = 137 ] && { echo \"step \(name) ran past \(stepTimeout) s; still running:\"; ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' | tail -40; }\n"
             s += "echo; echo \"@@step-end \(name) status=$s@@\"\n"
         }
         return s

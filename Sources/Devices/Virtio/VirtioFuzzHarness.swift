@@ -29,7 +29,7 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
 
     deinit { unlink(diskPath) }
 
-    /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, modulo 3), [1] log2 queue size, [2]
+    /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, 3 vsock, modulo 4), [1] log2 queue size, [2]
     /// feature bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the rings
     /// towards valid chains, bit4 net offloads negotiated, bit5 the net queue: receive or
     /// transmit), [3] count of raw register writes, then 8 bytes per register write (offset u16,
@@ -46,8 +46,13 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
         let device: any VirtioDevice
         var queue = 0
         var features: UInt64 = 1 << 32
-        switch input[0] % 3 {
+        switch input[0] % 4 {
         case 0: device = (try? VirtioBlock(path: diskPath, readOnly: input[2] & 4 != 0, queueSize: 256)) ?? VirtioRng()
+        // vsock: the guest's queue addresses, sizes and features go to the kernel's vhost-vsock
+        // at DRIVER_OK, so its configuration must be checked here first (rng where the host has
+        // no /dev/vhost-vsock).
+        case 3: device = (try? VirtioVsock(cid: 3 + UInt32(input[1]) + UInt32(input[3]) << 8, regions: ram.regions)) ?? VirtioRng()
+                queue = Int(input[2] >> 5 & 1)
         case 2 where socketpair(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0, &tap) == 0:
             tap.forEach { _ = fcntl($0, F_SETFL, O_NONBLOCK) }
             device = VirtioNet(tapFD: tap[0], mac: [2, 0, 0, 0, 0, 1], offloads: true)
