@@ -9,9 +9,9 @@ import Glibc
 public enum VCPUExit: Sendable, Equatable {
     /// Port I/O. `data` holds what the guest wrote (`size * count` bytes) for an `out`.
     case portIn(port: UInt16, size: Int, count: Int)
-    case portOut(port: UInt16, size: Int, count: Int, data: [UInt8])
+    case portOut(port: UInt16, size: Int, count: Int, data: ExitBytes)
     case mmioRead(address: UInt64, length: Int)
-    case mmioWrite(address: UInt64, data: [UInt8])
+    case mmioWrite(address: UInt64, data: ExitBytes)
     case halt
     /// Triple fault or another shutdown condition.
     case shutdown
@@ -180,12 +180,12 @@ public final class KVMVCPU: @unchecked Sendable {
             let size = Int(io.size), count = Int(io.count)
             let total = size * count
             let offset = Int(io.data_offset)
-            guard [1, 2, 4].contains(size), count >= 1, offset >= 0, total <= runSize, offset <= runSize - total else {
+            guard size == 1 || size == 2 || size == 4, count >= 1, offset >= 0, total <= runSize, offset <= runSize - total else {
                 return .unknown(reason: reason)
             }
             if io.direction == UInt8(KVM_EXIT_IO_OUT) {
                 // SAFETY: [offset, offset+total) was checked to lie inside the run mapping.
-                let bytes = Array(UnsafeRawBufferPointer(start: runPage + offset, count: total))
+                let bytes = ExitBytes(UnsafeRawBufferPointer(start: runPage + offset, count: total))
                 return .portOut(port: io.port, size: size, count: count, data: bytes)
             }
             return .portIn(port: io.port, size: size, count: count)
@@ -194,7 +194,7 @@ public final class KVMVCPU: @unchecked Sendable {
             let len = min(Int(m.len), 8)
             if m.is_write != 0 {
                 var d = m.data
-                let bytes = withUnsafeBytes(of: &d) { Array($0.prefix(len)) }
+                let bytes = withUnsafeBytes(of: &d) { ExitBytes(UnsafeRawBufferPointer(rebasing: $0.prefix(len))) }
                 return .mmioWrite(address: m.phys_addr, data: bytes)
             }
             return .mmioRead(address: m.phys_addr, length: len)
@@ -217,17 +217,21 @@ public final class KVMVCPU: @unchecked Sendable {
     }
 
     /// Supplies the bytes for the pending `in` exit (`size * count` of them).
-    public func completePortIn(_ bytes: [UInt8]) {
+    public func completePortIn(_ bytes: [UInt8]) { bytes.withUnsafeBytes { completePortIn($0) } }
+
+    public func completePortIn(_ bytes: UnsafeRawBufferPointer) {
         let io = runState.pointee.io
         let offset = Int(io.data_offset)
         let n = min(bytes.count, Int(io.size) * Int(io.count))
         guard n > 0, offset >= 0, offset <= runSize - n else { return }
         // SAFETY: bounds checked against the run mapping just above.
-        bytes.withUnsafeBytes { (runPage + offset).copyMemory(from: $0.baseAddress!, byteCount: n) }
+        (runPage + offset).copyMemory(from: bytes.baseAddress!, byteCount: n)
     }
 
     /// Supplies the value for the pending MMIO read.
-    public func completeMMIORead(_ bytes: [UInt8]) {
+    public func completeMMIORead(_ bytes: [UInt8]) { bytes.withUnsafeBytes { completeMMIORead($0) } }
+
+    public func completeMMIORead(_ bytes: UnsafeRawBufferPointer) {
         // SAFETY: mmio.data is an 8-byte array inside the run page; at most 8 bytes are copied.
         withUnsafeMutableBytes(of: &runState.pointee.mmio.data) { d in
             for i in 0..<min(8, bytes.count) { d[i] = bytes[i] }

@@ -44,9 +44,9 @@ public enum ExitAction: Sendable, Equatable {
     /// Read `count` items of `size` bytes from the port bus and hand them to the guest.
     case portRead(port: UInt16, size: Int, count: Int)
     /// Write `count` items of `size` bytes (in `data`) to the port bus.
-    case portWrite(port: UInt16, size: Int, data: [UInt8])
+    case portWrite(port: UInt16, size: Int, data: ExitBytes)
     case mmioRead(address: UInt64, length: Int)
-    case mmioWrite(address: UInt64, data: [UInt8])
+    case mmioWrite(address: UInt64, data: ExitBytes)
     /// Stop the whole VM; `dumpRegisters` asks the loop to attach the vCPU's registers.
     case stop(StopReason, dumpRegisters: Bool)
 }

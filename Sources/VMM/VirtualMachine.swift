@@ -325,13 +325,15 @@ public final class VirtualMachine: @unchecked Sendable {
             case .resume:
                 continue
             case .portRead(let port, let size, let count):
-                var bytes = [UInt8](repeating: 0, count: size * count)
-                bytes.withUnsafeMutableBytes { buf in
+                // One `in` (8 bytes at most) reads into the scratch buffer; a `rep ins` gets its own.
+                let total = size * count
+                if total > scratch.count { scratch = [UInt8](repeating: 0, count: total) }
+                scratch.withUnsafeMutableBytes { buf in
                     for k in 0..<count {
                         portBus.read(address: UInt64(port), data: UnsafeMutableRawBufferPointer(rebasing: buf[(k * size)..<((k + 1) * size)]))
                     }
+                    vcpu.completePortIn(UnsafeRawBufferPointer(rebasing: buf[0..<total]))
                 }
-                vcpu.completePortIn(bytes)
             case .portWrite(let port, let size, let data):
                 data.withUnsafeBytes { buf in
                     var k = 0
@@ -341,10 +343,10 @@ public final class VirtualMachine: @unchecked Sendable {
                     }
                 }
             case .mmioRead(let address, let length):
-                _ = scratch.withUnsafeMutableBytes { buf in
-                    mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(rebasing: buf[0..<length]))
+                scratch.withUnsafeMutableBytes { buf in
+                    _ = mmioBus.read(address: address, data: UnsafeMutableRawBufferPointer(rebasing: buf[0..<length]))
+                    vcpu.completeMMIORead(UnsafeRawBufferPointer(rebasing: buf[0..<length]))
                 }
-                vcpu.completeMMIORead(Array(scratch[0..<length]))
             case .mmioWrite(let address, let data):
                 data.withUnsafeBytes { _ = mmioBus.write(address: address, data: $0) }
             case .stop(let reason, let dump):

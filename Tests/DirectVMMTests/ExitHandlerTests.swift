@@ -22,7 +22,7 @@ struct ExitHandlerTests {
         #expect(ExitHandler.decide(.mmioRead(address: 0xd000_0000, length: 4)) == .mmioRead(address: 0xd000_0000, length: 4))
         #expect(ExitHandler.decide(.mmioWrite(address: 0xd000_0070, data: [1, 2])) == .mmioWrite(address: 0xd000_0070, data: [1, 2]))
         if case .stop(.error, _) = ExitHandler.decide(.mmioRead(address: 0, length: 0)) {} else { Issue.record("zero-length MMIO read must stop") }
-        if case .stop(.error, _) = ExitHandler.decide(.mmioWrite(address: 0, data: Array(repeating: 0, count: 9))) {} else { Issue.record("9-byte MMIO write must stop") }
+        if case .stop(.error, _) = ExitHandler.decide(.mmioWrite(address: 0, data: ExitBytes(Array(repeating: 0, count: 9)))) {} else { Issue.record("9-byte MMIO write must stop") }
     }
 
     @Test func endsOfTheGuest() {
