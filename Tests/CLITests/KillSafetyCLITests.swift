@@ -130,8 +130,9 @@ struct KillSafetyCLITests {
 }
 
 /// `mvm` killed with SIGKILL at each phase of a launch: just after its grant (nothing started
-/// yet) and just after the backend started (the VMM, QEMU or the container exists, the guest is
-/// still booting); the running phase is `KillSafetyCLITests`'. `MVM_STOP_AT` stops the run at
+/// yet), just after the backend started (the VMM, QEMU or the container exists, the guest is
+/// still booting) and, for containers, once the command runs; the VMs' running phase is
+/// `KillSafetyCLITests`'. `MVM_STOP_AT` stops the run at
 /// the phase so the kill lands there. Then, after `mvm gc` (and `mvm stop` of a VM that outlives
 /// its `mvm` by design, as hosted QEMU does), nothing is left: no instance, grant, tap, cgroup,
 /// record or VMM; and at no point does the ledger hold more than the host.
@@ -150,7 +151,11 @@ struct KillAtPhaseCLITests {
         }
     }
 
+    /// After the grant and once the backend started, for every mode; for containers, Docker's
+    /// included, also once the command runs (`ready`: killed when the grant's holder is known,
+    /// not stopped). The VMs' running phase is `KillSafetyCLITests`'.
     static let cases: [(Mode, LaunchPhase)] = Mode.allCases.flatMap { m in [(m, LaunchPhase.granted), (m, .spawned)] }
+        + [(.container, .ready), (.docker, .ready)]
 
     @Test(.enabled(if: getuid() == 0, "needs root"), arguments: cases)
     func aRunKilledAtAPhaseLeavesNothingAfterGC(mode: Mode, phase: LaunchPhase) throws {
@@ -176,17 +181,24 @@ struct KillAtPhaseCLITests {
         case .docker: argv += ["--runtime", "docker"]
         }
         let err = try ProcessRunner.makePipe()
+        let running = phase == .ready
         let run = try ChildProcess(argv + ["--", "sleep", "300"], stderr: .descriptor(err.write),
-                                   environment: env.merging(["MVM_STOP_AT": phase.rawValue]) { $1 })
+                                   environment: running ? env : env.merging(["MVM_STOP_AT": phase.rawValue]) { $1 })
         close(err.write)
         defer { close(err.read); run.signal(SIGKILL); _ = run.wait(timeout: 10); _ = try? mvm("stop", name); TapDevice.delete(tap) }
 
-        // Stopped at the phase (state T in /proc/PID/stat), then killed there.
-        let stopped = eventually(120) {
-            let stat = (try? String(contentsOfFile: "/proc/\(run.pid)/stat", encoding: .utf8)) ?? ""
-            return stat.split(separator: ")").last?.split(separator: " ").first == "T"
+        if running {
+            // Running: the grant names the process that holds it.
+            let held = eventually(90) { ((try? mvm("alloc", "show"))?.stdoutText ?? "").contains("held by") }
+            #expect(held, "the \(mode.rawValue) run never showed its holder")
+        } else {
+            // Stopped at the phase (state T in /proc/PID/stat), then killed there.
+            let stopped = eventually(120) {
+                let stat = (try? String(contentsOfFile: "/proc/\(run.pid)/stat", encoding: .utf8)) ?? ""
+                return stat.split(separator: ")").last?.split(separator: " ").first == "T"
+            }
+            #expect(stopped, "the run never reached \(phase.rawValue)")
         }
-        #expect(stopped, "the run never reached \(phase.rawValue)")
         run.signal(SIGKILL)
         #expect(!run.wait(timeout: 10).timedOut)
         #expect(Self.ledgerWithinCapacity(try mvm("alloc", "show").stdoutText))
