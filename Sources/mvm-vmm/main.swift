@@ -166,7 +166,7 @@ do { args = try Arguments(Array(CommandLine.arguments.dropFirst())) } catch {
     fail("\(error)\n\(Arguments.usage)", status: 2)
 }
 // SIGINT and SIGTERM are blocked before the first thread starts, so every thread inherits the
-// block, and one thread takes them with sigwait (`watchSignals`). Blocked, they also reach the
+// block, and one thread takes them with sigwait (`startServices`). Blocked, they also reach the
 // first process of a PID namespace, which ignores default-action signals otherwise.
 var stopSignals = sigset_t()
 sigemptyset(&stopSignals)
