@@ -115,10 +115,10 @@ struct RigKVMTests {
     @Test func doctorSeesHardwareKVM() throws {
         let s = try step("doctor")
         #expect(s.status == 0, "doctor: \(s.output.suffix(2000))")
-        guard let start = s.output.firstIndex(of: "{"),
-              let obj = try? JSONSerialization.jsonObject(with: Data(s.output[start...].utf8)) as? [String: Any],
-              let profile = obj["profile"] as? [String: Any], let kvm = profile["kvm"] as? [String: Any] else {
-            Issue.record("doctor --json output is not the expected JSON: \(s.output.prefix(2000))")
+        // The step prints the report's "kvm" : { … } member.
+        guard let open = s.output.firstIndex(of: "{"), let close = s.output.lastIndex(of: "}"), open < close,
+              let kvm = try? JSONSerialization.jsonObject(with: Data(s.output[open...close].utf8)) as? [String: Any] else {
+            Issue.record("doctor --json output has no KVM object: \(s.output.prefix(2000))")
             return
         }
         #expect(kvm["verdict"] as? String == "hardware", "kvm: \(kvm)")
@@ -218,7 +218,10 @@ enum RigKVMSession {
     static let shared: Result<[String: Step], any Error> = Result(catching: { try run() })
 
     static func steps(mvm: String, vmlinux: String) -> [(String, [String])] {
-        [("doctor", [mvm, "doctor", "--json", "--refresh"]),
+        // The report goes to a file and only its KVM verdict to the console: the rig's serial
+        // console has been seen to stall for minutes in the middle of a burst this size.
+        [("doctor", ["sh", "-c", "\(ProcessRunner.shellQuote(mvm)) doctor --json --refresh >/tmp/doctor.json; s=$?; "
+                     + "sed -n '/\"kvm\" : {/,/}/p' /tmp/doctor.json; exit $s"]),
          ("bzimage", [mvm, "run", "--mode", "direct", "--", "sh", "-c", "echo hello; exit 3"]),
          ("cpus2", [mvm, "run", "--mode", "direct", "--cpus", "2", "--", "sh", "-c", "nproc; echo hello; exit 3"]),
          ("vmlinux", [mvm, "run", "--mode", "direct", "--kernel", vmlinux,
