@@ -12,15 +12,12 @@
 #include <unistd.h>
 
 const int CJAIL_CLONE_THREAD = CLONE_THREAD;
-const int CJAIL_CLONE_NEWPID = CLONE_NEWPID;
 const int CJAIL_PR_SET_NAME = PR_SET_NAME;
 const int CJAIL_PR_GET_NAME = PR_GET_NAME;
 
 int cjail_unshare_mount_ipc_uts(void) {
     return unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS) == 0 ? 0 : -errno;
 }
-
-int cjail_unshare_pid(void) { return unshare(CLONE_NEWPID) == 0 ? 0 : -errno; }
 
 int cjail_setresgid(gid_t gid) { return setresgid(gid, gid, gid) == 0 ? 0 : -errno; }
 int cjail_setresuid(uid_t uid) { return setresuid(uid, uid, uid) == 0 ? 0 : -errno; }

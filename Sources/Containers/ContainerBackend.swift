@@ -228,16 +228,17 @@ public struct ContainerBackend: InstanceBackend {
                 Self.cleanUp(id: id, owner: nil, driver: OCIRuntimeDriver(executable: exe, root: store.runtimeRoot), store: store)
             }
         }
-        // Docker's containers of ours too, whichever runtime this backend runs: `mvm ps` and
-        // `mvm gc` sweep through the runc backend, and a Docker container whose `mvm` was killed
-        // would otherwise hold its grant, unlisted, for ever.
         if case .docker = runtime { DockerDriver(paths: paths, tarball: rootfsTarball).reapOrphans() }
-        else if ProcessRunner.which("docker") != nil { DockerDriver(paths: paths, tarball: nil).reapOrphans() }
     }
 
     public func list() async throws -> [InstanceInfo] {
         try await offload { [self] in
             reapOrphans()
+            // Docker's containers of ours too, whichever runtime this backend runs: `mvm ps` and
+            // `mvm gc` sweep through the runc backend, and a Docker container whose `mvm` was
+            // killed would otherwise hold its grant, unlisted, for ever. Here, not in the launch
+            // path: a runc start does not wait for `docker ps`.
+            if runtime != .docker, ProcessRunner.which("docker") != nil { DockerDriver(paths: paths, tarball: nil).reapOrphans() }
             var out: [InstanceInfo] = []
             for id in store.bundleIDs() {
                 guard let owner = store.readOwner(id) else { continue }

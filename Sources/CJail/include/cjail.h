@@ -7,14 +7,11 @@
 
 /// Flags the Swift Glibc module leaves out (they need _GNU_SOURCE).
 extern const int CJAIL_CLONE_THREAD;
-extern const int CJAIL_CLONE_NEWPID;
 extern const int CJAIL_PR_SET_NAME;
 extern const int CJAIL_PR_GET_NAME;
 
 /// unshare(2) of new mount, IPC and UTS namespaces. Returns 0 or -errno.
 int cjail_unshare_mount_ipc_uts(void);
-/// unshare(2) of a new PID namespace for the calling thread's next child. Returns 0 or -errno.
-int cjail_unshare_pid(void);
 /// setresgid(2) and setresuid(2) with one id for real, effective and saved. 0 or -errno.
 int cjail_setresgid(gid_t gid);
 int cjail_setresuid(uid_t uid);
