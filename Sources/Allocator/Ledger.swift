@@ -25,7 +25,7 @@ final class Ledger: Sendable {
         config.prepareDatabase { db in
             var persist: CInt = 1
             _ = sqlite3_file_control(db.sqliteConnection, nil, SQLITE_FCNTL_PERSIST_WAL, &persist)
-            try db.execute(sql: "PRAGMA journal_mode = WAL")
+            try Ledger.retryingWhileBusy { try db.execute(sql: "PRAGMA journal_mode = WAL") }
             try db.execute(sql: "PRAGMA synchronous = NORMAL")
             try db.execute(sql: "PRAGMA journal_size_limit = 1048576")
         }
@@ -45,6 +45,21 @@ final class Ledger: Sendable {
             throw e
         } catch {
             throw Ledger.corrupt(path, "is not a usable SQLite database", cause: error)
+        }
+    }
+
+    /// Switching a new ledger to WAL takes an exclusive lock, and SQLite answers SQLITE_BUSY at
+    /// once, without the busy handler, when another process is switching or recovering the same
+    /// file: several `mvm` processes opening a fresh ledger together then fail at random. Retry
+    /// for as long as the busy timeout would have waited.
+    static func retryingWhileBusy(for seconds: Double = 30, _ body: () throws -> Void) throws {
+        let deadline = Date().addingTimeInterval(seconds)
+        var pause: useconds_t = 1_000
+        while true {
+            do { return try body() } catch let error as DatabaseError where error.resultCode == .SQLITE_BUSY && Date() < deadline {
+                usleep(pause)
+                pause = min(pause * 2, 50_000)
+            }
         }
     }
 
