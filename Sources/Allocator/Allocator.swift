@@ -78,15 +78,81 @@ public final class Allocator: Sendable {
             let (slice, huge) = try Placer.decide(request, capacity: capacity, snapshot: snapshot)
             let grant = try Ledger.insert(db, request: request, slice: slice, hugePages: huge, pidStart: pidStart)
             try Ledger.log(db, kind: "grant", grant: grant, detail: Ledger.describe(grant))
-            if slice.placement == .dedicated {
-                // Shared grants run on the pool, which just lost these CPUs.
-                let pool = CPUList.format(capacity.grantableCPUs.filter { snapshot.dedicated[$0] == nil && !slice.cpuSet.contains($0) })
-                try db.execute(sql: "UPDATE grants SET cpuset = ? WHERE placement = 'shared' AND cpuset != ?", arguments: [pool, pool])
-                if db.changesCount > 0 {
-                    try Ledger.log(db, kind: "reshape", grant: nil, detail: "\(db.changesCount) shared grants now on CPUs \(pool)")
-                }
-            }
+            // Shared grants run on the pool, which just lost these CPUs.
+            if slice.placement == .dedicated { try reshapeSharedPool(db) }
             return grant
+        }
+    }
+
+    /// Records the shared pool (grantable CPUs no dedicated grant holds) as every shared grant's
+    /// CPU set, after dedicated CPUs were taken or given back.
+    private func reshapeSharedPool(_ db: Database) throws {
+        let dedicated = try Ledger.snapshot(db).dedicated
+        let pool = CPUList.format(capacity.grantableCPUs.filter { dedicated[$0] == nil })
+        try db.execute(sql: "UPDATE grants SET cpuset = ? WHERE placement = 'shared' AND cpuset != ?", arguments: [pool, pool])
+        if db.changesCount > 0 {
+            try Ledger.log(db, kind: "reshape", grant: nil, detail: "\(db.changesCount) shared grants now on CPUs \(pool)")
+        }
+    }
+
+    /// What a live grant should become; nil keeps the current value.
+    public struct Resize: Sendable, Hashable, Codable {
+        public var cpus: Int?
+        public var memory: ByteCount?
+        public var weight: Int?
+        /// CPU quota in CPUs. When only `cpus` changes, a quota the new count cannot hold is
+        /// lowered to it.
+        public var quota: Double?
+        public init(cpus: Int? = nil, memory: ByteCount? = nil, weight: Int? = nil, quota: Double? = nil) {
+            self.cpus = cpus; self.memory = memory; self.weight = weight; self.quota = quota
+        }
+        public var isEmpty: Bool { cpus == nil && memory == nil && weight == nil && quota == nil }
+    }
+
+    /// Changes the live grant of `owner` in place, admitted like a new grant against everything
+    /// else in the ledger: the whole change fits, or nothing changes and the error names what is
+    /// short. Placement, huge pages, the owner and the holder stay; a dedicated grant keeps the
+    /// CPUs it had (the first of them when it shrinks) and takes free ones when it grows.
+    /// Returns the grant before and after.
+    @discardableResult
+    public func resize(owner: String, _ change: Resize) throws -> (old: Grant, new: Grant) {
+        guard !change.isEmpty else {
+            throw MicroVMError.invalidArgument("nothing to change: give --cpus, --memory, --weight or --quota")
+        }
+        return try ledger.immediate { db in
+            _ = try reclaimDead(db)
+            let held = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE owner = ? ORDER BY id", arguments: [owner])
+            guard let old = held.first else {
+                throw MicroVMError.notFound("no live grant is owned by '\(owner)': see mvm alloc show")
+            }
+            guard held.count == 1 else {
+                throw MicroVMError.invalidArgument("'\(owner)' owns \(held.count) grants (\(held.map { "#\($0.id)" }.joined(separator: ", "))): release the extra ones with mvm alloc release first")
+            }
+            let s = old.slice
+            let cpus = change.cpus ?? s.cpus
+            let quota = change.quota ?? s.cpuQuota.map { min($0, Double(cpus)) }
+            let request = SliceRequest(cpus: cpus, placement: s.placement, weight: change.weight ?? s.cpuWeight, quota: quota,
+                                       memory: change.memory ?? s.memory, hugePages: s.hugePages, pidsLimit: s.pidsLimit,
+                                       owner: old.owner, ownerPID: old.pid, mode: old.mode,
+                                       cpuSet: s.placement == .pinned && cpus == s.cpus ? s.cpuSet : nil)
+            // Decided as though this grant were gone; a refusal rolls the deletion back.
+            try db.execute(sql: "DELETE FROM grants WHERE id = ?", arguments: [old.id])
+            var (slice, huge) = try Placer.decide(request, capacity: capacity, snapshot: try Ledger.snapshot(db))
+            if s.placement == .dedicated {
+                let kept = cpus <= s.cpus ? Array(s.cpuSet.prefix(cpus))
+                                          : s.cpuSet + slice.cpuSet.filter { !s.cpuSet.contains($0) }.prefix(cpus - s.cpuSet.count)
+                slice.cpuSet = kept.sorted()
+                let nodes = Set(kept.map(capacity.node(of:)))
+                slice.numaNode = capacity.nodes.count > 1 && nodes.count == 1 ? nodes.first : nil
+            }
+            var new = old
+            new.slice = slice
+            new.hugePageCount = huge
+            try Ledger.insert(db, keeping: new)
+            try Ledger.log(db, kind: "resize", grant: new, detail: Ledger.describeChange(from: old.slice, to: slice))
+            if s.placement == .dedicated && s.cpuSet != slice.cpuSet { try reshapeSharedPool(db) }
+            let stored = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE id = ?", arguments: [old.id]).first ?? new
+            return (old, stored)
         }
     }
 
@@ -182,7 +248,7 @@ public final class Allocator: Sendable {
     public struct Event: Codable, Sendable, Hashable {
         public var id: Int64
         public var time: Date
-        /// "grant", "release", "reclaim" or "reshape".
+        /// "grant", "release", "reclaim", "reshape", "hold" or "resize".
         public var kind: String
         public var grantID: Int64?
         public var owner: String?

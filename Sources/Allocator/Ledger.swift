@@ -225,6 +225,30 @@ final class Ledger: Sendable {
                      slice: slice, hugePageCount: hugePages, created: now)
     }
 
+    /// Stores `g` under its own id, owner, holder and creation time (a resized grant).
+    static func insert(_ db: Database, keeping g: Grant) throws {
+        let s = g.slice
+        try db.execute(sql: """
+            INSERT INTO grants (id, owner, pid, pidStart, mode, cpus, cpuset, memory, hugePages, placement, weight, quota, pidsLimit,
+                                numaNode, created, holderPid, holderStart, holderWhat)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+            """, arguments: [g.id, g.owner, g.pid.map { Int64($0) }, g.pidStartTime.map { Int64(bitPattern: $0) }, g.mode, s.cpus,
+                             s.cpuSetList, Int64(s.memory.bytes), g.hugePageCount, s.placement.rawValue, s.cpuWeight,
+                             s.cpuQuota, s.pidsLimit, s.numaNode, g.created.timeIntervalSince1970,
+                             g.holder.map { Int64($0.pid) }, g.holder?.startTime.map { Int64(bitPattern: $0) }, g.holder?.what])
+    }
+
+    /// "cpus 1 → 2, memory 64 MiB → 128 MiB": what a resize changed.
+    static func describeChange(from a: ResourceSlice, to b: ResourceSlice) -> String {
+        var parts: [String] = []
+        if a.cpus != b.cpus { parts.append("cpus \(a.cpus) → \(b.cpus)") }
+        if a.cpuSet != b.cpuSet { parts.append("cpuset \(a.cpuSetList) → \(b.cpuSetList)") }
+        if a.memory != b.memory { parts.append("memory \(a.memory) → \(b.memory)") }
+        if a.cpuWeight != b.cpuWeight { parts.append("weight \(a.cpuWeight) → \(b.cpuWeight)") }
+        if a.cpuQuota != b.cpuQuota { parts.append("quota \(a.cpuQuota.map { "\($0)" } ?? "none") → \(b.cpuQuota.map { "\($0)" } ?? "none")") }
+        return parts.isEmpty ? "unchanged" : parts.joined(separator: ", ")
+    }
+
     static func grant(_ row: Row) -> Grant {
         let placement = Placement(rawValue: row["placement"]) ?? .shared
         let slice = ResourceSlice(cpus: row["cpus"], placement: placement,
