@@ -113,13 +113,28 @@ public final class Allocator: Sendable {
     /// else in the ledger: the whole change fits, or nothing changes and the error names what is
     /// short. Placement, huge pages, the owner and the holder stay; a dedicated grant keeps the
     /// CPUs it had (the first of them when it shrinks) and takes free ones when it grows.
-    /// Returns the grant before and after.
+    /// Returns the grant before and after; with `commit: false` nothing is written (a plan).
     @discardableResult
-    public func resize(owner: String, _ change: Resize) throws -> (old: Grant, new: Grant) {
+    public func resize(owner: String, _ change: Resize, commit: Bool = true) throws -> (old: Grant, new: Grant) {
         guard !change.isEmpty else {
             throw MicroVMError.invalidArgument("nothing to change: give --cpus, --memory, --weight or --quota")
         }
-        return try ledger.immediate { db in
+        return try resize(owner: owner, commit: commit) { s in
+            let cpus = change.cpus ?? s.cpus
+            return (cpus, change.memory ?? s.memory, change.weight ?? s.cpuWeight, change.quota ?? s.cpuQuota.map { min($0, Double(cpus)) })
+        }
+    }
+
+    /// Sets the live grant of `owner` to `target`'s CPU count, memory, weight and quota exactly
+    /// (a nil quota removes one), admitted as `resize(owner:_:)` is.
+    @discardableResult
+    public func resize(owner: String, exactly target: ResourceSlice, commit: Bool = true) throws -> (old: Grant, new: Grant) {
+        try resize(owner: owner, commit: commit) { _ in (target.cpus, target.memory, target.cpuWeight, target.cpuQuota) }
+    }
+
+    private func resize(owner: String, commit: Bool,
+                        _ target: (ResourceSlice) -> (cpus: Int, memory: ByteCount, weight: Int, quota: Double?)) throws -> (old: Grant, new: Grant) {
+        try ledger.immediate(commit: commit) { db in
             _ = try reclaimDead(db)
             let held = try Ledger.grants(db, sql: "SELECT * FROM grants WHERE owner = ? ORDER BY id", arguments: [owner])
             guard let old = held.first else {
@@ -129,18 +144,17 @@ public final class Allocator: Sendable {
                 throw MicroVMError.invalidArgument("'\(owner)' owns \(held.count) grants (\(held.map { "#\($0.id)" }.joined(separator: ", "))): release the extra ones with mvm alloc release first")
             }
             let s = old.slice
-            let cpus = change.cpus ?? s.cpus
-            let quota = change.quota ?? s.cpuQuota.map { min($0, Double(cpus)) }
-            let request = SliceRequest(cpus: cpus, placement: s.placement, weight: change.weight ?? s.cpuWeight, quota: quota,
-                                       memory: change.memory ?? s.memory, hugePages: s.hugePages, pidsLimit: s.pidsLimit,
+            let t = target(s)
+            let request = SliceRequest(cpus: t.cpus, placement: s.placement, weight: t.weight, quota: t.quota,
+                                       memory: t.memory, hugePages: s.hugePages, pidsLimit: s.pidsLimit,
                                        owner: old.owner, ownerPID: old.pid, mode: old.mode,
-                                       cpuSet: s.placement == .pinned && cpus == s.cpus ? s.cpuSet : nil)
+                                       cpuSet: s.placement == .pinned && t.cpus == s.cpus ? s.cpuSet : nil)
             // Decided as though this grant were gone; a refusal rolls the deletion back.
             try db.execute(sql: "DELETE FROM grants WHERE id = ?", arguments: [old.id])
             var (slice, huge) = try Placer.decide(request, capacity: capacity, snapshot: try Ledger.snapshot(db))
             if s.placement == .dedicated {
-                let kept = cpus <= s.cpus ? Array(s.cpuSet.prefix(cpus))
-                                          : s.cpuSet + slice.cpuSet.filter { !s.cpuSet.contains($0) }.prefix(cpus - s.cpuSet.count)
+                let kept = t.cpus <= s.cpus ? Array(s.cpuSet.prefix(t.cpus))
+                                            : s.cpuSet + slice.cpuSet.filter { !s.cpuSet.contains($0) }.prefix(t.cpus - s.cpuSet.count)
                 slice.cpuSet = kept.sorted()
                 let nodes = Set(kept.map(capacity.node(of:)))
                 slice.numaNode = capacity.nodes.count > 1 && nodes.count == 1 ? nodes.first : nil

@@ -131,6 +131,15 @@ public struct CgroupSet: Sendable {
         try write(pids + "/pids.max", slice.pidsLimit.map(String.init) ?? "max")
     }
 
+    /// Writes a new slice's limits to this existing cgroup, its tasks staying where they are
+    /// (a live resize).
+    public func update(slice: ResourceSlice) throws {
+        guard directories.values.allSatisfy(exists) else {
+            throw MicroVMError.notFound("cgroup \(name) does not exist: its instance may have ended")
+        }
+        try build(slice: slice, parts: name.split(separator: "/").map(String.init))
+    }
+
     /// cgroup v1 cpu.shares for a v2-style weight (100 → 1024, the kernel's default).
     public static func shares(weight: Int) -> Int { Enforcement.shares(weight: weight) }
     public static func quotaMicros(_ cpus: Double) -> Int { Enforcement.quotaMicros(cpus) }

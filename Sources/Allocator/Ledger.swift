@@ -150,13 +150,14 @@ final class Ledger: Sendable {
     }()
 
     /// Runs `body` inside one IMMEDIATE transaction: the write lock is taken before the first read.
-    func immediate<T>(_ body: (Database) throws -> T) throws -> T {
+    /// With `commit: false` its writes are rolled back (a plan of what it would do).
+    func immediate<T>(commit: Bool = true, _ body: (Database) throws -> T) throws -> T {
         try reportingDamage {
             try queue.writeWithoutTransaction { db in
                 var out: T?
                 try db.inTransaction(.immediate) {
                     out = try body(db)
-                    return .commit
+                    return commit ? .commit : .rollback
                 }
                 guard let out else { throw MicroVMError(.internalError, "ledger transaction returned nothing") }
                 return out

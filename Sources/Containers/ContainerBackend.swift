@@ -15,6 +15,7 @@ import Synchronization
 import MicroVMCore
 import Host
 import Launch
+import Allocator
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -234,11 +235,11 @@ public struct ContainerBackend: InstanceBackend {
     public func list() async throws -> [InstanceInfo] {
         try await offload { [self] in
             reapOrphans()
-            // Docker's containers of ours too, whichever runtime this backend runs: `mvm ps` and
-            // `mvm gc` sweep through the runc backend, and a Docker container whose `mvm` was
-            // killed would otherwise hold its grant, unlisted, for ever. Here, not in the launch
-            // path: a runc start does not wait for `docker ps`.
-            if runtime != .docker, ProcessRunner.which("docker") != nil { DockerDriver(paths: paths, tarball: nil).reapOrphans() }
+            // Docker's containers of ours too, whichever runtime this backend runs (`mvm ps`,
+            // `mvm gc` and the commands that find an instance by name list through the runc
+            // backend); those whose `mvm` was killed are removed on the way, or they would hold
+            // their grant for ever. Here, not in the launch path: a runc start does not wait for
+            // `docker ps`.
             var out: [InstanceInfo] = []
             for id in store.bundleIDs() {
                 guard let owner = store.readOwner(id) else { continue }
@@ -246,20 +247,29 @@ public struct ContainerBackend: InstanceBackend {
                 out.append(InstanceInfo(name: owner.name, mode: .container, state: st?.status ?? "starting", pid: st?.pid,
                                         cpus: owner.cpus, memory: owner.memory, startedAt: owner.created, logPath: store.log(id)))
             }
-            if case .docker = runtime { out += DockerDriver(paths: paths, tarball: rootfsTarball).list() }
+            if ProcessRunner.which("docker") != nil { out += DockerDriver(paths: paths, tarball: rootfsTarball).list() }
             return out
         }
+    }
+
+    /// Where a running container of this name lives: an OCI bundle of ours (runc, crun, runsc)
+    /// or Docker, whichever runtime this backend was made with.
+    enum Located { case oci(OwnerRecord, OCIRuntimeDriver), docker(DockerDriver) }
+
+    func locate(_ id: String, name: String) throws -> Located {
+        if let owner = store.readOwner(id) { return .oci(owner, OCIRuntimeDriver(executable: owner.runtime, root: store.runtimeRoot)) }
+        let docker = DockerDriver(paths: paths, tarball: rootfsTarball)
+        if runtime == .docker || docker.knows(id) { return .docker(docker) }
+        throw MicroVMError.notFound("no running container named '\(name)': see mvm ps")
     }
 
     /// SIGTERM, then SIGKILL after 5 s; the `run` that owns the container then cleans it up.
     public func stop(name: String) async throws {
         try await offload { [self] in
             let id = try Self.containerID(name: name)
-            if case .docker = runtime { return try DockerDriver(paths: paths, tarball: rootfsTarball).stop(id: id) }
-            guard let owner = store.readOwner(id) else {
-                throw MicroVMError.notFound("no running container named '\(name)': see mvm ps")
+            guard case .oci(let owner, let driver) = try locate(id, name: name) else {
+                return try DockerDriver(paths: paths, tarball: rootfsTarball).stop(id: id)
             }
-            let driver = OCIRuntimeDriver(executable: owner.runtime, root: store.runtimeRoot)
             driver.kill(id, signal: "TERM")
             let deadline = Date().addingTimeInterval(5)
             while Date() < deadline, let st = driver.state(id), st.status == "running" { usleep(50_000) }
@@ -273,14 +283,42 @@ public struct ContainerBackend: InstanceBackend {
         try await offload { [self] in
             let id = try Self.containerID(name: name)
             let argv: [String]
-            if case .docker = runtime {
-                argv = ["docker", "exec", id] + command
-            } else {
-                guard let owner = store.readOwner(id) else { throw MicroVMError.notFound("no running container named '\(name)': see mvm ps") }
-                argv = OCIRuntimeDriver(executable: owner.runtime, root: store.runtimeRoot).command(["exec", id] + command)
+            switch try locate(id, name: name) {
+            case .docker: argv = ["docker", "exec", id] + command
+            case .oci(_, let driver): argv = driver.command(["exec", id] + command)
             }
             let r = try ProcessRunner.run(argv, timeout: 3600)
             return (r.status, r.stdoutText + r.stderrText)
+        }
+    }
+
+    /// Every limit of a container changes live.
+    public func checkUpdate(from: Enforcement, to: Enforcement) throws {}
+
+    /// `runc update` (crun's, runsc's) with the new `linux.resources`, or `docker update`. The
+    /// pids limit is left as it is (a resize does not change it, and runsc's counts its sandbox).
+    public func update(name: String, from: Enforcement, to: Enforcement) async throws {
+        try await offload { [self] in
+            let id = try Self.containerID(name: name)
+            switch try locate(id, name: name) {
+            case .docker(let docker):
+                try docker.update(id: id, to: to)
+            case .oci(var owner, let driver):
+                var resources = OCIResources(enforcement: to)
+                resources.pids = nil
+                let out = try ProcessRunner.run(driver.command(["update", "--resources", "-", id]), input: try JSONEncoder().encode(resources), timeout: 60)
+                guard out.status == 0 else {
+                    let why = OCIRuntimeDriver.failure(out.stderrText)
+                    // A runtime may have written some limits before one failed: put them back.
+                    var back = OCIResources(enforcement: from)
+                    back.pids = nil
+                    _ = try? ProcessRunner.run(driver.command(["update", "--resources", "-", id]), input: try JSONEncoder().encode(back), timeout: 60)
+                    throw MicroVMError(.backend, "\((driver.executable as NSString).lastPathComponent) update of container '\(name)' failed (status \(out.status)): \(why); nothing was changed")
+                }
+                owner.cpus = to.cpus
+                owner.memory = to.memory
+                try store.updateOwner(id, owner)
+            }
         }
     }
 

@@ -132,6 +132,19 @@ struct OCIRuntimeDriver: Sendable {
         return (try? JSONDecoder().decode([State]?.self, from: out.stdout)).flatMap { $0 } ?? []
     }
 
+    /// What a runtime's stderr says went wrong: the message of its last `level=error` line (runc's
+    /// logrus format, `msg="…"`), else the text itself, trimmed.
+    static func failure(_ stderr: String) -> String {
+        let text = stderr.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let line = text.split(separator: "\n").last(where: { $0.contains("level=error") }),
+              let start = line.range(of: "msg=\"") else { return String(text.suffix(500)) }
+        var msg = "", escaped = false
+        for c in line[start.upperBound...] {
+            if escaped { msg.append(c); escaped = false } else if c == "\\" { escaped = true } else if c == "\"" { break } else { msg.append(c) }
+        }
+        return msg
+    }
+
     func kill(_ id: String, signal: String = "KILL") {
         _ = try? ProcessRunner.run(command(["kill", id, signal]), timeout: 10)
     }

@@ -165,10 +165,35 @@ struct DockerDriver: Sendable {
         }
     }
 
+    /// Our containers, after removing those whose `mvm` died: one `docker ps`.
     func list() -> [InstanceInfo] {
-        listed().map { c in
-            InstanceInfo(name: String(c.Names.hasPrefix("mvm-") ? c.Names.dropFirst(4) : Substring(c.Names)), mode: .container,
-                         state: c.State, cpus: 0, memory: 0)
+        var out: [InstanceInfo] = []
+        for c in listed() {
+            guard Self.ownerAlive(labels: c.Labels) else {
+                _ = try? docker(["rm", "-f", c.ID], timeout: 30)
+                continue
+            }
+            out.append(InstanceInfo(name: String(c.Names.hasPrefix("mvm-") ? c.Names.dropFirst(4) : Substring(c.Names)), mode: .container,
+                                    state: c.State, cpus: 0, memory: 0, note: "docker"))
+        }
+        return out
+    }
+
+    /// Whether `id` is a Docker container of ours.
+    func knows(_ id: String) -> Bool {
+        guard ProcessRunner.which("docker") != nil,
+              let out = try? docker(["inspect", "--format", "{{index .Config.Labels \"\(Self.ownerLabel)\"}}", id], timeout: 30) else { return false }
+        return out.status == 0 && !out.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty
+    }
+
+    /// `docker update` with the flags `docker run` took for the same enforcement (no pids:
+    /// the limit does not change with a resize).
+    func update(id: String, to e: Enforcement) throws {
+        var limits = e
+        limits.pidsLimit = nil
+        let out = try docker(["update"] + Self.resourceFlags(limits) + [id], timeout: 60)
+        guard out.status == 0 else {
+            throw MicroVMError(.backend, "docker update of \(id) failed: \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines).prefix(500)); nothing was changed")
         }
     }
 

@@ -219,6 +219,30 @@ public struct DirectBackend: InstanceBackend {
         return r.body
     }
 
+    /// A direct VM's vCPUs and memory are fixed at launch (no CPU hotplug, no balloon yet); its
+    /// VMM's CPU weight and quota change live in its cgroup.
+    public func checkUpdate(from: Enforcement, to: Enforcement) throws {
+        var fixed: [String] = []
+        if from.cpus != to.cpus { fixed.append("its vCPU count (\(from.cpus))") }
+        if from.memory != to.memory { fixed.append("its memory (\(from.memory))") }
+        guard fixed.isEmpty else {
+            throw MicroVMError.unsupported("a running direct VM keeps \(fixed.joined(separator: " and ")): only --weight and --quota change live; restart it with the new size")
+        }
+    }
+
+    public func update(name: String, from: Enforcement, to: Enforcement) async throws {
+        try checkUpdate(from: from, to: to)
+        let r = try running(name)
+        guard let cgroup = r.cgroup else {
+            throw MicroVMError.unsupported("direct instance '\(name)' runs without a cgroup (not started as root): there is nothing to resize")
+        }
+        let set = try CgroupSet.existing(name: cgroup)
+        do { try set.update(slice: to.cgroupSlice) } catch {
+            try? set.update(slice: from.cgroupSlice)
+            throw error
+        }
+    }
+
     public func pause(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Paused"}"#) }
     public func resume(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Resumed"}"#) }
     public func stats(name: String) async throws -> String { try call(name, "GET", "/metrics") }

@@ -407,6 +407,12 @@ public struct HostedBackend: InstanceBackend {
     /// read its memory (PSS) from /proc.
     /// Stops QEMU's process as a whole (its vCPUs and device threads): another `mvm` owns the
     /// embedded driver's connection, so the process is signalled rather than the domain suspended.
+    /// A hosted VM is not resized live yet: its vCPUs need hotplug, its memory a balloon, and an
+    /// embedded libvirt's domain is reachable only from the `mvm run` that holds it.
+    public func checkUpdate(from: Enforcement, to: Enforcement) throws {
+        throw MicroVMError.unsupported("hosted VMs cannot be resized while they run yet: stop it and run it again with the new --cpus and --memory (containers and direct VMs' --weight and --quota change live)")
+    }
+
     public func pause(name: String) async throws { try signalQEMU(name, SIGSTOP) }
     public func resume(name: String) async throws { try signalQEMU(name, SIGCONT) }
 

@@ -62,7 +62,13 @@ public enum ProcessRunner {
         }
         // Input after the readers started: a child that answers before reading all of it
         // must not fill its output pipe and stall us both.
-        if let input, let inPipe {
+        if let input, let inPipe, input.count <= 16 << 10 {
+            // Fits the empty pipe's buffer (64 KiB): written at once, without waiting for a
+            // thread. On a small machine GCD's pool may be busy with the readers and the caller
+            // (itself often on a pool thread), and a queued writer then waited seconds.
+            Self.feed(fd: inPipe.write, input, exited: exited)
+            close(inPipe.write)
+        } else if let input, let inPipe {
             // On its own thread, so the timeout holds even for a child that never reads.
             group.enter()
             DispatchQueue.global().async {

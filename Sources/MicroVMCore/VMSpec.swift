@@ -197,6 +197,12 @@ public protocol InstanceBackend: Sendable {
     func stats(name: String) async throws -> String
     /// Runs a command inside a running instance; its exit status and output (stdout and stderr).
     func exec(name: String, command: [String]) async throws -> (status: Int32, output: String)
+    /// Throws, before anything changes, when a running instance of this backend cannot take
+    /// `to` in place of `from` live (a VM's vCPU count, say): the error says what can change.
+    func checkUpdate(from: Enforcement, to: Enforcement) throws
+    /// Enforces `to` on the running instance `name`: its cgroup, runtime or hypervisor. A
+    /// failure leaves the instance as it was where the backend can undo what it changed.
+    func update(name: String, from: Enforcement, to: Enforcement) async throws
 }
 
 extension InstanceBackend {
@@ -214,4 +220,8 @@ extension InstanceBackend {
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
         throw MicroVMError.unsupported("\(mode) instances have no agent to run commands in: mvm exec works for containers and for direct VMs started with --vsock CID --vsock-shell")
     }
+    public func checkUpdate(from: Enforcement, to: Enforcement) throws {
+        throw MicroVMError.unsupported("\(mode) instances cannot be resized while they run: mvm update works for containers, and for the CPU weight and quota of VMs")
+    }
+    public func update(name: String, from: Enforcement, to: Enforcement) async throws { try checkUpdate(from: from, to: to) }
 }

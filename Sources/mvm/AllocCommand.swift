@@ -38,14 +38,14 @@ struct AllocRequestOptions: ParsableArguments {
     }
 }
 
-private func printJSON<T: Encodable>(_ value: T) throws {
+func printJSON<T: Encodable>(_ value: T) throws {
     let enc = JSONEncoder()
     enc.outputFormatting = [.prettyPrinted, .sortedKeys]
     enc.dateEncodingStrategy = .iso8601
     print(String(decoding: try enc.encode(value), as: UTF8.self))
 }
 
-private func describe(_ s: ResourceSlice) -> String {
+func describe(_ s: ResourceSlice) -> String {
     var t = "\(s.placement.rawValue) \(s.cpus) CPU\(s.cpus == 1 ? "" : "s") on \(s.cpuSetList), \(s.memory) memory, weight \(s.cpuWeight)"
     if let q = s.cpuQuota { t += ", quota \(q) CPUs" }
     if s.hugePages { t += ", huge pages" }

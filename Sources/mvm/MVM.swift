@@ -6,7 +6,7 @@ struct MVM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mvm",
         abstract: "Run workloads in KVM virtual machines (our own VMM or QEMU/libvirt) and in containers, under one allocator, and compare them.",
-        subcommands: [DoctorCommand.self, RunCommand.self, PsCommand.self, GcCommand.self, StopCommand.self, LogsCommand.self, PauseCommand.self, ResumeCommand.self, StatsCommand.self, ExecCommand.self,
+        subcommands: [DoctorCommand.self, RunCommand.self, PsCommand.self, GcCommand.self, StopCommand.self, LogsCommand.self, PauseCommand.self, ResumeCommand.self, StatsCommand.self, ExecCommand.self, UpdateCommand.self,
                       ImageCommand.self, RigCommand.self, AllocCommand.self, BenchCommand.self])
 }
 

@@ -1,0 +1,103 @@
+import Foundation
+import Testing
+import MicroVM
+
+/// `mvm update` resizes a running instance: the grant and the limits the instance lives under
+/// change together, read back from inside it; a change that does not fit, or that the instance
+/// cannot take, is refused and changes nothing.
+@Suite("mvm update", .serialized, .timeLimit(.minutes(5)))
+struct UpdateCLITests {
+    /// The memory limit (bytes) and CPU quota (µs per 100 ms) of the cgroup the command runs in,
+    /// from inside: cgroup v2 or v1.
+    static let readLimits = """
+        if [ -f /sys/fs/cgroup/memory.max ]; then m=$(cat /sys/fs/cgroup/memory.max); q=$(cut -d' ' -f1 /sys/fs/cgroup/cpu.max)
+        else m=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes); q=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us); fi; echo "$m $q"
+        """
+
+    struct Shown: Decodable {
+        struct G: Decodable { struct S: Decodable { var cpus: Int; var memory: String; var cpuWeight: Int }; var owner: String; var slice: S }
+        var grants: [G]
+    }
+
+    @Test(.enabled(if: KillSafetyCLITests.canRunContainers, "needs root and runc"))
+    func aRuncContainerGrowsAndShrinksLive() throws { try resizesLive(docker: false) }
+
+    @Test(.enabled(if: KillAtPhaseCLITests.usable(.docker), "needs root and a running Docker engine"))
+    func aDockerContainerGrowsAndShrinksLive() throws { try resizesLive(docker: true) }
+
+    func resizesLive(docker: Bool) throws {
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func mvm(_ args: [String]) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 120) }
+        let name = "upd-\(UUID().uuidString.prefix(6).lowercased())"
+        let run = try mvm(["run", "-d", "--mode", "container", "--name", name, "--cpus", "1", "--memory", "128M", "--timeout", "280"]
+                          + (docker ? ["--runtime", "docker"] : []) + ["--", "sleep", "280"])
+        try #require(run.status == 0, "\(run.stderrText)")
+        defer { _ = try? mvm(["stop", name]) }
+        func inside() throws -> String {
+            try mvm(["exec", name, "--", "sh", "-c", Self.readLimits]).stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)
+        }
+        func grant() throws -> Shown.G.S? {
+            try JSONDecoder().decode(Shown.self, from: mvm(["alloc", "show", "--json"]).stdout).grants.first { $0.owner == name }?.slice
+        }
+        #expect(try inside() == "134217728 100000")
+
+        // Refused by the kernel (the container holds 60 MB in its tmpfs, more than 16M): the CPU
+        // the first step had already granted and enforced goes back too.
+        #expect(try mvm(["exec", name, "--", "sh", "-c", "head -c 60000000 /dev/zero > /tmp/fill"]).status == 0)
+        let tight = try mvm(["update", name, "--cpus", "2", "--memory", "16M"])
+        #expect(tight.status == 2 && tight.stderrText.contains("nothing was changed"), "\(tight.stderrText)")
+        #expect(try inside() == "134217728 100000")
+        #expect(try grant().map { ($0.cpus, $0.memory, $0.cpuWeight) } ?? (0, "", 0) == (1, "128M", 100))
+
+        let grow = try mvm(["update", name, "--cpus", "2", "--memory", "256M", "--weight", "200"])
+        #expect(grow.status == 0 && grow.stdoutText.contains("2 CPUs") && grow.stdoutText.contains("256M"), "\(grow.stdoutText)\(grow.stderrText)")
+        #expect(try inside() == "268435456 200000")
+        #expect(try grant().map { ($0.cpus, $0.memory, $0.cpuWeight) } ?? (0, "", 0) == (2, "256M", 200))
+        if !docker { #expect(try mvm(["ps"]).stdoutText.contains("256M"), "mvm ps shows the new size") }
+
+        // Refused by the allocator: nothing changes.
+        let huge = try mvm(["update", name, "--memory", "100T"])
+        #expect(huge.status == 2 && huge.stderrText.contains("memory"), "\(huge.stderrText)")
+        #expect(try inside() == "268435456 200000")
+
+        // Down to one CPU and 192M: enforced first, then given back.
+        let shrink = try mvm(["update", name, "--cpus", "1", "--memory", "192M"])
+        #expect(shrink.status == 0, "\(shrink.stderrText)")
+        #expect(try inside() == "201326592 100000")
+        #expect(try grant().map { ($0.cpus, $0.memory) } ?? (0, "") == (1, "192M"))
+    }
+
+    /// A direct VM's weight and quota change live in its VMM's cgroup; its vCPU count and memory
+    /// are refused before anything changes.
+    @Test(.enabled(if: getuid() == 0 && HostProfile.current().kvm.verdict != .absent, "needs root and /dev/kvm"))
+    func aDirectVMChangesItsWeightAndRefusesNewVCPUs() throws {
+        let (env0, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = env0.merging(["MVM_DIRECT_ALLOW_EMULATED": "1"]) { $1 }
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 60) }
+        let kernel = dir + "/tiny.elf"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        let name = "updd-\(UUID().uuidString.prefix(6).lowercased())"
+        let run = try mvm("run", "-d", "--mode", "direct", "--kernel", kernel, "--no-rootfs", "--name", name, "--memory", "64M", "--timeout", "120", "--", "true")
+        try #require(run.status == 0, "\(run.stderrText)")
+        defer { _ = try? mvm("stop", name) }
+        let cgroup = try CgroupSet.existing(name: "microvm/direct-\(name)")
+        func weight() -> String? {
+            if let d = cgroup.directories["cpu"] { return try? String(contentsOfFile: d + "/cpu.shares", encoding: .utf8) }
+            return cgroup.directories["unified"].flatMap { try? String(contentsOfFile: $0 + "/cpu.weight", encoding: .utf8) }
+        }
+        let before = weight()
+        #expect(before != nil)
+        let up = try mvm("update", name, "--weight", "300")
+        #expect(up.status == 0, "\(up.stderrText)")
+        let after = weight()?.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(after == (cgroup.mode == .v2 ? "300" : "3072"), "\(after ?? "none")")
+        let cpus = try mvm("update", name, "--cpus", "2")
+        #expect(cpus.status == 2 && cpus.stderrText.contains("vCPU count"), "\(cpus.stderrText)")
+        let memory = try mvm("update", name, "--memory", "128M")
+        #expect(memory.status == 2 && memory.stderrText.contains("memory"), "\(memory.stderrText)")
+        #expect(weight()?.trimmingCharacters(in: .whitespacesAndNewlines) == after)
+        #expect(try mvm("alloc", "show").stdoutText.contains("64M memory, weight 300"))
+    }
+}
