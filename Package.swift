@@ -68,7 +68,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "MicroVMCore"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "MicroVMCore"]),
-        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "MicroVMCore"]),
+        .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "MicroVMCore", .product(name: "PropertyBased", package: "swift-property-based")]),
         .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "VMM", "VMMAPI", "Jail", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "HostTests", dependencies: ["Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),

@@ -37,6 +37,9 @@ public protocol VirtioDevice: AnyObject, Sendable {
     func activate(_ activation: VirtioActivation)
     /// The driver reset the device: drop anything held for the old queues.
     func reset()
+    /// The driver wrote `bytes` at `offset` of the config space (most config spaces are
+    /// read-only: the write is ignored).
+    func writeConfig(offset: Int, bytes: [UInt8])
 }
 
 extension VirtioDevice {
@@ -48,6 +51,7 @@ extension VirtioDevice {
     public var callFDs: [Int32] { [] }
     public func activate(_ activation: VirtioActivation) {}
     public func reset() {}
+    public func writeConfig(offset: Int, bytes: [UInt8]) {}
 }
 
 /// What a device learns when the driver sets DRIVER_OK.
@@ -207,7 +211,11 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     }
 
     public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
-        if offset >= 0x100 { ignoredAccesses.add(1, ordering: .relaxed); return }  // config is read-only here
+        if offset >= 0x100 {
+            guard offset - 0x100 < 0x100 else { ignoredAccesses.add(1, ordering: .relaxed); return }
+            device.writeConfig(offset: Int(offset - 0x100), bytes: Array(data))
+            return
+        }
         guard data.count == 4, offset % 4 == 0 else { ignoredAccesses.add(1, ordering: .relaxed); return }
         var raw: UInt32 = 0
         withUnsafeMutableBytes(of: &raw) { $0.copyMemory(from: data) }
@@ -290,6 +298,18 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             for q in device.deviceDrivenQueues { notify(queue: q) }
         }
         return false
+    }
+
+    /// The device's config changed (a balloon's new target): a new generation and a
+    /// configuration-change interrupt, once the driver is live.
+    public func configChanged() {
+        let live = state.withLock { s -> Bool in
+            s.configGeneration &+= 1
+            guard s.status & Self.statusDriverOK != 0 else { return false }
+            s.interruptStatus |= 2
+            return true
+        }
+        if live { raiseInterrupt() }
     }
 
     /// Marks the device broken (§2.1.2): NEEDS_RESET, a config-change interrupt, the queues off.
