@@ -293,7 +293,7 @@ public struct ContainerBackend: InstanceBackend {
     }
 
     /// Every limit of a container changes live.
-    public func checkUpdate(from: Enforcement, to: Enforcement) throws {}
+    public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {}
 
     /// `runc update` (crun's, runsc's) with the new `linux.resources`, or `docker update`. The
     /// pids limit is left as it is (a resize does not change it, and runsc's counts its sandbox).

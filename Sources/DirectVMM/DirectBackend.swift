@@ -86,6 +86,10 @@ public struct DirectBackend: InstanceBackend {
         record.jailed = options.jail
         record.vsockCID = spec.vsockCID
         record.vsockShell = spec.vsockCID != nil && spec.vsockShell
+        if let b = spec.balloon {
+            record.bootMemory = spec.memory
+            record.memory = spec.memory - b.amount
+        }
         // Named before they exist, so a killed run's leftovers are found from its record.
         record.tap = spec.net.map { TapLink.plannedTap($0, owner: spec.name) }.flatMap { $0.creates ? $0.name : nil }
         record.cgroup = options.enforceInCgroup ? Self.cgroupName(spec.name) : nil
@@ -163,9 +167,11 @@ public struct DirectBackend: InstanceBackend {
 
     public func list() async throws -> [InstanceInfo] {
         records.live().map { r in
-            // A run that has not started its VMM yet is starting, and has no process of its own.
-            // An unjailed VMM is a debugging run, and says so.
-            InstanceInfo(name: r.name, mode: .direct, state: r.vmmPID == nil ? "starting" : "running", pid: r.vmmPID, cpus: r.cpus, memory: r.memory,
+            // A run that has not started its VMM yet is starting, and has no process of its own;
+            // so is a VMM still building its machine (its API socket not bound yet: `mvm run -d`
+            // returns when the instance answers). An unjailed VMM is a debugging run, and says so.
+            let up = r.vmmPID != nil && (r.apiSocket.map { access($0, F_OK) == 0 } ?? true)
+            return InstanceInfo(name: r.name, mode: .direct, state: up ? "running" : "starting", pid: r.vmmPID, cpus: r.cpus, memory: r.memory,
                          startedAt: r.startedAt, logPath: r.logPath, note: r.jailed == false ? "no jail" : nil)
         }
     }
@@ -219,28 +225,74 @@ public struct DirectBackend: InstanceBackend {
         return r.body
     }
 
-    /// A direct VM's vCPUs and memory are fixed at launch (no CPU hotplug, no balloon yet); its
-    /// VMM's CPU weight and quota change live in its cgroup.
-    public func checkUpdate(from: Enforcement, to: Enforcement) throws {
-        var fixed: [String] = []
-        if from.cpus != to.cpus { fixed.append("its vCPU count (\(from.cpus))") }
-        if from.memory != to.memory { fixed.append("its memory (\(from.memory))") }
-        guard fixed.isEmpty else {
-            throw MicroVMError.unsupported("a running direct VM keeps \(fixed.joined(separator: " and ")): only --weight and --quota change live; restart it with the new size")
+    /// How long `mvm update --memory` waits for the guest to fill its balloon (seconds; the
+    /// environment's `MVM_BALLOON_WAIT` overrides it).
+    public static var balloonGrace: Double {
+        ProcessInfo.processInfo.environment["MVM_BALLOON_WAIT"].flatMap(Double.init).map { max(0.1, $0) } ?? 30
+    }
+
+    /// A direct VM's vCPU count is fixed at launch (no CPU hotplug); its memory moves through its
+    /// balloon (`--balloon`), up to what it booted with; its weight and quota change in its cgroup.
+    public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
+        if from.cpus != to.cpus {
+            throw MicroVMError.unsupported("a running direct VM keeps its vCPU count (\(from.cpus)): --weight, --quota and, with a balloon, --memory change live; restart it for more vCPUs")
+        }
+        guard from.memory != to.memory else { return }
+        let r = try running(name)
+        guard let boot = r.bootMemory else {
+            throw MicroVMError.unsupported("direct instance '\(name)' has no balloon, so its memory (\(from.memory)) is fixed: start it with --balloon to resize it live")
+        }
+        guard to.memory <= boot else {
+            throw MicroVMError.invalidArgument("direct instance '\(name)' booted with \(boot): its balloon can give it at most that (asked for \(to.memory))")
+        }
+        guard to.memory.bytes % (1 << 20) == 0, to.memory >= .mebibytes(32) else {
+            throw MicroVMError.invalidArgument("a direct VM's memory moves in whole MiB and stays at least 32M (asked for \(to.memory))")
         }
     }
 
+    /// Memory first through the balloon: a smaller guest fills its balloon (its pages go back to
+    /// the host) before the cgroup's limit falls; a larger one gets the limit first, then its
+    /// pages back. A guest that does not fill its balloon in `balloonGrace` seconds is given back
+    /// what it had, and nothing changes.
     public func update(name: String, from: Enforcement, to: Enforcement) async throws {
-        try checkUpdate(from: from, to: to)
-        let r = try running(name)
-        guard let cgroup = r.cgroup else {
-            throw MicroVMError.unsupported("direct instance '\(name)' runs without a cgroup (not started as root): there is nothing to resize")
+        try checkUpdate(name: name, from: from, to: to)
+        var r = try running(name)
+        let cgroup = try r.cgroup.map { try CgroupSet.existing(name: $0) }
+        func limits(_ e: Enforcement) throws {
+            guard let cgroup else { return }
+            do { try cgroup.update(slice: e.cgroupSlice) } catch {
+                try? cgroup.update(slice: from.cgroupSlice)
+                throw error
+            }
         }
-        let set = try CgroupSet.existing(name: cgroup)
-        do { try set.update(slice: to.cgroupSlice) } catch {
-            try? set.update(slice: from.cgroupSlice)
+        guard from.memory != to.memory, let boot = r.bootMemory else { return try limits(to) }
+        if to.memory > from.memory { try limits(to) }
+        let amount = Int((boot - to.memory).bytes >> 20), before = Int((boot - from.memory).bytes >> 20)
+        do {
+            _ = try call(name, "PATCH", "/balloon", body: #"{"amount_mib": \#(amount)}"#)
+            if to.memory < from.memory { try await waitForBalloon(name, pages: UInt32(amount) * 256) }
+        } catch {
+            _ = try? call(name, "PATCH", "/balloon", body: #"{"amount_mib": \#(before)}"#)
+            if to.memory > from.memory, let cgroup { try? cgroup.update(slice: from.cgroupSlice) }
             throw error
         }
+        if to.memory < from.memory { try limits(to) }
+        r.memory = to.memory
+        try? records.update(r)
+    }
+
+    /// Polls the balloon until the guest holds `pages` in it.
+    func waitForBalloon(_ name: String, pages: UInt32) async throws {
+        let deadline = Monotonic.seconds() + Self.balloonGrace
+        var held: UInt32 = 0
+        while Monotonic.seconds() < deadline {
+            let body = try call(name, "GET", "/balloon/statistics")
+            let stats = try JSONDecoder().decode(BalloonStatistics.self, from: Data(body.utf8))
+            held = stats.actualPages
+            if held >= pages { return }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw MicroVMError(.timeout, "direct instance '\(name)' put only \(ByteCount(UInt64(held) * 4096)) of the asked \(ByteCount(UInt64(pages) * 4096)) in its balloon within \(Int(Self.balloonGrace)) s (its memory is in use, or its kernel has no virtio_balloon driver): nothing was changed")
     }
 
     public func pause(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Paused"}"#) }

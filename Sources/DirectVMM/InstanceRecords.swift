@@ -28,6 +28,9 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     /// stale (its run was killed) removes them. The tap the run creates, and its cgroup's name.
     public var tap: String?
     public var cgroup: String?
+    /// The guest's memory at launch, when it has a balloon: `memory` is then what the balloon
+    /// leaves it (`mvm update --memory`), at most this.
+    public var bootMemory: ByteCount?
 }
 
 /// One JSON file per running direct instance. A record whose process is gone is stale and is

@@ -40,6 +40,10 @@ public enum VMMProcess {
         c.drives = plan.disks.enumerated().map { i, d in Drive(driveId: "disk\(i)", pathOnHost: d.path, isReadOnly: d.readOnly) }
         if let tap { c.networkInterfaces = [NetworkInterface(ifaceId: "eth0", hostDevName: tap)] }
         if let cid = spec.vsockCID { c.vsock = Vsock(guestCid: cid, udsPath: "") }
+        if let b = spec.balloon {
+            c.balloon = Balloon(amountMib: Int(b.amount.bytes >> 20), deflateOnOom: b.deflateOnOOM, statsPollingIntervalS: b.statsInterval,
+                                freePageReporting: b.freePageReporting)
+        }
         c.vcpuPins = plan.enforcement.vcpuPins.isEmpty ? nil : plan.enforcement.vcpuPins
         return c
     }

@@ -28,9 +28,9 @@ public struct ModuleResolver: Sendable {
     private var aliases: [String: [String]] = [:]
     private var builtin: Set<String> = []
 
-    /// The modules every MicroVM guest needs: virtio transports and devices, vsock, ext4 and 9p.
+    /// The modules every MicroVM guest needs: virtio transports and devices (the balloon too), vsock, ext4 and 9p.
     public static let defaultModules = [
-        "virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng",
+        "virtio_mmio", "virtio_pci", "virtio_blk", "virtio_net", "virtio_rng", "virtio_balloon",
         "vmw_vsock_virtio_transport", "ext4", "9p", "9pnet_virtio", "netfs", "fscache",
     ]
 

@@ -70,7 +70,9 @@ enum SeccompPolicy {
         case .api:
             // The socket's connections; Ctrl-Alt-Del raises the keyboard's interrupt line.
             common + Rule.ioctl([CKVM_IRQ_LINE])
-                + Rule.allow("accept4", "accept", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt", "pwrite64", "ftruncate")
+                + Rule.allow("accept4", "accept", "recvfrom", "recvmsg", "sendto", "sendmsg", "shutdown", "getsockopt", "pwrite64", "ftruncate",
+                             // A new interval for the balloon's statistics (PATCH /balloon/statistics).
+                             "timerfd_settime")
         }
     }
 

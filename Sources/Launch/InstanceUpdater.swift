@@ -24,7 +24,7 @@ public struct InstanceUpdater: Sendable {
         let old = planned.old.slice
         let mode = RunMode(rawValue: planned.old.mode) ?? backend.mode
         func enforced(_ s: ResourceSlice) -> Enforcement { Enforcement(slice: s, mode: mode) }
-        try backend.checkUpdate(from: enforced(old), to: enforced(planned.new.slice))
+        try backend.checkUpdate(name: name, from: enforced(old), to: enforced(planned.new.slice))
 
         // Step 1: the grant covers both the old and the new slice (a growth, granted first).
         var cover = planned.new.slice

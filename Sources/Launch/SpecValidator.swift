@@ -31,6 +31,14 @@ public enum SpecValidator {
                 throw MicroVMError.unsupported("huge pages back a VM's guest RAM; a container has none: drop hugePages from the profile, or use --mode direct or hosted")
             }
         }
+        if let b = spec.balloon {
+            guard mode == .direct else {
+                throw MicroVMError.unsupported("--balloon is the direct VMM's virtio-balloon: use --mode direct, or drop it")
+            }
+            guard b.amount < spec.memory, (0...86_400).contains(b.statsInterval) else {
+                throw MicroVMError.invalidArgument("the balloon (\(b.amount), statistics every \(b.statsInterval) s) must be smaller than the guest's \(spec.memory), its interval 0...86400 s")
+            }
+        }
         if let cid = spec.vsockCID, cid < 3 || cid == UInt32.max {
             throw MicroVMError.invalidArgument("--vsock \(cid) is reserved (0-2 are the hypervisor, local and host; \(UInt32.max) is 'any'): use a CID of 3 or more")
         }

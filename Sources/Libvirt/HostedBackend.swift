@@ -409,8 +409,8 @@ public struct HostedBackend: InstanceBackend {
     /// embedded driver's connection, so the process is signalled rather than the domain suspended.
     /// A hosted VM is not resized live yet: its vCPUs need hotplug, its memory a balloon, and an
     /// embedded libvirt's domain is reachable only from the `mvm run` that holds it.
-    public func checkUpdate(from: Enforcement, to: Enforcement) throws {
-        throw MicroVMError.unsupported("hosted VMs cannot be resized while they run yet: stop it and run it again with the new --cpus and --memory (containers and direct VMs' --weight and --quota change live)")
+    public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
+        throw MicroVMError.unsupported("hosted VMs cannot be resized while they run yet: stop it and run it again with the new --cpus and --memory (containers change live, and direct VMs started with --balloon)")
     }
 
     public func pause(name: String) async throws { try signalQEMU(name, SIGSTOP) }

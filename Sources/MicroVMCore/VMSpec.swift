@@ -91,6 +91,9 @@ public struct VMSpec: Codable, Sendable, Hashable {
     /// command runs. Any host process may connect to it (vsock has no credentials), so it is
     /// for hosts whose users are trusted, and off unless asked for.
     public var vsockShell = false
+    /// A memory balloon (direct VMs): how much of the guest's memory the host may take back, and
+    /// how the guest reports what it uses and frees.
+    public var balloon: BalloonSpec?
     /// The command the guest init runs (empty: the init's default, `true`).
     public var command: [String]
     /// The rootfs tree for containers (the same tree the VM's disk is made from).
@@ -116,6 +119,21 @@ public struct VMSpec: Codable, Sendable, Hashable {
         if vsockShell, vsockCID == nil {
             throw MicroVMError.invalidArgument("--vsock-shell needs --vsock CID: the shell listens on the VM's vsock device")
         }
+    }
+}
+
+/// A virtio-balloon device: its initial size, and what the guest is asked to do.
+public struct BalloonSpec: Codable, Sendable, Hashable {
+    /// Memory the balloon holds from the start (taken from the guest's RAM).
+    public var amount: ByteCount
+    /// The guest may take pages back from the balloon when it would otherwise run out.
+    public var deflateOnOOM: Bool
+    /// Seconds between the guest's statistics reports; 0: none.
+    public var statsInterval: Int
+    /// The guest reports the pages it frees, and the host discards them.
+    public var freePageReporting: Bool
+    public init(amount: ByteCount = ByteCount(0), deflateOnOOM: Bool = true, statsInterval: Int = 1, freePageReporting: Bool = true) {
+        self.amount = amount; self.deflateOnOOM = deflateOnOOM; self.statsInterval = statsInterval; self.freePageReporting = freePageReporting
     }
 }
 
@@ -199,7 +217,7 @@ public protocol InstanceBackend: Sendable {
     func exec(name: String, command: [String]) async throws -> (status: Int32, output: String)
     /// Throws, before anything changes, when a running instance of this backend cannot take
     /// `to` in place of `from` live (a VM's vCPU count, say): the error says what can change.
-    func checkUpdate(from: Enforcement, to: Enforcement) throws
+    func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws
     /// Enforces `to` on the running instance `name`: its cgroup, runtime or hypervisor. A
     /// failure leaves the instance as it was where the backend can undo what it changed.
     func update(name: String, from: Enforcement, to: Enforcement) async throws
@@ -220,8 +238,8 @@ extension InstanceBackend {
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
         throw MicroVMError.unsupported("\(mode) instances have no agent to run commands in: mvm exec works for containers and for direct VMs started with --vsock CID --vsock-shell")
     }
-    public func checkUpdate(from: Enforcement, to: Enforcement) throws {
-        throw MicroVMError.unsupported("\(mode) instances cannot be resized while they run: mvm update works for containers, and for the CPU weight and quota of VMs")
+    public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
+        throw MicroVMError.unsupported("\(mode) instances cannot be resized while they run: mvm update works for containers, and for direct VMs")
     }
-    public func update(name: String, from: Enforcement, to: Enforcement) async throws { try checkUpdate(from: from, to: to) }
+    public func update(name: String, from: Enforcement, to: Enforcement) async throws { try checkUpdate(name: name, from: from, to: to) }
 }

@@ -119,6 +119,25 @@ public final class VMMInstance: VMMController, Sendable {
     public func resume() throws { try current().vm.resume() }
     public func sendCtrlAltDel() throws { try current().devices.i8042.pressCtrlAltDel() }
 
+    private func balloon() throws -> VirtioBalloon {
+        guard let b = try current().attachments.lazy.compactMap({ $0.transport.device as? VirtioBalloon }).first else {
+            throw NoBalloonDevice()
+        }
+        return b
+    }
+
+    public func setBalloon(amountMib: Int) throws {
+        guard amountMib >= 0, amountMib < 1 << 20 else { throw MicroVMError.invalidArgument("amount_mib \(amountMib) is out of range") }
+        try balloon().setTarget(pages: UInt32(amountMib) * 256)
+    }
+
+    public func balloonStatistics() throws -> BalloonStatistics {
+        let b = try balloon()
+        return BalloonStatistics(targetPages: b.targetPages, actualPages: b.actualPages, guest: b.statistics.values)
+    }
+
+    public func setBalloonStatisticsInterval(_ seconds: Int) throws { try balloon().setStatsInterval(seconds) }
+
     /// Stops the VM (its vCPUs leave the guest; `onExit` follows).
     public func stop() { running.withLock { $0 }?.vm.requestStop(.requested) }
 
@@ -162,6 +181,16 @@ public final class VMMInstance: VMMController, Sendable {
             m.counter("mvm_vmm_virtio_bytes_to_guest_total", "bytes a device wrote into guest buffers", devices.map { ($0.labels, Double($0.t.bytesToGuest.load(ordering: .relaxed))) })
             m.counter("mvm_vmm_virtio_notifications_total", "queue kicks from the driver", devices.map { ($0.labels, Double($0.t.notifications.load(ordering: .relaxed))) })
             m.counter("mvm_vmm_virtio_interrupts_total", "used-buffer and config interrupts raised", devices.map { ($0.labels, Double($0.t.interruptsRaised.load(ordering: .relaxed))) })
+            if let b = r.attachments.lazy.compactMap({ $0.transport.device as? VirtioBalloon }).first {
+                let c = b.counters
+                m.gauge("mvm_vmm_balloon_target_bytes", "memory the host asked the guest to give back", Double(b.targetPages) * 4096)
+                m.gauge("mvm_vmm_balloon_actual_bytes", "memory the guest holds in the balloon", Double(b.actualPages) * 4096)
+                m.counter("mvm_vmm_balloon_pages_total", "pages through the balloon's queues, by queue",
+                          [(["queue": "inflate"], Double(c.inflatedPages)), (["queue": "deflate"], Double(c.deflatedPages))])
+                m.counter("mvm_vmm_balloon_reported_bytes_total", "free memory the guest reported", [([:], Double(c.reportedBytes))])
+                m.counter("mvm_vmm_balloon_discarded_bytes_total", "guest memory given back to the host", [([:], Double(c.discardedBytes))])
+                m.counter("mvm_vmm_balloon_rejected_total", "page numbers or ranges outside guest RAM, or refused by the host", [([:], Double(c.rejected))])
+            }
         }
         return m.text
     }
@@ -174,6 +203,7 @@ extension VMMInstance {
         case 1: "net"
         case 2: "block"
         case 4: "rng"
+        case 5: "balloon"
         case 19: "vsock"
         default: "type\(type)"
         }
@@ -228,6 +258,11 @@ struct VMMBootPlan {
         spec.disks = drives.map { DiskSpec(path: $0.pathOnHost, readOnly: $0.isReadOnly ?? false) }
         if let problem = c.vsock?.problem { throw MicroVMError.invalidArgument("vsock: \(problem)") }
         spec.vsockCID = c.vsock?.guestCid
+        if let b = c.balloon {
+            if let problem = b.problem(memSizeMib: m.memSizeMib) { throw MicroVMError.invalidArgument("balloon: \(problem)") }
+            spec.balloon = BalloonSpec(amount: .mebibytes(UInt64(b.amountMib)), deflateOnOOM: b.deflateOnOom,
+                                       statsInterval: b.statsPollingIntervalS ?? 0, freePageReporting: b.freePageReporting ?? false)
+        }
         deviceSpec = spec
         tapName = c.networkInterfaces.first?.hostDevName
         if let text = c.networkInterfaces.first?.guestMac {

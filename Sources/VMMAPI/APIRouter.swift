@@ -52,11 +52,17 @@ public final class APIRouter: Sendable {
     private enum Endpoint {
         case describeInstance, version, getMachineConfig, putMachineConfig, patchMachineConfig, putBootSource
         case putDrive, putNetworkInterface, putVsock, putLogger, putMetrics, getMetrics, actions, patchVM, getVMConfig
+        case putBalloon, getBalloon, patchBalloon, getBalloonStatistics, patchBalloonStatistics
     }
 
     private static let table: [(route: APIRoute, endpoint: Endpoint)] = [
         (APIRoute("GET", "/"), .describeInstance),
         (APIRoute("PUT", "/actions"), .actions),
+        (APIRoute("GET", "/balloon"), .getBalloon),
+        (APIRoute("PUT", "/balloon"), .putBalloon),
+        (APIRoute("PATCH", "/balloon"), .patchBalloon),
+        (APIRoute("GET", "/balloon/statistics"), .getBalloonStatistics),
+        (APIRoute("PATCH", "/balloon/statistics"), .patchBalloonStatistics),
         (APIRoute("PUT", "/boot-source"), .putBootSource),
         (APIRoute("PUT", "/drives/{drive_id}"), .putDrive),
         (APIRoute("PUT", "/logger"), .putLogger),
@@ -185,6 +191,44 @@ public final class APIRouter: Sendable {
             let m = try JSONBody.decode(Metrics.self, from: request, allowed: ["metrics_path"])
             guard !m.metricsPath.isEmpty else { throw APIFault("metrics_path must not be empty") }
             cfg.metrics = m
+
+        case .putBalloon:
+            try preBoot(what)
+            let b = try JSONBody.decode(Balloon.self, from: request, allowed: Balloon.jsonKeys, integers: Balloon.integerRanges)
+            if let problem = b.problem(memSizeMib: cfg.machineConfig.memSizeMib) { throw APIFault(problem) }
+            cfg.balloon = b
+        case .getBalloon:
+            guard let b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
+            return .json(b)
+        case .patchBalloon:
+            guard var b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
+            let patch = try JSONBody.decode(BalloonUpdate.self, from: request, allowed: ["amount_mib"], integers: Balloon.integerRanges)
+            b.amountMib = patch.amountMib
+            if let problem = b.problem(memSizeMib: cfg.machineConfig.memSizeMib) { throw APIFault(problem) }
+            if controller.state != .notStarted { try controlling { try controller.setBalloon(amountMib: patch.amountMib) } }
+            cfg.balloon = b
+        case .getBalloonStatistics:
+            guard let b = cfg.balloon, (b.statsPollingIntervalS ?? 0) > 0 else {
+                throw APIFault("\(what): balloon statistics are not enabled; PUT /balloon with stats_polling_interval_s > 0 before InstanceStart")
+            }
+            guard controller.state != .notStarted else { throw APIFault("\(what): \(Self.notBeforeStart)") }
+            var stats: BalloonStatistics?
+            try controlling { stats = try controller.balloonStatistics() }
+            return .json(stats)
+        case .patchBalloonStatistics:
+            guard var b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
+            let patch = try JSONBody.decode(BalloonStatisticsUpdate.self, from: request, allowed: ["stats_polling_interval_s"],
+                                            integers: Balloon.integerRanges)
+            if controller.state == .notStarted {
+                b.statsPollingIntervalS = patch.statsPollingIntervalS
+            } else {
+                guard (b.statsPollingIntervalS ?? 0) > 0, patch.statsPollingIntervalS > 0 else {
+                    throw APIFault("\(what): statistics cannot be turned on or off after InstanceStart, only their interval changed")
+                }
+                try controlling { try controller.setBalloonStatisticsInterval(patch.statsPollingIntervalS) }
+                b.statsPollingIntervalS = patch.statsPollingIntervalS
+            }
+            cfg.balloon = b
 
         case .actions:
             let action = try JSONBody.decode(InstanceAction.self, from: request, allowed: ["action_type"])
@@ -332,6 +376,18 @@ struct InstanceInfo: Codable {
     var vmmVersion: String
     var appName: String
     enum CodingKeys: String, CodingKey { case id, state, vmmVersion = "vmm_version", appName = "app_name" }
+}
+
+/// `PATCH /balloon`.
+struct BalloonUpdate: Codable {
+    var amountMib: Int
+    enum CodingKeys: String, CodingKey { case amountMib = "amount_mib" }
+}
+
+/// `PATCH /balloon/statistics`.
+struct BalloonStatisticsUpdate: Codable {
+    var statsPollingIntervalS: Int
+    enum CodingKeys: String, CodingKey { case statsPollingIntervalS = "stats_polling_interval_s" }
 }
 
 /// `PUT /actions`.

@@ -10,19 +10,22 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
     public var vsock: Vsock?
     public var logger: Logger?
     public var metrics: Metrics?
+    public var balloon: Balloon?
     /// vCPU i → the host CPUs its thread may run on (an `mvm` launch plan's placement; not a
     /// Firecracker field, so only config files carry it, under `x-mvm-vcpu-pins`).
     public var vcpuPins: [[Int]]?
 
     public init(machineConfig: MachineConfig = MachineConfig(), bootSource: BootSource? = nil, drives: [Drive] = [],
-                networkInterfaces: [NetworkInterface] = [], vsock: Vsock? = nil, logger: Logger? = nil, metrics: Metrics? = nil) {
+                networkInterfaces: [NetworkInterface] = [], vsock: Vsock? = nil, logger: Logger? = nil, metrics: Metrics? = nil,
+                balloon: Balloon? = nil) {
         self.machineConfig = machineConfig; self.bootSource = bootSource; self.drives = drives
         self.networkInterfaces = networkInterfaces; self.vsock = vsock; self.logger = logger; self.metrics = metrics
+        self.balloon = balloon
     }
 
     enum CodingKeys: String, CodingKey {
         case machineConfig = "machine-config", bootSource = "boot-source", drives
-        case networkInterfaces = "network-interfaces", vsock, logger, metrics, vcpuPins = "x-mvm-vcpu-pins"
+        case networkInterfaces = "network-interfaces", vsock, logger, metrics, balloon, vcpuPins = "x-mvm-vcpu-pins"
     }
 
     public init(from decoder: any Decoder) throws {
@@ -34,6 +37,7 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
         vsock = try c.decodeIfPresent(Vsock.self, forKey: .vsock)
         logger = try c.decodeIfPresent(Logger.self, forKey: .logger)
         metrics = try c.decodeIfPresent(Metrics.self, forKey: .metrics)
+        balloon = try c.decodeIfPresent(Balloon.self, forKey: .balloon)
         vcpuPins = try c.decodeIfPresent([[Int]].self, forKey: .vcpuPins)
     }
 }
@@ -185,6 +189,86 @@ public struct Metrics: Codable, Sendable, Equatable {
     enum CodingKeys: String, CodingKey { case metricsPath = "metrics_path" }
 }
 
+/// `balloon`: a virtio-balloon device holding `amount_mib` of the guest's memory for the host.
+/// `stats_polling_interval_s` 0 turns statistics off (they cannot be turned on after boot);
+/// `free_page_reporting` has the guest report the pages it frees, which the host discards.
+public struct Balloon: Codable, Sendable, Equatable {
+    public var amountMib: Int
+    public var deflateOnOom: Bool
+    public var statsPollingIntervalS: Int?
+    public var freePageReporting: Bool?
+
+    public init(amountMib: Int, deflateOnOom: Bool, statsPollingIntervalS: Int? = nil, freePageReporting: Bool? = nil) {
+        self.amountMib = amountMib; self.deflateOnOom = deflateOnOom; self.statsPollingIntervalS = statsPollingIntervalS
+        self.freePageReporting = freePageReporting
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case amountMib = "amount_mib", deflateOnOom = "deflate_on_oom", statsPollingIntervalS = "stats_polling_interval_s"
+        case freePageReporting = "free_page_reporting"
+    }
+    public static let jsonKeys = ["amount_mib", "deflate_on_oom", "stats_polling_interval_s", "free_page_reporting"]
+    public static let integerRanges: [String: ClosedRange<Double>] = ["amount_mib": 0...Double(1 << 30), "stats_polling_interval_s": 0...86_400]
+
+    /// What is wrong with it for a machine of `memSizeMib`, or nil.
+    public func problem(memSizeMib: Int) -> String? {
+        guard amountMib >= 0 else { return "amount_mib must not be negative (got \(amountMib))" }
+        guard amountMib < memSizeMib else { return "amount_mib (\(amountMib)) must be less than the machine's mem_size_mib (\(memSizeMib))" }
+        if let s = statsPollingIntervalS, !(0...86_400).contains(s) { return "stats_polling_interval_s must be between 0 and 86400 (got \(s))" }
+        return nil
+    }
+}
+
+/// `GET /balloon/statistics`: the target and what the guest holds, then the guest's own
+/// figures (bytes, or counts), each present once the guest has reported it.
+public struct BalloonStatistics: Codable, Sendable, Equatable {
+    public var targetPages: UInt32
+    public var actualPages: UInt32
+    public var targetMib: UInt32
+    public var actualMib: UInt32
+    public var guest: [String: UInt64]
+    /// The guest's statistics by name, in the order of their virtio tags (0 to 9).
+    public static let guestFields = ["swap_in", "swap_out", "major_faults", "minor_faults", "free_memory", "total_memory",
+                                     "available_memory", "disk_caches", "hugetlb_allocations", "hugetlb_failures"]
+
+    public init(targetPages: UInt32, actualPages: UInt32, guest: [String: UInt64]) {
+        self.targetPages = targetPages; self.actualPages = actualPages
+        targetMib = targetPages / 256; actualMib = actualPages / 256
+        self.guest = guest
+    }
+
+    struct Key: CodingKey {
+        var stringValue: String
+        var intValue: Int? { nil }
+        init(_ s: String) { stringValue = s }
+        init?(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    /// Flat, as Firecracker answers: `{"target_pages": …, "actual_pages": …, "free_memory": …}`.
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: Key.self)
+        try c.encode(targetPages, forKey: Key("target_pages"))
+        try c.encode(actualPages, forKey: Key("actual_pages"))
+        try c.encode(targetMib, forKey: Key("target_mib"))
+        try c.encode(actualMib, forKey: Key("actual_mib"))
+        for (k, v) in guest { try c.encode(v, forKey: Key(k)) }
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: Key.self)
+        targetPages = try c.decode(UInt32.self, forKey: Key("target_pages"))
+        actualPages = try c.decode(UInt32.self, forKey: Key("actual_pages"))
+        targetMib = try c.decode(UInt32.self, forKey: Key("target_mib"))
+        actualMib = try c.decode(UInt32.self, forKey: Key("actual_mib"))
+        var g: [String: UInt64] = [:]
+        for k in c.allKeys where !["target_pages", "actual_pages", "target_mib", "actual_mib"].contains(k.stringValue) {
+            g[k.stringValue] = try c.decode(UInt64.self, forKey: k)
+        }
+        guest = g
+    }
+}
+
 /// `GET /`'s `state`.
 public enum InstanceState: String, Codable, Sendable {
     case notStarted = "Not started"
@@ -206,4 +290,22 @@ public protocol VMMController: AnyObject, Sendable {
     func sendCtrlAltDel() throws
     /// The VMM's counters in Prometheus' text format (`GET /metrics`, `FlushMetrics`).
     func metricsText() -> String
+    /// A running machine's balloon takes this much of the guest's memory (`PATCH /balloon`).
+    func setBalloon(amountMib: Int) throws
+    /// The balloon's target, what the guest holds in it, and the guest's last statistics.
+    func balloonStatistics() throws -> BalloonStatistics
+    /// A new interval for the guest's statistics (`PATCH /balloon/statistics`).
+    func setBalloonStatisticsInterval(_ seconds: Int) throws
+}
+
+/// A controller without a balloon device says so.
+public struct NoBalloonDevice: Error, CustomStringConvertible {
+    public init() {}
+    public var description: String { "no balloon device is configured: PUT /balloon before InstanceStart" }
+}
+
+extension VMMController {
+    public func setBalloon(amountMib: Int) throws { throw NoBalloonDevice() }
+    public func balloonStatistics() throws -> BalloonStatistics { throw NoBalloonDevice() }
+    public func setBalloonStatisticsInterval(_ seconds: Int) throws { throw NoBalloonDevice() }
 }

@@ -97,7 +97,35 @@ struct UpdateCLITests {
         #expect(cpus.status == 2 && cpus.stderrText.contains("vCPU count"), "\(cpus.stderrText)")
         let memory = try mvm("update", name, "--memory", "128M")
         #expect(memory.status == 2 && memory.stderrText.contains("memory"), "\(memory.stderrText)")
+        #expect(memory.stderrText.contains("start it with --balloon"), "\(memory.stderrText)")
         #expect(weight()?.trimmingCharacters(in: .whitespacesAndNewlines) == after)
         #expect(try mvm("alloc", "show").stdoutText.contains("64M memory, weight 300"))
+    }
+
+    /// A direct VM with a balloon: its memory moves through it, up to what it booted with. This
+    /// tiny guest has no balloon driver, so it never fills the balloon: the shrink times out, the
+    /// balloon goes back to empty and nothing changes. (A Linux guest's balloon runs in the rig.)
+    @Test(.enabled(if: getuid() == 0 && HostProfile.current().kvm.verdict != .absent, "needs root and /dev/kvm"))
+    func aDirectVMsMemoryMovesThroughItsBalloonOnly() throws {
+        let (env0, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = env0.merging(["MVM_DIRECT_ALLOW_EMULATED": "1", "MVM_BALLOON_WAIT": "1"]) { $1 }
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 60) }
+        let kernel = dir + "/tiny.elf"
+        try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
+        let name = "updb-\(UUID().uuidString.prefix(6).lowercased())"
+        let run = try mvm("run", "-d", "--mode", "direct", "--kernel", kernel, "--no-rootfs", "--name", name, "--memory", "64M", "--balloon",
+                          "--timeout", "120", "--", "true")
+        try #require(run.status == 0, "\(run.stderrText)")
+        defer { _ = try? mvm("stop", name) }
+        let stats = try mvm("stats", name)
+        #expect(stats.stdoutText.contains("mvm_vmm_balloon_target_bytes 0"), "\(stats.stdoutText)\(stats.stderrText)")
+        let more = try mvm("update", name, "--memory", "128M")
+        #expect(more.status == 2 && more.stderrText.contains("at most"), "\(more.stderrText)")
+        let less = try mvm("update", name, "--memory", "48M")
+        #expect(less.status == 2 && less.stderrText.contains("nothing was changed") && less.stderrText.contains("balloon"), "\(less.stderrText)")
+        #expect(try mvm("stats", name).stdoutText.contains("mvm_vmm_balloon_target_bytes 0"), "the balloon is emptied again")
+        #expect(try mvm("alloc", "show").stdoutText.contains("64M memory"))
+        #expect(try mvm("ps").stdoutText.contains("64M"))
     }
 }

@@ -67,7 +67,11 @@ struct APIDocumentTests {
         #expect(fields("Logger") == (try keys(Logger(logPath: "a", level: "b", showLevel: true, showLogOrigin: true, module: "c"))))
         #expect(fields("BootSource") == (try keys(BootSource(kernelImagePath: "a", initrdPath: "b", bootArgs: "c"))))
         #expect(fields("Metrics") == (try keys(Metrics(metricsPath: "a"))))
+        #expect(fields("Balloon") == Set(Balloon.jsonKeys))
+        #expect(fields("Balloon") == (try keys(Balloon(amountMib: 1, deflateOnOom: true, statsPollingIntervalS: 1, freePageReporting: true))))
+        let stats = try keys(BalloonStatistics(targetPages: 1, actualPages: 1, guest: Dictionary(uniqueKeysWithValues: BalloonStatistics.guestFields.map { ($0, 1) })))
+        #expect(fields("BalloonStats") == stats)
         #expect(fields("FullVmConfiguration") == (try keys(VMConfiguration(bootSource: BootSource(kernelImagePath: "k"), vsock: Vsock(guestCid: 3, udsPath: "u"),
-                                                                           logger: Logger(logPath: "l"), metrics: Metrics(metricsPath: "m")))))
+                                                                           logger: Logger(logPath: "l"), metrics: Metrics(metricsPath: "m"), balloon: Balloon(amountMib: 1, deflateOnOom: true)))))
     }
 }

@@ -11,9 +11,13 @@ struct RouterCase: Sendable, CustomTestStringConvertible {
     var status: Int
     /// A substring of the `fault_message` (400s only).
     var fault: String?
+    /// The router's configuration before the request (nil: empty).
+    var configuration: VMConfiguration?
 
-    init(_ phase: InstanceState = .notStarted, _ method: String, _ path: String, _ body: String? = nil, _ status: Int, _ fault: String? = nil) {
+    init(_ phase: InstanceState = .notStarted, _ method: String, _ path: String, _ body: String? = nil, _ status: Int, _ fault: String? = nil,
+         configuration: VMConfiguration? = nil) {
         self.phase = phase; self.method = method; self.path = path; self.body = body; self.status = status; self.fault = fault
+        self.configuration = configuration
     }
 
     var testDescription: String { "[\(phase.rawValue)] \(method) \(path) \(body ?? "") → \(status)" }
@@ -26,6 +30,19 @@ let eth0 = #"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:A
 let vsock = #"{"guest_cid": 3, "uds_path": "/tmp/v.sock"}"#
 let logger = #"{"log_path": "/tmp/fc.log", "level": "debug", "show_level": true}"#
 let metrics = #"{"metrics_path": "/tmp/fc.metrics"}"#
+
+let balloon = #"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1, "free_page_reporting": true}"#
+/// A 256 MiB machine with a balloon whose statistics are on.
+let withBalloon: VMConfiguration = {
+    var c = VMConfiguration(machineConfig: MachineConfig(vcpuCount: 1, memSizeMib: 256))
+    c.balloon = Balloon(amountMib: 0, deflateOnOom: true, statsPollingIntervalS: 1, freePageReporting: true)
+    return c
+}()
+let withQuietBalloon: VMConfiguration = {
+    var c = withBalloon
+    c.balloon?.statsPollingIntervalS = 0
+    return c
+}()
 
 let routerCases: [RouterCase] = [
     // Reads: any phase.
@@ -105,6 +122,30 @@ let routerCases: [RouterCase] = [
     RouterCase(.notStarted, "PUT", "/metrics", "{}", 400, "metrics_path"),
     RouterCase(.running, "PUT", "/metrics", metrics, 400, "after starting"),
 
+    // balloon.
+    RouterCase(.notStarted, "PUT", "/balloon", balloon, 204),
+    RouterCase(.notStarted, "PUT", "/balloon", #"{"amount_mib": 64}"#, 400, "missing required field `deflate_on_oom`"),
+    RouterCase(.notStarted, "PUT", "/balloon", #"{"amount_mib": 128, "deflate_on_oom": false}"#, 400, "less than the machine's mem_size_mib"),
+    RouterCase(.notStarted, "PUT", "/balloon", #"{"amount_mib": -1, "deflate_on_oom": false}"#, 400, "amount_mib"),
+    RouterCase(.notStarted, "PUT", "/balloon", #"{"amount_mib": 1, "deflate_on_oom": false, "stats_polling_interval_s": 90000}"#, 400, "stats_polling_interval_s"),
+    RouterCase(.notStarted, "PUT", "/balloon", #"{"amount_mib": 1, "deflate_on_oom": false, "must_tell_host": true}"#, 400, "unknown field `must_tell_host`"),
+    RouterCase(.running, "PUT", "/balloon", balloon, 400, "after starting", configuration: withBalloon),
+    RouterCase(.notStarted, "GET", "/balloon", nil, 400, "no balloon device is configured"),
+    RouterCase(.running, "GET", "/balloon", nil, 200, configuration: withBalloon),
+    RouterCase(.notStarted, "PATCH", "/balloon", #"{"amount_mib": 32}"#, 204, configuration: withBalloon),
+    RouterCase(.running, "PATCH", "/balloon", #"{"amount_mib": 32}"#, 204, configuration: withBalloon),
+    RouterCase(.running, "PATCH", "/balloon", #"{"amount_mib": 256}"#, 400, "less than the machine's mem_size_mib", configuration: withBalloon),
+    RouterCase(.running, "PATCH", "/balloon", #"{"amount_mib": 32}"#, 400, "no balloon device is configured"),
+    RouterCase(.running, "PATCH", "/balloon", #"{"amount_mib": 32, "deflate_on_oom": true}"#, 400, "unknown field `deflate_on_oom`", configuration: withBalloon),
+    RouterCase(.running, "GET", "/balloon/statistics", nil, 200, configuration: withBalloon),
+    RouterCase(.notStarted, "GET", "/balloon/statistics", nil, 400, "before starting", configuration: withBalloon),
+    RouterCase(.running, "GET", "/balloon/statistics", nil, 400, "statistics are not enabled", configuration: withQuietBalloon),
+    RouterCase(.running, "PATCH", "/balloon/statistics", #"{"stats_polling_interval_s": 5}"#, 204, configuration: withBalloon),
+    RouterCase(.running, "PATCH", "/balloon/statistics", #"{"stats_polling_interval_s": 0}"#, 400, "cannot be turned on or off", configuration: withBalloon),
+    RouterCase(.running, "PATCH", "/balloon/statistics", #"{"stats_polling_interval_s": 5}"#, 400, "cannot be turned on or off", configuration: withQuietBalloon),
+    RouterCase(.notStarted, "PATCH", "/balloon/statistics", #"{"stats_polling_interval_s": 0}"#, 204, configuration: withBalloon),
+    RouterCase(.running, "DELETE", "/balloon", nil, 400, "/balloon supports GET, PUT, PATCH", configuration: withBalloon),
+
     // actions.
     RouterCase(.notStarted, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#, 400, "PUT /boot-source first"),
     RouterCase(.running, "PUT", "/actions", #"{"action_type": "InstanceStart"}"#, 400, "already running"),
@@ -137,14 +178,14 @@ let routerCases: [RouterCase] = [
 ]
 
 struct APIRouterTests {
-    func router(_ phase: InstanceState = .notStarted) -> (APIRouter, FakeController) {
+    func router(_ phase: InstanceState = .notStarted, configuration: VMConfiguration? = nil) -> (APIRouter, FakeController) {
         let fake = FakeController(state: phase)
-        return (APIRouter(controller: fake, instanceID: "vm-7", vmmVersion: "0.1.0"), fake)
+        return (APIRouter(controller: fake, instanceID: "vm-7", vmmVersion: "0.1.0", configuration: configuration ?? VMConfiguration()), fake)
     }
 
     @Test(arguments: routerCases)
     func answers(_ c: RouterCase) {
-        let (r, _) = router(c.phase)
+        let (r, _) = router(c.phase, configuration: c.configuration)
         let response = r.handle(.make(c.method, c.path, c.body))
         #expect(response.status == c.status, "\(response.bodyText)")
         if c.status == 204 { #expect(response.body.isEmpty) }
@@ -164,7 +205,23 @@ struct APIRouterTests {
             !routerCases.contains { $0.status < 300 && $0.method == route.method && fits(route.path, $0.path) }
         }
         #expect(uncovered.isEmpty)
-        #expect(APIRouter.routes.count == 15)
+        #expect(APIRouter.routes.count == 20)
+    }
+
+    /// A running machine's balloon: the new target reaches the VMM and `GET /balloon` shows it;
+    /// the statistics are the VMM's, flat as Firecracker answers them.
+    @Test func balloonChangesReachTheVMM() throws {
+        let (r, fake) = router(.running, configuration: withBalloon)
+        #expect(r.handle(.make("PATCH", "/balloon", #"{"amount_mib": 100}"#)).status == 204)
+        #expect(fake.calls == ["setBalloon 100"])
+        let shown = try JSONDecoder().decode(Balloon.self, from: Data(r.handle(.make("GET", "/balloon")).body))
+        #expect(shown.amountMib == 100 && shown.deflateOnOom && shown.freePageReporting == true)
+        let stats = try #require(try JSONSerialization.jsonObject(with: Data(r.handle(.make("GET", "/balloon/statistics")).body)) as? [String: Any])
+        #expect(stats["target_pages"] as? Int == 256 && stats["actual_mib"] as? Int == 0 && stats["free_memory"] as? Int == 1 << 20)
+        fake.failure.withLock { $0 = "the guest is gone" }
+        let failed = r.handle(.make("PATCH", "/balloon", #"{"amount_mib": 10}"#))
+        #expect(failed.status == 400 && failed.faultMessage == "the guest is gone")
+        #expect(r.configuration.balloon?.amountMib == 100, "a refused change is not recorded")
     }
 
     @Test func describesTheInstance() throws {

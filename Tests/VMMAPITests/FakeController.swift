@@ -34,6 +34,12 @@ final class FakeController: VMMController {
     func resume() throws { try record("resume"); current.withLock { $0 = .running } }
     func sendCtrlAltDel() throws { try record("sendCtrlAltDel") }
     func metricsText() -> String { metrics }
+    func setBalloon(amountMib: Int) throws { try record("setBalloon \(amountMib)") }
+    func balloonStatistics() throws -> BalloonStatistics {
+        try record("balloonStatistics")
+        return BalloonStatistics(targetPages: 256, actualPages: 128, guest: ["free_memory": 1 << 20])
+    }
+    func setBalloonStatisticsInterval(_ seconds: Int) throws { try record("setBalloonStatisticsInterval \(seconds)") }
 }
 
 extension HTTPRequest {

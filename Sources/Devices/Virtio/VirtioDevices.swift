@@ -22,7 +22,7 @@ public struct VirtioAttachment: Sendable {
 }
 
 /// Places the virtio devices a `VMSpec` asks for: disks first (so the first is /dev/vda), then
-/// the network interface on `tap` (eth0), vsock, then the entropy device. Bases from 0xd000_0000 step
+/// the network interface on `tap` (eth0), vsock, the balloon, then the entropy device. Bases from 0xd000_0000 step
 /// 4 KiB; IRQs from 5 up, skipping reserved ones.
 ///
 /// ```swift
@@ -55,6 +55,13 @@ public enum VirtioDevices {
             }
             devices.append((try VirtioVsock(cid: cid, regions: ram.regions), nil))
         }
+        if let b = spec.balloon {
+            guard b.amount.bytes % VirtioBalloon.pageSize == 0, b.amount < spec.memory else {
+                throw MicroVMError.invalidArgument("a balloon of \(b.amount) must be a whole number of 4K pages and smaller than the guest's \(spec.memory)")
+            }
+            let options = VirtioBalloon.Options(deflateOnOOM: b.deflateOnOOM, statsInterval: b.statsInterval, freePageReporting: b.freePageReporting)
+            devices.append((try VirtioBalloon(targetPages: UInt32(b.amount.bytes / VirtioBalloon.pageSize), options: options, memory: memory), nil))
+        }
         devices.append((VirtioRng(), nil))
 
         var out: [VirtioAttachment] = []
@@ -65,6 +72,7 @@ public enum VirtioDevices {
                 throw MicroVMError.invalidArgument("too many virtio devices (\(devices.count)): the IOAPIC has no free line left; attach fewer disks")
             }
             let t = try VirtioMMIOTransport(device: dev, memory: memory, interrupt: interrupt(irq))
+            if let balloon = dev as? VirtioBalloon { balloon.onConfigChange { [weak t] in t?.configChanged() } }
             out.append(VirtioAttachment(transport: t, mmioBase: firstBase + UInt64(i) * stride, mmioLength: stride, irq: irq, backing: backing))
             irq += 1
         }
