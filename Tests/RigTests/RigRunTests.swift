@@ -195,6 +195,27 @@ struct RigKVMTests {
                 "the VMM must run jailed: \(s.output)")
     }
 
+    /// Issue 17's bar: a guest that frees 256 MiB gives at least 200 MiB back to the host within
+    /// seconds (free page reporting), and `mvm update --memory` moves the guest's available memory.
+    @Test func aBalloonedGuestGivesFreedMemoryBackAndIsResizedLive() throws {
+        let s = try step("balloon")
+        func value(_ key: String) -> Int? {
+            s.output.split(separator: "\n").first { $0.hasPrefix(key + "=") }.flatMap { Int($0.dropFirst(key.count + 1).prefix { $0.isNumber }) }
+        }
+        print("direct VMM in the rig, balloon: " + ["rss-idle", "rss-full", "rss-freed", "avail-before", "avail-shrunk", "avail-grown"]
+            .map { "\($0)=\(value($0).map(String.init) ?? "?") KiB" }.joined(separator: ", "))
+        #expect(value("balloon-driver") == 1, "the guest must bind virtio_balloon: \(s.output)")
+        #expect(s.output.contains("filled"), "the guest must hold 256 MiB: \(s.output)")
+        let full = try #require(value("rss-full")), freed = try #require(value("rss-freed"))
+        #expect(full - freed >= 200 << 10, "256 MiB freed in the guest must give at least 200 MiB back: \(s.output)")
+        #expect(s.output.contains("shrink=0") && s.output.contains("grow=0"), "\(s.output)")
+        let before = try #require(value("avail-before")), shrunk = try #require(value("avail-shrunk")), grown = try #require(value("avail-grown"))
+        #expect(before - shrunk >= 200 << 10, "a 256 MiB balloon must take the guest's available memory down: \(s.output)")
+        #expect(grown - shrunk >= 200 << 10, "emptying it must give it back: \(s.output)")
+        #expect(s.output.contains("mvm_vmm_balloon_actual_bytes 268435456"), "\(s.output)")
+        #expect(s.output.contains("grants-left=0"), "\(s.output)")
+    }
+
     @Test func twoCPUsWithoutADiskComeFromTheMADT() throws {
         let s = try step("madt")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
@@ -239,6 +260,7 @@ enum RigKVMSession {
          ("vsock", ["sh", "-c", vsockScript(mvm: mvm)]),
          ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)]),
          ("kill-phases", ["sh", "-c", killPhasesScript(mvm: mvm)]),
+         ("balloon", ["sh", "-c", balloonScript(mvm: mvm)]),
          ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
     }
 
@@ -335,6 +357,43 @@ enum RigKVMSession {
             \(m) gc >/dev/null
             echo "left-$phase: ps=$(\(m) ps | grep -c $name) grants=$(\(m) alloc show | grep -c $name) taps=$(ip -o link show | grep -c ' mvt') cgroups=$(ls -d /sys/fs/cgroup/microvm/*$name* 2>/dev/null | wc -l) vmm=$(pgrep -fc -- "--id $name")"
         done
+        """
+    }
+
+    /// A direct Linux VM of 512 MiB with a balloon: 256 MiB written to its tmpfs and removed
+    /// comes back to the host through free page reporting (the VMM's RSS before, full and
+    /// after, in KiB); `mvm update --memory 256M` fills the balloon and the guest's available
+    /// memory falls by as much, `--memory 512M` gives it back.
+    static func balloonScript(mvm: String) -> String {
+        let m = ProcessRunner.shellQuote(mvm)
+        return """
+        modprobe vhost_vsock 2>/dev/null
+        \(m) run -d --mode direct --name rigb --memory 512M --balloon --vsock 43 --vsock-shell --timeout 400 -- sleep 380 >/tmp/b-run.out 2>&1
+        for i in $(seq 1 150); do \(m) logs rigb 2>/dev/null | grep -q boot-complete && break; sleep 1; done
+        for i in $(seq 1 60); do \(m) exec rigb -- true >/dev/null 2>&1 && break; sleep 1; done
+        vmm=$(\(m) ps | awk '$1 == "rigb" {print $6}')
+        rss() { awk '/^VmRSS/ {print $2}' /proc/$vmm/status; }
+        avail() { \(m) exec rigb -- awk '/^MemAvailable/ {print $2}' /proc/meminfo; }
+        echo "balloon-driver=$(\(m) exec rigb -- sh -c 'for d in /sys/bus/virtio/devices/*/driver; do readlink $d; done | grep -c virtio_balloon')"
+        echo "rss-idle=$(rss)"
+        # A tmpfs of its own: the guest's /tmp holds only half its memory.
+        \(m) exec rigb -- sh -c 'mkdir -p /tmp/b && mount -t tmpfs -o size=300m tmpfs /tmp/b && head -c 268435456 /dev/zero >/tmp/b/fill && echo filled'
+        full=$(rss); echo "rss-full=$full"
+        \(m) exec rigb -- sh -c 'rm /tmp/b/fill; umount /tmp/b'
+        for i in $(seq 1 30); do sleep 1; [ $(( full - $(rss) )) -ge 204800 ] && break; done
+        echo "rss-freed=$(rss) after ${i} s"
+        \(m) stats rigb | grep -E '^mvm_vmm_balloon_(reported|discarded)_bytes_total'
+        echo "avail-before=$(avail)"
+        \(m) update rigb --memory 256M; echo "shrink=$?"
+        echo "avail-shrunk=$(avail)"
+        \(m) stats rigb | grep -E '^mvm_vmm_balloon_actual_bytes'
+        \(m) ps | grep rigb
+        \(m) update rigb --memory 512M; echo "grow=$?"
+        sleep 3
+        echo "avail-grown=$(avail)"
+        \(m) stop rigb >/dev/null; echo "stop=$?"
+        echo "grants-left=$(\(m) alloc show | grep -c rigb)"
+        tail -3 /tmp/b-run.out
         """
     }
 
