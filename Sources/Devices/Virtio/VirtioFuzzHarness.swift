@@ -29,10 +29,10 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
 
     deinit { unlink(diskPath) }
 
-    /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, 3 vsock, modulo 4), [1] log2 queue size, [2]
-    /// feature bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the rings
-    /// towards valid chains, bit4 net offloads negotiated, bit5 the net queue: receive or
-    /// transmit), [3] count of raw register writes, then 8 bytes per register write (offset u16,
+    /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, 3 vsock, 4 balloon, modulo 5), [1] log2 queue
+    /// size, [2] feature bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the
+    /// rings towards valid chains, bit4 net offloads negotiated, bit5 the net queue: receive or
+    /// transmit; bits 5-6 the balloon's queue: inflate, deflate, stats or reporting), [3] count of raw register writes, then 8 bytes per register write (offset u16,
     /// size u8, pad, value u32), then bytes copied over guest RAM from 0x1000 on (descriptor
     /// table, rings and buffers). A net device's tap is a datagram socket pair; for the receive
     /// queue two frames cut from the input arrive on it first.
@@ -46,7 +46,7 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
         let device: any VirtioDevice
         var queue = 0
         var features: UInt64 = 1 << 32
-        switch input[0] % 4 {
+        switch input[0] % 5 {
         case 0: device = (try? VirtioBlock(path: diskPath, readOnly: input[2] & 4 != 0, queueSize: 256)) ?? VirtioRng()
         // vsock: the guest's queue addresses, sizes and features go to the kernel's vhost-vsock
         // at DRIVER_OK, so its configuration must be checked here first (rng where the host has
@@ -64,6 +64,12 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
                     _ = frame.withUnsafeBytes { send(tap[1], $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
                 }
             }
+        // The balloon with every feature: the inflate queue discards pages of this harness's
+        // RAM, the reporting queue ranges of it, the stats queue is read when the timer asks.
+        case 4: device = (try? VirtioBalloon(targetPages: UInt32(input[1]) << 4,
+                                             options: .init(deflateOnOOM: true, statsInterval: 1, freePageReporting: true), memory: ram)) ?? VirtioRng()
+                queue = Int(input[2] >> 5 & 3)
+                features |= device.deviceFeatures
         default: device = VirtioRng()
         }
         guard let t = try? VirtioMMIOTransport(device: device, memory: ram, interrupt: NullLine()) else { return 0 }
