@@ -204,19 +204,13 @@ public struct HostedBackend: InstanceBackend {
     /// limit is written into the memory cgroup libvirt made for the domain (QEMU's, from
     /// /proc/PID/cgroup; its per-thread subgroups' parent), so the grant holds all the same.
     static func limitMemory(of pid: Int32?, to limit: ByteCount, root: String = "/sys/fs/cgroup") throws {
-        guard let pid, let text = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else {
+        guard let pid, FileManager.default.fileExists(atPath: "/proc/\(pid)/cgroup") else {
             throw MicroVMError(.backend, "cannot find QEMU's cgroup to limit its memory: the domain has no QEMU process")
         }
+        let dirs = domainCgroups(of: pid, root: root)
         var files: [String] = []
-        for line in text.split(separator: "\n") {
-            let f = line.split(separator: ":", maxSplits: 2).map(String.init)
-            guard f.count == 3 else { continue }
-            var path = f[2]
-            for leaf in ["/emulator", "/vcpu"] where path.contains(leaf) { path = String(path[..<path.range(of: leaf)!.lowerBound]) }
-            guard path.hasPrefix("/machine") else { continue }
-            if f[1].split(separator: ",").contains("memory") { files.append(root + "/memory" + path + "/memory.limit_in_bytes") }
-            if f[0] == "0", f[1].isEmpty, FileManager.default.fileExists(atPath: root + path + "/memory.max") { files.append(root + path + "/memory.max") }
-        }
+        if let memory = dirs["memory"] { files.append(memory + "/memory.limit_in_bytes") }
+        if let unified = dirs["unified"], FileManager.default.fileExists(atPath: unified + "/memory.max") { files.append(unified + "/memory.max") }
         guard !files.isEmpty else {
             throw MicroVMError(.backend, "QEMU (pid \(pid)) is in no memory cgroup of libvirt's: its memory limit cannot be enforced")
         }
@@ -357,7 +351,9 @@ public struct HostedBackend: InstanceBackend {
                 removeLeftovers(r)
                 return nil
             }
-            return InstanceInfo(name: r.name, mode: .hosted, state: pid == nil ? "starting" : "running", pid: pid,
+            // Running once libvirt has finished starting the domain (its machine is recorded then):
+            // QEMU's pid comes earlier, before libvirt writes the domain's cgroup limits.
+            return InstanceInfo(name: r.name, mode: .hosted, state: pid == nil || r.machine == nil ? "starting" : "running", pid: pid,
                                 cpus: r.cpus, memory: r.memory, startedAt: r.startedAt, logPath: r.logPath)
         }
     }
@@ -403,16 +399,62 @@ public struct HostedBackend: InstanceBackend {
         return try d.stats(blockDevices: r?.blockDevices ?? ["vda"], interfaces: r?.taps ?? [])
     }
 
-    /// The QEMU process of a running instance (from the driver's pid file), so the benchmark can
-    /// read its memory (PSS) from /proc.
-    /// Stops QEMU's process as a whole (its vCPUs and device threads): another `mvm` owns the
-    /// embedded driver's connection, so the process is signalled rather than the domain suspended.
-    /// A hosted VM is not resized live yet: its vCPUs need hotplug, its memory a balloon, and an
-    /// embedded libvirt's domain is reachable only from the `mvm run` that holds it.
+    /// A running hosted VM keeps its vCPUs and memory (no hotplug, no balloon yet; an embedded
+    /// libvirt's domain is reachable only from the `mvm run` that holds it); its CPU weight and
+    /// quota change live, in the cgroup libvirt made for the domain.
     public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
-        throw MicroVMError.unsupported("hosted VMs cannot be resized while they run yet: stop it and run it again with the new --cpus and --memory (containers change live, and direct VMs started with --balloon)")
+        var fixed: [String] = []
+        if from.cpus != to.cpus { fixed.append("its vCPU count (\(from.cpus))") }
+        if from.memory != to.memory { fixed.append("its memory (\(from.memory))") }
+        guard fixed.isEmpty else {
+            throw MicroVMError.unsupported("a running hosted VM keeps \(fixed.joined(separator: " and ")): only --weight and --quota change live; stop it and run it again with the new size")
+        }
     }
 
+    /// The domain's CPU weight and quota, written where libvirt's `<cputune>` put them: the
+    /// domain's own cgroup (QEMU's, above its per-thread groups).
+    public func update(name: String, from: Enforcement, to: Enforcement) async throws {
+        try checkUpdate(name: name, from: from, to: to)
+        guard let pid = qemuPid(name: name) else {
+            throw MicroVMError.notFound("no running QEMU for hosted instance '\(name)': see mvm ps")
+        }
+        let dirs = Self.domainCgroups(of: pid)
+        var writes: [(String, String)] = []
+        if let cpu = dirs["cpu"] {
+            writes = [(cpu + "/cpu.shares", "\(Enforcement.shares(weight: to.cpuWeight))"), (cpu + "/cpu.cfs_period_us", "\(Enforcement.period)"),
+                      (cpu + "/cpu.cfs_quota_us", "\(to.quotaMicros)")]
+        } else if let unified = dirs["unified"] {
+            writes = [(unified + "/cpu.weight", "\(to.cpuWeight)"), (unified + "/cpu.max", "\(to.quotaMicros) \(Enforcement.period)")]
+        }
+        guard !writes.isEmpty else {
+            throw MicroVMError(.backend, "QEMU (pid \(pid)) of '\(name)' is in no cpu cgroup of libvirt's: its weight and quota cannot be changed")
+        }
+        for (file, value) in writes {
+            do { try value.write(toFile: file, atomically: false, encoding: .utf8) } catch {
+                throw MicroVMError(.backend, "cannot write \(value) to \(file) for hosted instance '\(name)'", cause: error)
+            }
+        }
+    }
+
+    /// Controller ("cpu", "memory"; "unified" on cgroup v2) → the directory of the cgroup libvirt
+    /// made for QEMU's domain (the parent of its emulator and vCPU groups), from /proc/PID/cgroup.
+    public static func domainCgroups(of pid: Int32, root: String = "/sys/fs/cgroup") -> [String: String] {
+        guard let text = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else { return [:] }
+        var out: [String: String] = [:]
+        for line in text.split(separator: "\n") {
+            let f = line.split(separator: ":", maxSplits: 2).map(String.init)
+            guard f.count == 3 else { continue }
+            var path = f[2]
+            for leaf in ["/emulator", "/vcpu"] where path.contains(leaf) { path = String(path[..<path.range(of: leaf)!.lowerBound]) }
+            guard path.hasPrefix("/machine") else { continue }
+            for c in ["cpu", "memory"] where f[1].split(separator: ",").contains(Substring(c)) { out[c] = root + "/" + c + path }
+            if f[0] == "0", f[1].isEmpty, FileManager.default.fileExists(atPath: root + path + "/cgroup.procs") { out["unified"] = root + path }
+        }
+        return out
+    }
+
+    /// Stops QEMU's process as a whole (its vCPUs and device threads): another `mvm` owns the
+    /// embedded driver's connection, so the process is signalled rather than the domain suspended.
     public func pause(name: String) async throws { try signalQEMU(name, SIGSTOP) }
     public func resume(name: String) async throws { try signalQEMU(name, SIGCONT) }
 
@@ -423,6 +465,8 @@ public struct HostedBackend: InstanceBackend {
         guard kill(pid, sig) == 0 else { throw MicroVMError(.permissionDenied, "cannot signal QEMU (pid \(pid)) of '\(name)': \(String(cString: strerror(errno)))") }
     }
 
+    /// The QEMU process of a running instance (from the driver's pid file), so the benchmark can
+    /// read its memory (PSS) from /proc.
     public func qemuPid(name: String) -> Int32? {
         qemuPid(record: HostedRecord.load(name, in: recordDirectory) ?? HostedRecord(name: name, uri: uri))
     }

@@ -128,4 +128,36 @@ struct UpdateCLITests {
         #expect(try mvm("alloc", "show").stdoutText.contains("64M memory"))
         #expect(try mvm("ps").stdoutText.contains("64M"))
     }
+
+    /// A hosted VM's weight and quota change live in the cgroup libvirt made for its domain; its
+    /// vCPUs and memory are refused before anything changes.
+    @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
+    func aHostedVMChangesItsWeightAndQuota() throws {
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 300) }
+        let name = "updh-\(UUID().uuidString.prefix(6).lowercased())"
+        let run = try mvm("run", "-d", "--mode", "hosted", "--name", name, "--memory", "256M", "--timeout", "280", "--", "sleep", "270")
+        try #require(run.status == 0, "\(run.stderrText)")
+        defer { _ = try? mvm("stop", name) }
+        let pid = try #require(try mvm("ps").stdoutText.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+            .flatMap { Int32($0.split(separator: " ", omittingEmptySubsequences: true)[5]) })
+        let dirs = HostedBackend.domainCgroups(of: pid)
+        func read(_ file: String) -> String? { try? String(contentsOfFile: file, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
+        func limits() -> String? {
+            if let cpu = dirs["cpu"] { return read(cpu + "/cpu.shares").flatMap { s in read(cpu + "/cpu.cfs_quota_us").map { s + " " + $0 } } }
+            return dirs["unified"].flatMap { u in read(u + "/cpu.weight").flatMap { w in read(u + "/cpu.max").map { w + " " + $0 } } }
+        }
+        let v1 = dirs["cpu"] != nil
+        if v1 { #expect(limits() == "1024 100000", "\(dirs)") }
+        let up = try mvm("update", name, "--weight", "200", "--quota", "0.5")
+        #expect(up.status == 0, "\(up.stderrText)")
+        #expect(limits() == (v1 ? "2048 50000" : "200 50000 100000"))
+        let cpus = try mvm("update", name, "--cpus", "2")
+        #expect(cpus.status == 2 && cpus.stderrText.contains("vCPU count"), "\(cpus.stderrText)")
+        let memory = try mvm("update", name, "--memory", "512M")
+        #expect(memory.status == 2 && memory.stderrText.contains("memory"), "\(memory.stderrText)")
+        #expect(limits() == (v1 ? "2048 50000" : "200 50000 100000"))
+        #expect(try mvm("alloc", "show").stdoutText.contains("256M memory, weight 200, quota 0.5 CPUs"))
+    }
 }
