@@ -47,11 +47,11 @@ let package = Package(
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
         .target(name: "VMMAPI", swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
-        .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch"], swiftSettings: strict),
+        .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch", "VMMAPI"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", "CLazyLibs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),
-        .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator"], swiftSettings: strict),
+        .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "VMMAPI"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM", "VMM", "VMMAPI"], swiftSettings: strict),
         .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Jail", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),

@@ -337,13 +337,3 @@ final class CancelFlag: Sendable {
     func set() { flag.store(true, ordering: .releasing) }
     var isSet: Bool { flag.load(ordering: .acquiring) }
 }
-
-/// Blocking runtime calls run on GCD's threads, not the cooperative pool, so several
-/// concurrent runs cannot starve other tasks.
-func offload<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-    try await withCheckedThrowingContinuation { cont in
-        DispatchQueue.global().async {
-            do { cont.resume(returning: try body()) } catch { cont.resume(throwing: error) }
-        }
-    }
-}

@@ -225,12 +225,6 @@ public struct DirectBackend: InstanceBackend {
         return r.body
     }
 
-    /// How long `mvm update --memory` waits for the guest to fill its balloon (seconds; the
-    /// environment's `MVM_BALLOON_WAIT` overrides it).
-    public static var balloonGrace: Double {
-        ProcessInfo.processInfo.environment["MVM_BALLOON_WAIT"].flatMap(Double.init).map { max(0.1, $0) } ?? 30
-    }
-
     /// A direct VM's vCPU count is fixed at launch (no CPU hotplug); its memory moves through its
     /// balloon (`--balloon`), up to what it booted with; its weight and quota change in its cgroup.
     public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
@@ -238,21 +232,12 @@ public struct DirectBackend: InstanceBackend {
             throw MicroVMError.unsupported("a running direct VM keeps its vCPU count (\(from.cpus)): --weight, --quota and, with a balloon, --memory change live; restart it for more vCPUs")
         }
         guard from.memory != to.memory else { return }
-        let r = try running(name)
-        guard let boot = r.bootMemory else {
-            throw MicroVMError.unsupported("direct instance '\(name)' has no balloon, so its memory (\(from.memory)) is fixed: start it with --balloon to resize it live")
-        }
-        guard to.memory <= boot else {
-            throw MicroVMError.invalidArgument("direct instance '\(name)' booted with \(boot): its balloon can give it at most that (asked for \(to.memory))")
-        }
-        guard to.memory.bytes % (1 << 20) == 0, to.memory >= .mebibytes(32) else {
-            throw MicroVMError.invalidArgument("a direct VM's memory moves in whole MiB and stays at least 32M (asked for \(to.memory))")
-        }
+        try BalloonResize.check("direct instance '\(name)'", boot: try running(name).bootMemory, from: from.memory, to: to.memory, minimum: .mebibytes(32))
     }
 
     /// Memory first through the balloon: a smaller guest fills its balloon (its pages go back to
     /// the host) before the cgroup's limit falls; a larger one gets the limit first, then its
-    /// pages back. A guest that does not fill its balloon in `balloonGrace` seconds is given back
+    /// pages back. A guest that does not fill its balloon in time (`BalloonResize.grace`) is given back
     /// what it had, and nothing changes.
     public func update(name: String, from: Enforcement, to: Enforcement) async throws {
         try checkUpdate(name: name, from: from, to: to)
@@ -267,32 +252,16 @@ public struct DirectBackend: InstanceBackend {
         }
         guard from.memory != to.memory, let boot = r.bootMemory else { return try limits(to) }
         if to.memory > from.memory { try limits(to) }
-        let amount = Int((boot - to.memory).bytes >> 20), before = Int((boot - from.memory).bytes >> 20)
         do {
-            _ = try call(name, "PATCH", "/balloon", body: #"{"amount_mib": \#(amount)}"#)
-            if to.memory < from.memory { try await waitForBalloon(name, pages: UInt32(amount) * 256) }
+            let api = try api(name)
+            try await offload { try BalloonResize.run(name, api: api, boot: boot, from: from.memory, to: to.memory) }
         } catch {
-            _ = try? call(name, "PATCH", "/balloon", body: #"{"amount_mib": \#(before)}"#)
             if to.memory > from.memory, let cgroup { try? cgroup.update(slice: from.cgroupSlice) }
             throw error
         }
         if to.memory < from.memory { try limits(to) }
         r.memory = to.memory
         try? records.update(r)
-    }
-
-    /// Polls the balloon until the guest holds `pages` in it.
-    func waitForBalloon(_ name: String, pages: UInt32) async throws {
-        let deadline = Monotonic.seconds() + Self.balloonGrace
-        var held: UInt32 = 0
-        while Monotonic.seconds() < deadline {
-            let body = try call(name, "GET", "/balloon/statistics")
-            let stats = try JSONDecoder().decode(BalloonStatistics.self, from: Data(body.utf8))
-            held = stats.actualPages
-            if held >= pages { return }
-            try await Task.sleep(for: .milliseconds(100))
-        }
-        throw MicroVMError(.timeout, "direct instance '\(name)' put only \(ByteCount(UInt64(held) * 4096)) of the asked \(ByteCount(UInt64(pages) * 4096)) in its balloon within \(Int(Self.balloonGrace)) s (its memory is in use, or its kernel has no virtio_balloon driver): nothing was changed")
     }
 
     public func pause(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Paused"}"#) }

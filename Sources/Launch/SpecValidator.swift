@@ -32,8 +32,8 @@ public enum SpecValidator {
             }
         }
         if let b = spec.balloon {
-            guard mode == .direct else {
-                throw MicroVMError.unsupported("--balloon is the direct VMM's virtio-balloon: use --mode direct, or drop it")
+            guard mode.isVM else {
+                throw MicroVMError.unsupported("--balloon gives a VM a virtio-balloon; a container's memory is its cgroup's: drop it, or use --mode direct or hosted")
             }
             guard b.amount < spec.memory, (0...86_400).contains(b.statsInterval) else {
                 throw MicroVMError.invalidArgument("the balloon (\(b.amount), statistics every \(b.statsInterval) s) must be smaller than the guest's \(spec.memory), its interval 0...86400 s")

@@ -109,6 +109,9 @@ public struct DomainConfig: Sendable, Equatable {
     public var consoleLog: String
     /// The granted slice as libvirt enforces it (cputune, memtune, numatune, memoryBacking).
     public var enforcement: Enforcement?
+    /// A virtio memory balloon (free page reporting, statistics, deflate on OOM), its initial
+    /// size taken from `memory`; nil: no balloon (`<memballoon model='none'>`).
+    public var balloon: BalloonSpec?
     /// Whether `<memtune><hard_limit>` is emitted: libvirt then raises RLIMIT_MEMLOCK, which needs
     /// CAP_SYS_RESOURCE (containers often lack it).
     public var memoryHardLimit: Bool
@@ -137,6 +140,7 @@ public enum DomainXML {
             XMLTree("name", text: c.name)
             XMLTree("uuid", text: c.uuid.uuidString.lowercased())
             XMLTree("memory", ["unit": "KiB"], text: "\(c.memory.kibibytes)")
+            if let b = c.balloon, b.amount.bytes > 0 { XMLTree("currentMemory", ["unit": "KiB"], text: "\((c.memory - b.amount).kibibytes)") }
             XMLTree("vcpu", ["placement": "static"], text: "\(c.vcpus)")
             cputune(c)
             memtune(c)
@@ -179,7 +183,15 @@ public enum DomainXML {
                     XMLTree("target", ["type": "serial", "port": "0"])
                 }
                 if c.machine != "microvm" { XMLTree("controller", ["type": "usb", "model": "none"]) }
-                XMLTree("memballoon", ["model": "none"])
+                if let b = c.balloon {
+                    XMLTree("memballoon", ["model": "virtio", "autodeflate": b.deflateOnOOM ? "on" : "off",
+                                           "freePageReporting": b.freePageReporting ? "on" : "off"]) {
+                        if b.statsInterval > 0 { XMLTree("stats", ["period": "\(b.statsInterval)"]) }
+                        if c.machine == "microvm" { XMLTree("address", ["type": "virtio-mmio"]) }
+                    }
+                } else {
+                    XMLTree("memballoon", ["model": "none"])
+                }
             }
         }
     }

@@ -5,6 +5,7 @@ import Host
 import Images
 import Launch
 import MicroVMCore
+import VMMAPI
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -117,6 +118,8 @@ public struct HostedBackend: InstanceBackend {
         record.ownTaps = plannedTap.flatMap { $0.creates ? [$0.name] : nil }
         var domain: LibvirtDomain?
         var watch: LifecycleWatch?
+        var api: APIServer?
+        defer { api?.stop() }
         do {
             _ = FileManager.default.createFile(atPath: plan.config.consoleLog, contents: nil)
             try record.save(in: recordDirectory)
@@ -138,6 +141,22 @@ public struct HostedBackend: InstanceBackend {
             launch.clock.mark(.firstInstruction)
             domain = d
             record.machine = config.machine
+            // The domain's control API, served by this process (the only one that can reach an
+            // embedded driver's domain) until the run ends.
+            let socket = plan.runDirectory + "/api.sock"
+            var vmConfig = VMConfiguration(machineConfig: MachineConfig(vcpuCount: spec.cpus, memSizeMib: Int(spec.memory.bytes >> 20)))
+            if let b = spec.balloon {
+                vmConfig.balloon = Balloon(amountMib: Int(b.amount.bytes >> 20), deflateOnOom: b.deflateOnOOM,
+                                           statsPollingIntervalS: b.statsInterval, freePageReporting: b.freePageReporting)
+                record.bootMemory = spec.memory
+                record.memory = spec.memory - b.amount
+            }
+            let router = APIRouter(controller: HostedController(domain: d, boot: spec.memory, balloon: spec.balloon?.amount),
+                                   instanceID: spec.name, vmmVersion: "libvirt", configuration: vmConfig)
+            let server = APIServer(socketPath: socket, router: router)
+            try server.start()
+            api = server
+            record.apiSocket = socket
             try record.save(in: recordDirectory)
             let stopped = StopFlag()
             watch = try d.watchLifecycle { event, _ in
@@ -184,6 +203,7 @@ public struct HostedBackend: InstanceBackend {
                                   disks: disks, taps: taps, consoleLog: runDirectory + "/console.log", enforcement: launch.enforcement,
                                   memoryHardLimit: isLocal ? Self.canRaiseMemlockLimit() : true)
         config.vsockCID = spec.vsockCID
+        config.balloon = spec.balloon
         return Plan(config: config, runDirectory: runDirectory)
     }
 
@@ -399,20 +419,22 @@ public struct HostedBackend: InstanceBackend {
         return try d.stats(blockDevices: r?.blockDevices ?? ["vda"], interfaces: r?.taps ?? [])
     }
 
-    /// A running hosted VM keeps its vCPUs and memory (no hotplug, no balloon yet; an embedded
-    /// libvirt's domain is reachable only from the `mvm run` that holds it); its CPU weight and
-    /// quota change live, in the cgroup libvirt made for the domain.
+    /// A running hosted VM keeps its vCPU count (no hotplug); its memory moves through its
+    /// balloon (`--balloon`), up to what it booted with; its CPU weight and quota change in the
+    /// cgroup libvirt made for the domain.
     public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
-        var fixed: [String] = []
-        if from.cpus != to.cpus { fixed.append("its vCPU count (\(from.cpus))") }
-        if from.memory != to.memory { fixed.append("its memory (\(from.memory))") }
-        guard fixed.isEmpty else {
-            throw MicroVMError.unsupported("a running hosted VM keeps \(fixed.joined(separator: " and ")): only --weight and --quota change live; stop it and run it again with the new size")
+        if from.cpus != to.cpus {
+            throw MicroVMError.unsupported("a running hosted VM keeps its vCPU count (\(from.cpus)): --weight, --quota and, with a balloon, --memory change live; stop it and run it again for more vCPUs")
         }
+        guard from.memory != to.memory else { return }
+        let r = HostedRecord.load(name, in: recordDirectory)
+        try BalloonResize.check("hosted instance '\(name)'", boot: r?.apiSocket != nil ? r?.bootMemory : nil, from: from.memory, to: to.memory,
+                                minimum: .mebibytes(64))
     }
 
-    /// The domain's CPU weight and quota, written where libvirt's `<cputune>` put them: the
-    /// domain's own cgroup (QEMU's, above its per-thread groups).
+    /// The domain's CPU weight and quota, written where libvirt's `<cputune>` put them (the
+    /// domain's own cgroup, above its per-thread groups); memory through the balloon, filled
+    /// before the domain's memory limit falls, or given the limit first when it grows.
     public func update(name: String, from: Enforcement, to: Enforcement) async throws {
         try checkUpdate(name: name, from: from, to: to)
         guard let pid = qemuPid(name: name) else {
@@ -434,6 +456,52 @@ public struct HostedBackend: InstanceBackend {
                 throw MicroVMError(.backend, "cannot write \(value) to \(file) for hosted instance '\(name)'", cause: error)
             }
         }
+        guard from.memory != to.memory, var r = HostedRecord.load(name, in: recordDirectory), let boot = r.bootMemory, let socket = r.apiSocket else { return }
+        if to.memory > from.memory { try Self.setMemoryLimit(of: pid, to: to.memoryLimit) }
+        do {
+            let api = APIClient(socketPath: socket)
+            try await offload { try BalloonResize.run(name, api: api, boot: boot, from: from.memory, to: to.memory) }
+        } catch {
+            if to.memory > from.memory { try? Self.setMemoryLimit(of: pid, to: from.memoryLimit) }
+            throw error
+        }
+        if to.memory < from.memory { try Self.setMemoryLimit(of: pid, to: to.memoryLimit) }
+        r.memory = to.memory
+        try? r.save(in: recordDirectory)
+    }
+
+    /// The domain's memory limit (libvirt's `<memtune>` hard limit, and its swap limit where
+    /// libvirt set one), in the order cgroup v1 accepts: the swap limit is never below the other.
+    static func setMemoryLimit(of pid: Int32, to limit: ByteCount) throws {
+        let dirs = domainCgroups(of: pid)
+        if let unified = dirs["unified"] {
+            try write("\(limit.bytes)", to: unified + "/memory.max")
+            return
+        }
+        guard let memory = dirs["memory"] else {
+            throw MicroVMError(.backend, "QEMU (pid \(pid)) is in no memory cgroup of libvirt's: its memory limit cannot be changed")
+        }
+        let plain = memory + "/memory.limit_in_bytes", swap = memory + "/memory.memsw.limit_in_bytes"
+        let current = (try? String(contentsOfFile: plain, encoding: .utf8)).flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+        let swapSet = (try? String(contentsOfFile: swap, encoding: .utf8)).flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+            .map { $0 < UInt64(Int64.max) / 2 } ?? false
+        let order = limit.bytes > current ? [swap, plain] : [plain, swap]
+        for file in order where file == plain || swapSet { try write("\(limit.bytes)", to: file) }
+    }
+
+    static func write(_ value: String, to file: String) throws {
+        do { try value.write(toFile: file, atomically: false, encoding: .utf8) }
+        catch { throw MicroVMError(.backend, "cannot write \(value) to \(file)", cause: error) }
+    }
+
+    /// Counters from the run's control API (libvirt's view of the domain and its balloon).
+    public func stats(name: String) async throws -> String {
+        guard let socket = HostedRecord.load(name, in: recordDirectory)?.apiSocket else {
+            throw MicroVMError.notFound("no running hosted instance named '\(name)' serves counters: see mvm ps")
+        }
+        let r: APIClient.Response
+        do { r = try APIClient(socketPath: socket).send("GET", "/metrics") } catch { throw MicroVMError(.backend, "hosted instance '\(name)': \(error)") }
+        return r.body
     }
 
     /// Controller ("cpu", "memory"; "unified" on cgroup v2) → the directory of the cgroup libvirt
@@ -501,6 +569,11 @@ struct HostedRecord: Codable, Sendable {
     /// its record stale (`mvm ps`, `mvm stop`, `mvm gc`).
     var ownTaps: [String]?
     var machine: String?
+    /// The control API the run serves for the domain (`mvm update`, `mvm stats`).
+    var apiSocket: String?
+    /// The memory the guest booted with, when it has a balloon (`memory` is then what the
+    /// balloon leaves it).
+    var bootMemory: ByteCount?
 
     static func file(_ name: String, in dir: String) -> String {
         // Names may hold any character but '/', so the file name is an encoding of it.

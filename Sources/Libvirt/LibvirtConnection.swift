@@ -279,6 +279,25 @@ public final class LibvirtDomain: @unchecked Sendable {
         return s
     }
 
+    /// Sets the running guest's memory through its balloon (`virDomainSetMemoryFlags`, live):
+    /// at most the memory it booted with.
+    public func setLiveMemory(_ memory: ByteCount) throws {
+        guard virDomainSetMemoryFlags(pointer, UInt(memory.kibibytes), UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)) == 0 else {
+            throw LibvirtFailure.last().error("cannot set the memory of domain '\(name)' to \(memory)")
+        }
+    }
+
+    /// The balloon's figures as libvirt reads them from QEMU (`virDomainMemoryStats`), by
+    /// libvirt's tag: KiB for sizes, counts for faults.
+    public func memoryStatistics() -> [Int32: UInt64] {
+        var mem = [virDomainMemoryStatStruct](repeating: virDomainMemoryStatStruct(), count: Int(VIR_DOMAIN_MEMORY_STAT_NR.rawValue))
+        let n = virDomainMemoryStats(pointer, &mem, UInt32(mem.count), 0)
+        if n < 0 { _ = LibvirtFailure.last(); return [:] }
+        var out: [Int32: UInt64] = [:]
+        for m in mem.prefix(Int(n)) { out[Int32(m.tag)] = m.val }
+        return out
+    }
+
     /// Calls `handler(event, detail)` from libvirt's event loop thread on every lifecycle event
     /// of this domain, until the returned registration is cancelled.
     public func watchLifecycle(_ handler: @escaping @Sendable (_ event: Int32, _ detail: Int32) -> Void) throws -> LifecycleWatch {

@@ -112,3 +112,41 @@ private extension Substring {
         return s
     }
 }
+
+extension APIClient {
+    /// What became of a balloon resize.
+    public enum BalloonOutcome: Sendable, Equatable {
+        case done
+        /// The guest held only `held` 4 KiB pages of the `wanted` when time ran out; the balloon
+        /// was set back to its previous size.
+        case notFilled(held: UInt32, wanted: UInt32)
+    }
+
+    /// Sets the balloon to `amountMib` (`PATCH /balloon`). A larger balloon is waited for: until
+    /// the guest holds it (`GET /balloon/statistics`), or `seconds` pass, when the balloon goes
+    /// back to `previousMib`. Errors are the API's: a refused request throws its fault message.
+    public func resizeBalloon(to amountMib: Int, from previousMib: Int, waitingUpTo seconds: Double) throws -> BalloonOutcome {
+        try expectSuccess(send("PATCH", "/balloon", body: #"{"amount_mib": \#(amountMib)}"#))
+        guard amountMib > previousMib else { return .done }
+        let wanted = UInt32(amountMib) * 256
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &now)
+        let deadline = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + seconds
+        var held: UInt32 = 0
+        while true {
+            let r = try send("GET", "/balloon/statistics")
+            try expectSuccess(r)
+            if let stats = try? JSONDecoder().decode(BalloonStatistics.self, from: Data(r.body.utf8)) { held = stats.actualPages }
+            if held >= wanted { return .done }
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            if Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 >= deadline { break }
+            usleep(100_000)
+        }
+        _ = try? send("PATCH", "/balloon", body: #"{"amount_mib": \#(previousMib)}"#)
+        return .notFilled(held: held, wanted: wanted)
+    }
+
+    private func expectSuccess(_ r: Response) throws(ClientError) {
+        guard (200..<300).contains(r.status) else { throw .io(r.faultMessage ?? "the VMM answered \(r.status)") }
+    }
+}

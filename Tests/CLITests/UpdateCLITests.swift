@@ -160,4 +160,54 @@ struct UpdateCLITests {
         #expect(limits() == (v1 ? "2048 50000" : "200 50000 100000"))
         #expect(try mvm("alloc", "show").stdoutText.contains("256M memory, weight 200, quota 0.5 CPUs"))
     }
+
+    /// A hosted VM with a balloon (libvirt's virtio memballoon, free page reporting on): its
+    /// memory moves live through the run's control API, and the guest's available memory, which
+    /// it prints to its console every second, follows; the domain's memory limit moves with it.
+    @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
+    func aHostedVMsMemoryMovesThroughItsBalloon() throws {
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 300) }
+        let name = "updhb-\(UUID().uuidString.prefix(6).lowercased())"
+        let run = try mvm("run", "-d", "--mode", "hosted", "--name", name, "--memory", "512M", "--balloon", "--timeout", "280", "--",
+                          "sh", "-c", "while :; do grep MemAvailable /proc/meminfo >/dev/ttyS0; sleep 1; done")
+        try #require(run.status == 0, "\(run.stderrText)")
+        defer { _ = try? mvm("stop", name) }
+        /// The guest's latest MemAvailable (KiB) once `n` more lines came than `after`.
+        func available(after: Int = 0, _ more: Int = 2) throws -> (kib: Int, lines: Int) {
+            let deadline = Date().addingTimeInterval(120)
+            var lines: [Int] = []
+            var text = ""
+            while Date() < deadline {
+                let out = try mvm("logs", name)
+                text = out.stdoutText + out.stderrText
+                lines = text.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("MemAvailable:") }
+                    .compactMap { Int($0.split(separator: " ", omittingEmptySubsequences: true)[1]) }
+                if lines.count >= after + more { break }
+                usleep(500_000)
+            }
+            return (try #require(lines.last, "the guest printed no MemAvailable: \(text.suffix(1500))"), lines.count)
+        }
+        let before = try available()
+        let shrink = try mvm("update", name, "--memory", "256M")
+        #expect(shrink.status == 0, "\(shrink.stderrText)")
+        let shrunk = try available(after: before.lines)
+        #expect(before.kib - shrunk.kib >= 200 << 10, "a 256 MiB balloon must take the guest's available memory down: \(before.kib) → \(shrunk.kib) KiB")
+        #expect(try mvm("ps").stdoutText.contains("256M"))
+        #expect(try mvm("stats", name).stdoutText.contains("mvm_hosted_balloon_actual_bytes 268435456"))
+        let pid = try #require(try mvm("ps").stdoutText.split(separator: "\n").first { $0.hasPrefix(name + " ") }
+            .flatMap { Int32($0.split(separator: " ", omittingEmptySubsequences: true)[5]) })
+        if let memory = HostedBackend.domainCgroups(of: pid)["memory"] {
+            let limit = try String(contentsOfFile: memory + "/memory.limit_in_bytes", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            #expect(limit == "\((ByteCount.mebibytes(256) + Enforcement.overhead(for: .hosted)).bytes)")
+        }
+        let beyond = try mvm("update", name, "--memory", "1G")
+        #expect(beyond.status == 2 && beyond.stderrText.contains("at most"), "\(beyond.stderrText)")
+        let grow = try mvm("update", name, "--memory", "512M")
+        #expect(grow.status == 0, "\(grow.stderrText)")
+        let grown = try available(after: shrunk.lines, 3)
+        #expect(grown.kib - shrunk.kib >= 200 << 10, "emptying the balloon must give the memory back: \(shrunk.kib) → \(grown.kib) KiB")
+        print("hosted (TCG) balloon: MemAvailable \(before.kib / 1024) → \(shrunk.kib / 1024) → \(grown.kib / 1024) MiB")
+    }
 }
