@@ -143,8 +143,22 @@ struct DomainXMLTests {
                     c.vsockCID = 3
                     let xml = try DomainXML.document(for: c)
                     #expect(try Self.schemaErrors(xml) == nil, "profile \(name), \(accel), \(machine)")
+                    c.balloon = BalloonSpec(amount: .mebibytes(16))
+                    #expect(try Self.schemaErrors(try DomainXML.document(for: c)) == nil, "profile \(name), \(accel), \(machine), with a balloon")
                 }
             }
         }
+    }
+
+    /// `--balloon`: a virtio memballoon with free page reporting, statistics and deflate on OOM,
+    /// the guest started with what the balloon leaves it; without one, none at all.
+    @Test func aBalloonIsVirtioWithReportingAndStatistics() throws {
+        var c = Self.config(memory: .mebibytes(512))
+        #expect(try DomainXML.document(for: c).contains("<memballoon model='none'/>"))
+        c.balloon = BalloonSpec(amount: .mebibytes(128), deflateOnOOM: true, statsInterval: 2, freePageReporting: true)
+        let xml = try DomainXML.document(for: c)
+        #expect(xml.contains("<memballoon model='virtio' autodeflate='on' freePageReporting='on'>"), "\(xml)")
+        #expect(xml.contains("<stats period='2'/>"))
+        #expect(xml.contains("<memory unit='KiB'>524288</memory>") && xml.contains("<currentMemory unit='KiB'>393216</currentMemory>"))
     }
 }
