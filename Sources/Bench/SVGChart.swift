@@ -127,6 +127,60 @@ public enum SVGChart {
         return s
     }
 
+    /// A line chart of the time series a scenario kept in its cells' details (`series`:
+    /// "seconds:value,…", the first sample of each cell): one line per backend and metric, e.g.
+    /// a VM's host memory with and without its balloon. nil when no cell has a series.
+    public static func renderSeries(_ r: BenchReport, scenario: String, unit: String = "MiB") -> String? {
+        var lines: [(label: String, points: [(Double, Double)])] = []
+        for c in r.cells where c.scenario == scenario && c.status != .unavailable {
+            guard let text = c.details.first?["series"] else { continue }
+            let points = text.split(separator: ",").compactMap { p -> (Double, Double)? in
+                let f = p.split(separator: ":")
+                guard f.count == 2, let t = Double(f[0]), let v = Double(f[1]) else { return nil }
+                return (t, v)
+            }
+            let variant = c.details.first?["balloon"].map { $0 == "none" ? "no balloon" : "balloon, " + $0 } ?? c.metric
+            let label = "\(c.backend) (\(variant))"
+            if !points.isEmpty, !lines.contains(where: { $0.label == label }) { lines.append((label, points)) }
+        }
+        guard !lines.isEmpty else { return nil }
+        let w = 760.0, h = 420.0, left = 70.0, right = 230.0, top = 50.0, bottom = 50.0
+        let plotW = w - left - right, plotH = h - top - bottom
+        let (xMax, xStep) = niceAxis(lines.flatMap { $0.points.map(\.0) }.max() ?? 1)
+        let (yMax, yStep) = niceAxis(lines.flatMap { $0.points.map(\.1) }.max() ?? 1)
+        func x(_ t: Double) -> Double { left + t / xMax * plotW }
+        func y(_ v: Double) -> Double { top + plotH - v / yMax * plotH }
+        var s = """
+        <?xml version="1.0" encoding="UTF-8"?>
+        <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(w))" height="\(Int(h))" viewBox="0 0 \(Int(w)) \(Int(h))" font-family="sans-serif" font-size="12">
+        <rect x="0" y="0" width="\(Int(w))" height="\(Int(h))" fill="white"/>
+        <text class="title" x="\(Int(w / 2))" y="24" text-anchor="middle" font-size="15" font-weight="bold">\(xml(scenario)): host memory of one instance over time</text>
+
+        """
+        s += "<line class=\"axis\" x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(top + plotH)\" stroke=\"black\"/>\n"
+        s += "<line class=\"axis\" x1=\"\(left)\" y1=\"\(top + plotH)\" x2=\"\(left + plotW)\" y2=\"\(top + plotH)\" stroke=\"black\"/>\n"
+        for t in stride(from: 0.0, through: yMax + yStep / 2, by: yStep) {
+            s += "<line x1=\"\(left - 4)\" y1=\"\(fmt(y(t)))\" x2=\"\(left + plotW)\" y2=\"\(fmt(y(t)))\" stroke=\"#ddd\"/>"
+            s += "<text class=\"tick\" x=\"\(left - 8)\" y=\"\(fmt(y(t) + 4))\" text-anchor=\"end\">\(String(format: "%.0f", t))</text>\n"
+        }
+        for t in stride(from: 0.0, through: xMax + xStep / 2, by: xStep) {
+            s += "<text class=\"tick\" x=\"\(fmt(x(t)))\" y=\"\(fmt(top + plotH + 16))\" text-anchor=\"middle\">\(String(format: "%.0f", t))</text>\n"
+        }
+        s += "<text class=\"ylabel\" x=\"18\" y=\"\(fmt(top + plotH / 2))\" text-anchor=\"middle\" transform=\"rotate(-90 18 \(fmt(top + plotH / 2)))\">\(xml(unit)) (summed PSS)</text>\n"
+        s += "<text class=\"xlabel\" x=\"\(fmt(left + plotW / 2))\" y=\"\(Int(h - 10))\" text-anchor=\"middle\">seconds since the instance's first host process</text>\n"
+        s += "<g class=\"legend\">\n"
+        for (i, l) in lines.enumerated() {
+            let color = palette[i % palette.count]
+            let path = l.points.map { "\(fmt(x($0.0))),\(fmt(y($0.1)))" }.joined(separator: " ")
+            s += "<polyline class=\"series\" data-label=\"\(xml(l.label))\" points=\"\(path)\" fill=\"none\" stroke=\"\(color)\" stroke-width=\"2\"/>\n"
+            let ly = top + 14 + Double(i) * 20
+            s += "<rect x=\"\(fmt(left + plotW + 16))\" y=\"\(fmt(ly - 10))\" width=\"12\" height=\"12\" fill=\"\(color)\"/>"
+            s += "<text x=\"\(fmt(left + plotW + 34))\" y=\"\(fmt(ly))\" font-size=\"11\">\(xml(l.label))</text>\n"
+        }
+        s += "</g>\n</svg>\n"
+        return s
+    }
+
     /// A round axis maximum and tick step (1, 2 or 5 × 10^n) covering `v`.
     static func niceAxis(_ v: Double) -> (Double, Double) {
         guard v > 0, v.isFinite else { return (1, 0.2) }
@@ -158,6 +212,12 @@ public enum BenchOutput {
         for (scenario, metric) in r.metrics {
             guard let svg = SVGChart.render(r, scenario: scenario, metric: metric) else { continue }
             let path = "\(dir)/charts/\(scenario)--\(metric).svg"
+            try Data(svg.utf8).write(to: URL(fileURLWithPath: path))
+            charts.append(path)
+        }
+        for scenario in Set(r.cells.filter { $0.details.contains { $0["series"] != nil } }.map(\.scenario)).sorted() {
+            guard let svg = SVGChart.renderSeries(r, scenario: scenario) else { continue }
+            let path = "\(dir)/charts/\(scenario)--series.svg"
             try Data(svg.utf8).write(to: URL(fileURLWithPath: path))
             charts.append(path)
         }

@@ -129,13 +129,15 @@ public struct BenchContext: Sendable {
     /// Runs one named instance in a slice granted for it alone, released when it ends, through
     /// the one launch path `mvm run` takes. The clock starts before the grant, so every
     /// backend's phases cover the same interval: request, validation, grant, plan, backend.
-    func run(_ backend: any InstanceBackend, target: BenchTarget, name: String, command: [String], net: NetSpec? = nil, disks: [DiskSpec] = []) async throws -> RunResult {
+    func run(_ backend: any InstanceBackend, target: BenchTarget, name: String, command: [String], net: NetSpec? = nil, disks: [DiskSpec] = [],
+             balloon: BalloonSpec? = nil) async throws -> RunResult {
         let clock = LaunchClock()
         let lease = slices.lease(slice, owner: name, mode: target.record.mode, backend: target.name)
         defer { lease.release() }
         var spec = workload.spec(name: name, command: command, slice: lease.slice, timeout: durations.instanceTimeout)
         spec.net = net
         spec.disks = disks
+        spec.balloon = balloon
         return try await InstanceLauncher(image: workload.artifacts).launch(spec, on: backend, clock: clock)
     }
 }

@@ -8,7 +8,7 @@ import Glibc
 /// Every scenario `mvm bench` knows, in report order.
 public enum Scenarios {
     public static let all: [any BenchScenario] = [StartLatency(), MemoryOverhead(), CPUThroughput(), MemoryBandwidth(),
-                                                 SyscallLatency(), DiskIO(), NetworkThroughput(), NoisyNeighbour(), VMMScenario()]
+                                                 SyscallLatency(), DiskIO(), NetworkThroughput(), NoisyNeighbour(), MemoryReclaim(), VMMScenario()]
     public static var names: [String] { all.map(\.name) }
 
     public static func named(_ names: [String]) throws -> [any BenchScenario] {
