@@ -99,4 +99,26 @@ struct ParsedChart {
         let na = chart.elements("na").first { chart.attr($0, "data-backend") == "hosted" }
         #expect(na?.stringValue == "partial (1/3 ok)")
     }
+
+    /// The reclaim scenario's series: one line per backend and variant, scaled into the plot,
+    /// labelled with the balloon the instance had; the scalar cells still get their bar charts.
+    @Test func seriesBecomeOneLinePerBackendAndVariant() throws {
+        var r = Fixtures.report()
+        func cell(_ metric: Metric, _ backend: String, balloon: String, _ series: String) -> Cell {
+            Cell(scenario: "reclaim", metric: metric.id, title: metric.title, unit: metric.unit, higherIsBetter: metric.higherIsBetter,
+                 backend: backend, status: .ok, samples: [50], details: [["series": series, "balloon": balloon]])
+        }
+        r.cells += [cell(MemoryReclaim.returned, "hosted", balloon: "free page reporting", "0:100,1:400,2:120"),
+                    cell(MemoryReclaim.held, "hosted", balloon: "free page reporting", "0:100,1:400,2:120"),
+                    cell(MemoryReclaim.returnedWithoutBalloon, "hosted", balloon: "none", "0:100,1:400,2:400"),
+                    cell(MemoryReclaim.returned, "runc", balloon: "none", "0:10,1:300,2:10")]
+        let chart = try ParsedChart(try #require(SVGChart.renderSeries(r, scenario: "reclaim")))
+        let lines = chart.elements("series")
+        #expect(lines.compactMap { chart.attr($0, "data-label") } == ["hosted (balloon, free page reporting)", "hosted (no balloon)", "runc (no balloon)"])
+        for l in lines {
+            let points = (chart.attr(l, "points") ?? "").split(separator: " ").map { $0.split(separator: ",").compactMap { Double($0) } }
+            #expect(points.count == 3 && points.allSatisfy { $0.count == 2 && (70...530).contains($0[0]) && (50...370).contains($0[1]) })
+        }
+        #expect(SVGChart.renderSeries(Fixtures.report(), scenario: "cpu") == nil, "no series, no chart")
+    }
 }
