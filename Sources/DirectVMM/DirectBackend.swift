@@ -264,6 +264,12 @@ public struct DirectBackend: InstanceBackend {
         try? records.update(r)
     }
 
+    public func memoryUse(name: String) async throws -> GuestMemoryUse? {
+        guard let boot = try running(name).bootMemory else { return nil }
+        let body = try call(name, "GET", "/balloon/statistics")
+        return try BalloonResize.use(boot: boot, statistics: body)
+    }
+
     public func pause(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Paused"}"#) }
     public func resume(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Resumed"}"#) }
     public func stats(name: String) async throws -> String { try call(name, "GET", "/metrics") }

@@ -10,6 +10,14 @@ public enum BalloonResize {
         ProcessInfo.processInfo.environment["MVM_BALLOON_WAIT"].flatMap(Double.init).map { max(0.1, $0) } ?? 30
     }
 
+    /// A VM's memory use from its `GET /balloon/statistics` answer.
+    public static func use(boot: ByteCount, statistics body: String) throws -> GuestMemoryUse {
+        let s: BalloonStatistics
+        do { s = try JSONDecoder().decode(BalloonStatistics.self, from: Data(body.utf8)) }
+        catch { throw MicroVMError(.backend, "the balloon's statistics are not what the API serves: \(body.prefix(200))", cause: error) }
+        return GuestMemoryUse(boot: boot, balloonPages: s.actualPages, guestTotal: s.guest["total_memory"], guestAvailable: s.guest["available_memory"])
+    }
+
     /// Whether `instance` (e.g. "direct instance 'web'"), which booted with `boot` (nil: it has no
     /// balloon), can go from `from` to `to` of memory: up to its boot size, in whole MiB, at least
     /// `minimum`.

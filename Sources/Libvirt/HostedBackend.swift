@@ -494,6 +494,14 @@ public struct HostedBackend: InstanceBackend {
         catch { throw MicroVMError(.backend, "cannot write \(value) to \(file)", cause: error) }
     }
 
+    public func memoryUse(name: String) async throws -> GuestMemoryUse? {
+        guard let r = HostedRecord.load(name, in: recordDirectory), let boot = r.bootMemory, let socket = r.apiSocket else { return nil }
+        let response: APIClient.Response
+        do { response = try APIClient(socketPath: socket).send("GET", "/balloon/statistics") } catch { throw MicroVMError(.backend, "hosted instance '\(name)': \(error)") }
+        guard response.status == 200 else { throw MicroVMError(.backend, "hosted instance '\(name)': \(response.faultMessage ?? "status \(response.status)")") }
+        return try BalloonResize.use(boot: boot, statistics: response.body)
+    }
+
     /// Counters from the run's control API (libvirt's view of the domain and its balloon).
     public func stats(name: String) async throws -> String {
         guard let socket = HostedRecord.load(name, in: recordDirectory)?.apiSocket else {

@@ -221,6 +221,35 @@ public protocol InstanceBackend: Sendable {
     /// Enforces `to` on the running instance `name`: its cgroup, runtime or hypervisor. A
     /// failure leaves the instance as it was where the backend can undo what it changed.
     func update(name: String, from: Enforcement, to: Enforcement) async throws
+    /// What a running VM with a balloon holds and uses (nil: no balloon, nothing to move).
+    func memoryUse(name: String) async throws -> GuestMemoryUse?
+}
+
+/// A ballooned VM's memory as its balloon's statistics show it.
+public struct GuestMemoryUse: Sendable, Equatable, Codable {
+    /// The memory it booted with: the most its balloon can give it.
+    public var boot: ByteCount
+    /// What the balloon leaves it now.
+    public var current: ByteCount
+    /// What the guest uses: its total less what it says is available and what the balloon
+    /// holds (nil until the guest has reported its statistics).
+    public var used: ByteCount?
+    public init(boot: ByteCount, current: ByteCount, used: ByteCount?) { self.boot = boot; self.current = current; self.used = used }
+
+    /// From the balloon's target and size (4 KiB pages) and the guest's statistics (bytes).
+    public init(boot: ByteCount, balloonPages: UInt32, guestTotal: UInt64?, guestAvailable: UInt64?) {
+        let balloon = UInt64(balloonPages) * 4096
+        self.boot = boot
+        current = ByteCount(boot.bytes >= balloon ? boot.bytes - balloon : 0)
+        if let total = guestTotal, let available = guestAvailable, total > 0 {
+            // With deflate-on-OOM Linux keeps the balloon in its total (its pages are allocated,
+            // so not available); without, the total shrinks by it.
+            let taken = available + (total > current.bytes ? balloon : 0)
+            used = ByteCount(total > taken ? total - taken : 0)
+        } else {
+            used = nil
+        }
+    }
 }
 
 extension InstanceBackend {
@@ -242,4 +271,5 @@ extension InstanceBackend {
         throw MicroVMError.unsupported("\(mode) instances cannot be resized while they run: mvm update works for containers, and for direct VMs")
     }
     public func update(name: String, from: Enforcement, to: Enforcement) async throws { try checkUpdate(name: name, from: from, to: to) }
+    public func memoryUse(name: String) async throws -> GuestMemoryUse? { nil }
 }

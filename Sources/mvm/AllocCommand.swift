@@ -5,7 +5,7 @@ import MicroVM
 struct AllocCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "alloc", abstract: "Show, plan and release the host's CPU and memory grants.",
-        subcommands: [AllocShow.self, AllocPlan.self, AllocRelease.self, AllocGrant.self, AllocBenchCommand.self], defaultSubcommand: AllocShow.self)
+        subcommands: [AllocShow.self, AllocPlan.self, AllocRelease.self, AllocGrant.self, AllocRebalance.self, AllocBenchCommand.self], defaultSubcommand: AllocShow.self)
 }
 
 /// Where the allocator reads the host and its configuration from.
@@ -175,6 +175,48 @@ struct AllocBenchCommand: AsyncParsableCommand {
         try await reportingErrors {
             let (median, p99) = try AllocatorBench.placementDecisionTime(liveGrants: grants, samples: samples)
             print(String(format: "placement decision with %d live grants: median %.0f µs, p99 %.0f µs", grants, median, p99))
+        }
+    }
+}
+
+struct AllocRebalance: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "rebalance",
+        abstract: "Move memory between running VMs with balloons: idle guests give back what they do not use, busy ones get theirs back.",
+        discussion: """
+            Each VM started with --balloon gets what its guest uses plus the headroom, at least the floor and at most \
+            its launch size; changes smaller than the step are left alone. Shrinks go first, then growths, each \
+            admitted by the allocator like mvm update. Containers and VMs without a balloon are not moved.
+            Example: mvm alloc rebalance --headroom 0.5 --dry-run
+            """)
+    @Option(help: "Memory above what the guest uses, as a fraction (0.25: a quarter more).") var headroom: Double = 0.25
+    @Option(help: "No guest goes below this, e.g. 128M.") var floor: String = "128M"
+    @Option(help: "Changes smaller than this are left alone, e.g. 32M.") var step: String = "32M"
+    @Flag(help: "Print the moves without making them.") var dryRun = false
+    @Flag(help: "Print JSON.") var json = false
+    @Option(help: "libvirt URI for hosted instances.") var connect: String?
+    @OptionGroup var host: AllocHostOptions
+
+    func run() async throws {
+        try await reportingErrors {
+            guard headroom.isFinite, (0...10).contains(headroom) else {
+                throw MicroVMError.invalidArgument("--headroom \(headroom) is out of range: give a fraction from 0 to 10 (0.25 is a quarter more)")
+            }
+            let policy = RebalancePolicy(headroom: headroom, floor: try ByteCount(parsing: floor), step: try ByteCount(parsing: step))
+            var instances: [(info: InstanceInfo, backend: any InstanceBackend)] = []
+            for backend in Backends.all(connect: connect) {
+                for info in (try? await backend.list()) ?? [] where info.state == "running" { instances.append((info, backend)) }
+            }
+            let rebalancer = InstanceRebalancer(updater: InstanceUpdater(allocator: try host.open()), policy: policy)
+            let moves = await rebalancer.run(instances, apply: !dryRun)
+            if json { return try printJSON(moves) }
+            guard !moves.isEmpty else { return print("no running VM has a balloon: start VMs with --balloon to move their memory") }
+            print("NAME".padding(toLength: 24, withPad: " ", startingAt: 0) + "MODE    USED      NOW       TARGET    OUTCOME")
+            func col(_ b: ByteCount?) -> String { (b.map { "\($0)" } ?? "-").padding(toLength: 10, withPad: " ", startingAt: 0) }
+            for m in moves {
+                print(m.name.padding(toLength: 24, withPad: " ", startingAt: 0) + m.mode.rawValue.padding(toLength: 8, withPad: " ", startingAt: 0)
+                      + col(m.use.used) + col(m.use.current) + col(m.target) + m.outcome)
+            }
         }
     }
 }

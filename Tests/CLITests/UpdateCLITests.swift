@@ -210,4 +210,32 @@ struct UpdateCLITests {
         #expect(grown.kib - shrunk.kib >= 200 << 10, "emptying the balloon must give the memory back: \(shrunk.kib) → \(grown.kib) KiB")
         print("hosted (TCG) balloon: MemAvailable \(before.kib / 1024) → \(shrunk.kib / 1024) → \(grown.kib / 1024) MiB")
     }
+
+    /// `mvm alloc rebalance` takes an idle ballooned VM down to what it uses plus the headroom
+    /// (here the 128M floor), in the ledger too; `--dry-run` only says so.
+    @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
+    func rebalanceShrinksAnIdleBalloonedVM() throws {
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 300) }
+        let name = "rebal-\(UUID().uuidString.prefix(6).lowercased())"
+        let run = try mvm("run", "-d", "--mode", "hosted", "--name", name, "--memory", "512M", "--balloon", "--timeout", "280", "--", "sleep", "270")
+        try #require(run.status == 0, "\(run.stderrText)")
+        defer { _ = try? mvm("stop", name) }
+        // The guest reports its use once its balloon driver runs (statistics every second).
+        var plan = ""
+        for _ in 0..<60 {
+            plan = try mvm("alloc", "rebalance", "--dry-run").stdoutText
+            if plan.contains("planned") { break }
+            usleep(500_000)
+        }
+        #expect(plan.contains(name) && plan.contains("128M") && plan.contains("planned"), "\(plan)")
+        #expect(try mvm("ps").stdoutText.contains("512M"), "a dry run changes nothing")
+        let done = try mvm("alloc", "rebalance")
+        #expect(done.status == 0 && done.stdoutText.contains("resized"), "\(done.stdoutText)\(done.stderrText)")
+        #expect(try mvm("ps").stdoutText.contains("128M"))
+        #expect(try mvm("alloc", "show").stdoutText.contains("128M memory"))
+        let bad = try mvm("alloc", "rebalance", "--headroom", "20")
+        #expect(bad.status == 2 && bad.stderrText.contains("--headroom"), "\(bad.stderrText)")
+    }
 }
