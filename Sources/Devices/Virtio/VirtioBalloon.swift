@@ -80,7 +80,7 @@ public final class VirtioBalloon: VirtioDevice, Sendable {
         if options.statsInterval > 0 && timer < 0 {
             throw MicroVMError(.internalError, "timerfd for balloon statistics failed: \(String(cString: strerror(errno)))")
         }
-        if timer >= 0 { armTimer(options.statsInterval) }
+        if timer >= 0 { armTimer(options.statsInterval, first: 0.001) }
     }
 
     deinit { if timer >= 0 { close(timer) } }
@@ -165,12 +165,13 @@ public final class VirtioBalloon: VirtioDevice, Sendable {
             throw MicroVMError.invalidArgument("stats_polling_interval_s \(seconds) cannot be set on a running balloon: use 1...86400 (statistics cannot be turned off after boot)")
         }
         state.withLock { $0.statsInterval = seconds }
-        armTimer(seconds)
+        armTimer(seconds, first: Double(seconds))
     }
 
-    private func armTimer(_ seconds: Int) {
-        // The first request comes at once: the driver's first buffer holds its boot-time values.
-        var spec = TimerSpec(interval: (seconds, 0), value: (0, 1_000_000))
+    /// Every `seconds`, the first after `first` seconds. At boot the first request comes at once:
+    /// the driver's first buffer holds its boot-time values.
+    private func armTimer(_ seconds: Int, first: Double) {
+        var spec = TimerSpec(interval: (seconds, 0), value: (Int(first), Int((first - first.rounded(.down)) * 1e9)))
         _ = setTimerFD(timer, &spec)
     }
 
