@@ -165,16 +165,29 @@ struct DockerDriver: Sendable {
         }
     }
 
-    /// Our containers, after removing those whose `mvm` died: one `docker ps`.
+    /// Our containers, after removing those whose `mvm` died: one `docker ps`, then one
+    /// `docker inspect` for the live ones' init pid and limits (as `docker update` left them).
     func list() -> [InstanceInfo] {
         var out: [InstanceInfo] = []
+        var live: [String] = []
         for c in listed() {
             guard Self.ownerAlive(labels: c.Labels) else {
                 _ = try? docker(["rm", "-f", c.ID], timeout: 30)
                 continue
             }
+            live.append(c.ID)
             out.append(InstanceInfo(name: String(c.Names.hasPrefix("mvm-") ? c.Names.dropFirst(4) : Substring(c.Names)), mode: .container,
                                     state: c.State, cpus: 0, memory: 0, note: "docker"))
+        }
+        guard !live.isEmpty, let inspected = try? docker(["inspect", "--format",
+                                                          "{{.Name}} {{.State.Pid}} {{.HostConfig.CpuQuota}} {{.HostConfig.CpuPeriod}} {{.HostConfig.Memory}}"] + live,
+                                                         timeout: 30), inspected.status == 0 else { return out }
+        for line in inspected.stdoutText.split(separator: "\n") {
+            let f = line.split(separator: " ").map(String.init)
+            guard f.count == 5, let i = out.firstIndex(where: { "/mvm-" + $0.name == f[0] }) else { continue }
+            if let pid = Int32(f[1]), pid > 0 { out[i].pid = pid }
+            if let quota = Double(f[2]), let period = Double(f[3]), quota > 0, period > 0 { out[i].cpus = Int((quota / period).rounded(.up)) }
+            if let bytes = UInt64(f[4]), bytes > 0 { out[i].memory = ByteCount(bytes) }
         }
         return out
     }

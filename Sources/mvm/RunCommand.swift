@@ -173,7 +173,7 @@ enum Detached {
                 let pid = up.pid.map(String.init) ?? "null"
                 if json { print(#"{"name": "\#(name)", "pid": \#(pid), "output": "\#(out)"}"#) } else {
                     print(name)
-                    FileHandleOutput.stderr("mvm: \(name) runs detached (pid \(pid)); its status and output go to \(out)\n")
+                    FileHandleOutput.stderr("mvm: \(name) runs detached\(up.pid.map { " (pid \($0))" } ?? ""); its status and output go to \(out)\n")
                 }
                 return 0
             }
