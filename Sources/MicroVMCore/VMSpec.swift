@@ -263,7 +263,7 @@ extension InstanceBackend {
     public func logs(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) backend keeps no logs") }
     public func pause(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused by mvm: pause and resume work for direct and hosted instances") }
     public func resume(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused or resumed by mvm: pause and resume work for direct and hosted instances") }
-    public func stats(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) instances keep no counters mvm can read: mvm stats works for direct instances") }
+    public func stats(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) instances keep no counters mvm can read: mvm stats works for direct and hosted instances") }
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
         throw MicroVMError.unsupported("\(mode) instances have no agent to run commands in: mvm exec works for containers and for direct VMs started with --vsock CID --vsock-shell")
     }

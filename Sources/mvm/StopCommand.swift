@@ -80,7 +80,7 @@ extension InstanceArguments {
 }
 
 struct StatsCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "stats", abstract: "Print an instance's counters (direct: the VMM's exits, devices and state, in Prometheus' text format).")
+    static let configuration = CommandConfiguration(commandName: "stats", abstract: "Print an instance's counters in Prometheus' text format (direct: the VMM's exits, devices, balloon and state; hosted: libvirt's view of the domain and its balloon).")
     @OptionGroup var instance: InstanceArguments
 
     func run() async throws {
