@@ -38,7 +38,7 @@ let package = Package(
         .target(name: "KVM", dependencies: ["CKVM", "MicroVMCore"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["MicroVMCore"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
-        .target(name: "Devices", dependencies: ["GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
+        .target(name: "Devices", dependencies: ["VMMAPI", "GuestMemory", "MicroVMCore", "CVhost"], swiftSettings: strict),
         // The machine itself: KVM, guest memory, devices, boot. What `mvm-vmm` links, and nothing else.
         .target(name: "VMM", dependencies: ["KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "VMMAPI"], swiftSettings: strict),
         .target(name: "DirectVMM", dependencies: ["VMM", "VMMAPI", "Jail", "CVhost", "KVM", "GuestMemory", "LinuxBoot", "Devices", "MicroVMCore", "CKVM", "Host", "Images", "Allocator", "Launch"], swiftSettings: strict),
@@ -47,7 +47,7 @@ let package = Package(
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
         .target(name: "VMMAPI", swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
-        .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch", "VMMAPI"], swiftSettings: strict),
+        .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch", "VMMAPI", "Allocator"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),
         .target(name: "Images", dependencies: ["MicroVMCore", "Host", "CGuestfs", "CLazyLibs", .product(name: "Crypto", package: "swift-crypto")], swiftSettings: strict),

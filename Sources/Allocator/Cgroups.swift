@@ -89,8 +89,7 @@ public struct CgroupSet: Sendable {
                 if let node = slice.numaNode { try write(dir + "/cpuset.mems", "\(node)") }
             }
             if wanted.contains("cpu") {
-                try write(dir + "/cpu.weight", "\(slice.cpuWeight)")
-                try write(dir + "/cpu.max", slice.cpuQuota.map { "\(Self.quotaMicros($0)) \(Self.period)" } ?? "max \(Self.period)")
+                for (file, value) in Self.cpuFiles(dir, unified: true, slice: slice) { try write(file, value) }
             }
             if wanted.contains("memory") {
                 try write(dir + "/memory.max", "\(slice.memory.bytes)")
@@ -122,9 +121,7 @@ public struct CgroupSet: Sendable {
             }
         }
         guard let cpu = directories["cpu"], let memory = directories["memory"], let pids = directories["pids"] else { return }
-        try write(cpu + "/cpu.shares", "\(Self.shares(weight: slice.cpuWeight))")
-        try write(cpu + "/cpu.cfs_period_us", "\(Self.period)")
-        try write(cpu + "/cpu.cfs_quota_us", slice.cpuQuota.map { "\(Self.quotaMicros($0))" } ?? "-1")
+        for (file, value) in Self.cpuFiles(cpu, unified: false, slice: slice) { try write(file, value) }
         try write(memory + "/memory.limit_in_bytes", "\(slice.memory.bytes)")
         // No swap beyond the limit: memsw (RAM + swap) gets the same value, where swap accounting exists.
         if exists(memory + "/memory.memsw.limit_in_bytes") { try write(memory + "/memory.memsw.limit_in_bytes", "\(slice.memory.bytes)") }
@@ -138,6 +135,18 @@ public struct CgroupSet: Sendable {
             throw MicroVMError.notFound("cgroup \(name) does not exist: its instance may have ended")
         }
         try build(slice: slice, parts: name.split(separator: "/").map(String.init))
+    }
+
+    /// The files and values that put a slice's CPU weight and quota on the cgroup directory
+    /// `dir` (v2: cpu.weight, cpu.max; v1: cpu.shares and the CFS period and quota), in the order
+    /// to write them. Also used on cgroups made by others (libvirt's for a domain).
+    public static func cpuFiles(_ dir: String, unified: Bool, slice: ResourceSlice) -> [(file: String, value: String)] {
+        if unified {
+            return [(dir + "/cpu.weight", "\(slice.cpuWeight)"),
+                    (dir + "/cpu.max", slice.cpuQuota.map { "\(quotaMicros($0)) \(period)" } ?? "max \(period)")]
+        }
+        return [(dir + "/cpu.shares", "\(shares(weight: slice.cpuWeight))"), (dir + "/cpu.cfs_period_us", "\(period)"),
+                (dir + "/cpu.cfs_quota_us", slice.cpuQuota.map { "\(quotaMicros($0))" } ?? "-1")]
     }
 
     /// cgroup v1 cpu.shares for a v2-style weight (100 → 1024, the kernel's default).

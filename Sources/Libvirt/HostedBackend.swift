@@ -4,6 +4,7 @@ import Foundation
 import Host
 import Images
 import Launch
+import Allocator
 import MicroVMCore
 import VMMAPI
 #if canImport(Glibc)
@@ -223,21 +224,11 @@ public struct HostedBackend: InstanceBackend {
     /// Where libvirt may not take `<memtune>` (no CAP_SYS_RESOURCE), the enforcement's memory
     /// limit is written into the memory cgroup libvirt made for the domain (QEMU's, from
     /// /proc/PID/cgroup; its per-thread subgroups' parent), so the grant holds all the same.
-    static func limitMemory(of pid: Int32?, to limit: ByteCount, root: String = "/sys/fs/cgroup") throws {
+    static func limitMemory(of pid: Int32?, to limit: ByteCount) throws {
         guard let pid, FileManager.default.fileExists(atPath: "/proc/\(pid)/cgroup") else {
             throw MicroVMError(.backend, "cannot find QEMU's cgroup to limit its memory: the domain has no QEMU process")
         }
-        let dirs = domainCgroups(of: pid, root: root)
-        var files: [String] = []
-        if let memory = dirs["memory"] { files.append(memory + "/memory.limit_in_bytes") }
-        if let unified = dirs["unified"], FileManager.default.fileExists(atPath: unified + "/memory.max") { files.append(unified + "/memory.max") }
-        guard !files.isEmpty else {
-            throw MicroVMError(.backend, "QEMU (pid \(pid)) is in no memory cgroup of libvirt's: its memory limit cannot be enforced")
-        }
-        for file in files {
-            do { try "\(limit.bytes)".write(toFile: file, atomically: false, encoding: .utf8) }
-            catch { throw MicroVMError(.backend, "cannot limit QEMU's memory to \(limit) in \(file)", cause: error) }
-        }
+        try setMemoryLimit(of: pid, to: limit)
     }
 
     /// `<memtune><hard_limit>` makes libvirt raise QEMU's RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE.
@@ -441,21 +432,16 @@ public struct HostedBackend: InstanceBackend {
             throw MicroVMError.notFound("no running QEMU for hosted instance '\(name)': see mvm ps")
         }
         let dirs = Self.domainCgroups(of: pid)
-        var writes: [(String, String)] = []
+        var writes: [(file: String, value: String)] = []
         if let cpu = dirs["cpu"] {
-            writes = [(cpu + "/cpu.shares", "\(Enforcement.shares(weight: to.cpuWeight))"), (cpu + "/cpu.cfs_period_us", "\(Enforcement.period)"),
-                      (cpu + "/cpu.cfs_quota_us", "\(to.quotaMicros)")]
+            writes = CgroupSet.cpuFiles(cpu, unified: false, slice: to.cgroupSlice)
         } else if let unified = dirs["unified"] {
-            writes = [(unified + "/cpu.weight", "\(to.cpuWeight)"), (unified + "/cpu.max", "\(to.quotaMicros) \(Enforcement.period)")]
+            writes = CgroupSet.cpuFiles(unified, unified: true, slice: to.cgroupSlice)
         }
         guard !writes.isEmpty else {
             throw MicroVMError(.backend, "QEMU (pid \(pid)) of '\(name)' is in no cpu cgroup of libvirt's: its weight and quota cannot be changed")
         }
-        for (file, value) in writes {
-            do { try value.write(toFile: file, atomically: false, encoding: .utf8) } catch {
-                throw MicroVMError(.backend, "cannot write \(value) to \(file) for hosted instance '\(name)'", cause: error)
-            }
-        }
+        for (file, value) in writes { try Self.write(value, to: file) }
         guard from.memory != to.memory, var r = HostedRecord.load(name, in: recordDirectory), let boot = r.bootMemory, let socket = r.apiSocket else { return }
         if to.memory > from.memory { try Self.setMemoryLimit(of: pid, to: to.memoryLimit) }
         do {

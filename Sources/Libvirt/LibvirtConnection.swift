@@ -252,17 +252,10 @@ public final class LibvirtDomain: @unchecked Sendable {
         let i = try info()
         var s = DomainStats(cpuTimeNanoseconds: i.cpuTime, memory: i.memory, rss: nil, balloonAvailable: nil, balloonUnused: nil,
                             blockReadBytes: 0, blockWriteBytes: 0, blockReadRequests: 0, blockWriteRequests: 0, netRxBytes: 0, netTxBytes: 0)
-        var mem = [virDomainMemoryStatStruct](repeating: virDomainMemoryStatStruct(), count: Int(VIR_DOMAIN_MEMORY_STAT_NR.rawValue))
-        let n = virDomainMemoryStats(pointer, &mem, UInt32(mem.count), 0)
-        if n < 0 { _ = LibvirtFailure.last() }
-        for m in mem.prefix(max(0, Int(n))) {
-            switch Int32(m.tag) {
-            case Int32(VIR_DOMAIN_MEMORY_STAT_RSS.rawValue): s.rss = .kibibytes(m.val)
-            case Int32(VIR_DOMAIN_MEMORY_STAT_AVAILABLE.rawValue): s.balloonAvailable = .kibibytes(m.val)
-            case Int32(VIR_DOMAIN_MEMORY_STAT_UNUSED.rawValue): s.balloonUnused = .kibibytes(m.val)
-            default: break
-            }
-        }
+        let mem = memoryStatistics()
+        s.rss = mem[Int32(VIR_DOMAIN_MEMORY_STAT_RSS.rawValue)].map { .kibibytes($0) }
+        s.balloonAvailable = mem[Int32(VIR_DOMAIN_MEMORY_STAT_AVAILABLE.rawValue)].map { .kibibytes($0) }
+        s.balloonUnused = mem[Int32(VIR_DOMAIN_MEMORY_STAT_UNUSED.rawValue)].map { .kibibytes($0) }
         for dev in blockDevices {
             var b = virDomainBlockStatsStruct()
             if virDomainBlockStats(pointer, dev, &b, MemoryLayout<virDomainBlockStatsStruct>.size) == 0 {

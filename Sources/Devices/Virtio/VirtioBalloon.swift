@@ -2,6 +2,7 @@ import Foundation
 import GuestMemory
 import MicroVMCore
 import Synchronization
+import VMMAPI
 
 /// virtio-balloon (virtio 1.2 §5.5): the host asks for guest memory back and the guest hands
 /// over pages it will not touch, which the VMM discards (`MADV_DONTNEED`: the host frees them,
@@ -36,9 +37,8 @@ public final class VirtioBalloon: VirtioDevice, Sendable {
         }
     }
 
-    /// The driver's statistics by the names Firecracker's `GET /balloon/statistics` uses.
-    public static let statNames = ["swap_in", "swap_out", "major_faults", "minor_faults", "free_memory", "total_memory",
-                                   "available_memory", "disk_caches", "hugetlb_allocations", "hugetlb_failures"]
+    /// The driver's statistics by the names Firecracker's `GET /balloon/statistics` uses, in tag order.
+    static let statNames = BalloonStatistics.guestFields
 
     public struct Counters: Sendable, Equatable {
         public var inflatedPages: UInt64 = 0
