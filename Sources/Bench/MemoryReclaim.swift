@@ -49,13 +49,15 @@ public struct MemoryReclaim: BenchScenario {
         /// The burst's size in MiB: where it arrives is the first sample within half of it of the peak.
         var burstMiB: Double = 0
 
-        /// The highest sample; the idle level is the lowest in the 5 s before the burst arrived
-        /// (a VM's memory also grows while it boots); the end is the mean of the last three.
+        /// The highest sample; the idle level is where the burst's rise began: from the burst's
+        /// arrival, back while each earlier sample is lower by more than 1 % of the burst (a VM's
+        /// memory also grows while it boots, before a plateau); the end is the mean of the last three.
         var peak: Double { points.map(\.mib).max() ?? 0 }
         var idleBefore: Double {
             let p = peak
-            guard let arrival = points.first(where: { $0.mib >= p - burstMiB / 2 }) else { return 0 }
-            return points.filter { $0.t >= arrival.t - 5 && $0.t < arrival.t }.map(\.mib).min() ?? arrival.mib
+            guard var i = points.firstIndex(where: { $0.mib >= p - burstMiB / 2 }) else { return 0 }
+            while i > 0, points[i - 1].mib < points[i].mib - burstMiB / 100 { i -= 1 }
+            return points[i].mib
         }
         var end: Double { let tail = points.suffix(3).map(\.mib); return tail.isEmpty ? 0 : tail.reduce(0, +) / Double(tail.count) }
         var returnedPercent: Double { let rise = peak - idleBefore; return rise > 1 ? 100 * (peak - end) / rise : .nan }
