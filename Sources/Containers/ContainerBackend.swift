@@ -304,15 +304,16 @@ public struct ContainerBackend: InstanceBackend {
             case .docker(let docker):
                 try docker.update(id: id, to: to)
             case .oci(var owner, let driver):
-                var resources = OCIResources(enforcement: to)
-                resources.pids = nil
-                let out = try ProcessRunner.run(driver.command(["update", "--resources", "-", id]), input: try JSONEncoder().encode(resources), timeout: 60)
+                func update(_ e: Enforcement) throws -> ProcessRunner.Output {
+                    var resources = OCIResources(enforcement: e)
+                    resources.pids = nil
+                    return try ProcessRunner.run(driver.command(["update", "--resources", "-", id]), input: try JSONEncoder().encode(resources), timeout: 60)
+                }
+                let out = try update(to)
                 guard out.status == 0 else {
                     let why = OCIRuntimeDriver.failure(out.stderrText)
                     // A runtime may have written some limits before one failed: put them back.
-                    var back = OCIResources(enforcement: from)
-                    back.pids = nil
-                    _ = try? ProcessRunner.run(driver.command(["update", "--resources", "-", id]), input: try JSONEncoder().encode(back), timeout: 60)
+                    _ = try? update(from)
                     throw MicroVMError(.backend, "\((driver.executable as NSString).lastPathComponent) update of container '\(name)' failed (status \(out.status)): \(why); nothing was changed")
                 }
                 owner.cpus = to.cpus

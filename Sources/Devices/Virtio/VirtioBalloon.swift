@@ -170,10 +170,7 @@ public final class VirtioBalloon: VirtioDevice, Sendable {
 
     /// Every `seconds`, the first after `first` seconds. At boot the first request comes at once:
     /// the driver's first buffer holds its boot-time values.
-    private func armTimer(_ seconds: Int, first: Double) {
-        var spec = TimerSpec(interval: (seconds, 0), value: (Int(first), Int((first - first.rounded(.down)) * 1e9)))
-        _ = setTimerFD(timer, &spec)
-    }
+    private func armTimer(_ seconds: Int, first: Double) { armTimerFD(timer, every: seconds, first: first) }
 
     // MARK: queues (the I/O thread)
 
@@ -265,24 +262,18 @@ public final class VirtioBalloon: VirtioDevice, Sendable {
     }
 }
 
-struct TimerSpec {
-    var interval: (Int, Int)
-    var value: (Int, Int)
-}
-
-/// timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC), looked up: the Swift Glibc module
-/// leaves <sys/timerfd.h> out.
+/// timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC).
 func makeTimerFD() -> Int32 {
-    typealias Create = @convention(c) (Int32, Int32) -> Int32
-    guard let sym = dlsym(nil, "timerfd_create") else { errno = ENOSYS; return -1 }
-    return unsafeBitCast(sym, to: Create.self)(Int32(CLOCK_MONOTONIC), Int32(O_CLOEXEC | O_NONBLOCK))
+    guard let create = cFunction("timerfd_create", as: (@convention(c) (Int32, Int32) -> Int32).self) else { errno = ENOSYS; return -1 }
+    return create(Int32(CLOCK_MONOTONIC), Int32(O_CLOEXEC | O_NONBLOCK))
 }
 
-/// timerfd_settime(fd, 0, spec, nil) with a relative first expiry.
-func setTimerFD(_ fd: Int32, _ spec: inout TimerSpec) -> Int32 {
-    typealias Set = @convention(c) (Int32, Int32, UnsafeRawPointer, UnsafeMutableRawPointer?) -> Int32
-    guard let sym = dlsym(nil, "timerfd_settime") else { errno = ENOSYS; return -1 }
-    var its = itimerspec(it_interval: timespec(tv_sec: spec.interval.0, tv_nsec: spec.interval.1),
-                         it_value: timespec(tv_sec: spec.value.0, tv_nsec: spec.value.1))
-    return unsafeBitCast(sym, to: Set.self)(fd, 0, &its, nil)
+/// Arms a timerfd to fire every `seconds`, the first time after `first` seconds.
+@discardableResult
+func armTimerFD(_ fd: Int32, every seconds: Int, first: Double) -> Int32 {
+    typealias SetTime = @convention(c) (Int32, Int32, UnsafeRawPointer, UnsafeMutableRawPointer?) -> Int32
+    guard let set = cFunction("timerfd_settime", as: SetTime.self) else { errno = ENOSYS; return -1 }
+    var its = itimerspec(it_interval: timespec(tv_sec: seconds, tv_nsec: 0),
+                         it_value: timespec(tv_sec: Int(first), tv_nsec: Int((first - first.rounded(.down)) * 1e9)))
+    return set(fd, 0, &its, nil)
 }

@@ -510,8 +510,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
 /// Glibc's eventfd lives in <sys/eventfd.h>, which the Swift Glibc module leaves out; look it up.
 /// Falls back to -1 (the caller reports it) on a C library without it.
 func makeVirtioEventFD() -> Int32 {
-    typealias Create = @convention(c) (UInt32, Int32) -> Int32
-    guard let sym = dlsym(nil, "eventfd") else { errno = ENOSYS; return -1 }
+    guard let create = cFunction("eventfd", as: (@convention(c) (UInt32, Int32) -> Int32).self) else { errno = ENOSYS; return -1 }
     // EFD_CLOEXEC | EFD_NONBLOCK (octal 02000000 | 04000, as O_CLOEXEC | O_NONBLOCK).
-    return unsafeBitCast(sym, to: Create.self)(0, Int32(O_CLOEXEC | O_NONBLOCK))
+    return create(0, Int32(O_CLOEXEC | O_NONBLOCK))
 }
