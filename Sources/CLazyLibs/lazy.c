@@ -98,7 +98,8 @@ VIR(virConnectGetDomainCapabilities) VIR(virConnectGetLibVersion) VIR(virConnect
 VIR(virConnectOpen) VIR(virConnectOpenAuth) VIR(virDomainBlockStats) VIR(virDomainCreate)
 VIR(virDomainCreateXML) VIR(virDomainDefineXML) VIR(virDomainDestroy) VIR(virDomainFree)
 VIR(virDomainGetInfo) VIR(virDomainGetName) VIR(virDomainGetUUIDString) VIR(virDomainGetXMLDesc)
-VIR(virDomainInterfaceStats) VIR(virDomainLookupByName) VIR(virDomainMemoryStats) VIR(virDomainSetMemoryFlags) VIR(virDomainShutdown)
+VIR(virDomainInterfaceStats) VIR(virDomainLookupByName) VIR(virDomainMemoryStats) VIR(virDomainSetMemoryFlags) VIR(virDomainSetVcpusFlags)
+VIR(virDomainShutdown)
 VIR(virDomainUndefine) VIR(virEventRegisterDefaultImpl) VIR(virEventRunDefaultImpl) VIR(virGetLastError)
 VIR(virInitialize) VIR(virResetLastError) VIR(virSetErrorFunc)
 

@@ -31,6 +31,11 @@ public enum SpecValidator {
                 throw MicroVMError.unsupported("huge pages back a VM's guest RAM; a container has none: drop hugePages from the profile, or use --mode direct or hosted")
             }
         }
+        if spec.maxCPUs != nil, mode != .hosted {
+            throw MicroVMError.unsupported(mode.isVM
+                ? "--max-cpus boots a hosted VM with room for more vCPUs; the direct VMM has no CPU hotplug: its vCPUs are fixed at boot, and mvm update --quota and --weight change the CPU time they get"
+                : "--max-cpus is for hosted VMs: a container's CPUs change live with mvm update --cpus, no room needed; drop it")
+        }
         if let b = spec.balloon {
             guard mode.isVM else {
                 throw MicroVMError.unsupported("--balloon gives a VM a virtio-balloon; a container's memory is its cgroup's: drop it, or use --mode direct or hosted")

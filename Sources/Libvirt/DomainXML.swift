@@ -94,6 +94,10 @@ public struct DomainConfig: Sendable, Equatable {
     public var uuid: UUID
     public var memory: ByteCount
     public var vcpus: Int
+    /// Room for vCPUs added while it runs (libvirt's live `setVcpus`): the machine has this many
+    /// slots and `vcpus` of them filled. nil: exactly `vcpus`. A machine with CPU hotplug (`pc`)
+    /// is needed: microvm has none.
+    public var maxVCPUs: Int?
     public var accelerator: Accelerator
     public var machine: String
     public var kernel: String
@@ -141,7 +145,11 @@ public enum DomainXML {
             XMLTree("uuid", text: c.uuid.uuidString.lowercased())
             XMLTree("memory", ["unit": "KiB"], text: "\(c.memory.kibibytes)")
             if let b = c.balloon, b.amount.bytes > 0 { XMLTree("currentMemory", ["unit": "KiB"], text: "\((c.memory - b.amount).kibibytes)") }
-            XMLTree("vcpu", ["placement": "static"], text: "\(c.vcpus)")
+            if let max = c.maxVCPUs, max > c.vcpus {
+                XMLTree("vcpu", ["placement": "static", "current": "\(c.vcpus)"], text: "\(max)")
+            } else {
+                XMLTree("vcpu", ["placement": "static"], text: "\(c.vcpus)")
+            }
             cputune(c)
             memtune(c)
             numatune(c)
@@ -230,7 +238,7 @@ public enum DomainXML {
         kids.append(XMLTree("global_period", text: "\(Enforcement.period)"))
         kids.append(XMLTree("global_quota", text: "\(e.quotaMicros)"))
         if !e.vcpuPins.isEmpty {
-            for v in 0..<c.vcpus {
+            for v in 0..<max(c.vcpus, c.maxVCPUs ?? 0) {
                 kids.append(XMLTree("vcpupin", ["vcpu": "\(v)", "cpuset": CPUList.format(e.vcpuPins[v % e.vcpuPins.count])]))
             }
         }
@@ -277,6 +285,10 @@ public enum DomainXML {
             }
         }
         guard c.vcpus >= 1 else { throw MicroVMError.invalidArgument("a domain needs at least one vCPU (got \(c.vcpus))") }
+        if let max = c.maxVCPUs, max < c.vcpus || (max > c.vcpus && c.machine == "microvm") {
+            throw MicroVMError.invalidArgument(max < c.vcpus ? "room for \(max) vCPUs cannot hold the \(c.vcpus) the domain boots with"
+                : "the microvm machine has no CPU hotplug: a domain with room for more vCPUs than it boots with needs pc")
+        }
         if let e = c.enforcement, (e.cpuSet + e.vcpuPins.flatMap { $0 }).contains(where: { $0 < 0 }) {
             throw MicroVMError.invalidArgument("CPU set \(e.cpuSet) names a negative CPU")
         }

@@ -142,6 +142,7 @@ public struct HostedBackend: InstanceBackend {
             launch.clock.mark(.firstInstruction)
             domain = d
             record.machine = config.machine
+            record.maxCPUs = config.maxVCPUs
             // The domain's control API, served by this process (the only one that can reach an
             // embedded driver's domain) until the run ends.
             let socket = plan.runDirectory + "/api.sock"
@@ -152,7 +153,9 @@ public struct HostedBackend: InstanceBackend {
                 record.bootMemory = spec.memory
                 record.memory = spec.memory - b.amount
             }
-            let router = APIRouter(controller: HostedController(domain: d, boot: spec.memory, balloon: spec.balloon?.amount),
+            let controller = HostedController(domain: d, boot: spec.memory, balloon: spec.balloon?.amount,
+                                              vcpus: spec.cpus, maxVCPUs: config.maxVCPUs ?? spec.cpus, qemuPid: qemu)
+            let router = APIRouter(controller: controller,
                                    instanceID: spec.name, vmmVersion: "libvirt", configuration: vmConfig)
             let server = APIServer(socketPath: socket, router: router)
             try server.start()
@@ -205,6 +208,11 @@ public struct HostedBackend: InstanceBackend {
                                   memoryHardLimit: isLocal ? Self.canRaiseMemlockLimit() : true)
         config.vsockCID = spec.vsockCID
         config.balloon = spec.balloon
+        if let max = spec.maxCPUs, max > spec.cpus {
+            // vCPUs are plugged into slots ACPI describes; microvm has neither.
+            config.maxVCPUs = max
+            config.machine = "pc"
+        }
         return Plan(config: config, runDirectory: runDirectory)
     }
 
@@ -410,39 +418,67 @@ public struct HostedBackend: InstanceBackend {
         return try d.stats(blockDevices: r?.blockDevices ?? ["vda"], interfaces: r?.taps ?? [])
     }
 
-    /// A running hosted VM keeps its vCPU count (no hotplug); its memory moves through its
-    /// balloon (`--balloon`), up to what it booted with; its CPU weight and quota change in the
-    /// cgroup libvirt made for the domain.
+    /// A running hosted VM's vCPUs are plugged in and out (libvirt's live `setVcpus`) within the
+    /// slots it booted with (`mvm run --max-cpus`); its memory moves through its balloon
+    /// (`--balloon`), up to what it booted with; its CPU weight and quota change in the cgroup
+    /// libvirt made for the domain.
     public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
+        let r = HostedRecord.load(name, in: recordDirectory)
         if from.cpus != to.cpus {
-            throw MicroVMError.unsupported("a running hosted VM keeps its vCPU count (\(from.cpus)): --weight, --quota and, with a balloon, --memory change live; stop it and run it again for more vCPUs")
+            let slots = r?.maxCPUs ?? from.cpus
+            guard r?.apiSocket != nil, to.cpus <= slots else {
+                throw MicroVMError.unsupported("hosted instance '\(name)' booted with room for \(slots) vCPU\(slots == 1 ? "" : "s"): run it with --max-cpus \(to.cpus) (or more) to give it \(to.cpus) while it runs; --weight, --quota and, with a balloon, --memory change live")
+            }
         }
         guard from.memory != to.memory else { return }
-        let r = HostedRecord.load(name, in: recordDirectory)
         try BalloonResize.check("hosted instance '\(name)'", boot: r?.apiSocket != nil ? r?.bootMemory : nil, from: from.memory, to: to.memory,
                                 minimum: .mebibytes(64))
     }
 
     /// The domain's CPU weight and quota, written where libvirt's `<cputune>` put them (the
-    /// domain's own cgroup, above its per-thread groups); memory through the balloon, filled
-    /// before the domain's memory limit falls, or given the limit first when it grows.
+    /// domain's own cgroup, above its per-thread groups), with vCPUs plugged in after the quota
+    /// grows or taken out before it falls, and repinned to a dedicated grant's CPUs; memory
+    /// through the balloon, filled before the domain's memory limit falls, or given the limit
+    /// first when it grows.
     public func update(name: String, from: Enforcement, to: Enforcement) async throws {
         try checkUpdate(name: name, from: from, to: to)
         guard let pid = qemuPid(name: name) else {
             throw MicroVMError.notFound("no running QEMU for hosted instance '\(name)': see mvm ps")
         }
         let dirs = Self.domainCgroups(of: pid)
-        var writes: [(file: String, value: String)] = []
-        if let cpu = dirs["cpu"] {
-            writes = CgroupSet.cpuFiles(cpu, unified: false, slice: to.cgroupSlice)
-        } else if let unified = dirs["unified"] {
-            writes = CgroupSet.cpuFiles(unified, unified: true, slice: to.cgroupSlice)
+        func cpuFiles(_ e: Enforcement) -> [(file: String, value: String)] {
+            if let cpu = dirs["cpu"] { return CgroupSet.cpuFiles(cpu, unified: false, slice: e.cgroupSlice) }
+            return dirs["unified"].map { CgroupSet.cpuFiles($0, unified: true, slice: e.cgroupSlice) } ?? []
         }
-        guard !writes.isEmpty else {
-            throw MicroVMError(.backend, "QEMU (pid \(pid)) of '\(name)' is in no cpu cgroup of libvirt's: its weight and quota cannot be changed")
+        let writes = cpuFiles(to)
+        if writes.isEmpty {
+            // libvirt without cgroups (as in the nested rig) enforced no <cputune> at launch either.
+            guard dirs.isEmpty, from.cpuWeight == to.cpuWeight, from.cpus != to.cpus else {
+                throw MicroVMError(.backend, "QEMU (pid \(pid)) of '\(name)' is in no cpu cgroup of libvirt's: its weight and quota cannot be changed")
+            }
+            Warnings.once("libvirt put QEMU in no cgroup here: the vCPU count changes, the CPU quota is not enforced (nor was it at launch)")
         }
-        for (file, value) in writes { try Self.write(value, to: file) }
-        guard from.memory != to.memory, var r = HostedRecord.load(name, in: recordDirectory), let boot = r.bootMemory, let socket = r.apiSocket else { return }
+        var r = HostedRecord.load(name, in: recordDirectory)
+        if to.cpus > from.cpus { for (file, value) in writes { try Self.write(value, to: file) } }
+        if to.cpus != from.cpus, let socket = r?.apiSocket {
+            // A guest may take a minute to let go of a vCPU under emulation (HostedController.unplugWait).
+            let api = APIClient(socketPath: socket, timeout: 90)
+            do {
+                try await offload {
+                    do { try api.setVCPUCount(to.cpus) } catch { throw MicroVMError(.backend, "hosted instance '\(name)': \(error)") }
+                }
+            } catch {
+                if to.cpus > from.cpus { for (file, value) in cpuFiles(from) { try? Self.write(value, to: file) } }
+                throw error
+            }
+            r?.cpus = to.cpus
+            try? r?.save(in: recordDirectory)
+        }
+        if to.cpus <= from.cpus { for (file, value) in writes { try Self.write(value, to: file) } }
+        if !to.vcpuPins.isEmpty, to.vcpuPins != from.vcpuPins || to.cpus != from.cpus {
+            try Self.repin(pid: pid, vcpus: to.cpus, pins: to.vcpuPins, emulator: to.cpuSet, cgroups: dirs)
+        }
+        guard from.memory != to.memory, var r, let boot = r.bootMemory, let socket = r.apiSocket else { return }
         if to.memory > from.memory { try Self.setMemoryLimit(of: pid, to: to.memoryLimit) }
         do {
             let api = APIClient(socketPath: socket)
@@ -454,6 +490,30 @@ public struct HostedBackend: InstanceBackend {
         if to.memory < from.memory { try Self.setMemoryLimit(of: pid, to: to.memoryLimit) }
         r.memory = to.memory
         try? r.save(in: recordDirectory)
+    }
+
+    /// Moves vCPU `v` onto `pins[v % pins.count]` and QEMU's other threads onto `emulator`, as
+    /// `<vcpupin>` and `<emulatorpin>` placed them at launch: the cpuset of libvirt's per-vCPU
+    /// cgroup where there is one, and the thread's own affinity (QEMU names its vCPU threads
+    /// "CPU N/KVM" or "CPU N/TCG").
+    static func repin(pid: Int32, vcpus: Int, pins: [[Int]], emulator: [Int], cgroups dirs: [String: String]) throws {
+        let cpusetDir = dirs["cpuset"] ?? dirs["unified"]
+        func place(_ group: String, _ cpus: [Int]) throws {
+            guard let cpusetDir, !cpus.isEmpty else { return }
+            let file = cpusetDir + "/" + group + "/cpuset.cpus"
+            if FileManager.default.fileExists(atPath: file) { try write(CPUList.format(cpus), to: file) }
+        }
+        for v in 0..<vcpus { try place("vcpu\(v)", pins[v % pins.count]) }
+        try place("emulator", emulator)
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        for task in tasks {
+            guard let tid = Int32(task), let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8) else { continue }
+            if comm.hasPrefix("CPU "), let v = Int(comm.dropFirst(4).prefix { $0.isNumber }) {
+                if v < vcpus { try ThreadAffinity.pin(thread: tid, to: pins[v % pins.count]) }
+            } else if !emulator.isEmpty {
+                try? ThreadAffinity.pin(thread: tid, to: emulator)
+            }
+        }
     }
 
     /// The domain's memory limit (libvirt's `<memtune>` hard limit, and its swap limit where
@@ -509,7 +569,7 @@ public struct HostedBackend: InstanceBackend {
             var path = f[2]
             for leaf in ["/emulator", "/vcpu"] where path.contains(leaf) { path = String(path[..<path.range(of: leaf)!.lowerBound]) }
             guard path.hasPrefix("/machine") else { continue }
-            for c in ["cpu", "memory"] where f[1].split(separator: ",").contains(Substring(c)) { out[c] = root + "/" + c + path }
+            for c in ["cpu", "memory", "cpuset"] where f[1].split(separator: ",").contains(Substring(c)) { out[c] = root + "/" + c + path }
             if f[0] == "0", f[1].isEmpty, FileManager.default.fileExists(atPath: root + path + "/cgroup.procs") { out["unified"] = root + path }
         }
         return out
@@ -568,6 +628,8 @@ struct HostedRecord: Codable, Sendable {
     /// The memory the guest booted with, when it has a balloon (`memory` is then what the
     /// balloon leaves it).
     var bootMemory: ByteCount?
+    /// The vCPU slots the domain booted with, when it has room for more than `cpus`.
+    var maxCPUs: Int?
 
     static func file(_ name: String, in dir: String) -> String {
         // Names may hold any character but '/', so the file name is an encoding of it.

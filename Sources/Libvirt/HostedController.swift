@@ -15,9 +15,14 @@ final class HostedController: VMMController, Sendable {
     let boot: ByteCount
     private let target: Mutex<UInt32>
     let hasBalloon: Bool
+    /// The vCPU slots the machine has; `setVCPUs` fills or empties them (CPU hotplug).
+    let maxVCPUs: Int
+    /// QEMU's process, when it runs on this host: what it really runs is read there.
+    let qemuPid: Int32?
 
-    init(domain: LibvirtDomain, boot: ByteCount, balloon: ByteCount?) {
-        self.domain = domain; self.boot = boot; hasBalloon = balloon != nil
+    init(domain: LibvirtDomain, boot: ByteCount, balloon: ByteCount?, vcpus: Int, maxVCPUs: Int, qemuPid: Int32?) {
+        self.domain = domain; self.boot = boot; hasBalloon = balloon != nil; self.qemuPid = qemuPid
+        self.maxVCPUs = max(vcpus, maxVCPUs)
         target = Mutex(UInt32((balloon?.bytes ?? 0) / 4096))
     }
 
@@ -29,6 +34,60 @@ final class HostedController: VMMController, Sendable {
     func pause() throws { throw MicroVMError.unsupported("pause a hosted VM with mvm pause") }
     func resume() throws { throw MicroVMError.unsupported("resume a hosted VM with mvm resume") }
     func sendCtrlAltDel() throws { throw MicroVMError.unsupported("stop a hosted VM with mvm stop") }
+
+    /// Plugs vCPUs in or out (libvirt's live `setVcpus`): the guest's init brings new ones online;
+    /// one taken out is offlined by the guest's kernel when QEMU asks it to eject the CPU. What
+    /// counts is what QEMU runs (its "CPU N/…" threads), checked after every change.
+    func setVCPUs(_ count: Int) throws {
+        guard (1...maxVCPUs).contains(count) else {
+            throw MicroVMError.invalidArgument(maxVCPUs == 1 || count < 1
+                ? "the VM has room for \(maxVCPUs) vCPU\(maxVCPUs == 1 ? "" : "s") (mvm run --max-cpus gives it more): \(count) cannot be set"
+                : "\(count) vCPUs is more than the \(maxVCPUs) the VM has room for (mvm run --max-cpus)")
+        }
+        if let running = runningVCPUs(), let counted = try? domain.info().vcpus, running != counted {
+            throw Self.lostTrack(running: running, counted: counted)
+        }
+        do {
+            try domain.setLiveVCPUs(count)
+        } catch let e as MicroVMError where e.message.contains("timed out") {
+            // libvirt waits 5 s for the guest to eject a vCPU; a slow guest takes longer, and the
+            // unplug goes on after libvirt stops waiting.
+            if waitFor(count, seconds: Self.unplugWait) { return }
+            throw MicroVMError(.timeout, "the guest did not let go of its vCPUs within \(Int(Self.unplugWait + 5)) s (QEMU runs \(runningVCPUs().map(String.init) ?? "an unknown number of") now): is its kernel able to offline CPUs?")
+        }
+        guard waitFor(count, seconds: 10) else {
+            let running = runningVCPUs() ?? 0
+            throw running != count && (try? domain.info().vcpus) == count
+                ? Self.lostTrack(running: running, counted: count)
+                : MicroVMError(.backend, "libvirt set \(count) vCPUs but QEMU runs \(running)")
+        }
+    }
+
+    /// How long an unplug the guest is slow to finish is waited for, after libvirt's own 5 s.
+    static let unplugWait: Double = 55
+
+    /// QEMU 7.2 sends no DEVICE_DELETED for a vCPU whose eject ends after libvirt stopped
+    /// waiting (seen under TCG, where a guest takes several seconds): libvirt then counts the
+    /// vCPU as present and will neither plug nor unplug that slot again.
+    static func lostTrack(running: Int, counted: Int) -> MicroVMError {
+        MicroVMError(.backend, "QEMU runs \(running) vCPU\(running == 1 ? "" : "s") but libvirt counts \(counted): a vCPU's unplug ended after libvirt stopped waiting for it, and libvirt will not plug that slot again; mvm stop the VM and run it again to change its vCPUs")
+    }
+
+    /// The vCPU threads QEMU runs (named "CPU N/KVM" or "CPU N/TCG"); nil when QEMU is not local.
+    func runningVCPUs() -> Int? {
+        guard let pid = qemuPid, let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return nil }
+        return tasks.filter { (try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8))?.hasPrefix("CPU ") == true }.count
+    }
+
+    /// Whether QEMU (or, without its pid, libvirt) runs `count` vCPUs within `seconds`.
+    func waitFor(_ count: Int, seconds: Double) -> Bool {
+        let deadline = Monotonic.seconds() + seconds
+        while true {
+            if let now = runningVCPUs() ?? (try? domain.info().vcpus), now == count { return true }
+            if Monotonic.seconds() >= deadline { return false }
+            usleep(100_000)
+        }
+    }
 
     func setBalloon(amountMib: Int) throws {
         guard hasBalloon else { throw NoBalloonDevice() }

@@ -280,6 +280,14 @@ public final class LibvirtDomain: @unchecked Sendable {
         }
     }
 
+    /// Plugs vCPUs in or out of the running guest (`virDomainSetVcpusFlags`, live), up to the
+    /// slots it booted with.
+    public func setLiveVCPUs(_ count: Int) throws {
+        guard virDomainSetVcpusFlags(pointer, UInt32(count), UInt32(VIR_DOMAIN_AFFECT_LIVE.rawValue)) == 0 else {
+            throw LibvirtFailure.last().error("cannot set the vCPUs of domain '\(name)' to \(count)")
+        }
+    }
+
     /// The balloon's figures as libvirt reads them from QEMU (`virDomainMemoryStats`), by
     /// libvirt's tag: KiB for sizes, counts for faults.
     public func memoryStatistics() -> [Int32: UInt64] {

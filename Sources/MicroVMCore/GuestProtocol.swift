@@ -25,6 +25,9 @@ public enum GuestProtocol {
     public static let vsockParameter = "mvm.vsock"
     /// Set to 1 when the rootfs disk is the shared image, attached read-only: the init mounts it so.
     public static let readOnlyRootParameter = "mvm.ro"
+    /// Set to 1 when vCPUs may be added while the guest runs (`--max-cpus`): the init brings
+    /// every CPU the hypervisor plugs in online (Linux leaves that to user space).
+    public static let cpuHotplugParameter = "mvm.cpuhp"
     public static let vsockShellPort: UInt32 = 1024
 
     /// Encodes argv for the kernel command line: base64 of the arguments joined by NUL,
@@ -63,6 +66,7 @@ extension VMSpec {
             if let h = net?.hostAddress { p.append("mvm.gw=\(HostLinks.address(h))") }
         }
         if vsockCID != nil, vsockShell { p.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
+        if let maxCPUs, maxCPUs > cpus { p.append("\(GuestProtocol.cpuHotplugParameter)=1") }
         return p
     }
 }

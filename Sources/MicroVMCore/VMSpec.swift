@@ -83,6 +83,9 @@ public struct VMSpec: Codable, Sendable, Hashable {
     /// Extra kernel command-line arguments, appended to what the backend needs.
     public var cmdline: String
     public var cpus: Int
+    /// The most vCPUs a hosted VM may be given while it runs (`mvm update --cpus`): the machine
+    /// boots with room for them (CPU hotplug) and `cpus` of them present. nil: `cpus`, fixed.
+    public var maxCPUs: Int?
     public var memory: ByteCount
     public var disks: [DiskSpec]
     public var net: NetSpec?
@@ -115,6 +118,9 @@ public struct VMSpec: Codable, Sendable, Hashable {
     public func validateSizes() throws {
         guard cpus >= 1 else { throw MicroVMError.invalidArgument("--cpus must be at least 1 (got \(cpus))") }
         guard cpus <= 255 else { throw MicroVMError.invalidArgument("--cpus \(cpus) is more than the 255 vCPUs x86 xAPIC ids allow") }
+        if let maxCPUs, !(cpus...255).contains(maxCPUs) {
+            throw MicroVMError.invalidArgument("--max-cpus \(maxCPUs) must be between --cpus (\(cpus)) and 255: it is the most vCPUs the VM can be given while it runs")
+        }
         guard memory >= .mebibytes(16) else { throw MicroVMError.invalidArgument("--memory \(memory) is too small: a Linux guest needs at least 16M") }
         if vsockShell, vsockCID == nil {
             throw MicroVMError.invalidArgument("--vsock-shell needs --vsock CID: the shell listens on the VM's vsock device")

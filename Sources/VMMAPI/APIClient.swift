@@ -122,6 +122,11 @@ extension APIClient {
         case notFilled(held: UInt32, wanted: UInt32)
     }
 
+    /// Gives the running machine `count` vCPUs (`PATCH /machine-config`, after InstanceStart).
+    public func setVCPUCount(_ count: Int) throws {
+        try expectSuccess(send("PATCH", "/machine-config", body: #"{"vcpu_count": \#(count)}"#))
+    }
+
     /// Sets the balloon to `amountMib` (`PATCH /balloon`). A larger balloon is waited for: until
     /// the guest holds it (`GET /balloon/statistics`), or `seconds` pass, when the balloon goes
     /// back to `previousMib`. Errors are the API's: a refused request throws its fault message.

@@ -142,9 +142,17 @@ public final class APIRouter: Sendable {
             try Self.validate(m)
             cfg.machineConfig = m
         case .patchMachineConfig:
-            try preBoot(what)
             let patch = try JSONBody.decode(MachineConfigPatch.self, from: request, allowed: MachineConfig.jsonKeys, integers: MachineConfig.integerRanges)
             guard patch.changesSomething else { throw APIFault("\(what): the body names no field to change") }
+            if controller.state != .notStarted {
+                // After boot only the vCPU count may move, where the machine can plug CPUs.
+                guard let count = patch.vcpuCount, patch.memSizeMib == nil, patch.smt == nil, patch.trackDirtyPages == nil, patch.hugePages == nil else {
+                    throw APIFault("\(what) after InstanceStart changes vcpu_count only (memory moves through PATCH /balloon). \(Self.notAfterStart)")
+                }
+                try controlling { try controller.setVCPUs(count) }
+                cfg.machineConfig.vcpuCount = count
+                return .noContent
+            }
             let m = patch.applied(to: cfg.machineConfig)
             try Self.validate(m)
             cfg.machineConfig = m

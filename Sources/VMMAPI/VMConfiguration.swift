@@ -296,6 +296,17 @@ public protocol VMMController: AnyObject, Sendable {
     func balloonStatistics() throws -> BalloonStatistics
     /// A new interval for the guest's statistics (`PATCH /balloon/statistics`).
     func setBalloonStatisticsInterval(_ seconds: Int) throws
+    /// A running machine gets this many vCPUs (`PATCH /machine-config {"vcpu_count"}` after
+    /// InstanceStart), where it has CPU hotplug.
+    func setVCPUs(_ count: Int) throws
+}
+
+/// A controller whose machine keeps the vCPUs it booted with says so.
+public struct NoCPUHotplug: Error, CustomStringConvertible {
+    public init() {}
+    public var description: String {
+        "this VMM has no CPU hotplug: the vCPU count is fixed at InstanceStart; PATCH /machine-config before it"
+    }
 }
 
 /// A controller without a balloon device says so.
@@ -308,4 +319,5 @@ extension VMMController {
     public func setBalloon(amountMib: Int) throws { throw NoBalloonDevice() }
     public func balloonStatistics() throws -> BalloonStatistics { throw NoBalloonDevice() }
     public func setBalloonStatisticsInterval(_ seconds: Int) throws { throw NoBalloonDevice() }
+    public func setVCPUs(_ count: Int) throws { throw NoCPUHotplug() }
 }

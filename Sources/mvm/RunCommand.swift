@@ -48,6 +48,7 @@ struct RunCommand: AsyncParsableCommand {
     @Flag(help: "Direct mode: run the VMM outside its jail (namespaces, empty root, no privileges, seccomp), for debugging; mvm ps says so.") var noJail = false
     @Option(help: "Network over a tap: tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]] (default: a new tap on a free /30 of 10.200/16).") var net: String?
     @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; direct mode needs /dev/vhost-vsock).") var vsock: UInt32?
+    @Option(help: "Hosted mode: boot with room for this many vCPUs (CPU hotplug), so mvm update --cpus can add and remove vCPUs live.") var maxCpus: Int?
     @Flag(help: "Direct mode: give the guest a virtio-balloon (statistics every second, free page reporting, deflate on OOM), so mvm update --memory can resize it live and the pages it frees go back to the host.") var balloon = false
     @Flag(help: "With --vsock: the guest init serves a root shell on vsock port 1024 while the command runs. Any host process can connect to it: use it only where the host's users are trusted.") var vsockShell = false
     @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
@@ -73,6 +74,7 @@ struct RunCommand: AsyncParsableCommand {
             spec.vsockCID = vsock
             spec.vsockShell = vsockShell
             if balloon { spec.balloon = BalloonSpec() }
+            spec.maxCPUs = maxCpus
             if noJail && mode != .direct {
                 throw MicroVMError.invalidArgument("--no-jail is for --mode direct (the jail is the direct VMM's); leave it out for --mode \(mode.rawValue)")
             }

@@ -50,4 +50,20 @@ import MicroVMCore
         #expect(SpecValidator.rigHint("/tmp/k/vmlinuz", inRig: false).isEmpty)
         #expect(SpecValidator.rigHint("/work/vmlinuz", inRig: true).isEmpty)
     }
+
+    /// `--max-cpus` is room for CPU hotplug, which only hosted VMs have; it holds at least `--cpus`.
+    @Test func roomForMoreVCPUsIsForHostedVMsOnly() throws {
+        var spec = VMSpec(cpus: 2, command: ["true"])
+        spec.maxCPUs = 4
+        for mode in [RunMode.direct, .container] {
+            let e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(spec, mode: mode) }
+            #expect(e.message.contains("--max-cpus"), "\(mode): \(e.message)")
+        }
+        #expect(spec.initParameters.contains("\(GuestProtocol.cpuHotplugParameter)=1"))
+        spec.maxCPUs = 1
+        let e = try #require(throws: MicroVMError.self) { try spec.validateSizes() }
+        #expect(e.message.contains("--max-cpus 1 must be between --cpus (2) and 255"))
+        spec.maxCPUs = 2
+        #expect(!spec.initParameters.contains { $0.hasPrefix(GuestProtocol.cpuHotplugParameter) }, "no room, no hotplug")
+    }
 }

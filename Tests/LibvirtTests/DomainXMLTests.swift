@@ -161,4 +161,24 @@ struct DomainXMLTests {
         #expect(xml.contains("<stats period='2'/>"))
         #expect(xml.contains("<memory unit='KiB'>524288</memory>") && xml.contains("<currentMemory unit='KiB'>393216</currentMemory>"))
     }
+
+    /// `--max-cpus`: slots for vCPUs plugged in while the guest runs, each pinned as the grant
+    /// says, on a machine with CPU hotplug; microvm has none and is refused.
+    @Test func roomForMoreVCPUsIsEmptySlotsPinnedAhead() throws {
+        var c = Self.config(slice: ResourceSlice(cpus: 1, placement: .dedicated, cpuSet: [3], memory: .mebibytes(128)), vcpus: 1)
+        c.machine = "pc"
+        c.maxVCPUs = 3
+        let xml = try DomainXML.document(for: c)
+        #expect(xml.contains("<vcpu placement='static' current='1'>3</vcpu>"), "\(xml)")
+        for v in 0..<3 { #expect(xml.contains("<vcpupin vcpu='\(v)' cpuset='3'/>"), "\(xml)") }
+        if Self.validator != nil { #expect(try Self.schemaErrors(xml) == nil) }
+        c.maxVCPUs = 1
+        #expect(try DomainXML.document(for: c).contains("<vcpu placement='static'>1</vcpu>"))
+        c.machine = "microvm"
+        c.maxVCPUs = 2
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: c) }
+        c.machine = "pc"
+        c.vcpus = 3
+        #expect(throws: MicroVMError.self) { try DomainXML.document(for: c) }
+    }
 }

@@ -216,6 +216,13 @@ struct RigKVMTests {
         #expect(s.output.contains("grants-left=0"), "\(s.output)")
     }
 
+    @Test func aHostedVMGetsAndLosesVCPUsLive() throws {
+        let s = try step("hosted-vcpus")
+        for line in ["boot-online=0", "grow=0", "grown-online=0-1", "shrink=0", "shrunk-online=0", "regrow=0", "regrown-online=0-1", "grants-left=0"] {
+            #expect(s.output.contains(line + "\n"), "\(line): \(s.output)")
+        }
+    }
+
     @Test func twoCPUsWithoutADiskComeFromTheMADT() throws {
         let s = try step("madt")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
@@ -261,6 +268,7 @@ enum RigKVMSession {
          ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)]),
          ("kill-phases", ["sh", "-c", killPhasesScript(mvm: mvm)]),
          ("balloon", ["sh", "-c", balloonScript(mvm: mvm)]),
+         ("hosted-vcpus", ["sh", "-c", hostedVCPUsScript(mvm: mvm)]),
          ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
     }
 
@@ -364,6 +372,24 @@ enum RigKVMSession {
     /// comes back to the host through free page reporting (the VMM's RSS before, full and
     /// after, in KiB); `mvm update --memory 256M` fills the balloon and the guest's available
     /// memory falls by as much, `--memory 512M` gives it back.
+    /// A hosted VM (QEMU on nested KVM) booted with one vCPU and room for two: `mvm update
+    /// --cpus` plugs the second in, takes it out and plugs it in again; the guest prints the CPUs
+    /// it has online every second.
+    static func hostedVCPUsScript(mvm: String) -> String {
+        let m = ProcessRunner.shellQuote(mvm)
+        return """
+        \(m) run -d --mode hosted --name righp --cpus 1 --max-cpus 2 --memory 256M --timeout 400 -- sh -c 'while :; do echo "online=$(cat /sys/devices/system/cpu/online)" >/dev/ttyS0; sleep 1; done' >/tmp/hp-run.out 2>&1
+        online() { sleep 3; \(m) logs righp | grep -a '^online=' | tail -1 | tr -d '\\r'; }
+        for i in $(seq 1 150); do \(m) logs righp 2>/dev/null | grep -q '^online=' && break; sleep 1; done
+        echo "boot-$(online)"
+        \(m) update righp --cpus 2 2>&1; echo "grow=$?"; echo "grown-$(online)"
+        \(m) update righp --cpus 1 2>&1; echo "shrink=$?"; echo "shrunk-$(online)"
+        \(m) update righp --cpus 2 2>&1; echo "regrow=$?"; echo "regrown-$(online)"
+        \(m) stop righp >/dev/null; echo "stop=$?"
+        echo "grants-left=$(\(m) alloc show | grep -c righp)"
+        """
+    }
+
     static func balloonScript(mvm: String) -> String {
         let m = ProcessRunner.shellQuote(mvm)
         return """

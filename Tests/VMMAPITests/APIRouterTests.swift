@@ -80,6 +80,8 @@ let routerCases: [RouterCase] = [
     RouterCase(.notStarted, "PATCH", "/machine-config", #"{"vcpu_count": 64}"#, 400, "vcpu_count"),
     RouterCase(.notStarted, "PATCH", "/machine-config", #"{"mem_size_mib": "lots"}"#, 400, "mem_size_mib"),
     RouterCase(.running, "PATCH", "/machine-config", #"{"mem_size_mib": 512}"#, 400, "after starting"),
+    RouterCase(.running, "PATCH", "/machine-config", #"{"vcpu_count": 2, "smt": true}"#, 400, "changes vcpu_count only"),
+    RouterCase(.running, "PATCH", "/machine-config", #"{"vcpu_count": 2}"#, 400, "no CPU hotplug"),
 
     // boot-source.
     RouterCase(.notStarted, "PUT", "/boot-source", kernel, 204),
@@ -251,6 +253,23 @@ struct APIRouterTests {
         #expect(r.configuration.machineConfig.memSizeMib == 1024)
         let shown = try JSONDecoder().decode(MachineConfig.self, from: Data(r.handle(.make("GET", "/machine-config")).body))
         #expect(shown == MachineConfig(vcpuCount: 4, memSizeMib: 1024, smt: true, trackDirtyPages: true, hugePages: "2M"))
+    }
+
+    /// After boot a controller with CPU hotplug (the hosted one) takes a new vCPU count, and the
+    /// configuration shows it; a refusal leaves the count as it was.
+    @Test func aRunningMachineWithHotplugTakesANewVCPUCount() throws {
+        let fake = FakeController(state: .notStarted)
+        let r = APIRouter(controller: fake, vmmVersion: "0")
+        #expect(r.handle(.make("PUT", "/machine-config", #"{"vcpu_count": 1, "mem_size_mib": 256}"#)).status == 204)
+        try fake.start(r.configuration)
+        fake.cpuHotplug.withLock { $0 = true }
+        #expect(r.handle(.make("PATCH", "/machine-config", #"{"vcpu_count": 2}"#)).status == 204)
+        #expect(fake.calls.last == "setVCPUs 2")
+        #expect(r.configuration.machineConfig.vcpuCount == 2)
+        fake.failure.withLock { $0 = "3 vCPUs is more than the 2 the VM has room for" }
+        let refused = r.handle(.make("PATCH", "/machine-config", #"{"vcpu_count": 3}"#))
+        #expect(refused.status == 400 && refused.bodyText.contains("room for"))
+        #expect(r.configuration.machineConfig.vcpuCount == 2)
     }
 
     @Test func putReplacesTheWholeMachineConfig() {

@@ -40,6 +40,12 @@ final class FakeController: VMMController {
         return BalloonStatistics(targetPages: 256, actualPages: 128, guest: ["free_memory": 1 << 20])
     }
     func setBalloonStatisticsInterval(_ seconds: Int) throws { try record("setBalloonStatisticsInterval \(seconds)") }
+    /// Whether `setVCPUs` plugs CPUs (as the hosted controller) or says there is no hotplug (as the VMM).
+    let cpuHotplug = Mutex(false)
+    func setVCPUs(_ count: Int) throws {
+        try record("setVCPUs \(count)")
+        if !cpuHotplug.withLock({ $0 }) { throw NoCPUHotplug() }
+    }
 }
 
 extension HTTPRequest {
