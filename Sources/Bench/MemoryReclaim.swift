@@ -1,28 +1,32 @@
 import Foundation
 import MicroVMCore
 
-/// Does the host get memory back when an instance is done with it? One instance allocates a
-/// burst (half its memory, at most 256 MiB, touched page by page), frees it and idles, while the
-/// host samples the memory of the instance's processes (PSS: the VMM, QEMU or the container's
+/// Does the host get memory back when an instance is done with it, and can another use it? Two
+/// instances run side by side: the first allocates a burst (half its memory, at most 256 MiB,
+/// touched page by page), frees it and idles; the second bursts as much once the first is idle.
+/// The host samples the memory of each one's processes (PSS: the VMM, QEMU or the container's
 /// processes) every half second. A container's freed pages are the host's at once; a VM's stay
 /// with the VMM unless the guest gives them back: with `--balloon` (free page reporting) it does
-/// within seconds, without it never. VMs run both ways; the series go into a chart.
+/// within seconds, and the pair's peak is one burst; without, never, and the pair holds both.
+/// VMs run both ways; the pair's summed series go into a chart.
 public struct MemoryReclaim: BenchScenario {
     public let name = "reclaim"
     public static let returned = Metric("reclaim-returned", "Memory back on the host 10 s after a burst was freed (VMs: balloon with free page reporting)", unit: "%", higherIsBetter: true)
     public static let held = Metric("reclaim-held", "Host memory still held 10 s after the burst (above the idle level before it)", unit: "MiB", higherIsBetter: false)
     public static let returnedWithoutBalloon = Metric("reclaim-returned-no-balloon", "Memory back on the host 10 s after a burst was freed, VM without a balloon", unit: "%", higherIsBetter: true)
+    public static let pairPeak = Metric("reclaim-pair-peak", "Peak host memory of two instances bursting one after the other, above their idle level (VMs: balloon with free page reporting)", unit: "MiB", higherIsBetter: false)
+    public static let pairPeakWithoutBalloon = Metric("reclaim-pair-peak-no-balloon", "Peak host memory of two instances bursting one after the other, above their idle level, VMs without a balloon", unit: "MiB", higherIsBetter: false)
     /// Seconds between samples.
     static let interval = 0.5
     public init() {}
 
-    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.returned, Self.held, Self.returnedWithoutBalloon] }
-    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 2 }
-    public var note: String? { "burst: stress-ng --vm 1 --vm-keep --vm-populate of half the slice's memory (at most 256 MiB) for 4 s, then 12 s idle; host memory = summed PSS of the instance's processes every 0.5 s; returned = (peak − end) / (peak − idle before the burst); details hold the series (seconds:MiB)" }
+    public func metrics(for ctx: BenchContext) -> [Metric] { [Self.returned, Self.held, Self.returnedWithoutBalloon, Self.pairPeak, Self.pairPeakWithoutBalloon] }
+    public func runsPerMeasure(_ ctx: BenchContext) -> Int { 4 }
+    public var note: String? { "two instances side by side; the first: stress-ng --vm 1 --vm-keep --vm-populate of half the slice's memory (at most 256 MiB) from 3 s to 7 s, then 12 s idle; the second: the same burst from 12 s to 16 s; host memory = summed PSS of each instance's processes every 0.5 s; returned = (peak − end) / (peak − idle before the burst) of the first; pair peak = the highest sum of both above the sum of their idle levels; details hold the first's series (series-first) and the pair's (series), seconds:MiB" }
 
-    /// The instance's command: idle, burst, idle.
-    static func command(burst: ByteCount) -> [String] {
-        ["sh", "-c", "sleep 3; stress-ng --vm 1 --vm-bytes \(burst.bytes / 1_048_576)M --vm-keep --vm-populate -t 4s --temp-path /tmp --quiet; echo burst-done; sleep 12"]
+    /// An instance's command: idle `before` seconds, burst for 4 s, idle `after` seconds.
+    static func command(burst: ByteCount, before: Int = 3, after: Int = 12) -> [String] {
+        ["sh", "-c", "sleep \(before); stress-ng --vm 1 --vm-bytes \(burst.bytes / 1_048_576)M --vm-keep --vm-populate -t 4s --temp-path /tmp --quiet; echo burst-done; sleep \(after)"]
     }
 
     public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
@@ -30,14 +34,18 @@ public struct MemoryReclaim: BenchScenario {
         let burst = ByteCount(min(ctx.slice.memory.bytes / 2, ByteCount.mebibytes(256).bytes))
         let isVM = target.record.mode.isVM
         var out: [Measurement] = []
-        let with = try await sample(backend, target, ctx, burst: burst, balloon: isVM ? BalloonSpec() : nil)
-        out.append(Measurement(Self.returned, with.returnedPercent, details: with.details))
-        out.append(Measurement(Self.held, with.heldMiB, details: with.details))
+        let with = try await samplePair(backend, target, ctx, burst: burst, balloon: isVM ? BalloonSpec() : nil)
+        out.append(Measurement(Self.returned, with.first.returnedPercent, details: with.details))
+        out.append(Measurement(Self.held, with.first.heldMiB, details: with.details))
+        out.append(Measurement(Self.pairPeak, with.pairRiseMiB, details: with.details))
         if isVM {
-            let without = try await sample(backend, target, ctx, burst: burst, balloon: nil)
-            out.append(Measurement(Self.returnedWithoutBalloon, without.returnedPercent, details: without.details))
+            let without = try await samplePair(backend, target, ctx, burst: burst, balloon: nil)
+            out.append(Measurement(Self.returnedWithoutBalloon, without.first.returnedPercent, details: without.details))
+            out.append(Measurement(Self.pairPeakWithoutBalloon, without.pairRiseMiB, details: without.details))
         } else {
-            out.append(.unavailable(Self.returnedWithoutBalloon, "a container has no balloon: the pages it frees are the host's at once (see reclaim-returned)"))
+            let why = "a container has no balloon: the pages it frees are the host's at once (see reclaim-returned and reclaim-pair-peak)"
+            out.append(.unavailable(Self.returnedWithoutBalloon, why))
+            out.append(.unavailable(Self.pairPeakWithoutBalloon, why))
         }
         return out
     }
@@ -65,40 +73,65 @@ public struct MemoryReclaim: BenchScenario {
         var text: String { points.map { String(format: "%.1f:%.1f", $0.t, $0.mib) }.joined(separator: ",") }
     }
 
-    func sample(_ backend: any InstanceBackend, _ target: BenchTarget, _ ctx: BenchContext, burst: ByteCount, balloon: BalloonSpec?) async throws -> Series {
-        let name = "bench-reclaim-\(UUID().uuidString.prefix(6).lowercased())"
-        let sampler = SeriesSampler(name: name, backend: backend, interval: Self.interval)
+    /// What one pair's run measured: the first instance's series, the pair's summed series, and
+    /// how far the sum rose above both idle levels.
+    struct PairSeries {
+        var first: Series
+        var second: Series
+        var sum: [(t: Double, mib: Double)]
+        var details: [String: String] = [:]
+        var pairRiseMiB: Double { max(0, (sum.map(\.mib).max() ?? 0) - first.idleBefore - second.idleBefore) }
+    }
+
+    /// The two instances' series: the first bursts at 3 s, the second at 12 s, once the first
+    /// has freed its burst and (with a balloon) reported it.
+    func samplePair(_ backend: any InstanceBackend, _ target: BenchTarget, _ ctx: BenchContext, burst: ByteCount, balloon: BalloonSpec?) async throws -> PairSeries {
+        let id = UUID().uuidString.prefix(6).lowercased()
+        let names = ["bench-reclaim-a-\(id)", "bench-reclaim-b-\(id)"]
+        let sampler = SeriesSampler(names: names, backend: backend, interval: Self.interval)
         let task = Task { await sampler.run() }
-        let result: RunResult
-        do {
-            result = try await ctx.run(backend, target: target, name: name, command: Self.command(burst: burst), balloon: balloon)
-        } catch {
-            await sampler.stop()
-            _ = await task.value
-            throw error
-        }
+        let results: [Result<RunResult, any Error>]
+        async let a = Result { try await ctx.run(backend, target: target, name: names[0], command: Self.command(burst: burst), balloon: balloon) }
+        async let b = Result { try await ctx.run(backend, target: target, name: names[1], command: Self.command(burst: burst, before: 12, after: 3), balloon: balloon) }
+        results = [await a, await b]
         await sampler.stop()
-        var series = Series(points: await task.value, burstMiB: Double(burst.bytes) / 1_048_576)
+        let ticks = await task.value
         let counted = await sampler.processes()
-        let output = try requireSuccess(result, "stress-ng burst")
-        guard output.contains("burst-done") else { throw MicroVMError(.backend, "the burst did not finish: \(output.suffix(300))") }
-        guard series.points.count >= 10, series.peak - series.idleBefore > Double(burst.bytes) / 1_048_576 / 2 else {
-            throw ScenarioUnavailable("the instance's host processes (\(counted.joined(separator: ", "))) showed no burst (\(series.points.count) samples, rise \(Int(series.peak - series.idleBefore)) MiB): their memory cannot be measured from the host here")
+        var series: [Series] = []
+        for (i, result) in results.enumerated() {
+            let output = try requireSuccess(try result.get(), "stress-ng burst")
+            guard output.contains("burst-done") else { throw MicroVMError(.backend, "the burst did not finish: \(output.suffix(300))") }
+            let s = Series(points: ticks.compactMap { tick in tick.mib[names[i]].map { (tick.t, $0) } }, burstMiB: Double(burst.bytes) / 1_048_576)
+            guard s.points.count >= 10, s.peak - s.idleBefore > s.burstMiB / 2 else {
+                throw ScenarioUnavailable("the instance's host processes (\(counted.joined(separator: ", "))) showed no burst (\(s.points.count) samples, rise \(Int(s.peak - s.idleBefore)) MiB): their memory cannot be measured from the host here")
+            }
+            series.append(s)
         }
-        series.details = ["series": series.text, "burst-mib": "\(burst.bytes / 1_048_576)", "balloon": balloon == nil ? "none" : "free page reporting",
-                          "idle-mib": String(format: "%.1f", series.idleBefore), "peak-mib": String(format: "%.1f", series.peak),
-                          "end-mib": String(format: "%.1f", series.end), "processes": counted.joined(separator: ",")]
-        return series
+        // The pair's host memory where both were seen.
+        let sum = ticks.compactMap { tick -> (t: Double, mib: Double)? in
+            guard let x = tick.mib[names[0]], let y = tick.mib[names[1]] else { return nil }
+            return (tick.t, x + y)
+        }
+        var pair = PairSeries(first: series[0], second: series[1], sum: sum)
+        let text = { (points: [(t: Double, mib: Double)]) in points.map { String(format: "%.1f:%.1f", $0.t, $0.mib) }.joined(separator: ",") }
+        pair.details = ["series": text(sum), "series-first": pair.first.text, "burst-mib": "\(burst.bytes / 1_048_576)",
+                        "balloon": balloon == nil ? "none" : "free page reporting",
+                        "idle-mib": String(format: "%.1f", pair.first.idleBefore), "peak-mib": String(format: "%.1f", pair.first.peak),
+                        "end-mib": String(format: "%.1f", pair.first.end), "pair-idle-mib": String(format: "%.1f", pair.first.idleBefore + pair.second.idleBefore),
+                        "pair-peak-mib": String(format: "%.1f", sum.map(\.mib).max() ?? 0), "processes": counted.joined(separator: ",")]
+        return pair
     }
 }
 
-/// Samples the summed PSS of one instance's processes from the moment one is found.
+/// Samples the summed PSS of each named instance's processes, at the same moments, from the
+/// moment one of them is found.
 actor SeriesSampler {
-    let name: String
+    struct Tick: Sendable { var t: Double; var mib: [String: Double] }
+    let names: [String]
     let backend: any InstanceBackend
     let interval: Double
     var stopped = false
-    init(name: String, backend: any InstanceBackend, interval: Double) { self.name = name; self.backend = backend; self.interval = interval }
+    init(names: [String], backend: any InstanceBackend, interval: Double) { self.names = names; self.backend = backend; self.interval = interval }
     func stop() { stopped = true }
 
     /// The processes counted, by command name.
@@ -106,21 +139,28 @@ actor SeriesSampler {
 
     func processes() -> [String] { counted.sorted() }
 
-    func run() async -> [(t: Double, mib: Double)] {
-        var points: [(t: Double, mib: Double)] = []
+    func run() async -> [Tick] {
+        var ticks: [Tick] = []
         var start: Double?
         while !stopped {
-            let pids = ((try? await backend.list()) ?? []).filter { $0.name == name }.compactMap(\.pid)
-            let processes = ProcessMemory.instanceProcesses(name: name, pids: pids, table: ProcessMemory.table())
-            let total = processes.reduce(UInt64(0)) { $0 + (ProcessMemory.pss(pid: $1.pid) ?? 0) }
-            for p in processes { counted.insert(p.comm) }
-            if total > 0 {
+            let listed = (try? await backend.list()) ?? []
+            let table = ProcessMemory.table()
+            var tick = Tick(t: 0, mib: [:])
+            for name in names {
+                let pids = listed.filter { $0.name == name }.compactMap(\.pid)
+                let processes = ProcessMemory.instanceProcesses(name: name, pids: pids, table: table)
+                let total = processes.reduce(UInt64(0)) { $0 + (ProcessMemory.pss(pid: $1.pid) ?? 0) }
+                for p in processes { counted.insert(p.comm) }
+                if total > 0 { tick.mib[name] = Double(total) / 1_048_576 }
+            }
+            if !tick.mib.isEmpty {
                 let now = Monotonic.seconds()
                 if start == nil { start = now }
-                points.append((now - (start ?? now), Double(total) / 1_048_576))
+                tick.t = now - (start ?? now)
+                ticks.append(tick)
             }
             try? await Task.sleep(nanoseconds: UInt64(interval * 1e9))
         }
-        return points
+        return ticks
     }
 }

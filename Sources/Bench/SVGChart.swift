@@ -154,7 +154,7 @@ public enum SVGChart {
         <?xml version="1.0" encoding="UTF-8"?>
         <svg xmlns="http://www.w3.org/2000/svg" width="\(Int(w))" height="\(Int(h))" viewBox="0 0 \(Int(w)) \(Int(h))" font-family="sans-serif" font-size="12">
         <rect x="0" y="0" width="\(Int(w))" height="\(Int(h))" fill="white"/>
-        <text class="title" x="\(Int(w / 2))" y="24" text-anchor="middle" font-size="15" font-weight="bold">\(xml(scenario)): host memory of one instance over time</text>
+        <text class="title" x="\(Int(w / 2))" y="24" text-anchor="middle" font-size="15" font-weight="bold">\(xml(scenario)): host memory over time (summed PSS of the instances)</text>
 
         """
         s += "<line class=\"axis\" x1=\"\(left)\" y1=\"\(top)\" x2=\"\(left)\" y2=\"\(top + plotH)\" stroke=\"black\"/>\n"

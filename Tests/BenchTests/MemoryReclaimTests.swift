@@ -23,4 +23,21 @@ import Testing
         #expect(s.returnedPercent == 0 && s.heldMiB == 256)
         #expect(MemoryReclaim.Series(points: [(0, 10), (0.5, 10)], burstMiB: 256).returnedPercent.isNaN, "no rise: no percentage")
     }
+
+    /// Two instances bursting one after the other: when the first gives its burst back the pair
+    /// peaks at one burst above their idle levels; when it keeps it, at both.
+    @Test func aPairPeaksAtOneBurstOnlyWhenTheFirstGivesItBack() {
+        let idle: [Double] = [50, 120, 190, 200, 200, 200]
+        func pair(firstEnd: Double) -> MemoryReclaim.PairSeries {
+            let a = idle + [330, 456, 456, firstEnd, firstEnd, firstEnd, firstEnd, firstEnd, firstEnd]
+            let b = idle + [200, 200, 200, 200, 200, 330, 456, 456, 200]
+            func series(_ v: [Double]) -> MemoryReclaim.Series {
+                MemoryReclaim.Series(points: v.enumerated().map { (Double($0.offset) * 0.5, $0.element) }, burstMiB: 256)
+            }
+            let sum = zip(a, b).enumerated().map { (t: Double($0.offset) * 0.5, mib: $0.element.0 + $0.element.1) }
+            return MemoryReclaim.PairSeries(first: series(a), second: series(b), sum: sum)
+        }
+        #expect(pair(firstEnd: 205).pairRiseMiB == 261)
+        #expect(pair(firstEnd: 456).pairRiseMiB == 512)
+    }
 }
