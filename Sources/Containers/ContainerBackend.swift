@@ -153,9 +153,12 @@ public struct ContainerBackend: InstanceBackend {
         if let net = spec.net {
             netnsPath = try ContainerNetwork.setUp(id: id, spec: net).netnsPath
         }
-        let config = try OCISpec.make(ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
-                                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", enforcement: enforcement, netnsPath: netnsPath,
-                                                       binds: try Self.diskBinds(spec.disks)))
+        var options = ContainerOptions(rootfs: rootfs, command: args, hostname: spec.name,
+                                       cgroupsPath: "/\(CgroupDirs.parent)/\(store.cgroupLeaf(id))", enforcement: enforcement,
+                                       env: spec.environment ?? ContainerOptions.defaultEnv, netnsPath: netnsPath,
+                                       binds: try Self.diskBinds(spec.disks))
+        options.cwd = spec.workingDirectory ?? "/"
+        let config = try OCISpec.make(options)
         try Paths.writeScratch(config.encoded(), to: bundle + "/config.json")
 
         let launched = try StreamedRun.run(

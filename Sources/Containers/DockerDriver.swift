@@ -113,6 +113,8 @@ struct DockerDriver: Sendable {
             args += ["--network", "none"]
         }
         args += Self.resourceFlags(plan.enforcement)
+        for e in spec.environment ?? [] { args += ["--env", e] }
+        if let dir = spec.workingDirectory { args += ["--workdir", dir] }
         args += [image] + command
         guard let exe = ProcessRunner.which("docker") else { throw MicroVMError.notFound("'docker' is not installed: apt-get install docker.io") }
         let launched = try StreamedRun.run(executable: exe, arguments: args, logPath: store.log(id), expectMarker: hasShell,

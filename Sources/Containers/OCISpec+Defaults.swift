@@ -9,6 +9,8 @@ public struct ContainerOptions: Sendable, Equatable {
     public var command: [String]
     public var hostname: String
     public var env: [String]
+    /// The directory the command starts in.
+    public var cwd: String = "/"
     /// cgroup path below the `microvm` parent, so leftovers can be found and reaped by name.
     public var cgroupsPath: String
     /// The granted slice as the runtime enforces it (`linux.resources`).
@@ -30,7 +32,7 @@ public struct ContainerOptions: Sendable, Equatable {
     public static let defaultEnv = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb"]
 
     public static func == (a: ContainerOptions, b: ContainerOptions) -> Bool {
-        a.rootfs == b.rootfs && a.command == b.command && a.hostname == b.hostname && a.env == b.env
+        a.rootfs == b.rootfs && a.command == b.command && a.hostname == b.hostname && a.env == b.env && a.cwd == b.cwd
             && a.cgroupsPath == b.cgroupsPath && a.enforcement == b.enforcement && a.netnsPath == b.netnsPath
             && a.userNamespace == b.userNamespace
             && a.binds.map { "\($0.source)|\($0.destination)|\($0.readOnly)" } == b.binds.map { "\($0.source)|\($0.destination)|\($0.readOnly)" }
@@ -106,7 +108,7 @@ extension OCISpec {
         let caps = defaultCapabilities
         return OCISpec(
             process: Process(
-                terminal: false, user: User(uid: 0, gid: 0), args: o.command, env: o.env, cwd: "/",
+                terminal: false, user: User(uid: 0, gid: 0), args: o.command, env: o.env, cwd: o.cwd,
                 capabilities: Capabilities(bounding: caps, effective: caps, inheritable: [], permitted: caps, ambient: []),
                 rlimits: [RLimit(type: "RLIMIT_NOFILE", hard: openFilesLimit, soft: openFilesLimit)],
                 noNewPrivileges: true),

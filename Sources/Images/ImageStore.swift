@@ -134,15 +134,7 @@ public struct ImageStore: Sendable {
 
     private func withLock<T>(_ body: () throws -> T) throws -> T {
         try Paths.ensureDirectory(paths.images)
-        let lockPath = paths.images + "/.lock"
-        let fd = open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw MicroVMError(.permissionDenied, "cannot open lock file '\(lockPath)': \(String(cString: strerror(errno))); set MVM_CACHE_DIR to a writable place") }
-        defer { close(fd) }
-        while flock(fd, LOCK_EX) != 0 {
-            guard errno == EINTR else { throw MicroVMError(.internalError, "flock on '\(lockPath)' failed: \(String(cString: strerror(errno)))") }
-        }
-        defer { flock(fd, LOCK_UN) }
-        return try body()
+        return try Paths.withLockFile(paths.images + "/.lock", body)
     }
 
     /// Runs with the lock held: builds into .build-KEY-PID, then renames it into place.

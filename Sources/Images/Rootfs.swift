@@ -114,8 +114,13 @@ public struct RootfsBuilder: Sendable {
 
     /// Makes the ext4 image straight from the tree (mke2fs -d), so no mount or root is needed.
     public func makeDisk(tree: String, disk: String) throws {
+        try Self.makeExt4(tree: tree, disk: disk, size: diskSize)
+    }
+
+    /// An ext4 image of `size` (at least 16 MiB) holding `tree`, owners and modes as they are.
+    public static func makeExt4(tree: String, disk: String, size: ByteCount) throws {
         try? FileManager.default.removeItem(atPath: disk)
-        let kib = max(diskSize.bytes / 1024, 16 * 1024)
+        let kib = max(size.bytes / 1024, 16 * 1024)
         try ProcessRunner.check(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "mvm-rootfs", "-E", "root_owner=0:0",
                                  "-d", tree, disk, "\(kib)k"], timeout: 600, package: "e2fsprogs")
     }

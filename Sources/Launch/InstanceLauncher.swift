@@ -99,18 +99,18 @@ public struct InstanceLauncher: Sendable {
             return LaunchPlan(spec: spec, mode: mode, disks: spec.disks, rootfsTree: tree, enforcement: enforcement, clock: clock)
         }
         let attach = backend.attachesRootfs(to: spec)
-        let img = spec.kernel == nil || attach ? try artifacts(for: backend) : nil
+        let img = spec.kernel == nil || (attach && spec.rootfsDisk == nil) ? try artifacts(for: backend) : nil
         guard let kernel = spec.kernel ?? img?.kernel else {
             throw MicroVMError.notFound("no guest kernel: pass --kernel or build the default image (mvm image build)")
         }
         let initrd = spec.initrd ?? (spec.kernel == nil ? img?.initrd : nil)
         var disks = spec.disks
-        let rootfs = attach ? img?.rootfsDisk : nil
+        let rootfs = attach ? spec.rootfsDisk ?? img?.rootfsDisk : nil
         if let rootfs { disks.insert(DiskSpec(path: rootfs, readOnly: true), at: 0) }
         let cmdline = KernelCommandLine.build(command: spec.command, backend: backend.kernelParameters, rootfsReadOnly: rootfs != nil,
                                               initParameters: spec.initParameters, extra: spec.cmdline)
         return LaunchPlan(spec: spec, mode: mode, kernel: kernel, initrd: initrd, cmdline: cmdline, disks: disks,
-                          rootfsAttached: rootfs != nil, rootfsTree: img?.rootfsTree, enforcement: enforcement, clock: clock)
+                          rootfsAttached: rootfs != nil, rootfsTree: spec.rootfs ?? img?.rootfsTree, enforcement: enforcement, clock: clock)
     }
 }
 

@@ -13,6 +13,13 @@ public enum SpecValidator {
         if let k = spec.kernel { try checkKernel(k) }
         if let i = spec.initrd { try checkFile(i, what: "initrd", flag: "--initrd") }
         if let r = spec.rootfs { try checkDirectory(r, what: "rootfs tree") }
+        if let d = spec.rootfsDisk, mode.isVM { try checkFile(d, what: "root disk image", flag: "--image", blockDeviceOK: false) }
+        if let env = spec.environment, let bad = env.first(where: { !$0.contains("=") || $0.hasPrefix("=") || $0.contains("\u{0}") }) {
+            throw MicroVMError.invalidArgument("environment entry '\(bad)' is not NAME=VALUE")
+        }
+        if let dir = spec.workingDirectory, !dir.hasPrefix("/") || dir.contains("\u{0}") {
+            throw MicroVMError.invalidArgument("working directory '\(dir)' is not an absolute path")
+        }
         for d in spec.disks {
             if mode == .container || mode == .native { try checkDirectory(d.path, what: "container disk (a host directory, mounted at /mnt)") }
             else { try checkFile(d.path, what: "disk image", flag: "--disk", blockDeviceOK: true) }

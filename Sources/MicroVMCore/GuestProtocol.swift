@@ -28,6 +28,11 @@ public enum GuestProtocol {
     /// Set to 1 when vCPUs may be added while the guest runs (`--max-cpus`): the init brings
     /// every CPU the hypervisor plugs in online (Linux leaves that to user space).
     public static let cpuHotplugParameter = "mvm.cpuhp"
+    /// Base64 of the command's environment (NAME=VALUE entries joined by NUL): the command gets
+    /// exactly these instead of the init's.
+    public static let environmentParameter = "mvm.env"
+    /// Base64 of the directory the command starts in (needs /bin/sh on the root disk).
+    public static let workingDirectoryParameter = "mvm.cwd"
     public static let vsockShellPort: UInt32 = 1024
 
     /// Encodes argv for the kernel command line: base64 of the arguments joined by NUL,
@@ -67,6 +72,10 @@ extension VMSpec {
         }
         if vsockCID != nil, vsockShell { p.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
         if let maxCPUs, maxCPUs > cpus { p.append("\(GuestProtocol.cpuHotplugParameter)=1") }
+        if let environment { p.append("\(GuestProtocol.environmentParameter)=\(GuestProtocol.encodeCommand(environment))") }
+        if let dir = workingDirectory, dir != "/" {
+            p.append("\(GuestProtocol.workingDirectoryParameter)=\(Data(dir.utf8).base64EncodedString())")
+        }
         return p
     }
 }

@@ -18,6 +18,8 @@ public struct Paths: Sendable {
     }
 
     public var images: String { cache + "/images" }
+    /// Container images (`mvm run --image`) unpacked and converted, by their tarball's SHA-256.
+    public var containerImages: String { cache + "/container-images" }
     public var ledger: String { state + "/ledger.sqlite" }
     public var instances: String { state + "/instances" }
     public var libvirtRoot: String { state + "/libvirt" }
@@ -27,6 +29,21 @@ public struct Paths: Sendable {
     public static func ensureDirectory(_ path: String) throws {
         do { try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true) }
         catch { throw MicroVMError(.permissionDenied, "cannot create directory '\(path)': set MVM_STATE_DIR/MVM_CACHE_DIR to a writable place", cause: error) }
+    }
+
+    /// Runs `body` holding an exclusive lock on `lockPath` (flock; the file is made if missing):
+    /// how builders of one cache in several processes take turns.
+    public static func withLockFile<T>(_ lockPath: String, _ body: () throws -> T) throws -> T {
+        let fd = open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
+        guard fd >= 0 else {
+            throw MicroVMError(.permissionDenied, "cannot open lock file '\(lockPath)': \(String(cString: strerror(errno))); set MVM_CACHE_DIR to a writable place")
+        }
+        defer { close(fd) }
+        while flock(fd, LOCK_EX) != 0 {
+            guard errno == EINTR else { throw MicroVMError(.internalError, "flock on '\(lockPath)' failed: \(String(cString: strerror(errno)))") }
+        }
+        defer { flock(fd, LOCK_UN) }
+        return try body()
     }
 
     /// Writes a file of one run's scratch state (a bundle's config, an owner record) without the

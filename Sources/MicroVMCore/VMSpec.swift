@@ -101,6 +101,13 @@ public struct VMSpec: Codable, Sendable, Hashable {
     public var command: [String]
     /// The rootfs tree for containers (the same tree the VM's disk is made from).
     public var rootfs: String?
+    /// A VM's root disk in place of the default image's (an image's converted rootfs), attached
+    /// read-only as /dev/vda; the default image still gives the kernel and initramfs.
+    public var rootfsDisk: String?
+    /// The command's environment (NAME=VALUE), in place of the default one; nil: the default.
+    public var environment: [String]?
+    /// The directory the command starts in (absolute); nil: /.
+    public var workingDirectory: String?
     public var slice: ResourceSlice?
     /// Seconds before the instance is killed.
     public var timeout: Double

@@ -78,15 +78,6 @@ public struct RigImage: Sendable, Equatable {
     }
 
     private static func withLock<T>(_ lockPath: String, _ body: () throws -> T) throws -> T {
-        let fd = open(lockPath, O_CREAT | O_RDWR | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            throw MicroVMError(.permissionDenied, "cannot open lock file '\(lockPath)': \(String(cString: strerror(errno))); set MVM_CACHE_DIR to a writable place")
-        }
-        defer { close(fd) }
-        while flock(fd, LOCK_EX) != 0 {
-            guard errno == EINTR else { throw MicroVMError(.internalError, "flock on '\(lockPath)' failed: \(String(cString: strerror(errno)))") }
-        }
-        defer { flock(fd, LOCK_UN) }
-        return try body()
+        try Paths.withLockFile(lockPath, body)
     }
 }

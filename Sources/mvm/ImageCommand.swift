@@ -6,7 +6,26 @@ struct ImageCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "image",
         abstract: "Build, list and inspect guest images (kernel, initramfs, rootfs disk and tree).",
-        subcommands: [Build.self, List.self, Inspect.self, Prune.self])
+        subcommands: [Build.self, List.self, Inspect.self, Prune.self, MakeBusybox.self])
+
+    struct MakeBusybox: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "make-busybox",
+            abstract: "Write a one-layer busybox image tarball from the host's static busybox, for mvm run --image, docker load or ctr image import where no registry is reached.")
+        @Argument(help: "The tarball to write.") var output: String
+        @Option(help: "docker-save (docker load takes it) or oci (an OCI image layout).") var format: String = "docker-save"
+        @Option(help: "The image's name in the tarball.") var tag: String = "busybox:latest"
+
+        func run() async throws {
+            try await reportingErrors {
+                guard let f = BusyboxImage.Format(rawValue: format) else {
+                    throw MicroVMError.invalidArgument("--format \(format) is not one of \(BusyboxImage.Format.allCases.map(\.rawValue).joined(separator: ", "))")
+                }
+                try BusyboxImage.make(at: output, format: f, tag: tag)
+                print(output)
+            }
+        }
+    }
 
     struct Build: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Build the default guest image, or return the cached one when its inputs are unchanged.")

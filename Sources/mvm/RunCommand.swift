@@ -45,6 +45,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Extra kernel command-line arguments.") var cmdline: String = ""
     @Option(help: "Attach a raw disk image: FILE[,ro][,direct] (repeatable).") var disk: [String] = []
     @Flag(help: "Do not attach the image's rootfs disk (the command runs in the initramfs).") var noRootfs = false
+    @Option(help: "Run this container image (a 'docker save' tarball or a tar of an OCI image layout) in any mode: its rootfs is the container's root or the VM's root disk (converted once, cached by content), its entrypoint, command, environment and working directory the defaults.") var image: String?
     @Flag(help: "Direct mode: run the VMM outside its jail (namespaces, empty root, no privileges, seccomp), for debugging; mvm ps says so.") var noJail = false
     @Option(help: "Network over a tap: tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]] (default: a new tap on a free /30 of 10.200/16).") var net: String?
     @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; direct mode needs /dev/vhost-vsock).") var vsock: UInt32?
@@ -75,6 +76,7 @@ struct RunCommand: AsyncParsableCommand {
             spec.vsockShell = vsockShell
             if balloon { spec.balloon = BalloonSpec() }
             spec.maxCPUs = maxCpus
+            if let image { try Self.use(image: image, for: &spec, mode: mode, noRootfs: noRootfs) }
             if noJail && mode != .direct {
                 throw MicroVMError.invalidArgument("--no-jail is for --mode direct (the jail is the direct VMM's); leave it out for --mode \(mode.rawValue)")
             }
@@ -101,6 +103,26 @@ struct RunCommand: AsyncParsableCommand {
             return result.exitStatus
         }
         if status != 0 { throw ExitCode(status) }
+    }
+}
+
+extension RunCommand {
+    /// Gives `spec` the image's rootfs (a tree for containers; for VMs, also the ext4 disk made
+    /// from it) and its defaults: the entrypoint before the command given, else the image's
+    /// command; its environment and working directory.
+    static func use(image path: String, for spec: inout VMSpec, mode: RunMode, noRootfs: Bool) throws {
+        if noRootfs {
+            throw MicroVMError.invalidArgument("--image gives the instance its root filesystem; --no-rootfs takes it away: drop one of them")
+        }
+        let image = try ContainerImageStore().prepare(tarball: path, disk: mode.isVM)
+        spec.rootfs = image.rootfsTree
+        if mode.isVM { spec.rootfsDisk = image.rootfsDisk }
+        spec.command = image.config.command(spec.command)
+        guard !spec.command.isEmpty else {
+            throw MicroVMError.invalidArgument("the image '\(path)' names no command (no Entrypoint or Cmd): give one after --, e.g. -- /bin/sh -c 'echo hi'")
+        }
+        if !image.config.env.isEmpty { spec.environment = image.config.env }
+        if !image.config.workingDir.isEmpty { spec.workingDirectory = image.config.workingDir }
     }
 }
 

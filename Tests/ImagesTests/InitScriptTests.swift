@@ -66,4 +66,26 @@ struct InitScriptTests {
         #expect(report.status == 4)
         #expect(report.outputText == "<two words><quote'd><*>")
     }
+
+    /// `mvm.env` replaces the command's whole environment and `mvm.cwd` is where it starts (an
+    /// image's Env and WorkingDir); a directory that is not there fails the command, not the init.
+    @Test func theCommandGetsTheImagesEnvironmentAndDirectory() throws {
+        let dir = try Fixture.tempDir("envcwd")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let env = GuestProtocol.encodeCommand(["PATH=/usr/bin:/bin", "GREETING=two words"])
+        func run(cwd: String) throws -> GuestReport {
+            let argv = GuestProtocol.encodeCommand(["sh", "-c", "echo \"$GREETING|$PATH|${HOME:-no home}|$(pwd)\""])
+            let r = try runInit("""
+                MVM_WORK=\(dir); MVM_CHROOT=0; MVM_STATUS_FILE=\(dir)/status; export MVM_STATUS_FILE; HOME=/root; export HOME; set -f; \
+                MVM_CMDLINE='console=ttyS0 mvm.env=\(env) mvm.cwd=\(Data(cwd.utf8).base64EncodedString())'; \
+                printf '%s' '\(argv)' | base64 -d > \(dir)/argv; s=$(mvm_run_command \(dir)/argv \(dir)/out); mvm_frame \(dir)/out $s
+                """)
+            return try #require(ConsoleParser.parse(r.stdoutText).report, "\(r.stdoutText)\(r.stderrText)")
+        }
+        let ok = try run(cwd: dir)
+        #expect(ok.status == 0)
+        #expect(ok.outputText == "two words|/usr/bin:/bin|no home|\(dir)\n")
+        let missing = try run(cwd: dir + "/nowhere")
+        #expect(missing.status == 126 && missing.outputText.contains("nowhere"), "\(missing.outputText)")
+    }
 }

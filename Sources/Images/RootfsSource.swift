@@ -8,13 +8,19 @@ import MicroVMCore
 public enum RootfsSource {
     /// The layer files, in order, of the image in an unpacked image tarball.
     public static func layers(inImageDirectory dir: String) throws -> [String] {
+        try contents(ofImageDirectory: dir).layers
+    }
+
+    /// The layer files, in order, and the image's configuration file (nil where the image has
+    /// none), of the image in an unpacked image tarball.
+    public static func contents(ofImageDirectory dir: String) throws -> (layers: [String], config: String?) {
         let fm = FileManager.default
         if let data = fm.contents(atPath: dir + "/manifest.json"),
            let entries = try? JSONDecoder().decode([SaveManifest].self, from: data) {
             guard let first = entries.first, !first.Layers.isEmpty else {
                 throw MicroVMError(.invalidImage, "manifest.json in the image lists no layers: the tarball is not a usable docker save image")
             }
-            return try first.Layers.map { try inside(dir, $0) }
+            return (try first.Layers.map { try inside(dir, $0) }, try first.Config.map { try inside(dir, $0) })
         }
         if let data = fm.contents(atPath: dir + "/index.json") {
             guard let index = try? JSONDecoder().decode(OCIIndex.self, from: data), let m = index.manifests.first else {
@@ -28,13 +34,14 @@ public enum RootfsSource {
             guard let layers = manifest.layers, !layers.isEmpty else {
                 throw MicroVMError(.invalidImage, "image manifest \(m.digest) lists no layers (an index of indexes is not supported)")
             }
-            return try layers.map { try blob(dir, $0.digest) }
+            return (try layers.map { try blob(dir, $0.digest) }, try manifest.config.map { try blob(dir, $0.digest) })
         }
         throw MicroVMError(.invalidImage, "the tarball has neither manifest.json (docker save) nor index.json (OCI layout): pass an image made by 'docker save' or an OCI image layout")
     }
 
     /// Extracts the image in `tarball` into the (new or empty) directory `target`.
-    public static func extract(tarball: String, into target: String) throws {
+    @discardableResult
+    public static func extract(tarball: String, into target: String) throws -> ImageConfig {
         let fm = FileManager.default
         guard fm.fileExists(atPath: tarball) else {
             throw MicroVMError.notFound("image tarball '\(tarball)' does not exist")
@@ -45,9 +52,15 @@ public enum RootfsSource {
         defer { try? fm.removeItem(atPath: work) }
         try tar(["-xf", tarball, "-C", work, "--no-same-owner"])
         let root = try realpath(target)
-        for layer in try layers(inImageDirectory: work) {
+        let image = try contents(ofImageDirectory: work)
+        for layer in image.layers {
             try apply(layer: layer, to: root)
         }
+        guard let file = image.config else { return ImageConfig() }
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw MicroVMError(.invalidImage, "the image's configuration \((file as NSString).lastPathComponent) is missing from the tarball")
+        }
+        return try ImageConfig(json: data)
     }
 
     /// Applies one layer: its whiteouts first (they name lower-layer content), then its files.
@@ -118,10 +131,10 @@ public enum RootfsSource {
         return "\(dir)/blobs/\(parts[0])/\(parts[1])"
     }
 
-    struct SaveManifest: Decodable { var Layers: [String] }
+    struct SaveManifest: Decodable { var Config: String?; var Layers: [String] }
     struct Descriptor: Decodable { var digest: String; var mediaType: String? }
     struct OCIIndex: Decodable { var manifests: [Descriptor] }
-    struct OCIManifest: Decodable { var layers: [Descriptor]? }
+    struct OCIManifest: Decodable { var config: Descriptor?; var layers: [Descriptor]? }
 }
 
 #if canImport(Glibc)

@@ -1,7 +1,7 @@
 import Foundation
 import Testing
 import MicroVMCore
-@testable import Containers
+@testable import Images
 
 /// Builds tiny images by hand: two layers, the second with a file whiteout and an opaque dir.
 @Suite("Image tarball import")
@@ -48,9 +48,18 @@ final class RootfsSourceTests {
         try FileManager.default.copyItem(atPath: l1, toPath: img + "/aaa/layer.tar")
         try FileManager.default.copyItem(atPath: l2, toPath: img + "/bbb/layer.tar")
         try write(img + "/manifest.json", #"[{"Config":"c.json","RepoTags":["t:1"],"Layers":["aaa/layer.tar","bbb/layer.tar"]}]"#)
+        try write(img + "/c.json", #"{"architecture":"amd64","config":{"Env":["PATH=/bin","A=b=c"],"Entrypoint":["/bin/tini","--"],"Cmd":["sh"],"WorkingDir":"/srv","User":"1000"}}"#)
         try ProcessRunner.check(["tar", "-C", img, "-cf", dir + "/save.tar", "."])
-        try RootfsSource.extract(tarball: dir + "/save.tar", into: dir + "/out")
+        let config = try RootfsSource.extract(tarball: dir + "/save.tar", into: dir + "/out")
         try expectMerged(dir + "/out")
+        #expect(config == ImageConfig(entrypoint: ["/bin/tini", "--"], cmd: ["sh"], env: ["PATH=/bin", "A=b=c"], workingDir: "/srv", user: "1000"))
+        #expect(config.command([]) == ["/bin/tini", "--", "sh"])
+        #expect(config.command(["echo", "hi"]) == ["/bin/tini", "--", "echo", "hi"], "arguments replace Cmd, not the entrypoint")
+        // A manifest naming a configuration the tarball lacks is a broken image.
+        try write(img + "/manifest.json", #"[{"Config":"missing.json","Layers":["aaa/layer.tar"]}]"#)
+        try ProcessRunner.check(["tar", "-C", img, "-cf", dir + "/broken.tar", "."])
+        let e = try #require(throws: MicroVMError.self) { try RootfsSource.extract(tarball: dir + "/broken.tar", into: dir + "/out2") }
+        #expect(e.message.contains("missing.json"))
     }
 
     @Test func ociImageLayout() throws {
@@ -61,12 +70,23 @@ final class RootfsSourceTests {
         let d1 = String(repeating: "1", count: 64), d2 = String(repeating: "2", count: 64), dm = String(repeating: "f", count: 64)
         try FileManager.default.copyItem(atPath: l1, toPath: blobs + "/" + d1)
         try FileManager.default.copyItem(atPath: l2, toPath: blobs + "/" + d2)
-        try write(blobs + "/" + dm, #"{"schemaVersion":2,"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:\#(d1)"},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:\#(d2)"}]}"#)
+        let dc = String(repeating: "c", count: 64)
+        try write(blobs + "/" + dc, #"{"config":{"Cmd":null,"Entrypoint":["/bin/echo"],"Env":null}}"#)
+        try write(blobs + "/" + dm, #"{"schemaVersion":2,"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:\#(dc)"},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:\#(d1)"},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:\#(d2)"}]}"#)
         try write(img + "/index.json", #"{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:\#(dm)"}]}"#)
         try write(img + "/oci-layout", #"{"imageLayoutVersion":"1.0.0"}"#)
         try ProcessRunner.check(["tar", "-C", img, "-cf", dir + "/oci.tar", "."])
-        try RootfsSource.extract(tarball: dir + "/oci.tar", into: dir + "/out")
+        let config = try RootfsSource.extract(tarball: dir + "/oci.tar", into: dir + "/out")
         try expectMerged(dir + "/out")
+        #expect(config == ImageConfig(entrypoint: ["/bin/echo"]), "null fields are empty")
+    }
+
+    @Test func configurationsThatCannotRunAreRefused() {
+        for (json, complaint) in [(#"{"config":{"Env":["NOEQUALS"]}}"#, "not NAME=VALUE"), (#"{"config":{"WorkingDir":"srv"}}"#, "not an absolute path"),
+                                  (#"{"config":{"Cmd":"sh"}}"#, "not an image configuration"), (#"[]"#, "not an image configuration")] {
+            let e = #expect(throws: MicroVMError.self) { try ImageConfig(json: Data(json.utf8)) }
+            #expect(e?.message.contains(complaint) == true, "\(json): \(e?.message ?? "")")
+        }
     }
 
     @Test func hostileManifestsAreRefused() throws {

@@ -1,0 +1,56 @@
+import Foundation
+import Testing
+import MicroVM
+
+/// `mvm run --image`: one image tarball in every mode, as the container's root or the VM's root
+/// disk, with its entrypoint, command, environment and working directory as the defaults.
+@Suite("mvm run --image", .serialized, .timeLimit(.minutes(5)))
+struct ImageRunCLITests {
+    /// An image whose entrypoint is `sh -c`, whose command prints its environment's greeting and
+    /// where it runs, from a working directory of its own.
+    static let image: Result<String, any Error> = Result {
+        let path = NSTemporaryDirectory() + "mvm-cli-busybox-\(getpid()).tar"
+        guard let busybox = ProcessRunner.which("busybox") else { throw MicroVMError.notFound("busybox is not installed") }
+        try BusyboxImage.make(at: path, config: ImageConfig(entrypoint: ["/bin/sh", "-c"], cmd: ["echo \"$GREETING from $(pwd)\""],
+                                                            env: ["PATH=/bin", "GREETING=hello"], workingDir: "/srv"),
+                              directories: ["/srv"], busybox: busybox)
+        return path
+    }
+
+    func runs(_ mode: [String], timeout: Double = 120) throws {
+        let image = try Self.image.get()
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let defaults = try MVM.run(["run"] + mode + ["--image", image], environment: env, timeout: timeout)
+        #expect(defaults.status == 0 && defaults.stdoutText == "hello from /srv\n", "\(defaults.stdoutText)\(defaults.stderrText.suffix(800))")
+        // Arguments replace the image's command and keep its entrypoint (sh -c).
+        let args = try MVM.run(["run"] + mode + ["--image", image, "--", "echo $GREETING again; exit 7"], environment: env, timeout: timeout)
+        #expect(args.status == 7 && args.stdoutText == "hello again\n", "\(args.stdoutText)\(args.stderrText.suffix(800))")
+        #expect(try MVM.run(["alloc", "show"], environment: env).stdoutText.contains("grants      0"))
+    }
+
+    @Test(.enabled(if: KillSafetyCLITests.canRunContainers, "needs root and runc"))
+    func inARuncContainer() throws { try runs(["--mode", "container", "--runtime", "runc"]) }
+
+    @Test(.enabled(if: KillAtPhaseCLITests.usable(.docker), "needs root and a running Docker engine"))
+    func inADockerContainer() throws { try runs(["--mode", "container", "--runtime", "docker"]) }
+
+    @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
+    func inAHostedVM() throws { try runs(["--mode", "hosted"], timeout: 240) }
+
+    /// A missing tarball, a file that is no image, and --no-rootfs beside --image are refused
+    /// before anything is granted.
+    @Test func badImagesAreRefusedBeforeAnythingIsGranted() throws {
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let missing = try MVM.run(["run", "--mode", "container", "--image", dir + "/none.tar", "--", "true"], environment: env)
+        #expect(missing.status != 0 && missing.stderrText.contains("does not exist"), "\(missing.stderrText)")
+        try "not a tarball".write(toFile: dir + "/junk.tar", atomically: true, encoding: .utf8)
+        let junk = try MVM.run(["run", "--mode", "container", "--image", dir + "/junk.tar", "--", "true"], environment: env)
+        #expect(junk.status != 0 && junk.stderrText.contains("tar"), "\(junk.stderrText)")
+        let both = try MVM.run(["run", "--mode", "hosted", "--no-rootfs", "--image", dir + "/junk.tar"], environment: env)
+        #expect(both.status == 2 && both.stderrText.contains("--no-rootfs"), "\(both.stderrText)")
+        let ledger = FileManager.default.fileExists(atPath: dir + "/state/ledger.sqlite")
+        #expect(try !ledger || MVM.run(["alloc", "show"], environment: env).stdoutText.contains("grants      0"))
+    }
+}
