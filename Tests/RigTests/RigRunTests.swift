@@ -223,6 +223,12 @@ struct RigKVMTests {
         }
     }
 
+    @Test func anImageTarballIsTheRootDiskOfDirectAndHostedVMs() throws {
+        let s = try step("image")
+        #expect(s.output.contains("direct: hi from /dev/vda\nstatus=0"), "\(s.output)")
+        #expect(s.output.contains("hosted: hi from /dev/vda\nstatus=0"), "\(s.output)")
+    }
+
     @Test func twoCPUsWithoutADiskComeFromTheMADT() throws {
         let s = try step("madt")
         #expect(s.status == 3, "output: \(s.output.suffix(2000))")
@@ -269,6 +275,8 @@ enum RigKVMSession {
          ("kill-phases", ["sh", "-c", killPhasesScript(mvm: mvm)]),
          ("balloon", ["sh", "-c", balloonScript(mvm: mvm)]),
          ("hosted-vcpus", ["sh", "-c", hostedVCPUsScript(mvm: mvm)]),
+         // One image tarball as the root disk of a direct and a hosted VM.
+         ("image", ["sh", "-c", "for m in direct hosted; do echo \"$m: $(\(ProcessRunner.shellQuote(mvm)) run --mode $m --image \(busyboxImage) -- sh -c 'echo hi from $(mount | grep \" / \" | cut -d\" \" -f1)'; echo status=$?)\"; done"]),
          ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
     }
 
@@ -450,6 +458,9 @@ enum RigKVMSession {
 
     static let iperfPort = 5299
 
+    /// A busybox image tarball in the cache, which the rig sees (read-only).
+    static var busyboxImage: String { Paths.default.cache + "/rig-busybox.tar" }
+
     /// Inside the rig /tmp is a fresh tmpfs: a writable home for the second disk.
     static let scratchDisk = "/tmp/mvm-rig-scratch.img"
 
@@ -504,6 +515,9 @@ enum RigKVMSession {
     static func run() throws -> [String: Step] {
         // The guest image must exist before the rig starts: inside, the cache is read-only.
         let image = try ImageStore().ensureDefault()
+        // So is the container image's root disk: made here, found by its content inside.
+        try BusyboxImage.make(at: busyboxImage)
+        _ = try ContainerImageStore().prepare(tarball: busyboxImage, disk: true)
         var o = RigGate.options(timeout: 1500)
         o.memoryMiB = 3072
         let started = Date()
