@@ -1,7 +1,18 @@
 import ArgumentParser
 import MicroVM
 
+/// `mvm`, or `mvm-runtime` when called by that name (a link to this binary): the OCI runtime
+/// command line containerd and Docker drive.
 @main
+enum Entry {
+    static func main() async {
+        if (CommandLine.arguments.first.map { ($0 as NSString).lastPathComponent }) == "mvm-runtime" {
+            exit(await RuntimeCLI.main(Array(CommandLine.arguments.dropFirst())))
+        }
+        await MVM.main()
+    }
+}
+
 struct MVM: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "mvm",

@@ -1,0 +1,128 @@
+import Foundation
+import MicroVMCore
+import Allocator
+
+/// An OCI bundle as `mvm-runtime create` receives it from containerd's shim or Docker: the part
+/// of `config.json` a micro-VM honours (the process's arguments, environment, working directory
+/// and terminal; the root; `linux.resources`), read leniently where a runtime may add fields and
+/// strictly where a field has the wrong type. Everything else (namespaces, mounts, seccomp,
+/// capabilities) describes isolation the VM boundary replaces.
+public struct RuntimeBundle: Sendable {
+    public struct Config: Decodable, Sendable {
+        public struct Process: Decodable, Sendable {
+            public var terminal: Bool?
+            public var args: [String]?
+            public var env: [String]?
+            public var cwd: String?
+        }
+        public struct Root: Decodable, Sendable {
+            public var path: String
+            public var readonly: Bool?
+        }
+        public struct Linux: Decodable, Sendable {
+            public var resources: Resources?
+        }
+        public struct Resources: Decodable, Sendable {
+            public var memory: OCIResources.Memory?
+            public var cpu: OCIResources.CPU?
+            public var pids: OCIResources.Pids?
+        }
+        public var ociVersion: String?
+        public var process: Process?
+        public var root: Root?
+        public var hostname: String?
+        public var linux: Linux?
+    }
+
+    public let directory: String
+    public let config: Config
+
+    /// Reads `DIRECTORY/config.json`; every problem is named as runc names it, with the field.
+    public init(directory: String) throws {
+        let file = directory + "/config.json"
+        guard let data = FileManager.default.contents(atPath: file) else {
+            throw MicroVMError.notFound("open \(file): no such file or directory: the bundle has no config.json")
+        }
+        do {
+            config = try JSONDecoder().decode(Config.self, from: data)
+        } catch let DecodingError.typeMismatch(type, context), let DecodingError.valueNotFound(type, context) {
+            let found = context.debugDescription.range(of: "found ").map { " (" + context.debugDescription[$0.lowerBound...].trimmingCharacters(in: CharacterSet(charactersIn: ". ")) + ")" } ?? ""
+            throw MicroVMError.invalidArgument("config.json: \(Self.path(context.codingPath)) must be \(Self.describe(type))\(found)")
+        } catch let DecodingError.keyNotFound(key, context) {
+            throw MicroVMError.invalidArgument("config.json: \(Self.path(context.codingPath + [key])) is required")
+        } catch {
+            throw MicroVMError.invalidArgument("config.json is not valid JSON: \(error)")
+        }
+        self.directory = directory
+        guard let process = config.process, let args = process.args, !args.isEmpty, !args[0].isEmpty else {
+            throw MicroVMError.invalidArgument("config.json: process.args must not be empty")
+        }
+        guard let root = config.root, !root.path.isEmpty else { throw MicroVMError.invalidArgument("config.json: root.path is required") }
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: rootfs, isDirectory: &isDir), isDir.boolValue else {
+            throw MicroVMError.notFound("rootfs (\(rootfs)) does not exist: the bundle's root.path must be a directory")
+        }
+        if let bad = (process.env ?? []).first(where: { !$0.contains("=") || $0.hasPrefix("=") }) {
+            throw MicroVMError.invalidArgument("config.json: process.env has '\(bad)', which is not NAME=VALUE")
+        }
+        if let cwd = process.cwd, !cwd.isEmpty, !cwd.hasPrefix("/") {
+            throw MicroVMError.invalidArgument("config.json: process.cwd '\(cwd)' is not an absolute path")
+        }
+    }
+
+    /// The root directory, absolute.
+    public var rootfs: String {
+        let p = config.root?.path ?? ""
+        return p.hasPrefix("/") ? p : directory + "/" + p
+    }
+    public var args: [String] { config.process?.args ?? [] }
+    public var env: [String]? { config.process?.env }
+    public var cwd: String? { config.process?.cwd.flatMap { $0.isEmpty || $0 == "/" ? nil : $0 } }
+    public var terminal: Bool { config.process?.terminal ?? false }
+
+    /// The slice `linux.resources` asks for: its memory limit (else `defaults`'), as many vCPUs as
+    /// its CPU quota covers (else `defaults`'), the quota itself, and its shares as a weight.
+    /// A limit no VM can have, or more than the host holds, is refused.
+    public func slice(defaults: ResourceSlice, hostMemory: ByteCount, hostCPUs: Int) throws -> ResourceSlice {
+        var s = defaults
+        let r = config.linux?.resources
+        if let limit = r?.memory?.limit, limit > 0 {
+            let bytes = ByteCount(UInt64(limit))
+            guard bytes >= .mebibytes(64) else {
+                throw MicroVMError.invalidArgument("linux.resources.memory.limit \(limit) is too small for a VM: give at least 64 MiB (67108864)")
+            }
+            guard bytes <= hostMemory else {
+                throw MicroVMError.invalidArgument("linux.resources.memory.limit \(limit) is more than this host's \(hostMemory) of memory")
+            }
+            s.memory = bytes
+        }
+        if let quota = r?.cpu?.quota, quota > 0 {
+            let period = Double(r?.cpu?.period ?? 100_000)
+            guard period > 0 else { throw MicroVMError.invalidArgument("linux.resources.cpu.period must be positive") }
+            let cpus = Double(quota) / period
+            guard cpus <= Double(hostCPUs) else {
+                throw MicroVMError.invalidArgument("linux.resources.cpu quota \(quota)/\(Int(period)) asks for \(cpus) CPUs; this host has \(hostCPUs)")
+            }
+            s.cpus = max(1, Int(cpus.rounded(.up)))
+            s.cpuQuota = cpus
+        }
+        if let shares = r?.cpu?.shares, shares > 0 { s.cpuWeight = max(1, min(10_000, Int(shares) * 100 / 1024)) }
+        if let pids = r?.pids?.limit, pids > 0 { s.pidsLimit = Int(pids) }
+        return s
+    }
+
+    static func path(_ keys: [any CodingKey]) -> String {
+        keys.map { $0.intValue.map { "[\($0)]" } ?? "." + $0.stringValue }.joined().trimmingCharacters(in: CharacterSet(charactersIn: "."))
+    }
+
+    static func describe(_ type: Any.Type) -> String {
+        switch type {
+        case is String.Type: return "a string"
+        case is Bool.Type: return "a boolean"
+        case is [String].Type, is [Any].Type: return "an array"
+        case is [String: Any].Type: return "an object"
+        case is Int.Type, is Int64.Type, is UInt64.Type, is UInt32.Type: return "an integer"
+        default: return "\(type)"
+        }
+    }
+}

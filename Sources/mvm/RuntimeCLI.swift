@@ -1,0 +1,423 @@
+import Foundation
+import ArgumentParser
+import Synchronization
+import MicroVM
+
+/// `mvm-runtime`: a runc-compatible command line whose containers are micro-VMs, for
+/// containerd's `io.containerd.runc.v2` shim (`ctr run --runc-binary`, a runtime's `BinaryName`,
+/// a Kubernetes RuntimeClass) and Docker's `runtimes`. It is this binary called by that name.
+///
+/// `create` checks the bundle, makes its root directory an ext4 disk and starts a supervisor (this
+/// binary again, in a session of its own) whose pid goes in the pid file: it is the process the
+/// shim watches, and its exit status is the container's. The supervisor waits on the container's
+/// start FIFO until `start`, then runs the bundle's process in a VM (direct where KVM is real,
+/// else hosted QEMU) under an allocator grant, writes what the process printed to the stdio the
+/// shim gave `create`, and exits with the process's status. `kill` stops the VM (the signal's
+/// number is in the exit status), `delete` removes what `create` made.
+enum RuntimeCLI {
+    struct Global {
+        var root = "/run/mvm-runtime"
+        var log: String?
+        var logJSON = false
+    }
+
+    /// What a run of `mvm-runtime` failed with: written to stderr and, as runc does, to `--log`.
+    struct Failure: Error { var message: String }
+
+    static let verbs = ["create", "start", "state", "kill", "delete", "ps", "features"]
+
+    static func main(_ arguments: [String]) async -> Int32 {
+        var g = Global()
+        var args = arguments[...]
+        do {
+            while let a = args.first, a.hasPrefix("-") {
+                args.removeFirst()
+                let (flag, inline) = split(a)
+                func value() throws -> String {
+                    if let inline { return inline }
+                    guard let v = args.popFirst() else { throw Failure(message: "flag \(flag) needs a value") }
+                    return v
+                }
+                switch flag {
+                case "--root": g.root = try value()
+                case "--log": g.log = try value()
+                case "--log-format": g.logJSON = try value() == "json"
+                case "--systemd-cgroup", "--debug", "--no-pivot": break
+                case "--criu", "--rootless": _ = try value()
+                case "-v", "--version":
+                    print("mvm-runtime version 1 (MicroVM)\nspec: 1.0.2")
+                    return 0
+                default: throw Failure(message: "flag provided but not defined: \(flag)")
+                }
+            }
+            guard let verb = args.popFirst() else {
+                throw Failure(message: "no command given: mvm-runtime supports \(verbs.joined(separator: ", "))")
+            }
+            let rest = Array(args)
+            switch verb {
+            case "create": try create(g, rest)
+            case "start": try start(g, rest)
+            case "state": try state(g, rest)
+            case "kill": try kill(g, rest)
+            case "delete": try delete(g, rest)
+            case "ps": try ps(g, rest)
+            case "features": print(features)
+            case "_supervise": return await supervise(g, rest)
+            default:
+                throw Failure(message: "\(verb) is not supported by mvm-runtime (a container here is a micro-VM): it supports \(verbs.joined(separator: ", "))")
+            }
+            return 0
+        } catch {
+            let message = (error as? Failure)?.message ?? (error as? MicroVMError)?.description ?? String(describing: error)
+            report(g, message)
+            return 1
+        }
+    }
+
+    static func split(_ a: String) -> (String, String?) {
+        guard let eq = a.firstIndex(of: "=") else { return (a, nil) }
+        return (String(a[..<eq]), String(a[a.index(after: eq)...]))
+    }
+
+    /// One error line on stderr and in the `--log` file (JSON lines as runc writes them, which
+    /// containerd quotes when a call fails).
+    /// Where `report` writes for the user: stderr, or what stderr was before the supervisor
+    /// sent its own diagnostics (libvirt's, the backends' warnings) to the log.
+    nonisolated(unsafe) static var userError: Int32 = 2
+
+    static func report(_ g: Global, _ message: String) {
+        let text = Array("mvm-runtime: \(message)\n".utf8)
+        _ = text.withUnsafeBytes { Glibc.write(userError, $0.baseAddress, $0.count) }
+        guard let log = g.log else { return }
+        let line: String
+        if g.logJSON {
+            let time = ISO8601DateFormatter().string(from: Date())
+            let body = (try? JSONSerialization.data(withJSONObject: ["level": "error", "msg": message, "time": time], options: [.sortedKeys]))
+                .map { String(decoding: $0, as: UTF8.self) } ?? "{}"
+            line = body + "\n"
+        } else {
+            line = "level=error msg=\"\(message)\"\n"
+        }
+        if let h = FileHandle(forWritingAtPath: log) ?? (FileManager.default.createFile(atPath: log, contents: nil) ? FileHandle(forWritingAtPath: log) : nil) {
+            h.seekToEndOfFile(); h.write(Data(line.utf8)); try? h.close()
+        }
+    }
+
+    /// Options of a verb: `--name value`, `--name=value` and flags; the rest are positional.
+    struct Options {
+        var values: [String: String] = [:]
+        var flags: Set<String> = []
+        var positional: [String] = []
+        init(_ args: [String], values names: Set<String>, flags known: Set<String>) throws {
+            var rest = args[...]
+            while let a = rest.popFirst() {
+                guard a.hasPrefix("-"), a.count > 1 else { positional.append(a); continue }
+                let (flag, inline) = RuntimeCLI.split(a)
+                let name = String(flag.drop { $0 == "-" })
+                if names.contains(name) {
+                    guard let v = inline ?? rest.popFirst() else { throw Failure(message: "flag \(flag) needs a value") }
+                    values[name] = v
+                } else if known.contains(name) {
+                    flags.insert(name)
+                } else {
+                    throw Failure(message: "flag provided but not defined: \(flag)")
+                }
+            }
+        }
+        func id(_ verb: String) throws -> String {
+            guard let id = positional.first, !id.isEmpty else { throw Failure(message: "\(verb) needs a container id") }
+            return id
+        }
+    }
+
+    // MARK: state
+
+    /// What `create` records for a container, under `--root`/ID/state.json; runc's state fields
+    /// first (what `state` prints), then ours.
+    struct Record: Codable {
+        var ociVersion = "1.0.2"
+        var id: String
+        var pid: Int32 = 0
+        var status: String = "creating"
+        var bundle: String
+        var rootfs: String
+        var created: String
+        var owner = ""
+        /// The instance's name (ledger owner, VM name).
+        var instance: String
+        /// The supervisor's start time (clock ticks after boot), so a reused pid is not taken for it.
+        var pidStart: UInt64?
+        /// The container's root disk: under MicroVM's state, where QEMU (not root) can open it.
+        var disk: String = ""
+        /// The signal `kill` was asked to deliver: the supervisor exits with 128 + it.
+        var killSignal: Int32?
+        var exitStatus: Int32?
+    }
+
+    struct Store {
+        let root: String
+        func dir(_ id: String) -> String { root + "/" + id }
+        func load(_ id: String) throws -> Record {
+            guard let data = FileManager.default.contents(atPath: dir(id) + "/state.json") else {
+                throw Failure(message: "container \(id) does not exist")
+            }
+            do { return try JSONDecoder().decode(Record.self, from: data) } catch {
+                throw Failure(message: "container \(id): its state file is unreadable: \(error)")
+            }
+        }
+        func save(_ r: Record) throws {
+            try Paths.writeScratch(try JSONEncoder().encode(r), to: dir(r.id) + "/state.json", atomically: true)
+        }
+        /// The supervisor runs (the recorded process, not a reuse of its pid).
+        func alive(_ r: Record) -> Bool {
+            guard r.pid > 0, Glibc.kill(r.pid, 0) == 0 else { return false }
+            // An exited supervisor nobody reaped yet (its parent is not a subreaper) is a zombie.
+            if let stat = try? String(contentsOfFile: "/proc/\(r.pid)/stat", encoding: .utf8),
+               let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z" { return false }
+            guard let want = r.pidStart else { return true }
+            return ProcessIdentity.startTime(pid: r.pid) == want
+        }
+        func status(_ r: Record) -> String { alive(r) ? (r.status == "creating" ? "created" : r.status) : "stopped" }
+    }
+
+    static func validID(_ id: String) throws {
+        guard !id.isEmpty, id.count <= 1024, !id.hasPrefix("."), !id.contains("/"), !id.contains("\u{0}") else {
+            throw Failure(message: "invalid container id '\(id)'")
+        }
+    }
+
+    /// A VM name (1-48 letters, digits, '-', '_', '.') for the container: its id where that fits, else a digest of it.
+    static func instanceName(_ id: String) -> String {
+        if (try? SpecValidator.validateName("ctr-" + id)) != nil { return "ctr-" + id }
+        var h: UInt64 = 0xcbf29ce484222325
+        for b in id.utf8 { h = (h ^ UInt64(b)) &* 0x100000001b3 }
+        let safe = String(id.filter { $0.isASCII && ($0.isLetter || $0.isNumber) }.prefix(24))
+        return "ctr-\(safe)-" + String(format: "%016llx", h)
+    }
+
+    // MARK: verbs
+
+    static func create(_ g: Global, _ args: [String]) throws {
+        let o = try Options(args, values: ["bundle", "b", "pid-file", "console-socket", "preserve-fds"], flags: ["no-pivot", "no-new-keyring", "detach", "d"])
+        let id = try o.id("create")
+        try validID(id)
+        let bundleDir = o.values["bundle"] ?? o.values["b"] ?? FileManager.default.currentDirectoryPath
+        let bundle = try RuntimeBundle(directory: bundleDir)
+        if bundle.terminal {
+            throw Failure(message: "process.terminal is set (ctr run -t, docker run -t): mvm-runtime has no console yet; run without a terminal")
+        }
+        let host = try HostCapacity.probe()
+        _ = try bundle.slice(defaults: ResourceSlice(cpus: 1, memory: .mebibytes(256)), hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
+        let store = Store(root: g.root)
+        let dir = store.dir(id)
+        try Paths.ensureDirectory(g.root)
+        guard mkdir(dir, 0o711) == 0 else {
+            throw Failure(message: errno == EEXIST ? "container with id \(id) already exists" : "cannot create \(dir): \(String(cString: strerror(errno)))")
+        }
+        var r = Record(id: id, bundle: bundleDir, rootfs: bundle.rootfs, created: ISO8601DateFormatter().string(from: Date()), instance: instanceName(id))
+        r.disk = Paths.default.state + "/runtime-disks/" + r.instance + ".ext4"
+        do {
+            try Paths.ensureDirectory(Paths.default.state + "/runtime-disks")
+            try makeDisk(tree: bundle.rootfs, disk: r.disk)
+            guard mkfifo(dir + "/start.fifo", 0o600) == 0 else { throw Failure(message: "cannot make \(dir)/start.fifo: \(String(cString: strerror(errno)))") }
+            try store.save(r)
+            let pid = try spawnSupervisor(g, id: id)
+            // The supervisor says it is ready by recording itself; a supervisor that died says why on stderr.
+            let deadline = Monotonic.seconds() + 30
+            while true {
+                r = try store.load(id)
+                if r.status == "created", r.pid == pid { break }
+                var status: Int32 = 0
+                if waitpid(pid, &status, WNOHANG) == pid { throw Failure(message: "the container's supervisor ended before it was ready (status \(status))") }
+                guard Monotonic.seconds() < deadline else { Glibc.kill(pid, SIGKILL); throw Failure(message: "the container's supervisor was not ready within 30 s") }
+                usleep(2_000)
+            }
+            if let pidFile = o.values["pid-file"] { try Paths.writeScratch(Data("\(pid)".utf8), to: pidFile, atomically: true) }
+        } catch {
+            try? FileManager.default.removeItem(atPath: r.disk)
+            try? FileManager.default.removeItem(atPath: dir)
+            throw error
+        }
+    }
+
+    /// The bundle's root directory as an ext4 disk of its own (read-only to the guest), with the
+    /// mount points the guest init needs added where the tree lacks them.
+    static func makeDisk(tree: String, disk: String) throws {
+        let du = try ProcessRunner.check(["du", "-sk", tree], timeout: 300, package: "coreutils").stdoutText
+        let used = UInt64(du.split(whereSeparator: \.isWhitespace).first ?? "0") ?? 0
+        try RootfsBuilder.makeExt4(tree: tree, disk: disk, size: .mebibytes(max(64, (used * 3 / 2) / 1024 + 32)))
+        for d in ["proc", "sys", "dev", "tmp", "run"] where !FileManager.default.fileExists(atPath: tree + "/" + d) {
+            try ProcessRunner.check(["debugfs", "-w", "-R", "mkdir /\(d)", disk], timeout: 60, package: "e2fsprogs")
+        }
+    }
+
+    /// This binary as `mvm-runtime _supervise ID`, in a session of its own, with our stdio (the
+    /// shim's pipes or FIFOs): once `create` exits, the shim (a subreaper) is its parent.
+    static func spawnSupervisor(_ g: Global, id: String) throws -> pid_t {
+        var argv = ["mvm-runtime", "--root", g.root]
+        if let log = g.log { argv += ["--log", log, "--log-format", g.logJSON ? "json" : "text"] }
+        argv += ["_supervise", id]
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        var empty = sigset_t(), all = sigset_t()
+        sigemptyset(&empty); sigfillset(&all)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        // POSIX_SPAWN_SETSID (0x80, glibc 2.26+): a session of its own, no controlling terminal.
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | 0x80))
+        var pid: pid_t = 0
+        let rc = ProcessRunner.withCStrings(argv) { argvp in posix_spawn(&pid, "/proc/self/exe", nil, &attr, argvp, environ) }
+        guard rc == 0 else { throw Failure(message: "cannot start the container's supervisor: \(String(cString: strerror(rc)))") }
+        return pid
+    }
+
+    static func start(_ g: Global, _ args: [String]) throws {
+        let id = try Options(args, values: [], flags: []).id("start")
+        let store = Store(root: g.root)
+        let r = try store.load(id)
+        guard store.status(r) == "created" else { throw Failure(message: "cannot start a container that is \(store.status(r))") }
+        // Opening the FIFO for reading releases the supervisor, blocked opening it for writing.
+        let fd = open(store.dir(id) + "/start.fifo", O_RDONLY | O_NONBLOCK | O_CLOEXEC)
+        guard fd >= 0 else { throw Failure(message: "cannot open the container's start FIFO: \(String(cString: strerror(errno)))") }
+        defer { close(fd) }
+        let deadline = Monotonic.seconds() + 10
+        while (try? store.load(id).status) == "created", store.alive(r), Monotonic.seconds() < deadline { usleep(1_000) }
+        let now = try store.load(id)
+        guard now.status != "created" else { throw Failure(message: "the container did not start within 10 s") }
+    }
+
+    static func state(_ g: Global, _ args: [String]) throws {
+        let id = try Options(args, values: [], flags: []).id("state")
+        let store = Store(root: g.root)
+        var r = try store.load(id)
+        r.status = store.status(r)
+        let shown: [String: Any] = ["ociVersion": r.ociVersion, "id": r.id, "pid": r.status == "stopped" ? 0 : Int(r.pid), "status": r.status,
+                                    "bundle": r.bundle, "rootfs": r.rootfs, "created": r.created, "owner": r.owner,
+                                    "annotations": ["io.microvm.instance": r.instance]]
+        let data = try JSONSerialization.data(withJSONObject: shown, options: [.prettyPrinted, .sortedKeys])
+        print(String(decoding: data, as: UTF8.self))
+    }
+
+    /// Signal names and numbers as runc takes them (KILL, SIGKILL, 9).
+    static func signalNumber(_ text: String) throws -> Int32 {
+        let names: [String: Int32] = ["HUP": SIGHUP, "INT": SIGINT, "QUIT": SIGQUIT, "KILL": SIGKILL, "TERM": SIGTERM, "USR1": SIGUSR1, "USR2": SIGUSR2,
+                                      "STOP": SIGSTOP, "CONT": SIGCONT, "PWR": 30, "WINCH": SIGWINCH]
+        if let n = Int32(text), n > 0, n < 65 { return n }
+        let name = text.uppercased().hasPrefix("SIG") ? String(text.uppercased().dropFirst(3)) : text.uppercased()
+        guard let n = names[name] else { throw Failure(message: "unknown signal \"\(text)\"") }
+        return n
+    }
+
+    /// Signals that end a process end the VM: the supervisor stops it and exits with 128 + the
+    /// signal. A guest cannot be stopped or continued from here, nor sent other signals.
+    static func kill(_ g: Global, _ args: [String]) throws {
+        let o = try Options(args, values: [], flags: ["all", "a"])
+        let id = try o.id("kill")
+        let sig = try signalNumber(o.positional.dropFirst().first ?? "TERM")
+        let store = Store(root: g.root)
+        var r = try store.load(id)
+        guard store.alive(r) else { throw Failure(message: "container not running") }
+        guard [SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT, 30].contains(sig) else {
+            throw Failure(message: "signal \(sig) cannot reach the process inside the VM; KILL, TERM, INT, HUP, QUIT and PWR stop it")
+        }
+        r.killSignal = sig
+        try store.save(r)
+        // Before start nothing runs but the supervisor: it ends as is.
+        Glibc.kill(r.pid, r.status == "created" ? SIGKILL : SIGTERM)
+    }
+
+    static func delete(_ g: Global, _ args: [String]) throws {
+        let o = try Options(args, values: [], flags: ["force", "f"])
+        let id = try o.id("delete")
+        let force = o.flags.contains("force") || o.flags.contains("f")
+        let store = Store(root: g.root)
+        guard let r = try? store.load(id) else {
+            if force { return }
+            throw Failure(message: "container \(id) does not exist")
+        }
+        if store.alive(r) {
+            guard force else { throw Failure(message: "cannot delete container \(id) that is not stopped: \(store.status(r))") }
+            try kill(g, [id, "KILL"])
+            let deadline = Monotonic.seconds() + 60
+            while store.alive(r), Monotonic.seconds() < deadline { usleep(20_000) }
+            if store.alive(r) { Glibc.kill(r.pid, SIGKILL); usleep(100_000) }
+        }
+        if !r.disk.isEmpty { try? FileManager.default.removeItem(atPath: r.disk) }
+        try? FileManager.default.removeItem(atPath: store.dir(id))
+    }
+
+    static func ps(_ g: Global, _ args: [String]) throws {
+        let o = try Options(args, values: ["format", "f"], flags: [])
+        let id = try o.id("ps")
+        let store = Store(root: g.root)
+        let r = try store.load(id)
+        let pids = store.alive(r) ? [Int(r.pid)] : []
+        if (o.values["format"] ?? o.values["f"]) == "json" {
+            print("[" + pids.map(String.init).joined(separator: ",") + "]")
+        } else {
+            print("PID\n" + pids.map(String.init).joined(separator: "\n"))
+        }
+    }
+
+    static let features = """
+        {"ociVersionMin": "1.0.0", "ociVersionMax": "1.0.2", "hooks": [], "mountOptions": [],
+         "linux": {"namespaces": [], "capabilities": [], "cgroup": {"v1": true, "v2": true, "systemd": false}},
+         "annotations": {"io.microvm.isolation": "vm"}}
+        """
+
+    // MARK: supervisor
+
+    /// Waits for `start`, runs the bundle's process in a VM, prints its output, exits with its status.
+    static func supervise(_ g: Global, _ args: [String]) async -> Int32 {
+        let store = Store(root: g.root)
+        guard let id = args.first, var r = try? store.load(id) else { report(g, "supervisor: no such container"); return 125 }
+        // The container's stderr carries its process's output and our errors, not the
+        // diagnostics of libvirt and the backends: those go to the log.
+        userError = dup(2)
+        let diagnostics = open(g.log ?? "/dev/null", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
+        setenv("LIBVIRT_LOG_OUTPUTS", "3:stderr", 0)
+        r.pid = getpid()
+        r.pidStart = ProcessIdentity.startTime(pid: getpid())
+        r.status = "created"
+        do { try store.save(r) } catch { report(g, "supervisor: \(error)"); return 125 }
+        // Blocks until `start` opens the FIFO for reading.
+        let fd = open(store.dir(id) + "/start.fifo", O_WRONLY | O_CLOEXEC)
+        if fd >= 0 { close(fd) }
+        r = (try? store.load(id)) ?? r
+        r.status = "running"
+        try? store.save(r)
+        let status: Int32
+        do {
+            let bundle = try RuntimeBundle(directory: r.bundle)
+            let cfg = try MicroVMConfig.load()
+            let host = try HostCapacity.probe()
+            let slice = try bundle.slice(defaults: try cfg.profile(named: cfg.defaults.profile).slice(), hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
+            var spec = VMSpec(name: r.instance, cpus: slice.cpus, memory: slice.memory, command: bundle.args, rootfs: bundle.rootfs, slice: slice, timeout: 1e9)
+            spec.rootfsDisk = r.disk
+            spec.environment = bundle.env
+            spec.workingDirectory = bundle.cwd
+            let mode: RunMode = HostProfile.current().kvm.verdict == .hardware ? .direct : .hosted
+            let backend = try Backends.make(mode: mode, connect: cfg.defaults.connect, runtime: nil)
+            let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
+            let checked = spec
+            let result = try await SignalStop.cancellingOnSignals {
+                try await launcher.launch(checked, on: backend)
+            }
+            FileHandle.standardOutput.write(Data(result.output.utf8))
+            status = result.exitStatus
+        } catch let e as ExitCode {
+            // Stopped by a signal: `kill` recorded which one the shim asked for.
+            status = (try? store.load(id).killSignal).flatMap { $0 }.map { 128 + $0 } ?? e.rawValue
+        } catch {
+            report(g, (error as? MicroVMError)?.description ?? String(describing: error))
+            status = 125
+        }
+        r = (try? store.load(id)) ?? r
+        r.status = "stopped"
+        r.exitStatus = status
+        try? store.save(r)
+        return status
+    }
+}
