@@ -223,6 +223,16 @@ struct RigKVMTests {
         }
     }
 
+    @Test func containerdRunsABusyboxImageInADirectVM() throws {
+        let s = try step("containerd")
+        #expect(s.output.contains("imported"), "\(s.output)")
+        #expect(s.output.contains("hi from ") && s.output.contains("run=3"), "\(s.output)")
+        #expect(s.output.contains("direct") && s.output.contains("STOPPED"), "the second ran in the direct VMM and was stopped: \(s.output)")
+        for line in ["task-delete=0", "container-delete=0", "instances-left=0", "grants-left=0", "disks-left=0"] {
+            #expect(s.output.contains(line), "\(line): \(s.output)")
+        }
+    }
+
     @Test func anImageTarballIsTheRootDiskOfDirectAndHostedVMs() throws {
         let s = try step("image")
         #expect(s.output.contains("direct: hi from /dev/vda\nstatus=0"), "\(s.output)")
@@ -276,6 +286,7 @@ enum RigKVMSession {
          ("balloon", ["sh", "-c", balloonScript(mvm: mvm)]),
          ("hosted-vcpus", ["sh", "-c", hostedVCPUsScript(mvm: mvm)]),
          // One image tarball as the root disk of a direct and a hosted VM.
+         ("containerd", ["sh", "-c", containerdScript(mvm: mvm)]),
          ("image", ["sh", "-c", "for m in direct hosted; do echo \"$m: $(\(ProcessRunner.shellQuote(mvm)) run --mode $m --image \(busyboxImage) -- sh -c 'echo hi from $(mount | grep \" / \" | cut -d\" \" -f1)'; echo status=$?)\"; done"]),
          ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
     }
@@ -395,6 +406,33 @@ enum RigKVMSession {
         \(m) update righp --cpus 2 2>&1; echo "regrow=$?"; echo "regrown-$(online)"
         \(m) stop righp >/dev/null; echo "stop=$?"
         echo "grants-left=$(\(m) alloc show | grep -c righp)"
+        """
+    }
+
+    /// containerd's runc shim drives mvm-runtime inside the rig, where the VM is the direct VMM
+    /// on nested KVM: a busybox image imported from a docker save tarball runs, its output and
+    /// status come back; `ctr task kill` stops a second one; the deletes leave nothing.
+    static func containerdScript(mvm: String) -> String {
+        let m = ProcessRunner.shellQuote(mvm)
+        return """
+        d=/tmp/ctrd; mkdir -p $d; ln -sf \(m) $d/mvm-runtime
+        printf 'version = 2\\nroot = "%s/root"\\nstate = "%s/state"\\n[grpc]\\n  address = "%s/sock"\\n' $d $d $d > $d/config.toml
+        containerd --config $d/config.toml >$d/log 2>&1 &
+        daemon=$!
+        c="ctr -a $d/sock"
+        for i in $(seq 1 60); do $c version >/dev/null 2>&1 && break; sleep 0.5; done
+        # The rig's kernel has no overlayfs: containerd's native snapshotter copies instead.
+        $c image import --snapshotter native \(busyboxImage) >/dev/null && echo imported
+        $c run --snapshotter native --rm --runc-binary $d/mvm-runtime docker.io/library/busybox:latest one sh -c 'echo hi from $(uname -r); exit 3' </dev/null; echo "run=$?"
+        $c run --snapshotter native -d --runc-binary $d/mvm-runtime docker.io/library/busybox:latest two sleep 600 </dev/null
+        for i in $(seq 1 120); do \(m) ps | grep -q 'ctr-two .*running' && break; sleep 1; done
+        \(m) ps | grep ctr-two
+        $c task kill two; for i in $(seq 1 60); do $c task ls | grep -q STOPPED && break; sleep 1; done
+        $c task ls | grep two
+        $c task delete two >/dev/null; echo "task-delete=$?"; $c container delete two; echo "container-delete=$?"
+        echo "instances-left=$(\(m) ps | grep -c ctr-)"; echo "grants-left=$(\(m) alloc show | grep -c ctr-)"
+        echo "disks-left=$(ls /run/mvm-state/runtime-disks 2>/dev/null | wc -l)"
+        kill $daemon
         """
     }
 
