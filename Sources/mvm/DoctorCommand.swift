@@ -64,6 +64,12 @@ struct DoctorReport: Codable {
         for (name, c) in extraCapabilities() {
             lines.append(Line(check: name, verdict: c.usable ? "usable" : "unusable", detail: c.detail, fix: c.fix))
         }
+        let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/usr/local/bin/mvm-runtime"))
+        let vmMode = RuntimeCLI.vmMode(kvm: k.verdict)
+        lines.append(Line(check: "mvm-runtime", verdict: "containers run as \(vmMode.rawValue) VMs",
+                          detail: (k.verdict == .hardware ? "KVM is real (or nested): the direct VMM" : "no usable KVM: hosted QEMU (TCG)")
+                              + "; /usr/local/bin/mvm-runtime " + (link.map { "-> \($0)" } ?? "is not installed"),
+                          fix: link == nil ? "scripts/setup-runtime (a link named mvm-runtime to mvm, Docker's and containerd's runtime entries)" : nil))
         lines.append(Line(check: "cpus", verdict: "\(p.onlineCPUs.count)", detail: "online CPUs \(CPUList.format(p.onlineCPUs)); \(p.cpuModel)"))
         lines.append(Line(check: "memory", verdict: "\(p.memoryAvailable.mebibytes)M free",
                           detail: "\(p.memoryTotal.mebibytes)M total, \(p.memoryAvailable.mebibytes)M available"))

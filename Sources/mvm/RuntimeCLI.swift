@@ -368,6 +368,9 @@ enum RuntimeCLI {
 
     // MARK: supervisor
 
+    /// The direct VMM where KVM is real (hardware, or nested inside the rig), hosted QEMU otherwise.
+    static func vmMode(kvm: KVMProbeResult.Verdict) -> RunMode { kvm == .hardware ? .direct : .hosted }
+
     /// Waits for `start`, runs the bundle's process in a VM, prints its output, exits with its status.
     static func supervise(_ g: Global, _ args: [String]) async -> Int32 {
         let store = Store(root: g.root)
@@ -398,7 +401,7 @@ enum RuntimeCLI {
             spec.rootfsDisk = r.disk
             spec.environment = bundle.env
             spec.workingDirectory = bundle.cwd
-            let mode: RunMode = HostProfile.current().kvm.verdict == .hardware ? .direct : .hosted
+            let mode = vmMode(kvm: HostProfile.current().kvm.verdict)
             let backend = try Backends.make(mode: mode, connect: cfg.defaults.connect, runtime: nil)
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
             let checked = spec
