@@ -47,15 +47,8 @@ public final class ChildProcess: Sendable {
         }
         for (i, fd) in inherit.enumerated() { posix_spawn_file_actions_adddup2(&actions, fd, Int32(3 + i)) }
         var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
+        Self.initAttributes(&attr, newSession: false)
         defer { posix_spawnattr_destroy(&attr) }
-        // Children inherit the spawning thread's signal mask, and threads of Swift's executors
-        // and of Dispatch block most signals: reset the mask and the dispositions.
-        var empty = sigset_t(), all = sigset_t()
-        sigemptyset(&empty); sigfillset(&all)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setsigdefault(&attr, &all)
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
         // Glibc's addchdir_np is not exported to Swift; coreutils' env changes directory instead.
         let args = (currentDirectory.map { ["/usr/bin/env", "--chdir=\($0)"] } ?? []) + [exe] + argv.dropFirst()
         let program = currentDirectory == nil ? exe : "/usr/bin/env"
@@ -73,6 +66,30 @@ public final class ChildProcess: Sendable {
         self.pid = pid
         self.executable = exe
         self.pidFD = Self.pidfdOpen.map { $0(pid, 0) } ?? -1
+    }
+
+    /// Spawn attributes with an empty signal mask and default dispositions: children inherit the
+    /// spawning thread's mask, and threads of Swift's executors and of Dispatch block most
+    /// signals. `newSession`: the child leads a session of its own (POSIX_SPAWN_SETSID, 0x80 in glibc).
+    static func initAttributes(_ attr: inout posix_spawnattr_t, newSession: Bool) {
+        posix_spawnattr_init(&attr)
+        var empty = sigset_t(), all = sigset_t()
+        sigemptyset(&empty); sigfillset(&all)
+        posix_spawnattr_setsigmask(&attr, &empty)
+        posix_spawnattr_setsigdefault(&attr, &all)
+        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | (newSession ? 0x80 : 0)))
+    }
+
+    /// Starts `argv` from `executable` in a session of its own with this process's descriptors,
+    /// and lets it go: nothing here waits for it (a subreaper above, or init, reaps it).
+    public static func detached(_ argv: [String], executable: String) throws -> pid_t {
+        var attr = posix_spawnattr_t()
+        initAttributes(&attr, newSession: true)
+        defer { posix_spawnattr_destroy(&attr) }
+        var pid: pid_t = 0
+        let rc = ProcessRunner.withCStrings(argv) { argvp in posix_spawn(&pid, executable, nil, &attr, argvp, environ) }
+        guard rc == 0 else { throw MicroVMError(.backend, "cannot start '\(executable)': \(String(cString: strerror(rc)))") }
+        return pid
     }
 
     /// Runs `spawn` on a thread of its own that first unshares its PID namespace, so the child

@@ -109,7 +109,7 @@ extension ProcessRunner {
         return (fds[0], fds[1])
     }
 
-    public static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
+    static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafeMutablePointer<CChar>?>) -> R) -> R {
         let ptrs = strings.map { strdup($0) } + [nil]
         defer { for p in ptrs { free(p) } }
         return ptrs.withUnsafeBufferPointer { body($0.baseAddress!) }

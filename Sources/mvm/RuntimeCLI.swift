@@ -257,19 +257,7 @@ enum RuntimeCLI {
         var argv = ["mvm-runtime", "--root", g.root]
         if let log = g.log { argv += ["--log", log, "--log-format", g.logJSON ? "json" : "text"] }
         argv += ["_supervise", id]
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        var empty = sigset_t(), all = sigset_t()
-        sigemptyset(&empty); sigfillset(&all)
-        posix_spawnattr_setsigmask(&attr, &empty)
-        posix_spawnattr_setsigdefault(&attr, &all)
-        // POSIX_SPAWN_SETSID (0x80, glibc 2.26+): a session of its own, no controlling terminal.
-        posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | 0x80))
-        var pid: pid_t = 0
-        let rc = ProcessRunner.withCStrings(argv) { argvp in posix_spawn(&pid, "/proc/self/exe", nil, &attr, argvp, environ) }
-        guard rc == 0 else { throw Failure(message: "cannot start the container's supervisor: \(String(cString: strerror(rc)))") }
-        return pid
+        return try ChildProcess.detached(argv, executable: "/proc/self/exe")
     }
 
     static func start(_ g: Global, _ args: [String]) throws {
