@@ -147,6 +147,14 @@ public struct RigRunner: Sendable {
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
         try afterRun?(scratchDir)
 
+        // The rig writes the output and then the status to the scratch share: they are the
+        // record, whatever the console delivered (it may stall, or lag behind the copy it carries).
+        if let text = try? String(contentsOfFile: scratchDir + "/status", encoding: .utf8),
+           let status = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+            let written = FileManager.default.contents(atPath: scratchDir + "/output") ?? output
+            return RigResult(status: status, output: written, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
+                             guestUptimeAtStart: console.guestStartUptime)
+        }
         switch console.phase {
         case .exited(let status):
             return RigResult(status: status, output: output, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
