@@ -40,13 +40,21 @@ struct LifecycleCLITests {
         let followed = Pipe()
         follow.standardOutput = followed
         try follow.run()
+        // Stop only once `logs -f` has found the instance and printed what is there.
+        var seen = Data()
+        while !seen.starts(with: Data("K".utf8)) {
+            let chunk = followed.fileHandleForReading.availableData
+            if chunk.isEmpty { break }
+            seen.append(chunk)
+        }
         let stop = try mvm("stop", name)
         #expect(stop.status == 0, "\(stop.stderrText)")
         let deadline = Date().addingTimeInterval(10)
         while follow.isRunning && Date() < deadline { usleep(20_000) }
         #expect(!follow.isRunning, "logs -f must return once the instance has ended")
         if follow.isRunning { follow.terminate() }
-        #expect(String(decoding: followed.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self).hasPrefix("K"))
+        seen.append(followed.fileHandleForReading.readDataToEndOfFile())
+        #expect(String(decoding: seen, as: UTF8.self).hasPrefix("K"))
         #expect(!(try mvm("ps").stdoutText.contains(name)))
         let left = try mvm("pause", name)
         #expect(left.status == 2 && left.stderrText.contains("no instance named"), "\(left.stderrText)")
