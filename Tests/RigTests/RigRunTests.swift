@@ -316,7 +316,7 @@ enum RigKVMSession {
         echo "boot-source=$(api PUT /boot-source \(ProcessRunner.shellQuote(boot)) | head -1)"
         echo "drive=$(api PUT /drives/rootfs \(ProcessRunner.shellQuote(drive)) | head -1)"
         echo "start=$(api PUT /actions '{"action_type": "InstanceStart"}' | head -1)"
-        for i in $(seq 1 200); do grep -q api-guest-up $log 2>/dev/null && break; sleep 1; done
+        for i in $(seq 1 400); do grep -q api-guest-up $log 2>/dev/null && break; sleep 1; done
         echo "guest-up=$(grep -c api-guest-up $log)"
         echo "state-running=$(api GET / '' | grep -c '"Running"')"
         echo "pause=$(api PATCH /vm '{"state": "Paused"}' | head -1)"
@@ -432,7 +432,7 @@ enum RigKVMSession {
         $c task delete two >/dev/null; echo "task-delete=$?"; $c container delete two; echo "container-delete=$?"
         echo "instances-left=$(\(m) ps | grep -c ctr-)"; echo "grants-left=$(\(m) alloc show | grep -c ctr-)"
         echo "disks-left=$(ls /run/mvm-state/runtime-disks 2>/dev/null | wc -l)"
-        kill $daemon
+        kill $daemon; sleep 1; pkill -f containerd-shim-runc-v2; wait
         """
     }
 
