@@ -33,9 +33,7 @@ struct DockerDriver: Sendable {
         let attrs = try? FileManager.default.attributesOfItem(atPath: src)
         let size = (attrs?[.size] as? NSNumber)?.uint64Value ?? 0
         let mtime = (attrs?[.modificationDate] as? Date)?.timeIntervalSince1970 ?? 0
-        var h: UInt64 = 14_695_981_039_346_656_037
-        for b in "\(src)|\(size)|\(mtime)".utf8 { h = (h ^ UInt64(b)) &* 1_099_511_628_211 }
-        return ("microvm-rootfs:" + String(format: "%016llx", h), src, tar != nil)
+        return ("microvm-rootfs:" + shortDigest("\(src)|\(size)|\(mtime)"), src, tar != nil)
     }
 
     func ensureImage(rootfs: String) throws -> String {

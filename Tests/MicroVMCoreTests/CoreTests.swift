@@ -75,3 +75,13 @@ import Foundation
         #expect(throws: MicroVMError.self) { try CPUList.parse("3-1") }
     }
 }
+
+/// FNV-1a (64-bit) as 16 hex digits: the published values, so a Docker tag or VM name made from
+/// it does not change between releases.
+@Suite struct ShortDigestTests {
+    @Test func matchesFNV1a() {
+        #expect(shortDigest("") == "cbf29ce484222325")
+        #expect(shortDigest("a") == "af63dc4c8601ec8c")
+        #expect(shortDigest("foobar") == "85944171f73967e8")
+    }
+}
