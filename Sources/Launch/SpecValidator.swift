@@ -14,10 +14,10 @@ public enum SpecValidator {
         if let i = spec.initrd { try checkFile(i, what: "initrd", flag: "--initrd") }
         if let r = spec.rootfs { try checkDirectory(r, what: "rootfs tree") }
         if let d = spec.rootfsDisk, mode.isVM { try checkFile(d, what: "root disk image", flag: "--image", blockDeviceOK: false) }
-        if let env = spec.environment, let bad = env.first(where: { !$0.contains("=") || $0.hasPrefix("=") || $0.contains("\u{0}") }) {
+        if let env = spec.environment, let bad = VMSpec.badEnvironmentEntry(env) {
             throw MicroVMError.invalidArgument("environment entry '\(bad)' is not NAME=VALUE")
         }
-        if let dir = spec.workingDirectory, !dir.hasPrefix("/") || dir.contains("\u{0}") {
+        if let dir = spec.workingDirectory, !VMSpec.isWorkingDirectory(dir) {
             throw MicroVMError.invalidArgument("working directory '\(dir)' is not an absolute path")
         }
         for d in spec.disks {
@@ -36,6 +36,14 @@ public enum SpecValidator {
             }
             if spec.slice?.hugePages == true {
                 throw MicroVMError.unsupported("huge pages back a VM's guest RAM; a container has none: drop hugePages from the profile, or use --mode direct or hosted")
+            }
+        }
+        if mode.isVM {
+            // The command, its environment and working directory reach the guest init on the
+            // kernel command line (base64): an image with a large environment can overflow it.
+            let used = KernelCommandLine.build(command: spec.command, rootfsReadOnly: true, initParameters: spec.initParameters, extra: spec.cmdline).utf8.count
+            guard used <= KernelCommandLine.specBudget else {
+                throw MicroVMError.invalidArgument("the guest kernel's command line would take \(used) bytes for the command, its environment and working directory (base64) and --cmdline; at most \(KernelCommandLine.specBudget) leave the devices room: shorten them")
             }
         }
         if spec.maxCPUs != nil, mode != .hosted {

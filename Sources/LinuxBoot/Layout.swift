@@ -1,4 +1,5 @@
 import GuestMemory
+import MicroVMCore
 
 /// Where the direct VMM puts things in the guest's physical address space (x86_64).
 ///
@@ -32,7 +33,7 @@ public enum Layout {
     public static let cmdline: GuestAddress = 0x20000
     /// The command-line limit when the kernel does not state one (PVH, or boot protocol < 2.06):
     /// x86 Linux's COMMAND_LINE_SIZE, terminating NUL included.
-    public static let cmdlineMaxSize = 2048
+    public static let cmdlineMaxSize = KernelCommandLine.maxBytes
     /// Room reserved at `cmdline` for a kernel that declares a longer `cmdline_size`.
     public static let cmdlineRegionSize = 0x10000
     /// The MP floating pointer and configuration table, in the last KiB of base memory (the

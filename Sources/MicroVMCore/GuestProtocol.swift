@@ -74,7 +74,7 @@ extension VMSpec {
         if let maxCPUs, maxCPUs > cpus { p.append("\(GuestProtocol.cpuHotplugParameter)=1") }
         if let environment { p.append("\(GuestProtocol.environmentParameter)=\(GuestProtocol.encodeCommand(environment))") }
         if let dir = workingDirectory, dir != "/" {
-            p.append("\(GuestProtocol.workingDirectoryParameter)=\(Data(dir.utf8).base64EncodedString())")
+            p.append("\(GuestProtocol.workingDirectoryParameter)=\(GuestProtocol.encodeCommand([dir]))")
         }
         return p
     }

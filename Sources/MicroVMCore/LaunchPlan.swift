@@ -111,6 +111,12 @@ public struct BootArtifacts: Codable, Sendable, Equatable {
 /// backend's own parameters, the init's parameters and the caller's extras, in that order.
 public enum KernelCommandLine {
     public static let base = ["console=ttyS0", "quiet", "loglevel=3", "reboot=k", "panic=-1"]
+    /// x86 Linux's COMMAND_LINE_SIZE, the terminating NUL included: the most a kernel that does
+    /// not state its own limit takes.
+    public static let maxBytes = 2048
+    /// What the base, the command and the init's parameters may take, leaving the backends
+    /// room for their devices' parameters (the direct VMM's virtio-mmio devices, for one).
+    public static let specBudget = maxBytes - 1 - 512
 
     public static func build(command: [String], backend: String = "", rootfsReadOnly: Bool = false,
                              initParameters: [String] = [], extra: String = "") -> String {

@@ -135,6 +135,17 @@ public struct VMSpec: Codable, Sendable, Hashable {
     }
 }
 
+extension VMSpec {
+    /// The first entry of a command's environment that is not NAME=VALUE (or holds a NUL the
+    /// guest's command line cannot carry), if any: for `environment`, an image's Env, a bundle's.
+    public static func badEnvironmentEntry(_ env: [String]) -> String? {
+        env.first { !$0.contains("=") || $0.hasPrefix("=") || $0.contains("\u{0}") }
+    }
+
+    /// Whether `dir` can be a command's working directory: absolute, without NUL.
+    public static func isWorkingDirectory(_ dir: String) -> Bool { dir.hasPrefix("/") && !dir.contains("\u{0}") }
+}
+
 /// A virtio-balloon device: its initial size, and what the guest is asked to do.
 public struct BalloonSpec: Codable, Sendable, Hashable {
     /// Memory the balloon holds from the start (taken from the guest's RAM).

@@ -66,4 +66,16 @@ import MicroVMCore
         spec.maxCPUs = 2
         #expect(!spec.initParameters.contains { $0.hasPrefix(GuestProtocol.cpuHotplugParameter) }, "no room, no hotplug")
     }
+
+    /// The command, environment and working directory travel on the guest kernel's command line:
+    /// an environment that would overflow it is refused before anything is granted.
+    @Test func anEnvironmentThatOverflowsTheKernelCommandLineIsRefused() throws {
+        var spec = VMSpec(command: ["true"])
+        spec.environment = ["PATH=/bin"]
+        try SpecValidator.validate(spec, mode: .hosted)
+        spec.environment = (0..<40).map { "VARIABLE_\($0)=" + String(repeating: "x", count: 40) }
+        let e = try #require(throws: MicroVMError.self) { try SpecValidator.validate(spec, mode: .hosted) }
+        #expect(e.message.contains("kernel's command line"), "\(e.message)")
+        try SpecValidator.validate(spec, mode: .container)
+    }
 }
