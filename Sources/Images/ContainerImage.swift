@@ -29,13 +29,13 @@ public struct ImageConfig: Codable, Sendable, Equatable {
         }
         let c = doc.config
         self.init(entrypoint: c?.Entrypoint ?? [], cmd: c?.Cmd ?? [], env: c?.Env ?? [], workingDir: c?.WorkingDir ?? "", user: c?.User ?? "")
-        if let bad = env.first(where: { !$0.contains("=") || $0.hasPrefix("=") }) {
+        if let bad = VMSpec.badEnvironmentEntry(env) {
             throw MicroVMError(.invalidImage, "the image's environment has '\(bad)', which is not NAME=VALUE")
         }
-        if (entrypoint + cmd + env + [workingDir, user]).contains(where: { $0.contains("\u{0}") }) {
-            throw MicroVMError(.invalidImage, "the image's configuration has a NUL byte in its command, environment or working directory")
+        if (entrypoint + cmd + [user]).contains(where: { $0.contains("\u{0}") }) {
+            throw MicroVMError(.invalidImage, "the image's configuration has a NUL byte in its command or user")
         }
-        if !workingDir.isEmpty, !workingDir.hasPrefix("/") {
+        if !workingDir.isEmpty, !VMSpec.isWorkingDirectory(workingDir) {
             throw MicroVMError(.invalidImage, "the image's working directory '\(workingDir)' is not an absolute path")
         }
     }
@@ -65,8 +65,6 @@ public struct ContainerImageStore: Sendable {
     public init(paths: Paths = .default) { self.paths = paths }
 
     static let configName = "image.json"
-    /// Mount points a guest init or an OCI runtime needs on the root it is given.
-    static let mountPoints = ["proc", "sys", "dev", "tmp", "run"]
 
     /// The image in `tarball`, with its ext4 disk made when `disk` is true.
     public func prepare(tarball: String, disk: Bool) throws -> ContainerImage {
@@ -74,7 +72,7 @@ public struct ContainerImageStore: Sendable {
         guard FileManager.default.fileExists(atPath: tarball, isDirectory: &isDir), !isDir.boolValue else {
             throw MicroVMError.notFound("image tarball '\(tarball)' does not exist: pass a file made by 'docker save' or a tar of an OCI image layout")
         }
-        let digest = try Self.sha256(file: tarball)
+        let digest = try digest(of: tarball)
         if let ready = load(digest), !disk || FileManager.default.fileExists(atPath: ready.rootfsDisk) { return ready }
         return try withLock {
             let image = try load(digest) ?? unpack(tarball, digest: digest)
@@ -97,12 +95,7 @@ public struct ContainerImageStore: Sendable {
         try? fm.removeItem(atPath: tmp)
         defer { try? fm.removeItem(atPath: tmp) }
         let config = try RootfsSource.extract(tarball: tarball, into: tmp + "/rootfs")
-        for dir in Self.mountPoints where !Self.exists(tmp + "/rootfs/" + dir) {
-            guard mkdir(tmp + "/rootfs/" + dir, dir == "tmp" ? 0o1777 : 0o755) == 0 else {
-                throw MicroVMError(.invalidImage, "cannot make the mount point /\(dir) in the image's rootfs: \(String(cString: strerror(errno)))")
-            }
-            if dir == "tmp" { chmod(tmp + "/rootfs/tmp", 0o1777) }
-        }
+        try RootfsBuilder.addMountPoints(to: tmp + "/rootfs")
         try Paths.writeScratch(try JSONEncoder().encode(config), to: tmp + "/" + Self.configName)
         let dir = paths.containerImages + "/" + digest
         try? fm.removeItem(atPath: dir)
@@ -112,30 +105,43 @@ public struct ContainerImageStore: Sendable {
         return ContainerImage(digest: digest, directory: dir, config: config)
     }
 
-    /// The tree as ext4: half as much again as it uses, plus 32 MiB, at least 64 MiB.
+    /// The tree as ext4, made under a temporary name and renamed into place.
     func makeDisk(_ image: ContainerImage) throws {
-        let du = try ProcessRunner.check(["du", "-sk", image.rootfsTree], timeout: 300, package: "coreutils").stdoutText
-        let used = UInt64(du.split(whereSeparator: \.isWhitespace).first ?? "0") ?? 0
-        let size = ByteCount.mebibytes(max(64, (used * 3 / 2) / 1024 + 32))
         let tmp = image.directory + "/.rootfs-\(getpid()).ext4"
         defer { try? FileManager.default.removeItem(atPath: tmp) }
-        try RootfsBuilder.makeExt4(tree: image.rootfsTree, disk: tmp, size: size)
+        try RootfsBuilder.makeExt4(fitting: image.rootfsTree, disk: tmp)
         guard rename(tmp, image.rootfsDisk) == 0 else {
             throw MicroVMError(.permissionDenied, "cannot move the image's disk into \(image.rootfsDisk): \(String(cString: strerror(errno)))")
         }
     }
 
-    /// Removes every unpacked image; returns how many there were.
+    /// Removes every unpacked image (`mvm image prune --container-images`) and the remembered
+    /// digests; returns how many images there were.
     @discardableResult
     public func removeAll() throws -> Int {
         let names = ((try? FileManager.default.contentsOfDirectory(atPath: paths.containerImages)) ?? []).filter { !$0.hasPrefix(".") }
-        try withLock { for n in names { try? FileManager.default.removeItem(atPath: paths.containerImages + "/" + n) } }
+        try withLock {
+            for n in names + [".digests.json"] { try? FileManager.default.removeItem(atPath: paths.containerImages + "/" + n) }
+        }
         return names.count
     }
 
-    static func exists(_ path: String) -> Bool {
+    /// The tarball's SHA-256, hashed once per version of the file: remembered by its device,
+    /// inode, size and modification time, so a launch does not read a large image through again.
+    func digest(of tarball: String) throws -> String {
         var st = stat()
-        return lstat(path, &st) == 0
+        guard stat(tarball, &st) == 0 else { return try Self.sha256(file: tarball) }
+        let key = "\(st.st_dev):\(st.st_ino):\(st.st_size):\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
+        let index = paths.containerImages + "/.digests.json"
+        var known = (FileManager.default.contents(atPath: index)).flatMap { try? JSONDecoder().decode([String: String].self, from: $0) } ?? [:]
+        if let d = known[key] { return d }
+        let d = try Self.sha256(file: tarball)
+        known[key] = d
+        // Best effort: a lost entry costs one more hash.
+        if (try? Paths.ensureDirectory(paths.containerImages)) != nil, let data = try? JSONEncoder().encode(known) {
+            try? Paths.writeScratch(data, to: index, atomically: true)
+        }
+        return d
     }
 
     static func sha256(file: String) throws -> String {

@@ -117,6 +117,31 @@ public struct RootfsBuilder: Sendable {
         try Self.makeExt4(tree: tree, disk: disk, size: diskSize)
     }
 
+    /// The mount points a guest init or an OCI runtime needs on the root it is given.
+    public static let mountPoints = ["proc", "sys", "dev", "tmp", "run"]
+
+    /// Makes the mount points `tree` lacks (/tmp sticky and world-writable), as runc does on a
+    /// container's root.
+    public static func addMountPoints(to tree: String) throws {
+        for dir in mountPoints {
+            let path = tree + "/" + dir
+            var st = stat()
+            guard lstat(path, &st) != 0 else { continue }
+            let mode: mode_t = dir == "tmp" ? 0o1777 : 0o755
+            guard mkdir(path, mode) == 0, chmod(path, mode) == 0 else {
+                throw MicroVMError(.invalidImage, "cannot make the mount point /\(dir) in \(tree): \(String(cString: strerror(errno)))")
+            }
+        }
+    }
+
+    /// An ext4 image holding `tree`, sized to it: half as much again as the tree uses, plus
+    /// 32 MiB, at least 64 MiB.
+    public static func makeExt4(fitting tree: String, disk: String) throws {
+        let du = try ProcessRunner.check(["du", "-sk", tree], timeout: 300, package: "coreutils").stdoutText
+        let used = UInt64(du.split(whereSeparator: \.isWhitespace).first ?? "0") ?? 0
+        try makeExt4(tree: tree, disk: disk, size: .mebibytes(max(64, (used * 3 / 2) / 1024 + 32)))
+    }
+
     /// An ext4 image of `size` (at least 16 MiB) holding `tree`, owners and modes as they are.
     public static func makeExt4(tree: String, disk: String, size: ByteCount) throws {
         try? FileManager.default.removeItem(atPath: disk)

@@ -71,11 +71,13 @@ struct ImageCommand: AsyncParsableCommand {
 
     struct Prune: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Delete cached images that the current kernel, recipes and packages no longer produce.")
+        @Flag(help: "Also delete every unpacked and converted container image (mvm run --image makes them again on first use).") var containerImages = false
 
         func run() async throws {
             try await reportingErrors {
                 let removed = try ImageStore().prune()
                 print(removed.isEmpty ? "nothing to prune" : "removed \(removed.joined(separator: ", "))")
+                if containerImages { print("removed \(try ContainerImageStore().removeAll()) container image(s)") }
             }
         }
     }

@@ -33,6 +33,11 @@ struct ContainerImageStoreTests {
         try BusyboxImage.make(at: dir + "/oci.tar", format: .oci, busybox: try #require(ProcessRunner.which("busybox")))
         let other = try store.prepare(tarball: dir + "/oci.tar", disk: false)
         #expect(other.directory != first.directory && other.config == BusyboxImage.defaultConfig)
+        // Each tarball is hashed once: its digest is remembered by device, inode, size and time.
+        let digests = try JSONDecoder().decode([String: String].self, from: Data(contentsOf: URL(fileURLWithPath: dir + "/cache/container-images/.digests.json")))
+        #expect(Set(digests.values) == [first.digest, other.digest] && digests.count == 3, "\(digests)")
+        #expect(try store.removeAll() == 2)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/cache/container-images").filter { $0 != ".lock" }.isEmpty)
     }
 
     @Test func whatIsNotAnImageIsNamedAndLeavesNothing() throws {
@@ -46,6 +51,7 @@ struct ContainerImageStoreTests {
         try ProcessRunner.check(["tar", "-C", dir + "/junk", "-cf", dir + "/junk.tar", "."])
         e = try #require(throws: MicroVMError.self) { try store.prepare(tarball: dir + "/junk.tar", disk: true) }
         #expect(e.code == .invalidImage && e.message.contains("neither manifest.json"), "\(e.message)")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/cache/container-images").filter { $0 != ".lock" }.isEmpty)
+        // No image and no half-built one: only the lock and the remembered digests.
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/cache/container-images").filter { $0 != ".lock" && $0 != ".digests.json" }.isEmpty)
     }
 }
