@@ -62,10 +62,10 @@ public struct RuntimeBundle: Sendable {
         guard FileManager.default.fileExists(atPath: rootfs, isDirectory: &isDir), isDir.boolValue else {
             throw MicroVMError.notFound("rootfs (\(rootfs)) does not exist: the bundle's root.path must be a directory")
         }
-        if let bad = (process.env ?? []).first(where: { !$0.contains("=") || $0.hasPrefix("=") }) {
+        if let bad = VMSpec.badEnvironmentEntry(process.env ?? []) {
             throw MicroVMError.invalidArgument("config.json: process.env has '\(bad)', which is not NAME=VALUE")
         }
-        if let cwd = process.cwd, !cwd.isEmpty, !cwd.hasPrefix("/") {
+        if let cwd = process.cwd, !cwd.isEmpty, !VMSpec.isWorkingDirectory(cwd) {
             throw MicroVMError.invalidArgument("config.json: process.cwd '\(cwd)' is not an absolute path")
         }
     }
@@ -106,10 +106,27 @@ public struct RuntimeBundle: Sendable {
             s.cpus = max(1, Int(cpus.rounded(.up)))
             s.cpuQuota = cpus
         }
-        if let shares = r?.cpu?.shares, shares > 0 { s.cpuWeight = max(1, min(10_000, Int(shares) * 100 / 1024)) }
+        // cgroup v1's range of shares (2...262144): a larger value must not overflow the weight.
+        if let shares = r?.cpu?.shares, shares > 0 { s.cpuWeight = max(1, min(10_000, Int(min(shares, 262_144)) * 100 / 1024)) }
         if let pids = r?.pids?.limit, pids > 0 { s.pidsLimit = Int(pids) }
         return s
     }
+
+    /// The instance that runs this bundle's process: `name`, the slice `linux.resources` asks
+    /// for (the configuration's default profile where it is silent), the process's arguments,
+    /// environment and working directory, the bundle's root as a tree and as the disk `disk`.
+    public func spec(name: String, config: MicroVMConfig, host: HostCapacity, disk: String) throws -> VMSpec {
+        let slice = try self.slice(defaults: try config.profile(named: config.defaults.profile).slice(),
+                                   hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
+        var spec = VMSpec(name: name, cpus: slice.cpus, memory: slice.memory, command: args, rootfs: rootfs, slice: slice, timeout: Self.noTimeout)
+        spec.rootfsDisk = disk
+        spec.environment = env
+        spec.workingDirectory = cwd
+        return spec
+    }
+
+    /// A container runs until its process ends or it is killed: the launch's time-out is ten years.
+    public static let noTimeout: Double = 10 * 365 * 86_400
 
     static func path(_ keys: [any CodingKey]) -> String {
         keys.map { $0.intValue.map { "[\($0)]" } ?? "." + $0.stringValue }.joined().trimmingCharacters(in: CharacterSet(charactersIn: "."))

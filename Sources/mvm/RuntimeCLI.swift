@@ -28,32 +28,20 @@ enum RuntimeCLI {
 
     static func main(_ arguments: [String]) async -> Int32 {
         var g = Global()
-        var args = arguments[...]
         do {
-            while let a = args.first, a.hasPrefix("-") {
-                args.removeFirst()
-                let (flag, inline) = split(a)
-                func value() throws -> String {
-                    if let inline { return inline }
-                    guard let v = args.popFirst() else { throw Failure(message: "flag \(flag) needs a value") }
-                    return v
-                }
-                switch flag {
-                case "--root": g.root = try value()
-                case "--log": g.log = try value()
-                case "--log-format": g.logJSON = try value() == "json"
-                case "--systemd-cgroup", "--debug", "--no-pivot": break
-                case "--criu", "--rootless": _ = try value()
-                case "-v", "--version":
-                    print("mvm-runtime version 1 (MicroVM)\nspec: 1.0.2")
-                    return 0
-                default: throw Failure(message: "flag provided but not defined: \(flag)")
-                }
+            let globals = try Options(arguments, values: ["root", "log", "log-format", "criu", "rootless"],
+                                      flags: ["systemd-cgroup", "debug", "no-pivot", "v", "version"], untilPositional: true)
+            g.root = globals.values["root"] ?? g.root
+            g.log = globals.values["log"]
+            g.logJSON = globals.values["log-format"] == "json"
+            if !globals.flags.isDisjoint(with: ["v", "version"]) {
+                print("mvm-runtime version 1 (MicroVM)\nspec: 1.0.2")
+                return 0
             }
-            guard let verb = args.popFirst() else {
+            guard let verb = globals.positional.first else {
                 throw Failure(message: "no command given: mvm-runtime supports \(verbs.joined(separator: ", "))")
             }
-            let rest = Array(args)
+            let rest = Array(globals.positional.dropFirst())
             switch verb {
             case "create": try create(g, rest)
             case "start": try start(g, rest)
@@ -79,28 +67,30 @@ enum RuntimeCLI {
         return (String(a[..<eq]), String(a[a.index(after: eq)...]))
     }
 
-    /// One error line on stderr and in the `--log` file (JSON lines as runc writes them, which
-    /// containerd quotes when a call fails).
     /// Where `report` writes for the user: stderr, or what stderr was before the supervisor
     /// sent its own diagnostics (libvirt's, the backends' warnings) to the log.
     nonisolated(unsafe) static var userError: Int32 = 2
 
+    /// One error line on stderr and in the `--log` file (JSON lines as runc writes them, which
+    /// containerd quotes when a call fails).
     static func report(_ g: Global, _ message: String) {
-        let text = Array("mvm-runtime: \(message)\n".utf8)
-        _ = text.withUnsafeBytes { Glibc.write(userError, $0.baseAddress, $0.count) }
+        write(userError, "mvm-runtime: \(message)\n")
         guard let log = g.log else { return }
-        let line: String
-        if g.logJSON {
-            let time = ISO8601DateFormatter().string(from: Date())
-            let body = (try? JSONSerialization.data(withJSONObject: ["level": "error", "msg": message, "time": time], options: [.sortedKeys]))
-                .map { String(decoding: $0, as: UTF8.self) } ?? "{}"
-            line = body + "\n"
-        } else {
-            line = "level=error msg=\"\(message)\"\n"
+        var line = "level=error msg=\"\(message)\"\n"
+        if g.logJSON, let json = try? JSONSerialization.data(withJSONObject: ["level": "error", "msg": message, "time": ISO8601DateFormatter().string(from: Date())],
+                                                               options: [.sortedKeys]) {
+            line = String(decoding: json, as: UTF8.self) + "\n"
         }
-        if let h = FileHandle(forWritingAtPath: log) ?? (FileManager.default.createFile(atPath: log, contents: nil) ? FileHandle(forWritingAtPath: log) : nil) {
-            h.seekToEndOfFile(); h.write(Data(line.utf8)); try? h.close()
-        }
+        let fd = openLog(log)
+        guard fd >= 0 else { return }
+        write(fd, line)
+        close(fd)
+    }
+
+    static func openLog(_ path: String) -> Int32 { open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644) }
+
+    static func write(_ fd: Int32, _ text: String) {
+        _ = Array(text.utf8).withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
     }
 
     /// Options of a verb: `--name value`, `--name=value` and flags; the rest are positional.
@@ -108,10 +98,16 @@ enum RuntimeCLI {
         var values: [String: String] = [:]
         var flags: Set<String> = []
         var positional: [String] = []
-        init(_ args: [String], values names: Set<String>, flags known: Set<String>) throws {
+        /// `untilPositional`: the first word that is not a flag ends the options, and it and
+        /// everything after it are positional (runc's global flags, then a command and its own).
+        init(_ args: [String], values names: Set<String>, flags known: Set<String>, untilPositional: Bool = false) throws {
             var rest = args[...]
             while let a = rest.popFirst() {
-                guard a.hasPrefix("-"), a.count > 1 else { positional.append(a); continue }
+                guard a.hasPrefix("-"), a.count > 1 else {
+                    positional.append(a)
+                    if untilPositional { positional += rest; break }
+                    continue
+                }
                 let (flag, inline) = RuntimeCLI.split(a)
                 let name = String(flag.drop { $0 == "-" })
                 if names.contains(name) {
@@ -147,8 +143,9 @@ enum RuntimeCLI {
         var instance: String
         /// The supervisor's start time (clock ticks after boot), so a reused pid is not taken for it.
         var pidStart: UInt64?
-        /// The container's root disk: under MicroVM's state, where QEMU (not root) can open it.
-        var disk: String = ""
+        /// The instance the supervisor launches, resolved from the bundle once, by `create`; its
+        /// root disk is the container's own, under MicroVM's state (where QEMU, not root, can open it).
+        var spec: VMSpec
         /// The signal `kill` was asked to deliver: the supervisor exits with 128 + it.
         var killSignal: Int32?
         var exitStatus: Int32?
@@ -189,10 +186,8 @@ enum RuntimeCLI {
     /// A VM name (1-48 letters, digits, '-', '_', '.') for the container: its id where that fits, else a digest of it.
     static func instanceName(_ id: String) -> String {
         if (try? SpecValidator.validateName("ctr-" + id)) != nil { return "ctr-" + id }
-        var h: UInt64 = 0xcbf29ce484222325
-        for b in id.utf8 { h = (h ^ UInt64(b)) &* 0x100000001b3 }
         let safe = String(id.filter { $0.isASCII && ($0.isLetter || $0.isNumber) }.prefix(24))
-        return "ctr-\(safe)-" + String(format: "%016llx", h)
+        return "ctr-\(safe)-" + shortDigest(id)
     }
 
     // MARK: verbs
@@ -206,19 +201,23 @@ enum RuntimeCLI {
         if bundle.terminal {
             throw Failure(message: "process.terminal is set (ctr run -t, docker run -t): mvm-runtime has no console yet; run without a terminal")
         }
-        let host = try HostCapacity.probe()
-        _ = try bundle.slice(defaults: ResourceSlice(cpus: 1, memory: .mebibytes(256)), hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
+        let instance = instanceName(id)
+        let spec = try bundle.spec(name: instance, config: try MicroVMConfig.load(), host: try HostCapacity.probe(),
+                                   disk: Paths.default.state + "/runtime-disks/" + instance + ".ext4")
         let store = Store(root: g.root)
         let dir = store.dir(id)
         try Paths.ensureDirectory(g.root)
         guard mkdir(dir, 0o711) == 0 else {
             throw Failure(message: errno == EEXIST ? "container with id \(id) already exists" : "cannot create \(dir): \(String(cString: strerror(errno)))")
         }
-        var r = Record(id: id, bundle: bundleDir, rootfs: bundle.rootfs, created: ISO8601DateFormatter().string(from: Date()), instance: instanceName(id))
-        r.disk = Paths.default.state + "/runtime-disks/" + r.instance + ".ext4"
+        var r = Record(id: id, bundle: bundleDir, rootfs: bundle.rootfs, created: ISO8601DateFormatter().string(from: Date()), instance: instance, spec: spec)
+        let disk = spec.rootfsDisk ?? ""
         do {
-            try Paths.ensureDirectory(Paths.default.state + "/runtime-disks")
-            try makeDisk(tree: bundle.rootfs, disk: r.disk)
+            try Paths.ensureDirectory((disk as NSString).deletingLastPathComponent)
+            // The bundle's root as a disk of the container's own (read-only to the guest), with
+            // the mount points the guest init needs made in the tree first, as runc makes them.
+            try RootfsBuilder.addMountPoints(to: bundle.rootfs)
+            try RootfsBuilder.makeExt4(fitting: bundle.rootfs, disk: disk)
             guard mkfifo(dir + "/start.fifo", 0o600) == 0 else { throw Failure(message: "cannot make \(dir)/start.fifo: \(String(cString: strerror(errno)))") }
             try store.save(r)
             let pid = try spawnSupervisor(g, id: id)
@@ -234,20 +233,9 @@ enum RuntimeCLI {
             }
             if let pidFile = o.values["pid-file"] { try Paths.writeScratch(Data("\(pid)".utf8), to: pidFile, atomically: true) }
         } catch {
-            try? FileManager.default.removeItem(atPath: r.disk)
+            try? FileManager.default.removeItem(atPath: disk)
             try? FileManager.default.removeItem(atPath: dir)
             throw error
-        }
-    }
-
-    /// The bundle's root directory as an ext4 disk of its own (read-only to the guest), with the
-    /// mount points the guest init needs added where the tree lacks them.
-    static func makeDisk(tree: String, disk: String) throws {
-        let du = try ProcessRunner.check(["du", "-sk", tree], timeout: 300, package: "coreutils").stdoutText
-        let used = UInt64(du.split(whereSeparator: \.isWhitespace).first ?? "0") ?? 0
-        try RootfsBuilder.makeExt4(tree: tree, disk: disk, size: .mebibytes(max(64, (used * 3 / 2) / 1024 + 32)))
-        for d in ["proc", "sys", "dev", "tmp", "run"] where !FileManager.default.fileExists(atPath: tree + "/" + d) {
-            try ProcessRunner.check(["debugfs", "-w", "-R", "mkdir /\(d)", disk], timeout: 60, package: "e2fsprogs")
         }
     }
 
@@ -260,19 +248,21 @@ enum RuntimeCLI {
         return try ChildProcess.detached(argv, executable: "/proc/self/exe")
     }
 
+    /// Releases the supervisor, which waits to open the start FIFO for writing, and returns once
+    /// it has written the byte that says the container runs (as runc's exec.fifo).
     static func start(_ g: Global, _ args: [String]) throws {
         let id = try Options(args, values: [], flags: []).id("start")
         let store = Store(root: g.root)
         let r = try store.load(id)
         guard store.status(r) == "created" else { throw Failure(message: "cannot start a container that is \(store.status(r))") }
-        // Opening the FIFO for reading releases the supervisor, blocked opening it for writing.
         let fd = open(store.dir(id) + "/start.fifo", O_RDONLY | O_NONBLOCK | O_CLOEXEC)
         guard fd >= 0 else { throw Failure(message: "cannot open the container's start FIFO: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        let deadline = Monotonic.seconds() + 10
-        while (try? store.load(id).status) == "created", store.alive(r), Monotonic.seconds() < deadline { usleep(1_000) }
-        let now = try store.load(id)
-        guard now.status != "created" else { throw Failure(message: "the container did not start within 10 s") }
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        var byte: UInt8 = 0
+        guard poll(&p, 1, 10_000) == 1, read(fd, &byte, 1) == 1 else {
+            throw Failure(message: "the container did not start within 10 s" + (store.alive(r) ? "" : ": its supervisor is gone"))
+        }
     }
 
     static func state(_ g: Global, _ args: [String]) throws {
@@ -331,7 +321,7 @@ enum RuntimeCLI {
             while store.alive(r), Monotonic.seconds() < deadline { usleep(20_000) }
             if store.alive(r) { Glibc.kill(r.pid, SIGKILL); usleep(100_000) }
         }
-        if !r.disk.isEmpty { try? FileManager.default.removeItem(atPath: r.disk) }
+        if let disk = r.spec.rootfsDisk { try? FileManager.default.removeItem(atPath: disk) }
         try? FileManager.default.removeItem(atPath: store.dir(id))
     }
 
@@ -366,35 +356,27 @@ enum RuntimeCLI {
         // The container's stderr carries its process's output and our errors, not the
         // diagnostics of libvirt and the backends: those go to the log.
         userError = dup(2)
-        let diagnostics = open(g.log ?? "/dev/null", O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0o644)
+        let diagnostics = openLog(g.log ?? "/dev/null")
         if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
         setenv("LIBVIRT_LOG_OUTPUTS", "3:stderr", 0)
         r.pid = getpid()
         r.pidStart = ProcessIdentity.startTime(pid: getpid())
         r.status = "created"
         do { try store.save(r) } catch { report(g, "supervisor: \(error)"); return 125 }
-        // Blocks until `start` opens the FIFO for reading.
+        // Blocks until `start` opens the FIFO for reading; the byte tells it the container runs.
         let fd = open(store.dir(id) + "/start.fifo", O_WRONLY | O_CLOEXEC)
-        if fd >= 0 { close(fd) }
         r = (try? store.load(id)) ?? r
         r.status = "running"
         try? store.save(r)
+        if fd >= 0 { write(fd, "1"); close(fd) }
         let status: Int32
         do {
-            let bundle = try RuntimeBundle(directory: r.bundle)
             let cfg = try MicroVMConfig.load()
-            let host = try HostCapacity.probe()
-            let slice = try bundle.slice(defaults: try cfg.profile(named: cfg.defaults.profile).slice(), hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
-            var spec = VMSpec(name: r.instance, cpus: slice.cpus, memory: slice.memory, command: bundle.args, rootfs: bundle.rootfs, slice: slice, timeout: 1e9)
-            spec.rootfsDisk = r.disk
-            spec.environment = bundle.env
-            spec.workingDirectory = bundle.cwd
-            let mode = vmMode(kvm: HostProfile.current().kvm.verdict)
-            let backend = try Backends.make(mode: mode, connect: cfg.defaults.connect, runtime: nil)
+            let backend = try Backends.make(mode: vmMode(kvm: HostProfile.current().kvm.verdict), connect: cfg.defaults.connect, runtime: nil)
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
-            let checked = spec
+            let spec = r.spec
             let result = try await SignalStop.cancellingOnSignals {
-                try await launcher.launch(checked, on: backend)
+                try await launcher.launch(spec, on: backend)
             }
             FileHandle.standardOutput.write(Data(result.output.utf8))
             status = result.exitStatus
