@@ -154,7 +154,7 @@ public struct HostedBackend: InstanceBackend {
                 record.memory = spec.memory - b.amount
             }
             let controller = HostedController(domain: d, boot: spec.memory, balloon: spec.balloon?.amount,
-                                              vcpus: spec.cpus, maxVCPUs: config.maxVCPUs ?? spec.cpus, qemuPid: qemu)
+                                              maxVCPUs: config.maxVCPUs ?? spec.cpus, qemuPid: qemu)
             let router = APIRouter(controller: controller,
                                    instanceID: spec.name, vmmVersion: "libvirt", configuration: vmConfig)
             let server = APIServer(socketPath: socket, router: router)
@@ -505,14 +505,22 @@ public struct HostedBackend: InstanceBackend {
         }
         for v in 0..<vcpus { try place("vcpu\(v)", pins[v % pins.count]) }
         try place("emulator", emulator)
-        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
-        for task in tasks {
-            guard let tid = Int32(task), let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8) else { continue }
-            if comm.hasPrefix("CPU "), let v = Int(comm.dropFirst(4).prefix { $0.isNumber }) {
-                if v < vcpus { try ThreadAffinity.pin(thread: tid, to: pins[v % pins.count]) }
+        for thread in qemuThreads(of: pid) {
+            if let v = thread.vcpu {
+                if v < vcpus { try ThreadAffinity.pin(thread: thread.tid, to: pins[v % pins.count]) }
             } else if !emulator.isEmpty {
-                try? ThreadAffinity.pin(thread: tid, to: emulator)
+                try? ThreadAffinity.pin(thread: thread.tid, to: emulator)
             }
+        }
+    }
+
+    /// QEMU's threads, with the vCPU each runs where it runs one (QEMU names those "CPU N/KVM"
+    /// or "CPU N/TCG").
+    static func qemuThreads(of pid: Int32) -> [(tid: Int32, vcpu: Int?)] {
+        let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
+        return tasks.compactMap { task in
+            guard let tid = Int32(task), let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8) else { return nil }
+            return (tid, comm.hasPrefix("CPU ") ? Int(comm.dropFirst(4).prefix { $0.isNumber }) : nil)
         }
     }
 

@@ -20,9 +20,9 @@ final class HostedController: VMMController, Sendable {
     /// QEMU's process, when it runs on this host: what it really runs is read there.
     let qemuPid: Int32?
 
-    init(domain: LibvirtDomain, boot: ByteCount, balloon: ByteCount?, vcpus: Int, maxVCPUs: Int, qemuPid: Int32?) {
+    init(domain: LibvirtDomain, boot: ByteCount, balloon: ByteCount?, maxVCPUs: Int, qemuPid: Int32?) {
         self.domain = domain; self.boot = boot; hasBalloon = balloon != nil; self.qemuPid = qemuPid
-        self.maxVCPUs = max(vcpus, maxVCPUs)
+        self.maxVCPUs = maxVCPUs
         target = Mutex(UInt32((balloon?.bytes ?? 0) / 4096))
     }
 
@@ -49,9 +49,10 @@ final class HostedController: VMMController, Sendable {
         }
         do {
             try domain.setLiveVCPUs(count)
-        } catch let e as MicroVMError where e.message.contains("timed out") {
-            // libvirt waits 5 s for the guest to eject a vCPU; a slow guest takes longer, and the
-            // unplug goes on after libvirt stops waiting.
+        } catch let e as MicroVMError where e.code == .timeout {
+            // libvirt waits 5 s for QEMU to say the guest ejected the vCPU. Under TCG, QEMU 7.2
+            // never says it (only the vCPU's lapic gets a DEVICE_DELETED), though the eject is
+            // done; a slow guest may also just take longer. QEMU's threads tell.
             if waitFor(count, seconds: Self.unplugWait) { return }
             throw MicroVMError(.timeout, "the guest did not let go of its vCPUs within \(Int(Self.unplugWait + 5)) s (QEMU runs \(runningVCPUs().map(String.init) ?? "an unknown number of") now): is its kernel able to offline CPUs?")
         }
@@ -66,17 +67,15 @@ final class HostedController: VMMController, Sendable {
     /// How long an unplug the guest is slow to finish is waited for, after libvirt's own 5 s.
     static let unplugWait: Double = 55
 
-    /// QEMU 7.2 sends no DEVICE_DELETED for a vCPU whose eject ends after libvirt stopped
-    /// waiting (seen under TCG, where a guest takes several seconds): libvirt then counts the
-    /// vCPU as present and will neither plug nor unplug that slot again.
+    /// When libvirt never heard of a finished unplug (above), it counts the vCPU as present and
+    /// will neither plug nor unplug that slot again.
     static func lostTrack(running: Int, counted: Int) -> MicroVMError {
-        MicroVMError(.backend, "QEMU runs \(running) vCPU\(running == 1 ? "" : "s") but libvirt counts \(counted): a vCPU's unplug ended after libvirt stopped waiting for it, and libvirt will not plug that slot again; mvm stop the VM and run it again to change its vCPUs")
+        MicroVMError(.backend, "QEMU runs \(running) vCPU\(running == 1 ? "" : "s") but libvirt counts \(counted): libvirt never heard that a vCPU's unplug finished (QEMU under TCG does not say), and will not plug that slot again; mvm stop the VM and run it again to change its vCPUs")
     }
 
-    /// The vCPU threads QEMU runs (named "CPU N/KVM" or "CPU N/TCG"); nil when QEMU is not local.
+    /// The vCPU threads QEMU runs; nil when QEMU is not local.
     func runningVCPUs() -> Int? {
-        guard let pid = qemuPid, let tasks = try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task") else { return nil }
-        return tasks.filter { (try? String(contentsOfFile: "/proc/\(pid)/task/\($0)/comm", encoding: .utf8))?.hasPrefix("CPU ") == true }.count
+        qemuPid.map { pid in HostedBackend.qemuThreads(of: pid).filter { $0.vcpu != nil }.count }
     }
 
     /// Whether QEMU (or, without its pid, libvirt) runs `count` vCPUs within `seconds`.

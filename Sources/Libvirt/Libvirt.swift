@@ -71,6 +71,7 @@ struct LibvirtFailure: Sendable {
         else if `is`(VIR_ERR_XML_ERROR) || `is`(VIR_ERR_INVALID_ARG) || `is`(VIR_ERR_CONFIG_UNSUPPORTED) { code = .invalidArgument }
         else if `is`(VIR_ERR_AUTH_FAILED) || `is`(VIR_ERR_ACCESS_DENIED) || `is`(VIR_ERR_AUTH_UNAVAILABLE) { code = .permissionDenied }
         else if `is`(VIR_ERR_NO_SUPPORT) { code = .unsupported }
+        else if `is`(VIR_ERR_OPERATION_TIMEOUT) { code = .timeout }
         else { code = .backend }
         return MicroVMError(code, "\(what): \(message)" + (fix.map { ". \($0)" } ?? ""))
     }

@@ -1,0 +1,32 @@
+import Foundation
+import Testing
+import CLibvirt
+import MicroVMCore
+@testable import Libvirt
+
+/// The pieces a live vCPU change stands on: libvirt's time-out is a time-out by its error code
+/// (not by its wording), and QEMU's vCPU threads are found by the names QEMU gives them.
+@Suite struct HostedControlTests {
+    @Test func libvirtsOperationTimeoutIsATimeout() {
+        let f = LibvirtFailure(code: Int32(bitPattern: VIR_ERR_OPERATION_TIMEOUT.rawValue), domain: 0, message: "vcpu unplug request timed out")
+        #expect(f.error("cannot set the vCPUs").code == .timeout)
+        #expect(LibvirtFailure(code: Int32(bitPattern: VIR_ERR_INTERNAL_ERROR.rawValue), domain: 0, message: "x").error("y").code == .backend)
+    }
+
+    /// A thread of this process named as QEMU names a vCPU thread is found with its index; the
+    /// others are found without one.
+    @Test func vcpuThreadsAreFoundByQEMUsNames() {
+        let ready = DispatchSemaphore(value: 0), done = DispatchSemaphore(value: 0)
+        let t = Thread {
+            Thread.current.name = "CPU 3/KVM"
+            ready.signal()
+            done.wait()
+        }
+        t.start()
+        ready.wait()
+        defer { done.signal() }
+        let threads = HostedBackend.qemuThreads(of: getpid())
+        #expect(threads.contains { $0.vcpu == 3 }, "\(threads)")
+        #expect(threads.contains { $0.vcpu == nil && $0.tid == getpid() })
+    }
+}
