@@ -70,7 +70,11 @@ public struct MemoryReclaim: BenchScenario {
         var end: Double { let tail = points.suffix(3).map(\.mib); return tail.isEmpty ? 0 : tail.reduce(0, +) / Double(tail.count) }
         var returnedPercent: Double { let rise = peak - idleBefore; return rise > 1 ? 100 * (peak - end) / rise : .nan }
         var heldMiB: Double { max(0, end - idleBefore) }
-        var text: String { points.map { String(format: "%.1f:%.1f", $0.t, $0.mib) }.joined(separator: ",") }
+        var text: String { Self.text(points) }
+        /// `seconds:MiB,…`, the form the details and the chart read.
+        static func text(_ points: [(t: Double, mib: Double)]) -> String {
+            points.map { String(format: "%.1f:%.1f", $0.t, $0.mib) }.joined(separator: ",")
+        }
     }
 
     /// What one pair's run measured: the first instance's series, the pair's summed series, and
@@ -113,8 +117,7 @@ public struct MemoryReclaim: BenchScenario {
             return (tick.t, x + y)
         }
         var pair = PairSeries(first: series[0], second: series[1], sum: sum)
-        let text = { (points: [(t: Double, mib: Double)]) in points.map { String(format: "%.1f:%.1f", $0.t, $0.mib) }.joined(separator: ",") }
-        pair.details = ["series": text(sum), "series-first": pair.first.text, "burst-mib": "\(burst.bytes / 1_048_576)",
+        pair.details = ["series": Series.text(sum), "series-first": pair.first.text, "burst-mib": "\(burst.bytes / 1_048_576)",
                         "balloon": balloon == nil ? "none" : "free page reporting",
                         "idle-mib": String(format: "%.1f", pair.first.idleBefore), "peak-mib": String(format: "%.1f", pair.first.peak),
                         "end-mib": String(format: "%.1f", pair.first.end), "pair-idle-mib": String(format: "%.1f", pair.first.idleBefore + pair.second.idleBefore),
