@@ -90,7 +90,7 @@ public struct RigRunner: Sendable {
     public var options: RigOptions
     public init(_ options: RigOptions = RigOptions()) { self.options = options }
 
-    /// Runs `command`; `streamOutput` receives output chunks as the console delivers them.
+    /// Runs `command`; `streamOutput` receives output chunks as the command writes them.
     /// `scratch` (if given) is called with the host path of the read-write scratch share before
     /// boot, so a caller can place files for the command or read results after (until return).
     public func run(command: [String], scratch: ((String) throws -> Void)? = nil,
@@ -131,28 +131,34 @@ public struct RigRunner: Sendable {
         var console = RigConsole()
         var output = Data()
         var bootSeconds: Double?
-        let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout)) { bytes in
-            let out = console.feed(bytes)
+        // The command's output is the scratch share's `output` file, followed here as it grows:
+        // the serial console carries only the rig's markers (under TCG it has been seen to stall
+        // for many minutes, and the rig with it).
+        var outputFile: FileHandle?
+        func follow() {
+            if outputFile == nil { outputFile = FileHandle(forReadingAtPath: scratchDir + "/output") }
+            guard let d = outputFile?.availableData, !d.isEmpty else { return }
+            output.append(d)
+            streamOutput?(d)
+        }
+        defer { try? outputFile?.close() }
+        let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout), tick: follow) { bytes in
+            _ = console.feed(bytes)
             if bootSeconds == nil, console.phase != .booting { bootSeconds = Date().timeIntervalSince(started) }
-            if !out.isEmpty {
-                let d = Data(out)
-                output.append(d)
-                streamOutput?(d)
-            }
             return console.isFinished
         }
         child.killAndReap()
+        follow()
         let wall = Date().timeIntervalSince(started)
         let stderr = (try? String(contentsOfFile: scratchDir + "/qemu.stderr", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
         try afterRun?(scratchDir)
 
-        // The rig writes the output and then the status to the scratch share: they are the
-        // record, whatever the console delivered (it may stall, or lag behind the copy it carries).
+        // The rig writes the status to the scratch share once the output is complete: it is the
+        // record, whether or not the console's exit marker arrived.
         if let text = try? String(contentsOfFile: scratchDir + "/status", encoding: .utf8),
            let status = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
-            let written = FileManager.default.contents(atPath: scratchDir + "/output") ?? output
-            return RigResult(status: status, output: written, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
+            return RigResult(status: status, output: output, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
                              guestUptimeAtStart: console.guestStartUptime)
         }
         switch console.phase {

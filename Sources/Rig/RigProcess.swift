@@ -58,14 +58,16 @@ final class RigChild: @unchecked Sendable {
         return child
     }
 
-    /// Reads the console until `consume` says it is done, QEMU closes it, or the deadline passes.
-    func pump(deadline: Date, consume: ([UInt8]) -> Bool) -> Outcome {
+    /// Reads the console until `consume` says it is done, QEMU closes it, or the deadline passes;
+    /// `tick` runs at least every 0.2 s meanwhile.
+    func pump(deadline: Date, tick: () -> Void = {}, consume: ([UInt8]) -> Bool) -> Outcome {
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
+            tick()
             let left = deadline.timeIntervalSinceNow
             if left <= 0 { return .timedOut }
             var pfd = pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)
-            let r = poll(&pfd, 1, Int32(min(left * 1000, 1000).rounded(.up)))
+            let r = poll(&pfd, 1, Int32(min(left * 1000, 200).rounded(.up)))
             if r < 0 { if errno == EINTR { continue }; return .exited }
             if r == 0 { continue }
             let n = buf.withUnsafeMutableBytes { read(readFD, $0.baseAddress, $0.count) }

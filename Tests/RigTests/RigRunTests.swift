@@ -54,7 +54,7 @@ struct RigRunTests {
         let chunks = ChunkBox()
         var fromScratch = ""
         let r = try RigRunner(RigGate.options()).run(
-            command: ["sh", "-c", "seq 1 20000; printf 'no newline'; echo done > \"$MVM_RIG_SCRATCH/result\""],
+            command: ["sh", "-c", "seq 1 10000; sleep 2; seq 10001 20000; printf 'no newline'; echo done > \"$MVM_RIG_SCRATCH/result\""],
             afterRun: { dir in fromScratch = (try? String(contentsOfFile: dir + "/result", encoding: .utf8)) ?? "" },
             streamOutput: { chunks.append($0) })
         let expected = (1...20000).map(String.init).joined(separator: "\n") + "\nno newline"
