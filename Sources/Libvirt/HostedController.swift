@@ -112,8 +112,9 @@ final class HostedController: VMMController, Sendable {
         // ACTUAL_BALLOON is the memory the guest has now: the balloon holds the rest.
         let current = stats[Int32(VIR_DOMAIN_MEMORY_STAT_ACTUAL_BALLOON.rawValue)].map { ByteCount.kibibytes($0) } ?? boot
         var guest: [String: UInt64] = [:]
-        for s in Self.statNames { if let v = stats[s.tag] { guest[s.name] = s.kib ? v * 1024 : v } }
-        return BalloonStatistics(targetPages: target.withLock { $0 }, actualPages: UInt32((boot - current).bytes / 4096), guest: guest)
+        // The figures are the guest's (its balloon driver's statistics): sizes saturate.
+        for s in Self.statNames { if let v = stats[s.tag] { guest[s.name] = s.kib ? ByteCount.kibibytes(v).bytes : v } }
+        return BalloonStatistics(targetPages: target.withLock { $0 }, actualPages: UInt32(clamping: (boot - current).bytes / 4096), guest: guest)
     }
 
     func metricsText() -> String {

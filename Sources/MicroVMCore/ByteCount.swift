@@ -4,15 +4,19 @@ public struct ByteCount: Hashable, Comparable, Sendable, Codable, CustomStringCo
     public init(_ bytes: UInt64) { self.bytes = bytes }
     public init(integerLiteral value: UInt64) { self.bytes = value }
 
-    public static func kibibytes(_ n: UInt64) -> ByteCount { ByteCount(n << 10) }
-    public static func mebibytes(_ n: UInt64) -> ByteCount { ByteCount(n << 20) }
-    public static func gibibytes(_ n: UInt64) -> ByteCount { ByteCount(n << 30) }
+    // Sizes can come from a guest (its balloon statistics): they saturate instead of wrapping.
+    public static func kibibytes(_ n: UInt64) -> ByteCount { ByteCount(n > UInt64.max >> 10 ? .max : n << 10) }
+    public static func mebibytes(_ n: UInt64) -> ByteCount { ByteCount(n > UInt64.max >> 20 ? .max : n << 20) }
+    public static func gibibytes(_ n: UInt64) -> ByteCount { ByteCount(n > UInt64.max >> 30 ? .max : n << 30) }
 
     public var mebibytes: UInt64 { bytes >> 20 }
     public var kibibytes: UInt64 { bytes >> 10 }
 
     public static func < (a: ByteCount, b: ByteCount) -> Bool { a.bytes < b.bytes }
-    public static func + (a: ByteCount, b: ByteCount) -> ByteCount { ByteCount(a.bytes + b.bytes) }
+    public static func + (a: ByteCount, b: ByteCount) -> ByteCount {
+        let (sum, overflow) = a.bytes.addingReportingOverflow(b.bytes)
+        return ByteCount(overflow ? .max : sum)
+    }
     public static func - (a: ByteCount, b: ByteCount) -> ByteCount { ByteCount(a.bytes >= b.bytes ? a.bytes - b.bytes : 0) }
 
     /// Parses "128M", "128MiB", "1G", "2048k", "4096". Units are binary (K = 1024).

@@ -268,8 +268,9 @@ public struct GuestMemoryUse: Sendable, Equatable, Codable {
         if let total = guestTotal, let available = guestAvailable, total > 0 {
             // With deflate-on-OOM Linux keeps the balloon in its total (its pages are allocated,
             // so not available); without, the total shrinks by it.
-            let taken = available + (total > current.bytes ? balloon : 0)
-            used = ByteCount(total > taken ? total - taken : 0)
+            // The figures are the guest's: nothing here may overflow on what it says.
+            let taken = ByteCount(available) + ByteCount(total > current.bytes ? balloon : 0)
+            used = ByteCount(total) - taken
         } else {
             used = nil
         }

@@ -85,3 +85,15 @@ import Foundation
         #expect(shortDigest("foobar") == "85944171f73967e8")
     }
 }
+
+/// A guest's balloon statistics are the guest's to make up: sizes from them saturate, and the
+/// use computed from them never traps.
+@Suite struct GuestFiguresTests {
+    @Test func hostileStatisticsSaturate() {
+        #expect(ByteCount.kibibytes(.max) == ByteCount(.max) && ByteCount(.max) + ByteCount(1) == ByteCount(.max))
+        let use = GuestMemoryUse(boot: .mebibytes(512), balloonPages: .max, guestTotal: .max, guestAvailable: .max)
+        #expect(use.current == ByteCount(0) && use.used == ByteCount(0))
+        let fair = GuestMemoryUse(boot: .mebibytes(512), balloonPages: 0, guestTotal: 512 << 20, guestAvailable: 412 << 20)
+        #expect(fair.used == .mebibytes(100))
+    }
+}
