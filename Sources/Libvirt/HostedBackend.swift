@@ -316,8 +316,9 @@ public struct HostedBackend: InstanceBackend {
                 gone = !domain.state().isActive
             }
             if gone {
-                // The last bytes may have landed after the previous read.
-                parser.feed(handle.availableData)
+                // The last bytes may have landed after the previous read (to the end: on a
+                // file `availableData` returns one block).
+                parser.feed((try? handle.readToEnd()) ?? Data())
                 if let report = parser.report {
                     return Outcome(report: report, console: String(decoding: console.suffix(keep), as: UTF8.self))
                 }

@@ -137,7 +137,8 @@ public struct RigRunner: Sendable {
         var outputFile: FileHandle?
         func follow() {
             if outputFile == nil { outputFile = FileHandle(forReadingAtPath: scratchDir + "/output") }
-            guard let d = outputFile?.availableData, !d.isEmpty else { return }
+            // To the file's current end: `availableData` returns one block per call on Linux.
+            guard let d = try? outputFile?.readToEnd(), !d.isEmpty else { return }
             output.append(d)
             streamOutput?(d)
         }
