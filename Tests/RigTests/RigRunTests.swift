@@ -432,7 +432,8 @@ enum RigKVMSession {
         $c task delete two >/dev/null; echo "task-delete=$?"; $c container delete two; echo "container-delete=$?"
         echo "instances-left=$(\(m) ps | grep -c ctr-)"; echo "grants-left=$(\(m) alloc show | grep -c ctr-)"
         echo "disks-left=$(ls /run/mvm-state/runtime-disks 2>/dev/null | wc -l)"
-        kill $daemon; sleep 1; pkill -f containerd-shim-runc-v2; wait
+        # The bracket keeps the pattern from matching this script's own shell (and the session's).
+        kill $daemon; sleep 1; pkill -f "[c]ontainerd-shim-runc-v2 .*-address $d/sock"; wait
         """
     }
 
