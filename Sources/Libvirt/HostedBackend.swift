@@ -323,10 +323,22 @@ public struct HostedBackend: InstanceBackend {
                     return Outcome(report: report, console: String(decoding: console.suffix(keep), as: UTF8.self))
                 }
                 let tail = String(String(decoding: console.suffix(8192), as: UTF8.self).suffix(1500))
-                throw MicroVMError(.guestError, "the hosted guest '\(domain.name)' stopped before it reported a result (\(parser.bootComplete ? "after" : "before") boot completed); QEMU was killed or the guest crashed. Console tail:\n\(tail)")
+                let qemu = qemuLogTail(domain: domain.name)
+                throw MicroVMError(.guestError, "the hosted guest '\(domain.name)' stopped before it reported a result (\(parser.bootComplete ? "after" : "before") boot completed); QEMU was killed or the guest crashed. Console tail:\n\(tail)\(qemu.isEmpty ? "" : "\nQEMU's log ends:\n\(qemu)")")
             }
             try? await Task.sleep(for: .milliseconds(5))
         }
+    }
+
+    /// The last lines libvirt logged for the domain's QEMU (its exit reason, when QEMU gave one),
+    /// for the local drivers whose log directory is known; empty otherwise.
+    func qemuLogTail(domain: String, lines: Int = 6) -> String {
+        let dir: String
+        if let root = embeddedRoot { dir = root + "/log/qemu" }
+        else if uri == "qemu:///system" { dir = "/var/log/libvirt/qemu" }
+        else { return "" }
+        guard let text = try? String(contentsOfFile: "\(dir)/\(domain).log", encoding: .utf8) else { return "" }
+        return text.split(separator: "\n").suffix(lines).map { String($0.prefix(300)) }.joined(separator: "\n")
     }
 
     /// After the result the guest powers itself off (reboot → on_reboot destroy). Waits for that,

@@ -30,3 +30,18 @@ import MicroVMCore
         #expect(threads.contains { $0.vcpu == nil && $0.tid == getpid() })
     }
 }
+
+/// When a hosted guest dies before its result, the error carries the end of libvirt's QEMU log.
+@Suite struct QEMULogTailTests {
+    @Test func theEmbeddedRootsLogIsReadAndOtherDriversGiveNothing() throws {
+        let root = NSTemporaryDirectory() + "mvm-qemulog-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        try FileManager.default.createDirectory(atPath: root + "/log/qemu", withIntermediateDirectories: true)
+        let lines = (1...10).map { "line \($0)" } + [String(repeating: "x", count: 1000)]
+        try lines.joined(separator: "\n").write(toFile: root + "/log/qemu/mvm-t.log", atomically: true, encoding: .utf8)
+        let embedded = HostedBackend(connect: "qemu:///embed?root=\(root)")
+        #expect(embedded.qemuLogTail(domain: "mvm-t", lines: 3) == "line 9\nline 10\n" + String(repeating: "x", count: 300))
+        #expect(embedded.qemuLogTail(domain: "absent").isEmpty)
+        #expect(HostedBackend(connect: "qemu+ssh://h/system").qemuLogTail(domain: "mvm-t").isEmpty)
+    }
+}
