@@ -24,7 +24,7 @@ struct ImageRunCLITests {
     func runs(_ mode: [String], timeout: Double = 120) throws {
         let image = try Self.image.get()
         let (env, dir) = try KillSafetyCLITests.stateDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         let defaults = try MVM.run(["run"] + mode + ["--image", image], environment: env, timeout: timeout)
         #expect(defaults.status == 0 && defaults.stdoutText == "hello from /srv\n", "\(defaults.stdoutText)\(defaults.stderrText.suffix(800))")
         // Arguments replace the image's command and keep its entrypoint (sh -c).
@@ -46,7 +46,7 @@ struct ImageRunCLITests {
     /// before anything is granted.
     @Test func badImagesAreRefusedBeforeAnythingIsGranted() throws {
         let (env, dir) = try KillSafetyCLITests.stateDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         let missing = try MVM.run(["run", "--mode", "container", "--image", dir + "/none.tar", "--", "true"], environment: env)
         #expect(missing.status != 0 && missing.stderrText.contains("does not exist"), "\(missing.stderrText)")
         try "not a tarball".write(toFile: dir + "/junk.tar", atomically: true, encoding: .utf8)

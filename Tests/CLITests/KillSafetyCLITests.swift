@@ -15,6 +15,23 @@ struct KillSafetyCLITests {
         return (["MVM_STATE_DIR": dir + "/state"], dir)
     }
 
+    /// Removes a directory from `stateDirectory()` once no process works in it any more: a
+    /// detached run may still be tidying its state (libvirt's embedded driver writes under it
+    /// as it closes) after `mvm stop` returned, and would recreate what was removed.
+    static func removeStateDirectory(_ dir: String, waiting seconds: Double = 30) {
+        let needle = Array("MVM_STATE_DIR=\(dir)/state\0".utf8)
+        func users() -> Bool {
+            let pids = (try? FileManager.default.contentsOfDirectory(atPath: "/proc"))?.filter { Int32($0) != nil } ?? []
+            return pids.contains { pid in
+                guard Int32(pid) != getpid(), let env = FileManager.default.contents(atPath: "/proc/\(pid)/environ") else { return false }
+                return Array(env).firstRange(of: needle) != nil
+            }
+        }
+        let deadline = Date().addingTimeInterval(seconds)
+        while Date() < deadline, users() { usleep(100_000) }
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
     /// Polls `body` until it is true or `seconds` pass.
     func eventually(_ seconds: Double, _ body: () throws -> Bool) rethrows -> Bool {
         let deadline = Date().addingTimeInterval(seconds)
@@ -28,7 +45,7 @@ struct KillSafetyCLITests {
     @Test(.enabled(if: canRunContainers, "needs root and runc"))
     func aKilledRunsGrantFollowsItsContainerUntilGCRemovesIt() throws {
         let (env, dir) = try Self.stateDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 120) }
         let name = "kill-\(UUID().uuidString.prefix(6).lowercased())"
 
@@ -65,7 +82,7 @@ struct KillSafetyCLITests {
     @Test(.enabled(if: canRunHosted, "needs root and libvirt's embedded QEMU driver"))
     func aKilledHostedRunKeepsItsGrantUntilQEMUIsStoppedAndLeavesNoTap() throws {
         let (env, dir) = try Self.stateDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 150) }
         let name = "killvm-\(UUID().uuidString.prefix(6).lowercased())"
         let tap = "mvt" + HostLinks.interfaceTag(name)
@@ -97,7 +114,7 @@ struct KillSafetyCLITests {
     @Test(.enabled(if: getuid() == 0 && HostProfile.current().kvm.verdict != .absent, "needs root and /dev/kvm"))
     func aKilledDirectRunLeavesNoVMMTapOrCgroupAfterGC() throws {
         let (env0, dir) = try Self.stateDirectory()
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         let env = env0.merging(["MVM_DIRECT_ALLOW_EMULATED": "1"]) { $1 }
         func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 60) }
         let kernel = dir + "/tiny.elf"
@@ -165,7 +182,7 @@ struct KillAtPhaseCLITests {
         }
         let dir = "/tmp/mvm-killphase-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         let env = ["MVM_STATE_DIR": dir + "/state", "MVM_DIRECT_ALLOW_EMULATED": "1"]
         func mvm(_ args: String...) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: 150) }
         let name = "kp\(mode.rawValue.prefix(2))\(phase.rawValue.prefix(1))-\(UUID().uuidString.prefix(6).lowercased())"

@@ -11,7 +11,7 @@ struct LifecycleCLITests {
     func aDetachedDirectInstanceIsPausedResumedCountedAndStopped() throws {
         let dir = "/tmp/mvm-lifecycle-\(UUID().uuidString.prefix(8))"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(atPath: dir) }
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
         let kernel = dir + "/tiny.elf"
         try Data(TinyGuest.pvhELF()).write(to: URL(fileURLWithPath: kernel))
         let env = ["MVM_STATE_DIR": dir + "/state", "MVM_DIRECT_ALLOW_EMULATED": "1"]

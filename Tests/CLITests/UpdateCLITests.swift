@@ -292,6 +292,6 @@ final class DetachedInstance {
 
     func end() {
         _ = try? run(["stop", name])
-        try? FileManager.default.removeItem(atPath: dir)
+        KillSafetyCLITests.removeStateDirectory(dir)
     }
 }

@@ -173,7 +173,8 @@ struct VirtioTransportTests {
     }
 
     @Test func garbageOnEveryOffsetNeverTraps() throws {
-        let d = try VirtioDriver(device: VirtioBlock(path: try tempDisk(sectors: 8)))
+        let path = try tempDisk(sectors: 8); defer { unlink(path) }
+        let d = try VirtioDriver(device: VirtioBlock(path: path))
         var rng = SystemRandomNumberGenerator()
         for off in stride(from: UInt64(0), through: 0x200, by: 1) {
             for size in [1, 2, 4, 8] {

@@ -32,7 +32,9 @@ struct DirectBackendTests {
     }
 
     @Test func kernelCommandLineCarriesTheCommandAndOurParameters() throws {
-        let backend = DirectBackend(options: .init(paths: try tempPaths(), attachRootfs: false))
+        let paths = try tempPaths()
+        defer { try? FileManager.default.removeItem(atPath: paths.state) }
+        let backend = DirectBackend(options: .init(paths: paths, attachRootfs: false))
         let plan = try InstanceLauncher().plan(VMSpec(kernel: "/boot/vmlinuz", cmdline: "mvm.debug=1", command: ["echo", "a b"]),
                                                slice: ResourceSlice(cpus: 1, memory: .mebibytes(128)), backend: backend)
         #expect(plan.kernel == "/boot/vmlinuz" && plan.initrd == nil && plan.disks.isEmpty)

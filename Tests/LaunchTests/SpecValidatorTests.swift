@@ -3,9 +3,12 @@ import Testing
 @testable import Launch
 import MicroVMCore
 
-@Suite struct SpecValidatorTests {
+@Suite final class SpecValidatorTests {
+    /// Each test's files, removed with it.
+    let dir = NSTemporaryDirectory() + "mvm-validate-\(getpid())-\(UUID().uuidString.prefix(8))"
+    deinit { try? FileManager.default.removeItem(atPath: dir) }
+
     func temp(_ name: String, _ bytes: [UInt8]) throws -> String {
-        let dir = NSTemporaryDirectory() + "mvm-validate-\(getpid())"
         try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let p = dir + "/" + name
         try Data(bytes).write(to: URL(fileURLWithPath: p))

@@ -14,7 +14,10 @@ import MicroVMCore
 public final class VirtioFuzzHarness: @unchecked Sendable {
     public static let ramSize = 1 << 20
     let ram: GuestRAM
+    /// The disk as `/proc/self/fd/N` of a file unlinked at once: a fuzzer that stops on a crash,
+    /// as fuzzers do, leaves no file behind, and harnesses side by side never share one.
     let diskPath: String
+    private let diskFD: Int32
 
     private final class NullLine: InterruptLine, @unchecked Sendable {
         func trigger() {}
@@ -23,11 +26,19 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
 
     public init() throws {
         ram = try GuestRAM(size: ByteCount(UInt64(Self.ramSize)))
-        diskPath = NSTemporaryDirectory() + "mvm-virtio-fuzz-\(getpid()).img"
-        FileManager.default.createFile(atPath: diskPath, contents: Data(count: 64 * 512))
+        let path = NSTemporaryDirectory() + "mvm-virtio-fuzz-\(getpid())-XXXXXX"
+        var template = Array(path.utf8CString)
+        diskFD = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        guard diskFD >= 0 else { throw MicroVMError(.internalError, "cannot create the fuzzing disk under \(NSTemporaryDirectory()): \(String(cString: strerror(errno)))") }
+        unlink(template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
+        guard ftruncate(diskFD, 64 * 512) == 0 else {
+            close(diskFD)
+            throw MicroVMError(.internalError, "cannot size the fuzzing disk: \(String(cString: strerror(errno)))")
+        }
+        diskPath = "/proc/self/fd/\(diskFD)"
     }
 
-    deinit { unlink(diskPath) }
+    deinit { close(diskFD) }
 
     /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, 3 vsock, 4 balloon, modulo 5), [1] log2 queue
     /// size, [2] feature bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the
