@@ -412,6 +412,13 @@ public struct HostedBackend: InstanceBackend {
         let deadline = Monotonic.seconds() + shutdownTimeout
         while Monotonic.seconds() < deadline, kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
         if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+        // Returns once the owning run has cleaned up (its record and run directory gone), so the
+        // name is free for the next `mvm run`; a run that died meanwhile leaves them to us.
+        let cleaned = Monotonic.seconds() + 15
+        while Monotonic.seconds() < cleaned, HostedRecord.load(name, in: recordDirectory) != nil, kill(r.ownerPID, 0) == 0 {
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        if HostedRecord.load(name, in: recordDirectory) != nil, kill(r.ownerPID, 0) != 0 { removeLeftovers(r) }
     }
 
     public func logs(name: String) async throws -> String {
