@@ -43,16 +43,7 @@ public struct RuntimeBundle: Sendable {
         guard let data = FileManager.default.contents(atPath: file) else {
             throw MicroVMError.notFound("open \(file): no such file or directory: the bundle has no config.json")
         }
-        do {
-            config = try JSONDecoder().decode(Config.self, from: data)
-        } catch let DecodingError.typeMismatch(type, context), let DecodingError.valueNotFound(type, context) {
-            let found = context.debugDescription.range(of: "found ").map { " (" + context.debugDescription[$0.lowerBound...].trimmingCharacters(in: CharacterSet(charactersIn: ". ")) + ")" } ?? ""
-            throw MicroVMError.invalidArgument("config.json: \(Self.path(context.codingPath)) must be \(Self.describe(type))\(found)")
-        } catch let DecodingError.keyNotFound(key, context) {
-            throw MicroVMError.invalidArgument("config.json: \(Self.path(context.codingPath + [key])) is required")
-        } catch {
-            throw MicroVMError.invalidArgument("config.json is not valid JSON: \(error)")
-        }
+        config = try Self.decode(Config.self, from: data, named: "config.json")
         self.directory = directory
         guard let process = config.process, let args = process.args, !args.isEmpty, !args[0].isEmpty else {
             throw MicroVMError.invalidArgument("config.json: process.args must not be empty")
@@ -84,8 +75,21 @@ public struct RuntimeBundle: Sendable {
     /// its CPU quota covers (else `defaults`'), the quota itself, and its shares as a weight.
     /// A limit no VM can have, or more than the host holds, is refused.
     public func slice(defaults: ResourceSlice, hostMemory: ByteCount, hostCPUs: Int) throws -> ResourceSlice {
+        let (c, pids) = try Self.change(config.linux?.resources, hostMemory: hostMemory, hostCPUs: hostCPUs)
         var s = defaults
-        let r = config.linux?.resources
+        if let m = c.memory { s.memory = m }
+        if let n = c.cpus { s.cpus = n }
+        if let q = c.quota { s.cpuQuota = q }
+        if let w = c.weight { s.cpuWeight = w }
+        if let pids { s.pidsLimit = pids }
+        return s
+    }
+
+    /// What `resources` sets, as a change of slice (at `create` against the defaults, at `update`
+    /// live) and a pids limit; unset and zero fields change nothing. A limit no VM can have, or
+    /// more than the host holds, is refused.
+    public static func change(_ r: Config.Resources?, hostMemory: ByteCount, hostCPUs: Int) throws -> (resize: Allocator.Resize, pids: Int?) {
+        var c = Allocator.Resize()
         if let limit = r?.memory?.limit, limit > 0 {
             let bytes = ByteCount(UInt64(limit))
             guard bytes >= .mebibytes(64) else {
@@ -94,7 +98,7 @@ public struct RuntimeBundle: Sendable {
             guard bytes <= hostMemory else {
                 throw MicroVMError.invalidArgument("linux.resources.memory.limit \(limit) is more than this host's \(hostMemory) of memory")
             }
-            s.memory = bytes
+            c.memory = bytes
         }
         if let quota = r?.cpu?.quota, quota > 0 {
             let period = Double(r?.cpu?.period ?? 100_000)
@@ -103,23 +107,27 @@ public struct RuntimeBundle: Sendable {
             guard cpus <= Double(hostCPUs) else {
                 throw MicroVMError.invalidArgument("linux.resources.cpu quota \(quota)/\(Int(period)) asks for \(cpus) CPUs; this host has \(hostCPUs)")
             }
-            s.cpus = max(1, Int(cpus.rounded(.up)))
-            s.cpuQuota = cpus
+            c.cpus = max(1, Int(cpus.rounded(.up)))
+            c.quota = cpus
         }
         // cgroup v1's range of shares (2...262144): a larger value must not overflow the weight.
-        if let shares = r?.cpu?.shares, shares > 0 { s.cpuWeight = max(1, min(10_000, Int(min(shares, 262_144)) * 100 / 1024)) }
-        if let pids = r?.pids?.limit, pids > 0 { s.pidsLimit = Int(pids) }
-        return s
+        if let shares = r?.cpu?.shares, shares > 0 { c.weight = max(1, min(10_000, Int(min(shares, 262_144)) * 100 / 1024)) }
+        let pids = r?.pids.flatMap { $0.limit > 0 ? Int(clamping: $0.limit) : nil }
+        return (c, pids)
     }
 
     /// The instance that runs this bundle's process: `name`, the slice `linux.resources` asks
     /// for (the configuration's default profile where it is silent), the process's arguments,
-    /// environment and working directory, the bundle's root as a tree and as the disk `disk`.
+    /// environment and working directory, the bundle's root as a tree and as the disk `disk`,
+    /// and a balloon.
     public func spec(name: String, config: MicroVMConfig, host: HostCapacity, disk: String) throws -> VMSpec {
         let slice = try self.slice(defaults: try config.profile(named: config.defaults.profile).slice(),
                                    hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
         var spec = VMSpec(name: name, cpus: slice.cpus, memory: slice.memory, command: args, rootfs: rootfs, slice: slice, timeout: Self.noTimeout)
         spec.rootfsDisk = disk
+        // A balloon with free page reporting: what the container's process frees goes back to the
+        // host, and `update --memory` resizes the VM live.
+        spec.balloon = BalloonSpec()
         spec.environment = env
         spec.workingDirectory = cwd
         return spec
@@ -127,6 +135,26 @@ public struct RuntimeBundle: Sendable {
 
     /// A container runs until its process ends or it is killed: the launch's time-out is ten years.
     public static let noTimeout: Double = 10 * 365 * 86_400
+
+    /// `linux.resources` as `runc update --resources` reads it (from containerd's shim, or
+    /// `docker update` through it), its problems named with the field.
+    public static func resources(from data: Data, named source: String) throws -> Config.Resources {
+        try decode(Config.Resources.self, from: data, named: source)
+    }
+
+    /// Decodes `data`; a field of the wrong type, or a missing one, is named as runc names it.
+    static func decode<T: Decodable>(_ type: T.Type, from data: Data, named source: String) throws -> T {
+        do {
+            return try JSONDecoder().decode(T.self, from: data)
+        } catch let DecodingError.typeMismatch(type, context), let DecodingError.valueNotFound(type, context) {
+            let found = context.debugDescription.range(of: "found ").map { " (" + context.debugDescription[$0.lowerBound...].trimmingCharacters(in: CharacterSet(charactersIn: ". ")) + ")" } ?? ""
+            throw MicroVMError.invalidArgument("\(source): \(Self.path(context.codingPath)) must be \(Self.describe(type))\(found)")
+        } catch let DecodingError.keyNotFound(key, context) {
+            throw MicroVMError.invalidArgument("\(source): \(Self.path(context.codingPath + [key])) is required")
+        } catch {
+            throw MicroVMError.invalidArgument("\(source) is not valid JSON: \(error)")
+        }
+    }
 
     static func path(_ keys: [any CodingKey]) -> String {
         keys.map { $0.intValue.map { "[\($0)]" } ?? "." + $0.stringValue }.joined().trimmingCharacters(in: CharacterSet(charactersIn: "."))

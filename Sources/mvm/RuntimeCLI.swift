@@ -24,7 +24,7 @@ enum RuntimeCLI {
     /// What a run of `mvm-runtime` failed with: written to stderr and, as runc does, to `--log`.
     struct Failure: Error { var message: String }
 
-    static let verbs = ["create", "start", "state", "kill", "delete", "ps", "features"]
+    static let verbs = ["create", "start", "state", "kill", "delete", "ps", "update", "features"]
 
     static func main(_ arguments: [String]) async -> Int32 {
         var g = Global()
@@ -49,6 +49,7 @@ enum RuntimeCLI {
             case "kill": try kill(g, rest)
             case "delete": try delete(g, rest)
             case "ps": try ps(g, rest)
+            case "update": try await update(g, rest)
             case "features": print(features)
             case "_supervise": return await supervise(g, rest)
             default:
@@ -336,6 +337,60 @@ enum RuntimeCLI {
         } else {
             print("PID\n" + pids.map(String.init).joined(separator: "\n"))
         }
+    }
+
+    /// `update --resources FILE|-` (as containerd's shim calls it for `ctr task update` and
+    /// `docker update`) or runc's own flags: the VM's grant and limits change live through the
+    /// allocator, as `mvm update` changes them, or nothing changes and the error says why. The
+    /// weight and the quota change in every mode; vCPUs and memory where the VM can change them
+    /// (see `mvm update`).
+    static func update(_ g: Global, _ args: [String]) async throws {
+        let fixed = ["cpuset-cpus": "the allocator places a micro-VM's vCPUs", "cpuset-mems": "the allocator places a micro-VM's memory",
+                     "memory-swap": "a micro-VM's memory is never swapped by its limit", "memory-reservation": "a micro-VM is granted its whole memory",
+                     "kernel-memory": "the guest's kernel memory is inside its memory", "kernel-memory-tcp": "the guest's kernel memory is inside its memory",
+                     "blkio-weight": "a micro-VM's disk has no weight", "cpu-rt-period": "a micro-VM has no real-time CPU time",
+                     "cpu-rt-runtime": "a micro-VM has no real-time CPU time", "l3-cache-schema": "a micro-VM has no cache allocation",
+                     "mem-bw-schema": "a micro-VM has no memory bandwidth allocation"]
+        let o = try Options(args, values: Set(["resources", "r", "memory", "cpu-quota", "cpu-period", "cpu-share", "pids-limit"] + fixed.keys), flags: [])
+        let id = try o.id("update")
+        if let (flag, why) = fixed.first(where: { o.values[$0.key] != nil }) {
+            throw Failure(message: "--\(flag) cannot change for mvm-runtime: \(why)")
+        }
+        let store = Store(root: g.root)
+        let r = try store.load(id)
+        guard store.alive(r), r.status == "running" else {
+            throw Failure(message: "container \(id) is \(store.status(r)): only a running micro-VM can be updated")
+        }
+        let resources: RuntimeBundle.Config.Resources
+        if let source = o.values["resources"] ?? o.values["r"] {
+            let data = source == "-" ? FileHandle.standardInput.readDataToEndOfFile() : FileManager.default.contents(atPath: source)
+            guard let data else { throw Failure(message: "open \(source): cannot read the resources file") }
+            resources = try RuntimeBundle.resources(from: data, named: source == "-" ? "the resources on stdin" : source)
+        } else {
+            var memory: [String: Any] = [:], cpu: [String: Any] = [:], pids: [String: Any] = [:]
+            if let m = o.values["memory"] { memory["limit"] = try ByteCount(parsing: m).bytes }
+            for (flag, key) in [("cpu-quota", "quota"), ("cpu-period", "period"), ("cpu-share", "shares")] {
+                guard let v = o.values[flag] else { continue }
+                guard let n = Int64(v) else { throw Failure(message: "invalid value \"\(v)\" for flag --\(flag): not an integer") }
+                cpu[key] = n
+            }
+            if let v = o.values["pids-limit"] {
+                guard let n = Int64(v) else { throw Failure(message: "invalid value \"\(v)\" for flag --pids-limit: not an integer") }
+                pids["limit"] = n
+            }
+            let all: [String: Any] = ["memory": memory, "cpu": cpu, "pids": pids].filter { !($0.value as? [String: Any] ?? [:]).isEmpty }
+            resources = try RuntimeBundle.resources(from: try JSONSerialization.data(withJSONObject: all), named: "the flags")
+        }
+        if let set = resources.cpu?.cpus, !set.isEmpty { throw Failure(message: "cpu.cpus cannot change for mvm-runtime: \(fixed["cpuset-cpus"]!)") }
+        let host = try HostCapacity.probe()
+        let (change, pids) = try RuntimeBundle.change(resources, hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
+        if let pids, pids != r.spec.slice?.pidsLimit {
+            throw Failure(message: "pids.limit cannot change on a running micro-VM: the guest's processes are not the host's (it was \(r.spec.slice?.pidsLimit.map(String.init) ?? "unset"))")
+        }
+        guard !change.isEmpty else { return }
+        let cfg = try MicroVMConfig.load()
+        let backend = try await InstanceLookup.find(name: r.instance, connect: cfg.defaults.connect)
+        _ = try await InstanceUpdater(allocator: try Allocator.open(paths: .default, config: cfg)).update(name: r.instance, change, on: backend)
     }
 
     static let features = """

@@ -23,10 +23,10 @@ struct RuntimeCLITests {
 
         /// `mvm-runtime --root ROOT --log LOG --log-format json ARGS…`, its stdio in files (the
         /// supervisor `create` starts keeps them, as it keeps the shim's pipes).
-        func run(_ args: [String], log: String? = nil) throws -> ProcessRunner.Output {
+        func run(_ args: [String], log: String? = nil, stdin: String = "/dev/null") throws -> ProcessRunner.Output {
             let logArgs = log.map { ["--log", $0, "--log-format", "json"] } ?? []
             let argv = [runtime, "--root", root] + logArgs + args
-            let script = argv.map(ProcessRunner.shellQuote).joined(separator: " ") + " >\(dir)/out 2>\(dir)/err; s=$?; cat \(dir)/out; cat \(dir)/err >&2; exit $s"
+            let script = argv.map(ProcessRunner.shellQuote).joined(separator: " ") + " <\(ProcessRunner.shellQuote(stdin)) >\(dir)/out 2>\(dir)/err; s=$?; cat \(dir)/out; cat \(dir)/err >&2; exit $s"
             return try ProcessRunner.run(["sh", "-c", script], environment: env, timeout: 120)
         }
 
@@ -104,6 +104,22 @@ struct RuntimeCLITests {
         #expect(busy.status == 1 && busy.stderrText.contains("not stopped"))
         // Wait for the VM to be up (its grant held) before stopping it.
         #expect(Self.poll(180) { (try? MVM.run(["ps"], environment: s.env).stdoutText.contains("running")) == true })
+        // update, as the shim calls it (resources on stdin): the weight and the quota change
+        // live through the allocator; what cannot be or does not fit is refused, nothing changed.
+        try #"{"cpu": {"shares": 2048, "quota": 50000, "period": 100000}}"#.write(toFile: s.dir + "/res.json", atomically: true, encoding: .utf8)
+        let updated = try s.run(["update", "--resources", "-", "life"], stdin: s.dir + "/res.json")
+        #expect(updated.status == 0, "\(updated.stderrText)")
+        let grant = { (try? MVM.run(["alloc", "show"], environment: s.env).stdoutText) ?? "" }
+        #expect(grant().contains("weight 200, quota 0.5 CPUs"), "\(grant())")
+        for (args, complaint) in [(["--memory", "1000T"], "more than this host's"), (["--cpuset-cpus", "0"], "cannot change for mvm-runtime"),
+                                  (["--pids-limit", "7"], "pids.limit cannot change"), (["--cpu-share", "x"], "not an integer")] {
+            let refused = try s.run(["update"] + args + ["life"])
+            #expect(refused.status == 1 && refused.stderrText.contains(complaint), "\(args): \(refused.stderrText)")
+        }
+        #expect(grant().contains("weight 200, quota 0.5 CPUs"), "a refused update changes nothing: \(grant())")
+        // Memory moves through the VM's balloon, within what it booted with.
+        let shrunk = try s.run(["update", "--memory", "192M", "life"])
+        #expect(shrunk.status == 0 && grant().contains("192M memory, weight 200"), "\(shrunk.stderrText) \(grant())")
         #expect(try s.run(["kill", "life", "KILL"]).status == 0)
         #expect(Self.poll(60) { (try? state()["status"] as? String) == "stopped" })
         let record = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: s.root + "/life/state.json"))) as? [String: Any]
