@@ -406,6 +406,7 @@ enum RigKVMSession {
         \(m) update righp --cpus 2 2>&1; echo "regrow=$?"; echo "regrown-$(online)"
         \(m) stop righp >/dev/null; echo "stop=$?"
         echo "grants-left=$(\(m) alloc show | grep -c righp)"
+        echo "run's end:"; tail -5 /tmp/hp-run.out
         """
     }
 
