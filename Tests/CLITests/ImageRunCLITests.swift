@@ -8,13 +8,16 @@ import MicroVM
 struct ImageRunCLITests {
     /// An image whose entrypoint is `sh -c`, whose command prints its environment's greeting and
     /// where it runs, from a working directory of its own.
+    /// The image's name: its own, so loading it into Docker or containerd replaces no one's busybox.
+    static let tag = "mvm-test-busybox:latest"
+
     static let image: Result<String, any Error> = Result {
         // One path for every run, replaced whole: the same bytes each time, and none left per run.
         let path = NSTemporaryDirectory() + "mvm-cli-busybox.tar"
         let part = path + ".\(getpid())"
         guard let busybox = ProcessRunner.which("busybox") else { throw MicroVMError.notFound("busybox is not installed") }
         defer { unlink(part) }
-        try BusyboxImage.make(at: part, config: ImageConfig(entrypoint: ["/bin/sh", "-c"], cmd: ["echo \"$GREETING from $(pwd)\""],
+        try BusyboxImage.make(at: part, tag: tag, config: ImageConfig(entrypoint: ["/bin/sh", "-c"], cmd: ["echo \"$GREETING from $(pwd)\""],
                                                             env: ["PATH=/bin", "GREETING=hello"], workingDir: "/srv"),
                               directories: ["/srv"], busybox: busybox)
         guard rename(part, path) == 0 else { throw MicroVMError(.internalError, "cannot rename \(part) to \(path): \(String(cString: strerror(errno)))") }

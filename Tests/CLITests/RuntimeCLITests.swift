@@ -151,7 +151,7 @@ struct RuntimeCLITests {
         #expect(Self.poll(30) { (try? ProcessRunner.run(ctr + ["version"], timeout: 10).status) == 0 })
         let imported = try ProcessRunner.run(ctr + ["image", "import", try ImageRunCLITests.image.get()], timeout: 60)
         #expect(imported.status == 0, "\(imported.stderrText)")
-        let image = "docker.io/library/busybox:latest"
+        let image = "docker.io/library/" + ImageRunCLITests.tag
         func shell(_ args: [String]) throws -> ProcessRunner.Output {
             try ProcessRunner.run(["sh", "-c", args.map(ProcessRunner.shellQuote).joined(separator: " ") + " </dev/null"], environment: s.env, timeout: 240)
         }
@@ -178,7 +178,8 @@ struct RuntimeCLITests {
     func dockerRunsABusyboxImageInAMicroVM() throws {
         let loaded = try ProcessRunner.run(["docker", "load", "-i", try ImageRunCLITests.image.get()], timeout: 60)
         #expect(loaded.status == 0, "\(loaded.stderrText)")
-        let r = try ProcessRunner.run(["docker", "run", "--rm", "--runtime", "mvm", "busybox:latest", "echo hi; exit 6"], timeout: 240)
+        defer { _ = try? ProcessRunner.run(["docker", "rmi", ImageRunCLITests.tag], timeout: 60) }
+        let r = try ProcessRunner.run(["docker", "run", "--rm", "--runtime", "mvm", ImageRunCLITests.tag, "echo hi; exit 6"], timeout: 240)
         #expect(r.status == 6 && r.stdoutText == "hi\n", "\(r.stdoutText)\(r.stderrText)")
     }
 }
