@@ -13,7 +13,8 @@ import MicroVM
 /// start FIFO until `start`, then runs the bundle's process in a VM (direct where KVM is real,
 /// else hosted QEMU) under an allocator grant, writes what the process printed to the stdio the
 /// shim gave `create`, and exits with the process's status. `kill` stops the VM (the signal's
-/// number is in the exit status), `delete` removes what `create` made.
+/// number is in the exit status), `update` resizes it through the allocator, `delete` removes
+/// what `create` made.
 enum RuntimeCLI {
     struct Global {
         var root = "/run/mvm-runtime"
