@@ -144,7 +144,7 @@ public struct RigRunner: Sendable {
         }
         defer { try? outputFile?.close() }
         let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout), tick: follow) { bytes in
-            _ = console.feed(bytes)
+            console.feed(bytes)
             if bootSeconds == nil, console.phase != .booting { bootSeconds = Date().timeIntervalSince(started) }
             return console.isFinished
         }

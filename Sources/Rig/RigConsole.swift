@@ -1,9 +1,8 @@
 import Foundation
 
-/// Turns the rig's serial console into the command's output and exit status.
-/// Everything before the start marker (firmware, kernel) is dropped; between the markers each
-/// line is passed on as it completes, so output streams live. The init prints a newline before
-/// the exit marker, so one held-back newline is the frame's and is never emitted.
+/// Reads the rig's markers from its serial console: where the command starts (and the guest's
+/// uptime then), its exit status, or the rig's own error. The command's output does not pass
+/// here (the host follows it in the scratch share); boot lines are kept for error messages.
 /// Console bytes come from a guest: lines are capped and markers parsed without trusting them.
 public struct RigConsole: Sendable {
     public enum Phase: Sendable, Equatable { case booting, running, exited(Int32), failed(String) }
@@ -11,7 +10,7 @@ public struct RigConsole: Sendable {
     public static let startMarker = "@@mvm:rig-start"
     public static let exitMarker = "@@mvm:rig-exit status="
     public static let errorMarker = "@@mvm:rig-error "
-    /// A longer line is passed on in pieces, so a guest printing without newlines cannot grow memory.
+    /// A longer line is dropped in pieces, so a guest printing without newlines cannot grow memory.
     static let maxLine = 64 * 1024
 
     public private(set) var phase: Phase = .booting
@@ -19,7 +18,6 @@ public struct RigConsole: Sendable {
     /// The last console lines before the start marker, for error messages.
     public private(set) var bootTail: [String] = []
     private var line: [UInt8] = []
-    private var pendingNewline = false
 
     public init() {}
 
@@ -27,30 +25,22 @@ public struct RigConsole: Sendable {
         switch phase { case .exited, .failed: return true; default: return false }
     }
 
-    /// Feeds console bytes; returns the output bytes to pass on now.
-    public mutating func feed(_ bytes: some Sequence<UInt8>) -> [UInt8] {
-        var out: [UInt8] = []
+    /// Feeds console bytes.
+    public mutating func feed(_ bytes: some Sequence<UInt8>) {
         for b in bytes {
             if isFinished { break }
             if b == UInt8(ascii: "\n") {
                 if line.last == UInt8(ascii: "\r") { line.removeLast() }
-                finishLine(into: &out)
+                finishLine()
+                line.removeAll(keepingCapacity: true)
             } else {
                 line.append(b)
-                if line.count >= Self.maxLine {
-                    if phase == .running {
-                        if pendingNewline { out.append(UInt8(ascii: "\n")); pendingNewline = false }
-                        out += line
-                    }
-                    line.removeAll(keepingCapacity: true)
-                }
+                if line.count >= Self.maxLine { line.removeAll(keepingCapacity: true) }
             }
         }
-        return out
     }
 
-    private mutating func finishLine(into out: inout [UInt8]) {
-        defer { line.removeAll(keepingCapacity: true) }
+    private mutating func finishLine() {
         let text = String(decoding: line, as: UTF8.self)
         switch phase {
         case .booting:
@@ -67,18 +57,13 @@ public struct RigConsole: Sendable {
                 if bootTail.count > 20 { bootTail.removeFirst() }
             }
         case .running:
-            if text.hasPrefix(Self.exitMarker) {
-                let digits = text.dropFirst(Self.exitMarker.count).prefix { $0.isNumber }
-                if let s = Int32(digits), text.dropFirst(Self.exitMarker.count + digits.count).hasPrefix("@@") {
-                    phase = .exited(s)
-                } else {
-                    phase = .failed("malformed exit line '\(text.prefix(100))'")
-                }
-                return
+            guard text.hasPrefix(Self.exitMarker) else { return }
+            let digits = text.dropFirst(Self.exitMarker.count).prefix { $0.isNumber }
+            if let s = Int32(digits), text.dropFirst(Self.exitMarker.count + digits.count).hasPrefix("@@") {
+                phase = .exited(s)
+            } else {
+                phase = .failed("malformed exit line '\(text.prefix(100))'")
             }
-            if pendingNewline { out.append(UInt8(ascii: "\n")) }
-            out += line
-            pendingNewline = true
         case .exited, .failed:
             break
         }

@@ -4,61 +4,51 @@ import Foundation
 import MicroVMCore
 
 @Suite struct RigConsoleTests {
-    func run(_ chunks: [String]) -> (RigConsole, String) {
+    func run(_ chunks: [String]) -> RigConsole {
         var c = RigConsole()
-        var out: [UInt8] = []
-        for ch in chunks { out += c.feed(Array(ch.utf8)) }
-        return (c, String(decoding: out, as: UTF8.self))
+        for ch in chunks { c.feed(Array(ch.utf8)) }
+        return c
     }
 
-    @Test func dropsBootNoiseAndFrameNewline() {
-        let (c, out) = run(["[ 0.1] noise\r\nmore\r\n@@mvm:rig-start uptime=2.50@@\r\n", "a\r\nb\r\n", "\r\n@@mvm:rig-exit status=7@@\r\n"])
+    @Test func bootNoiseAndOutputLinesAreNotMarkers() {
+        let c = run(["[ 0.1] noise\r\nmore\r\n@@mvm:rig-start uptime=2.50@@\r\n", "a\r\nstatus=9@@\r\n", "\r\n@@mvm:rig-exit status=7@@\r\n"])
         #expect(c.phase == .exited(7))
         #expect(c.guestStartUptime == 2.5)
-        #expect(out == "a\nb\n")
-    }
-
-    @Test func outputWithoutTrailingNewline() {
-        let (c, out) = run(["@@mvm:rig-start uptime=1@@\n", "partial", "\n@@mvm:rig-exit status=0@@\n"])
-        #expect(c.phase == .exited(0))
-        #expect(out == "partial")
+        #expect(c.bootTail == ["[ 0.1] noise", "more"])
     }
 
     @Test func markerSplitAcrossChunks() {
-        let (c, out) = run(["@@mvm:rig-st", "art uptime=1@@\nx\n\n@@mvm:rig-e", "xit status=12", "3@@\n"])
+        let c = run(["@@mvm:rig-st", "art uptime=1@@\nx\n\n@@mvm:rig-e", "xit status=12", "3@@\n"])
         #expect(c.phase == .exited(123))
-        #expect(out == "x\n")
     }
 
     @Test func missingExitIsNotFinished() {
-        let (c, out) = run(["@@mvm:rig-start uptime=1@@\nhello\n"])
+        let c = run(["@@mvm:rig-start uptime=1@@\nhello\n"])
         #expect(c.phase == .running)
         #expect(!c.isFinished)
-        #expect(out == "hello")
     }
 
     @Test func malformedExitFails() {
-        let (c, _) = run(["@@mvm:rig-start uptime=1@@\n\n@@mvm:rig-exit status=99999999999@@\n"])
+        let c = run(["@@mvm:rig-start uptime=1@@\n\n@@mvm:rig-exit status=99999999999@@\n"])
         guard case .failed = c.phase else { Issue.record("expected failure, got \(c.phase)"); return }
     }
 
     @Test func rigErrorBeforeStart() {
-        let (c, out) = run(["boot\n@@mvm:rig-error insmod kvm failed@@\n"])
+        let c = run(["boot\n@@mvm:rig-error insmod kvm failed@@\n"])
         #expect(c.phase == .failed("insmod kvm failed"))
-        #expect(out.isEmpty)
     }
 
-    @Test func hugeLineIsBoundedAndPassedOn() {
+    /// A line longer than the cap is dropped in pieces: a marker after it is still read.
+    @Test func hugeLineIsDroppedAndTheMarkerAfterItRead() {
         let big = String(repeating: "z", count: 200_000)
-        let (c, out) = run(["@@mvm:rig-start uptime=1@@\n", big, "\n\n@@mvm:rig-exit status=0@@\n"])
+        let c = run(["@@mvm:rig-start uptime=1@@\n", big, "\n\n@@mvm:rig-exit status=0@@\n"])
         #expect(c.phase == .exited(0))
-        #expect(out == big + "\n")
     }
 
     @Test func bytesAfterExitAreIgnored() {
         var c = RigConsole()
-        _ = c.feed(Array("@@mvm:rig-start uptime=1@@\n\n@@mvm:rig-exit status=3@@\n".utf8))
-        #expect(c.feed(Array("@@mvm:rig-exit status=4@@\nlater\n".utf8)).isEmpty)
+        c.feed(Array("@@mvm:rig-start uptime=1@@\n\n@@mvm:rig-exit status=3@@\n".utf8))
+        c.feed(Array("@@mvm:rig-exit status=4@@\nlater\n".utf8))
         #expect(c.phase == .exited(3))
     }
 }
