@@ -337,7 +337,12 @@ public struct HostedBackend: InstanceBackend {
         if let root = embeddedRoot { dir = root + "/log/qemu" }
         else if uri == "qemu:///system" { dir = "/var/log/libvirt/qemu" }
         else { return "" }
-        guard let text = try? String(contentsOfFile: "\(dir)/\(domain).log", encoding: .utf8) else { return "" }
+        // Only its end is read: the embedded driver appends every run of a name to one file.
+        guard let h = FileHandle(forReadingAtPath: "\(dir)/\(domain).log") else { return "" }
+        defer { try? h.close() }
+        let size = (try? h.seekToEnd()) ?? 0
+        try? h.seek(toOffset: size > 16_384 ? size - 16_384 : 0)
+        let text = String(decoding: (try? h.readToEnd()) ?? Data(), as: UTF8.self)
         return text.split(separator: "\n").suffix(lines).map { String($0.prefix(300)) }.joined(separator: "\n")
     }
 
@@ -415,10 +420,11 @@ public struct HostedBackend: InstanceBackend {
         // Returns once the owning run has cleaned up (its record and run directory gone), so the
         // name is free for the next `mvm run`; a run that died meanwhile leaves them to us.
         let cleaned = Monotonic.seconds() + 15
-        while Monotonic.seconds() < cleaned, HostedRecord.load(name, in: recordDirectory) != nil, kill(r.ownerPID, 0) == 0 {
+        while HostedRecord.load(name, in: recordDirectory) != nil {
+            if kill(r.ownerPID, 0) != 0 { removeLeftovers(r); break }
+            if Monotonic.seconds() > cleaned { break }
             try? await Task.sleep(for: .milliseconds(50))
         }
-        if HostedRecord.load(name, in: recordDirectory) != nil, kill(r.ownerPID, 0) != 0 { removeLeftovers(r) }
     }
 
     public func logs(name: String) async throws -> String {
