@@ -24,6 +24,10 @@ public struct RigOptions: Sendable {
     public var memoryMiB: Int = 3072
     /// Wall-clock limit for the whole run (boot included), in seconds.
     public var timeout: Double = 600
+    /// Seconds without a sign of life from the running rig (its 10 s heartbeat, console bytes,
+    /// new output) after which it counts as stalled and is killed with a `RigStall`; 0 turns
+    /// the watchdog off.
+    public var stallTimeout: Double = 180
     /// Host directories shared read-write at the same path inside the rig.
     public var shares: [String] = []
     /// Extra environment for the command, on top of PATH, HOME, the caller's MVM_* and MVM_IN_RIG=1.
@@ -48,6 +52,9 @@ public struct RigResult: Sendable {
     public var wallSeconds: Double
     /// L2 uptime when the command started.
     public var guestUptimeAtStart: Double?
+    /// The longest time, in seconds, the running rig went without a sign of life (heartbeat,
+    /// console, output): how close it came to the stall watchdog.
+    public var longestSilence: Double = 0
     public var outputText: String { String(decoding: output, as: UTF8.self) }
 }
 
@@ -100,6 +107,9 @@ public struct RigRunner: Sendable {
         guard options.cpus >= 1, options.cpus <= 64 else { throw MicroVMError.invalidArgument("--cpus \(options.cpus) is out of range 1…64") }
         guard options.memoryMiB >= 512 else { throw MicroVMError.invalidArgument("--memory \(options.memoryMiB) MiB is too small: the rig needs at least 512 MiB") }
         guard options.timeout > 0 else { throw MicroVMError.invalidArgument("--timeout must be positive") }
+        guard options.stallTimeout == 0 || options.stallTimeout >= 30 else {
+            throw MicroVMError.invalidArgument("--stall-timeout \(Int(options.stallTimeout)) s is shorter than three of the rig's 10 s heartbeats: give at least 30, or 0 for no watchdog")
+        }
         guard let qemu = ProcessRunner.which(options.qemu) else {
             throw MicroVMError.notFound("'\(options.qemu)' is not installed: run 'apt-get install qemu-system-x86'")
         }
@@ -121,6 +131,9 @@ public struct RigRunner: Sendable {
                     "-pidfile", scratchDir + "/qemu.pid",
                     "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                     "-virtfs", "local,path=\(Self.qemuEscape(scratchDir)),mount_tag=rigscratch,security_model=passthrough"]
+        // QMP, for the vCPUs' state when the rig stalls (where a socket path fits).
+        let qmp = scratchDir + "/qmp"
+        if qmp.utf8.count < 100 { argv += ["-qmp", "unix:\(Self.qemuEscape(qmp)),server=on,wait=off"] }
         for (i, share) in shares.enumerated() {
             argv += ["-virtfs", "local,path=\(Self.qemuEscape(share)),mount_tag=rigshare\(i),security_model=passthrough"]
         }
@@ -135,21 +148,45 @@ public struct RigRunner: Sendable {
         // the serial console carries only the rig's markers (under TCG it has been seen to stall
         // for many minutes, and the rig with it).
         var outputFile: FileHandle?
+        var watchdog = RigWatchdog(limit: options.stallTimeout, pid: child.pid)
+        var stalled = false
         func follow() {
             if outputFile == nil { outputFile = FileHandle(forReadingAtPath: scratchDir + "/output") }
             // To the file's current end: `availableData` returns one block per call on Linux.
             guard let d = try? outputFile?.readToEnd(), !d.isEmpty else { return }
             output.append(d)
             streamOutput?(d)
+            watchdog.sign()
         }
         defer { try? outputFile?.close() }
-        let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout), tick: follow) { bytes in
+        let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout), tick: {
+            follow()
+            guard console.phase == .running else { return false }
+            watchdog.heartbeat(try? String(contentsOfFile: scratchDir + "/alive", encoding: .utf8))
+            stalled = watchdog.isStalled()
+            return stalled
+        }) { bytes in
             console.feed(bytes)
-            if bootSeconds == nil, console.phase != .booting { bootSeconds = Date().timeIntervalSince(started) }
+            if bootSeconds == nil, console.phase != .booting {
+                bootSeconds = Date().timeIntervalSince(started)
+                watchdog.start()
+            }
+            watchdog.sign()
             return console.isFinished
+        }
+        var stall: RigStall?
+        if stalled {
+            let registers = RigMonitor.human("info registers -a", socket: qmp)
+            stall = RigStall(silentSeconds: Date().timeIntervalSince(watchdog.lastSign),
+                             qemuCPUPercent: watchdog.cpuPercentSinceLastSign(), lastHeartbeat: watchdog.lastHeartbeat,
+                             vcpus: registers.map(RigMonitor.vcpuSummary) ?? [], output: Data())
         }
         child.killAndReap()
         follow()
+        if var stall {
+            stall.output = output
+            throw stall
+        }
         let wall = Date().timeIntervalSince(started)
         let stderr = (try? String(contentsOfFile: scratchDir + "/qemu.stderr", encoding: .utf8))?
             .trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
@@ -160,12 +197,12 @@ public struct RigRunner: Sendable {
         if let text = try? String(contentsOfFile: scratchDir + "/status", encoding: .utf8),
            let status = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
             return RigResult(status: status, output: output, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
-                             guestUptimeAtStart: console.guestStartUptime)
+                             guestUptimeAtStart: console.guestStartUptime, longestSilence: watchdog.longestSilence)
         }
         switch console.phase {
         case .exited(let status):
             return RigResult(status: status, output: output, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
-                             guestUptimeAtStart: console.guestStartUptime)
+                             guestUptimeAtStart: console.guestStartUptime, longestSilence: watchdog.longestSilence)
         case .failed(let why):
             throw MicroVMError(.backend, "the rig could not start the command: \(why)")
         case .booting, .running:

@@ -58,12 +58,12 @@ final class RigChild: @unchecked Sendable {
         return child
     }
 
-    /// Reads the console until `consume` says it is done, QEMU closes it, or the deadline passes;
-    /// `tick` runs at least every 0.2 s meanwhile.
-    func pump(deadline: Date, tick: () -> Void = {}, consume: ([UInt8]) -> Bool) -> Outcome {
+    /// Reads the console until `consume` or `tick` says it is done, QEMU closes it, or the
+    /// deadline passes; `tick` runs at least every 0.2 s meanwhile.
+    func pump(deadline: Date, tick: () -> Bool = { false }, consume: ([UInt8]) -> Bool) -> Outcome {
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
-            tick()
+            if tick() { return .finished }
             let left = deadline.timeIntervalSinceNow
             if left <= 0 { return .timedOut }
             var pfd = pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)

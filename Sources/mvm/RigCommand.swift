@@ -17,6 +17,8 @@ struct RigRunCommand: AsyncParsableCommand {
     @Option(help: "vCPUs of the rig VM.") var cpus = 2
     @Option(help: "Memory of the rig VM in MiB.") var memory = 3072
     @Option(help: "Seconds before the rig is killed (boot included).") var timeout: Double = 600
+    @Option(help: "Seconds the running rig may go without a heartbeat, console byte or output before it counts as stalled and is killed (0: never).")
+    var stallTimeout: Double = 180
     @Option(name: .customLong("share"), help: "Host directory shared read-write at the same path (repeatable).") var shares: [String] = []
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments, after --.") var command: [String] = []
 
@@ -30,6 +32,7 @@ struct RigRunCommand: AsyncParsableCommand {
         options.cpus = cpus
         options.memoryMiB = memory
         options.timeout = timeout
+        options.stallTimeout = stallTimeout
         options.shares = shares.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         Rig.installSignalHandlers()
         let result = try RigRunner(options).run(command: argv, streamOutput: { chunk in

@@ -120,3 +120,87 @@ import MicroVMCore
         #expect(c.fix != nil)
     }
 }
+
+@Suite struct RigWatchdogTests {
+    let t0 = Date(timeIntervalSince1970: 1_000_000)
+
+    @Test func stallsOnlyAfterTheLimitWithoutASign() {
+        var w = RigWatchdog(limit: 60, pid: getpid(), now: t0)
+        w.start(now: t0)
+        #expect(!w.isStalled(now: t0.addingTimeInterval(59)))
+        w.sign(now: t0.addingTimeInterval(59))
+        #expect(!w.isStalled(now: t0.addingTimeInterval(118)))
+        #expect(w.isStalled(now: t0.addingTimeInterval(119)))
+        #expect(w.longestSilence == 59)
+    }
+
+    @Test func aHeartbeatCountsOnlyWhenItChanges() {
+        var w = RigWatchdog(limit: 30, pid: getpid(), now: t0)
+        w.start(now: t0)
+        w.heartbeat("12.50\n", now: t0.addingTimeInterval(10))
+        w.heartbeat("12.50\n", now: t0.addingTimeInterval(35))
+        w.heartbeat(nil, now: t0.addingTimeInterval(36))
+        w.heartbeat("", now: t0.addingTimeInterval(37))
+        #expect(w.lastHeartbeat == "12.50")
+        #expect(w.isStalled(now: t0.addingTimeInterval(40)), "a repeated heartbeat is no sign of life")
+        w.heartbeat("22.51", now: t0.addingTimeInterval(41))
+        #expect(!w.isStalled(now: t0.addingTimeInterval(41)))
+        #expect(w.longestSilence == 31)
+    }
+
+    @Test func theQuietBootIsNotASilenceAndZeroTurnsItOff() {
+        var w = RigWatchdog(limit: 30, pid: getpid(), now: t0)
+        w.sign(now: t0.addingTimeInterval(500))
+        w.start(now: t0.addingTimeInterval(501))
+        w.sign(now: t0.addingTimeInterval(502))
+        #expect(w.longestSilence == 1)
+        let off = RigWatchdog(limit: 0, pid: getpid(), now: t0)
+        #expect(!off.isStalled(now: t0.addingTimeInterval(1e6)))
+    }
+
+    @Test func cpuTimeIsReadPastACommandNameWithParentheses() {
+        let hz = Double(sysconf(Int32(_SC_CLK_TCK)))
+        let stat = "4242 (qemu) (x) y) R 1 4242 4242 0 -1 4194560 100 0 0 0 \(Int(3 * hz)) \(Int(hz)) 0 0 20 0 3 0 12345"
+        #expect(RigWatchdog.cpuSeconds(stat: stat) == 4)
+        #expect(RigWatchdog.cpuSeconds(stat: "4242 (qemu R 1") == nil)
+        #expect(RigWatchdog.cpuSeconds(stat: "4242 (qemu) R 1 2") == nil)
+        #expect((RigWatchdog.cpuSeconds(getpid()) ?? -1) >= 0)
+    }
+
+    @Test func vcpusAreSummarisedFromTheMonitor() {
+        let text = """
+            CPU#0
+            RAX=0000000000000000 RBX=ffffffff82a0a940
+            RIP=ffffffff81e3c8ab RFL=00000246 [---Z-P-] CPL=0 II=0 A20=1 SMM=0 HLT=1
+            EFER=0000000000001d01
+            XMM00=0000000000000000 0000000000000000
+
+            CPU#1
+            EIP=000fd09a EFL=00000002 [-------] CPL=3 II=0 A20=1 SMM=0 HLT=0
+            EFER=0000000000000000
+            """
+        #expect(RigMonitor.vcpuSummary(text) == [
+            "CPU#0 RIP=ffffffff81e3c8ab CPL=0 HLT=1 EFER=0000000000001d01",
+            "CPU#1 EIP=000fd09a CPL=3 HLT=0 EFER=0000000000000000"])
+        #expect(RigMonitor.vcpuSummary(text.replacingOccurrences(of: "\n", with: "\r\n")) == RigMonitor.vcpuSummary(text),
+                "QEMU's monitor ends lines with CRLF")
+        #expect(RigMonitor.vcpuSummary("garbage\n").isEmpty)
+    }
+
+    @Test func aMonitorThatIsNotThereGivesNothingAtOnce() {
+        let started = Date()
+        #expect(RigMonitor.human("info cpus", socket: "/nonexistent/qmp") == nil)
+        #expect(RigMonitor.human("info cpus", socket: String(repeating: "x", count: 200)) == nil)
+        #expect(Date().timeIntervalSince(started) < 5)
+    }
+
+    @Test func aStallSaysWhatItSaw() {
+        let s = RigStall(silentSeconds: 181.4, qemuCPUPercent: 197, lastHeartbeat: "612.30",
+                         vcpus: ["CPU#0 RIP=ffffffff81e3c8ab CPL=0 HLT=0"], output: Data("partial".utf8))
+        #expect(s.description.contains("for 181 s"))
+        #expect(s.description.contains("uptime 612.30"))
+        #expect(s.description.contains("197% of a CPU") && s.description.contains("spinning"))
+        #expect(s.description.contains("CPU#0 RIP=ffffffff81e3c8ab"))
+        #expect(s.outputText == "partial")
+    }
+}

@@ -77,6 +77,28 @@ struct RigRunTests {
         #expect(try RigGate.leftoverQEMUs().isEmpty, "the timed-out QEMU must be gone")
     }
 
+    /// The command stops the rig's heartbeat (its init's other children) and goes quiet, as a
+    /// stalled kernel would: the watchdog kills the rig well before its timeout, with QEMU's
+    /// view of the vCPUs and the output so far.
+    @Test func aSilentRigIsKilledAsStalled() throws {
+        var o = RigGate.options(timeout: 600)
+        o.stallTimeout = 30
+        let started = Date()
+        do {
+            let r = try RigRunner(o).run(command: ["sh", "-c", "echo before-the-silence; for p in $(pgrep -P 1); do [ $p = $$ ] || kill -STOP $p; done; sleep 500"])
+            Issue.record("a silent rig returned status \(r.status) instead of stalling")
+        } catch let stall as RigStall {
+            print("rig stall: \(stall)")
+            #expect(stall.silentSeconds >= 30 && stall.silentSeconds < 60, "\(stall)")
+            #expect(stall.outputText == "before-the-silence\n")
+            #expect(stall.lastHeartbeat != nil, "the heartbeat ran before it was stopped")
+            #expect(stall.vcpus.count == 2 && stall.vcpus.allSatisfy { $0.contains("IP=") }, "\(stall.vcpus)")
+            #expect(stall.qemuCPUPercent != nil)
+        }
+        #expect(Date().timeIntervalSince(started) < 400)
+        #expect(try RigGate.leftoverQEMUs().isEmpty, "the stalled QEMU must be gone")
+    }
+
     @Test func missingCommandIsStatus127() throws {
         let r = try RigRunner(RigGate.options()).run(command: ["/nonexistent/cmd"])
         #expect(r.status == 127)
@@ -552,23 +574,73 @@ enum RigKVMSession {
         return out
     }
 
+    /// Steps that only mean something in one rig: a restarted rig reruns them all if one remains
+    /// (the scratch disk and iperf3 server live in the rig's /tmp; taps-left checks after devices).
+    static let together: [Set<String>] = [["scratch-disk", "iperf3-server", "devices", "taps-left"]]
+
+    /// The step a stalled rig was in: the last one started and not ended.
+    static func inProgress(_ text: String) -> String? {
+        var current: String?
+        for line in text.split(separator: "\n") {
+            if line.hasPrefix("@@step-end ") { current = nil }
+            else if line.hasPrefix("@@step "), line.hasSuffix("@@") { current = String(line.dropFirst(7).dropLast(2)) }
+        }
+        return current
+    }
+
+    /// What a fresh rig runs after a stall: every chosen step without a result, with the rest
+    /// of its `together` group, in the original order; never a step given up on.
+    static func remaining(_ chosen: [String], done: Set<String>, givenUp: Set<String> = []) -> [String] {
+        var rerun = Set(chosen.filter { !done.contains($0) })
+        for group in together where !group.isDisjoint(with: rerun) { rerun.formUnion(group) }
+        return chosen.filter { rerun.contains($0) && !givenUp.contains($0) }
+    }
+
     static func run() throws -> [String: Step] {
         // The guest image must exist before the rig starts: inside, the cache is read-only.
         let image = try ImageStore().ensureDefault()
         // So is the container image's root disk: made here, found by its content inside.
         try BusyboxImage.make(at: busyboxImage)
         _ = try ContainerImageStore().prepare(tarball: busyboxImage, disk: true)
-        var o = RigGate.options(timeout: 1500)
-        o.memoryMiB = 3072
         let started = Date()
         // MVM_RIG_STEPS=a,b runs only those steps (to iterate on one; the others then fail as not run).
         let only = ProcessInfo.processInfo.environment["MVM_RIG_STEPS"].map { Set($0.split(separator: ",").map(String.init)) }
         let chosen = steps(mvm: try MvmBinary.find(), vmlinux: image.vmlinux).filter { only?.contains($0.0) ?? true }
-        let r = try KVMTestRunner.run(command: ["sh", "-c", script(chosen)],
-                                      options: o, streamOutput: { FileHandle.standardOutput.write($0) })
-        rawOutput = r.outputText
-        print("rig KVM session: rig boot \(r.bootSeconds) s, wall \(Date().timeIntervalSince(started)) s, status \(r.status)")
-        return parse(r.outputText)
+        let argv = Dictionary(uniqueKeysWithValues: chosen)
+        // A rig that stalls (its kernel silent past the watchdog, as nested SVM under TCG has been
+        // seen to) is replaced by a fresh one for the steps left. A step in which two rigs stall
+        // fails with what the stalls said; so does the session after three stalls.
+        var results: [String: Step] = [:]
+        var stalls: [String: [String]] = [:]
+        var todo = chosen.map(\.0)
+        var restarts = 0
+        // Within the suite's 30 minutes, whatever the restarts.
+        let budget = started.addingTimeInterval(1700)
+        while !todo.isEmpty {
+            var o = RigGate.options(timeout: min(1500, budget.timeIntervalSinceNow))
+            o.memoryMiB = 3072
+            do {
+                let r = try KVMTestRunner.run(command: ["sh", "-c", script(todo.map { ($0, argv[$0]!) })],
+                                              options: o, streamOutput: { FileHandle.standardOutput.write($0) })
+                rawOutput += r.outputText
+                results.merge(parse(r.outputText)) { $1 }
+                print("rig KVM session: rig boot \(Int(r.bootSeconds)) s, longest silence \(Int(r.longestSilence)) s, wall \(Int(Date().timeIntervalSince(started))) s, status \(r.status), restarts \(restarts)")
+                break
+            } catch let stall as RigStall {
+                rawOutput += stall.outputText
+                results.merge(parse(stall.outputText)) { $1 }
+                let step = inProgress(stall.outputText) ?? "(between steps)"
+                print("rig KVM session: stalled in step \(step) after \(Int(Date().timeIntervalSince(started))) s: \(stall)")
+                stalls[step, default: []].append(stall.description)
+                if stalls[step]!.count >= 2 {
+                    results[step] = Step(status: -1, output: "the rig stalled in this step twice:\n" + stalls[step]!.joined(separator: "\n"))
+                }
+                restarts += 1
+                guard restarts < 3, budget.timeIntervalSinceNow > 300 else { throw stall }
+                todo = remaining(chosen.map(\.0), done: Set(results.keys), givenUp: Set(stalls.filter { $0.value.count >= 2 }.keys))
+            }
+        }
+        return results
     }
 }
 
@@ -581,6 +653,24 @@ enum RigKVMSession {
         #expect(steps["b"]?.status == 0)
         #expect(steps["b"]?.output == "")
         #expect(steps["c"] == nil, "a step without its end marker did not finish")
+    }
+
+    @Test func theStepInProgressIsTheLastOneStartedAndNotEnded() {
+        #expect(RigKVMSession.inProgress("@@step a@@\nx\n@@step-end a status=0@@\n@@step b@@\npartial") == "b")
+        #expect(RigKVMSession.inProgress("@@step a@@\n@@step-end a status=0@@\n") == nil)
+        #expect(RigKVMSession.inProgress("boot noise") == nil)
+    }
+
+    @Test func aFreshRigRunsWhatIsLeftWithItsGroup() {
+        let all = ["doctor", "scratch-disk", "iperf3-server", "devices", "taps-left", "vsock", "madt"]
+        #expect(RigKVMSession.remaining(all, done: ["doctor"]) == Array(all.dropFirst()))
+        // taps-left only means something right after devices, in the same rig.
+        #expect(RigKVMSession.remaining(all, done: ["doctor", "scratch-disk", "iperf3-server", "devices"])
+                == ["scratch-disk", "iperf3-server", "devices", "taps-left", "vsock", "madt"])
+        #expect(RigKVMSession.remaining(all, done: Set(all).subtracting(["madt"])) == ["madt"])
+        #expect(RigKVMSession.remaining(all, done: ["doctor"], givenUp: ["devices"])
+                == ["scratch-disk", "iperf3-server", "taps-left", "vsock", "madt"])
+        #expect(RigKVMSession.remaining(all, done: Set(all)).isEmpty)
     }
 
     @Test func scriptQuotesEveryArgument() {
