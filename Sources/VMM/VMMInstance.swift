@@ -16,8 +16,10 @@ public final class VMMInstance: VMMController, Sendable {
         public var devicePath: String
         /// Where the guest's serial console goes.
         public var console: OutputSink
-        /// Called once, from a thread of its own, when the VM has stopped.
-        public var onExit: @Sendable (StopReason) -> Void
+        /// Called once, from a thread of its own, when the VM has stopped: why, and the vCPU's
+        /// registers where the stop came with them and the reason does not already carry them
+        /// (a triple fault).
+        public var onExit: @Sendable (StopReason, _ registers: String?) -> Void
         /// Called once the machine is built (guest memory, devices, taps, disks, kernel loaded)
         /// and before any of its threads starts: a jailed VMM enters its jail here.
         public var beforeThreads: (@Sendable () throws -> Void)?
@@ -26,7 +28,7 @@ public final class VMMInstance: VMMController, Sendable {
 
         public init(id: String, devicePath: String = "/dev/kvm", console: @escaping OutputSink = { _ in },
                     beforeThreads: (@Sendable () throws -> Void)? = nil, onThread: (@Sendable (VMMThreadKind) -> Void)? = nil,
-                    onExit: @escaping @Sendable (StopReason) -> Void = { _ in }) {
+                    onExit: @escaping @Sendable (StopReason, _ registers: String?) -> Void = { _, _ in }) {
             self.id = id; self.devicePath = devicePath; self.console = console; self.onExit = onExit
             self.beforeThreads = beforeThreads; self.onThread = onThread
         }
@@ -99,7 +101,9 @@ public final class VMMInstance: VMMController, Sendable {
             let reason = vm.wait()
             stopped.withLock { $0 = (reason, Monotonic.seconds()) }
             started.attachments.forEach { $0.stop() }
-            options.onExit(reason)
+            var registers = vm.registerDump
+            if case .error = reason { registers = nil }
+            options.onExit(reason, registers)
             exited.signal()
         }
         waiter.name = "vmm-wait"

@@ -229,11 +229,11 @@ let timingsFD: Int32 = args.timingsFile.map { open($0, O_WRONLY | O_CREAT | O_TR
 if let file = args.timingsFile, timingsFD < 0 { fail("cannot open --timings-file '\(file)': \(String(cString: strerror(errno)))", status: 2) }
 
 let exitStatus = Atomic<Int32>(0)
-var options = VMMInstance.Options(id: args.id, devicePath: args.devicePath, console: console, onExit: { reason in
+var options = VMMInstance.Options(id: args.id, devicePath: args.devicePath, console: console, onExit: { reason, registers in
     switch reason {
     case .powerOff, .reboot, .halted, .requested: exitStatus.store(0, ordering: .relaxed)
     default:
-        FileHandle.standardError.write(Data("mvm-vmm: the VM stopped: \(reason)\n".utf8))
+        FileHandle.standardError.write(Data("mvm-vmm: the VM stopped: \(reason)\(registers.map { "; " + $0 } ?? "")\n".utf8))
         exitStatus.store(1, ordering: .relaxed)
     }
 })

@@ -101,6 +101,23 @@ struct JailCLITests {
         }
     }
 
+    /// A guest that triple-faults (ud2 with no IDT) ends mvm-vmm with status 1 and a line that
+    /// gives the reason and the vCPU's registers, which the reason alone does not carry.
+    @Test(.enabled(if: canRun, "needs root and /dev/kvm"))
+    func aTripleFaultIsReportedWithTheVCPUsRegisters() throws {
+        let binary = try #require(VMMProcess.companion("mvm-vmm", environment: "MVM_VMM"))
+        let dir = NSTemporaryDirectory() + "mvm-triple-\(getpid())"
+        try Paths.ensureDirectory(dir)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Data(TinyGuest.pvhELF(code: [0x0f, 0x0b])).write(to: URL(fileURLWithPath: dir + "/ud2.elf"))
+        let config = #"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 64}, "boot-source": {"kernel_image_path": "\#(dir)/ud2.elf"}}"#
+        try config.write(toFile: dir + "/vm.json", atomically: true, encoding: .utf8)
+        let out = try ProcessRunner.run([binary, "--config-file", dir + "/vm.json", "--console-log", "/dev/null"],
+                                        environment: ["MVM_DIRECT_ALLOW_EMULATED": "1"], timeout: 60)
+        #expect(out.status == 1, "status \(out.status): \(out.stderrText)")
+        #expect(out.stderrText.contains("the VM stopped: guest triple-faulted") && out.stderrText.contains("rip=0x"), "\(out.stderrText)")
+    }
+
     @Test(.enabled(if: canRun, "needs root"), arguments: VMMThreadKind.allCases)
     func aForbiddenCallEndsTheVMMWithSIGSYS(kind: VMMThreadKind) throws {
         let binary = try #require(VMMProcess.companion("mvm-vmm", environment: "MVM_VMM"))
