@@ -131,7 +131,9 @@ struct RigRunTests {
 struct RigKVMTests {
     func step(_ name: String) throws -> RigKVMSession.Step {
         let steps = try RigKVMSession.shared.get()
-        return try #require(steps[name], "step \(name) did not run; rig output: \(RigKVMSession.rawOutput.suffix(3000))")
+        let step = try #require(steps[name], "step \(name) did not run; rig output: \(RigKVMSession.rawOutput.suffix(3000))")
+        if let first = step.firstAttempt { print("rig step \(name) ran twice: its first guest triple-faulted:\n\(first.suffix(3000))") }
+        return step
     }
 
     @Test func doctorSeesHardwareKVM() throws {
@@ -278,7 +280,12 @@ struct RigKVMTests {
 /// One rig session running each KVM step in sequence. Steps are framed on the output as
 /// `@@step NAME@@` … `@@step-end NAME status=N@@`, so one stream carries them all.
 enum RigKVMSession {
-    struct Step: Sendable { var status: Int32; var output: String }
+    struct Step: Sendable {
+        var status: Int32
+        var output: String
+        /// The output of a first attempt whose guest triple-faulted, when the step ran twice.
+        var firstAttempt: String? = nil
+    }
 
     nonisolated(unsafe) static var rawOutput = ""
     static let shared: Result<[String: Step], any Error> = Result(catching: { try run() })
@@ -542,12 +549,18 @@ enum RigKVMSession {
 
     /// Each step runs under a time limit of its own, so a step that hangs costs that step (its
     /// output then ends with the processes still running, and where each waits), not the session.
+    /// A step whose Linux guest triple-faulted runs once more, after a `@@step-retry` line: the
+    /// nested KVM here runs on an emulated AMD-V CPU, under which one boot in some hundreds has
+    /// died so with nothing on its console. Both attempts stay in the output (`Step.firstAttempt`).
     static func script(_ steps: [(String, [String])], stepTimeout: Int = 420) -> String {
         var s = "exec 2>&1\n"
         for (name, argv) in steps {
-            s += "echo '@@step \(name)@@'\n"
-            s += "timeout -k 10 \(stepTimeout) " + argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
-            s += "[ $s = 124 ] || [ $s = 137 ] && { echo \"step \(name) ran past \(stepTimeout) s; still running:\"; ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' | tail -40; }\n"
+            let run = "timeout -k 10 \(stepTimeout) " + argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
+                + "[ $s = 124 ] || [ $s = 137 ] && { echo \"step \(name) ran past \(stepTimeout) s; still running:\"; ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' | tail -40; }\n"
+            s += "echo '@@step \(name)@@'\n" + run
+            // The output so far is the rig's output file, which the host follows: this step's part of it.
+            s += "tail -c 1000000 \"$MVM_RIG_SCRATCH/output\" | sed -n '/^@@step \(name)@@$/,$p' | grep -q 'guest triple-faulted' && "
+                + "{ echo; echo '@@step-retry \(name)@@'; \(run)}\n"
             s += "echo; echo \"@@step-end \(name) status=$s@@\"\n"
         }
         return s
@@ -557,15 +570,21 @@ enum RigKVMSession {
         var out: [String: Step] = [:]
         var current: String?
         var body: [Substring] = []
+        var firstAttempt: String?
+        func joined() -> String {
+            // The newline echoed before a marker belongs to the frame.
+            if body.last == "" { body.removeLast() }
+            return body.joined(separator: "\n") + (body.isEmpty ? "" : "\n")
+        }
         for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
             if line.hasPrefix("@@step "), line.hasSuffix("@@") {
-                current = String(line.dropFirst(7).dropLast(2)); body = []
+                current = String(line.dropFirst(7).dropLast(2)); body = []; firstAttempt = nil
+            } else if line.hasPrefix("@@step-retry "), line.hasSuffix("@@"), current != nil {
+                firstAttempt = joined(); body = []
             } else if line.hasPrefix("@@step-end "), line.hasSuffix("@@"), let name = current {
                 let fields = line.dropFirst(11).dropLast(2).split(separator: " ")
                 let status = fields.last.flatMap { $0.hasPrefix("status=") ? Int32($0.dropFirst(7)) : nil } ?? -1
-                // The newline echoed before the end marker belongs to the frame.
-                if body.last == "" { body.removeLast() }
-                out[name] = Step(status: status, output: body.joined(separator: "\n") + (body.isEmpty ? "" : "\n"))
+                out[name] = Step(status: status, output: joined(), firstAttempt: firstAttempt)
                 current = nil
             } else if current != nil {
                 body.append(line)
@@ -671,6 +690,15 @@ enum RigKVMSession {
         #expect(RigKVMSession.remaining(all, done: ["doctor"], givenUp: ["devices"])
                 == ["scratch-disk", "iperf3-server", "taps-left", "vsock", "madt"])
         #expect(RigKVMSession.remaining(all, done: Set(all)).isEmpty)
+    }
+
+    @Test func aRetriedStepKeepsBothAttempts() {
+        let text = "@@step a@@\nmvm: error: guest triple-faulted\n\n@@step-retry a@@\nhello\n\n@@step-end a status=3@@\n@@step b@@\nok\n\n@@step-end b status=0@@\n"
+        let steps = RigKVMSession.parse(text)
+        #expect(steps["a"]?.status == 3 && steps["a"]?.output == "hello\n")
+        #expect(steps["a"]?.firstAttempt == "mvm: error: guest triple-faulted\n")
+        #expect(steps["b"]?.output == "ok\n" && steps["b"]?.firstAttempt == nil)
+        #expect(RigKVMSession.inProgress(text) == nil)
     }
 
     @Test func scriptQuotesEveryArgument() {
