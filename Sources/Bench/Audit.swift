@@ -223,7 +223,7 @@ public struct IsolationAudit: Sendable {
         let tree = context.workload.rootfsTree
         guard tree != "/" else { return "the probe is built into the guest image; the host workload (--workload host) has none" }
         guard FileManager.default.isExecutableFile(atPath: tree + RootfsBuilder.probePath) else {
-            return "the workload tree has no \(RootfsBuilder.probePath): the image predates the probe; rebuild it with `mvm image build --force`"
+            return "the workload (\(context.workload.source)) has no \(RootfsBuilder.probePath): the default guest image has it (an older one gets it from `mvm image build --force`)"
         }
         return nil
     }

@@ -25,6 +25,10 @@ public enum BackendCatalog {
         }
     }
 
+    /// The VM mode mvm-runtime runs containers in: the direct VMM where KVM is hardware (or
+    /// nested), hosted QEMU otherwise.
+    public static func runtimeVMMode(kvm: KVMProbeResult.Verdict) -> RunMode { kvm == .hardware ? .direct : .hosted }
+
     /// The label of KVM inside the nested rig (`RigEnvironment.kvmLabel`).
     public static let nestedKVM = RigEnvironment.kvmLabel
 
@@ -139,12 +143,13 @@ extension Workload {
 
 extension BackendCatalog {
     /// The project's real backends. Without an image (host binaries) only containers can share
-    /// the workload, so the VM backends are left out and listed as unavailable.
+    /// the workload, so the VM backends are left out and listed as unavailable. Docker imports
+    /// the workload's tree (from the tarball beside it, where there is one: a guest image's).
     public static func standardFactories(image: GuestImage?, paths: Paths = .default) -> [String: @Sendable () throws -> any InstanceBackend] {
         var f: [String: @Sendable () throws -> any InstanceBackend] = [
             "runc": { ContainerBackend(runtime: .runc, paths: paths) },
             "runsc": { ContainerBackend(runtime: .runsc, paths: paths) },
-            "docker": { ContainerBackend(runtime: .docker, paths: paths, rootfsTarball: image?.rootfsTarball) },
+            "docker": { ContainerBackend(runtime: .docker, paths: paths) },
         ]
         if let image {
             f["hosted"] = { HostedBackend(paths: paths, image: { image }) }

@@ -58,6 +58,10 @@ public struct BenchPlan: Sendable {
 
     /// Why a scenario is left out for a target in this plan (nil: it runs).
     public func skipReason(_ s: any BenchScenario, _ t: BenchTarget) -> String? {
+        let missing = context.workload.missing(s.tools)
+        if !missing.isEmpty {
+            return "the workload (\(context.workload.source)) has no \(missing.joined(separator: ", ")): run an image that has \(missing.count == 1 ? "it" : "them"), or the default image"
+        }
         guard let only = emulatedVMScenarios, Self.isEmulatedVM(t), !only.contains(s.name) else { return nil }
         return "not measured in --quick for emulated VMs (\(t.record.acceleration): each boot costs many seconds); run --full"
     }

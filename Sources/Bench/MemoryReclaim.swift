@@ -10,6 +10,7 @@ import MicroVMCore
 /// within seconds, and the pair's peak is one burst; without, never, and the pair holds both.
 /// VMs run both ways; the pair's summed series go into a chart.
 public struct MemoryReclaim: BenchScenario {
+    public var tools: [String] { ["sh", "sleep", "stress-ng"] }
     public let name = "reclaim"
     public static let returned = Metric("reclaim-returned", "Memory back on the host 10 s after a burst was freed (VMs: balloon with free page reporting)", unit: "%", higherIsBetter: true)
     public static let held = Metric("reclaim-held", "Host memory still held 10 s after the burst (above the idle level before it)", unit: "MiB", higherIsBetter: false)

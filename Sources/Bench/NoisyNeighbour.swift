@@ -7,6 +7,7 @@ import Glibc
 /// A victim instance runs sysbench cpu alone, then beside an aggressor instance (same slice, same
 /// backend) that runs each attack in turn. Reports the victim's slowdown and who survived.
 public struct NoisyNeighbour: BenchScenario {
+    public var tools: [String] { ["sysbench", "stress-ng"] }
     public let name = "noisy-neighbour"
 
     public enum Aggressor: String, CaseIterable, Sendable {

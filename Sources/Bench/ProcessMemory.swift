@@ -29,6 +29,11 @@ public enum ProcessMemory {
     public static func instanceProcesses(name: String, pids: [Int32], table: [Int32: Entry]) -> [Entry] {
         var roots = Set(pids)
         for e in table.values where e.cmdline.contains(name) { roots.insert(e.pid) }
+        return tree(of: roots, table: table)
+    }
+
+    /// The given processes and all their descendants.
+    public static func tree(of roots: some Sequence<Int32>, table: [Int32: Entry]) -> [Entry] {
         var children: [Int32: [Int32]] = [:]
         for e in table.values { children[e.ppid, default: []].append(e.pid) }
         var seen = Set<Int32>(), stack = Array(roots)

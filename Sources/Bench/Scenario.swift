@@ -22,6 +22,19 @@ public struct Workload: Sendable {
     /// The host's own binaries: only for native and for tests where no image is built.
     public static let host = Workload(source: "host root filesystem (/)")
 
+    /// The programs of `tools` found in none of the rootfs tree's PATH directories (a link
+    /// counts, whatever it points to: an applet link of busybox, an absolute link inside an image).
+    public func missing(_ tools: [String]) -> [String] {
+        let dirs = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        let root = rootfsTree == "/" ? "" : rootfsTree
+        return tools.filter { tool in
+            !dirs.contains { dir in
+                var st = stat()
+                return lstat(root + dir + "/" + tool, &st) == 0
+            }
+        }
+    }
+
     /// The files a launch plan takes when a spec names none: this workload's, or the default image's.
     var artifacts: (@Sendable () throws -> BootArtifacts)? {
         guard let kernel else { return nil }
@@ -30,11 +43,13 @@ public struct Workload: Sendable {
     }
 
     /// One instance's spec: every backend gets the same slice and the same binaries. VM backends
-    /// boot the default image themselves (kernel, initrd and this rootfs as their disk), so the
-    /// spec names only the tree.
+    /// boot the default image's kernel and initrd themselves, with this workload's disk.
     public func spec(name: String, command: [String], slice: ResourceSlice, timeout: Double) -> VMSpec {
-        VMSpec(name: name, cpus: slice.cpus, memory: slice.memory, command: command, rootfs: rootfsTree,
-               slice: slice, timeout: timeout)
+        var spec = VMSpec(name: name, cpus: slice.cpus, memory: slice.memory, command: command, rootfs: rootfsTree,
+                          slice: slice, timeout: timeout)
+        // An image's own disk (`--image`); VMs otherwise boot their image's default one.
+        spec.rootfsDisk = rootfsDisk
+        return spec
     }
 }
 
@@ -187,6 +202,9 @@ public protocol BenchScenario: Sendable {
     /// False for a scenario that measures the host's VMM binaries on tiny guests rather than
     /// workloads through the backend: it runs where the backend cannot (a software KVM).
     var needsBackend: Bool { get }
+    /// The programs it runs inside the instance: a workload whose rootfs lacks one (an image
+    /// given with `--image`) leaves its cells unavailable, saying which.
+    var tools: [String] { get }
     func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement]
 }
 
@@ -194,6 +212,7 @@ extension BenchScenario {
     public func runsPerMeasure(_ ctx: BenchContext) -> Int { 1 }
     public var note: String? { nil }
     public var needsBackend: Bool { true }
+    public var tools: [String] { [] }
 }
 
 /// Checks a tool run: a failed command is an error carrying its output's tail.

@@ -8,7 +8,8 @@ import Glibc
 /// Every scenario `mvm bench` knows, in report order.
 public enum Scenarios {
     public static let all: [any BenchScenario] = [StartLatency(), MemoryOverhead(), CPUThroughput(), MemoryBandwidth(),
-                                                 SyscallLatency(), DiskIO(), NetworkThroughput(), NoisyNeighbour(), MemoryReclaim(), VMMScenario()]
+                                                 SyscallLatency(), DiskIO(), NetworkThroughput(), NoisyNeighbour(), MemoryReclaim(), VMMScenario(),
+                                                 ContainerdScenario()]
     public static var names: [String] { all.map(\.name) }
 
     public static func named(_ names: [String]) throws -> [any BenchScenario] {
@@ -24,6 +25,7 @@ public enum Scenarios {
 /// Launch to boot-complete (VMs) or to the first instruction (containers, native), serially and
 /// several at once.
 public struct StartLatency: BenchScenario {
+    public var tools: [String] { ["true"] }
     public let name = "start"
     public static let serial = Metric("start-serial", "Start latency (serial launches)", unit: "ms", higherIsBetter: false)
     public init() {}
@@ -67,6 +69,7 @@ public struct StartLatency: BenchScenario {
 
 /// Host memory per idle instance: PSS of the instance's host processes, sampled while it idles.
 public struct MemoryOverhead: BenchScenario {
+    public var tools: [String] { ["sleep"] }
     public let name = "memory-overhead"
     public init() {}
     static func metric(_ k: Int) -> Metric { Metric("pss-per-instance-\(k)", "Host PSS per idle instance (\(k) running)", unit: "MiB", higherIsBetter: false) }
@@ -134,6 +137,7 @@ actor PSSSampler {
 
 /// sysbench cpu: prime-number events per second on one thread.
 public struct CPUThroughput: BenchScenario {
+    public var tools: [String] { ["sysbench"] }
     public let name = "cpu"
     public static let metric = Metric("sysbench-cpu", "CPU throughput (sysbench cpu, 1 thread)", unit: "events/s", higherIsBetter: true)
     public init() {}
@@ -148,6 +152,7 @@ public struct CPUThroughput: BenchScenario {
 
 /// sysbench memory: sequential 1 KiB-block writes, MiB/s.
 public struct MemoryBandwidth: BenchScenario {
+    public var tools: [String] { ["sysbench"] }
     public let name = "memory"
     public static let metric = Metric("sysbench-memory", "Memory bandwidth (sysbench memory, 1K writes)", unit: "MiB/s", higherIsBetter: true)
     public init() {}
@@ -163,6 +168,7 @@ public struct MemoryBandwidth: BenchScenario {
 /// A tight syscall loop: sysbench's threads test with one thread is sched_yield() after
 /// sched_yield() (its mutexes are uncontended, so they stay in user space).
 public struct SyscallLatency: BenchScenario {
+    public var tools: [String] { ["sysbench"] }
     public let name = "syscall"
     public static let metric = Metric("syscall-sched-yield", "Syscall latency (sched_yield loop, sysbench threads)", unit: "ns/syscall", higherIsBetter: false)
     static let yields = 1000
@@ -185,6 +191,7 @@ public struct SyscallLatency: BenchScenario {
 /// block path; containers and native runs use a file in their own /tmp. O_DIRECT wherever the
 /// target takes it (a container's /tmp is a tmpfs, which refuses it: then buffered, labelled).
 public struct DiskIO: BenchScenario {
+    public var tools: [String] { ["sh", "fio"] }
     public let name = "disk"
     public static let write = Metric("fio-randwrite", "Disk 4K random write (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
     public static let read = Metric("fio-randread", "Disk 4K random read (fio, psync, QD1)", unit: "IOPS", higherIsBetter: true)
@@ -262,6 +269,7 @@ public struct DiskIO: BenchScenario {
 /// VM's transmit path, host→instance its receive path), and the round-trip time of pings to the
 /// host, all in one instance run.
 public struct NetworkThroughput: BenchScenario {
+    public var tools: [String] { ["sh", "iperf3"] }
     public let name = "network"
     public static let metric = Metric("iperf3-tcp", "Network instance→host (iperf3 TCP)", unit: "Gbit/s", higherIsBetter: true)
     public static let receive = Metric("iperf3-tcp-reverse", "Network host→instance (iperf3 TCP -R)", unit: "Gbit/s", higherIsBetter: true)

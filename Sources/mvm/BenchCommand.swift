@@ -24,6 +24,8 @@ struct BenchRunCommand: AsyncParsableCommand {
     @Option(help: "Directory for results.json, results.md and charts/.") var out = "bench-results"
     @Option(help: "Config profile giving every instance's slice.") var profile = "bench"
     @Option(help: "Workload binaries: 'image' (the default image's rootfs; built if needed) or 'host' (the host's own /, native and containers only).") var workload = "image"
+    @Option(help: "Run every scenario on this container image instead (a 'docker save' tarball or a tar of an OCI image layout): its rootfs is the containers' root and native's chroot, its disk the VMs' root disk (the default image's kernel boots it). Scenarios whose programs the image lacks read unavailable, naming them.")
+    var image: String?
     @Flag(help: "Print the results JSON to stdout instead of the Markdown table.") var json = false
     @Flag(help: "Run only the isolation audit (one probe instance per backend), not the scenarios.") var audit = false
 
@@ -47,15 +49,16 @@ struct BenchRunCommand: AsyncParsableCommand {
             let config = try MicroVMConfig.load()
             let slice = try config.profile(named: profile).slice()
             let host = HostProfile.current()
-            let (load, image) = try BenchWorkload.resolve(workload)
-            let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: image))
+            if image != nil && workload != "image" { throw MicroVMError.invalidArgument("--image gives the workload its rootfs; --workload \(workload) does too: drop one of them") }
+            let (load, guestImage) = try image.map { try BenchWorkload.resolve(image: $0) } ?? BenchWorkload.resolve(workload)
+            let targets = BackendCatalog.targets(names, host: host, factories: BackendCatalog.standardFactories(image: guestImage))
             // Every instance is granted its slice by the allocator, as `mvm run` is.
             let slices = SliceSource.open(config: config)
             var plan = BenchPlan(scenarios: audit ? [] : chosen, targets: targets, repeats: n,
                                  context: BenchContext(workload: load, slice: slice, durations: durations, slices: slices),
                                  preset: preset, profile: profile,
                                  emulatedVMRepeats: full || repeats != nil ? nil : 1,
-                                 emulatedVMScenarios: full ? nil : ["start", "cpu", "vmm"])
+                                 emulatedVMScenarios: full ? nil : ["start", "cpu", "vmm", "containerd"])
             if !full && repeats == nil {
                 plan.scenarioRepeatCap = ["noisy-neighbour": 1]
                 plan.warmupSkipped = ["noisy-neighbour": "--quick runs it once; each repeat runs the victim alone before the attacks"]
@@ -127,5 +130,15 @@ enum BenchWorkload {
             return (Workload(image: image), image)
         default: throw MicroVMError.invalidArgument("--workload must be 'image' or 'host' (got '\(kind)')")
         }
+    }
+
+    /// A container image as every backend's workload: its tree for containers and native, its
+    /// disk (converted once, cached by content) for VMs, which boot the default image's kernel.
+    static func resolve(image path: String) throws -> (Workload, GuestImage?) {
+        let image = try ContainerImageStore().prepare(tarball: path, disk: true)
+        FileHandleOutput.stderr("[bench] preparing the default guest image's kernel (built once, then cached)\n")
+        let guest = try ImageStore().ensureDefault()
+        return (Workload(kernel: guest.kernel, initrd: guest.initrd, rootfsDisk: image.rootfsDisk, rootfsTree: image.rootfsTree,
+                         kernelVersion: guest.kernelVersion, source: "image \((path as NSString).lastPathComponent) (sha256 \(image.digest.prefix(12)))"), guest)
     }
 }

@@ -65,7 +65,7 @@ struct DoctorReport: Codable {
             lines.append(Line(check: name, verdict: c.usable ? "usable" : "unusable", detail: c.detail, fix: c.fix))
         }
         let link = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/usr/local/bin/mvm-runtime"))
-        let vmMode = RuntimeCLI.vmMode(kvm: k.verdict)
+        let vmMode = BackendCatalog.runtimeVMMode(kvm: k.verdict)
         lines.append(Line(check: "mvm-runtime", verdict: "containers run as \(vmMode.rawValue) VMs",
                           detail: (k.verdict == .hardware ? "KVM is real (or nested): the direct VMM" : "no usable KVM: hosted QEMU (TCG)")
                               + "; /usr/local/bin/mvm-runtime " + (link.map { "-> \($0)" } ?? "is not installed"),

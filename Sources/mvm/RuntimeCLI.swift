@@ -402,9 +402,6 @@ enum RuntimeCLI {
 
     // MARK: supervisor
 
-    /// The direct VMM where KVM is real (hardware, or nested inside the rig), hosted QEMU otherwise.
-    static func vmMode(kvm: KVMProbeResult.Verdict) -> RunMode { kvm == .hardware ? .direct : .hosted }
-
     /// Waits for `start`, runs the bundle's process in a VM, prints its output, exits with its status.
     static func supervise(_ g: Global, _ args: [String]) async -> Int32 {
         let store = Store(root: g.root)
@@ -428,7 +425,7 @@ enum RuntimeCLI {
         let status: Int32
         do {
             let cfg = try MicroVMConfig.load()
-            let backend = try Backends.make(mode: vmMode(kvm: HostProfile.current().kvm.verdict), connect: cfg.defaults.connect, runtime: nil)
+            let backend = try Backends.make(mode: BackendCatalog.runtimeVMMode(kvm: HostProfile.current().kvm.verdict), connect: cfg.defaults.connect, runtime: nil)
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
             let spec = r.spec
             let result = try await SignalStop.cancellingOnSignals {

@@ -45,6 +45,34 @@ struct ImageRunCLITests {
     @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
     func inAHostedVM() throws { try runs(["--mode", "hosted"], timeout: 240) }
 
+    /// `mvm bench --image`: every scenario runs on the image's rootfs; one whose programs the
+    /// image lacks (busybox has no sysbench) reads unavailable and names them; the containerd
+    /// scenario runs the same tree through containerd's runc shim.
+    @Test(.enabled(if: KillSafetyCLITests.canRunContainers && ProcessRunner.which("containerd") != nil && ProcessRunner.which("ctr") != nil,
+                   "needs root, runc, containerd and ctr"))
+    func benchRunsEveryScenarioOnTheImage() throws {
+        let image = try Self.image.get()
+        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
+        let r = try MVM.run(["bench", "--image", image, "--backends", "native,runc", "--scenarios", "start,cpu,containerd", "--repeat", "1",
+                             "--out", dir + "/bench", "--json"], environment: env, timeout: 600)
+        #expect(r.status == 0, "\(r.stderrText.suffix(2000))")
+        let report = try #require(try JSONSerialization.jsonObject(with: Data(r.stdoutText.utf8)) as? [String: Any], "\(r.stdoutText.prefix(500))")
+        let cells = report["cells"] as? [[String: Any]] ?? []
+        func cell(_ metric: String, _ backend: String) -> [String: Any]? { cells.first { $0["metric"] as? String == metric && $0["backend"] as? String == backend } }
+        for backend in ["native", "runc"] {
+            #expect(cell("start-serial", backend)?["status"] as? String == "ok", "\(backend): \(cell("start-serial", backend) ?? [:])")
+            let cpu = cell("sysbench-cpu", backend)
+            #expect(cpu?["status"] as? String == "unavailable" && (cpu?["note"] as? String ?? "").contains("has no sysbench"), "\(cpu ?? [:])")
+        }
+        #expect(cell("containerd-start-exit", "runc")?["status"] as? String == "ok", "\(cell("containerd-start-exit", "runc") ?? [:])")
+        let nativeNote = cell("containerd-idle-pss", "native")?["note"] as? String ?? ""
+        #expect(nativeNote.contains("runs on runc, runsc"), "\(nativeNote)")
+        let workload = (report["config"] as? [String: Any])?["workload"] as? String ?? ""
+        #expect(workload.contains("image mvm-cli-busybox.tar"), "\(report["config"] ?? "")")
+        #expect(try MVM.run(["alloc", "show"], environment: env).stdoutText.contains("grants      0"))
+    }
+
     /// A missing tarball, a file that is no image, and --no-rootfs beside --image are refused
     /// before anything is granted.
     @Test func badImagesAreRefusedBeforeAnythingIsGranted() throws {
