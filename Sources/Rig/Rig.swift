@@ -131,15 +131,18 @@ public struct RigRunner: Sendable {
                     "-pidfile", scratchDir + "/qemu.pid",
                     "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                     "-virtfs", "local,path=\(Self.qemuEscape(scratchDir)),mount_tag=rigscratch,security_model=passthrough"]
-        // QMP, for the vCPUs' state when the rig stalls (where a socket path fits).
-        let qmp = scratchDir + "/qmp"
+        // QMP, for the vCPUs' state when the rig stalls (where a socket path fits): in a directory
+        // of its own, mode 0700, since the scratch share is open to all for the guest's root.
+        let monitorDir = try Self.makeScratch(name: "mvm-rig-qmp", mode: 0o700)
+        defer { try? fm.removeItem(atPath: monitorDir) }
+        let qmp = monitorDir + "/qmp"
         if qmp.utf8.count < 100 { argv += ["-qmp", "unix:\(Self.qemuEscape(qmp)),server=on,wait=off"] }
         for (i, share) in shares.enumerated() {
             argv += ["-virtfs", "local,path=\(Self.qemuEscape(share)),mount_tag=rigshare\(i),security_model=passthrough"]
         }
 
         let started = Date()
-        let child = try RigChild.spawn(argv, stderrPath: scratchDir + "/qemu.stderr", scratch: scratchDir)
+        let child = try RigChild.spawn(argv, stderrPath: scratchDir + "/qemu.stderr", directories: [scratchDir, monitorDir])
         defer { child.killAndReap() }
         var console = RigConsole()
         var output = Data()
@@ -270,14 +273,15 @@ public struct RigRunner: Sendable {
     /// QEMU option values separate on commas; a literal comma is written twice.
     static func qemuEscape(_ s: String) -> String { s.replacingOccurrences(of: ",", with: ",,") }
 
-    static func makeScratch() throws -> String {
-        var template = Array((NSTemporaryDirectory() + "/mvm-rig-scratch.XXXXXX").utf8CString)
+    static func makeScratch(name: String = "mvm-rig-scratch", mode: mode_t = 0o777) throws -> String {
+        var template = Array((NSTemporaryDirectory() + "/\(name).XXXXXX").utf8CString)
         guard let p = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw MicroVMError(.permissionDenied, "cannot create the rig's scratch directory under \(NSTemporaryDirectory()): \(String(cString: strerror(errno)))")
         }
         let path = String(cString: p).replacingOccurrences(of: "//", with: "/")
-        // 9p passthrough writes as the guest's uid; the guest runs as root, so the share must admit it.
-        chmod(path, 0o777)
+        // The scratch share: 9p passthrough writes as the guest's uid; the guest runs as root, so
+        // the share must admit it. Other directories keep mkdtemp's 0700 or get what they ask.
+        chmod(path, mode)
         return path
     }
 }

@@ -10,16 +10,17 @@ final class RigChild: @unchecked Sendable {
     enum Outcome: Equatable { case finished, exited, timedOut }
 
     let pid: pid_t
-    let scratch: String
+    /// Directories of this run (the scratch share, the monitor's), removed by `killAll`.
+    let directories: [String]
     private let readFD: Int32
     private let lock = NSLock()
     private var reaped = false
 
-    private init(pid: pid_t, readFD: Int32, scratch: String) {
-        self.pid = pid; self.readFD = readFD; self.scratch = scratch
+    private init(pid: pid_t, readFD: Int32, directories: [String]) {
+        self.pid = pid; self.readFD = readFD; self.directories = directories
     }
 
-    static func spawn(_ argv: [String], stderrPath: String, scratch: String) throws -> RigChild {
+    static func spawn(_ argv: [String], stderrPath: String, directories: [String]) throws -> RigChild {
         var fds: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else {
             throw MicroVMError(.internalError, "pipe failed: \(String(cString: strerror(errno)))")
@@ -53,7 +54,7 @@ final class RigChild: @unchecked Sendable {
             close(fds[0])
             throw MicroVMError(.backend, "cannot start '\(argv[0])': \(String(cString: strerror(rc))); install it with 'apt-get install qemu-system-x86'")
         }
-        let child = RigChild(pid: pid, readFD: fds[0], scratch: scratch)
+        let child = RigChild(pid: pid, readFD: fds[0], directories: directories)
         RigProcessRegistry.shared.add(child)
         return child
     }
@@ -110,7 +111,7 @@ final class RigProcessRegistry: @unchecked Sendable {
             c.killGroup()
             var status: Int32 = 0
             _ = waitpid(c.pid, &status, 0)
-            try? FileManager.default.removeItem(atPath: c.scratch)
+            for d in c.directories { try? FileManager.default.removeItem(atPath: d) }
         }
     }
 
