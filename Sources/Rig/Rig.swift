@@ -127,7 +127,8 @@ public struct RigRunner: Sendable {
                     "-smp", String(options.cpus), "-m", "\(options.memoryMiB)M",
                     "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
                     "-kernel", image.kernel.bzImage, "-initrd", image.initrd,
-                    "-append", "console=ttyS0 quiet loglevel=0 panic=-1 reboot=k",
+                    // loglevel=2: the console stays quiet but for the kernel's panic and alert lines.
+                    "-append", "console=ttyS0 quiet loglevel=2 panic=-1 reboot=k",
                     "-pidfile", scratchDir + "/qemu.pid",
                     "-virtfs", "local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap",
                     "-virtfs", "local,path=\(Self.qemuEscape(scratchDir)),mount_tag=rigscratch,security_model=passthrough"]
@@ -217,7 +218,9 @@ public struct RigRunner: Sendable {
                 let tail = console.bootTail.suffix(8).joined(separator: " | ")
                 throw MicroVMError(.backend, "the rig's QEMU exited before the command started\(stderr.isEmpty ? "" : ": \(stderr.suffix(1500))")\(tail.isEmpty ? "" : " (console: \(tail.suffix(1500)))")")
             }
-            throw MicroVMError(.backend, "the rig ended without reporting the command's exit status (the L2 kernel may have crashed or run out of memory; try more --memory)\(stderr.isEmpty ? "" : ": \(stderr.suffix(1500))")")
+            // QEMU's stderr without its start-up warnings about CPU features TCG lacks.
+            let said = stderr.split(separator: "\n").filter { !$0.contains("TCG doesn't support requested feature") }.joined(separator: "\n")
+            throw RigEnded(console: console.runTail, qemuStderr: said, output: output)
         }
     }
 

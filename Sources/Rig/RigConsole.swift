@@ -10,6 +10,7 @@ public struct RigConsole: Sendable {
     public static let startMarker = "@@mvm:rig-start"
     public static let exitMarker = "@@mvm:rig-exit status="
     public static let errorMarker = "@@mvm:rig-error "
+    public static let heartbeatMarker = "@@mvm:rig-alive "
     /// A longer line is dropped in pieces, so a guest printing without newlines cannot grow memory.
     static let maxLine = 64 * 1024
 
@@ -17,6 +18,9 @@ public struct RigConsole: Sendable {
     public private(set) var guestStartUptime: Double?
     /// The last console lines before the start marker, for error messages.
     public private(set) var bootTail: [String] = []
+    /// The last console lines after it that are no marker: the kernel's panic and alert lines
+    /// (the rig boots with loglevel=2), for the error when the rig dies mid-command.
+    public private(set) var runTail: [String] = []
     private var line: [UInt8] = []
 
     public init() {}
@@ -57,7 +61,13 @@ public struct RigConsole: Sendable {
                 if bootTail.count > 20 { bootTail.removeFirst() }
             }
         case .running:
-            guard text.hasPrefix(Self.exitMarker) else { return }
+            guard text.hasPrefix(Self.exitMarker) else {
+                if !text.isEmpty, !text.hasPrefix(Self.heartbeatMarker) {
+                    runTail.append(String(text.prefix(300)))
+                    if runTail.count > 100 { runTail.removeFirst() }
+                }
+                return
+            }
             let digits = text.dropFirst(Self.exitMarker.count).prefix { $0.isNumber }
             if let s = Int32(digits), text.dropFirst(Self.exitMarker.count + digits.count).hasPrefix("@@") {
                 phase = .exited(s)

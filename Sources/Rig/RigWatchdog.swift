@@ -4,11 +4,41 @@ import MicroVMCore
 import Glibc
 #endif
 
+/// A rig lost before its command ended: its kernel stalled (`RigStall`) or died (`RigEnded`).
+/// Either way the command's own outcome is unknown; what it wrote until then is `output`.
+public protocol RigLost: Error, CustomStringConvertible, Sendable {
+    var output: Data { get }
+}
+
+extension RigLost {
+    public var outputText: String { String(decoding: output, as: UTF8.self) }
+}
+
+/// The rig's QEMU ended while the command ran, without the command's status: its kernel
+/// panicked or reset (the rig runs with -no-reboot and panic=-1). The console's last lines
+/// (the kernel prints its panic and alert lines there) say why, where it said anything.
+public struct RigEnded: RigLost {
+    public var console: [String]
+    public var qemuStderr: String
+    public var output: Data
+
+    public var description: String {
+        var s = "the rig ended without reporting the command's exit status: its kernel crashed or reset, or ran out of memory (try more --memory)"
+        // A panic prints a whole trace: its headline lines, then how it ends.
+        let key = ["Kernel panic", "BUG:", "Oops", "general protection", "RIP:", "Call Trace", "watchdog:", "Out of memory"]
+        let headlines = console.filter { line in key.contains { line.contains($0) } }.prefix(6)
+        if !headlines.isEmpty { s += "; its kernel said: " + headlines.joined(separator: " | ") }
+        if !console.isEmpty { s += "; its console's last lines: " + console.suffix(4).joined(separator: " | ") }
+        if !qemuStderr.isEmpty { s += "; QEMU: " + qemuStderr.suffix(600) }
+        return s
+    }
+}
+
 /// The rig stopped making progress: no heartbeat, console byte or output for `silentSeconds`
 /// while the command ran. Under TCG, an L1 kernel running nested guests on an emulated AMD-V
 /// CPU has been seen to stop like this for good (its own timeouts never fire), so the rig is
 /// killed instead of waited out. Carries what the command wrote before, and QEMU's view then.
-public struct RigStall: Error, CustomStringConvertible, Sendable {
+public struct RigStall: RigLost {
     /// Seconds without any sign of life when the rig was killed.
     public var silentSeconds: Double
     /// QEMU's CPU use over that silence, in percent of one CPU (nil if it could not be read).
@@ -19,7 +49,6 @@ public struct RigStall: Error, CustomStringConvertible, Sendable {
     public var vcpus: [String]
     /// The command's output up to the stall.
     public var output: Data
-    public var outputText: String { String(decoding: output, as: UTF8.self) }
 
     public var description: String {
         var s = "the rig stalled: no heartbeat, console or output from its kernel for \(Int(silentSeconds)) s while the command ran"

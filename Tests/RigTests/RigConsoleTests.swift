@@ -194,6 +194,19 @@ import MicroVMCore
         #expect(Date().timeIntervalSince(started) < 5)
     }
 
+    @Test func theRunningConsoleKeepsTheKernelsLinesButNotTheHeartbeat() {
+        var c = RigConsole()
+        c.feed(Array("boot\n@@mvm:rig-start uptime=3.2@@\n@@mvm:rig-alive uptime=13.2@@\n[  20.1] Kernel panic - not syncing: sysrq triggered crash\n".utf8))
+        #expect(c.phase == .running)
+        #expect(c.runTail == ["[  20.1] Kernel panic - not syncing: sysrq triggered crash"])
+        for i in 0..<50 { c.feed(Array("line \(i)\n".utf8)) }
+        let ended = RigEnded(console: c.runTail, qemuStderr: "", output: Data("x".utf8))
+        #expect(ended.description.contains("its kernel said: [  20.1] Kernel panic - not syncing: sysrq triggered crash"), "\(ended)")
+        #expect(ended.description.contains("line 49") && !ended.description.contains("line 40 |") && ended.outputText == "x")
+        for i in 50..<200 { c.feed(Array("line \(i)\n".utf8)) }
+        #expect(c.runTail.count == 100 && c.runTail.last == "line 199", "the tail is bounded")
+    }
+
     @Test func aStallSaysWhatItSaw() {
         let s = RigStall(silentSeconds: 181.4, qemuCPUPercent: 197, lastHeartbeat: "612.30",
                          vcpus: ["CPU#0 RIP=ffffffff81e3c8ab CPL=0 HLT=0"], output: Data("partial".utf8))

@@ -99,6 +99,21 @@ struct RigRunTests {
         #expect(try RigGate.leftoverQEMUs().isEmpty, "the stalled QEMU must be gone")
     }
 
+    /// The command crashes the rig's kernel (sysrq c): QEMU ends (-no-reboot), and the error is
+    /// a `RigEnded` whose console lines carry the kernel's panic, with the output so far.
+    @Test func aRigWhoseKernelDiesSaysHow() throws {
+        do {
+            let r = try RigRunner(RigGate.options(timeout: 300)).run(command: ["sh", "-c", "echo before-the-crash; sleep 1; echo c > /proc/sysrq-trigger; sleep 100"])
+            Issue.record("a crashed rig returned status \(r.status)")
+        } catch let ended as RigEnded {
+            print("rig ended: \(ended)")
+            #expect(ended.outputText == "before-the-crash\n")
+            #expect(ended.console.contains { $0.contains("Kernel panic") }, "\(ended.console)")
+            #expect(!ended.description.contains("TCG doesn't support"), "QEMU's start-up warnings are left out")
+        }
+        #expect(try RigGate.leftoverQEMUs().isEmpty)
+    }
+
     @Test func missingCommandIsStatus127() throws {
         let r = try RigRunner(RigGate.options()).run(command: ["/nonexistent/cmd"])
         #expect(r.status == 127)
@@ -626,11 +641,12 @@ enum RigKVMSession {
         let only = ProcessInfo.processInfo.environment["MVM_RIG_STEPS"].map { Set($0.split(separator: ",").map(String.init)) }
         let chosen = steps(mvm: try MvmBinary.find(), vmlinux: image.vmlinux).filter { only?.contains($0.0) ?? true }
         let argv = Dictionary(uniqueKeysWithValues: chosen)
-        // A rig that stalls (its kernel silent past the watchdog, as nested SVM under TCG has been
-        // seen to) is replaced by a fresh one for the steps left. A step in which two rigs stall
-        // fails with what the stalls said; so does the session after three stalls.
+        // A rig that is lost, stalled (its kernel silent past the watchdog) or ended (its kernel
+        // died), as nested SVM under TCG has been seen to do both, is replaced by a fresh one for
+        // the steps left. A step in which two rigs are lost fails with what both said; so does
+        // the session after three.
         var results: [String: Step] = [:]
-        var stalls: [String: [String]] = [:]
+        var losses: [String: [String]] = [:]
         var todo = chosen.map(\.0)
         var restarts = 0
         // Within the suite's 30 minutes, whatever the restarts.
@@ -645,18 +661,18 @@ enum RigKVMSession {
                 results.merge(parse(r.outputText)) { $1 }
                 print("rig KVM session: rig boot \(Int(r.bootSeconds)) s, longest silence \(Int(r.longestSilence)) s, wall \(Int(Date().timeIntervalSince(started))) s, status \(r.status), restarts \(restarts)")
                 break
-            } catch let stall as RigStall {
-                rawOutput += stall.outputText
-                results.merge(parse(stall.outputText)) { $1 }
-                let step = inProgress(stall.outputText) ?? "(between steps)"
-                print("rig KVM session: stalled in step \(step) after \(Int(Date().timeIntervalSince(started))) s: \(stall)")
-                stalls[step, default: []].append(stall.description)
-                if stalls[step]!.count >= 2 {
-                    results[step] = Step(status: -1, output: "the rig stalled in this step twice:\n" + stalls[step]!.joined(separator: "\n"))
+            } catch let lost as any RigLost {
+                rawOutput += lost.outputText
+                results.merge(parse(lost.outputText)) { $1 }
+                let step = inProgress(lost.outputText) ?? "(between steps)"
+                print("rig KVM session: the rig was lost in step \(step) after \(Int(Date().timeIntervalSince(started))) s: \(lost)")
+                losses[step, default: []].append(lost.description)
+                if losses[step]!.count >= 2 {
+                    results[step] = Step(status: -1, output: "two rigs were lost in this step:\n" + losses[step]!.joined(separator: "\n"))
                 }
                 restarts += 1
-                guard restarts < 3, budget.timeIntervalSinceNow > 300 else { throw stall }
-                todo = remaining(chosen.map(\.0), done: Set(results.keys), givenUp: Set(stalls.filter { $0.value.count >= 2 }.keys))
+                guard restarts < 3, budget.timeIntervalSinceNow > 300 else { throw lost }
+                todo = remaining(chosen.map(\.0), done: Set(results.keys), givenUp: Set(losses.filter { $0.value.count >= 2 }.keys))
             }
         }
         return results
