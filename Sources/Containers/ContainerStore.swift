@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Host
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,24 +20,16 @@ struct OwnerRecord: Codable, Sendable {
     var hostVeth: String?
 
     static func current(name: String, runtime: String, cpus: Int, memory: ByteCount) -> OwnerRecord {
-        OwnerRecord(pid: getpid(), startTicks: processStartTicks(getpid()) ?? 0, name: name, runtime: runtime,
+        OwnerRecord(pid: getpid(), startTicks: ProcessIdentity.startTime(pid: getpid()) ?? 0, name: name, runtime: runtime,
                     created: Date(), cpus: cpus, memory: memory)
     }
 
     var ownerAlive: Bool {
         guard Glibc.kill(pid, 0) == 0 || errno == EPERM else { return false }
-        return processStartTicks(pid) == startTicks
+        return ProcessIdentity.startTime(pid: pid) == startTicks
     }
 }
 
-func processStartTicks(_ pid: Int32) -> UInt64? {
-    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
-          let close = stat.lastIndex(of: ")") else { return nil }
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = stat[stat.index(after: close)...].split(separator: " ")
-    guard rest.count > 19 else { return nil }
-    return UInt64(rest[19])
-}
 
 /// Where container state lives under `Paths.state`: runtime root, bundles, logs.
 struct ContainerStore: Sendable {

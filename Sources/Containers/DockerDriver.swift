@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Host
 import Allocator
 #if canImport(Glibc)
 import Glibc
@@ -95,7 +96,7 @@ struct DockerDriver: Sendable {
         let command = hasShell ? ["/bin/sh", "-c", "echo @@mvm:container-started@@; exec \"$@\"", "mvm"] + spec.command : spec.command
         let me = getpid()
         var args = ["run", "--rm", "--name", id, "--hostname", spec.name,
-                    "--label", "\(Self.ownerLabel)=\(me):\(processStartTicks(me) ?? 0)",
+                    "--label", "\(Self.ownerLabel)=\(me):\(ProcessIdentity.startTime(pid: me) ?? 0)",
                     "--read-only", "--tmpfs", "/tmp", "--security-opt", "no-new-privileges"]
         for b in try ContainerBackend.diskBinds(spec.disks) {
             args += ["--volume", "\(b.source):\(b.destination)\(b.readOnly ? ":ro" : "")"]
@@ -155,7 +156,7 @@ struct DockerDriver: Sendable {
         guard let kv = labels.split(separator: ",").first(where: { $0.hasPrefix(ownerLabel + "=") }) else { return false }
         let v = kv.dropFirst(ownerLabel.count + 1).split(separator: ":")
         guard v.count == 2, let pid = Int32(v[0]), let ticks = UInt64(v[1]) else { return false }
-        return processStartTicks(pid) == ticks
+        return ProcessIdentity.startTime(pid: pid) == ticks
     }
 
     /// Removes our Docker containers whose `mvm` died (`--rm` only fires when the client lives).

@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Host
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -89,7 +90,7 @@ struct RigWatchdog {
         if running { longestSilence = max(longestSilence, now.timeIntervalSince(lastSign)) }
         lastSign = now
         // QEMU's CPU time at the last sign, at most once a second: the baseline for a stall's CPU figure.
-        if cpuSample.map({ now.timeIntervalSince($0.at) >= 1 }) ?? true, let cpu = Self.cpuSeconds(pid) {
+        if cpuSample.map({ now.timeIntervalSince($0.at) >= 1 }) ?? true, let cpu = ProcessIdentity.cpuSeconds(pid: pid) {
             cpuSample = (now, cpu)
         }
     }
@@ -107,26 +108,11 @@ struct RigWatchdog {
 
     /// QEMU's CPU use since the last sign, in percent of one CPU.
     func cpuPercentSinceLastSign(now: Date = Date()) -> Double? {
-        guard let s = cpuSample, let cpu = Self.cpuSeconds(pid) else { return nil }
+        guard let s = cpuSample, let cpu = ProcessIdentity.cpuSeconds(pid: pid) else { return nil }
         let wall = now.timeIntervalSince(s.at)
         return wall > 0 ? max(0, cpu - s.seconds) / wall * 100 : nil
     }
 
-    /// User plus system CPU seconds of a process, from /proc/PID/stat.
-    static func cpuSeconds(_ pid: pid_t) -> Double? {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8) else { return nil }
-        return cpuSeconds(stat: text)
-    }
-
-    /// Fields 14 and 15 (utime, stime), counted after the command name's closing parenthesis,
-    /// since the name itself may hold spaces and parentheses.
-    static func cpuSeconds(stat text: String) -> Double? {
-        guard let close = text.lastIndex(of: ")") else { return nil }
-        let fields = text[text.index(after: close)...].split(separator: " ")
-        // After ")": state is field 3, so utime (14) and stime (15) are at offsets 11 and 12.
-        guard fields.count > 12, let u = Double(fields[11]), let s = Double(fields[12]) else { return nil }
-        return (u + s) / Double(sysconf(Int32(_SC_CLK_TCK)))
-    }
 }
 
 /// A minimal QMP client for the rig's diagnostics: one human-monitor command over QEMU's

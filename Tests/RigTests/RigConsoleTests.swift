@@ -2,6 +2,7 @@ import Testing
 import Foundation
 @testable import Rig
 import MicroVMCore
+import Host
 
 @Suite struct RigConsoleTests {
     func run(_ chunks: [String]) -> RigConsole {
@@ -161,10 +162,10 @@ import MicroVMCore
     @Test func cpuTimeIsReadPastACommandNameWithParentheses() {
         let hz = Double(sysconf(Int32(_SC_CLK_TCK)))
         let stat = "4242 (qemu) (x) y) R 1 4242 4242 0 -1 4194560 100 0 0 0 \(Int(3 * hz)) \(Int(hz)) 0 0 20 0 3 0 12345"
-        #expect(RigWatchdog.cpuSeconds(stat: stat) == 4)
-        #expect(RigWatchdog.cpuSeconds(stat: "4242 (qemu R 1") == nil)
-        #expect(RigWatchdog.cpuSeconds(stat: "4242 (qemu) R 1 2") == nil)
-        #expect((RigWatchdog.cpuSeconds(getpid()) ?? -1) >= 0)
+        #expect(ProcessIdentity.statFields(stat).flatMap(ProcessIdentity.cpuSeconds(fields:)) == 4)
+        #expect(ProcessIdentity.statFields("4242 (qemu R 1") == nil)
+        #expect(ProcessIdentity.statFields("4242 (qemu) R 1 2").flatMap(ProcessIdentity.cpuSeconds(fields:)) == nil)
+        #expect((ProcessIdentity.cpuSeconds(pid: getpid()) ?? -1) >= 0)
     }
 
     @Test func vcpusAreSummarisedFromTheMonitor() {
