@@ -153,7 +153,7 @@ public struct RigRunner: Sendable {
         // for many minutes, and the rig with it).
         var outputFile: FileHandle?
         var watchdog = RigWatchdog(limit: options.stallTimeout, pid: child.pid)
-        var stalled = false
+        var heartbeatRead = Date.distantPast
         func follow() {
             if outputFile == nil { outputFile = FileHandle(forReadingAtPath: scratchDir + "/output") }
             // To the file's current end: `availableData` returns one block per call on Linux.
@@ -166,9 +166,12 @@ public struct RigRunner: Sendable {
         let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout), tick: {
             follow()
             guard console.phase == .running else { return false }
-            watchdog.heartbeat(try? String(contentsOfFile: scratchDir + "/alive", encoding: .utf8))
-            stalled = watchdog.isStalled()
-            return stalled
+            // The heartbeat changes every 10 s: read once a second, and no more of it than an uptime.
+            if Date().timeIntervalSince(heartbeatRead) >= 1 {
+                heartbeatRead = Date()
+                watchdog.heartbeat(Self.readSmall(scratchDir + "/alive"))
+            }
+            return watchdog.isStalled()
         }) { bytes in
             console.feed(bytes)
             if bootSeconds == nil, console.phase != .booting {
@@ -178,28 +181,27 @@ public struct RigRunner: Sendable {
             watchdog.sign()
             return console.isFinished
         }
-        var stall: RigStall?
-        if stalled {
-            let registers = RigMonitor.human("info registers -a", socket: qmp)
-            stall = RigStall(silentSeconds: Date().timeIntervalSince(watchdog.lastSign),
-                             qemuCPUPercent: watchdog.cpuPercentSinceLastSign(), lastHeartbeat: watchdog.lastHeartbeat,
-                             vcpus: registers.map(RigMonitor.vcpuSummary) ?? [], output: Data())
-        }
+        // A stalled QEMU is asked for its vCPUs before it is killed.
+        let stall = outcome == .stopped
+            ? (silent: Date().timeIntervalSince(watchdog.lastSign), cpu: watchdog.cpuPercentSinceLastSign(),
+               vcpus: RigMonitor.human("info registers -a", socket: qmp).map(RigMonitor.vcpuSummary) ?? [])
+            : nil
         child.killAndReap()
         follow()
-        if var stall {
-            stall.output = output
-            throw stall
+        if let stall {
+            throw RigStall(silentSeconds: stall.silent, qemuCPUPercent: stall.cpu, lastHeartbeat: watchdog.lastHeartbeat,
+                           vcpus: stall.vcpus, output: output)
         }
         let wall = Date().timeIntervalSince(started)
-        let stderr = (try? String(contentsOfFile: scratchDir + "/qemu.stderr", encoding: .utf8))?
-            .trimmingCharacters(in: .whitespacesAndNewlines) ?? ""
+        // QEMU's stderr, without its start-up warnings about the CPU features TCG lacks.
+        let stderr = ((try? String(contentsOfFile: scratchDir + "/qemu.stderr", encoding: .utf8)) ?? "")
+            .split(separator: "\n").filter { !$0.contains("TCG doesn't support requested feature") }
+            .joined(separator: "\n").trimmingCharacters(in: .whitespacesAndNewlines)
         try afterRun?(scratchDir)
 
         // The rig writes the status to the scratch share once the output is complete: it is the
         // record, whether or not the console's exit marker arrived.
-        if let text = try? String(contentsOfFile: scratchDir + "/status", encoding: .utf8),
-           let status = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
+        if let text = Self.readSmall(scratchDir + "/status"), let status = Int32(text.trimmingCharacters(in: .whitespacesAndNewlines)) {
             return RigResult(status: status, output: output, bootSeconds: bootSeconds ?? wall, wallSeconds: wall,
                              guestUptimeAtStart: console.guestStartUptime, longestSilence: watchdog.longestSilence)
         }
@@ -218,9 +220,7 @@ public struct RigRunner: Sendable {
                 let tail = console.bootTail.suffix(8).joined(separator: " | ")
                 throw MicroVMError(.backend, "the rig's QEMU exited before the command started\(stderr.isEmpty ? "" : ": \(stderr.suffix(1500))")\(tail.isEmpty ? "" : " (console: \(tail.suffix(1500)))")")
             }
-            // QEMU's stderr without its start-up warnings about CPU features TCG lacks.
-            let said = stderr.split(separator: "\n").filter { !$0.contains("TCG doesn't support requested feature") }.joined(separator: "\n")
-            throw RigEnded(console: console.runTail, qemuStderr: said, output: output)
+            throw RigEnded(console: console.runTail, qemuStderr: stderr, output: output)
         }
     }
 
@@ -271,6 +271,14 @@ public struct RigRunner: Sendable {
         let masked = Self.maskedPrefixes.contains { under(wd, $0) }
         if masked && !options.shares.contains(where: { under(wd, $0) }) { return options.shares + [wd] }
         return options.shares
+    }
+
+    /// The start of a small file the rig's guest writes (its status, its heartbeat): at most 64
+    /// bytes, however much the guest wrote.
+    static func readSmall(_ path: String) -> String? {
+        guard let h = FileHandle(forReadingAtPath: path) else { return nil }
+        defer { try? h.close() }
+        return (try? h.read(upToCount: 64)).map { String(decoding: $0, as: UTF8.self) }
     }
 
     /// QEMU option values separate on commas; a literal comma is written twice.

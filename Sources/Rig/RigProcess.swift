@@ -7,7 +7,8 @@ import Glibc
 /// The rig's QEMU in its own process group, so one kill takes it and anything it spawned.
 /// Registered while alive, so a signal to mvm can still kill it.
 final class RigChild: @unchecked Sendable {
-    enum Outcome: Equatable { case finished, exited, timedOut }
+    /// `finished`: `consume` had all it needed; `stopped`: `tick` asked to stop.
+    enum Outcome: Equatable { case finished, stopped, exited, timedOut }
 
     let pid: pid_t
     /// Directories of this run (the scratch share, the monitor's), removed by `killAll`.
@@ -64,7 +65,7 @@ final class RigChild: @unchecked Sendable {
     func pump(deadline: Date, tick: () -> Bool = { false }, consume: ([UInt8]) -> Bool) -> Outcome {
         var buf = [UInt8](repeating: 0, count: 65536)
         while true {
-            if tick() { return .finished }
+            if tick() { return .stopped }
             let left = deadline.timeIntervalSinceNow
             if left <= 0 { return .timedOut }
             var pfd = pollfd(fd: readFD, events: Int16(POLLIN), revents: 0)
