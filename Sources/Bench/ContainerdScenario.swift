@@ -3,6 +3,7 @@ import MicroVMCore
 import Host
 import KVM
 import DirectVMM
+import Containers
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -48,12 +49,12 @@ public struct ContainerdScenario: BenchScenario {
             return (b, target)
         case "runsc":
             guard let b = ProcessRunner.which(target) else { throw ScenarioUnavailable("runsc is not installed (apt-get install runsc)") }
-            // gVisor will not set up its network in a namespace it did not make, as mvm's runsc
-            // runs do: without one, through a wrapper the shim calls as its runc.
+            // Without a network, as mvm's runsc runs: through a wrapper the shim calls as its runc.
+            let flag = ContainerRuntime.runscNetwork(sandbox: false)
             let wrapper = linkDirectory + "/runsc"
-            try "#!/bin/sh\nexec \(ProcessRunner.shellQuote(b)) --network=none \"$@\"\n".write(toFile: wrapper, atomically: true, encoding: .utf8)
+            try "#!/bin/sh\nexec \(ProcessRunner.shellQuote(b)) \(flag) \"$@\"\n".write(toFile: wrapper, atomically: true, encoding: .utf8)
             chmod(wrapper, 0o755)
-            return (wrapper, "runsc --network=none")
+            return (wrapper, "runsc \(flag)")
         case "hosted", "direct":
             let mode = BackendCatalog.runtimeVMMode(kvm: kvm)
             guard mode.rawValue == target else {
@@ -90,10 +91,12 @@ public struct ContainerdScenario: BenchScenario {
 
         let acceleration = target.name == "runc" || target.name == "runsc" ? "none" : BackendCatalog.acceleration(mode: target.record.mode, kvm: kvm)
         let details = ["runtime": label, "acceleration": acceleration, "rootfs": ctx.workload.rootfsTree]
-        // A rootfs has no image config: the environment is the container's PATH alone.
+        // The slice as a container's limits, rendered as for every other container (quota over
+        // the common period). A rootfs has no image config: the environment is PATH alone.
+        let limits = Enforcement(slice: ctx.slice, mode: .container)
         var flags = ["--rootfs", "--runc-binary", binary, "--env", "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-                     "--memory-limit", String(ctx.slice.memory.bytes),
-                     "--cpus", String(ctx.slice.cpuQuota ?? Double(ctx.slice.cpus))]
+                     "--memory-limit", String(limits.memoryLimit.bytes),
+                     "--cpu-period", String(Enforcement.period), "--cpu-quota", String(limits.quotaMicros)]
         // The tree is the workload every backend shares: runc and runsc get it read-only;
         // mvm-runtime copies it into a disk of the container's own.
         if target.name == "runc" || target.name == "runsc" { flags.append("--read-only") }
@@ -226,7 +229,7 @@ final class PrivateContainerd: Sendable {
                 throw MicroVMError(.backend, "the idle pod \(id) has no containerd shim: it ended (\((try? ctr(["task", "ls"], timeout: 10))?.stdoutText ?? ""))")
             }
             let pod = ProcessMemory.tree(of: [shim.pid], table: table)
-            window = (window + [pod.reduce(0) { $0 + (ProcessMemory.pss(pid: $1.pid) ?? 0) }]).suffix(3)
+            window = (window + [ProcessMemory.pss(of: pod)]).suffix(3)
             count = pod.count
             if window.count == 3, let lo = window.min(), let hi = window.max(), hi - lo <= max(1 << 20, hi / 50), Date().timeIntervalSince(t0) >= 3 { break }
             guard Date().timeIntervalSince(t0) < timeout else {
@@ -240,12 +243,14 @@ final class PrivateContainerd: Sendable {
     /// Kills a container's task and deletes it and the container, whatever state they are in.
     func removeContainer(_ id: String) {
         _ = try? ctr(["task", "kill", "-s", "SIGKILL", id], timeout: 30)
+        // `task delete` fails while the killed task is still stopping: until it is gone, up to 30 s.
         let deadline = Date().addingTimeInterval(30)
-        while Date() < deadline, (try? ctr(["task", "delete", id], timeout: 30))?.status != 0,
-              (try? ctr(["task", "ls", "-q"], timeout: 10))?.stdoutText.split(separator: "\n").contains(Substring(id)) == true {
-            usleep(200_000)
-        }
+        while Date() < deadline, (try? ctr(["task", "delete", id], timeout: 30))?.status != 0, taskExists(id) { usleep(200_000) }
         _ = try? ctr(["container", "delete", id], timeout: 30)
+    }
+
+    func taskExists(_ id: String) -> Bool {
+        (try? ctr(["task", "ls", "-q"], timeout: 10))?.stdoutText.split(separator: "\n").contains(Substring(id)) == true
     }
 
     /// Stops containerd: what it still runs first, then the daemon itself.

@@ -153,7 +153,7 @@ actor SeriesSampler {
             for name in names {
                 let pids = listed.filter { $0.name == name }.compactMap(\.pid)
                 let processes = ProcessMemory.instanceProcesses(name: name, pids: pids, table: table)
-                let total = processes.reduce(UInt64(0)) { $0 + (ProcessMemory.pss(pid: $1.pid) ?? 0) }
+                let total = ProcessMemory.pss(of: processes)
                 for p in processes { counted.insert(p.comm) }
                 if total > 0 { tick.mib[name] = Double(total) / 1_048_576 }
             }

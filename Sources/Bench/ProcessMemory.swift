@@ -44,6 +44,11 @@ public enum ProcessMemory {
         return seen.compactMap { table[$0] }.sorted { $0.pid < $1.pid }
     }
 
+    /// The summed PSS of processes, in bytes (one that is gone counts 0).
+    public static func pss(of processes: [Entry]) -> UInt64 {
+        processes.reduce(0) { $0 + (pss(pid: $1.pid) ?? 0) }
+    }
+
     /// PSS in bytes from /proc/PID/smaps_rollup (nil when the process is gone or unreadable).
     public static func pss(pid: Int32, proc: String = "/proc") -> UInt64? {
         guard let text = try? String(contentsOfFile: "\(proc)/\(pid)/smaps_rollup", encoding: .utf8) else { return nil }

@@ -5,6 +5,10 @@ import Host
 /// Which engine runs a container. A string literal names one: "runc", "crun", "docker",
 /// "auto", or a path to an OCI runtime binary with runc's command line.
 public enum ContainerRuntime: Sendable, Hashable, ExpressibleByStringLiteral, CustomStringConvertible {
+    /// runsc's global network flag: the sandbox's own stack in the spec's namespace, or none
+    /// (gVisor will not set one up in a namespace it did not make).
+    public static func runscNetwork(sandbox: Bool) -> String { "--network=\(sandbox ? "sandbox" : "none")" }
+
     /// crun where this host's cgroup layout lets it work, else runc.
     case automatic
     case runc
@@ -103,7 +107,7 @@ struct OCIRuntimeDriver: Sendable {
 
     /// The flags before the command: the state root, and runsc's network.
     func globalArguments(network: Bool = false) -> [String] {
-        ["--root", stateRoot] + (isRunsc ? ["--network=\(network ? "sandbox" : "none")"] : [])
+        ["--root", stateRoot] + (isRunsc ? [ContainerRuntime.runscNetwork(sandbox: network)] : [])
     }
 
     func command(_ args: [String]) -> [String] { [executable] + globalArguments() + args }
