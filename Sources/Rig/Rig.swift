@@ -213,8 +213,8 @@ public struct RigRunner: Sendable {
             throw MicroVMError(.backend, "the rig could not start the command: \(why)")
         case .booting, .running:
             if outcome == .timedOut {
-                let stage = console.phase == .booting ? "while booting" : "while the command ran"
-                throw MicroVMError(.timeout, "the rig ran past --timeout \(Int(options.timeout)) s \(stage) and was killed; raise --timeout if the command needs longer")
+                guard console.phase == .booting else { throw RigTimedOut(timeout: options.timeout, output: output) }
+                throw MicroVMError(.timeout, "the rig ran past --timeout \(Int(options.timeout)) s while booting and was killed; raise --timeout if the command needs longer")
             }
             if console.phase == .booting {
                 let tail = console.bootTail.suffix(8).joined(separator: " | ")

@@ -5,14 +5,29 @@ import Host
 import Glibc
 #endif
 
-/// A rig lost before its command ended: its kernel stalled (`RigStall`) or died (`RigEnded`).
-/// Either way the command's own outcome is unknown; what it wrote until then is `output`.
-public protocol RigLost: Error, CustomStringConvertible, Sendable {
+/// A rig cut off before its command ended: the command's own outcome is unknown; what it wrote
+/// until then is `output`.
+public protocol RigCutOff: Error, CustomStringConvertible, Sendable {
     var output: Data { get }
 }
 
-extension RigLost {
+extension RigCutOff {
     public var outputText: String { String(decoding: output, as: UTF8.self) }
+}
+
+/// A rig lost before its command ended: its kernel stalled (`RigStall`) or died (`RigEnded`).
+/// Another rig may well run the same command through.
+public protocol RigLost: RigCutOff {}
+
+/// The command was still running when the rig's `--timeout` ran out, so the rig was killed.
+/// The rig itself was alive: the command, or the machine, was too slow for the limit.
+public struct RigTimedOut: RigCutOff {
+    public var timeout: Double
+    public var output: Data
+
+    public var description: String {
+        "the rig ran past --timeout \(Int(timeout)) s while the command ran and was killed; raise --timeout if the command needs longer"
+    }
 }
 
 /// The rig's QEMU ended while the command ran, without the command's status: its kernel

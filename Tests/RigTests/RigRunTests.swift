@@ -68,10 +68,11 @@ struct RigRunTests {
     @Test func hungCommandIsKilledByTimeout() throws {
         let started = Date()
         do {
-            let r = try RigRunner(RigGate.options(timeout: 90)).run(command: ["sleep", "100000"])
+            let r = try RigRunner(RigGate.options(timeout: 90)).run(command: ["sh", "-c", "echo before-the-hang; sleep 100000"])
             Issue.record("a hung command returned status \(r.status) instead of timing out")
-        } catch let e as MicroVMError {
-            #expect(e.code == .timeout, "\(e)")
+        } catch let e as RigTimedOut {
+            #expect(e.timeout == 90, "\(e)")
+            #expect(e.outputText == "before-the-hang\n", "what the command wrote comes with the error")
         }
         #expect(Date().timeIntervalSince(started) < 200)
         #expect(try RigGate.leftoverQEMUs().isEmpty, "the timed-out QEMU must be gone")
@@ -146,8 +147,8 @@ struct RigRunTests {
 struct RigKVMTests {
     func step(_ name: String) throws -> RigKVMSession.Step {
         let steps = try RigKVMSession.shared.get()
-        let step = try #require(steps[name], "step \(name) did not run; rig output: \(RigKVMSession.rawOutput.suffix(3000))")
-        if let first = step.firstAttempt { print("rig step \(name) ran twice: its first guest triple-faulted:\n\(first.suffix(3000))") }
+        let step = try #require(steps[name], "step \(name) did not run\(RigKVMSession.notRun.map { ": \($0)" } ?? ""); rig output: \(RigKVMSession.rawOutput.suffix(3000))")
+        if let first = step.firstAttempt { print("rig step \(name) ran twice: its first guest triple-faulted, or it ran past its time:\n\(first.suffix(3000))") }
         return step
     }
 
@@ -272,10 +273,9 @@ struct RigKVMTests {
         }
     }
 
-    @Test func anImageTarballIsTheRootDiskOfDirectAndHostedVMs() throws {
+    @Test func anImageTarballIsTheRootDiskOfADirectVM() throws {
         let s = try step("image")
         #expect(s.output.contains("direct: hi from /dev/vda\nstatus=0"), "\(s.output)")
-        #expect(s.output.contains("hosted: hi from /dev/vda\nstatus=0"), "\(s.output)")
     }
 
     @Test func twoCPUsWithoutADiskComeFromTheMADT() throws {
@@ -300,9 +300,13 @@ enum RigKVMSession {
         var output: String
         /// The output of a first attempt whose guest triple-faulted, when the step ran twice.
         var firstAttempt: String? = nil
+        /// How long the step took inside the rig, both attempts together.
+        var seconds: Int? = nil
     }
 
     nonisolated(unsafe) static var rawOutput = ""
+    /// Why the steps without a result did not run, when the session knows (its time ran out).
+    nonisolated(unsafe) static var notRun: String?
     static let shared: Result<[String: Step], any Error> = Result(catching: { try run() })
 
     static func steps(mvm: String, vmlinux: String) -> [(String, [String])] {
@@ -327,13 +331,18 @@ enum RigKVMSession {
          ("vsock", ["sh", "-c", vsockScript(mvm: mvm)]),
          ("lifecycle", ["sh", "-c", lifecycleScript(mvm: mvm)]),
          ("kill-phases", ["sh", "-c", killPhasesScript(mvm: mvm)]),
-         ("balloon", ["sh", "-c", balloonScript(mvm: mvm)]),
-         ("hosted-vcpus", ["sh", "-c", hostedVCPUsScript(mvm: mvm)]),
-         // One image tarball as the root disk of a direct and a hosted VM.
+         ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)]),
          ("containerd", ["sh", "-c", containerdScript(mvm: mvm)]),
-         ("image", ["sh", "-c", "for m in direct hosted; do echo \"$m: $(\(ProcessRunner.shellQuote(mvm)) run --mode $m --image \(busyboxImage) -- sh -c 'echo hi from $(mount | grep \" / \" | cut -d\" \" -f1)'; echo status=$?)\"; done"]),
-         ("vmm-api", ["sh", "-c", vmmAPIScript(mvm: mvm, image: (vmlinux as NSString).deletingLastPathComponent)])]
+         // An image tarball as the root disk of a direct VM (ImageRunCLITests runs it hosted, on the host).
+         ("image", ["sh", "-c", "echo \"direct: $(\(ProcessRunner.shellQuote(mvm)) run --mode direct --image \(busyboxImage) -- sh -c 'echo hi from $(mount | grep \" / \" | cut -d\" \" -f1)'; echo status=$?)\""]),
+         ("balloon", ["sh", "-c", balloonScript(mvm: mvm)]),
+         // Last: a nested QEMU is the step the emulated stack has hung in most.
+         ("hosted-vcpus", ["sh", "-c", hostedVCPUsScript(mvm: mvm)])]
     }
+
+    /// Step time limits above the 240 s default: about three times what a step takes here
+    /// (every step here takes 81 s or less; a CI machine may be slower).
+    static let limits = ["balloon": 300, "hosted-vcpus": 300]
 
     /// `mvm-vmm` driven through a whole Linux boot by plain HTTP over its socket, as Firecracker's
     /// clients drive Firecracker: machine-config, boot-source, a drive, InstanceStart, GET /,
@@ -564,19 +573,26 @@ enum RigKVMSession {
 
     /// Each step runs under a time limit of its own, so a step that hangs costs that step (its
     /// output then ends with the processes still running, and where each waits), not the session.
-    /// A step whose Linux guest triple-faulted runs once more, after a `@@step-retry` line: the
-    /// nested KVM here runs on an emulated AMD-V CPU, under which one boot in some hundreds has
-    /// died so with nothing on its console. Both attempts stay in the output (`Step.firstAttempt`).
-    static func script(_ steps: [(String, [String])], stepTimeout: Int = 420) -> String {
-        var s = "exec 2>&1\n"
+    /// A step runs once more, after a `@@step-retry` line, when its Linux guest triple-faulted
+    /// or it ran past its limit, and the session's `deadline` (seconds from the script's start)
+    /// leaves room: the nested KVM here runs on an emulated AMD-V CPU, under which one boot in
+    /// some hundreds has died so with nothing on its console, and nested guests have been seen
+    /// to hang. What a first attempt left behind is collected (`cleanup`) before the second.
+    /// Both attempts stay in the output (`Step.firstAttempt`).
+    static func script(_ steps: [(String, [String])], limits: [String: Int] = [:], defaultLimit: Int = 240,
+                       deadline: Int = 1400, cleanup: [String]? = nil) -> String {
+        var s = "exec 2>&1\nend=$(( $(date +%s) + \(deadline) ))\n"
         for (name, argv) in steps {
-            let run = "timeout -k 10 \(stepTimeout) " + argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
-                + "[ $s = 124 ] || [ $s = 137 ] && { echo \"step \(name) ran past \(stepTimeout) s; still running:\"; ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' | tail -40; }\n"
-            s += "echo '@@step \(name)@@'\n" + run
+            let limit = limits[name] ?? defaultLimit
+            let run = "timeout -k 10 \(limit) " + argv.map(ProcessRunner.shellQuote).joined(separator: " ") + "; s=$?\n"
+                + "[ $s = 124 ] || [ $s = 137 ] && { echo \"step \(name) ran past \(limit) s; still running:\"; ps -eo pid,ppid,stat,wchan:24,etime,args | grep -v ' \\[' | tail -40; }\n"
+            s += "echo '@@step \(name)@@'; t0=$(date +%s)\n" + run
             // The output so far is the rig's output file, which the host follows: this step's part of it.
-            s += "tail -c 1000000 \"$MVM_RIG_SCRATCH/output\" | sed -n '/^@@step \(name)@@$/,$p' | grep -q 'guest triple-faulted' && "
-                + "{ echo; echo '@@step-retry \(name)@@'; \(run)}\n"
-            s += "echo; echo \"@@step-end \(name) status=$s@@\"\n"
+            let tripleFault = "tail -c 1000000 \"$MVM_RIG_SCRATCH/output\" | sed -n '/^@@step \(name)@@$/,$p' | grep -q 'guest triple-faulted'"
+            let ranPast = "{ [ $s = 124 ] || [ $s = 137 ]; } && [ $(( $(date +%s) + \(limit) )) -lt $end ]"
+            let collect = cleanup.map { $0.map(ProcessRunner.shellQuote).joined(separator: " ") + " >/dev/null 2>&1; " } ?? ""
+            s += "if \(tripleFault) || \(ranPast); then echo; echo '@@step-retry \(name)@@'; \(collect)\n\(run)fi\n"
+            s += "echo; echo \"@@step-end \(name) status=$s secs=$(( $(date +%s) - t0 ))@@\"\n"
         }
         return s
     }
@@ -598,8 +614,8 @@ enum RigKVMSession {
                 firstAttempt = joined(); body = []
             } else if line.hasPrefix("@@step-end "), line.hasSuffix("@@"), let name = current {
                 let fields = line.dropFirst(11).dropLast(2).split(separator: " ")
-                let status = fields.last.flatMap { $0.hasPrefix("status=") ? Int32($0.dropFirst(7)) : nil } ?? -1
-                out[name] = Step(status: status, output: joined(), firstAttempt: firstAttempt)
+                func field(_ key: String) -> Int32? { fields.first { $0.hasPrefix(key + "=") }.flatMap { Int32($0.dropFirst(key.count + 1)) } }
+                out[name] = Step(status: field("status") ?? -1, output: joined(), firstAttempt: firstAttempt, seconds: field("secs").map(Int.init))
                 current = nil
             } else if current != nil {
                 body.append(line)
@@ -611,6 +627,22 @@ enum RigKVMSession {
     /// Steps that only mean something in one rig: a restarted rig reruns them all if one remains
     /// (the scratch disk and iperf3 server live in the rig's /tmp; taps-left checks after devices).
     static let together: [Set<String>] = [["scratch-disk", "iperf3-server", "devices", "taps-left"]]
+
+    /// The steps of a rig cut off by its time limit: those that ended, and the one it was in,
+    /// failed (status -1) with its output so far and `why`.
+    static func settle(cut text: String, why: String) -> [String: Step] {
+        var out = parse(text)
+        if let step = inProgress(text) {
+            let partial = parse(text + "\n@@step-end \(step) status=-1@@\n")[step]
+            out[step] = Step(status: -1, output: (partial?.output ?? "") + "(\(why))\n", firstAttempt: partial?.firstAttempt)
+        }
+        return out
+    }
+
+    /// How long each finished step took, in the session's order: "doctor 12 s, bzimage 31 s, …".
+    static func timings(_ results: [String: Step], order: [String]) -> String {
+        "step times: " + order.compactMap { name in results[name].map { "\(name) \($0.seconds.map { "\($0) s" } ?? "?")" } }.joined(separator: ", ")
+    }
 
     /// The step a stalled rig was in: the last one started and not ended.
     static func inProgress(_ text: String) -> String? {
@@ -639,7 +671,8 @@ enum RigKVMSession {
         let started = Date()
         // MVM_RIG_STEPS=a,b runs only those steps (to iterate on one; the others then fail as not run).
         let only = ProcessInfo.processInfo.environment["MVM_RIG_STEPS"].map { Set($0.split(separator: ",").map(String.init)) }
-        let chosen = steps(mvm: try MvmBinary.find(), vmlinux: image.vmlinux).filter { only?.contains($0.0) ?? true }
+        let mvm = try MvmBinary.find()
+        let chosen = steps(mvm: mvm, vmlinux: image.vmlinux).filter { only?.contains($0.0) ?? true }
         let argv = Dictionary(uniqueKeysWithValues: chosen)
         // A rig that is lost, stalled (its kernel silent past the watchdog) or ended (its kernel
         // died), as nested SVM under TCG has been seen to do both, is replaced by a fresh one for
@@ -654,18 +687,30 @@ enum RigKVMSession {
         while !todo.isEmpty {
             var o = RigGate.options(timeout: min(1500, budget.timeIntervalSinceNow))
             o.memoryMiB = 3072
+            // Retries must end before the rig's own limit, less its boot.
+            let deadline = Int(o.timeout) - 60
             do {
-                let r = try KVMTestRunner.run(command: ["sh", "-c", script(todo.map { ($0, argv[$0]!) })],
+                let r = try KVMTestRunner.run(command: ["sh", "-c", script(todo.map { ($0, argv[$0]!) }, limits: limits,
+                                                                           deadline: deadline, cleanup: [mvm, "gc"])],
                                               options: o, streamOutput: { FileHandle.standardOutput.write($0) })
                 rawOutput += r.outputText
                 results.merge(parse(r.outputText)) { $1 }
-                print("rig KVM session: rig boot \(Int(r.bootSeconds)) s, longest silence \(Int(r.longestSilence)) s, wall \(Int(Date().timeIntervalSince(started))) s, status \(r.status), restarts \(restarts)")
+                print("rig KVM session: rig boot \(Int(r.bootSeconds)) s, longest silence \(Int(r.longestSilence)) s, wall \(Int(Date().timeIntervalSince(started))) s, status \(r.status), restarts \(restarts); \(timings(results, order: chosen.map(\.0)))")
+                break
+            } catch let cut as RigTimedOut {
+                // The rig was alive but slow: what finished counts, the step it was in fails with
+                // its output so far, and the steps after it did not run. No time is left for another.
+                rawOutput += cut.outputText
+                let why = "\(cut) after \(Int(Date().timeIntervalSince(started))) s of the session"
+                results.merge(settle(cut: cut.outputText, why: why)) { $1 }
+                notRun = "\(why); \(timings(results, order: chosen.map(\.0)))"
+                print("rig KVM session: \(notRun!)")
                 break
             } catch let lost as any RigLost {
                 rawOutput += lost.outputText
                 results.merge(parse(lost.outputText)) { $1 }
                 let step = inProgress(lost.outputText) ?? "(between steps)"
-                print("rig KVM session: the rig was lost in step \(step) after \(Int(Date().timeIntervalSince(started))) s: \(lost)")
+                print("rig KVM session: the rig was lost in step \(step) after \(Int(Date().timeIntervalSince(started))) s: \(lost); \(timings(results, order: chosen.map(\.0)))")
                 losses[step, default: []].append(lost.description)
                 if losses[step]!.count >= 2 {
                     results[step] = Step(status: -1, output: "two rigs were lost in this step:\n" + losses[step]!.joined(separator: "\n"))
@@ -681,11 +726,13 @@ enum RigKVMSession {
 
 @Suite struct RigKVMSessionParseTests {
     @Test func framedStepsParseWithStatusAndOutput() {
-        let text = "boot noise\n@@step a@@\nhello\n\n@@step-end a status=3@@\n@@step b@@\n\n@@step-end b status=0@@\n@@step c@@\npartial"
+        let text = "boot noise\n@@step a@@\nhello\n\n@@step-end a status=3 secs=41@@\n@@step b@@\n\n@@step-end b status=0@@\n@@step c@@\npartial"
         let steps = RigKVMSession.parse(text)
         #expect(steps["a"]?.status == 3)
         #expect(steps["a"]?.output == "hello\n")
+        #expect(steps["a"]?.seconds == 41)
         #expect(steps["b"]?.status == 0)
+        #expect(steps["b"]?.seconds == nil)
         #expect(steps["b"]?.output == "")
         #expect(steps["c"] == nil, "a step without its end marker did not finish")
     }
@@ -708,6 +755,15 @@ enum RigKVMSession {
         #expect(RigKVMSession.remaining(all, done: Set(all)).isEmpty)
     }
 
+    @Test func aRigCutOffByItsTimeKeepsWhatFinished() {
+        let text = "@@step a@@\nfine\n\n@@step-end a status=0 secs=9@@\n@@step b@@\nhalf of b\n"
+        let steps = RigKVMSession.settle(cut: text, why: "out of time")
+        #expect(steps["a"]?.status == 0 && steps["a"]?.output == "fine\n")
+        #expect(steps["b"]?.status == -1 && steps["b"]?.output == "half of b\n(out of time)\n")
+        #expect(steps.count == 2)
+        #expect(RigKVMSession.timings(steps, order: ["a", "b", "c"]) == "step times: a 9 s, b ?")
+    }
+
     @Test func aRetriedStepKeepsBothAttempts() {
         let text = "@@step a@@\nmvm: error: guest triple-faulted\n\n@@step-retry a@@\nhello\n\n@@step-end a status=3@@\n@@step b@@\nok\n\n@@step-end b status=0@@\n"
         let steps = RigKVMSession.parse(text)
@@ -717,10 +773,34 @@ enum RigKVMSession {
         #expect(RigKVMSession.inProgress(text) == nil)
     }
 
+    /// The session's script itself, run here by sh: a step past its limit runs once more (what
+    /// the first left collected first) while the deadline leaves room for it, and not after.
+    @Test func aStepPastItsLimitRunsOnceMoreWhileTimeIsLeft() throws {
+        let dir = NSTemporaryDirectory() + "rig-script-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        FileManager.default.createFile(atPath: dir + "/output", contents: nil)
+        let env = ["MVM_RIG_SCRATCH": dir, "PATH": "/usr/bin:/bin"]
+        let steps: [(String, [String])] = [("slow", ["sleep", "30"]), ("quick", ["sh", "-c", "echo ok"])]
+        let roomy = try ProcessRunner.run(["sh", "-c", RigKVMSession.script(steps, limits: ["slow": 1], deadline: 100, cleanup: ["touch", dir + "/collected"])],
+                                          environment: env, timeout: 60)
+        var parsed = RigKVMSession.parse(roomy.stdoutText)
+        #expect(parsed["slow"]?.status == 124, "\(roomy.stdoutText)")
+        #expect(parsed["slow"]?.firstAttempt?.contains("step slow ran past 1 s") == true, "\(roomy.stdoutText)")
+        #expect(parsed["slow"]?.output.contains("step slow ran past 1 s") == true)
+        #expect(FileManager.default.fileExists(atPath: dir + "/collected"))
+        #expect(parsed["quick"]?.status == 0 && parsed["quick"]?.output == "ok\n" && parsed["quick"]?.firstAttempt == nil)
+
+        let tight = try ProcessRunner.run(["sh", "-c", RigKVMSession.script(steps, limits: ["slow": 1], deadline: 1)], environment: env, timeout: 60)
+        parsed = RigKVMSession.parse(tight.stdoutText)
+        #expect(parsed["slow"]?.status == 124 && parsed["slow"]?.firstAttempt == nil, "no time for a second attempt: \(tight.stdoutText)")
+        #expect(parsed["quick"]?.status == 0)
+    }
+
     @Test func scriptQuotesEveryArgument() {
         let s = RigKVMSession.script([("x", ["/bin/echo", "a b", "it's"])])
         #expect(s.contains("'/bin/echo' 'a b' 'it'\\''s'"))
-        #expect(s.contains("@@step-end x status=$s@@"))
+        #expect(s.contains("@@step-end x status=$s secs="))
     }
 }
 
