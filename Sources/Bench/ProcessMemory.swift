@@ -1,5 +1,6 @@
 import Foundation
 import MicroVMCore
+import Host
 
 /// Host memory an instance costs, read from /proc: the proportional set size (PSS) of the
 /// processes that carry it (the VMM or runtime and everything under them). PSS splits shared
@@ -12,15 +13,11 @@ public enum ProcessMemory {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: proc) else { return out }
         for n in names {
             guard let pid = Int32(n) else { continue }
-            guard let stat = try? String(contentsOfFile: "\(proc)/\(n)/stat", encoding: .utf8) else { continue }
-            // comm may contain spaces and parentheses: the fields after it start at the last ')'.
-            guard let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")"), open < close else { continue }
-            let comm = String(stat[stat.index(after: open)..<close])
-            let rest = stat[stat.index(after: close)...].split(separator: " ")
-            guard rest.count > 1, let ppid = Int32(rest[1]) else { continue }
+            guard let stat = try? String(contentsOfFile: "\(proc)/\(n)/stat", encoding: .utf8),
+                  let (comm, rest) = ProcessIdentity.parseStat(stat), rest.count > 1, let ppid = Int32(rest[1]) else { continue }
             let raw = FileManager.default.contents(atPath: "\(proc)/\(n)/cmdline") ?? Data()
             let cmdline = String(decoding: raw.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
-            out[pid] = Entry(pid: pid, ppid: ppid, comm: comm, cmdline: cmdline)
+            out[pid] = Entry(pid: pid, ppid: ppid, comm: String(comm), cmdline: cmdline)
         }
         return out
     }

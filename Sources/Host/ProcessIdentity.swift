@@ -10,9 +10,12 @@ public enum ProcessIdentity {
         return statFields(stat)
     }
 
-    public static func statFields(_ stat: String) -> [Substring]? {
-        guard let close = stat.lastIndex(of: ")") else { return nil }
-        return stat[stat.index(after: close)...].split(separator: " ")
+    public static func statFields(_ stat: String) -> [Substring]? { parseStat(stat)?.fields }
+
+    /// The command name (field 2, between the first '(' and the last ')') and the fields after it.
+    public static func parseStat(_ stat: String) -> (comm: Substring, fields: [Substring])? {
+        guard let open = stat.firstIndex(of: "("), let close = stat.lastIndex(of: ")"), open < close else { return nil }
+        return (stat[stat.index(after: open)..<close], stat[stat.index(after: close)...].split(separator: " "))
     }
 
     /// The start time of `pid`, or nil when no such process exists (field 22: index 19 from field 3).

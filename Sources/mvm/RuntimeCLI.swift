@@ -167,15 +167,9 @@ enum RuntimeCLI {
         func save(_ r: Record) throws {
             try Paths.writeScratch(try JSONEncoder().encode(r), to: dir(r.id) + "/state.json", atomically: true)
         }
-        /// The supervisor runs (the recorded process, not a reuse of its pid).
-        func alive(_ r: Record) -> Bool {
-            guard r.pid > 0, Glibc.kill(r.pid, 0) == 0 else { return false }
-            // An exited supervisor nobody reaped yet (its parent is not a subreaper) is a zombie.
-            if let stat = try? String(contentsOfFile: "/proc/\(r.pid)/stat", encoding: .utf8),
-               let close = stat.lastIndex(of: ")"), stat[stat.index(close, offsetBy: 2)] == "Z" { return false }
-            guard let want = r.pidStart else { return true }
-            return ProcessIdentity.startTime(pid: r.pid) == want
-        }
+        /// The supervisor runs: the recorded process, not a reuse of its pid, and not a zombie
+        /// (an exited supervisor nobody reaped yet, its parent not a subreaper).
+        func alive(_ r: Record) -> Bool { r.pid > 0 && ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) }
         func status(_ r: Record) -> String { alive(r) ? (r.status == "creating" ? "created" : r.status) : "stopped" }
     }
 

@@ -165,6 +165,7 @@ import Host
         #expect(ProcessIdentity.statFields(stat).flatMap(ProcessIdentity.cpuSeconds(fields:)) == 4)
         #expect(ProcessIdentity.statFields("4242 (qemu R 1") == nil)
         #expect(ProcessIdentity.statFields("4242 (qemu) R 1 2").flatMap(ProcessIdentity.cpuSeconds(fields:)) == nil)
+        #expect(ProcessIdentity.parseStat("7 (a (b) c) S 1 2").map { [String($0.comm)] + $0.fields.map(String.init) } == ["a (b) c", "S", "1", "2"])
         #expect((ProcessIdentity.cpuSeconds(pid: getpid()) ?? -1) >= 0)
     }
 
