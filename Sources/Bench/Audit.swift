@@ -1,6 +1,7 @@
 import Foundation
 import MicroVMCore
 import Images
+import Host
 
 /// What the isolation probe (images/probe/mvm-audit.c, `/usr/bin/mvm-audit` in the guest image)
 /// reports from inside an instance: the kernel it talks to, the processes, devices and host
@@ -211,9 +212,21 @@ public struct IsolationAudit: Sendable {
         self.context = context; self.progress = progress
     }
 
+    /// When set, each target the containerd scenario measures is audited once more, in a pod
+    /// that containerd starts with the target's runtime (`containerd+runc`, `+runsc`, `+mvm-runtime`).
+    public var containerd: ContainerdScenario?
+
     public func run(_ targets: [BenchTarget], host: AuditHost = .current()) async -> AuditRecord {
         var entries: [AuditEntry] = []
         for t in targets { entries.append(await audit(t, host: host)) }
+        if let containerd {
+            let mine = ContainerdScenario.targets(kvm: HostProfile.current().kvm.verdict)
+            for t in targets where t.backend != nil && mine.contains(t.name) {
+                if let why = probeMissing { entries.append(AuditEntry(backend: ContainerdScenario.auditName(t.name), status: .unavailable, note: why)); continue }
+                progress("[bench] isolation audit on \(t.name) through containerd")
+                entries.append(containerd.audit(t, context, host: host))
+            }
+        }
         return AuditRecord(host: host, entries: entries)
     }
 

@@ -73,7 +73,13 @@ public struct ContainerdScenario: BenchScenario {
         }
     }
 
-    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+    /// The targets the scenario measures here: runc, runsc, and mvm-runtime's VM mode.
+    public static func targets(kvm: KVMProbeResult.Verdict) -> [String] { ["runc", "runsc", BackendCatalog.runtimeVMMode(kvm: kvm).rawValue] }
+
+    /// A pod's setting for one target: a containerd of its own, the runtime and the `ctr run`
+    /// flags that give it the bench slice, for `body`; containerd and its directory go after.
+    func withContainerd<T>(_ target: BenchTarget, _ ctx: BenchContext,
+                           _ body: (_ daemon: PrivateContainerd, _ flags: [String], _ details: [String: String]) throws -> T) throws -> T {
         let host = HostProfile.current()
         let kvm = host.kvm.verdict
         // What the target's own backend needs, mvm-runtime's VMs included (libvirt, or a real KVM).
@@ -100,19 +106,48 @@ public struct ContainerdScenario: BenchScenario {
         // The tree is the workload every backend shares: runc and runsc get it read-only;
         // mvm-runtime copies it into a disk of the container's own.
         if target.name == "runc" || target.name == "runsc" { flags.append("--read-only") }
-        let timeout = ctx.durations.instanceTimeout
-        var out: [Measurement] = []
-        for i in 0..<runs {
-            let id = "bench-\(getpid())-\(i)-\(UInt16.random(in: 0...UInt16.max))"
-            let r = try daemon.timedRun(flags + [ctx.workload.rootfsTree, id, "echo", "up"], id: id, timeout: timeout)
-            guard r.status == 0, r.output == "up\n" else {
-                throw MicroVMError(.backend, "ctr run with \(label) exited with status \(r.status), printing '\(r.output.suffix(300))' (\(r.errors.suffix(600)))")
+        return try body(daemon, flags, details)
+    }
+
+    public func measure(_ target: BenchTarget, _ ctx: BenchContext) async throws -> [Measurement] {
+        try withContainerd(target, ctx) { daemon, flags, details in
+            let timeout = ctx.durations.instanceTimeout
+            var out: [Measurement] = []
+            for i in 0..<runs {
+                let id = "bench-\(getpid())-\(i)-\(UInt16.random(in: 0...UInt16.max))"
+                let r = try daemon.timedRun(flags + [ctx.workload.rootfsTree, id, "echo", "up"], id: id, timeout: timeout)
+                guard r.status == 0, r.output == "up\n" else {
+                    throw MicroVMError(.backend, "ctr run with \(details["runtime"] ?? target.name) exited with status \(r.status), printing '\(r.output.suffix(300))' (\(r.errors.suffix(600)))")
+                }
+                out.append(Measurement(Self.startExit, r.exitMs, details: details))
+                if let first = r.firstOutputMs { out.append(Measurement(Self.firstOutput, first, details: details)) }
             }
-            out.append(Measurement(Self.startExit, r.exitMs, details: details))
-            if let first = r.firstOutputMs { out.append(Measurement(Self.firstOutput, first, details: details)) }
+            out.append(try daemon.idlePodPSS(flags, rootfs: ctx.workload.rootfsTree, timeout: timeout, metric: Self.idlePSS, details: details))
+            return out
         }
-        out.append(try daemon.idlePodPSS(flags, rootfs: ctx.workload.rootfsTree, timeout: timeout, metric: Self.idlePSS, details: details))
-        return out
+    }
+
+    /// A target's entry in the audit: `containerd+` and the runtime containerd runs for it.
+    public static func auditName(_ target: String) -> String {
+        "containerd+" + (target == "runc" || target == "runsc" ? target : "mvm-runtime")
+    }
+
+    /// The isolation probe in a pod of this target's runtime, run as the timed runs are: what a
+    /// container started by containerd sees, for the audit beside the bench's own instances.
+    /// Named `containerd+RUNTIME` (runc, runsc, mvm-runtime).
+    public func audit(_ target: BenchTarget, _ ctx: BenchContext, host: AuditHost = .current()) -> AuditEntry {
+        let name = Self.auditName(target.name)
+        do {
+            return try withContainerd(target, ctx) { daemon, flags, _ in
+                let id = "bench-audit-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
+                let r = try daemon.timedRun(flags + [ctx.workload.rootfsTree, id] + IsolationAudit.command, id: id, timeout: ctx.durations.instanceTimeout)
+                return AuditEntry.from(backend: name, output: r.output, exitStatus: r.status, host: host)
+            }
+        } catch let u as ScenarioUnavailable {
+            return AuditEntry(backend: name, status: .unavailable, note: u.reason)
+        } catch {
+            return AuditEntry(backend: name, status: .failed, note: "probe through containerd failed: \(error)")
+        }
     }
 }
 

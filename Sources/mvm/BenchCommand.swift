@@ -74,7 +74,10 @@ struct BenchRunCommand: AsyncParsableCommand {
                 }
             })
             var report = await runner.run(host: host)
-            report.audit = await IsolationAudit(context: plan.context, progress: { FileHandleOutput.stderr($0 + "\n") }).run(targets)
+            var isolation = IsolationAudit(context: plan.context, progress: { FileHandleOutput.stderr($0 + "\n") })
+            // With the containerd scenario chosen, the audit also looks from inside containerd's pods.
+            isolation.containerd = chosen.lazy.compactMap { $0 as? ContainerdScenario }.first
+            report.audit = await isolation.run(targets)
             let files = try BenchOutput.write(report, to: out)
             FileHandleOutput.stderr("[bench] wrote \(files.json), \(files.markdown) and \(files.charts.count) charts in \(out)/charts\n")
             if json { print(String(decoding: try report.encoded(), as: UTF8.self)) }

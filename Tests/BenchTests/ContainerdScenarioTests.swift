@@ -3,6 +3,7 @@ import Testing
 import MicroVMCore
 import Host
 import DirectVMM
+import Images
 @testable import Bench
 
 /// The containerd scenario: which runtime a target measures, and real `ctr run`s through a
@@ -94,9 +95,30 @@ struct ContainerdScenarioTests {
         #expect(mine.isEmpty, "\(mine)")
     }
 
+    /// The audit looks from inside a pod of containerd's too: with runc there, the host's kernel
+    /// and a PID namespace of the pod's own, as in mvm's own runc instance; nothing left after.
+    @Test(.enabled(if: ready && RealHost.runcReady && ProbeTree.gccReady, "needs root, containerd, runc and gcc with libc6-dev"))
+    func theAuditAlsoLooksFromInsideContainerdsPods() async throws {
+        let paths = try RealHost.paths()
+        defer { try? FileManager.default.removeItem(atPath: paths.state) }
+        let targets = BackendCatalog.targets(["runc"], host: RealHost.profile, factories: BackendCatalog.standardFactories(image: nil, paths: paths))
+        var audit = IsolationAudit(context: Self.context(try ProbeTree.tree()))
+        audit.containerd = ContainerdScenario(runs: 1)
+        let a = await audit.run(targets)
+        print(MarkdownReport.renderAudit(a))
+        #expect(a.entries.map(\.backend) == ["runc", "containerd+runc"])
+        let pod = try #require(a.entry("containerd+runc"))
+        #expect(pod.status == .ok, "\(pod.note ?? "")")
+        #expect(pod.sharesHostKernel == true && pod.seesHostPIDs == false)
+        #expect(pod.probe?.processes.selfPID == 1 && pod.probe?.processes.pid1 == "mvm-audit")
+        #expect(pod.probe?.devices.sensitive["kvm"] == "absent")
+        #expect(try Self.leftovers("mvm-bench-ctrd-\(getpid())").isEmpty)
+        #expect(try Self.leftovers("-id bench-audit-\(getpid())-").isEmpty)
+    }
+
     /// mvm-runtime through containerd: each container a VM of the mode this host gives it.
-    @Test(.enabled(if: ready && RealHost.hostedReady && HostProfile.current().kvm.verdict != .hardware && Self.mvm != nil,
-                   "needs root, containerd, busybox-static, the built mvm and a hosted VM backend"))
+    @Test(.enabled(if: ready && RealHost.hostedReady && HostProfile.current().kvm.verdict != .hardware && Self.mvm != nil && ProbeTree.gccReady,
+                   "needs root, containerd, busybox-static, the built mvm, gcc and a hosted VM backend"))
     func mvmRuntimeThroughContainerdRunsEachContainerAsAVM() async throws {
         let dir = FileManager.default.temporaryDirectory.path + "/mvm-ctrd-vm-\(getpid())"
         try Paths.ensureDirectory(dir + "/state")
@@ -107,6 +129,13 @@ struct ContainerdScenarioTests {
         let tree = try Self.busyboxTree(dir)
         let scenario = ContainerdScenario(runs: 1, environment: ["MVM_STATE_DIR": dir + "/state"])
         let ms = try await scenario.measure(Self.target("hosted"), Self.context(tree))
+        // The probe, through containerd into the VM: a kernel of the pod's own.
+        try Paths.ensureDirectory(tree + "/usr/bin")
+        try FileManager.default.copyItem(atPath: try ProbeTree.tree() + RootfsBuilder.probePath, toPath: tree + RootfsBuilder.probePath)
+        let audit = scenario.audit(Self.target("hosted"), Self.context(tree))
+        print("containerd + mvm-runtime, audit: \(audit.status) \(audit.note ?? "") kernel \(audit.probe?.kernel.release ?? "?")")
+        #expect(audit.backend == "containerd+mvm-runtime" && audit.status == .ok, "\(audit.note ?? "")")
+        #expect(audit.sharesHostKernel == false && audit.seesHostPIDs == false)
         print("containerd + mvm-runtime: " + ms.map { "\($0.metric.id)=\(String(format: "%.1f", $0.value))" }.joined(separator: " "))
         let exit = try #require(ms.first { $0.metric == ContainerdScenario.startExit })
         #expect(exit.details["runtime"] == "mvm-runtime (hosted VMs)" && exit.details["acceleration"] == "TCG")
