@@ -141,7 +141,9 @@ public struct ContainerdScenario: BenchScenario {
             return try withContainerd(target, ctx) { daemon, flags, _ in
                 let id = "bench-audit-\(getpid())-\(UInt16.random(in: 0...UInt16.max))"
                 let r = try daemon.timedRun(flags + [ctx.workload.rootfsTree, id] + IsolationAudit.command, id: id, timeout: ctx.durations.instanceTimeout)
-                return AuditEntry.from(backend: name, output: r.output, exitStatus: r.status, host: host)
+                var e = AuditEntry.from(backend: name, output: r.output, exitStatus: r.status, host: host)
+                if e.status == .failed, !r.errors.isEmpty { e.note = (e.note ?? "") + "; ctr: " + r.errors.suffix(600) }
+                return e
             }
         } catch let u as ScenarioUnavailable {
             return AuditEntry(backend: name, status: .unavailable, note: u.reason)

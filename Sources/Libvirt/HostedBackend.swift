@@ -14,8 +14,9 @@ import Glibc
 /// `mvm run --mode hosted`: a transient libvirt domain per run, booted straight into the default
 /// image's kernel, followed through its serial log until the guest init reports its result.
 ///
-/// The default connection is libvirt's embedded QEMU driver rooted in `Paths.libvirtRoot`: no
-/// daemon, but one process at a time may hold a root, and one root per process.
+/// The default connection is libvirt's embedded QEMU driver: no daemon. One process at a time
+/// may hold a root, and a process one root, so each process gets a root of its own under
+/// `Paths.libvirtRoot` (`EmbeddedRoots`), and hosted runs in different processes go side by side.
 public struct HostedBackend: InstanceBackend {
     public var mode: RunMode { .hosted }
     /// The libvirt URI (already expanded: `qemu:///embed` gets its root).
@@ -36,9 +37,9 @@ public struct HostedBackend: InstanceBackend {
         self.image = image ?? { try ImageStore(paths: paths).ensureDefault() }
     }
 
-    /// `qemu:///embed` without a root means MicroVM's own root under the state directory.
+    /// `qemu:///embed` without a root means this process's own root under the state directory.
     public static func expand(_ uri: String, paths: Paths) -> String {
-        uri == "qemu:///embed" ? "qemu:///embed?root=\(paths.libvirtRoot)" : uri
+        uri == "qemu:///embed" ? "qemu:///embed?root=\(EmbeddedRoots.own(paths))" : uri
     }
 
     /// The embedded driver's root directory named by the URI, if it is an embedded URI.
@@ -56,7 +57,10 @@ public struct HostedBackend: InstanceBackend {
         guard mvm_lazy_available(0) != 0 else {
             throw MicroVMError.notFound("libvirt.so.0 is installed but cannot be loaded (a library it needs is missing): apt-get install --reinstall libvirt0 libvirt-daemon-driver-qemu")
         }
-        if let root = embeddedRoot { try Self.prepareEmbeddedRoot(root) }
+        if let root = embeddedRoot {
+            try Self.prepareEmbeddedRoot(root)
+            if root == EmbeddedRoots.own(paths) { try EmbeddedRoots.adopt(root, paths: paths) }
+        }
         return try ConnectionCache.shared.connection(uri)
     }
 
@@ -368,6 +372,7 @@ public struct HostedBackend: InstanceBackend {
     func removeLeftovers(_ record: HostedRecord) {
         (record.ownTaps ?? []).forEach(TapDevice.delete)
         removeRunFiles(record)
+        EmbeddedRoots.sweep(paths)
     }
 
     func removeRunFiles(_ record: HostedRecord) {
@@ -380,7 +385,8 @@ public struct HostedBackend: InstanceBackend {
     var recordDirectory: String { paths.instances + "/hosted" }
 
     public func list() async throws -> [InstanceInfo] {
-        HostedRecord.all(in: recordDirectory).compactMap { r in
+        defer { EmbeddedRoots.sweep(paths) }
+        return HostedRecord.all(in: recordDirectory).compactMap { r in
             let pid = qemuPid(record: r)
             let ownerAlive = kill(r.ownerPID, 0) == 0
             if pid == nil && !ownerAlive {
@@ -400,10 +406,16 @@ public struct HostedBackend: InstanceBackend {
             throw MicroVMError.notFound("no hosted instance named '\(name)': see mvm ps")
         }
         if r.ownerPID == getpid() || kill(r.ownerPID, 0) != 0 {
-            let conn = try ConnectionCache.shared.connection(r.uri)
-            if let d = try conn.lookup(name: name) {
-                try? d.shutdown()
-                if !(await waitStopped(d, StopFlag(), seconds: shutdownTimeout)) { try d.destroy() }
+            do {
+                let conn = try ConnectionCache.shared.connection(r.uri)
+                if let d = try conn.lookup(name: name) {
+                    try? d.shutdown()
+                    if !(await waitStopped(d, StopFlag(), seconds: shutdownTimeout)) { try d.destroy() }
+                }
+            } catch where r.ownerPID != getpid() {
+                // The dead run's root cannot be opened here (this process holds another): its
+                // QEMU is ended as a live run's is, by signal.
+                if let pid = qemuPid(record: r) { await terminate(pid) }
             }
             if r.ownerPID != getpid() { removeLeftovers(r) }
             return
@@ -413,10 +425,7 @@ public struct HostedBackend: InstanceBackend {
         guard let pid = qemuPid(record: r) else {
             throw MicroVMError(.backend, "hosted instance '\(name)' has no QEMU process yet: try again in a moment")
         }
-        kill(pid, SIGTERM)
-        let deadline = Monotonic.seconds() + shutdownTimeout
-        while Monotonic.seconds() < deadline, kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
-        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
+        await terminate(pid)
         // Returns once the owning run has cleaned up (its record and run directory gone), so the
         // name is free for the next `mvm run`; a run that died meanwhile leaves them to us.
         let cleaned = Monotonic.seconds() + 15
@@ -425,6 +434,14 @@ public struct HostedBackend: InstanceBackend {
             if Monotonic.seconds() > cleaned { break }
             try? await Task.sleep(for: .milliseconds(50))
         }
+    }
+
+    /// SIGTERM to a QEMU, and SIGKILL if it is still there after the shutdown time.
+    func terminate(_ pid: Int32) async {
+        kill(pid, SIGTERM)
+        let deadline = Monotonic.seconds() + shutdownTimeout
+        while Monotonic.seconds() < deadline, kill(pid, 0) == 0 { try? await Task.sleep(for: .milliseconds(50)) }
+        if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
     }
 
     public func logs(name: String) async throws -> String {

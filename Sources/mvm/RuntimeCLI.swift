@@ -310,7 +310,8 @@ enum RuntimeCLI {
             if force { return }
             throw Failure(message: "container \(id) does not exist")
         }
-        if store.alive(r) {
+        // A supervisor that recorded its container's end may still be exiting: that is stopped, as `state` says.
+        if store.alive(r), r.status != "stopped" {
             guard force else { throw Failure(message: "cannot delete container \(id) that is not stopped: \(store.status(r))") }
             try kill(g, [id, "KILL"])
             let deadline = Monotonic.seconds() + 60

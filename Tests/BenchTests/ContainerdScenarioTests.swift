@@ -144,5 +144,6 @@ struct ContainerdScenarioTests {
         let ps = try ProcessRunner.run([Self.mvm!, "ps"], environment: ["MVM_STATE_DIR": dir + "/state"], timeout: 60)
         #expect(ps.stdoutText.split(separator: "\n").count <= 1, "no VM left: \(ps.stdoutText)")
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: dir + "/state/runtime-disks")) ?? []).isEmpty, "no disk left")
+        #expect(((try? FileManager.default.contentsOfDirectory(atPath: dir + "/state/libvirt/roots")) ?? []).isEmpty, "no libvirt root left")
     }
 }

@@ -60,6 +60,30 @@ struct LifecycleCLITests {
         #expect(left.status == 2 && left.stderrText.contains("no instance named"), "\(left.stderrText)")
     }
 
+    /// Two hosted VMs, each run by an `mvm` of its own, at once: each process has a libvirt
+    /// root of its own (the embedded driver locks a root for one process), both are listed and
+    /// stopped, and neither root is left.
+    @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
+    func twoHostedRunsInTwoProcessesRunSideBySide() throws {
+        let a = try DetachedInstance("side-a"), b = try DetachedInstance("side-b", sharing: a)
+        defer { b.end(); a.end() }
+        for vm in [a, b] {
+            try vm.start(["--mode", "hosted", "--memory", "256M", "--timeout", "280", "--", "sh", "-c", "while :; do echo up >/dev/ttyS0; sleep 1; done"])
+        }
+        let ps = try a("ps").stdoutText
+        for vm in [a, b] {
+            #expect(ps.split(separator: "\n").contains { $0.hasPrefix(vm.name + " ") && $0.contains("hosted") && $0.contains("running") }, "\(vm.name): \(ps)")
+        }
+        let roots = { (try? FileManager.default.contentsOfDirectory(atPath: a.dir + "/state/libvirt/roots")) ?? [] }
+        #expect(roots().count == 2, "a root per run: \(roots())")
+        for vm in [a, b] { #expect(try vm("stop", vm.name).status == 0) }
+        #expect(try a("ps").stdoutText.split(separator: "\n").count == 1)
+        #expect(try a("alloc", "show").stdoutText.contains("grants      0"))
+        let deadline = Date().addingTimeInterval(15)
+        while !roots().isEmpty, Date() < deadline { usleep(200_000) }
+        #expect(roots().isEmpty, "each run's root goes with it: \(roots())")
+    }
+
     @Test func pausingAnInstanceThatDoesNotExistNamesIt() throws {
         let out = try MVM.run(["pause", "no-such-instance"])
         #expect(out.status == 2 && out.stderrText.contains("no instance named 'no-such-instance'"), "\(out.stderrText)")

@@ -124,7 +124,8 @@ struct RuntimeCLITests {
         #expect(Self.poll(60) { (try? state()["status"] as? String) == "stopped" })
         let record = try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: s.root + "/life/state.json"))) as? [String: Any]
         #expect(record?["exitStatus"] as? Int == 137)
-        #expect(try s.run(["delete", "life"]).status == 0)
+        let deleted = try s.run(["delete", "life"])
+        #expect(deleted.status == 0, "\(deleted.stderrText)")
         #expect(!FileManager.default.fileExists(atPath: s.root + "/life"))
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: s.dir + "/state/runtime-disks")) ?? []).isEmpty)
         #expect(try MVM.run(["alloc", "show"], environment: s.env).stdoutText.contains("grants      0"))

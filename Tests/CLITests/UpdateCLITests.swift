@@ -274,13 +274,17 @@ final class DetachedInstance {
     let name: String
     let timeout: Double
 
-    init(_ tag: String, env extra: [String: String] = [:], timeout: Double = 300) throws {
-        let (env, dir) = try KillSafetyCLITests.stateDirectory()
+    /// `sharing`: run in that instance's state directory (its ledger and records) instead of a
+    /// new one; that instance removes it.
+    init(_ tag: String, env extra: [String: String] = [:], timeout: Double = 300, sharing: DetachedInstance? = nil) throws {
+        let (env, dir) = try sharing.map { ($0.env, $0.dir) } ?? KillSafetyCLITests.stateDirectory()
         self.env = env.merging(extra) { $1 }
         self.dir = dir
         self.timeout = timeout
+        owner = sharing == nil
         name = "\(tag)-\(UUID().uuidString.prefix(6).lowercased())"
     }
+    let owner: Bool
 
     func callAsFunction(_ args: String...) throws -> ProcessRunner.Output { try run(args) }
     func run(_ args: [String]) throws -> ProcessRunner.Output { try MVM.run(args, environment: env, timeout: timeout) }
@@ -292,6 +296,6 @@ final class DetachedInstance {
 
     func end() {
         _ = try? run(["stop", name])
-        KillSafetyCLITests.removeStateDirectory(dir)
+        if owner { KillSafetyCLITests.removeStateDirectory(dir) }
     }
 }

@@ -49,7 +49,7 @@ struct HostedBootTests {
         #expect(try backend.connection().lookup(name: name) == nil)
         #expect(!FileManager.default.fileExists(atPath: paths.libvirtRoot + "/runs/" + name))
         #expect(HostedRecord.load(name, in: paths.instances + "/hosted") == nil)
-        #expect(!FileManager.default.fileExists(atPath: paths.libvirtRoot + "/run/qemu/\(name).pid"))
+        #expect(!FileManager.default.fileExists(atPath: EmbeddedRoots.own(paths) + "/run/qemu/\(name).pid"))
     }
 
     /// Resident KiB of QEMU's guest-RAM mapping: the anonymous mapping exactly as large as the guest's memory.

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import Libvirt
+import Host
 import MicroVMCore
 
 /// The bindings against libvirt's in-process test driver: no QEMU, every call real.
@@ -121,9 +122,10 @@ struct TestDriverTests {
 
     @Test func embeddedURIGetsTheStateRoot() {
         let p = Paths(state: "/s", cache: "/c")
-        #expect(HostedBackend.expand("qemu:///embed", paths: p) == "qemu:///embed?root=/s/libvirt")
+        let own = "/s/libvirt/roots/\(getpid())-\(ProcessIdentity.startTime(pid: getpid()) ?? 0)"
+        #expect(HostedBackend.expand("qemu:///embed", paths: p) == "qemu:///embed?root=" + own)
         #expect(HostedBackend.expand("qemu:///system", paths: p) == "qemu:///system")
-        #expect(HostedBackend(paths: p).embeddedRoot == "/s/libvirt")
+        #expect(HostedBackend(paths: p).embeddedRoot == own)
         #expect(HostedBackend(connect: "qemu:///system", paths: p).embeddedRoot == nil)
     }
 
