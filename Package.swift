@@ -46,7 +46,7 @@ let package = Package(
         .target(name: "Jail", dependencies: ["CJail", "CKVM", "CVhost", "MicroVMCore"], swiftSettings: strict),
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
         .target(name: "VMMAPI", swiftSettings: strict),
-        .target(name: "Host", dependencies: ["MicroVMCore", "KVM"], swiftSettings: strict),
+        .target(name: "Host", dependencies: ["MicroVMCore", "KVM", "CVhost"], swiftSettings: strict),
         .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch", "VMMAPI", "Allocator"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
         .target(name: "Allocator", dependencies: ["MicroVMCore", "Host", .product(name: "GRDB", package: "GRDB.swift")], swiftSettings: strict),

@@ -281,14 +281,7 @@ public struct DirectBackend: InstanceBackend {
         guard let cid = r.vsockCID, r.vsockShell == true else {
             throw MicroVMError.unsupported("direct instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
         }
-        let marker = "@@mvm-exec-status="
-        let script = command.map(ProcessRunner.shellQuote).joined(separator: " ") + " 2>&1; echo \"\(marker)$?\"; exit\n"
-        let reply = try await Task.detached { try VsockShell.run(cid: cid, port: GuestProtocol.vsockShellPort, input: script, timeout: 3600) }.value
-        guard let at = reply.range(of: marker, options: .backwards),
-              let status = Int32(reply[at.upperBound...].prefix { $0.isNumber }) else {
-            throw MicroVMError(.guestError, "the guest's shell on vsock \(cid):\(GuestProtocol.vsockShellPort) gave no status: \(reply.suffix(300))")
-        }
-        return (status, String(reply[..<at.lowerBound]))
+        return try await GuestAgent.exec(cid: cid, command: command)
     }
 
     public func logs(name: String) async throws -> String {

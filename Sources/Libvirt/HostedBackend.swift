@@ -121,6 +121,7 @@ public struct HostedBackend: InstanceBackend {
                                   startedAt: Date(), cpus: spec.cpus, memory: spec.memory, ownerPID: getpid(),
                                   blockDevices: plan.config.disks.indices.map(DomainXML.diskName), taps: plan.config.taps)
         record.ownTaps = plannedTap.flatMap { $0.creates ? [$0.name] : nil }
+        if spec.vsockShell { record.agentCID = spec.vsockCID }
         var domain: LibvirtDomain?
         var watch: LifecycleWatch?
         var api: APIServer?
@@ -600,6 +601,18 @@ public struct HostedBackend: InstanceBackend {
     }
 
     /// Counters from the run's control API (libvirt's view of the domain and its balloon).
+    /// Through the guest init's vsock shell (`--vsock CID --vsock-shell`: libvirt gives the
+    /// domain a vhost-vsock device), as for direct VMs.
+    public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
+        guard let r = HostedRecord.load(name, in: recordDirectory) else {
+            throw MicroVMError.notFound("no hosted instance named '\(name)': see mvm ps")
+        }
+        guard let cid = r.agentCID else {
+            throw MicroVMError.unsupported("hosted instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
+        }
+        return try await GuestAgent.exec(cid: cid, command: command)
+    }
+
     public func stats(name: String) async throws -> String {
         guard let socket = HostedRecord.load(name, in: recordDirectory)?.apiSocket else {
             throw MicroVMError.notFound("no running hosted instance named '\(name)' serves counters: see mvm ps")
@@ -681,6 +694,8 @@ struct HostedRecord: Codable, Sendable {
     var bootMemory: ByteCount?
     /// The vCPU slots the domain booted with, when it has room for more than `cpus`.
     var maxCPUs: Int?
+    /// The guest's vsock CID when its init serves the vsock shell (`mvm exec`).
+    var agentCID: UInt32?
 
     static func file(_ name: String, in dir: String) -> String {
         // Names may hold any character but '/', so the file name is an encoding of it.

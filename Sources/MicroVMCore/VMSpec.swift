@@ -290,7 +290,7 @@ extension InstanceBackend {
     public func resume(name: String) async throws { throw MicroVMError.unsupported("\(mode) instances cannot be paused or resumed by mvm: pause and resume work for direct and hosted instances") }
     public func stats(name: String) async throws -> String { throw MicroVMError.unsupported("\(mode) instances keep no counters mvm can read: mvm stats works for direct and hosted instances") }
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
-        throw MicroVMError.unsupported("\(mode) instances have no agent to run commands in: mvm exec works for containers and for direct VMs started with --vsock CID --vsock-shell")
+        throw MicroVMError.unsupported("\(mode) instances have no agent to run commands in: mvm exec works for containers and for direct and hosted VMs started with --vsock CID --vsock-shell")
     }
     public func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws {
         throw MicroVMError.unsupported("\(mode) instances cannot be resized while they run: mvm update works for containers, and for direct VMs")

@@ -98,7 +98,7 @@ struct StatsCommand: AsyncParsableCommand {
 struct ExecCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "exec",
-        abstract: "Run a command in a running instance and exit with its status (containers; direct VMs started with --vsock CID --vsock-shell).",
+        abstract: "Run a command in a running instance and exit with its status (containers; direct and hosted VMs started with --vsock CID --vsock-shell).",
         discussion: "Example: mvm exec web-1 -- cat /proc/loadavg")
     @OptionGroup var instance: InstanceArguments
     @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []

@@ -62,7 +62,7 @@ struct LifecycleCLITests {
 
     /// Two hosted VMs, each run by an `mvm` of its own, at once: each process has a libvirt
     /// root of its own (the embedded driver locks a root for one process), both are listed and
-    /// stopped, and neither root is left.
+    /// stopped, and neither root is left. Without an agent, `mvm exec` says how to get one.
     @Test(.enabled(if: KillSafetyCLITests.canRunHosted, "needs root and libvirt's embedded QEMU driver"))
     func twoHostedRunsInTwoProcessesRunSideBySide() throws {
         let a = try DetachedInstance("side-a"), b = try DetachedInstance("side-b", sharing: a)
@@ -76,6 +76,9 @@ struct LifecycleCLITests {
         }
         let roots = { (try? FileManager.default.contentsOfDirectory(atPath: a.dir + "/state/libvirt/roots")) ?? [] }
         #expect(roots().count == 2, "a root per run: \(roots())")
+        // Started without the agent, a hosted VM has nothing to exec in: said, with how.
+        let exec = try a("exec", a.name, "--", "true")
+        #expect(exec.status == 2 && exec.stderrText.contains("has no agent: start it with --vsock CID --vsock-shell"), "\(exec.stderrText)")
         for vm in [a, b] { #expect(try vm("stop", vm.name).status == 0) }
         #expect(try a("ps").stdoutText.split(separator: "\n").count == 1)
         #expect(try a("alloc", "show").stdoutText.contains("grants      0"))

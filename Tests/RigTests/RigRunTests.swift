@@ -256,9 +256,12 @@ struct RigKVMTests {
         #expect(s.output.contains("grants-left=0"), "\(s.output)")
     }
 
+    /// A hosted VM on nested KVM: its vCPUs plugged in, out and in again, and `mvm exec`
+    /// through its init's vsock shell.
     @Test func aHostedVMGetsAndLosesVCPUsLive() throws {
         let s = try step("hosted-vcpus")
-        for line in ["boot-online=0", "grow=0", "grown-online=0-1", "shrink=0", "shrunk-online=0", "regrow=0", "regrown-online=0-1", "grants-left=0"] {
+        for line in ["boot-online=0", "grow=0", "grown-online=0-1", "shrink=0", "shrunk-online=0", "regrow=0", "regrown-online=0-1",
+                     "hosted-exec-ran-on-2-cpus", "exec-status=4", "grants-left=0"] {
             #expect(s.output.contains(line + "\n"), "\(line): \(s.output)")
         }
     }
@@ -446,17 +449,20 @@ enum RigKVMSession {
     /// memory falls by as much, `--memory 512M` gives it back.
     /// A hosted VM (QEMU on nested KVM) booted with one vCPU and room for two: `mvm update
     /// --cpus` plugs the second in, takes it out and plugs it in again; the guest prints the CPUs
-    /// it has online every second.
+    /// it has online every second. Then `mvm exec` runs a command in it over vsock.
     static func hostedVCPUsScript(mvm: String) -> String {
         let m = ProcessRunner.shellQuote(mvm)
         return """
-        \(m) run -d --mode hosted --name righp --cpus 1 --max-cpus 2 --memory 256M --timeout 400 -- sh -c 'while :; do echo "online=$(cat /sys/devices/system/cpu/online)" >/dev/ttyS0; sleep 1; done' >/tmp/hp-run.out 2>&1
+        modprobe vhost_vsock 2>/dev/null
+        \(m) run -d --mode hosted --name righp --cpus 1 --max-cpus 2 --memory 256M --vsock 44 --vsock-shell --timeout 400 -- sh -c 'while :; do echo "online=$(cat /sys/devices/system/cpu/online)" >/dev/ttyS0; sleep 1; done' >/tmp/hp-run.out 2>&1
         online() { sleep 3; \(m) logs righp | grep -a '^online=' | tail -1 | tr -d '\\r'; }
         for i in $(seq 1 150); do \(m) logs righp 2>/dev/null | grep -q '^online=' && break; sleep 1; done
         echo "boot-$(online)"
         \(m) update righp --cpus 2 2>&1; echo "grow=$?"; echo "grown-$(online)"
         \(m) update righp --cpus 1 2>&1; echo "shrink=$?"; echo "shrunk-$(online)"
         \(m) update righp --cpus 2 2>&1; echo "regrow=$?"; echo "regrown-$(online)"
+        # mvm exec through the guest init's vsock shell, on the vhost-vsock device libvirt gave the domain.
+        \(m) exec righp -- sh -c 'echo hosted-exec-ran-on-$(nproc)-cpus; exit 4'; echo "exec-status=$?"
         \(m) stop righp >/dev/null; echo "stop=$?"
         echo "grants-left=$(\(m) alloc show | grep -c righp)"
         echo "run's end:"; tail -5 /tmp/hp-run.out

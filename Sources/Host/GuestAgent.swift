@@ -2,9 +2,23 @@ import CVhost
 import Foundation
 import MicroVMCore
 
-/// One exchange with a shell listening on a guest's vsock port: write `input`, read until the
-/// guest closes the connection (or `timeout` seconds pass), return what it wrote.
-enum VsockShell {
+/// The guest init's vsock shell (`mvm run --vsock CID --vsock-shell`), reached over the host's
+/// vhost-vsock, the same for every VM mode: how `mvm exec` runs a command in a VM.
+public enum GuestAgent {
+    /// Runs `command` in the guest: its combined output and its exit status.
+    public static func exec(cid: UInt32, command: [String], timeout: Int = 3600) async throws -> (status: Int32, output: String) {
+        let marker = "@@mvm-exec-status="
+        let script = command.map(ProcessRunner.shellQuote).joined(separator: " ") + " 2>&1; echo \"\(marker)$?\"; exit\n"
+        let reply = try await Task.detached { try run(cid: cid, port: GuestProtocol.vsockShellPort, input: script, timeout: timeout) }.value
+        guard let at = reply.range(of: marker, options: .backwards),
+              let status = Int32(reply[at.upperBound...].prefix { $0.isNumber }) else {
+            throw MicroVMError(.guestError, "the guest's shell on vsock \(cid):\(GuestProtocol.vsockShellPort) gave no status: \(reply.suffix(300))")
+        }
+        return (status, String(reply[..<at.lowerBound]))
+    }
+
+    /// One exchange with a shell listening on a guest's vsock port: write `input`, read until the
+    /// guest closes the connection (or `timeout` seconds pass), return what it wrote.
     static func run(cid: UInt32, port: UInt32, input: String, timeout: Int) throws -> String {
         let fd = socket(Int32(CVHOST_AF_VSOCK), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
