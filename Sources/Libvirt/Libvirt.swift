@@ -35,7 +35,13 @@ enum LibvirtRuntime {
         return true
     }()
 
-    static func start() throws {
+    /// Starts libvirt once per process. Its own log (a banner, warnings, and errors that also
+    /// come back through the API, where we report them with their context) goes to `logFile`
+    /// when given, else only its errors to stderr; LIBVIRT_LOG_OUTPUTS set by the user wins.
+    /// Only the first call's `logFile` counts.
+    static func start(logFile: String? = nil) throws {
+        if let logFile { try? Paths.ensureDirectory((logFile as NSString).deletingLastPathComponent) }
+        setenv("LIBVIRT_LOG_OUTPUTS", logFile.map { "3:file:\($0)" } ?? "4:stderr", 0)
         guard started else {
             throw MicroVMError(.backend, "libvirt could not initialise its event loop: \(LibvirtFailure.last().message)")
         }

@@ -20,7 +20,9 @@ public final class LibvirtConnection: @unchecked Sendable {
     /// authentication callback so ssh/SASL prompts work.
     public static func open(_ uri: String) throws -> LibvirtConnection {
         try checkURI(uri)
-        try LibvirtRuntime.start()
+        // An embedded driver's root holds its log, as it holds QEMU's.
+        let root = uri.hasPrefix("qemu:///embed") ? URLComponents(string: uri)?.queryItems?.first { $0.name == "root" }?.value : nil
+        try LibvirtRuntime.start(logFile: root.map { $0 + "/log/libvirt.log" })
         let ptr: virConnectPtr?
         if uri.contains("+") {
             // SAFETY: virConnectAuthPtrDefault is libvirt's static default callback table.

@@ -406,7 +406,6 @@ enum RuntimeCLI {
         userError = dup(2)
         let diagnostics = openLog(g.log ?? "/dev/null")
         if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
-        setenv("LIBVIRT_LOG_OUTPUTS", "3:stderr", 0)
         r.pid = getpid()
         r.pidStart = ProcessIdentity.startTime(pid: getpid())
         r.status = "created"
