@@ -600,7 +600,6 @@ public struct HostedBackend: InstanceBackend {
         return try BalloonResize.use(boot: boot, statistics: response.body)
     }
 
-    /// Counters from the run's control API (libvirt's view of the domain and its balloon).
     /// Through the guest init's vsock shell (`--vsock CID --vsock-shell`: libvirt gives the
     /// domain a vhost-vsock device), as for direct VMs.
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
@@ -613,6 +612,7 @@ public struct HostedBackend: InstanceBackend {
         return try await GuestAgent.exec(cid: cid, command: command)
     }
 
+    /// Counters from the run's control API (libvirt's view of the domain and its balloon).
     public func stats(name: String) async throws -> String {
         guard let socket = HostedRecord.load(name, in: recordDirectory)?.apiSocket else {
             throw MicroVMError.notFound("no running hosted instance named '\(name)' serves counters: see mvm ps")
