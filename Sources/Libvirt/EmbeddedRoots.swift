@@ -5,26 +5,42 @@ import MicroVMCore
 import Glibc
 #endif
 
-/// The default embedded driver's roots: one per process, `<state>/libvirt/roots/PID-START`.
+/// The default embedded driver's roots: one per process, named `PID-START`.
 ///
 /// libvirt's embedded QEMU driver locks its root for the one process that opened it, and a
 /// process can open one root only. With one root for the host, one `mvm run --mode hosted` (or
 /// one mvm-runtime container, or the bench) at a time could run hosted VMs; with a root per
 /// process they run side by side, each process holding any number of domains in its own.
 ///
-/// The roots share two things through the state directory's `libvirt`: QEMU's capabilities
-/// cache (`cache/qemu/capabilities`, a link in each root: probing QEMU afresh costs seconds) and
-/// the run directories (`runs/NAME`, which keep instance names unique across processes).
+/// The driver binds QEMU's monitor socket under its root, and a socket path holds at most 107
+/// bytes, so for root the roots live in a short place of their own, `/run/microvm/libvirt`
+/// (runtime state, as /run is); other users' under the state directory, `libvirt/roots`.
+/// Through the state directory's `libvirt` the roots share QEMU's capabilities cache
+/// (`cache/qemu/capabilities`, a link in each root: probing QEMU afresh costs seconds) and the
+/// run directories (`runs/NAME`, which keep instance names unique across processes).
 /// A root goes when its process exits, or, after a kill, when `mvm ps` or `mvm gc` (or the
 /// next hosted run) finds its process gone and no QEMU of its still running.
-enum EmbeddedRoots {
-    static func directory(_ paths: Paths) -> String { paths.libvirtRoot + "/roots" }
+public enum EmbeddedRoots {
+    public static func directory(_ paths: Paths) -> String {
+        getuid() == 0 ? "/run/microvm/libvirt" : paths.libvirtRoot + "/roots"
+    }
 
     /// This process's root: its pid and start time, so a reused pid never adopts a dead
     /// process's root.
     static func own(_ paths: Paths) -> String {
         directory(paths) + "/\(getpid())-\(ProcessIdentity.startTime(pid: getpid()) ?? 0)"
     }
+
+    /// The roots, of live processes or not yet swept, that share `paths`' state directory.
+    public static func roots(sharing paths: Paths) -> [String] {
+        let dir = directory(paths)
+        let shared = sharedCache(paths)
+        return ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted().map { dir + "/" + $0 }.filter {
+            (try? FileManager.default.destinationOfSymbolicLink(atPath: $0 + "/cache/qemu/capabilities")) == shared
+        }
+    }
+
+    static func sharedCache(_ paths: Paths) -> String { paths.libvirtRoot + "/cache/qemu/capabilities" }
 
     /// The process a root belongs to, from its name.
     static func owner(of name: String) -> (pid: Int32, start: UInt64)? {
@@ -39,7 +55,7 @@ enum EmbeddedRoots {
         lock.lock(); defer { lock.unlock() }
         guard adopted == nil else { return }
         sweep(paths)
-        let shared = paths.libvirtRoot + "/cache/qemu/capabilities"
+        let shared = sharedCache(paths)
         try Paths.ensureDirectory(shared)
         try Paths.ensureDirectory(root + "/cache/qemu")
         let link = root + "/cache/qemu/capabilities"

@@ -4,6 +4,7 @@ import MicroVMCore
 import Host
 import DirectVMM
 import Images
+import Libvirt
 @testable import Bench
 
 /// The containerd scenario: which runtime a target measures, and real `ctr run`s through a
@@ -144,6 +145,6 @@ struct ContainerdScenarioTests {
         let ps = try ProcessRunner.run([Self.mvm!, "ps"], environment: ["MVM_STATE_DIR": dir + "/state"], timeout: 60)
         #expect(ps.stdoutText.split(separator: "\n").count <= 1, "no VM left: \(ps.stdoutText)")
         #expect(((try? FileManager.default.contentsOfDirectory(atPath: dir + "/state/runtime-disks")) ?? []).isEmpty, "no disk left")
-        #expect(((try? FileManager.default.contentsOfDirectory(atPath: dir + "/state/libvirt/roots")) ?? []).isEmpty, "no libvirt root left")
+        #expect(EmbeddedRoots.roots(sharing: Paths(state: dir + "/state", cache: Paths.default.cache)).isEmpty, "no libvirt root left")
     }
 }

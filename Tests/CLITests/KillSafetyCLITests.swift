@@ -106,7 +106,7 @@ struct KillSafetyCLITests {
         #expect(try mvm("alloc", "show").stdoutText.contains("grants      0"), "mvm stop must reclaim the killed run's grant")
         let gc = try mvm("gc")
         #expect(gc.stdoutText.hasPrefix("reclaimed 0 grants"), "\(gc.stdoutText)\(gc.stderrText)")
-        let roots = (try? FileManager.default.contentsOfDirectory(atPath: dir + "/state/libvirt/roots")) ?? []
+        let roots = EmbeddedRoots.roots(sharing: Paths(state: dir + "/state", cache: Paths.default.cache))
         #expect(roots.isEmpty, "the killed run's libvirt root must go: \(roots)")
     }
 

@@ -74,7 +74,7 @@ struct LifecycleCLITests {
         for vm in [a, b] {
             #expect(ps.split(separator: "\n").contains { $0.hasPrefix(vm.name + " ") && $0.contains("hosted") && $0.contains("running") }, "\(vm.name): \(ps)")
         }
-        let roots = { (try? FileManager.default.contentsOfDirectory(atPath: a.dir + "/state/libvirt/roots")) ?? [] }
+        let roots = { EmbeddedRoots.roots(sharing: Paths(state: a.dir + "/state", cache: Paths.default.cache)) }
         #expect(roots().count == 2, "a root per run: \(roots())")
         // Started without the agent, a hosted VM has nothing to exec in: said, with how.
         let exec = try a("exec", a.name, "--", "true")
