@@ -48,7 +48,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Run this container image (a 'docker save' tarball or a tar of an OCI image layout) in any mode: its rootfs is the container's root or the VM's root disk (converted once, cached by content), its entrypoint, command, environment and working directory the defaults.") var image: String?
     @Flag(help: "Direct mode: run the VMM outside its jail (namespaces, empty root, no privileges, seccomp), for debugging; mvm ps says so.") var noJail = false
     @Option(help: "Network over a tap: tap[=NAME][,host=ADDR[/LEN]][,guest=ADDR[/LEN]] (default: a new tap on a free /30 of 10.200/16).") var net: String?
-    @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; direct mode needs /dev/vhost-vsock).") var vsock: UInt32?
+    @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; needs /dev/vhost-vsock on the host, for direct and hosted VMs alike).") var vsock: UInt32?
     @Option(help: "Hosted mode: boot with room for this many vCPUs (CPU hotplug), so mvm update --cpus can add and remove vCPUs live.") var maxCpus: Int?
     @Flag(help: "Direct mode: give the guest a virtio-balloon (statistics every second, free page reporting, deflate on OOM), so mvm update --memory can resize it live and the pages it frees go back to the host.") var balloon = false
     @Flag(help: "With --vsock: the guest init serves a root shell on vsock port 1024 while the command runs. Any host process can connect to it: use it only where the host's users are trusted.") var vsockShell = false
