@@ -28,6 +28,10 @@ public struct RigOptions: Sendable {
     /// new output) after which it counts as stalled and is killed with a `RigStall`; 0 turns
     /// the watchdog off.
     public var stallTimeout: Double = 180
+    /// Seconds the running command may go without new output before the rig counts as stuck
+    /// and is killed with a `RigStall`, even while its kernel's heartbeat still comes; 0 (the
+    /// default) lets a command be quiet for as long as it likes.
+    public var outputTimeout: Double = 0
     /// Host directories shared read-write at the same path inside the rig.
     public var shares: [String] = []
     /// Extra environment for the command, on top of PATH, HOME, the caller's MVM_* and MVM_IN_RIG=1.
@@ -107,6 +111,7 @@ public struct RigRunner: Sendable {
         guard options.cpus >= 1, options.cpus <= 64 else { throw MicroVMError.invalidArgument("--cpus \(options.cpus) is out of range 1…64") }
         guard options.memoryMiB >= 512 else { throw MicroVMError.invalidArgument("--memory \(options.memoryMiB) MiB is too small: the rig needs at least 512 MiB") }
         guard options.timeout > 0 else { throw MicroVMError.invalidArgument("--timeout must be positive") }
+        guard options.outputTimeout >= 0 else { throw MicroVMError.invalidArgument("--output-timeout must be 0 (off) or positive") }
         guard options.stallTimeout == 0 || options.stallTimeout >= 30 else {
             throw MicroVMError.invalidArgument("--stall-timeout \(Int(options.stallTimeout)) s is shorter than three of the rig's 10 s heartbeats: give at least 30, or 0 for no watchdog")
         }
@@ -152,7 +157,7 @@ public struct RigRunner: Sendable {
         // the serial console carries only the rig's markers (under TCG it has been seen to stall
         // for many minutes, and the rig with it).
         var outputFile: FileHandle?
-        var watchdog = RigWatchdog(limit: options.stallTimeout, pid: child.pid)
+        var watchdog = RigWatchdog(limit: options.stallTimeout, outputLimit: options.outputTimeout, pid: child.pid)
         var heartbeatRead = Date.distantPast
         func follow() {
             if outputFile == nil { outputFile = FileHandle(forReadingAtPath: scratchDir + "/output") }
@@ -160,7 +165,7 @@ public struct RigRunner: Sendable {
             guard let d = try? outputFile?.readToEnd(), !d.isEmpty else { return }
             output.append(d)
             streamOutput?(d)
-            watchdog.sign()
+            watchdog.output()
         }
         defer { try? outputFile?.close() }
         let outcome = child.pump(deadline: started.addingTimeInterval(options.timeout), tick: {
@@ -184,13 +189,14 @@ public struct RigRunner: Sendable {
         // A stalled QEMU is asked for its vCPUs before it is killed.
         let stall = outcome == .stopped
             ? (silent: Date().timeIntervalSince(watchdog.lastSign), cpu: watchdog.cpuPercentSinceLastSign(),
+               quiet: watchdog.isStuck() ? Date().timeIntervalSince(watchdog.lastOutput) : nil,
                vcpus: RigMonitor.human("info registers -a", socket: qmp).map(RigMonitor.vcpuSummary) ?? [])
             : nil
         child.killAndReap()
         follow()
         if let stall {
-            throw RigStall(silentSeconds: stall.silent, qemuCPUPercent: stall.cpu, lastHeartbeat: watchdog.lastHeartbeat,
-                           vcpus: stall.vcpus, output: output)
+            throw RigStall(silentSeconds: stall.silent, outputSilentSeconds: stall.quiet, qemuCPUPercent: stall.cpu,
+                           lastHeartbeat: watchdog.lastHeartbeat, vcpus: stall.vcpus, output: output)
         }
         let wall = Date().timeIntervalSince(started)
         // QEMU's stderr, without its start-up warnings about the CPU features TCG lacks.

@@ -57,6 +57,9 @@ public struct RigEnded: RigLost {
 public struct RigStall: RigLost {
     /// Seconds without any sign of life when the rig was killed.
     public var silentSeconds: Double
+    /// Set when the kernel still gave signs of life but the command had written nothing for
+    /// this many seconds (`RigOptions.outputTimeout`).
+    public var outputSilentSeconds: Double? = nil
     /// QEMU's CPU use over that silence, in percent of one CPU (nil if it could not be read).
     public var qemuCPUPercent: Double?
     /// The rig kernel's uptime at its last heartbeat.
@@ -67,6 +70,12 @@ public struct RigStall: RigLost {
     public var output: Data
 
     public var description: String {
+        if let quiet = outputSilentSeconds {
+            var s = "the rig's command was stuck: no output for \(Int(quiet)) s (the --output-timeout) while the rig's kernel still gave signs of life"
+            if let lastHeartbeat { s += " (last heartbeat at uptime \(lastHeartbeat) s)" }
+            if !vcpus.isEmpty { s += "; vCPUs: " + vcpus.joined(separator: " | ") }
+            return s + ". It was killed. A process stuck in the kernel (a 9p write, say) outlives its own time limits: run the command again, or raise --output-timeout if it can be quiet for longer"
+        }
         var s = "the rig stalled: no heartbeat, console or output from its kernel for \(Int(silentSeconds)) s while the command ran"
         if let lastHeartbeat { s += " (last heartbeat at uptime \(lastHeartbeat) s)" }
         if let p = qemuCPUPercent {
@@ -81,15 +90,19 @@ public struct RigStall: RigLost {
 struct RigWatchdog {
     /// Seconds of silence that count as a stall; 0 or less turns the watchdog off.
     let limit: Double
+    /// Seconds without new output from the command that count as stuck, heartbeat or not;
+    /// 0 or less: the command may be quiet for as long as it likes.
+    var outputLimit: Double = 0
     let pid: pid_t
     private(set) var lastSign: Date
+    private(set) var lastOutput: Date
     private(set) var lastHeartbeat: String?
     /// The longest silence seen so far, in seconds (for the record of a run that did not stall).
     private(set) var longestSilence: Double = 0
     private var cpuSample: (at: Date, seconds: Double)?
 
-    init(limit: Double, pid: pid_t, now: Date = Date()) {
-        self.limit = limit; self.pid = pid; lastSign = now
+    init(limit: Double, outputLimit: Double = 0, pid: pid_t, now: Date = Date()) {
+        self.limit = limit; self.outputLimit = outputLimit; self.pid = pid; lastSign = now; lastOutput = now
     }
 
     private var running = false
@@ -98,6 +111,13 @@ struct RigWatchdog {
     mutating func start(now: Date = Date()) {
         running = true
         lastSign = now
+        lastOutput = now
+    }
+
+    /// The command wrote something: a sign of life, and of progress.
+    mutating func output(now: Date = Date()) {
+        lastOutput = now
+        sign(now: now)
     }
 
     /// Records a sign of life (console bytes, new output, a new heartbeat).
@@ -118,7 +138,13 @@ struct RigWatchdog {
     }
 
     func isStalled(now: Date = Date()) -> Bool {
-        limit > 0 && now.timeIntervalSince(lastSign) >= limit
+        (limit > 0 && now.timeIntervalSince(lastSign) >= limit) || isStuck(now: now)
+    }
+
+    /// The kernel still beats but the command has written nothing for `outputLimit`: a process
+    /// stuck where it cannot be killed (a 9p write, say), which its own time limits cannot end.
+    func isStuck(now: Date = Date()) -> Bool {
+        running && outputLimit > 0 && now.timeIntervalSince(lastOutput) >= outputLimit
     }
 
     /// QEMU's CPU use since the last sign, in percent of one CPU.

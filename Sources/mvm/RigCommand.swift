@@ -19,6 +19,8 @@ struct RigRunCommand: AsyncParsableCommand {
     @Option(help: "Seconds before the rig is killed (boot included).") var timeout: Double = 600
     @Option(help: "Seconds the running rig may go without a heartbeat, console byte or output before it counts as stalled and is killed (0: never).")
     var stallTimeout: Double = 180
+    @Option(help: "Seconds the command may go without output before the rig counts as stuck and is killed, even while its kernel still beats (0: never).")
+    var outputTimeout: Double = 0
     @Option(name: .customLong("share"), help: "Host directory shared read-write at the same path (repeatable).") var shares: [String] = []
     @Argument(parsing: .captureForPassthrough, help: "The command and its arguments, after --.") var command: [String] = []
 
@@ -33,6 +35,7 @@ struct RigRunCommand: AsyncParsableCommand {
         options.memoryMiB = memory
         options.timeout = timeout
         options.stallTimeout = stallTimeout
+        options.outputTimeout = outputTimeout
         options.shares = shares.map { URL(fileURLWithPath: $0).standardizedFileURL.path }
         Rig.installSignalHandlers()
         let result = try RigRunner(options).run(command: argv, streamOutput: { chunk in

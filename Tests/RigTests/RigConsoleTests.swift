@@ -135,6 +135,23 @@ import Host
         #expect(w.longestSilence == 59)
     }
 
+    /// With an output limit, a beating kernel whose command writes nothing is stuck; output
+    /// resets it, a heartbeat does not.
+    @Test func aQuietCommandIsStuckDespiteTheHeartbeat() {
+        var w = RigWatchdog(limit: 180, outputLimit: 100, pid: getpid(), now: t0)
+        #expect(!w.isStuck(now: t0.addingTimeInterval(500)), "the boot before the command does not count")
+        w.start(now: t0)
+        for beat in stride(from: 10, through: 90, by: 10) { w.heartbeat("\(beat).0", now: t0.addingTimeInterval(Double(beat))) }
+        w.output(now: t0.addingTimeInterval(95))
+        for beat in stride(from: 100, through: 190, by: 10) { w.heartbeat("\(beat).0", now: t0.addingTimeInterval(Double(beat))) }
+        #expect(!w.isStalled(now: t0.addingTimeInterval(194)))
+        #expect(w.isStuck(now: t0.addingTimeInterval(195)) && w.isStalled(now: t0.addingTimeInterval(195)))
+        var off = RigWatchdog(limit: 180, pid: getpid(), now: t0)
+        off.start(now: t0)
+        off.heartbeat("1.0", now: t0.addingTimeInterval(170))
+        #expect(!off.isStalled(now: t0.addingTimeInterval(300)), "no output limit: quiet is fine while it beats")
+    }
+
     @Test func aHeartbeatCountsOnlyWhenItChanges() {
         var w = RigWatchdog(limit: 30, pid: getpid(), now: t0)
         w.start(now: t0)

@@ -100,6 +100,26 @@ struct RigRunTests {
         #expect(try RigGate.leftoverQEMUs().isEmpty, "the stalled QEMU must be gone")
     }
 
+    /// The command writes a line and then nothing, while the rig's kernel goes on beating: with
+    /// an output limit the rig is killed as stuck well before its timeout, with the output so far.
+    @Test func aQuietCommandIsKilledAsStuck() throws {
+        var o = RigGate.options(timeout: 600)
+        o.outputTimeout = 30
+        let started = Date()
+        do {
+            let r = try RigRunner(o).run(command: ["sh", "-c", "echo before-the-quiet; sleep 500"])
+            Issue.record("a quiet command returned status \(r.status) instead of being stuck")
+        } catch let stall as RigStall {
+            print("rig stuck: \(stall)")
+            #expect((stall.outputSilentSeconds ?? 0) >= 30 && (stall.outputSilentSeconds ?? 99) < 60, "\(stall)")
+            #expect(stall.silentSeconds < 30, "the kernel still beat: \(stall)")
+            #expect(stall.outputText == "before-the-quiet\n")
+            #expect(stall.description.contains("no output for"))
+        }
+        #expect(Date().timeIntervalSince(started) < 300)
+        #expect(try RigGate.leftoverQEMUs().isEmpty, "the stuck rig's QEMU must be gone")
+    }
+
     /// The command crashes the rig's kernel (sysrq c): QEMU ends (-no-reboot), and the error is
     /// a `RigEnded` whose console lines carry the kernel's panic, with the output so far.
     @Test func aRigWhoseKernelDiesSaysHow() throws {
@@ -698,6 +718,10 @@ enum RigKVMSession {
         while !todo.isEmpty {
             var o = RigGate.options(timeout: min(2100, budget.timeIntervalSinceNow))
             o.memoryMiB = 3072
+            // Every step prints within its limit (at most 300 s, then "ran past"): a rig whose
+            // kernel beats but whose steps say nothing for longer is stuck (seen: a step's output
+            // stopped mid-line for good, its own time limit never firing), and is replaced.
+            o.outputTimeout = Double((limits.values.max() ?? 240) + 120)
             // Retries must end before the rig's own limit, less its boot.
             let deadline = Int(o.timeout) - 60
             do {
