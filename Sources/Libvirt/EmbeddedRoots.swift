@@ -27,9 +27,10 @@ public enum EmbeddedRoots {
 
     /// This process's root: its pid and start time, so a reused pid never adopts a dead
     /// process's root.
-    static func own(_ paths: Paths) -> String {
-        directory(paths) + "/\(getpid())-\(ProcessIdentity.startTime(pid: getpid()) ?? 0)"
-    }
+    static func own(_ paths: Paths) -> String { directory(paths) + "/" + ownName }
+
+    /// Read from /proc once: every backend made and every connection asked for names the root.
+    private static let ownName = "\(getpid())-\(ProcessIdentity.startTime(pid: getpid()) ?? 0)"
 
     /// The roots, of live processes or not yet swept, that share `paths`' state directory.
     public static func roots(sharing paths: Paths) -> [String] {
