@@ -19,6 +19,23 @@ enum RigGate {
         return o
     }
 
+    /// Runs `script` in a rig that must be killed as stalled or stuck, well before its
+    /// timeout and leaving no QEMU; returns the stall.
+    static func stall(_ options: RigOptions, _ script: String) throws -> RigStall {
+        let started = Date()
+        defer {
+            #expect(Date().timeIntervalSince(started) < options.timeout * 2 / 3, "killed well before the rig's timeout")
+            #expect((try? leftoverQEMUs())?.isEmpty == true, "the killed rig's QEMU must be gone")
+        }
+        do {
+            let r = try RigRunner(options).run(command: ["sh", "-c", script])
+            throw MicroVMError(.internalError, "the rig returned status \(r.status) instead of being killed as stalled")
+        } catch let stall as RigStall {
+            print("rig stall: \(stall)")
+            return stall
+        }
+    }
+
     /// No rig QEMU started by this process may be left running.
     static func leftoverQEMUs() throws -> String {
         let out = try ProcessRunner.run(["pgrep", "-af", Rig.processMarker + "\(getpid())-"], timeout: 10)
@@ -84,20 +101,12 @@ struct RigRunTests {
     @Test func aSilentRigIsKilledAsStalled() throws {
         var o = RigGate.options(timeout: 600)
         o.stallTimeout = 30
-        let started = Date()
-        do {
-            let r = try RigRunner(o).run(command: ["sh", "-c", "echo before-the-silence; for p in $(pgrep -P 1); do [ $p = $$ ] || kill -STOP $p; done; sleep 500"])
-            Issue.record("a silent rig returned status \(r.status) instead of stalling")
-        } catch let stall as RigStall {
-            print("rig stall: \(stall)")
-            #expect(stall.silentSeconds >= 30 && stall.silentSeconds < 60, "\(stall)")
-            #expect(stall.outputText == "before-the-silence\n")
-            #expect(stall.lastHeartbeat != nil, "the heartbeat ran before it was stopped")
-            #expect(stall.vcpus.count == 2 && stall.vcpus.allSatisfy { $0.contains("IP=") }, "\(stall.vcpus)")
-            #expect(stall.qemuCPUPercent != nil)
-        }
-        #expect(Date().timeIntervalSince(started) < 400)
-        #expect(try RigGate.leftoverQEMUs().isEmpty, "the stalled QEMU must be gone")
+        let stall = try RigGate.stall(o, "echo before-the-silence; for p in $(pgrep -P 1); do [ $p = $$ ] || kill -STOP $p; done; sleep 500")
+        #expect(stall.silentSeconds >= 30 && stall.silentSeconds < 60, "\(stall)")
+        #expect(stall.outputText == "before-the-silence\n")
+        #expect(stall.lastHeartbeat != nil, "the heartbeat ran before it was stopped")
+        #expect(stall.vcpus.count == 2 && stall.vcpus.allSatisfy { $0.contains("IP=") }, "\(stall.vcpus)")
+        #expect(stall.qemuCPUPercent != nil)
     }
 
     /// The command writes a line and then nothing, while the rig's kernel goes on beating: with
@@ -105,19 +114,11 @@ struct RigRunTests {
     @Test func aQuietCommandIsKilledAsStuck() throws {
         var o = RigGate.options(timeout: 600)
         o.outputTimeout = 30
-        let started = Date()
-        do {
-            let r = try RigRunner(o).run(command: ["sh", "-c", "echo before-the-quiet; sleep 500"])
-            Issue.record("a quiet command returned status \(r.status) instead of being stuck")
-        } catch let stall as RigStall {
-            print("rig stuck: \(stall)")
-            #expect((stall.outputSilentSeconds ?? 0) >= 30 && (stall.outputSilentSeconds ?? 99) < 60, "\(stall)")
-            #expect(stall.silentSeconds < 30, "the kernel still beat: \(stall)")
-            #expect(stall.outputText == "before-the-quiet\n")
-            #expect(stall.description.contains("no output for"))
-        }
-        #expect(Date().timeIntervalSince(started) < 300)
-        #expect(try RigGate.leftoverQEMUs().isEmpty, "the stuck rig's QEMU must be gone")
+        let stall = try RigGate.stall(o, "echo before-the-quiet; sleep 500")
+        #expect((stall.outputSilentSeconds ?? 0) >= 30 && (stall.outputSilentSeconds ?? 99) < 60, "\(stall)")
+        #expect(stall.silentSeconds < 30, "the kernel still beat: \(stall)")
+        #expect(stall.outputText == "before-the-quiet\n")
+        #expect(stall.description.contains("no output for"))
     }
 
     /// The command crashes the rig's kernel (sysrq c): QEMU ends (-no-reboot), and the error is
