@@ -2,52 +2,230 @@ import CVhost
 import Foundation
 import MicroVMCore
 
-/// The guest init's vsock shell (`mvm run --vsock CID --vsock-shell`), reached over the host's
-/// vhost-vsock, the same for every VM mode: how `mvm exec` runs a command in a VM.
+/// The host's side of the guest agent (images/agent/mvm-agent.c), which the guest init serves
+/// on the VM's vsock port `GuestProtocol.vsockShellPort` when started with `--vsock CID
+/// --vsock-shell`, reached over the host's vhost-vsock the same way in every VM mode: how
+/// `mvm exec` and `mvm-runtime exec` run a process in a VM.
+///
+/// Both ways every message is a frame: a type byte, a 4-byte big-endian length, the payload.
+/// The host sends the request (`A` arguments, `E` environment, `W` directory, `U` user, then
+/// `X`), then the process's stdin (`I`, `C` to close it) and signals (`K`); the agent sends its
+/// stdout (`O`) and stderr (`D`), and last its status (`S`, after `F` when it could not run it).
+///
+/// ```swift
+/// let r = try await GuestAgent.exec(cid: 42, command: ["uname", "-r"])
+/// print(r.status, r.output)
+/// ```
 public enum GuestAgent {
-    /// Runs `command` in the guest: its combined output and its exit status.
-    public static func exec(cid: UInt32, command: [String], timeout: Int = 3600) async throws -> (status: Int32, output: String) {
-        let marker = "@@mvm-exec-status="
-        let script = command.map(ProcessRunner.shellQuote).joined(separator: " ") + " 2>&1; echo \"\(marker)$?\"; exit\n"
-        let reply = try await Task.detached { try run(cid: cid, port: GuestProtocol.vsockShellPort, input: script, timeout: timeout) }.value
-        guard let at = reply.range(of: marker, options: .backwards),
-              let status = Int32(reply[at.upperBound...].prefix { $0.isNumber }) else {
-            throw MicroVMError(.guestError, "the guest's shell on vsock \(cid):\(GuestProtocol.vsockShellPort) gave no status: \(reply.suffix(300))")
+    /// What to run: argv, and optionally exactly this environment, a directory and a user.
+    public struct Request: Sendable, Equatable, Codable {
+        public struct User: Sendable, Equatable, Codable {
+            public var uid: UInt32
+            public var gid: UInt32
+            public init(uid: UInt32, gid: UInt32) { self.uid = uid; self.gid = gid }
         }
-        return (status, String(reply[..<at.lowerBound]))
+        public var arguments: [String]
+        public var environment: [String]?
+        public var workingDirectory: String?
+        public var user: User?
+
+        public init(arguments: [String], environment: [String]? = nil, workingDirectory: String? = nil, user: User? = nil) {
+            self.arguments = arguments
+            self.environment = environment
+            self.workingDirectory = workingDirectory
+            self.user = user
+        }
+
+        /// The request's frames, `X` last.
+        var frames: [UInt8] {
+            var out: [UInt8] = []
+            for a in arguments { out += GuestAgent.frame("A", Array(a.utf8)) }
+            for e in environment ?? [] { out += GuestAgent.frame("E", Array(e.utf8)) }
+            if let workingDirectory { out += GuestAgent.frame("W", Array(workingDirectory.utf8)) }
+            if let user { out += GuestAgent.frame("U", Array("\(user.uid):\(user.gid)".utf8)) }
+            return out + GuestAgent.frame("X", [])
+        }
     }
 
-    /// One exchange with a shell listening on a guest's vsock port: write `input`, read until the
-    /// guest closes the connection (or `timeout` seconds pass), return what it wrote.
-    static func run(cid: UInt32, port: UInt32, input: String, timeout: Int) throws -> String {
+    /// The largest frame either side sends; a longer one from the guest ends the exchange.
+    static let maxFrame = 1 << 20
+    /// The most stdin bytes one frame carries (what the agent keeps pending at most).
+    static let stdinChunk = 64 << 10
+
+    static func frame(_ type: Character, _ payload: [UInt8]) -> [UInt8] {
+        let n = UInt32(payload.count)
+        return [type.asciiValue!, UInt8(n >> 24), UInt8(truncatingIfNeeded: n >> 16), UInt8(truncatingIfNeeded: n >> 8), UInt8(truncatingIfNeeded: n)] + payload
+    }
+
+    /// Runs `command` in the guest: its combined output (at most 64 MiB kept) and its exit status.
+    public static func exec(cid: UInt32, command: [String], timeout: Int = 3600) async throws -> (status: Int32, output: String) {
+        try await Task.detached {
+            let fd = try connect(cid: cid, port: GuestProtocol.vsockShellPort)
+            defer { close(fd) }
+            return try collect(fd, Request(arguments: command), timeout: timeout)
+        }.value
+    }
+
+    /// One exchange on a connected agent socket, the process's stdin closed at once: its
+    /// stdout and stderr interleaved as they came, and its status.
+    public static func collect(_ fd: Int32, _ request: Request, timeout: Int) throws -> (status: Int32, output: String) {
+        var output: [UInt8] = []
+        let status = try relay(fd, request, input: nil, timeout: timeout) { _, bytes in
+            if output.count < 64 << 20 { output += bytes.prefix((64 << 20) - output.count) }
+        }
+        return (status, String(decoding: output, as: UTF8.self))
+    }
+
+    /// One exchange on a connected agent socket: sends the request, copies `input` (a file
+    /// descriptor, read to its end; nil closes the process's stdin at once) to the process, hands
+    /// every piece of its stdout (`1`) and stderr (`2`) to `output` as it comes, and sends the
+    /// agent each signal read from `signals` (`signalDescriptor`'s). Returns the process's status (128 + N
+    /// when a signal N ended it). Throws when the guest breaks the protocol, goes away before the
+    /// status, or `timeout` seconds (nil: no limit) pass without a frame.
+    public static func relay(_ fd: Int32, _ request: Request, input: Int32?, signals: Int32? = nil, timeout: Int?,
+                             output: (Int32, [UInt8]) throws -> Void) throws -> Int32 {
+        guard !request.arguments.isEmpty else { throw MicroVMError.invalidArgument("no command given to run in the guest") }
+        try send(fd, request.frames + (input == nil ? frame("C", []) : []))
+        var reader = FrameReader()
+        var inputOpen = input != nil
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
+            if inputOpen, let input { fds.append(pollfd(fd: input, events: Int16(POLLIN), revents: 0)) }
+            if let signals { fds.append(pollfd(fd: signals, events: Int16(POLLIN), revents: 0)) }
+            let ready = poll(&fds, nfds_t(fds.count), timeout.map { Int32(min($0, Int(Int32.max / 1000)) * 1000) } ?? -1)
+            if ready < 0, errno == EINTR { continue }
+            guard ready > 0 else { throw MicroVMError(.timeout, "the guest agent sent nothing for \(timeout ?? 0) s") }
+            for p in fds.dropFirst() where p.revents != 0 {
+                if p.fd == signals {
+                    var number: UInt8 = 0
+                    if read(p.fd, &number, 1) == 1 { try send(fd, frame("K", [number])) }
+                } else {
+                    let n = buf.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, stdinChunk) }
+                    if n > 0 {
+                        try send(fd, frame("I", Array(buf[0..<n])))
+                    } else if n == 0 || (errno != EINTR && errno != EAGAIN) {
+                        inputOpen = false
+                        try send(fd, frame("C", []))
+                    }
+                }
+            }
+            guard fds[0].revents != 0 else { continue }
+            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+            if n < 0, errno == EINTR || errno == EAGAIN { continue }
+            guard n > 0 else { throw MicroVMError(.guestError, "the guest agent closed the connection before the process's status") }
+            reader.append(buf[0..<n])
+            while let (type, payload) = try reader.next() {
+                switch type {
+                case UInt8(ascii: "O"): try output(1, payload)
+                case UInt8(ascii: "D"): try output(2, payload)
+                case UInt8(ascii: "F"): try output(2, Array("mvm-agent: ".utf8) + payload + [10])
+                case UInt8(ascii: "S"):
+                    guard let status = Int32(String(decoding: payload, as: UTF8.self)), (0...255).contains(status) else {
+                        throw MicroVMError(.guestError, "the guest agent sent a status that is not one: \(String(decoding: payload.prefix(20), as: UTF8.self))")
+                    }
+                    return status
+                default:
+                    throw MicroVMError(.guestError, "the guest agent sent an unknown frame type \(type)")
+                }
+            }
+        }
+    }
+
+    /// Splits the agent's byte stream into frames; a frame longer than `maxFrame` is an error.
+    struct FrameReader {
+        var buffer: [UInt8] = []
+        var start = 0
+
+        mutating func append(_ bytes: ArraySlice<UInt8>) {
+            if start > 0, start == buffer.count { buffer.removeAll(keepingCapacity: true); start = 0 }
+            buffer += bytes
+        }
+
+        mutating func next() throws -> (UInt8, [UInt8])? {
+            guard buffer.count - start >= 5 else { return nil }
+            let n = buffer[start + 1 ..< start + 5].reduce(0) { $0 << 8 | Int($1) }
+            guard n <= GuestAgent.maxFrame else { throw MicroVMError(.guestError, "the guest agent sent a frame of \(n) bytes (at most \(GuestAgent.maxFrame))") }
+            guard buffer.count - start >= 5 + n else { return nil }
+            let frame = (buffer[start], Array(buffer[start + 5 ..< start + 5 + n]))
+            start += 5 + n
+            if start > 1 << 20 { buffer.removeFirst(start); start = 0 }
+            return frame
+        }
+    }
+
+    static func send(_ fd: Int32, _ bytes: [UInt8]) throws {
+        var sent = 0
+        while sent < bytes.count {
+            let n = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+            if n < 0, errno == EINTR { continue }
+            guard n > 0 else { throw MicroVMError(.backend, "cannot write to the guest agent: \(String(cString: strerror(errno)))") }
+            sent += n
+        }
+    }
+
+    /// Catches `signals` in this process, whichever thread they reach, and returns a descriptor
+    /// that yields one byte per signal caught (its number), for `relay` to send on to the process.
+    public static func signalDescriptor(_ signals: [Int32]) -> Int32? {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { return nil }
+        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC); _ = fcntl(fd, F_SETFL, O_NONBLOCK) }
+        signalPipe = fds[1]
+        for s in signals {
+            var action = sigaction()
+            action.__sigaction_handler.sa_handler = { number in
+                var byte = UInt8(truncatingIfNeeded: number)
+                _ = Glibc.write(GuestAgent.signalPipe, &byte, 1)
+            }
+            action.sa_flags = SA_RESTART
+            sigaction(s, &action, nil)
+        }
+        return fds[0]
+    }
+
+    /// The write end of `signalDescriptor`'s pipe, for the handler (which may not take a lock).
+    nonisolated(unsafe) static var signalPipe: Int32 = -1
+
+    /// A connection to the agent of the VM with context id `cid`.
+    public static func connect(cid: UInt32, port: UInt32) throws -> Int32 {
         let fd = socket(Int32(CVHOST_AF_VSOCK), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else {
             throw MicroVMError(.unsupported, "cannot open a vsock socket (\(String(cString: strerror(errno)))): load vhost_vsock (modprobe vhost_vsock)")
         }
-        defer { close(fd) }
-        var tv = timeval(tv_sec: timeout, tv_usec: 0)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         var addr = sockaddr_vm()
         addr.svm_family = sa_family_t(CVHOST_AF_VSOCK)
         addr.svm_cid = cid
         addr.svm_port = port
         let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_vm>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_vm>.size)) }
         }
         guard ok == 0 else {
-            throw MicroVMError(.backend, "cannot reach the guest's shell at vsock \(cid):\(port): \(String(cString: strerror(errno))) (is the guest up, and was it started with --vsock-shell?)")
+            let why = String(cString: strerror(errno))
+            close(fd)
+            throw MicroVMError(.backend, "cannot reach the guest agent at vsock \(cid):\(port): \(why) (is the guest up, and was it started with --vsock-shell?)")
         }
-        let bytes = Array(input.utf8)
-        guard bytes.withUnsafeBytes({ write(fd, $0.baseAddress, $0.count) }) == bytes.count else {
-            throw MicroVMError(.backend, "cannot send the command to vsock \(cid):\(port): \(String(cString: strerror(errno)))")
+        return fd
+    }
+
+    /// A connection to an agent listening on a unix socket (`mvm-agent --unix PATH`).
+    public static func connect(unixPath path: String) throws -> Int32 {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard fd >= 0, bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
+            if fd >= 0 { close(fd) }
+            throw MicroVMError.invalidArgument("cannot use the unix socket path \(path)")
         }
-        var out: [UInt8] = []
-        var buf = [UInt8](repeating: 0, count: 16384)
-        while out.count < 64 << 20 {
-            let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if n <= 0 { break }
-            out += buf[0..<n]
+        withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
+        let ok = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
-        return String(decoding: out, as: UTF8.self)
+        guard ok == 0 else {
+            let why = String(cString: strerror(errno))
+            close(fd)
+            throw MicroVMError(.backend, "cannot reach the agent at \(path): \(why)")
+        }
+        return fd
     }
 }

@@ -152,7 +152,8 @@ public struct ImageStore: Sendable {
             let info = try VmlinuxExtractor.extract(bzImage: img.kernel, to: img.vmlinux)
             img.hasPVHNote = info.hasPVHNote
             img.pvhEntry = info.pvhEntry
-            let manifest = try InitramfsBuilder(kernel: inputs.kernel, initScript: initScript).build(to: img.initrd)
+            let manifest = try InitramfsBuilder(kernel: inputs.kernel, initScript: initScript,
+                                                agentSource: sourceDirectory + "/images/agent/mvm-agent.c").build(to: img.initrd)
             img.modules = manifest.modules
             let rootfs = RootfsBuilder()
             try rootfs.buildTree(at: img.rootfsTree)
@@ -200,13 +201,15 @@ struct ImageInputs {
          "tools=\(RootfsBuilder.defaultTools.map(\.path).joined(separator: ","))"]
     }
 
-    static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "socat", "libc6", "e2fsprogs"]
+    static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "libc6", "e2fsprogs"]
 
-    /// The recipe's own files: the guest init, and every file of the image's probes (`images/probe`).
+    /// The recipe's own files: the guest init, and every file of the image's probes
+    /// (`images/probe`) and of its agent (`images/agent`).
     static func recipeFiles(initScript: String) -> [String] {
-        let probeDir = (initScript as NSString).deletingLastPathComponent + "/probe"
-        let probes = ((try? FileManager.default.contentsOfDirectory(atPath: probeDir)) ?? []).sorted().map { probeDir + "/" + $0 }
-        return [initScript] + probes
+        let images = (initScript as NSString).deletingLastPathComponent
+        return [initScript] + ["probe", "agent"].flatMap { sub in
+            ((try? FileManager.default.contentsOfDirectory(atPath: images + "/" + sub)) ?? []).sorted().map { images + "/" + sub + "/" + $0 }
+        }
     }
 
     static func current(initScript: String, dpkgStatus: String = DpkgStatus.defaultPath) throws -> ImageInputs {
@@ -256,8 +259,8 @@ struct ImageKeyCache {
         // depmod rewrites a kernel's modules.dep without touching /lib/modules itself.
         let kernels = ((try? FileManager.default.contentsOfDirectory(atPath: "/lib/modules")) ?? []).sorted()
         let moduleDeps = watched.contains("/lib/modules") ? kernels.map { "/lib/modules/\($0)/modules.dep" } : []
-        let probeDir = (initScript as NSString).deletingLastPathComponent + "/probe"
-        for p in watched + moduleDeps + [probeDir] + ImageInputs.recipeFiles(initScript: initScript) {
+        let images = (initScript as NSString).deletingLastPathComponent
+        for p in watched + moduleDeps + [images + "/probe", images + "/agent"] + ImageInputs.recipeFiles(initScript: initScript) {
             parts.append(FileStamp.of(p) ?? "\(p) absent")
         }
         return parts.joined(separator: "\n")

@@ -10,7 +10,8 @@ public struct InitramfsManifest: Sendable, Equatable, Codable {
 }
 
 /// Builds the gzip'd newc initramfs: static busybox with its applet links, the guest init and
-/// the kernel modules with their dependencies, uncompressed for busybox insmod.
+/// the kernel modules with their dependencies, uncompressed for busybox insmod, and the guest
+/// agent (`mvm-agent`, compiled statically from images/agent) that `mvm exec` talks to.
 ///
 /// ```swift
 /// let m = try InitramfsBuilder(kernel: try .newest(), initScript: "images/init")
@@ -22,13 +23,19 @@ public struct InitramfsBuilder: Sendable {
     public var initScript: String
     public var moduleNames: [String]
     public var busybox: String
+    /// The agent's C source; nil leaves the agent out (the rig's own initramfs).
+    public var agentSource: String?
+
+    /// Where the agent lands in the initramfs, outside any root the guest mounts.
+    public static let agentPath = "bin/mvm-agent"
 
     public init(kernel: DebianKernel, initScript: String, moduleNames: [String] = ModuleResolver.defaultModules,
-                busybox: String = "/bin/busybox") {
+                busybox: String = "/bin/busybox", agentSource: String? = nil) {
         self.kernel = kernel
         self.initScript = initScript
         self.moduleNames = moduleNames
         self.busybox = busybox
+        self.agentSource = agentSource
     }
 
     @discardableResult
@@ -53,6 +60,13 @@ public struct InitramfsBuilder: Sendable {
             a.symlink(link, target: "/bin/busybox")
         }
         a.file("init", contents: initData, mode: 0o755)
+        if let agentSource {
+            let scratch = FileManager.default.temporaryDirectory.path + "/mvm-agent-\(getpid())-\(UInt32.random(in: 0 ... .max))"
+            defer { try? FileManager.default.removeItem(atPath: scratch) }
+            try RootfsBuilder.compileStatic(source: agentSource, output: scratch, what: "guest agent")
+            guard let agent = FileManager.default.contents(atPath: scratch) else { throw MicroVMError.notFound("the compiled guest agent '\(scratch)' is missing") }
+            a.file(Self.agentPath, contents: agent, mode: 0o755)
+        }
 
         var dirs: Set<String> = ["lib/modules"]
         for m in modules {

@@ -24,8 +24,6 @@ public struct RootfsBuilder: Sendable {
         Tool(path: "/usr/bin/stress-ng", package: "stress-ng"),
         Tool(path: "/usr/bin/fio", package: "fio"),
         Tool(path: "/usr/bin/iperf3", package: "iperf3"),
-        // The guest init's vsock shell (mvm.vsock).
-        Tool(path: "/usr/bin/socat", package: "socat"),
     ]
 
     /// What compiling the probe needs on the host (checked by path, not copied into the tree).
@@ -106,8 +104,13 @@ public struct RootfsBuilder: Sendable {
     /// Compiles the isolation probe as a static binary: it runs unchanged in every backend's
     /// root, whatever libraries that root has.
     public static func compileProbe(source: String, output: String) throws {
+        try compileStatic(source: source, output: output, what: "isolation probe")
+    }
+
+    /// Compiles one of the image's C programs (images/probe, images/agent) as a static binary.
+    public static func compileStatic(source: String, output: String, what: String) throws {
         guard FileManager.default.fileExists(atPath: source) else {
-            throw MicroVMError.notFound("isolation probe source '\(source)' is missing: set MVM_SOURCE_DIR to the MicroVM source tree")
+            throw MicroVMError.notFound("\(what) source '\(source)' is missing: set MVM_SOURCE_DIR to the MicroVM source tree")
         }
         try ProcessRunner.check(["gcc", "-static", "-O2", "-Wall", "-o", output, source], timeout: 300, package: "gcc libc6-dev")
     }
