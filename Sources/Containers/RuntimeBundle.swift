@@ -14,6 +14,11 @@ public struct RuntimeBundle: Sendable {
             public var args: [String]?
             public var env: [String]?
             public var cwd: String?
+            public var user: User?
+        }
+        public struct User: Decodable, Sendable {
+            public var uid: UInt32?
+            public var gid: UInt32?
         }
         public struct Root: Decodable, Sendable {
             public var path: String
@@ -120,7 +125,8 @@ public struct RuntimeBundle: Sendable {
     /// for (the configuration's default profile where it is silent), the process's arguments,
     /// environment and working directory, the bundle's root as a tree and as the disk `disk`,
     /// and a balloon.
-    public func spec(name: String, config: MicroVMConfig, host: HostCapacity, disk: String) throws -> VMSpec {
+    /// With `agentCID`, the VM gets that vsock context id and the guest agent, for `exec`.
+    public func spec(name: String, config: MicroVMConfig, host: HostCapacity, disk: String, agentCID: UInt32? = nil) throws -> VMSpec {
         let slice = try self.slice(defaults: try config.profile(named: config.defaults.profile).slice(),
                                    hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
         var spec = VMSpec(name: name, cpus: slice.cpus, memory: slice.memory, command: args, rootfs: rootfs, slice: slice, timeout: Self.noTimeout)
@@ -130,11 +136,29 @@ public struct RuntimeBundle: Sendable {
         spec.balloon = BalloonSpec()
         spec.environment = env
         spec.workingDirectory = cwd
+        spec.vsockCID = agentCID
+        spec.vsockShell = agentCID != nil
         return spec
     }
 
     /// A container runs until its process ends or it is killed: the launch's time-out is ten years.
     public static let noTimeout: Double = 10 * 365 * 86_400
+
+    /// A process as `runc exec --process FILE` reads it (containerd's shim writes one for `ctr task
+    /// exec`, Docker for `docker exec`), checked as `config.json`'s process is.
+    public static func process(from data: Data, named source: String) throws -> Config.Process {
+        let process = try decode(Config.Process.self, from: data, named: source)
+        guard let args = process.args, !args.isEmpty, !args[0].isEmpty else {
+            throw MicroVMError.invalidArgument("\(source): args must not be empty")
+        }
+        if let bad = VMSpec.badEnvironmentEntry(process.env ?? []) {
+            throw MicroVMError.invalidArgument("\(source): env has '\(bad)', which is not NAME=VALUE")
+        }
+        if let cwd = process.cwd, !cwd.isEmpty, !VMSpec.isWorkingDirectory(cwd) {
+            throw MicroVMError.invalidArgument("\(source): cwd '\(cwd)' is not an absolute path")
+        }
+        return process
+    }
 
     /// `linux.resources` as `runc update --resources` reads it (from containerd's shim, or
     /// `docker update` through it), its problems named with the field.

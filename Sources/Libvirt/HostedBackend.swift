@@ -600,7 +600,7 @@ public struct HostedBackend: InstanceBackend {
         return try BalloonResize.use(boot: boot, statistics: response.body)
     }
 
-    /// Through the guest init's vsock shell (`--vsock CID --vsock-shell`: libvirt gives the
+    /// Through the guest agent (`--vsock CID --vsock-shell`: libvirt gives the
     /// domain a vhost-vsock device), as for direct VMs.
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
         guard let r = HostedRecord.load(name, in: recordDirectory) else {

@@ -19,9 +19,9 @@ public enum GuestProtocol {
     public static let bootTimerValue: UInt8 = 123
     /// Kernel command-line key that carries the base64 of the command (NUL-separated argv).
     public static let commandParameter = "mvm.cmd"
-    /// Kernel command-line key that asks the init to serve a shell on this vsock port while the
-    /// command runs (the guest needs socat; the host connects to the VM's CID and this port).
-    /// Only set when the spec asks for it (`VMSpec.vsockShell`): the shell has no credentials.
+    /// Kernel command-line key that asks the init to start the guest agent (images/agent) on this
+    /// vsock port while the command runs (the host connects to the VM's CID and this port).
+    /// Only set when the spec asks for it (`VMSpec.vsockShell`): the agent has no credentials.
     public static let vsockParameter = "mvm.vsock"
     /// Set to 1 when the rootfs disk is the shared image, attached read-only: the init mounts it so.
     public static let readOnlyRootParameter = "mvm.ro"
@@ -63,7 +63,7 @@ public enum GuestProtocol {
 extension VMSpec {
     /// What the guest init reads besides the command, for every VM backend: eth0's address and
     /// the host end as its gateway (`mvm.ip`, `mvm.gw`; the init exports the latter as
-    /// `$MVM_HOST`), and the vsock shell's port (`mvm.vsock`) when the spec asks for it.
+    /// `$MVM_HOST`), and the guest agent's port (`mvm.vsock`) when the spec asks for it.
     public var initParameters: [String] {
         var p: [String] = []
         if let g = net?.guestAddress {

@@ -90,7 +90,7 @@ public struct VMSpec: Codable, Sendable, Hashable {
     public var disks: [DiskSpec]
     public var net: NetSpec?
     public var vsockCID: UInt32?
-    /// With a vsock CID: the guest init serves a shell on `GuestProtocol.vsockShellPort` while the
+    /// With a vsock CID: the guest init starts the guest agent on `GuestProtocol.vsockShellPort` while the
     /// command runs. Any host process may connect to it (vsock has no credentials), so it is
     /// for hosts whose users are trusted, and off unless asked for.
     public var vsockShell = false
@@ -130,7 +130,7 @@ public struct VMSpec: Codable, Sendable, Hashable {
         }
         guard memory >= .mebibytes(16) else { throw MicroVMError.invalidArgument("--memory \(memory) is too small: a Linux guest needs at least 16M") }
         if vsockShell, vsockCID == nil {
-            throw MicroVMError.invalidArgument("--vsock-shell needs --vsock CID: the shell listens on the VM's vsock device")
+            throw MicroVMError.invalidArgument("--vsock-shell needs --vsock CID: the agent listens on the VM's vsock device")
         }
     }
 }

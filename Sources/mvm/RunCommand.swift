@@ -51,7 +51,7 @@ struct RunCommand: AsyncParsableCommand {
     @Option(help: "Give the guest a virtio-vsock device with this CID (3 or more; needs /dev/vhost-vsock on the host, for direct and hosted VMs alike).") var vsock: UInt32?
     @Option(help: "Hosted mode: boot with room for this many vCPUs (CPU hotplug), so mvm update --cpus can add and remove vCPUs live.") var maxCpus: Int?
     @Flag(help: "Direct mode: give the guest a virtio-balloon (statistics every second, free page reporting, deflate on OOM), so mvm update --memory can resize it live and the pages it frees go back to the host.") var balloon = false
-    @Flag(help: "With --vsock: the guest init serves a root shell on vsock port 1024 while the command runs. Any host process can connect to it: use it only where the host's users are trusted.") var vsockShell = false
+    @Flag(help: "With --vsock: the guest agent serves `mvm exec` on vsock port 1024 while the command runs. Any host process can connect to it and run commands as root in the guest: use it only where the host's users are trusted.") var vsockShell = false
     @Option(help: "libvirt URI for --mode hosted (default qemu:///embed).") var connect: String?
     @Option(help: "Container runtime for --mode container: runc, crun, runsc (gVisor) or docker.") var runtime: String?
     @Option(help: "Instance name (default: generated).") var name: String?

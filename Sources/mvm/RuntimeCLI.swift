@@ -13,8 +13,8 @@ import MicroVM
 /// start FIFO until `start`, then runs the bundle's process in a VM (direct where KVM is real,
 /// else hosted QEMU) under an allocator grant, writes what the process printed to the stdio the
 /// shim gave `create`, and exits with the process's status. `kill` stops the VM (the signal's
-/// number is in the exit status), `update` resizes it through the allocator, `delete` removes
-/// what `create` made.
+/// number is in the exit status), `update` resizes it through the allocator, `exec` runs another
+/// process in it through the guest agent, `delete` removes what `create` made.
 enum RuntimeCLI {
     struct Global {
         var root = "/run/mvm-runtime"
@@ -25,7 +25,7 @@ enum RuntimeCLI {
     /// What a run of `mvm-runtime` failed with: written to stderr and, as runc does, to `--log`.
     struct Failure: Error { var message: String }
 
-    static let verbs = ["create", "start", "state", "kill", "delete", "ps", "update", "features"]
+    static let verbs = ["create", "start", "state", "kill", "delete", "ps", "exec", "update", "features"]
 
     static func main(_ arguments: [String]) async -> Int32 {
         var g = Global()
@@ -50,9 +50,11 @@ enum RuntimeCLI {
             case "kill": try kill(g, rest)
             case "delete": try delete(g, rest)
             case "ps": try ps(g, rest)
+            case "exec": return try exec(g, rest)
             case "update": try await update(g, rest)
             case "features": print(features)
             case "_supervise": return await supervise(g, rest)
+            case "_exec": return relayExec(g, rest)
             default:
                 throw Failure(message: "\(verb) is not supported by mvm-runtime (a container here is a micro-VM): it supports \(verbs.joined(separator: ", "))")
             }
@@ -186,6 +188,13 @@ enum RuntimeCLI {
         return "ctr-\(safe)-" + shortDigest(id)
     }
 
+    /// The vsock context id of a container's VM: from its name, above the few ids people pick by
+    /// hand (3...999) and below 2^31. Two containers whose ids meet here cannot both start: the
+    /// second VM's vsock device is refused, and its `start` says so.
+    static func agentCID(_ instance: String) -> UInt32 {
+        1000 + UInt32(UInt64(shortDigest(instance), radix: 16)! % UInt64((1 << 31) - 1000))
+    }
+
     // MARK: verbs
 
     static func create(_ g: Global, _ args: [String]) throws {
@@ -198,8 +207,10 @@ enum RuntimeCLI {
             throw Failure(message: "process.terminal is set (ctr run -t, docker run -t): mvm-runtime has no console yet; run without a terminal")
         }
         let instance = instanceName(id)
+        // The guest agent, for `exec`, where the host can reach a VM's vsock.
+        let agent = FileManager.default.fileExists(atPath: "/dev/vhost-vsock") ? agentCID(instance) : nil
         let spec = try bundle.spec(name: instance, config: try MicroVMConfig.load(), host: try HostCapacity.probe(),
-                                   disk: Paths.default.state + "/runtime-disks/" + instance + ".ext4")
+                                   disk: Paths.default.state + "/runtime-disks/" + instance + ".ext4", agentCID: agent)
         let store = Store(root: g.root)
         let dir = store.dir(id)
         try Paths.ensureDirectory(g.root)
@@ -387,6 +398,93 @@ enum RuntimeCLI {
         let cfg = try MicroVMConfig.load()
         let backend = try await InstanceLookup.find(name: r.instance, connect: cfg.defaults.connect)
         _ = try await InstanceUpdater(allocator: try Allocator.open(paths: .default, config: cfg)).update(name: r.instance, change, on: backend)
+    }
+
+    /// `exec [--process FILE | ID CMD ARG...] [--detach] [--pid-file P] [--cwd D] [--env E]...
+    /// [--user UID[:GID]] ID`: runs a process in the running container's VM through the guest
+    /// agent, as containerd's shim calls it for `ctr task exec` and Docker for `docker exec`.
+    /// Without `--detach` it relays stdio and signals and exits with the process's status; with
+    /// it, a relay of its own (in the pid file, which the shim watches) does that, and `exec`
+    /// returns once it runs.
+    static func exec(_ g: Global, _ args: [String]) throws -> Int32 {
+        let o = try Options(args, values: ["process", "p", "pid-file", "console-socket", "cwd", "env", "e", "user", "u", "preserve-fds",
+                                           "process-label", "apparmor", "cap", "c", "cgroup"],
+                            flags: ["detach", "d", "tty", "t", "no-new-privs", "ignore-paused"], untilPositional: true)
+        let id = try o.id("exec")
+        let store = Store(root: g.root)
+        let r = try store.load(id)
+        guard store.alive(r), r.status == "running" else { throw Failure(message: "cannot exec in a container that is \(store.status(r))") }
+        var request: GuestAgent.Request
+        if let file = o.values["process"] ?? o.values["p"] {
+            guard let data = FileManager.default.contents(atPath: file) else { throw Failure(message: "open \(file): cannot read the process file") }
+            let p = try RuntimeBundle.process(from: data, named: file)
+            if p.terminal == true {
+                throw Failure(message: "process.terminal is set (ctr task exec -t, docker exec -t): mvm-runtime has no console yet; run without a terminal")
+            }
+            request = GuestAgent.Request(arguments: p.args ?? [], environment: p.env, workingDirectory: p.cwd.flatMap { $0.isEmpty ? nil : $0 },
+                                         user: p.user.flatMap { u in (u.uid ?? 0) == 0 && (u.gid ?? 0) == 0 ? nil : .init(uid: u.uid ?? 0, gid: u.gid ?? 0) })
+        } else {
+            guard o.positional.count > 1 else { throw Failure(message: "exec needs a command: mvm-runtime exec ID CMD [ARG...], or --process FILE") }
+            if !o.flags.isDisjoint(with: ["tty", "t"]) { throw Failure(message: "--tty: mvm-runtime has no console yet; run without a terminal") }
+            request = GuestAgent.Request(arguments: Array(o.positional.dropFirst()), workingDirectory: o.values["cwd"])
+            if let e = o.values["env"] ?? o.values["e"] { request.environment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", e] }
+            if let u = o.values["user"] ?? o.values["u"] {
+                let parts = u.split(separator: ":", omittingEmptySubsequences: false).map { UInt32($0) }
+                guard let uid = parts.first ?? nil, parts.count <= 2, parts.allSatisfy({ $0 != nil }) else {
+                    throw Failure(message: "--user \(u): give UID or UID:GID (numbers: the guest's names are not the host's)")
+                }
+                request.user = .init(uid: uid, gid: parts.count == 2 ? parts[1]! : uid)
+            }
+        }
+        guard r.spec.vsockCID != nil else {
+            throw Failure(message: "container \(id) has no guest agent: exec needs /dev/vhost-vsock when the container is created (modprobe vhost_vsock)")
+        }
+        let encoded = try JSONEncoder().encode(request).base64EncodedString()
+        guard !o.flags.isDisjoint(with: ["detach", "d"]) else { return relayExec(g, [id, encoded]) }
+        var argv = ["mvm-runtime", "--root", g.root]
+        if let log = g.log { argv += ["--log", log, "--log-format", g.logJSON ? "json" : "text"] }
+        let pid = try ChildProcess.detached(argv + ["_exec", id, encoded], executable: "/proc/self/exe")
+        if let pidFile = o.values["pid-file"] { try Paths.writeScratch(Data("\(pid)".utf8), to: pidFile, atomically: true) }
+        return 0
+    }
+
+    /// `_exec ID REQUEST`: runs the request (base64 of its JSON) in the container's VM, with this
+    /// process's stdin, stdout and stderr as the process's, and the signals it gets sent on to the
+    /// process; exits with the process's status (137 when the VM goes away before it ends).
+    static func relayExec(_ g: Global, _ args: [String]) -> Int32 {
+        let store = Store(root: g.root)
+        guard args.count == 2, let r = try? store.load(args[0]), let cid = r.spec.vsockCID,
+              let data = Data(base64Encoded: args[1]), let request = try? JSONDecoder().decode(GuestAgent.Request.self, from: data) else {
+            report(g, "exec: no such container, or a bad request")
+            return 126
+        }
+        let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT])
+        signal(SIGPIPE, SIG_IGN)
+        do {
+            // Right after `start` the guest may still be booting: its agent is reached once it
+            // listens, as long as the container runs (at most 120 s).
+            let deadline = Monotonic.seconds() + 120
+            var connection: Int32?
+            while connection == nil {
+                do {
+                    connection = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
+                } catch {
+                    guard store.alive(r), Monotonic.seconds() < deadline else { throw error }
+                    usleep(200_000)
+                }
+            }
+            let fd = connection!
+            defer { close(fd) }
+            return try GuestAgent.relay(fd, request, input: 0, signals: signals, timeout: nil) { stream, bytes in
+                _ = bytes.withUnsafeBytes { Glibc.write(stream, $0.baseAddress, $0.count) }
+            }
+        } catch let e as MicroVMError where e.code == .guestError && !store.alive(r) {
+            report(g, "exec: the container's VM stopped before the process ended")
+            return 137
+        } catch {
+            report(g, "exec: \((error as? MicroVMError)?.description ?? String(describing: error))")
+            return 126
+        }
     }
 
     static let features = """

@@ -104,6 +104,20 @@ struct RuntimeCLITests {
         #expect(busy.status == 1 && busy.stderrText.contains("not stopped"))
         // Wait for the VM to be up (its grant held) before stopping it.
         #expect(Self.poll(180) { (try? MVM.run(["ps"], environment: s.env).stdoutText.contains("running")) == true })
+        // exec: a bad process file or a terminal is refused as runc refuses them; the process
+        // runs through the guest agent where the host has vhost-vsock, and says why not elsewhere.
+        try #"{"args": [], "cwd": "/"}"#.write(toFile: s.dir + "/noargs.json", atomically: true, encoding: .utf8)
+        let noArgs = try s.run(["exec", "--process", s.dir + "/noargs.json", "--detach", "life"])
+        #expect(noArgs.status == 1 && noArgs.stderrText.contains("args must not be empty"), "\(noArgs.stderrText)")
+        let tty = try s.run(["exec", "-t", "life", "true"])
+        #expect(tty.status == 1 && tty.stderrText.contains("no console"), "\(tty.stderrText)")
+        #expect(try s.run(["exec", "nosuch", "true"]).status == 1)
+        let exec = try s.run(["exec", "life", "sh", "-c", "echo exec-out; echo exec-err >&2; exit 4"])
+        if FileManager.default.fileExists(atPath: "/dev/vhost-vsock") {
+            #expect(exec.status == 4 && exec.stdoutText == "exec-out\n" && exec.stderrText == "exec-err\n", "\(exec.status) \(exec.stdoutText) \(exec.stderrText)")
+        } else {
+            #expect(exec.status == 1 && exec.stderrText.contains("no guest agent: exec needs /dev/vhost-vsock"), "\(exec.stderrText)")
+        }
         // update, as the shim calls it (resources on stdin): the weight and the quota change
         // live through the allocator; what cannot be or does not fit is refused, nothing changed.
         try #"{"cpu": {"shares": 2048, "quota": 50000, "period": 100000}}"#.write(toFile: s.dir + "/res.json", atomically: true, encoding: .utf8)

@@ -223,7 +223,8 @@ struct RigKVMTests {
 
     @Test func directVsockReachesTheGuestInit() throws {
         let s = try step("vsock")
-        #expect(s.output.contains("vsock-ok"), "no answer from the guest's vsock shell: \(s.output.suffix(2000))")
+        #expect(s.output.contains("vsock-ok"), "no answer from the guest agent: \(s.output.suffix(2000))")
+        #expect(s.output.contains("to-stderr"), "the process's stderr comes back too: \(s.output.suffix(2000))")
         #expect(s.output.contains("vm-status=9"), "ending the guest's sleep over vsock must end the run with its status: \(s.output.suffix(2000))")
         #expect(s.output.contains("exec-ran-in-") && s.output.contains("exec-status=5"), "mvm exec through the guest's vsock agent: \(s.output.suffix(2000))")
     }
@@ -296,6 +297,9 @@ struct RigKVMTests {
         #expect(s.output.contains("imported"), "\(s.output)")
         #expect(s.output.contains("hi from ") && s.output.contains("run=3"), "\(s.output)")
         #expect(s.output.contains("direct") && s.output.contains("STOPPED"), "the second ran in the direct VMM and was stopped: \(s.output)")
+        #expect(s.output.contains("exec-out init") && s.output.contains("exec-err") && s.output.contains("exec=4"),
+                "ctr task exec runs in the VM, beside its init, with its stdout, stderr and status: \(s.output)")
+        #expect(s.output.contains("through-stdin\nexec-stdin=0"), "ctr task exec's stdin reaches the process: \(s.output)")
         for line in ["task-delete=0", "container-delete=0", "instances-left=0", "grants-left=0", "disks-left=0"] {
             #expect(s.output.contains(line), "\(line): \(s.output)")
         }
@@ -496,10 +500,12 @@ enum RigKVMSession {
 
     /// containerd's runc shim drives mvm-runtime inside the rig, where the VM is the direct VMM
     /// on nested KVM: a busybox image imported from a docker save tarball runs, its output and
-    /// status come back; `ctr task kill` stops a second one; the deletes leave nothing.
+    /// status come back; `ctr task exec` runs two processes in a second one through the guest
+    /// agent (output, stderr, stdin, status); `ctr task kill` stops it; the deletes leave nothing.
     static func containerdScript(mvm: String) -> String {
         let m = ProcessRunner.shellQuote(mvm)
         return """
+        modprobe vhost_vsock 2>/dev/null
         d=/tmp/ctrd; mkdir -p $d; ln -sf \(m) $d/mvm-runtime
         printf 'version = 2\\nroot = "%s/root"\\nstate = "%s/state"\\n[grpc]\\n  address = "%s/sock"\\n' $d $d $d > $d/config.toml
         containerd --config $d/config.toml >$d/log 2>&1 &
@@ -512,6 +518,9 @@ enum RigKVMSession {
         $c run --snapshotter native -d --runc-binary $d/mvm-runtime docker.io/library/busybox:latest two sleep 600 </dev/null
         for i in $(seq 1 120); do \(m) ps | grep -q 'ctr-two .*running' && break; sleep 1; done
         \(m) ps | grep ctr-two
+        # Processes run beside the container's own through the guest agent, with their own stdio and status.
+        $c task exec --exec-id e1 two sh -c 'echo exec-out $(cat /proc/1/comm); echo exec-err >&2; exit 4' </dev/null; echo "exec=$?"
+        printf 'through-stdin\n' | $c task exec --exec-id e2 two cat; echo "exec-stdin=$?"
         $c task kill two; for i in $(seq 1 60); do $c task ls | grep -q STOPPED && break; sleep 1; done
         $c task ls | grep two
         $c task delete two >/dev/null; echo "task-delete=$?"; $c container delete two; echo "container-delete=$?"
@@ -555,9 +564,9 @@ enum RigKVMSession {
         """
     }
 
-    /// A guest waits in `sleep`; the host reaches the init's vsock shell through vhost-vsock
-    /// (CID 42, port 1024), runs two commands there and ends the sleep, so the run ends early
-    /// with the command's status 9 instead of running out its time.
+    /// A guest waits in `sleep`; the host reaches the guest agent through vhost-vsock (CID 42,
+    /// port 1024) with `mvm exec`, runs two commands there and ends the sleep, so the run ends
+    /// early with the command's status 9 instead of running out its time.
     static func vsockScript(mvm: String) -> String {
         """
         modprobe vhost_vsock 2>/dev/null
@@ -565,15 +574,14 @@ enum RigKVMSession {
         vm=$!
         out=
         for i in $(seq 1 200); do
-            out=$(printf 'uname -r; echo vsock-ok\n' \
-                  | socat -t 10 - VSOCK-CONNECT:42:1024 2>/dev/null)
+            out=$(\(ProcessRunner.shellQuote(mvm)) exec rigvs -- sh -c 'uname -r; echo vsock-ok' 2>&1)
             case "$out" in *vsock-ok*) break ;; esac
             sleep 1
         done
         printf '%s\n' "$out"
-        \(ProcessRunner.shellQuote(mvm)) exec rigvs -- sh -c 'echo exec-ran-in-$(hostname); exit 5'
+        \(ProcessRunner.shellQuote(mvm)) exec rigvs -- sh -c 'echo exec-ran-in-$(hostname); echo to-stderr >&2; exit 5'
         echo "exec-status=$?"
-        printf 'killall sleep\n' | socat -t 10 - VSOCK-CONNECT:42:1024 >/dev/null 2>&1
+        \(ProcessRunner.shellQuote(mvm)) exec rigvs -- killall sleep >/dev/null 2>&1
         wait $vm
         echo "vm-status=$?"
         tail -5 /tmp/vsock-run.out
