@@ -24,10 +24,8 @@ struct OwnerRecord: Codable, Sendable {
                     created: Date(), cpus: cpus, memory: memory)
     }
 
-    var ownerAlive: Bool {
-        guard Glibc.kill(pid, 0) == 0 || errno == EPERM else { return false }
-        return ProcessIdentity.startTime(pid: pid) == startTicks
-    }
+    /// The owner runs still: the same process (pid and start time), and not a zombie.
+    var ownerAlive: Bool { ProcessIdentity.isAlive(pid: pid, startTime: startTicks) }
 }
 
 

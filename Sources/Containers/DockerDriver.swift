@@ -156,7 +156,7 @@ struct DockerDriver: Sendable {
         guard let kv = labels.split(separator: ",").first(where: { $0.hasPrefix(ownerLabel + "=") }) else { return false }
         let v = kv.dropFirst(ownerLabel.count + 1).split(separator: ":")
         guard v.count == 2, let pid = Int32(v[0]), let ticks = UInt64(v[1]) else { return false }
-        return ProcessIdentity.startTime(pid: pid) == ticks
+        return ProcessIdentity.isAlive(pid: pid, startTime: ticks)
     }
 
     /// Removes our Docker containers whose `mvm` died (`--rm` only fires when the client lives).

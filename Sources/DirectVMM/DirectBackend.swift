@@ -277,11 +277,15 @@ public struct DirectBackend: InstanceBackend {
     /// Through the guest agent (`--vsock CID --vsock-shell`), over the host's
     /// vhost-vsock: the command, then its status on a line of its own.
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
+        try await GuestAgent.exec(cid: try await agentCID(name: name)!, command: command)
+    }
+
+    public func agentCID(name: String) async throws -> UInt32? {
         let r = try running(name)
         guard let cid = r.vsockCID, r.vsockShell == true else {
             throw MicroVMError.unsupported("direct instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
         }
-        return try await GuestAgent.exec(cid: cid, command: command)
+        return cid
     }
 
     public func logs(name: String) async throws -> String {

@@ -603,13 +603,17 @@ public struct HostedBackend: InstanceBackend {
     /// Through the guest agent (`--vsock CID --vsock-shell`: libvirt gives the
     /// domain a vhost-vsock device), as for direct VMs.
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
+        try await GuestAgent.exec(cid: try await agentCID(name: name)!, command: command)
+    }
+
+    public func agentCID(name: String) async throws -> UInt32? {
         guard let r = HostedRecord.load(name, in: recordDirectory) else {
             throw MicroVMError.notFound("no hosted instance named '\(name)': see mvm ps")
         }
         guard let cid = r.agentCID else {
             throw MicroVMError.unsupported("hosted instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
         }
-        return try await GuestAgent.exec(cid: cid, command: command)
+        return cid
     }
 
     /// Counters from the run's control API (libvirt's view of the domain and its balloon).

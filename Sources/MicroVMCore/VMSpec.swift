@@ -239,6 +239,10 @@ public protocol InstanceBackend: Sendable {
     func stats(name: String) async throws -> String
     /// Runs a command inside a running instance; its exit status and output (stdout and stderr).
     func exec(name: String, command: [String]) async throws -> (status: Int32, output: String)
+    /// The vsock context id of a running VM's guest agent, which `mvm exec` streams through;
+    /// nil for instances that run commands another way (containers). Throws, saying how to start
+    /// one, for a VM without an agent.
+    func agentCID(name: String) async throws -> UInt32?
     /// Throws, before anything changes, when a running instance of this backend cannot take
     /// `to` in place of `from` live (a VM's vCPU count, say): the error says what can change.
     func checkUpdate(name: String, from: Enforcement, to: Enforcement) throws
@@ -297,4 +301,5 @@ extension InstanceBackend {
     }
     public func update(name: String, from: Enforcement, to: Enforcement) async throws { try checkUpdate(name: name, from: from, to: to) }
     public func memoryUse(name: String) async throws -> GuestMemoryUse? { nil }
+    public func agentCID(name: String) async throws -> UInt32? { nil }
 }

@@ -99,16 +99,30 @@ struct ExecCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "exec",
         abstract: "Run a command in a running instance and exit with its status (containers; direct and hosted VMs started with --vsock CID --vsock-shell).",
-        discussion: "Example: mvm exec web-1 -- cat /proc/loadavg")
+        discussion: """
+            In a VM the command runs through the guest agent: its stdout and stderr stream back as they come, \
+            and the signals this command gets (Ctrl-C too) go on to it. Example: mvm exec web-1 -- cat /proc/loadavg
+            """)
     @OptionGroup var instance: InstanceArguments
+    @Flag(name: .shortAndLong, help: "Keep stdin open: what this command reads goes to the process (VMs; without it the process's stdin is empty).") var interactive = false
     @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []
 
     func run() async throws {
         let status: Int32 = try await reportingErrors {
             guard !command.isEmpty else { throw MicroVMError.invalidArgument("give the command after --: mvm exec \(instance.name) -- CMD") }
-            let r = try await instance.backend().exec(name: instance.name, command: command)
-            FileHandle.standardOutput.write(Data(r.output.utf8))
-            return r.status
+            let backend = try await instance.backend()
+            guard let cid = try await backend.agentCID(name: instance.name) else {
+                if interactive { throw MicroVMError.unsupported("--interactive works for VMs: a container's exec here has no stdin") }
+                let r = try await backend.exec(name: instance.name, command: command)
+                FileHandle.standardOutput.write(Data(r.output.utf8))
+                return r.status
+            }
+            let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2])
+            let fd = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
+            defer { close(fd) }
+            return try GuestAgent.relay(fd, .init(arguments: command), input: interactive ? 0 : nil, signals: signals, timeout: nil) { stream, bytes in
+                _ = bytes.withUnsafeBytes { write(stream, $0.baseAddress, $0.count) }
+            }
         }
         if status != 0 { throw ExitCode(status) }
     }
