@@ -125,7 +125,8 @@ public struct RuntimeBundle: Sendable {
     /// for (the configuration's default profile where it is silent), the process's arguments,
     /// environment and working directory, the bundle's root as a tree and as the disk `disk`,
     /// and a balloon.
-    /// With `agentCID`, the VM gets that vsock context id and the guest agent, for `exec`.
+    /// With `agentCID`, the VM gets that vsock context id and the guest agent, which runs the
+    /// process (`VMSpec.agentRunsCommand`) and `exec`'s.
     public func spec(name: String, config: MicroVMConfig, host: HostCapacity, disk: String, agentCID: UInt32? = nil) throws -> VMSpec {
         let slice = try self.slice(defaults: try config.profile(named: config.defaults.profile).slice(),
                                    hostMemory: host.memoryTotal, hostCPUs: host.onlineCPUs.count)
@@ -138,6 +139,9 @@ public struct RuntimeBundle: Sendable {
         spec.workingDirectory = cwd
         spec.vsockCID = agentCID
         spec.vsockShell = agentCID != nil
+        // With the agent, the supervisor runs the process through it: output streams as it
+        // comes, and `kill`'s signals reach the process itself.
+        spec.agentRunsCommand = agentCID != nil ? true : nil
         return spec
     }
 

@@ -8,8 +8,8 @@ import MicroVMCore
 /// `mvm exec` and `mvm-runtime exec` run a process in a VM.
 ///
 /// Both ways every message is a frame: a type byte, a 4-byte big-endian length, the payload.
-/// The host sends the request (`A` arguments, `E` environment, `W` directory, `U` user, then
-/// `X`), then the process's stdin (`I`, `C` to close it) and signals (`K`); the agent sends its
+/// The host sends the request (`A` arguments, `E` environment, `W` directory, `U` user, `M` the
+/// VM's own process, then `X`), then the process's stdin (`I`, `C` to close it) and signals (`K`); the agent sends its
 /// stdout (`O`) and stderr (`D`), and last its status (`S`, after `F` when it could not run it).
 ///
 /// ```swift
@@ -28,12 +28,15 @@ public enum GuestAgent {
         public var environment: [String]?
         public var workingDirectory: String?
         public var user: User?
+        /// The VM's own process (`VMSpec.agentRunsCommand`): the guest init ends the VM with its status.
+        public var main: Bool?
 
-        public init(arguments: [String], environment: [String]? = nil, workingDirectory: String? = nil, user: User? = nil) {
+        public init(arguments: [String], environment: [String]? = nil, workingDirectory: String? = nil, user: User? = nil, main: Bool? = nil) {
             self.arguments = arguments
             self.environment = environment
             self.workingDirectory = workingDirectory
             self.user = user
+            self.main = main
         }
 
         /// The request's frames, `X` last.
@@ -43,6 +46,7 @@ public enum GuestAgent {
             for e in environment ?? [] { out += GuestAgent.frame("E", Array(e.utf8)) }
             if let workingDirectory { out += GuestAgent.frame("W", Array(workingDirectory.utf8)) }
             if let user { out += GuestAgent.frame("U", Array("\(user.uid):\(user.gid)".utf8)) }
+            if main == true { out += GuestAgent.frame("M", []) }
             return out + GuestAgent.frame("X", [])
         }
     }
@@ -79,11 +83,11 @@ public enum GuestAgent {
     /// One exchange on a connected agent socket: sends the request, copies `input` (a file
     /// descriptor, read to its end; nil closes the process's stdin at once) to the process, hands
     /// every piece of its stdout (`1`) and stderr (`2`) to `output` as it comes, and sends the
-    /// agent each signal read from `signals` (`signalDescriptor`'s). Returns the process's status (128 + N
-    /// when a signal N ended it). Throws when the guest breaks the protocol, goes away before the
+    /// agent each signal read from `signals` (`signalDescriptor`'s) that `forward` lets through.
+    /// Returns the process's status (128 + N when a signal N ended it). Throws when the guest breaks the protocol, goes away before the
     /// status, or `timeout` seconds (nil: no limit) pass without a frame.
     public static func relay(_ fd: Int32, _ request: Request, input: Int32?, signals: Int32? = nil, timeout: Int?,
-                             output: (Int32, [UInt8]) throws -> Void) throws -> Int32 {
+                             forward: (Int32) -> Bool = { _ in true }, output: (Int32, [UInt8]) throws -> Void) throws -> Int32 {
         guard !request.arguments.isEmpty else { throw MicroVMError.invalidArgument("no command given to run in the guest") }
         try send(fd, request.frames + (input == nil ? frame("C", []) : []))
         var reader = FrameReader()
@@ -99,7 +103,7 @@ public enum GuestAgent {
             for p in fds.dropFirst() where p.revents != 0 {
                 if p.fd == signals {
                     var number: UInt8 = 0
-                    if read(p.fd, &number, 1) == 1 { try send(fd, frame("K", [number])) }
+                    if read(p.fd, &number, 1) == 1, forward(Int32(number)) { try send(fd, frame("K", [number])) }
                 } else {
                     let n = buf.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, stdinChunk) }
                     if n > 0 {

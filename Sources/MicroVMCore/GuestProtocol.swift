@@ -23,6 +23,9 @@ public enum GuestProtocol {
     /// vsock port while the command runs (the host connects to the VM's CID and this port).
     /// Only set when the spec asks for it (`VMSpec.vsockShell`): the agent has no credentials.
     public static let vsockParameter = "mvm.vsock"
+    /// Set to 1 when the host runs the command through the guest agent (`VMSpec.agentRunsCommand`):
+    /// the init waits for the status the agent hands it, then frames it and powers off.
+    public static let agentRunsCommandParameter = "mvm.await"
     /// Set to 1 when the rootfs disk is the shared image, attached read-only: the init mounts it so.
     public static let readOnlyRootParameter = "mvm.ro"
     /// Set to 1 when vCPUs may be added while the guest runs (`--max-cpus`): the init brings
@@ -70,7 +73,10 @@ extension VMSpec {
             p.append("mvm.ip=\(HostLinks.withLength(g))")
             if let h = net?.hostAddress { p.append("mvm.gw=\(HostLinks.address(h))") }
         }
-        if vsockCID != nil, vsockShell { p.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)") }
+        if vsockCID != nil, vsockShell {
+            p.append("\(GuestProtocol.vsockParameter)=\(GuestProtocol.vsockShellPort)")
+            if agentRunsCommand == true { p.append("\(GuestProtocol.agentRunsCommandParameter)=1") }
+        }
         if let maxCPUs, maxCPUs > cpus { p.append("\(GuestProtocol.cpuHotplugParameter)=1") }
         if let environment { p.append("\(GuestProtocol.environmentParameter)=\(GuestProtocol.encodeCommand(environment))") }
         if let dir = workingDirectory, dir != "/" {

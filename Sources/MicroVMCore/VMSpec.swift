@@ -94,6 +94,10 @@ public struct VMSpec: Codable, Sendable, Hashable {
     /// command runs. Any host process may connect to it (vsock has no credentials), so it is
     /// for hosts whose users are trusted, and off unless asked for.
     public var vsockShell = false
+    /// With the guest agent: the init runs no command itself but waits for the host to run it
+    /// through the agent (its stdio streamed live, signals delivered to it, as a container's
+    /// process is) and ends the VM with that process's status.
+    public var agentRunsCommand: Bool?
     /// A memory balloon (direct VMs): how much of the guest's memory the host may take back, and
     /// how the guest reports what it uses and frees.
     public var balloon: BalloonSpec?

@@ -294,8 +294,13 @@ enum RuntimeCLI {
         return n
     }
 
-    /// Signals that end a process end the VM: the supervisor stops it and exits with 128 + the
-    /// signal. A guest cannot be stopped or continued from here, nor sent other signals.
+    /// The signals the supervisor sends on to a process the guest agent runs (PWR is 30).
+    static let forwardedSignals: [Int32] = [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, SIGWINCH, 30]
+
+    /// Where the guest agent runs the container's process, a signal reaches that process in the
+    /// guest (through the supervisor, which sends it on), and KILL stops the VM. Without the
+    /// agent, signals that end a process end the VM: the supervisor stops it and exits with 128
+    /// + the signal. A guest cannot be stopped or continued from here.
     static func kill(_ g: Global, _ args: [String]) throws {
         let o = try Options(args, values: [], flags: ["all", "a"])
         let id = try o.id("kill")
@@ -303,6 +308,13 @@ enum RuntimeCLI {
         let store = Store(root: g.root)
         var r = try store.load(id)
         guard store.alive(r) else { throw Failure(message: "container not running") }
+        if r.spec.agentRunsCommand == true, r.status == "running", sig != SIGKILL {
+            guard forwardedSignals.contains(sig) else {
+                throw Failure(message: "signal \(sig) cannot be sent on to the process inside the VM; HUP, INT, QUIT, USR1, USR2, TERM, WINCH and PWR reach it, KILL stops the VM")
+            }
+            Glibc.kill(r.pid, sig)
+            return
+        }
         guard [SIGKILL, SIGTERM, SIGINT, SIGHUP, SIGQUIT, 30].contains(sig) else {
             throw Failure(message: "signal \(sig) cannot reach the process inside the VM; KILL, TERM, INT, HUP, QUIT and PWR stop it")
         }
@@ -487,6 +499,63 @@ enum RuntimeCLI {
         }
     }
 
+    /// Whether a launch has ended, for code that cannot await it.
+    final class Ended: Sendable {
+        let flag = Mutex(false)
+        var value: Bool { flag.withLock { $0 } }
+    }
+
+    /// Boots the container's VM and, once its guest agent listens, runs the process through it:
+    /// stdout and stderr stream to this process's as they come, stdin follows, and the signals
+    /// `kill` sends on reach the process; KILL (recorded by `kill`) stops the VM instead. The
+    /// process's end ends the VM (the guest init waits for it, `mvm.await`). Returns its status,
+    /// 137 when KILL stopped it, or the VM's own result when it ended before the agent answered.
+    static func superviseThroughAgent(store: Store, id: String, spec: VMSpec, cid: UInt32, signals: Int32?,
+                                      launch: @escaping @Sendable () async throws -> RunResult) async throws -> Int32 {
+        let ended = Ended()
+        let vm = Task {
+            defer { ended.flag.withLock { $0 = true } }
+            return try await launch()
+        }
+        let killed = { @Sendable in (try? store.load(id).killSignal) == SIGKILL }
+        let request = GuestAgent.Request(arguments: spec.command.isEmpty ? ["true"] : spec.command, environment: spec.environment,
+                                         workingDirectory: spec.workingDirectory, main: true)
+        let relayed = await Task.detached { () throws -> Int32 in
+            var connection: Int32?
+            while connection == nil {
+                if killed() { throw CancellationError() }
+                do {
+                    connection = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
+                } catch {
+                    guard !ended.value else { throw error }
+                    usleep(100_000)
+                }
+            }
+            let fd = connection!
+            defer { close(fd) }
+            return try GuestAgent.relay(fd, request, input: 0, signals: signals, timeout: nil, forward: { _ in
+                guard killed() else { return true }
+                vm.cancel()
+                return false
+            }) { stream, bytes in
+                _ = bytes.withUnsafeBytes { Glibc.write(stream, $0.baseAddress, $0.count) }
+            }
+        }.result
+        if case .failure = relayed { vm.cancel() }
+        // The process has ended: the guest powers off by itself; one that does not is stopped.
+        let stopper = Task {
+            try await Task.sleep(for: .seconds(30))
+            vm.cancel()
+        }
+        let launched = await vm.result
+        stopper.cancel()
+        if killed() { return 128 + SIGKILL }
+        if case .success(let status) = relayed { return status }
+        let result = try launched.get()
+        FileHandle.standardOutput.write(Data(result.output.utf8))
+        return result.exitStatus
+    }
+
     static let features = """
         {"ociVersionMin": "1.0.0", "ociVersionMax": "1.0.2", "hooks": [], "mountOptions": [],
          "linux": {"namespaces": [], "capabilities": [], "cgroup": {"v1": true, "v2": true, "systemd": false}},
@@ -502,6 +571,8 @@ enum RuntimeCLI {
         // The container's stderr carries its process's output and our errors, not the
         // diagnostics of libvirt and the backends: those go to the log.
         userError = dup(2)
+        // Caught from here on, so no signal `kill` sends on ends this process before the VM is stopped.
+        let agentSignals = r.spec.agentRunsCommand == true ? GuestAgent.signalDescriptor(forwardedSignals) : nil
         let diagnostics = openLog(g.log ?? "/dev/null")
         if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
         r.pid = getpid()
@@ -520,11 +591,17 @@ enum RuntimeCLI {
             let backend = try Backends.make(mode: BackendCatalog.runtimeVMMode(kvm: HostProfile.current().kvm.verdict), connect: cfg.defaults.connect, runtime: nil)
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
             let spec = r.spec
-            let result = try await SignalStop.cancellingOnSignals {
-                try await launcher.launch(spec, on: backend)
+            if spec.agentRunsCommand == true, let cid = spec.vsockCID {
+                status = try await superviseThroughAgent(store: store, id: id, spec: spec, cid: cid, signals: agentSignals) {
+                    try await launcher.launch(spec, on: backend)
+                }
+            } else {
+                let result = try await SignalStop.cancellingOnSignals {
+                    try await launcher.launch(spec, on: backend)
+                }
+                FileHandle.standardOutput.write(Data(result.output.utf8))
+                status = result.exitStatus
             }
-            FileHandle.standardOutput.write(Data(result.output.utf8))
-            status = result.exitStatus
         } catch let e as ExitCode {
             // Stopped by a signal: `kill` recorded which one the shim asked for.
             status = (try? store.load(id).killSignal).flatMap { $0 }.map { 128 + $0 } ?? e.rawValue

@@ -14,13 +14,14 @@ import MicroVMCore
         let socket: String
         let pid: pid_t
 
-        init(root: String? = nil) throws {
+        init(root: String? = nil, statusFIFO: String? = nil) throws {
             dir = FileManager.default.temporaryDirectory.path + "/mvm-agent-test-\(getpid())-\(UInt32.random(in: 0 ... .max))"
             try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
             let binary = dir + "/mvm-agent"
             try RootfsBuilder.compileStatic(source: Paths.sourceDirectory() + "/images/agent/mvm-agent.c", output: binary, what: "guest agent")
             socket = dir + "/agent.sock"
-            pid = try ChildProcess.detached([binary, "--unix", socket] + (root.map { ["--root", $0] } ?? []), executable: binary)
+            pid = try ChildProcess.detached([binary, "--unix", socket] + (root.map { ["--root", $0] } ?? []) + (statusFIFO.map { ["--status-fifo", $0] } ?? []),
+                                            executable: binary)
             for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
         }
 
@@ -118,6 +119,27 @@ import MicroVMCore
         let agent = try Agent(root: root)
         let r = try agent.run(.init(arguments: ["/bin/sh", "-c", "read line < /marker; echo $line; echo /*"]))
         #expect(r.status == 0 && r.out == "inside\n/bin /marker\n", "\(r)")
+    }
+
+    /// The VM's own process (`M`): its status also goes to the FIFO the guest init waits on.
+    @Test func theMainProcessHandsItsStatusToTheInit() throws {
+        let fifo = FileManager.default.temporaryDirectory.path + "/mvm-agent-status-\(getpid())"
+        defer { unlink(fifo) }
+        #expect(mkfifo(fifo, 0o600) == 0)
+        let agent = try Agent(statusFIFO: fifo)
+        let r = try agent.run(.init(arguments: ["sh", "-c", "echo main; exit 9"], main: true))
+        #expect(r == (9, "main\n", ""))
+        let fd = open(fifo, O_RDONLY | O_NONBLOCK)
+        defer { close(fd) }
+        // The agent waits for the init to open the FIFO; it writes once this end is open.
+        var text = [UInt8](repeating: 0, count: 16)
+        var n = 0
+        for _ in 0..<500 {
+            n = read(fd, &text, text.count)
+            if n > 0 { break }
+            usleep(10_000)
+        }
+        #expect(String(decoding: text.prefix(max(0, n)), as: UTF8.self) == "9\n")
     }
 
     @Test func aFrameLongerThanTheLimitEndsTheExchange() throws {

@@ -300,6 +300,8 @@ struct RigKVMTests {
         #expect(s.output.contains("exec-out init") && s.output.contains("exec-err") && s.output.contains("exec=4"),
                 "ctr task exec runs in the VM, beside its init, with its stdout, stderr and status: \(s.output)")
         #expect(s.output.contains("through-stdin\nexec-stdin=0"), "ctr task exec's stdin reaches the process: \(s.output)")
+        #expect(s.output.contains("streamed=1 while RUNNING"), "the process's output must come while it runs: \(s.output)")
+        #expect(s.output.contains("three=7") && s.output.contains("got-usr1"), "ctr task kill -s SIGUSR1 reaches the process in the guest: \(s.output)")
         for line in ["task-delete=0", "container-delete=0", "instances-left=0", "grants-left=0", "disks-left=0"] {
             #expect(s.output.contains(line), "\(line): \(s.output)")
         }
@@ -501,7 +503,8 @@ enum RigKVMSession {
     /// containerd's runc shim drives mvm-runtime inside the rig, where the VM is the direct VMM
     /// on nested KVM: a busybox image imported from a docker save tarball runs, its output and
     /// status come back; `ctr task exec` runs two processes in a second one through the guest
-    /// agent (output, stderr, stdin, status); `ctr task kill` stops it; the deletes leave nothing.
+    /// agent (output, stderr, stdin, status); `ctr task kill` stops it; a third's output streams
+    /// while it runs and a signal reaches its process; the deletes leave nothing.
     static func containerdScript(mvm: String) -> String {
         let m = ProcessRunner.shellQuote(mvm)
         return """
@@ -522,6 +525,14 @@ enum RigKVMSession {
         $c task exec --exec-id e1 two sh -c 'echo exec-out $(cat /proc/1/comm); echo exec-err >&2; exit 4' </dev/null; echo "exec=$?"
         printf 'through-stdin\n' | $c task exec --exec-id e2 two cat; echo "exec-stdin=$?"
         $c task kill two; for i in $(seq 1 60); do $c task ls | grep -q STOPPED && break; sleep 1; done
+        # The process's output streams while it runs, and a signal ctr sends reaches it in the guest.
+        $c run --snapshotter native --rm --runc-binary $d/mvm-runtime docker.io/library/busybox:latest three \
+            sh -c 'trap "echo got-usr1; exit 7" USR1; echo early; while :; do sleep 1; done' </dev/null >$d/three.out 2>&1 &
+        three=$!
+        for i in $(seq 1 120); do grep -q early $d/three.out && break; sleep 1; done
+        echo "streamed=$(grep -c early $d/three.out) while $($c task ls | awk '$1 == "three" {print $3}')"
+        $c task kill -s SIGUSR1 three
+        wait $three; echo "three=$?"; cat $d/three.out
         $c task ls | grep two
         $c task delete two >/dev/null; echo "task-delete=$?"; $c container delete two; echo "container-delete=$?"
         echo "instances-left=$(\(m) ps | grep -c ctr-)"; echo "grants-left=$(\(m) alloc show | grep -c ctr-)"

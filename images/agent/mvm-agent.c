@@ -3,7 +3,7 @@
 // host without vsock, a unix socket) and runs one process per connection, inside the root disk
 // when there is one. Static, libc only: it must run from the initramfs whatever the root holds.
 //
-//   mvm-agent (--vsock PORT | --unix PATH) [--root DIR]
+//   mvm-agent (--vsock PORT | --unix PATH) [--root DIR] [--status-fifo FIFO]
 //
 // Every message both ways is a frame: a type byte, a 4-byte big-endian length, the payload.
 // The host sends the request, then, once the process runs, its stdin and signals:
@@ -11,6 +11,8 @@
 //   'W' the working directory          'U' "UID:GID" to run as (decimal)
 //   'X' start the process              'I' bytes for its stdin     'C' close its stdin
 //   'K' one byte: a signal for the process group
+//   'M' (before 'X') this is the VM's own process: when it ends, its status also goes to FIFO,
+//       where the guest init waits to end the VM with it
 // The agent answers with the process's output and, last, its status:
 //   'O' stdout bytes   'D' stderr bytes   'S' decimal status (128 + N when killed by signal N)
 //   'F' why the request could not run (then 'S')
@@ -92,6 +94,7 @@ struct request {
     int envc;
     char *cwd;
     int uid, gid;
+    int main;
 };
 
 // In the child: the process itself. Errors go to its stderr (the pipe), then exit 126 or 127 as a shell would.
@@ -135,8 +138,8 @@ static int pump(int from, int conn, char type) {
     return send_frame(conn, type, buf, (size_t)n) < 0 ? 0 : 1;
 }
 
-static int serve(int conn, const char *root) {
-    struct request r = {.argc = 0, .envc = 0, .cwd = NULL, .uid = -1, .gid = -1};
+static int serve(int conn, const char *root, const char *status_fifo) {
+    struct request r = {.argc = 0, .envc = 0, .cwd = NULL, .uid = -1, .gid = -1, .main = 0};
     char type, *p;
     size_t len;
     for (;;) {
@@ -151,6 +154,7 @@ static int serve(int conn, const char *root) {
         case 'A': r.argv[r.argc++] = p; break;
         case 'E': r.envp[r.envc++] = p; break;
         case 'W': r.cwd = p; break;
+        case 'M': r.main = 1; free(p); break;
         case 'U':
             if (sscanf(p, "%d:%d", &r.uid, &r.gid) != 2 || r.uid < 0 || r.gid < 0) {
                 send_text(conn, 'F', "the user must be UID:GID");
@@ -251,6 +255,10 @@ static int serve(int conn, const char *root) {
     char text[16];
     snprintf(text, sizeof text, "%d", status);
     send_text(conn, 'S', text);
+    if (r.main && status_fifo) {
+        int fifo = open(status_fifo, O_WRONLY | O_CLOEXEC);
+        if (fifo >= 0) { dprintf(fifo, "%d\n", status); close(fifo); }
+    }
     return 0;
 }
 
@@ -272,14 +280,15 @@ static int listen_on(const char *vsock_port, const char *unix_path) {
 }
 
 int main(int argc, char **argv) {
-    const char *vsock_port = NULL, *unix_path = NULL, *root = NULL;
+    const char *vsock_port = NULL, *unix_path = NULL, *root = NULL, *status_fifo = NULL;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--vsock")) vsock_port = argv[i + 1];
         else if (!strcmp(argv[i], "--unix")) unix_path = argv[i + 1];
         else if (!strcmp(argv[i], "--root")) root = argv[i + 1];
+        else if (!strcmp(argv[i], "--status-fifo")) status_fifo = argv[i + 1];
     }
     if ((argc % 2) != 1 || !!vsock_port == !!unix_path) {
-        fprintf(stderr, "usage: mvm-agent (--vsock PORT | --unix PATH) [--root DIR]\n");
+        fprintf(stderr, "usage: mvm-agent (--vsock PORT | --unix PATH) [--root DIR] [--status-fifo FIFO]\n");
         return 2;
     }
     int fd = listen_on(vsock_port, unix_path);
@@ -294,7 +303,7 @@ int main(int argc, char **argv) {
         if (pid == 0) {
             close(fd);
             signal(SIGCHLD, SIG_DFL);
-            _exit(serve(conn, root));
+            _exit(serve(conn, root, status_fifo));
         }
         close(conn);
     }
