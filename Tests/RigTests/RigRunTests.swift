@@ -590,6 +590,9 @@ enum RigKVMSession {
             sleep 1
         done
         printf '%s\n' "$out"
+        # What one mvm exec costs, whole command (nested KVM on an emulated host: a figure to compare within a run).
+        t0=$(date +%s%N); for i in 1 2 3 4 5; do \(ProcessRunner.shellQuote(mvm)) exec rigvs -- true; done; t1=$(date +%s%N)
+        echo "exec-ms=$(( (t1 - t0) / 5000000 ))"
         \(ProcessRunner.shellQuote(mvm)) exec rigvs -- sh -c 'echo exec-ran-in-$(hostname); echo to-stderr >&2; exit 5'
         echo "exec-status=$?"
         \(ProcessRunner.shellQuote(mvm)) exec rigvs -- killall sleep >/dev/null 2>&1
