@@ -192,43 +192,40 @@ public enum GuestAgent {
 
     /// A connection to the agent of the VM with context id `cid`.
     public static func connect(cid: UInt32, port: UInt32) throws -> Int32 {
-        let fd = socket(Int32(CVHOST_AF_VSOCK), Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else {
-            throw MicroVMError(.unsupported, "cannot open a vsock socket (\(String(cString: strerror(errno)))): load vhost_vsock (modprobe vhost_vsock)")
-        }
         var addr = sockaddr_vm()
         addr.svm_family = sa_family_t(CVHOST_AF_VSOCK)
         addr.svm_cid = cid
         addr.svm_port = port
-        let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_vm>.size)) }
-        }
-        guard ok == 0 else {
-            let why = String(cString: strerror(errno))
-            close(fd)
-            throw MicroVMError(.backend, "cannot reach the guest agent at vsock \(cid):\(port): \(why) (is the guest up, and was it started with --vsock-shell?)")
-        }
-        return fd
+        return try connect(family: Int32(CVHOST_AF_VSOCK), to: addr, what: "the guest agent at vsock \(cid):\(port)",
+                           hint: " (is the guest up, and was it started with --vsock-shell?)")
     }
 
     /// A connection to an agent listening on a unix socket (`mvm-agent --unix PATH`).
     public static func connect(unixPath path: String) throws -> Int32 {
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
-        guard fd >= 0, bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else {
-            if fd >= 0 { close(fd) }
-            throw MicroVMError.invalidArgument("cannot use the unix socket path \(path)")
-        }
+        guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw MicroVMError.invalidArgument("the unix socket path \(path) is too long") }
         withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        let ok = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        return try connect(family: AF_UNIX, to: addr, what: "the agent at \(path)", hint: "")
+    }
+
+    /// A stream socket of `family` connected to `address` (a `sockaddr_*`), or an error naming `what`.
+    static func connect<Address>(family: Int32, to address: Address, what: String, hint: String) throws -> Int32 {
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else {
+            let why = String(cString: strerror(errno))
+            throw family == AF_UNIX ? MicroVMError(.backend, "cannot open a unix socket: \(why)")
+                : MicroVMError(.unsupported, "cannot open a vsock socket (\(why)): load vhost_vsock (modprobe vhost_vsock)")
+        }
+        var address = address
+        let ok = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<Address>.size)) }
         }
         guard ok == 0 else {
             let why = String(cString: strerror(errno))
             close(fd)
-            throw MicroVMError(.backend, "cannot reach the agent at \(path): \(why)")
+            throw MicroVMError(.backend, "cannot reach \(what): \(why)\(hint)")
         }
         return fd
     }
