@@ -9,7 +9,8 @@ import MicroVMCore
 ///
 /// Both ways every message is a frame: a type byte, a 4-byte big-endian length, the payload.
 /// The host sends the request (`A` arguments, `E` environment, `W` directory, `U` user, `M` the
-/// VM's own process, then `X`), then the process's stdin (`I`, `C` to close it) and signals (`K`); the agent sends its
+/// VM's own process, `T` a terminal, `Z` its size, then `X`), then the process's stdin (`I`, `C`
+/// to close it), signals (`K`) and the terminal's new sizes (`Z`); the agent sends its
 /// stdout (`O`) and stderr (`D`), and last its status (`S`, after `F` when it could not run it).
 ///
 /// ```swift
@@ -30,13 +31,27 @@ public enum GuestAgent {
         public var user: User?
         /// The VM's own process (`VMSpec.agentRunsCommand`): the guest init ends the VM with its status.
         public var main: Bool?
+        /// A terminal in the guest for the process (its stdout and stderr are one stream then).
+        public var terminal: Bool?
+        /// The terminal's size, when the host side has one.
+        public var size: WindowSize?
 
-        public init(arguments: [String], environment: [String]? = nil, workingDirectory: String? = nil, user: User? = nil, main: Bool? = nil) {
+        public struct WindowSize: Sendable, Equatable, Codable {
+            public var rows: UInt16
+            public var columns: UInt16
+            public init(rows: UInt16, columns: UInt16) { self.rows = rows; self.columns = columns }
+            var frame: [UInt8] { GuestAgent.frame("Z", Array("\(rows) \(columns)".utf8)) }
+        }
+
+        public init(arguments: [String], environment: [String]? = nil, workingDirectory: String? = nil, user: User? = nil, main: Bool? = nil,
+                    terminal: Bool? = nil, size: WindowSize? = nil) {
             self.arguments = arguments
             self.environment = environment
             self.workingDirectory = workingDirectory
             self.user = user
             self.main = main
+            self.terminal = terminal
+            self.size = size
         }
 
         /// The request's frames, `X` last.
@@ -47,6 +62,7 @@ public enum GuestAgent {
             if let workingDirectory { out += GuestAgent.frame("W", Array(workingDirectory.utf8)) }
             if let user { out += GuestAgent.frame("U", Array("\(user.uid):\(user.gid)".utf8)) }
             if main == true { out += GuestAgent.frame("M", []) }
+            if terminal == true { out += GuestAgent.frame("T", []) + (size?.frame ?? []) }
             return out + GuestAgent.frame("X", [])
         }
     }
@@ -103,7 +119,13 @@ public enum GuestAgent {
             for p in fds.dropFirst() where p.revents != 0 {
                 if p.fd == signals {
                     var number: UInt8 = 0
-                    if read(p.fd, &number, 1) == 1, forward(Int32(number)) { try send(fd, frame("K", [number])) }
+                    guard read(p.fd, &number, 1) == 1, forward(Int32(number)) else { continue }
+                    // A terminal's resize is its new size for the guest's terminal, not a signal.
+                    if Int32(number) == SIGWINCH, request.terminal == true {
+                        if let input, let size = Console.size(of: input) { try send(fd, size.frame) }
+                    } else {
+                        try send(fd, frame("K", [number]))
+                    }
                 } else {
                     let n = buf.withUnsafeMutableBytes { read(p.fd, $0.baseAddress, stdinChunk) }
                     if n > 0 {

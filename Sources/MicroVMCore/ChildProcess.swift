@@ -80,14 +80,19 @@ public final class ChildProcess: Sendable {
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | (newSession ? 0x80 : 0)))
     }
 
-    /// Starts `argv` from `executable` in a session of its own with this process's descriptors,
-    /// and lets it go: nothing here waits for it (a subreaper above, or init, reaps it).
-    public static func detached(_ argv: [String], executable: String) throws -> pid_t {
+    /// Starts `argv` from `executable` in a session of its own with this process's descriptors
+    /// (`stdio` as its stdin, stdout and stderr, when given), and lets it go: nothing here waits
+    /// for it (a subreaper above, or init, reaps it).
+    public static func detached(_ argv: [String], executable: String, stdio: Int32? = nil) throws -> pid_t {
         var attr = posix_spawnattr_t()
         initAttributes(&attr, newSession: true)
         defer { posix_spawnattr_destroy(&attr) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        if let stdio { for target in Int32(0)...2 { posix_spawn_file_actions_adddup2(&actions, stdio, target) } }
         var pid: pid_t = 0
-        let rc = ProcessRunner.withCStrings(argv) { argvp in posix_spawn(&pid, executable, nil, &attr, argvp, environ) }
+        let rc = ProcessRunner.withCStrings(argv) { argvp in posix_spawn(&pid, executable, &actions, &attr, argvp, environ) }
         guard rc == 0 else { throw MicroVMError(.backend, "cannot start '\(executable)': \(String(cString: strerror(rc)))") }
         return pid
     }

@@ -153,6 +153,8 @@ enum RuntimeCLI {
         /// The signal `kill` was asked to deliver: the supervisor exits with 128 + it.
         var killSignal: Int32?
         var exitStatus: Int32?
+        /// The process has a terminal (`process.terminal`): the console socket got its master.
+        var terminal: Bool?
     }
 
     struct Store {
@@ -203,12 +205,12 @@ enum RuntimeCLI {
         try validID(id)
         let bundleDir = o.values["bundle"] ?? o.values["b"] ?? FileManager.default.currentDirectoryPath
         let bundle = try RuntimeBundle(directory: bundleDir)
-        if bundle.terminal {
-            throw Failure(message: "process.terminal is set (ctr run -t, docker run -t): mvm-runtime has no console yet; run without a terminal")
-        }
         let instance = instanceName(id)
         // The guest agent, for `exec`, where the host can reach a VM's vsock.
         let agent = FileManager.default.fileExists(atPath: "/dev/vhost-vsock") ? agentCID(instance) : nil
+        if bundle.terminal {
+            try checkTerminal(consoleSocket: o.values["console-socket"], agent: agent != nil, what: "process.terminal is set (ctr run -t, docker run -t)")
+        }
         let spec = try bundle.spec(name: instance, config: try MicroVMConfig.load(), host: try HostCapacity.probe(),
                                    disk: Paths.default.state + "/runtime-disks/" + instance + ".ext4", agentCID: agent)
         let store = Store(root: g.root)
@@ -218,6 +220,7 @@ enum RuntimeCLI {
             throw Failure(message: errno == EEXIST ? "container with id \(id) already exists" : "cannot create \(dir): \(String(cString: strerror(errno)))")
         }
         var r = Record(id: id, bundle: bundleDir, rootfs: bundle.rootfs, created: ISO8601DateFormatter().string(from: Date()), instance: instance, spec: spec)
+        r.terminal = bundle.terminal ? true : nil
         let disk = spec.rootfsDisk ?? ""
         do {
             try Paths.ensureDirectory((disk as NSString).deletingLastPathComponent)
@@ -227,7 +230,7 @@ enum RuntimeCLI {
             try RootfsBuilder.makeExt4(fitting: bundle.rootfs, disk: disk)
             guard mkfifo(dir + "/start.fifo", 0o600) == 0 else { throw Failure(message: "cannot make \(dir)/start.fifo: \(String(cString: strerror(errno)))") }
             try store.save(r)
-            let pid = try spawnSupervisor(g, id: id)
+            let pid = try spawnSupervisor(g, id: id, console: bundle.terminal ? o.values["console-socket"] : nil)
             // The supervisor says it is ready by recording itself; a supervisor that died says why on stderr.
             let deadline = Monotonic.seconds() + 30
             while true {
@@ -248,11 +251,32 @@ enum RuntimeCLI {
 
     /// This binary as `mvm-runtime _supervise ID`, in a session of its own, with our stdio (the
     /// shim's pipes or FIFOs): once `create` exits, the shim (a subreaper) is its parent.
-    static func spawnSupervisor(_ g: Global, id: String) throws -> pid_t {
+    static func spawnSupervisor(_ g: Global, id: String, console: String?) throws -> pid_t {
         var argv = ["mvm-runtime", "--root", g.root]
         if let log = g.log { argv += ["--log", log, "--log-format", g.logJSON ? "json" : "text"] }
-        argv += ["_supervise", id]
-        return try ChildProcess.detached(argv, executable: "/proc/self/exe")
+        return try spawn(argv + ["_supervise", id], console: console)
+    }
+
+    /// Starts this binary as `argv` in a session of its own. With `console` (a console socket),
+    /// its stdin, stdout and stderr are a new pseudo-terminal whose master goes to that socket,
+    /// as runc gives a container's terminal to containerd's shim; else it has our stdio.
+    static func spawn(_ argv: [String], console: String?) throws -> pid_t {
+        guard let console else { return try ChildProcess.detached(argv, executable: "/proc/self/exe") }
+        let (master, slave) = try Console.open()
+        defer { close(master); close(slave) }
+        try Console.send(master, toSocket: console)
+        return try ChildProcess.detached(argv, executable: "/proc/self/exe", stdio: slave)
+    }
+
+    /// A terminal needs the guest agent (which gives the process one in the guest) and, as in
+    /// runc, a console socket to send the host's end to.
+    static func checkTerminal(consoleSocket: String?, agent: Bool, what: String) throws {
+        guard agent else {
+            throw Failure(message: "\(what): a terminal needs the guest agent, which needs /dev/vhost-vsock on the host (modprobe vhost_vsock); run without a terminal")
+        }
+        guard consoleSocket != nil else {
+            throw Failure(message: "\(what) but no --console-socket was given: the terminal has nowhere to go")
+        }
     }
 
     /// Releases the supervisor, which waits to open the start FIFO for writing, and returns once
@@ -430,15 +454,13 @@ enum RuntimeCLI {
         if let file = o.values["process"] ?? o.values["p"] {
             guard let data = FileManager.default.contents(atPath: file) else { throw Failure(message: "open \(file): cannot read the process file") }
             let p = try RuntimeBundle.process(from: data, named: file)
-            if p.terminal == true {
-                throw Failure(message: "process.terminal is set (ctr task exec -t, docker exec -t): mvm-runtime has no console yet; run without a terminal")
-            }
             request = GuestAgent.Request(arguments: p.args ?? [], environment: p.env, workingDirectory: p.cwd.flatMap { $0.isEmpty ? nil : $0 },
-                                         user: p.user.flatMap { u in (u.uid ?? 0) == 0 && (u.gid ?? 0) == 0 ? nil : .init(uid: u.uid ?? 0, gid: u.gid ?? 0) })
+                                         user: p.user.flatMap { u in (u.uid ?? 0) == 0 && (u.gid ?? 0) == 0 ? nil : .init(uid: u.uid ?? 0, gid: u.gid ?? 0) },
+                                         terminal: p.terminal == true ? true : nil)
         } else {
             guard o.positional.count > 1 else { throw Failure(message: "exec needs a command: mvm-runtime exec ID CMD [ARG...], or --process FILE") }
-            if !o.flags.isDisjoint(with: ["tty", "t"]) { throw Failure(message: "--tty: mvm-runtime has no console yet; run without a terminal") }
-            request = GuestAgent.Request(arguments: Array(o.positional.dropFirst()), workingDirectory: o.values["cwd"])
+            request = GuestAgent.Request(arguments: Array(o.positional.dropFirst()), workingDirectory: o.values["cwd"],
+                                         terminal: o.flags.isDisjoint(with: ["tty", "t"]) ? nil : true)
             if let e = o.values["env"] ?? o.values["e"] { request.environment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", e] }
             if let u = o.values["user"] ?? o.values["u"] {
                 let parts = u.split(separator: ":", omittingEmptySubsequences: false).map { UInt32($0) }
@@ -448,14 +470,27 @@ enum RuntimeCLI {
                 request.user = .init(uid: uid, gid: parts.count == 2 ? parts[1]! : uid)
             }
         }
+        let detach = !o.flags.isDisjoint(with: ["detach", "d"])
+        if request.terminal == true {
+            // In the foreground, this command's own terminal serves when no console socket is given.
+            try checkTerminal(consoleSocket: o.values["console-socket"] ?? (detach || isatty(0) == 0 ? nil : "-"), agent: r.spec.vsockCID != nil,
+                              what: "the process asks for a terminal (ctr task exec -t, docker exec -t)")
+        }
         guard r.spec.vsockCID != nil else {
             throw Failure(message: "container \(id) has no guest agent: exec needs /dev/vhost-vsock when the container is created (modprobe vhost_vsock)")
         }
         let encoded = try JSONEncoder().encode(request).base64EncodedString()
-        guard !o.flags.isDisjoint(with: ["detach", "d"]) else { return relayExec(g, [id, encoded]) }
+        let console = request.terminal == true ? o.values["console-socket"] : nil
+        guard detach || console != nil else { return relayExec(g, [id, encoded]) }
         var argv = ["mvm-runtime", "--root", g.root]
         if let log = g.log { argv += ["--log", log, "--log-format", g.logJSON ? "json" : "text"] }
-        let pid = try ChildProcess.detached(argv + ["_exec", id, encoded], executable: "/proc/self/exe")
+        let pid = try spawn(argv + ["_exec", id, encoded], console: console)
+        guard detach else {
+            // A console socket in the foreground: the relay has the terminal; wait for its status.
+            var status: Int32 = 0
+            while waitpid(pid, &status, 0) < 0, errno == EINTR {}
+            return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
+        }
         if let pidFile = o.values["pid-file"] { try Paths.writeScratch(Data("\(pid)".utf8), to: pidFile, atomically: true) }
         return 0
     }
@@ -466,12 +501,21 @@ enum RuntimeCLI {
     static func relayExec(_ g: Global, _ args: [String]) -> Int32 {
         let store = Store(root: g.root)
         guard args.count == 2, let r = try? store.load(args[0]), let cid = r.spec.vsockCID,
-              let data = Data(base64Encoded: args[1]), let request = try? JSONDecoder().decode(GuestAgent.Request.self, from: data) else {
+              let data = Data(base64Encoded: args[1]), var request = try? JSONDecoder().decode(GuestAgent.Request.self, from: data) else {
             report(g, "exec: no such container, or a bad request")
             return 126
         }
         let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT])
         signal(SIGPIPE, SIG_IGN)
+        var saved: termios?
+        if request.terminal == true {
+            // Our stdin is the terminal (a console socket's, or the caller's): raw here, the
+            // guest's terminal does the rest; its resizes reach us as SIGWINCH.
+            Console.control(0)
+            saved = Console.makeRaw(0)
+            request.size = Console.size(of: 0)
+        }
+        defer { Console.restore(0, saved) }
         do {
             // Right after `start` the guest may still be booting: its agent is reached once it
             // listens, as long as the container runs (at most 120 s).
@@ -506,11 +550,12 @@ enum RuntimeCLI {
     }
 
     /// Boots the container's VM and, once its guest agent listens, runs the process through it:
-    /// stdout and stderr stream to this process's as they come, stdin follows, and the signals
+    /// stdout and stderr (or its `terminal`, on our stdin) stream to this process's as they come,
+    /// stdin follows, and the signals
     /// `kill` sends on reach the process; KILL (recorded by `kill`) stops the VM instead. The
     /// process's end ends the VM (the guest init waits for it, `mvm.await`). Returns its status,
     /// 137 when KILL stopped it, or the VM's own result when it ended before the agent answered.
-    static func superviseThroughAgent(store: Store, id: String, spec: VMSpec, cid: UInt32, signals: Int32?,
+    static func superviseThroughAgent(store: Store, id: String, spec: VMSpec, cid: UInt32, terminal: Bool, signals: Int32?,
                                       launch: @escaping @Sendable () async throws -> RunResult) async throws -> Int32 {
         let ended = Ended()
         let vm = Task {
@@ -519,7 +564,8 @@ enum RuntimeCLI {
         }
         let killed = { @Sendable in (try? store.load(id).killSignal) == SIGKILL }
         let request = GuestAgent.Request(arguments: spec.command.isEmpty ? ["true"] : spec.command, environment: spec.environment,
-                                         workingDirectory: spec.workingDirectory, main: true)
+                                         workingDirectory: spec.workingDirectory, main: true,
+                                         terminal: terminal ? true : nil, size: terminal ? Console.size(of: 0) : nil)
         let relayed = await Task.detached { () throws -> Int32 in
             var connection: Int32?
             while connection == nil {
@@ -573,6 +619,8 @@ enum RuntimeCLI {
         userError = dup(2)
         // Caught from here on, so no signal `kill` sends on ends this process before the VM is stopped.
         let agentSignals = r.spec.agentRunsCommand == true ? GuestAgent.signalDescriptor(forwardedSignals) : nil
+        // A terminal's resizes reach its controlling process: this one, the leader of its session.
+        if r.terminal == true { Console.control(0) }
         let diagnostics = openLog(g.log ?? "/dev/null")
         if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
         r.pid = getpid()
@@ -592,7 +640,7 @@ enum RuntimeCLI {
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
             let spec = r.spec
             if spec.agentRunsCommand == true, let cid = spec.vsockCID {
-                status = try await superviseThroughAgent(store: store, id: id, spec: spec, cid: cid, signals: agentSignals) {
+                status = try await superviseThroughAgent(store: store, id: id, spec: spec, cid: cid, terminal: r.terminal == true, signals: agentSignals) {
                     try await launcher.launch(spec, on: backend)
                 }
             } else {

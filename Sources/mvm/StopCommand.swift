@@ -105,6 +105,7 @@ struct ExecCommand: AsyncParsableCommand {
             """)
     @OptionGroup var instance: InstanceArguments
     @Flag(name: .shortAndLong, help: "Keep stdin open: what this command reads goes to the process (VMs; without it the process's stdin is empty).") var interactive = false
+    @Flag(name: .shortAndLong, help: "Give the process a terminal in the guest, on this command's own (VMs; stdin must be a terminal): mvm exec -it NAME -- sh") var tty = false
     @Argument(parsing: .postTerminator, help: "The command to run inside.") var command: [String] = []
 
     func run() async throws {
@@ -112,15 +113,20 @@ struct ExecCommand: AsyncParsableCommand {
             guard !command.isEmpty else { throw MicroVMError.invalidArgument("give the command after --: mvm exec \(instance.name) -- CMD") }
             let backend = try await instance.backend()
             guard let cid = try await backend.agentCID(name: instance.name) else {
-                if interactive { throw MicroVMError.unsupported("--interactive works for VMs: a container's exec here has no stdin") }
+                if interactive || tty { throw MicroVMError.unsupported("--interactive and --tty work for VMs: a container's exec here has no stdin") }
                 let r = try await backend.exec(name: instance.name, command: command)
                 FileHandle.standardOutput.write(Data(r.output.utf8))
                 return r.status
             }
-            let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2])
+            if tty, isatty(0) == 0 { throw MicroVMError.invalidArgument("--tty needs a terminal on stdin: run it from one, or leave -t out") }
+            let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2] + (tty ? [SIGWINCH] : []))
             let fd = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
             defer { close(fd) }
-            return try GuestAgent.relay(fd, .init(arguments: command), input: interactive ? 0 : nil, signals: signals, timeout: nil) { stream, bytes in
+            // With a terminal, this one is raw while the command runs: the guest's does the echo and the line editing.
+            let saved = tty ? Console.makeRaw(0) : nil
+            defer { Console.restore(0, saved) }
+            let request = GuestAgent.Request(arguments: command, terminal: tty ? true : nil, size: tty ? Console.size(of: 0) : nil)
+            return try GuestAgent.relay(fd, request, input: interactive || tty ? 0 : nil, signals: signals, timeout: nil) { stream, bytes in
                 _ = bytes.withUnsafeBytes { write(stream, $0.baseAddress, $0.count) }
             }
         }

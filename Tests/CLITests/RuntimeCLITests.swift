@@ -68,6 +68,9 @@ struct RuntimeCLITests {
             ("noargs", s.config(args: "[]"), true, "process.args must not be empty"),
             ("huge", s.config(resources: #"{"memory": {"limit": 1000000000000000}}"#), true, "more than this host's"),
             ("tiny", s.config(resources: #"{"memory": {"limit": 1000}}"#), true, "too small for a VM"),
+            // A terminal comes through the guest agent, to the console socket: without either it cannot be.
+            ("tty", s.config().replacingOccurrences(of: #""terminal": false"#, with: #""terminal": true"#), true,
+             FileManager.default.fileExists(atPath: "/dev/vhost-vsock") ? "no --console-socket was given" : "a terminal needs the guest agent"),
         ]
         for (name, config, rootfs, complaint) in cases {
             let b = try s.bundle(name, config: config, rootfs: rootfs)
@@ -109,8 +112,8 @@ struct RuntimeCLITests {
         try #"{"args": [], "cwd": "/"}"#.write(toFile: s.dir + "/noargs.json", atomically: true, encoding: .utf8)
         let noArgs = try s.run(["exec", "--process", s.dir + "/noargs.json", "--detach", "life"])
         #expect(noArgs.status == 1 && noArgs.stderrText.contains("args must not be empty"), "\(noArgs.stderrText)")
-        let tty = try s.run(["exec", "-t", "life", "true"])
-        #expect(tty.status == 1 && tty.stderrText.contains("no console"), "\(tty.stderrText)")
+        let tty = try s.run(["exec", "-t", "--detach", "life", "true"])
+        #expect(tty.status == 1 && tty.stderrText.contains("terminal"), "\(tty.stderrText)")
         #expect(try s.run(["exec", "nosuch", "true"]).status == 1)
         let exec = try s.run(["exec", "life", "sh", "-c", "echo exec-out; echo exec-err >&2; exit 4"])
         if FileManager.default.fileExists(atPath: "/dev/vhost-vsock") {

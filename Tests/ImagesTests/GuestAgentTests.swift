@@ -142,6 +142,42 @@ import MicroVMCore
         #expect(String(decoding: text.prefix(max(0, n)), as: UTF8.self) == "9\n")
     }
 
+    /// A terminal in the guest: the process's stdin, stdout and stderr and its controlling
+    /// terminal, of the size asked for, resized while it runs (the process sees SIGWINCH).
+    @Test func givesTheProcessATerminalAndResizesIt() throws {
+        let agent = try Agent()
+        let r = try agent.run(.init(arguments: ["sh", "-c", "tty; stty size; echo err >&2; exit 2"], terminal: true, size: .init(rows: 40, columns: 100)))
+        #expect(r.status == 2 && r.err.isEmpty, "\(r)")
+        #expect(r.out.contains("/dev/pts/") && r.out.contains("40 100\r\n") && r.out.contains("err\r\n"), "\(r.out)")
+
+        let fd = try GuestAgent.connect(unixPath: agent.socket)
+        defer { close(fd) }
+        let request = GuestAgent.Request(arguments: ["sh", "-c", "trap 'stty size; exit 3' WINCH; echo ready; while :; do sleep 0.1; done"],
+                                         terminal: true, size: .init(rows: 24, columns: 80))
+        try GuestAgent.send(fd, request.frames)
+        var reader = GuestAgent.FrameReader()
+        var out = ""
+        var status: String?
+        var resized = false
+        var buf = [UInt8](repeating: 0, count: 4096)
+        var tv = timeval(tv_sec: 20, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        while status == nil {
+            let n = read(fd, &buf, buf.count)
+            guard n > 0 else { break }
+            reader.append(buf[0..<n])
+            while let (type, payload) = try reader.next() {
+                if type == UInt8(ascii: "O") { out += String(decoding: payload, as: UTF8.self) }
+                if type == UInt8(ascii: "S") { status = String(decoding: payload, as: UTF8.self) }
+            }
+            if !resized, out.contains("ready") {
+                try GuestAgent.send(fd, GuestAgent.Request.WindowSize(rows: 50, columns: 120).frame)
+                resized = true
+            }
+        }
+        #expect(status == "3" && out.contains("50 120"), "\(String(describing: status)) \(out)")
+    }
+
     @Test func aFrameLongerThanTheLimitEndsTheExchange() throws {
         var reader = GuestAgent.FrameReader()
         reader.append([UInt8(ascii: "O"), 0, 0, 0, 3, 1, 2, 3, UInt8(ascii: "O"), 0x7f, 0xff, 0xff, 0xff][...])

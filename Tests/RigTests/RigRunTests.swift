@@ -302,6 +302,8 @@ struct RigKVMTests {
         #expect(s.output.contains("through-stdin\nexec-stdin=0"), "ctr task exec's stdin reaches the process: \(s.output)")
         #expect(s.output.contains("streamed=1 while RUNNING"), "the process's output must come while it runs: \(s.output)")
         #expect(s.output.contains("three=7") && s.output.contains("got-usr1"), "ctr task kill -s SIGUSR1 reaches the process in the guest: \(s.output)")
+        #expect(s.output.contains("exec-tty=/dev/pts/") && s.output.contains("exec-t=6"), "ctr task exec -t gets a terminal in the guest: \(s.output)")
+        #expect(s.output.contains("run-tty=/dev/pts/") && s.output.contains("four=5"), "ctr run -t gets a terminal in the guest: \(s.output)")
         for line in ["task-delete=0", "container-delete=0", "instances-left=0", "grants-left=0", "disks-left=0"] {
             #expect(s.output.contains(line), "\(line): \(s.output)")
         }
@@ -524,6 +526,8 @@ enum RigKVMSession {
         # Processes run beside the container's own through the guest agent, with their own stdio and status.
         $c task exec --exec-id e1 two sh -c 'echo exec-out $(cat /proc/1/comm); echo exec-err >&2; exit 4' </dev/null; echo "exec=$?"
         printf 'through-stdin\n' | $c task exec --exec-id e2 two cat; echo "exec-stdin=$?"
+        # A terminal for an exec'd process (script gives ctr the terminal it wants).
+        script -qec "$c task exec -t --exec-id e3 two sh -c 'echo exec-tty=\\$(tty); exit 6'" /dev/null </dev/null >$d/e3.out 2>&1; echo "exec-t=$?"; tr -d '\\r' < $d/e3.out
         $c task kill two; for i in $(seq 1 60); do $c task ls | grep -q STOPPED && break; sleep 1; done
         # The process's output streams while it runs, and a signal ctr sends reaches it in the guest.
         $c run --snapshotter native --rm --runc-binary $d/mvm-runtime docker.io/library/busybox:latest three \
@@ -533,6 +537,9 @@ enum RigKVMSession {
         echo "streamed=$(grep -c early $d/three.out) while $($c task ls | awk '$1 == "three" {print $3}')"
         $c task kill -s SIGUSR1 three
         wait $three; echo "three=$?"; cat $d/three.out
+        # process.terminal: the container's process gets a terminal in the guest, its master at ctr's console socket.
+        script -qec "$c run --snapshotter native --rm -t --runc-binary $d/mvm-runtime docker.io/library/busybox:latest four sh -c 'echo run-tty=\\$(tty) \\$(stty size); exit 5'" /dev/null </dev/null >$d/four.out 2>&1
+        echo "four=$?"; tr -d '\\r' < $d/four.out
         $c task ls | grep two
         $c task delete two >/dev/null; echo "task-delete=$?"; $c container delete two; echo "container-delete=$?"
         echo "instances-left=$(\(m) ps | grep -c ctr-)"; echo "grants-left=$(\(m) alloc show | grep -c ctr-)"

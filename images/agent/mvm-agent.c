@@ -13,6 +13,9 @@
 //   'K' one byte: a signal for the process group
 //   'M' (before 'X') this is the VM's own process: when it ends, its status also goes to FIFO,
 //       where the guest init waits to end the VM with it
+//   'T' (before 'X') a terminal for the process: a pseudo-terminal of the guest's is its stdin,
+//       stdout and stderr, and its controlling terminal; its output comes as 'O'
+//   'Z' "ROWS COLUMNS": the terminal's size (before 'X', or any time after)
 // The agent answers with the process's output and, last, its status:
 //   'O' stdout bytes   'D' stderr bytes   'S' decimal status (128 + N when killed by signal N)
 //   'F' why the request could not run (then 'S')
@@ -28,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -95,15 +99,31 @@ struct request {
     char *cwd;
     int uid, gid;
     int main;
+    int terminal;
+    struct winsize size;
 };
 
-// In the child: the process itself. Errors go to its stderr (the pipe), then exit 126 or 127 as a shell would.
-static void run_child(struct request *r, const char *root, int in, int out, int err) {
+static int parse_size(const char *p, struct winsize *ws) {
+    unsigned rows, cols;
+    if (sscanf(p, "%u %u", &rows, &cols) != 2 || rows > 65535 || cols > 65535) return -1;
+    *ws = (struct winsize){.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    return 0;
+}
+
+// In the child: the process itself, on the pipes or on the terminal `tty` (its controlling one).
+// Errors go to its stderr, then exit 126 or 127 as a shell would.
+static void run_child(struct request *r, const char *root, int in, int out, int err, const char *tty) {
     setsid();
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
     signal(SIGPIPE, SIG_DFL);
+    if (tty) {
+        int t = open(tty, O_RDWR);
+        if (t < 0) _exit(126);
+        ioctl(t, TIOCSCTTY, 0);
+        in = out = err = t;
+    }
     dup2(in, 0);
     dup2(out, 1);
     dup2(err, 2);
@@ -155,6 +175,15 @@ static int serve(int conn, const char *root, const char *status_fifo) {
         case 'E': r.envp[r.envc++] = p; break;
         case 'W': r.cwd = p; break;
         case 'M': r.main = 1; free(p); break;
+        case 'T': r.terminal = 1; free(p); break;
+        case 'Z':
+            if (parse_size(p, &r.size) < 0) {
+                send_text(conn, 'F', "the terminal size must be ROWS COLUMNS");
+                send_text(conn, 'S', "126");
+                return 1;
+            }
+            free(p);
+            break;
         case 'U':
             if (sscanf(p, "%d:%d", &r.uid, &r.gid) != 2 || r.uid < 0 || r.gid < 0) {
                 send_text(conn, 'F', "the user must be UID:GID");
@@ -177,8 +206,23 @@ static int serve(int conn, const char *root, const char *status_fifo) {
         send_text(conn, 'S', "126");
         return 1;
     }
-    int in[2], out[2], err[2];
-    if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) {
+    // The process's stdin (in[1] is ours to write), stdout and stderr (out[0], err[0] ours to
+    // read): three pipes, or one terminal whose master is all three (no stderr of its own).
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1}, master = -1;
+    char tty[64] = {0};
+    if (r.terminal) {
+        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (master < 0 || grantpt(master) || unlockpt(master) || ptsname_r(master, tty, sizeof tty)) {
+            char why[128];
+            snprintf(why, sizeof why, "cannot open a terminal in the guest: %s", strerror(errno));
+            send_text(conn, 'F', why);
+            send_text(conn, 'S', "126");
+            return 1;
+        }
+        if (r.size.ws_row || r.size.ws_col) ioctl(master, TIOCSWINSZ, &r.size);
+        in[1] = fcntl(master, F_DUPFD_CLOEXEC, 3);
+        out[0] = master;
+    } else if (pipe2(in, O_CLOEXEC) || pipe2(out, O_CLOEXEC) || pipe2(err, O_CLOEXEC)) {
         send_text(conn, 'F', "cannot make pipes");
         send_text(conn, 'S', "126");
         return 1;
@@ -194,13 +238,15 @@ static int serve(int conn, const char *root, const char *status_fifo) {
         send_text(conn, 'S', "126");
         return 1;
     }
-    if (pid == 0) run_child(&r, root, in[0], out[1], err[1]);
-    close(in[0]);
-    close(out[1]);
-    close(err[1]);
+    if (pid == 0) run_child(&r, root, in[0], out[1], err[1], r.terminal ? tty : NULL);
+    if (!r.terminal) {
+        close(in[0]);
+        close(out[1]);
+        close(err[1]);
+    }
     fcntl(in[1], F_SETFL, O_NONBLOCK);
 
-    int status = -1, out_open = 1, err_open = 1, conn_open = 1;
+    int status = -1, out_open = 1, err_open = !r.terminal, conn_open = 1;
     char *pending = malloc(max_pending);
     size_t pending_len = 0;
     int close_stdin = 0;
@@ -242,6 +288,7 @@ static int serve(int conn, const char *root, const char *status_fifo) {
                 if (type == 'I' && in[1] >= 0 && len <= max_pending) { memcpy(pending, p, len); pending_len = len; }
                 else if (type == 'C') close_stdin = 1;
                 else if (type == 'K' && len == 1 && p[0] > 0 && p[0] < 65) kill(-pid, p[0]);
+                else if (type == 'Z' && master >= 0 && parse_size(p, &r.size) == 0) ioctl(master, TIOCSWINSZ, &r.size);
                 free(p);
             }
         }
