@@ -48,12 +48,6 @@ public enum Console {
         tcsetattr(fd, TCSADRAIN, &settings)
     }
 
-    /// Makes the terminal on `fd` this process's controlling terminal (it must lead its session),
-    /// so a resize of it reaches this process as SIGWINCH.
-    public static func control(_ fd: Int32) {
-        _ = ioctl(fd, UInt(TIOCSCTTY), CInt(0))
-    }
-
     /// The size of the terminal on `fd`, if it is one.
     public static func size(of fd: Int32) -> GuestAgent.Request.WindowSize? {
         var ws = winsize()

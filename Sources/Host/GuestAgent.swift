@@ -100,8 +100,11 @@ public enum GuestAgent {
     /// descriptor, read to its end; nil closes the process's stdin at once) to the process, hands
     /// every piece of its stdout (`1`) and stderr (`2`) to `output` as it comes, and sends the
     /// agent each signal read from `signals` (`signalDescriptor`'s) that `forward` lets through.
-    /// Returns the process's status (128 + N when a signal N ended it). Throws when the guest breaks the protocol, goes away before the
-    /// status, or `timeout` seconds (nil: no limit) pass without a frame.
+    /// With a terminal on `input`, a change of its size (looked at on SIGWINCH and twice a second,
+    /// since a relay need not be the terminal's controlling process) goes to the guest's terminal.
+    /// Returns the process's status (128 + N when a signal N ended it). Throws when the guest
+    /// breaks the protocol, goes away before the status, or `timeout` seconds (nil: no limit)
+    /// pass without a frame.
     public static func relay(_ fd: Int32, _ request: Request, input: Int32?, signals: Int32? = nil, timeout: Int?,
                              forward: (Int32) -> Bool = { _ in true }, output: (Int32, [UInt8]) throws -> Void) throws -> Int32 {
         guard !request.arguments.isEmpty else { throw MicroVMError.invalidArgument("no command given to run in the guest") }
@@ -109,20 +112,35 @@ public enum GuestAgent {
         var reader = FrameReader()
         var inputOpen = input != nil
         var buf = [UInt8](repeating: 0, count: 65536)
+        let terminal = request.terminal == true ? input.flatMap { isatty($0) != 0 ? $0 : nil } : nil
+        var size = request.size
+        // A terminal's resize is its new size for the guest's terminal, not a signal.
+        func resized() throws {
+            guard let terminal, let now = Console.size(of: terminal), now != size else { return }
+            size = now
+            try send(fd, now.frame)
+        }
+        var heard = Monotonic.seconds()
         while true {
             var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0)]
             if inputOpen, let input { fds.append(pollfd(fd: input, events: Int16(POLLIN), revents: 0)) }
             if let signals { fds.append(pollfd(fd: signals, events: Int16(POLLIN), revents: 0)) }
-            let ready = poll(&fds, nfds_t(fds.count), timeout.map { Int32(min($0, Int(Int32.max / 1000)) * 1000) } ?? -1)
+            let wait = terminal != nil ? 500 : timeout.map { Int32(min($0, Int(Int32.max / 1000)) * 1000) } ?? -1
+            let ready = poll(&fds, nfds_t(fds.count), wait)
             if ready < 0, errno == EINTR { continue }
-            guard ready > 0 else { throw MicroVMError(.timeout, "the guest agent sent nothing for \(timeout ?? 0) s") }
+            try resized()
+            guard ready > 0 else {
+                if let timeout, Monotonic.seconds() - heard >= Double(timeout) {
+                    throw MicroVMError(.timeout, "the guest agent sent nothing for \(timeout) s")
+                }
+                continue
+            }
             for p in fds.dropFirst() where p.revents != 0 {
                 if p.fd == signals {
                     var number: UInt8 = 0
                     guard read(p.fd, &number, 1) == 1, forward(Int32(number)) else { continue }
-                    // A terminal's resize is its new size for the guest's terminal, not a signal.
                     if Int32(number) == SIGWINCH, request.terminal == true {
-                        if let input, let size = Console.size(of: input) { try send(fd, size.frame) }
+                        try resized()
                     } else {
                         try send(fd, frame("K", [number]))
                     }
@@ -140,6 +158,7 @@ public enum GuestAgent {
             let n = buf.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
             if n < 0, errno == EINTR || errno == EAGAIN { continue }
             guard n > 0 else { throw MicroVMError(.guestError, "the guest agent closed the connection before the process's status") }
+            heard = Monotonic.seconds()
             reader.append(buf[0..<n])
             while let (type, payload) = try reader.next() {
                 switch type {

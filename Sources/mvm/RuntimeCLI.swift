@@ -510,8 +510,8 @@ enum RuntimeCLI {
         var saved: termios?
         if request.terminal == true {
             // Our stdin is the terminal (a console socket's, or the caller's): raw here, the
-            // guest's terminal does the rest; its resizes reach us as SIGWINCH.
-            Console.control(0)
+            // guest's terminal does the rest. It is not made our controlling terminal: its
+            // hangup must not reach the processes we start.
             saved = Console.makeRaw(0)
             request.size = Console.size(of: 0)
         }
@@ -619,8 +619,6 @@ enum RuntimeCLI {
         userError = dup(2)
         // Caught from here on, so no signal `kill` sends on ends this process before the VM is stopped.
         let agentSignals = r.spec.agentRunsCommand == true ? GuestAgent.signalDescriptor(forwardedSignals) : nil
-        // A terminal's resizes reach its controlling process: this one, the leader of its session.
-        if r.terminal == true { Console.control(0) }
         let diagnostics = openLog(g.log ?? "/dev/null")
         if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
         r.pid = getpid()
