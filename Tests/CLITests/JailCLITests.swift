@@ -57,7 +57,8 @@ struct JailCLITests {
                     (t, ((try? String(contentsOfFile: "/proc/\(pid)/task/\(t)/comm", encoding: .utf8)) ?? "?").trimmingCharacters(in: .whitespacesAndNewlines))
                 })
             }
-            let deadline = Date().addingTimeInterval(10)
+            // A wait, not a time target: a loaded machine may take a while to build it.
+            let deadline = Date().addingTimeInterval(60)
             while !threadNames().values.contains("vcpu0") && Date() < deadline { usleep(20_000) }
             let fields = Self.status("/proc/" + pid)
             if fields.isEmpty {  // gone: what the detached run said is the reason
