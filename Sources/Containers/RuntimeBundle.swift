@@ -15,10 +15,16 @@ public struct RuntimeBundle: Sendable {
             public var env: [String]?
             public var cwd: String?
             public var user: User?
+            public var rlimits: [Rlimit]?
         }
         public struct User: Decodable, Sendable {
             public var uid: UInt32?
             public var gid: UInt32?
+        }
+        public struct Rlimit: Decodable, Sendable {
+            public var type: String
+            public var hard: UInt64
+            public var soft: UInt64
         }
         public struct Root: Decodable, Sendable {
             public var path: String
@@ -64,6 +70,7 @@ public struct RuntimeBundle: Sendable {
         if let cwd = process.cwd, !cwd.isEmpty, !VMSpec.isWorkingDirectory(cwd) {
             throw MicroVMError.invalidArgument("config.json: process.cwd '\(cwd)' is not an absolute path")
         }
+        try Self.checkRlimits(process.rlimits, in: "config.json")
     }
 
     /// The root directory, absolute.
@@ -148,6 +155,23 @@ public struct RuntimeBundle: Sendable {
     /// A container runs until its process ends or it is killed: the launch's time-out is ten years.
     public static let noTimeout: Double = 10 * 365 * 86_400
 
+    /// The resource numbers of `process.rlimits`' types, as Linux numbers them.
+    public static let rlimitTypes: [String: Int32] = [
+        "RLIMIT_CPU": 0, "RLIMIT_FSIZE": 1, "RLIMIT_DATA": 2, "RLIMIT_STACK": 3, "RLIMIT_CORE": 4, "RLIMIT_RSS": 5,
+        "RLIMIT_NPROC": 6, "RLIMIT_NOFILE": 7, "RLIMIT_MEMLOCK": 8, "RLIMIT_AS": 9, "RLIMIT_LOCKS": 10, "RLIMIT_SIGPENDING": 11,
+        "RLIMIT_MSGQUEUE": 12, "RLIMIT_NICE": 13, "RLIMIT_RTPRIO": 14, "RLIMIT_RTTIME": 15,
+    ]
+
+    /// `process.rlimits` checked as runc checks them: a known type, soft at most hard.
+    static func checkRlimits(_ limits: [Config.Rlimit]?, in source: String) throws {
+        for l in limits ?? [] {
+            guard rlimitTypes[l.type] != nil else { throw MicroVMError.invalidArgument("\(source): process.rlimits has an unknown type \(l.type)") }
+            guard l.soft <= l.hard else {
+                throw MicroVMError.invalidArgument("\(source): process.rlimits \(l.type) has a soft limit \(l.soft) above its hard limit \(l.hard)")
+            }
+        }
+    }
+
     /// A process as `runc exec --process FILE` reads it (containerd's shim writes one for `ctr task
     /// exec`, Docker for `docker exec`), checked as `config.json`'s process is.
     public static func process(from data: Data, named source: String) throws -> Config.Process {
@@ -161,6 +185,7 @@ public struct RuntimeBundle: Sendable {
         if let cwd = process.cwd, !cwd.isEmpty, !VMSpec.isWorkingDirectory(cwd) {
             throw MicroVMError.invalidArgument("\(source): cwd '\(cwd)' is not an absolute path")
         }
+        try checkRlimits(process.rlimits, in: source)
         return process
     }
 

@@ -9,7 +9,7 @@ import MicroVMCore
 ///
 /// Both ways every message is a frame: a type byte, a 4-byte big-endian length, the payload.
 /// The host sends the request (`A` arguments, `E` environment, `W` directory, `U` user, `M` the
-/// VM's own process, `T` a terminal, `Z` its size, then `X`), then the process's stdin (`I`, `C`
+/// VM's own process, `T` a terminal, `Z` its size, `R` a resource limit, then `X`), then the process's stdin (`I`, `C`
 /// to close it), signals (`K`) and the terminal's new sizes (`Z`); the agent sends its
 /// stdout (`O`) and stderr (`D`), and last its status (`S`, after `F` when it could not run it).
 ///
@@ -35,6 +35,15 @@ public enum GuestAgent {
         public var terminal: Bool?
         /// The terminal's size, when the host side has one.
         public var size: WindowSize?
+        /// Resource limits (setrlimit) the process starts with.
+        public var limits: [Limit]?
+
+        public struct Limit: Sendable, Equatable, Codable {
+            public var resource: Int32
+            public var soft: UInt64
+            public var hard: UInt64
+            public init(resource: Int32, soft: UInt64, hard: UInt64) { self.resource = resource; self.soft = soft; self.hard = hard }
+        }
 
         public struct WindowSize: Sendable, Equatable, Codable {
             public var rows: UInt16
@@ -63,6 +72,7 @@ public enum GuestAgent {
             if let user { out += GuestAgent.frame("U", Array("\(user.uid):\(user.gid)".utf8)) }
             if main == true { out += GuestAgent.frame("M", []) }
             if terminal == true { out += GuestAgent.frame("T", []) + (size?.frame ?? []) }
+            for l in limits ?? [] { out += GuestAgent.frame("R", Array("\(l.resource) \(l.soft) \(l.hard)".utf8)) }
             return out + GuestAgent.frame("X", [])
         }
     }

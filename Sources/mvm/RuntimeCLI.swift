@@ -155,6 +155,9 @@ enum RuntimeCLI {
         var exitStatus: Int32?
         /// The process has a terminal (`process.terminal`): the console socket got its master.
         var terminal: Bool?
+        /// The process's numeric user and resource limits, which the guest agent applies.
+        var user: GuestAgent.Request.User?
+        var limits: [GuestAgent.Request.Limit]?
     }
 
     struct Store {
@@ -221,6 +224,7 @@ enum RuntimeCLI {
         }
         var r = Record(id: id, bundle: bundleDir, rootfs: bundle.rootfs, created: ISO8601DateFormatter().string(from: Date()), instance: instance, spec: spec)
         r.terminal = bundle.terminal ? true : nil
+        (r.user, r.limits) = agentSettings(bundle.config.process)
         let disk = spec.rootfsDisk ?? ""
         do {
             try Paths.ensureDirectory((disk as NSString).deletingLastPathComponent)
@@ -455,8 +459,8 @@ enum RuntimeCLI {
             guard let data = FileManager.default.contents(atPath: file) else { throw Failure(message: "open \(file): cannot read the process file") }
             let p = try RuntimeBundle.process(from: data, named: file)
             request = GuestAgent.Request(arguments: p.args ?? [], environment: p.env, workingDirectory: p.cwd.flatMap { $0.isEmpty ? nil : $0 },
-                                         user: p.user.flatMap { u in (u.uid ?? 0) == 0 && (u.gid ?? 0) == 0 ? nil : .init(uid: u.uid ?? 0, gid: u.gid ?? 0) },
                                          terminal: p.terminal == true ? true : nil)
+            (request.user, request.limits) = agentSettings(p)
         } else {
             guard o.positional.count > 1 else { throw Failure(message: "exec needs a command: mvm-runtime exec ID CMD [ARG...], or --process FILE") }
             request = GuestAgent.Request(arguments: Array(o.positional.dropFirst()), workingDirectory: o.values["cwd"],
@@ -493,6 +497,13 @@ enum RuntimeCLI {
         }
         if let pidFile = o.values["pid-file"] { try Paths.writeScratch(Data("\(pid)".utf8), to: pidFile, atomically: true) }
         return 0
+    }
+
+    /// The user and resource limits of an OCI process as the guest agent takes them (root: no user).
+    static func agentSettings(_ p: RuntimeBundle.Config.Process?) -> (GuestAgent.Request.User?, [GuestAgent.Request.Limit]?) {
+        let user = p?.user.flatMap { u in (u.uid ?? 0) == 0 && (u.gid ?? 0) == 0 ? nil : GuestAgent.Request.User(uid: u.uid ?? 0, gid: u.gid ?? 0) }
+        let limits = (p?.rlimits ?? []).compactMap { l in RuntimeBundle.rlimitTypes[l.type].map { GuestAgent.Request.Limit(resource: $0, soft: l.soft, hard: l.hard) } }
+        return (user, limits.isEmpty ? nil : limits)
     }
 
     /// `_exec ID REQUEST`: runs the request (base64 of its JSON) in the container's VM, with this
@@ -555,7 +566,7 @@ enum RuntimeCLI {
     /// `kill` sends on reach the process; KILL (recorded by `kill`) stops the VM instead. The
     /// process's end ends the VM (the guest init waits for it, `mvm.await`). Returns its status,
     /// 137 when KILL stopped it, or the VM's own result when it ended before the agent answered.
-    static func superviseThroughAgent(store: Store, id: String, spec: VMSpec, cid: UInt32, terminal: Bool, signals: Int32?,
+    static func superviseThroughAgent(store: Store, id: String, request: GuestAgent.Request, cid: UInt32, signals: Int32?,
                                       launch: @escaping @Sendable () async throws -> RunResult) async throws -> Int32 {
         let ended = Ended()
         let vm = Task {
@@ -563,9 +574,9 @@ enum RuntimeCLI {
             return try await launch()
         }
         let killed = { @Sendable in (try? store.load(id).killSignal) == SIGKILL }
-        let request = GuestAgent.Request(arguments: spec.command.isEmpty ? ["true"] : spec.command, environment: spec.environment,
-                                         workingDirectory: spec.workingDirectory, main: true,
-                                         terminal: terminal ? true : nil, size: terminal ? Console.size(of: 0) : nil)
+        var sized = request
+        if sized.terminal == true { sized.size = Console.size(of: 0) }
+        let request = sized
         let relayed = await Task.detached { () throws -> Int32 in
             var connection: Int32?
             while connection == nil {
@@ -638,7 +649,10 @@ enum RuntimeCLI {
             let launcher = InstanceLauncher(grants: AllocatorGrants(config: cfg))
             let spec = r.spec
             if spec.agentRunsCommand == true, let cid = spec.vsockCID {
-                status = try await superviseThroughAgent(store: store, id: id, spec: spec, cid: cid, terminal: r.terminal == true, signals: agentSignals) {
+                var request = GuestAgent.Request(arguments: spec.command.isEmpty ? ["true"] : spec.command, environment: spec.environment,
+                                                 workingDirectory: spec.workingDirectory, user: r.user, main: true, terminal: r.terminal)
+                request.limits = r.limits
+                status = try await superviseThroughAgent(store: store, id: id, request: request, cid: cid, signals: agentSignals) {
                     try await launcher.launch(spec, on: backend)
                 }
             } else {

@@ -68,6 +68,8 @@ struct RuntimeCLITests {
             ("noargs", s.config(args: "[]"), true, "process.args must not be empty"),
             ("huge", s.config(resources: #"{"memory": {"limit": 1000000000000000}}"#), true, "more than this host's"),
             ("tiny", s.config(resources: #"{"memory": {"limit": 1000}}"#), true, "too small for a VM"),
+            ("rlimit", s.config().replacingOccurrences(of: #""cwd": "/""#, with: #""cwd": "/", "rlimits": [{"type": "RLIMIT_BOGUS", "hard": 1, "soft": 1}]"#),
+             true, "process.rlimits has an unknown type RLIMIT_BOGUS"),
             // A terminal comes through the guest agent, to the console socket: without either it cannot be.
             ("tty", s.config().replacingOccurrences(of: #""terminal": false"#, with: #""terminal": true"#), true,
              FileManager.default.fileExists(atPath: "/dev/vhost-vsock") ? "no --console-socket was given" : "a terminal needs the guest agent"),

@@ -63,6 +63,16 @@ import MicroVMCore
         #expect(bare.out == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
     }
 
+    @Test func setsTheResourceLimitsItIsGiven() throws {
+        let agent = try Agent()
+        var request = GuestAgent.Request(arguments: ["sh", "-c", "ulimit -n; ulimit -Hn"])
+        request.limits = [.init(resource: 7, soft: 64, hard: 128)]  // RLIMIT_NOFILE
+        #expect(try agent.run(request) == (0, "64\n128\n", ""))
+        request.limits = [.init(resource: 7, soft: 256, hard: 128)]
+        let refused = try agent.run(request)
+        #expect(refused.status == 126 && refused.err.contains("cannot set resource limit 7"), "\(refused)")
+    }
+
     @Test func aProcessThatCannotRunGetsAShellsStatusAndWhy() throws {
         let agent = try Agent()
         let missing = try agent.run(.init(arguments: ["no-such-command-here"]))

@@ -301,6 +301,8 @@ struct RigKVMTests {
                 "ctr task exec runs in the VM, beside its init, with its stdout, stderr and status: \(s.output)")
         #expect(s.output.contains("through-stdin\nexec-stdin=0"), "ctr task exec's stdin reaches the process: \(s.output)")
         #expect(s.output.contains("streamed=1 while RUNNING"), "the process's output must come while it runs: \(s.output)")
+        #expect(s.output.contains("exec-user=65534 exec-nofile=1024"), "an exec'd process's user and rlimits: \(s.output)")
+        #expect(s.output.contains("early nofile=1024"), "the container's own process gets config.json's rlimits: \(s.output)")
         #expect(s.output.contains("three=7") && s.output.contains("got-usr1"), "ctr task kill -s SIGUSR1 reaches the process in the guest: \(s.output)")
         #expect(s.output.contains("exec-tty=/dev/pts/") && s.output.contains("exec-t=6"), "ctr task exec -t gets a terminal in the guest: \(s.output)")
         #expect(s.output.contains("run-tty=/dev/pts/") && s.output.contains("four=5"), "ctr run -t gets a terminal in the guest: \(s.output)")
@@ -527,12 +529,14 @@ enum RigKVMSession {
         # Processes run beside the container's own through the guest agent, with their own stdio and status.
         $c task exec --exec-id e1 two sh -c 'echo exec-out $(cat /proc/1/comm); echo exec-err >&2; exit 4' </dev/null; echo "exec=$?"
         printf 'through-stdin\n' | $c task exec --exec-id e2 two cat; echo "exec-stdin=$?"
+        # process.user and process.rlimits (containerd's default: 1024 open files) reach the process.
+        $c task exec --exec-id e4 --user 65534 two sh -c 'echo exec-user=$(id -u) exec-nofile=$(ulimit -Hn)'
         # A terminal for an exec'd process (script gives ctr the terminal it wants).
         script -qec "$c task exec -t --exec-id e3 two sh -c 'echo exec-tty=\\$(tty); exit 6'" /dev/null </dev/null >$d/e3.out 2>&1; echo "exec-t=$?"; tr -d '\\r' < $d/e3.out
         $c task kill two; for i in $(seq 1 60); do $c task ls | grep -q STOPPED && break; sleep 1; done
         # The process's output streams while it runs, and a signal ctr sends reaches it in the guest.
         $c run --snapshotter native --rm --runc-binary $d/mvm-runtime docker.io/library/busybox:latest three \
-            sh -c 'trap "echo got-usr1; exit 7" USR1; echo early; while :; do sleep 1; done' </dev/null >$d/three.out 2>&1 &
+            sh -c 'trap "echo got-usr1; exit 7" USR1; echo early nofile=$(ulimit -Hn); while :; do sleep 1; done' </dev/null >$d/three.out 2>&1 &
         three=$!
         for i in $(seq 1 120); do grep -q early $d/three.out && break; sleep 1; done
         echo "streamed=$(grep -c early $d/three.out) while $($c task ls | awk '$1 == "three" {print $3}')"

@@ -16,6 +16,7 @@
 //   'T' (before 'X') a terminal for the process: a pseudo-terminal of the guest's is its stdin,
 //       stdout and stderr, and its controlling terminal; its output comes as 'O'
 //   'Z' "ROWS COLUMNS": the terminal's size (before 'X', or any time after)
+//   'R' "RESOURCE SOFT HARD" (before 'X'): a setrlimit for the process (at most 16)
 // The agent answers with the process's output and, last, its status:
 //   'O' stdout bytes   'D' stderr bytes   'S' decimal status (128 + N when killed by signal N)
 //   'F' why the request could not run (then 'S')
@@ -32,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -101,6 +103,9 @@ struct request {
     int main;
     int terminal;
     struct winsize size;
+    int nlimits;
+    int limit_resource[16];
+    struct rlimit limit[16];
 };
 
 static int parse_size(const char *p, struct winsize *ws) {
@@ -130,6 +135,12 @@ static void run_child(struct request *r, const char *root, int in, int out, int 
     if (root && chroot(root) != 0) { dprintf(2, "mvm-agent: chroot %s: %s\n", root, strerror(errno)); _exit(126); }
     const char *cwd = r->cwd ? r->cwd : "/";
     if (chdir(cwd) != 0) { dprintf(2, "mvm-agent: cannot enter %s: %s\n", cwd, strerror(errno)); _exit(126); }
+    for (int i = 0; i < r->nlimits; i++) {
+        if (setrlimit(r->limit_resource[i], &r->limit[i]) != 0) {
+            dprintf(2, "mvm-agent: cannot set resource limit %d: %s\n", r->limit_resource[i], strerror(errno));
+            _exit(126);
+        }
+    }
     if (r->uid >= 0) {
         if (setgroups(0, NULL) != 0 || setgid((gid_t)r->gid) != 0 || setuid((uid_t)r->uid) != 0) {
             dprintf(2, "mvm-agent: cannot run as %d:%d: %s\n", r->uid, r->gid, strerror(errno));
@@ -159,7 +170,7 @@ static int pump(int from, int conn, char type) {
 }
 
 static int serve(int conn, const char *root, const char *status_fifo) {
-    struct request r = {.argc = 0, .envc = 0, .cwd = NULL, .uid = -1, .gid = -1, .main = 0};
+    struct request r = {.argc = 0, .envc = 0, .cwd = NULL, .uid = -1, .gid = -1, .main = 0, .nlimits = 0};
     char type, *p;
     size_t len;
     for (;;) {
@@ -176,6 +187,19 @@ static int serve(int conn, const char *root, const char *status_fifo) {
         case 'W': r.cwd = p; break;
         case 'M': r.main = 1; free(p); break;
         case 'T': r.terminal = 1; free(p); break;
+        case 'R': {
+            unsigned long long soft, hard;
+            int resource;
+            if (r.nlimits == 16 || sscanf(p, "%d %llu %llu", &resource, &soft, &hard) != 3 || resource < 0 || resource >= RLIM_NLIMITS) {
+                send_text(conn, 'F', "a resource limit must be RESOURCE SOFT HARD, at most 16 of them");
+                send_text(conn, 'S', "126");
+                return 1;
+            }
+            r.limit_resource[r.nlimits] = resource;
+            r.limit[r.nlimits++] = (struct rlimit){.rlim_cur = soft, .rlim_max = hard};
+            free(p);
+            break;
+        }
         case 'Z':
             if (parse_size(p, &r.size) < 0) {
                 send_text(conn, 'F', "the terminal size must be ROWS COLUMNS");
