@@ -58,9 +58,10 @@ import MicroVMCore
                                     user: .init(uid: 65534, gid: 65533)))
         #expect(r.status == 0)
         #expect(r.out == "hello there\n/tmp\n65534\n65533\nnone\n", "\(r)")
-        // Without an environment the process gets a PATH and nothing else.
-        let bare = try agent.run(.init(arguments: ["env"]))
-        #expect(bare.out == "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n")
+        // An environment without PATH gets the usual one, and nothing else.
+        let path = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+        #expect(try agent.run(.init(arguments: ["env"])).out == path)
+        #expect(try agent.run(.init(arguments: ["env"], environment: ["ONLY=1"])).out == "ONLY=1\n" + path)
     }
 
     @Test func setsTheResourceLimitsItIsGiven() throws {

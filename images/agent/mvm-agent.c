@@ -7,7 +7,7 @@
 //
 // Every message both ways is a frame: a type byte, a 4-byte big-endian length, the payload.
 // The host sends the request, then, once the process runs, its stdin and signals:
-//   'A' one argument (argv[0] first)   'E' one environment entry, NAME=value (none: a default PATH)
+//   'A' one argument (argv[0] first)   'E' one environment entry, NAME=value (no PATH: a default one)
 //   'W' the working directory          'U' "UID:GID" to run as (decimal)
 //   'X' start the process              'I' bytes for its stdin     'C' close its stdin
 //   'K' one byte: a signal for the process group
@@ -96,7 +96,7 @@ static int read_frame(int fd, char *type, char **payload, size_t *len) {
 struct request {
     char *argv[max_words + 1];
     int argc;
-    char *envp[max_words + 1];
+    char *envp[max_words + 2];  // room for a default PATH and the terminating NULL
     int envc;
     char *cwd;
     int uid, gid;
@@ -147,8 +147,11 @@ static void run_child(struct request *r, const char *root, int in, int out, int 
             _exit(126);
         }
     }
+    // An environment without PATH gets the usual one, so commands are found as in a shell.
     static char default_path[] = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-    if (r->envc == 0) r->envp[r->envc++] = default_path;
+    int has_path = 0;
+    for (int i = 0; i < r->envc; i++) has_path |= !strncmp(r->envp[i], "PATH=", 5);
+    if (!has_path) r->envp[r->envc++] = default_path;
     r->envp[r->envc] = NULL;
     r->argv[r->argc] = NULL;
     extern char **environ;
