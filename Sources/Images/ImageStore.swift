@@ -153,7 +153,7 @@ public struct ImageStore: Sendable {
             img.hasPVHNote = info.hasPVHNote
             img.pvhEntry = info.pvhEntry
             let manifest = try InitramfsBuilder(kernel: inputs.kernel, initScript: initScript,
-                                                agentSource: sourceDirectory + "/images/agent/mvm-agent.c").build(to: img.initrd)
+                                                agentSource: ImageInputs.agentSource(initScript: initScript)).build(to: img.initrd)
             img.modules = manifest.modules
             let rootfs = RootfsBuilder()
             try rootfs.buildTree(at: img.rootfsTree)
@@ -203,12 +203,18 @@ struct ImageInputs {
 
     static let packages = ["busybox-static", "sysbench", "stress-ng", "fio", "iperf3", "libc6", "e2fsprogs"]
 
-    /// The recipe's own files: the guest init, and every file of the image's probes
-    /// (`images/probe`) and of its agent (`images/agent`).
+    /// The recipe's directories of C sources beside the init: its probes and its agent.
+    static func sourceDirectories(initScript: String) -> [String] {
+        ["probe", "agent"].map { (initScript as NSString).deletingLastPathComponent + "/" + $0 }
+    }
+
+    /// The agent's source, which the initramfs carries compiled.
+    static func agentSource(initScript: String) -> String { (initScript as NSString).deletingLastPathComponent + "/agent/mvm-agent.c" }
+
+    /// The recipe's own files: the guest init, and every file of its source directories.
     static func recipeFiles(initScript: String) -> [String] {
-        let images = (initScript as NSString).deletingLastPathComponent
-        return [initScript] + ["probe", "agent"].flatMap { sub in
-            ((try? FileManager.default.contentsOfDirectory(atPath: images + "/" + sub)) ?? []).sorted().map { images + "/" + sub + "/" + $0 }
+        [initScript] + sourceDirectories(initScript: initScript).flatMap { dir in
+            ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).sorted().map { dir + "/" + $0 }
         }
     }
 
@@ -259,8 +265,7 @@ struct ImageKeyCache {
         // depmod rewrites a kernel's modules.dep without touching /lib/modules itself.
         let kernels = ((try? FileManager.default.contentsOfDirectory(atPath: "/lib/modules")) ?? []).sorted()
         let moduleDeps = watched.contains("/lib/modules") ? kernels.map { "/lib/modules/\($0)/modules.dep" } : []
-        let images = (initScript as NSString).deletingLastPathComponent
-        for p in watched + moduleDeps + [images + "/probe", images + "/agent"] + ImageInputs.recipeFiles(initScript: initScript) {
+        for p in watched + moduleDeps + ImageInputs.sourceDirectories(initScript: initScript) + ImageInputs.recipeFiles(initScript: initScript) {
             parts.append(FileStamp.of(p) ?? "\(p) absent")
         }
         return parts.joined(separator: "\n")
