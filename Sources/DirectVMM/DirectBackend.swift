@@ -274,8 +274,7 @@ public struct DirectBackend: InstanceBackend {
     public func resume(name: String) async throws { _ = try call(name, "PATCH", "/vm", body: #"{"state": "Resumed"}"#) }
     public func stats(name: String) async throws -> String { try call(name, "GET", "/metrics") }
 
-    /// Through the guest agent (`--vsock CID --vsock-shell`), over the host's
-    /// vhost-vsock: the command, then its status on a line of its own.
+    /// Through the guest agent (`--vsock CID --vsock-shell`), over the host's vhost-vsock.
     public func exec(name: String, command: [String]) async throws -> (status: Int32, output: String) {
         try await GuestAgent.exec(cid: try await agentCID(name: name)!, command: command)
     }

@@ -31,6 +31,15 @@ public enum Console {
         return (master, slave)
     }
 
+    /// A new pair whose master has gone to the console socket at `path` (as runc sends a
+    /// container's console): the slave, raw, for the relay.
+    public static func open(sendingMasterTo path: String) throws -> Int32 {
+        let (master, slave) = try open()
+        defer { close(master) }
+        do { try send(master, toSocket: path) } catch { close(slave); throw error }
+        return slave
+    }
+
     /// Puts the terminal on `fd` in raw mode; returns the settings it had, to put back.
     @discardableResult
     public static func makeRaw(_ fd: Int32) -> termios? {
@@ -58,7 +67,7 @@ public enum Console {
     /// Sends the master to the unix socket at `path`, as runc sends a container's console: one
     /// message whose data is a name and whose one SCM_RIGHTS descriptor is the master.
     public static func send(_ master: Int32, toSocket path: String) throws {
-        let fd = try GuestAgent.connect(unixPath: path)
+        let fd = try GuestAgent.connect(unixPath: path, what: "the console socket")
         defer { close(fd) }
         var name = Array("/dev/ptmx".utf8)
         // struct cmsghdr { size_t len; int level; int type; } then the descriptor, padded to 8.

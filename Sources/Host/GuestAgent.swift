@@ -109,14 +109,15 @@ public enum GuestAgent {
     /// One exchange on a connected agent socket: sends the request, copies `input` (a file
     /// descriptor, read to its end; nil closes the process's stdin at once) to the process, hands
     /// every piece of its stdout (`1`) and stderr (`2`) to `output` as it comes, and sends the
-    /// agent each signal read from `signals` (`signalDescriptor`'s) that `forward` lets through.
+    /// agent each signal read from `signals` (`signalDescriptor`'s) that `forward` lets through
+    /// (it may throw to give up on the process).
     /// With a terminal on `input`, a change of its size (looked at on SIGWINCH and twice a second,
     /// since a relay need not be the terminal's controlling process) goes to the guest's terminal.
     /// Returns the process's status (128 + N when a signal N ended it). Throws when the guest
     /// breaks the protocol, goes away before the status, or `timeout` seconds (nil: no limit)
     /// pass without a frame.
     public static func relay(_ fd: Int32, _ request: Request, input: Int32?, signals: Int32? = nil, timeout: Int?,
-                             forward: (Int32) -> Bool = { _ in true }, output: (Int32, [UInt8]) throws -> Void) throws -> Int32 {
+                             forward: (Int32) throws -> Bool = { _ in true }, output: (Int32, [UInt8]) throws -> Void) throws -> Int32 {
         guard !request.arguments.isEmpty else { throw MicroVMError.invalidArgument("no command given to run in the guest") }
         try send(fd, request.frames + (input == nil ? frame("C", []) : []))
         var reader = FrameReader()
@@ -148,7 +149,7 @@ public enum GuestAgent {
             for p in fds.dropFirst() where p.revents != 0 {
                 if p.fd == signals {
                     var number: UInt8 = 0
-                    guard read(p.fd, &number, 1) == 1, forward(Int32(number)) else { continue }
+                    guard read(p.fd, &number, 1) == 1, try forward(Int32(number)) else { continue }
                     if Int32(number) == SIGWINCH, request.terminal == true {
                         try resized()
                     } else {
@@ -219,6 +220,25 @@ public enum GuestAgent {
         }
     }
 
+    /// The signals a relay sends on to the process in the guest (PWR is 30); WINCH becomes a
+    /// resize when the process has a terminal.
+    public static let relayedSignals: [Int32] = [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, SIGWINCH, 30]
+
+    /// A relay's `output` that writes the process's stdout and stderr to this process's own
+    /// (or both to `terminal`), whole.
+    public static func toStdio(terminal: Int32? = nil) -> (Int32, [UInt8]) -> Void {
+        { stream, bytes in
+            let fd = terminal ?? stream
+            var done = 0
+            while done < bytes.count {
+                let n = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + done, bytes.count - done) }
+                if n < 0, errno == EINTR { continue }
+                guard n > 0 else { return }  // the reader is gone: the rest has nowhere to go
+                done += n
+            }
+        }
+    }
+
     /// Catches `signals` in this process, whichever thread they reach, and returns a descriptor
     /// that yields one byte per signal caught (its number), for `relay` to send on to the process.
     public static func signalDescriptor(_ signals: [Int32]) -> Int32? {
@@ -251,14 +271,27 @@ public enum GuestAgent {
                            hint: " (is the guest up, and was it started with --vsock-shell?)")
     }
 
-    /// A connection to an agent listening on a unix socket (`mvm-agent --unix PATH`).
-    public static func connect(unixPath path: String) throws -> Int32 {
+    /// A connection to the agent of a VM that may still be booting: tried every `interval`
+    /// seconds while `keepTrying` says so (it may throw to stop); the last failure otherwise.
+    public static func connect(cid: UInt32, port: UInt32, interval: Double, while keepTrying: () throws -> Bool) throws -> Int32 {
+        while true {
+            do {
+                return try connect(cid: cid, port: port)
+            } catch {
+                guard try keepTrying() else { throw error }
+                usleep(useconds_t(interval * 1_000_000))
+            }
+        }
+    }
+
+    /// A connection to a unix socket: an agent's (`mvm-agent --unix PATH`), or `what` else.
+    public static func connect(unixPath path: String, what: String = "the agent") throws -> Int32 {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(path.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: addr.sun_path) else { throw MicroVMError.invalidArgument("the unix socket path \(path) is too long") }
         withUnsafeMutableBytes(of: &addr.sun_path) { $0.copyBytes(from: bytes) }
-        return try connect(family: AF_UNIX, to: addr, what: "the agent at \(path)", hint: "")
+        return try connect(family: AF_UNIX, to: addr, what: "\(what) at \(path)", hint: "")
     }
 
     /// A stream socket of `family` connected to `address` (a `sockaddr_*`), or an error naming `what`.

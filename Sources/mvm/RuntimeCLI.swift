@@ -266,9 +266,8 @@ enum RuntimeCLI {
     /// as runc gives a container's terminal to containerd's shim; else it has our stdio.
     static func spawn(_ argv: [String], console: String?) throws -> pid_t {
         guard let console else { return try ChildProcess.detached(argv, executable: "/proc/self/exe") }
-        let (master, slave) = try Console.open()
-        defer { close(master); close(slave) }
-        try Console.send(master, toSocket: console)
+        let slave = try Console.open(sendingMasterTo: console)
+        defer { close(slave) }
         return try ChildProcess.detached(argv, executable: "/proc/self/exe", stdio: slave)
     }
 
@@ -322,9 +321,6 @@ enum RuntimeCLI {
         return n
     }
 
-    /// The signals the supervisor sends on to a process the guest agent runs (PWR is 30).
-    static let forwardedSignals: [Int32] = [SIGHUP, SIGINT, SIGQUIT, SIGUSR1, SIGUSR2, SIGTERM, SIGWINCH, 30]
-
     /// Where the guest agent runs the container's process, a signal reaches that process in the
     /// guest (through the supervisor, which sends it on), and KILL stops the VM. Without the
     /// agent, signals that end a process end the VM: the supervisor stops it and exits with 128
@@ -337,7 +333,7 @@ enum RuntimeCLI {
         var r = try store.load(id)
         guard store.alive(r) else { throw Failure(message: "container not running") }
         if r.spec.agentRunsCommand == true, r.status == "running", sig != SIGKILL {
-            guard forwardedSignals.contains(sig) else {
+            guard GuestAgent.relayedSignals.contains(sig) else {
                 throw Failure(message: "signal \(sig) cannot be sent on to the process inside the VM; HUP, INT, QUIT, USR1, USR2, TERM, WINCH and PWR reach it, KILL stops the VM")
             }
             Glibc.kill(r.pid, sig)
@@ -465,7 +461,8 @@ enum RuntimeCLI {
             guard o.positional.count > 1 else { throw Failure(message: "exec needs a command: mvm-runtime exec ID CMD [ARG...], or --process FILE") }
             request = GuestAgent.Request(arguments: Array(o.positional.dropFirst()), workingDirectory: o.values["cwd"],
                                          terminal: o.flags.isDisjoint(with: ["tty", "t"]) ? nil : true)
-            if let e = o.values["env"] ?? o.values["e"] { request.environment = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", e] }
+            // As runc: the container's environment, then what --env adds (the agent supplies a PATH if none).
+            if let e = o.values["env"] ?? o.values["e"] { request.environment = (r.spec.environment ?? []) + [e] } else { request.environment = r.spec.environment }
             if let u = o.values["user"] ?? o.values["u"] {
                 let parts = u.split(separator: ":", omittingEmptySubsequences: false).map { UInt32($0) }
                 guard let uid = parts.first ?? nil, parts.count <= 2, parts.allSatisfy({ $0 != nil }) else {
@@ -485,16 +482,15 @@ enum RuntimeCLI {
         }
         let encoded = try JSONEncoder().encode(request).base64EncodedString()
         let console = request.terminal == true ? o.values["console-socket"] : nil
-        guard detach || console != nil else { return relayExec(g, [id, encoded]) }
+        guard detach else {
+            // In the foreground this process is the relay, on the console socket's terminal when there is one.
+            let terminal = try console.map { try Console.open(sendingMasterTo: $0) }
+            defer { if let terminal { close(terminal) } }
+            return relayExec(g, [id, encoded], terminal: terminal)
+        }
         var argv = ["mvm-runtime", "--root", g.root]
         if let log = g.log { argv += ["--log", log, "--log-format", g.logJSON ? "json" : "text"] }
         let pid = try spawn(argv + ["_exec", id, encoded], console: console)
-        guard detach else {
-            // A console socket in the foreground: the relay has the terminal; wait for its status.
-            var status: Int32 = 0
-            while waitpid(pid, &status, 0) < 0, errno == EINTR {}
-            return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f)
-        }
         if let pidFile = o.values["pid-file"] { try Paths.writeScratch(Data("\(pid)".utf8), to: pidFile, atomically: true) }
         return 0
     }
@@ -507,44 +503,37 @@ enum RuntimeCLI {
     }
 
     /// `_exec ID REQUEST`: runs the request (base64 of its JSON) in the container's VM, with this
-    /// process's stdin, stdout and stderr as the process's, and the signals it gets sent on to the
-    /// process; exits with the process's status (137 when the VM goes away before it ends).
-    static func relayExec(_ g: Global, _ args: [String]) -> Int32 {
+    /// process's stdin, stdout and stderr as the process's (or `terminal` as its terminal), and
+    /// the signals it gets sent on to the process; exits with the process's status (137 when the
+    /// VM goes away before it ends).
+    static func relayExec(_ g: Global, _ args: [String], terminal: Int32? = nil) -> Int32 {
         let store = Store(root: g.root)
         guard args.count == 2, let r = try? store.load(args[0]), let cid = r.spec.vsockCID,
               let data = Data(base64Encoded: args[1]), var request = try? JSONDecoder().decode(GuestAgent.Request.self, from: data) else {
             report(g, "exec: no such container, or a bad request")
             return 126
         }
-        let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT])
+        let signals = GuestAgent.signalDescriptor(GuestAgent.relayedSignals)
         signal(SIGPIPE, SIG_IGN)
+        let input = terminal ?? 0
         var saved: termios?
         if request.terminal == true {
-            // Our stdin is the terminal (a console socket's, or the caller's): raw here, the
-            // guest's terminal does the rest. It is not made our controlling terminal: its
-            // hangup must not reach the processes we start.
-            saved = Console.makeRaw(0)
-            request.size = Console.size(of: 0)
+            // The terminal (a console socket's, or the caller's on stdin): raw here, the guest's
+            // does the rest. It is not made our controlling terminal: its hangup must not reach
+            // the processes we start.
+            saved = Console.makeRaw(input)
+            request.size = Console.size(of: input)
         }
-        defer { Console.restore(0, saved) }
+        defer { Console.restore(input, saved) }
         do {
             // Right after `start` the guest may still be booting: its agent is reached once it
             // listens, as long as the container runs (at most 120 s).
             let deadline = Monotonic.seconds() + 120
-            var connection: Int32?
-            while connection == nil {
-                do {
-                    connection = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
-                } catch {
-                    guard store.alive(r), Monotonic.seconds() < deadline else { throw error }
-                    usleep(200_000)
-                }
+            let fd = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort, interval: 0.2) {
+                store.alive(r) && Monotonic.seconds() < deadline
             }
-            let fd = connection!
             defer { close(fd) }
-            return try GuestAgent.relay(fd, request, input: 0, signals: signals, timeout: nil) { stream, bytes in
-                _ = bytes.withUnsafeBytes { Glibc.write(stream, $0.baseAddress, $0.count) }
-            }
+            return try GuestAgent.relay(fd, request, input: input, signals: signals, timeout: nil, output: GuestAgent.toStdio(terminal: terminal))
         } catch let e as MicroVMError where e.code == .guestError && !store.alive(r) {
             report(g, "exec: the container's VM stopped before the process ended")
             return 137
@@ -562,8 +551,7 @@ enum RuntimeCLI {
 
     /// Boots the container's VM and, once its guest agent listens, runs the process through it:
     /// stdout and stderr (or its `terminal`, on our stdin) stream to this process's as they come,
-    /// stdin follows, and the signals
-    /// `kill` sends on reach the process; KILL (recorded by `kill`) stops the VM instead. The
+    /// stdin follows, and the signals `kill` sends on reach the process; KILL (recorded by `kill`) stops the VM instead. The
     /// process's end ends the VM (the guest init waits for it, `mvm.await`). Returns its status,
     /// 137 when KILL stopped it, or the VM's own result when it ended before the agent answered.
     static func superviseThroughAgent(store: Store, id: String, request: GuestAgent.Request, cid: UInt32, signals: Int32?,
@@ -578,25 +566,17 @@ enum RuntimeCLI {
         if sized.terminal == true { sized.size = Console.size(of: 0) }
         let request = sized
         let relayed = await Task.detached { () throws -> Int32 in
-            var connection: Int32?
-            while connection == nil {
+            // The agent listens once the guest has booted; a VM that ends first, or KILL, stops the wait.
+            let fd = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort, interval: 0.1) {
                 if killed() { throw CancellationError() }
-                do {
-                    connection = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
-                } catch {
-                    guard !ended.value else { throw error }
-                    usleep(100_000)
-                }
+                return !ended.value
             }
-            let fd = connection!
             defer { close(fd) }
             return try GuestAgent.relay(fd, request, input: 0, signals: signals, timeout: nil, forward: { _ in
                 guard killed() else { return true }
                 vm.cancel()
                 return false
-            }) { stream, bytes in
-                _ = bytes.withUnsafeBytes { Glibc.write(stream, $0.baseAddress, $0.count) }
-            }
+            }, output: GuestAgent.toStdio())
         }.result
         if case .failure = relayed { vm.cancel() }
         // The process has ended: the guest powers off by itself; one that does not is stopped.
@@ -629,7 +609,7 @@ enum RuntimeCLI {
         // diagnostics of libvirt and the backends: those go to the log.
         userError = dup(2)
         // Caught from here on, so no signal `kill` sends on ends this process before the VM is stopped.
-        let agentSignals = r.spec.agentRunsCommand == true ? GuestAgent.signalDescriptor(forwardedSignals) : nil
+        let agentSignals = r.spec.agentRunsCommand == true ? GuestAgent.signalDescriptor(GuestAgent.relayedSignals) : nil
         let diagnostics = openLog(g.log ?? "/dev/null")
         if diagnostics >= 0 { dup2(diagnostics, 2); close(diagnostics) }
         r.pid = getpid()

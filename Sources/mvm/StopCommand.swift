@@ -119,16 +119,24 @@ struct ExecCommand: AsyncParsableCommand {
                 return r.status
             }
             if tty, isatty(0) == 0 { throw MicroVMError.invalidArgument("--tty needs a terminal on stdin: run it from one, or leave -t out") }
-            let signals = GuestAgent.signalDescriptor([SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2] + (tty ? [SIGWINCH] : []))
+            let signals = GuestAgent.signalDescriptor(GuestAgent.relayedSignals)
             let fd = try GuestAgent.connect(cid: cid, port: GuestProtocol.vsockShellPort)
             defer { close(fd) }
             // With a terminal, this one is raw while the command runs: the guest's does the echo and the line editing.
             let saved = tty ? Console.makeRaw(0) : nil
             defer { Console.restore(0, saved) }
             let request = GuestAgent.Request(arguments: command, terminal: tty ? true : nil, size: tty ? Console.size(of: 0) : nil)
-            return try GuestAgent.relay(fd, request, input: interactive || tty ? 0 : nil, signals: signals, timeout: nil) { stream, bytes in
-                _ = bytes.withUnsafeBytes { write(stream, $0.baseAddress, $0.count) }
-            }
+            // The first INT, TERM or HUP goes to the process; a second one stops waiting for a
+            // guest that does not end it.
+            var asked: Int32?
+            return try GuestAgent.relay(fd, request, input: interactive || tty ? 0 : nil, signals: signals, timeout: nil, forward: { sig in
+                guard [SIGINT, SIGTERM, SIGHUP].contains(sig) else { return true }
+                if let asked {
+                    throw MicroVMError(.guestError, "stopped waiting: the process in '\(instance.name)' did not end on signal \(asked)")
+                }
+                asked = sig
+                return true
+            }, output: GuestAgent.toStdio())
         }
         if status != 0 { throw ExitCode(status) }
     }
