@@ -22,7 +22,11 @@ import MicroVMCore
             socket = dir + "/agent.sock"
             pid = try ChildProcess.detached([binary, "--unix", socket] + (root.map { ["--root", $0] } ?? []) + (statusFIFO.map { ["--status-fifo", $0] } ?? []),
                                             executable: binary)
-            for _ in 0..<500 where !FileManager.default.fileExists(atPath: socket) { usleep(10_000) }
+            // Listening, not only bound: the socket's file appears before the agent listens on it.
+            for _ in 0..<500 {
+                if let fd = try? GuestAgent.connect(unixPath: socket) { close(fd); break }
+                usleep(10_000)
+            }
         }
 
         func run(_ request: GuestAgent.Request, input: Int32? = nil, signals: Int32? = nil) throws -> (status: Int32, out: String, err: String) {
