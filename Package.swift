@@ -15,7 +15,6 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
-        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/groue/GRDB.swift", from: "7.10.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.1"),
@@ -34,7 +33,10 @@ let package = Package(
         // C only: trampolines that load libvirt and libguestfs when first called.
         .target(name: "CLazyLibs", linkerSettings: [.linkedLibrary("dl")]),
 
-        .target(name: "MicroVMCore", dependencies: [.product(name: "Logging", package: "swift-log"), "Yams"], swiftSettings: strict),
+        // Foundation-free (FoundationEssentials at most): the VMM process links it.
+        .target(name: "MicroVMCore", swiftSettings: strict),
+        // The YAML configuration file: Yams, hence all of Foundation, kept out of MicroVMCore.
+        .target(name: "ConfigFile", dependencies: ["MicroVMCore", "Yams"], swiftSettings: strict),
         .target(name: "KVM", dependencies: ["CKVM", "MicroVMCore"], swiftSettings: strict),
         .target(name: "GuestMemory", dependencies: ["MicroVMCore"], swiftSettings: strict),
         .target(name: "LinuxBoot", dependencies: ["GuestMemory", "MicroVMCore"], swiftSettings: strict),
@@ -54,7 +56,7 @@ let package = Package(
         .target(name: "Launch", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "VMMAPI"], swiftSettings: strict),
         .target(name: "Rig", dependencies: ["MicroVMCore", "Host", "Images"], swiftSettings: strict),
         .target(name: "Bench", dependencies: ["MicroVMCore", "Host", "Images", "Allocator", "Launch", "Containers", "Libvirt", "DirectVMM", "VMM", "VMMAPI"], swiftSettings: strict),
-        .target(name: "MicroVM", dependencies: ["MicroVMCore", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Jail", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
+        .target(name: "MicroVM", dependencies: ["MicroVMCore", "ConfigFile", "KVM", "GuestMemory", "LinuxBoot", "Devices", "VMM", "VMMAPI", "DirectVMM", "Jail", "Host", "Libvirt", "Containers", "Allocator", "Images", "Launch", "Rig", "Bench"], swiftSettings: strict),
         .executableTarget(name: "VirtioFuzz", dependencies: ["Devices", "MicroVMCore", "VMMAPI"], swiftSettings: strict),
         .executableTarget(name: "mvm", dependencies: ["MicroVM", .product(name: "ArgumentParser", package: "swift-argument-parser")], swiftSettings: strict),
 
@@ -62,22 +64,22 @@ let package = Package(
         // C only: the fewest KVM calls that run a tiny guest, the floor `mvm bench --scenarios vmm` compares the VMMs with.
         .executableTarget(name: "mvm-kvm-floor"),
         // One micro-VM per process: the VMM, its API and the per-boot KVM verdict, nothing else.
-        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "Host", "MicroVMCore", "Jail"], swiftSettings: strict),
+        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "KVM", "MicroVMCore", "Jail"], swiftSettings: strict),
 
-        .testTarget(name: "MicroVMCoreTests", dependencies: ["MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "MicroVMCoreTests", dependencies: ["ConfigFile", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "GuestMemoryTests", dependencies: ["GuestMemory", "MicroVMCore"]),
         .testTarget(name: "LinuxBootTests", dependencies: ["LinuxBoot", "GuestMemory", "MicroVMCore"]),
         .testTarget(name: "DevicesTests", dependencies: ["Devices", "GuestMemory", "MicroVMCore", .product(name: "PropertyBased", package: "swift-property-based")]),
         .testTarget(name: "DirectVMMTests", dependencies: ["DirectVMM", "VMM", "VMMAPI", "Jail", "Launch", "Allocator", "KVM", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "HostTests", dependencies: ["Host", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "LibvirtTests", dependencies: ["Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "ContainersTests", dependencies: ["Containers", "Allocator", "Host", "Images", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "AllocatorTests", dependencies: ["Allocator", "Host", .product(name: "PropertyBased", package: "swift-property-based"), "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "LibvirtTests", dependencies: ["ConfigFile", "Libvirt", "Host", "Images", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "ContainersTests", dependencies: ["ConfigFile", "Containers", "Allocator", "Host", "Images", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "AllocatorTests", dependencies: ["ConfigFile", "Allocator", "Host", .product(name: "PropertyBased", package: "swift-property-based"), "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "ImagesTests", dependencies: ["Images", "Host", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "BenchTests", dependencies: ["Bench", "MicroVMCore", "GuestMemory"]),
-        .testTarget(name: "LaunchTests", dependencies: ["Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore", "Images", "Host"]),
+        .testTarget(name: "BenchTests", dependencies: ["ConfigFile", "Bench", "MicroVMCore", "GuestMemory"]),
+        .testTarget(name: "LaunchTests", dependencies: ["ConfigFile", "Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore", "Images", "Host"]),
         .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI", "Yams"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]

@@ -7,18 +7,18 @@ extension HostProfile {
     /// the cheap probes are read fresh each time.
     public static func current(paths: Paths = .default, roots: HostRoots = HostRoots(), refresh: Bool = false) -> HostProfile {
         let bootID = bootID(roots: roots)
-        let kvm = cachedKVM(paths: paths, bootID: bootID, refresh: refresh)
+        let kvm = KVMVerdictCache.verdict(paths: paths, bootID: bootID, refresh: refresh)
         return probe(roots: roots, kvm: kvm, bootID: bootID)
     }
 
     /// Only the KVM verdict (cached per boot): what a launch needs, without probing the tools.
     public static func kvm(paths: Paths = .default, roots: HostRoots = HostRoots()) -> KVMProbeResult {
-        cachedKVM(paths: paths, bootID: bootID(roots: roots), refresh: false)
+        KVMVerdictCache.verdict(paths: paths, bootID: bootID(roots: roots))
     }
 
     /// This boot's id: what per-boot caches are keyed by.
     static func bootID(roots: HostRoots) -> String {
-        read(roots.proc + "/sys/kernel/random/boot_id")?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "unknown"
+        KVMVerdictCache.bootID(proc: roots.proc)
     }
 
     /// Builds a profile from the given roots without touching /dev/kvm (the KVM result is passed in).
@@ -141,27 +141,5 @@ extension HostProfile {
         }
         let tcg = kvm.verdict != .hardware
         return Capability(usable: true, detail: tcg ? "usable with LIBGUESTFS_BACKEND_SETTINGS=force_tcg (KVM here is not hardware; MicroVM sets it)" : "usable (KVM)")
-    }
-
-    private struct CachedKVM: Codable { var bootID: String; var prober: String?; var result: KVMProbeResult }
-
-    /// What the cached verdict was measured by. Every binary of the project (`mvm`, `mvm-vmm`,
-    /// tests, debug or release) shares one verdict per boot, so none of them probes again on its
-    /// launch path; bump the revision when the probe's logic changes what it concludes.
-    static let proberIdentity = "kvm-functional-probe r1"
-
-    static func cachedKVM(paths: Paths, bootID: String, refresh: Bool) -> KVMProbeResult {
-        let file = paths.hostProfile
-        let prober = proberIdentity
-        if !refresh, bootID != "unknown", let d = FileManager.default.contents(atPath: file),
-           let c = try? JSONDecoder().decode(CachedKVM.self, from: d), c.bootID == bootID, c.prober == prober {
-            return c.result
-        }
-        let r = KVMFunctionalProbe.run()
-        if let d = try? JSONEncoder().encode(CachedKVM(bootID: bootID, prober: prober, result: r)) {
-            try? Paths.ensureDirectory(paths.state)
-            FileManager.default.createFile(atPath: file, contents: d)
-        }
-        return r
     }
 }

@@ -1,5 +1,4 @@
 import CKVM
-import Foundation
 import MicroVMCore
 import Synchronization
 #if canImport(Glibc)
@@ -137,11 +136,11 @@ public enum KVMFunctionalProbe {
         let fast = ns < hardwareThresholdNanoseconds
         let casOK = casResult == true
         if fast && casOK {
-            return KVMProbeResult(verdict: .hardware, reason: String(format: "CPL0 code runs at %.1f ns per loop iteration and lock cmpxchg16b works", ns),
+            return KVMProbeResult(verdict: .hardware, reason: cFormat("CPL0 code runs at %.1f ns per loop iteration and lock cmpxchg16b works", ns),
                                   apiVersion: api, cpl0NanosecondsPerIteration: ns, cmpxchg16bWorks: true)
         }
         var why: [String] = []
-        if !fast { why.append(String(format: "CPL0 code runs at %.0f ns per loop iteration (hardware: under %.0f)", ns, hardwareThresholdNanoseconds)) }
+        if !fast { why.append(cFormat("CPL0 code runs at %.0f ns per loop iteration (hardware: under %.0f)", ns, hardwareThresholdNanoseconds)) }
         if !casOK { why.append(casFailure.isEmpty ? "lock cmpxchg16b did not complete" : casFailure) }
         return KVMProbeResult(verdict: .emulated, reason: why.joined(separator: "; ") + ": a software KVM that cannot boot Linux — use `mvm rig run`",
                               apiVersion: api, cpl0NanosecondsPerIteration: ns, cmpxchg16bWorks: casOK)
@@ -156,13 +155,13 @@ public final class Watchdog: Sendable {
     public init(vcpu: KVMVCPU, seconds: Double, thread: pthread_t = pthread_self()) {
         VCPUKick.install()
         let deadline = Monotonic.seconds() + seconds
-        let t = Thread { [self] in
+        // Without the thread, the vCPU is not kicked and the probe runs to its end: slow, not wrong.
+        try? NativeThread.detach(name: "kvm-watchdog") { [self] in
             while !self.done.load(ordering: .acquiring) {
                 if Monotonic.seconds() >= deadline { VCPUKick.kick(vcpu, thread: thread) }
                 usleep(2_000)
             }
         }
-        t.start()
     }
 
     public func cancel() { done.store(true, ordering: .releasing) }

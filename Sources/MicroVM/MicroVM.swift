@@ -7,6 +7,7 @@
 /// print(result.output, result.exitStatus)
 /// ```
 @_exported import MicroVMCore
+@_exported import ConfigFile
 @_exported import KVM
 @_exported import GuestMemory
 @_exported import LinuxBoot

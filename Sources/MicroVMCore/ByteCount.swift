@@ -21,7 +21,7 @@ public struct ByteCount: Hashable, Comparable, Sendable, Codable, CustomStringCo
 
     /// Parses "128M", "128MiB", "1G", "2048k", "4096". Units are binary (K = 1024).
     public init(parsing text: String) throws {
-        let t = text.trimmingCharacters(in: .whitespaces)
+        let t = text.trimmed()
         let digits = t.prefix { $0.isNumber }
         var unit = t.dropFirst(digits.count).lowercased()
         if unit.hasSuffix("ib") { unit.removeLast(2) } else if unit.hasSuffix("b") && unit.count > 1 { unit.removeLast() }
@@ -61,4 +61,7 @@ public struct ByteCount: Hashable, Comparable, Sendable, Codable, CustomStringCo
     }
 }
 
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif

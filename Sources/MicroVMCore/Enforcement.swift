@@ -93,7 +93,7 @@ public struct Enforcement: Codable, Sendable, Hashable {
 
     /// "1 CPU of work on 0-1 (shared, weight 100), 256M (+64M VMM), pids 512" for logs and errors.
     public var summary: String {
-        var s = String(format: "%g", cpuQuota) + " CPU\(cpuQuota == 1 ? "" : "s") of work"
+        var s = cFormat("%g", cpuQuota) + " CPU\(cpuQuota == 1 ? "" : "s") of work"
         if !cpuSet.isEmpty { s += " on \(CPUList.format(cpuSet))" }
         s += " (\(placement.rawValue), weight \(cpuWeight)), \(memory)"
         if overhead.bytes > 0 { s += " (+\(overhead) overhead)" }

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The protocol between the guest init (images/init) and every backend.
 ///
@@ -136,24 +139,24 @@ public struct ConsoleParser: Sendable {
     static let outputLimit = 64 << 20
 
     private mutating func consume(line raw: String) -> Bool {
-        let line = raw.replacingOccurrences(of: "\r", with: "")
-        if let r = line.range(of: GuestProtocol.bootCompleteMarker) {
+        let line = raw.replacing("\r", with: "")
+        if let r = line.firstRange(of: GuestProtocol.bootCompleteMarker) {
             bootComplete = true
             let rest = line[r.upperBound...]
-            if let u = rest.range(of: "uptime=") {
+            if let u = rest.firstRange(of: "uptime=") {
                 bootUptime = Double(rest[u.upperBound...].prefix { $0.isNumber || $0 == "." })
             }
             return true
         }
-        if let r = line.range(of: GuestProtocol.dataPrefix) {
-            let payload = line[r.upperBound...].trimmingCharacters(in: .whitespaces)
+        if let r = line.firstRange(of: GuestProtocol.dataPrefix) {
+            let payload = line[r.upperBound...].trimmed()
             if let d = Data(base64Encoded: payload) {
                 data.append(d)
                 if data.count > Self.outputLimit { data.removeFirst(data.count - Self.outputLimit / 2) }
             }
             return false
         }
-        if let r = line.range(of: GuestProtocol.endMarker) {
+        if let r = line.firstRange(of: GuestProtocol.endMarker) {
             let rest = String(line[r.upperBound...])
             guard let status = Self.field("status", in: rest).flatMap({ Int32($0) }) else { return false }
             let bytes = Self.field("bytes", in: rest).flatMap { Int($0) }
@@ -166,7 +169,7 @@ public struct ConsoleParser: Sendable {
     }
 
     private static func field(_ name: String, in text: String) -> String? {
-        guard let r = text.range(of: name + "=") else { return nil }
+        guard let r = text.firstRange(of: name + "=") else { return nil }
         return String(text[r.upperBound...].prefix { $0.isNumber || $0 == "-" })
     }
 }

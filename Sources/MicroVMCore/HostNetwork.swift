@@ -1,4 +1,4 @@
-import Foundation
+import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -31,7 +31,7 @@ public enum HostLinks {
     public static func interfaceTag(_ id: String) -> String {
         var h: UInt32 = 2_166_136_261
         for b in id.utf8 { h = (h ^ UInt32(b)) &* 16_777_619 }
-        return String(format: "%08x", h)
+        return cFormat("%08x", h)
     }
 
     /// A locally administered unicast MAC derived from `seed` (02:4d:56:xx:xx:xx, "MV"), so an
@@ -42,13 +42,13 @@ public enum HostLinks {
         return [0x02, 0x4d, 0x56, UInt8(truncatingIfNeeded: h >> 16), UInt8(truncatingIfNeeded: h >> 8), UInt8(truncatingIfNeeded: h)]
     }
 
-    public static func format(mac: [UInt8]) -> String { mac.map { String(format: "%02x", $0) }.joined(separator: ":") }
+    public static func format(mac: [UInt8]) -> String { mac.map { cFormat("%02x", $0) }.joined(separator: ":") }
 
     /// Runs `ip ARGS`; a failure names the command and what the host needs.
     public static func ip(_ args: [String], purpose: String = "instance networking") throws {
         let out = try ProcessRunner.run(["ip"] + args, timeout: 10, package: "iproute2")
         guard out.status == 0 else {
-            throw MicroVMError(.backend, "'ip \(args.joined(separator: " "))' failed: \(out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines)); \(purpose) needs root (CAP_NET_ADMIN) and iproute2")
+            throw MicroVMError(.backend, "'ip \(args.joined(separator: " "))' failed: \(out.stderrText.trimmed()); \(purpose) needs root (CAP_NET_ADMIN) and iproute2")
         }
     }
 

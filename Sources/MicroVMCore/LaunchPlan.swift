@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import Synchronization
 
 /// The phases of one launch, each marked once on CLOCK_MONOTONIC. Every backend's start figure is
@@ -51,7 +54,7 @@ public final class LaunchClock: Sendable {
     static let stopAt: LaunchPhase? = ProcessInfo.processInfo.environment["MVM_STOP_AT"].flatMap(LaunchPhase.init(rawValue:))
 
     static func stopForKill(_ phase: LaunchPhase) {
-        FileHandle.standardError.write(Data("mvm: stopped at \(phase.rawValue) (MVM_STOP_AT)\n".utf8))
+        writeStandardError("mvm: stopped at \(phase.rawValue) (MVM_STOP_AT)\n")
         raise(SIGSTOP)
     }
 
@@ -73,13 +76,13 @@ public struct LaunchPhases: Codable, Sendable, Equatable {
 
     /// "validated=0.4ms granted=1.2ms …" in phase order, for logs and sample details.
     public var summary: String {
-        LaunchPhase.allCases.compactMap { p in seconds[p].map { "\(p.rawValue)=\(String(format: "%.1f", $0 * 1000))ms" } }
+        LaunchPhase.allCases.compactMap { p in seconds[p].map { "\(p.rawValue)=\(cFormat("%.1f", $0 * 1000))ms" } }
             .joined(separator: " ")
     }
 
     /// Phase → milliseconds, as a bench sample's details record it.
     public var details: [String: String] {
-        Dictionary(uniqueKeysWithValues: seconds.map { ("phase.\($0.key.rawValue)", String(format: "%.3f", $0.value * 1000)) })
+        Dictionary(uniqueKeysWithValues: seconds.map { ("phase.\($0.key.rawValue)", cFormat("%.3f", $0.value * 1000)) })
     }
 
     enum CodingKeys: CodingKey {}
@@ -123,7 +126,7 @@ public enum KernelCommandLine {
         var parts = base
         if !command.isEmpty { parts.append("\(GuestProtocol.commandParameter)=\(GuestProtocol.encodeCommand(command))") }
         for p in [backend] + (rootfsReadOnly ? ["\(GuestProtocol.readOnlyRootParameter)=1"] : []) + initParameters + [extra] {
-            let t = p.trimmingCharacters(in: .whitespaces)
+            let t = p.trimmed()
             if !t.isEmpty { parts.append(t) }
         }
         return parts.joined(separator: " ")

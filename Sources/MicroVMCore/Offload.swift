@@ -1,4 +1,8 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
+import Dispatch
 
 /// Runs blocking work (a runtime's command, a wait on a guest) on GCD's threads, not the
 /// cooperative pool, so several at once cannot starve other tasks.

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Where MicroVM keeps state (ledger, instance records, libvirt's embedded root) and its cache
 /// (built images, the rig image). Overridable with MVM_STATE_DIR and MVM_CACHE_DIR, which tests use.

@@ -1,4 +1,5 @@
-import Foundation
+import FoundationEssentials
+import Dispatch
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -8,7 +9,7 @@ import Glibc
 /// One place for it, so every module gets timeouts and clear "not installed" errors alike.
 public enum ProcessRunner {
     /// `s` as one word of a POSIX shell command line: single-quoted, inner quotes escaped.
-    public static func shellQuote(_ s: String) -> String { "'" + s.replacingOccurrences(of: "'", with: "'\\''") + "'" }
+    public static func shellQuote(_ s: String) -> String { "'" + s.replacing("'", with: "'\\''") + "'" }
 
     public struct Output: Sendable {
         public var status: Int32
@@ -92,7 +93,7 @@ public enum ProcessRunner {
             throw MicroVMError(.timeout, "'\(argv.joined(separator: " "))' did not finish within \(Int(timeout ?? 0)) s and was killed")
         }
         guard out.status == 0 else {
-            let err = out.stderrText.trimmingCharacters(in: .whitespacesAndNewlines)
+            let err = out.stderrText.trimmed()
             throw MicroVMError(.backend, "'\(argv.prefix(3).joined(separator: " "))' exited with status \(out.status): \(err.suffix(2000))")
         }
         return out
@@ -146,7 +147,7 @@ extension ProcessRunner {
     static func drain(fd: Int32, exited: borrowing Atomic<Bool>) -> Data {
         var out = Data()
         var buf = [UInt8](repeating: 0, count: 65536)
-        var quietSince: Date?
+        var quietSince: Double?
         while true {
             var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let r = poll(&pfd, 1, 100)
@@ -159,15 +160,14 @@ extension ProcessRunner {
             }
             if r < 0 && errno != EINTR { return out }
             if exited.load(ordering: .acquiring) {
-                if let q = quietSince { if Date().timeIntervalSince(q) > 1 { return out } } else { quietSince = Date() }
+                if let q = quietSince { if Monotonic.seconds() - q > 1 { return out } } else { quietSince = Monotonic.seconds() }
             }
         }
     }
 }
 
-private final class DataBox: @unchecked Sendable {
-    private let lock = NSLock()
-    private var slots: [Int: Data] = [:]
-    func set(_ i: Int, _ d: Data) { lock.lock(); slots[i] = d; lock.unlock() }
-    func get(_ i: Int) -> Data { lock.lock(); defer { lock.unlock() }; return slots[i] ?? Data() }
+private final class DataBox: Sendable {
+    private let slots = Mutex<[Int: Data]>([:])
+    func set(_ i: Int, _ d: Data) { slots.withLock { $0[i] = d } }
+    func get(_ i: Int) -> Data { slots.withLock { $0[i] ?? Data() } }
 }

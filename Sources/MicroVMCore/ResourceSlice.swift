@@ -46,7 +46,7 @@ public struct ResourceSlice: Codable, Sendable, Hashable {
 public enum CPUList {
     public static func parse(_ text: String) throws -> [Int] {
         var out: [Int] = []
-        for part in text.trimmingCharacters(in: .whitespacesAndNewlines).split(separator: ",") {
+        for part in text.trimmed().split(separator: ",") {
             let ends = part.split(separator: "-", omittingEmptySubsequences: false)
             if ends.count == 1, let n = Int(ends[0]) { out.append(n) }
             else if ends.count == 2, let a = Int(ends[0]), let b = Int(ends[1]), a <= b { out.append(contentsOf: a...b) }
@@ -68,4 +68,7 @@ public enum CPUList {
     }
 }
 
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif

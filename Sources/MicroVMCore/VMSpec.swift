@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// Which backend runs an instance.
 public enum RunMode: String, Codable, Sendable, CaseIterable {

@@ -1,5 +1,9 @@
 import Devices
-import Foundation
+import FoundationEssentials
+import Dispatch
+#if canImport(Glibc)
+import Glibc
+#endif
 import KVM
 import LinuxBoot
 import MicroVMCore
@@ -90,14 +94,15 @@ public final class VMMInstance: VMMController, Sendable {
             try options.beforeThreads?()
             var deviceThread: (@Sendable () -> Void)?
             if let onThread = options.onThread { deviceThread = { onThread(.device) } }
-            vm.startVirtioThreads(virtio.attachments, onThread: deviceThread)
+            try vm.startVirtioThreads(virtio.attachments, onThread: deviceThread)
             try vm.start()
         } catch {
             virtio.attachments.forEach { $0.stop() }
             throw error
         }
         let started = Running(vm: vm, devices: devices, attachments: virtio.attachments, tap: tap, startedAt: Monotonic.seconds())
-        let waiter = Thread { [self] in
+        // The wait thread is what reports the VM's end: without it, nothing would.
+        try NativeThread.detach(name: "vmm-wait") { [self] in
             let reason = vm.wait()
             stopped.withLock { $0 = (reason, Monotonic.seconds()) }
             started.attachments.forEach { $0.stop() }
@@ -106,8 +111,6 @@ public final class VMMInstance: VMMController, Sendable {
             options.onExit(reason, registers)
             exited.signal()
         }
-        waiter.name = "vmm-wait"
-        waiter.start()
         return started
     }
 

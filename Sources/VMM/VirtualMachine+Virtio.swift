@@ -23,7 +23,7 @@ extension VirtualMachine {
                 try addMMIODevice(a.device, address: a.mmioBase, length: a.mmioLength)
                 registerNotifyEventFDs(a)
             }
-            if startThreads { startVirtioThreads(attachments) }
+            if startThreads { try startVirtioThreads(attachments) }
         } catch {
             attachments.forEach { $0.stop() }
             throw error
@@ -32,8 +32,8 @@ extension VirtualMachine {
     }
 
     /// Starts each device's I/O thread; `onThread` runs first on each.
-    public func startVirtioThreads(_ attachments: [VirtioAttachment], onThread: (@Sendable () -> Void)? = nil) {
-        for a in attachments { a.transport.start(name: "virtio-\(a.irq)", onThread: onThread) }
+    public func startVirtioThreads(_ attachments: [VirtioAttachment], onThread: (@Sendable () -> Void)? = nil) throws {
+        for a in attachments { try a.transport.start(name: "virtio-\(a.irq)", onThread: onThread) }
     }
 
     /// Lets a QueueNotify write signal the queue's eventfd inside KVM (KVM_IOEVENTFD, 4 bytes at

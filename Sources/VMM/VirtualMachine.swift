@@ -1,7 +1,8 @@
 import CKVM
 import Devices
 import Dispatch
-import Foundation
+import FoundationEssentials
+import Dispatch
 import GuestMemory
 import KVM
 import MicroVMCore
@@ -44,7 +45,7 @@ public struct MachineConfiguration: Sendable {
 /// adds devices and loads a kernel (or a test guest) and calls `run`. One thread per vCPU.
 public final class VirtualMachine: @unchecked Sendable {
     // SAFETY (Sendable): immutable after init except `control` (a Mutex), the atomics and
-    // `parking` (an NSCondition, used only under its own lock).
+    // `parking` (a PosixCondition, used only under its own lock).
 
     /// CLOCK_MONOTONIC seconds when construction began: the origin of every timestamp here.
     public let createdAt: Double
@@ -69,7 +70,7 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Set while the VM is paused: vCPUs leave the guest and park until it clears.
     private let pausing = Atomic<Bool>(false)
     private let parkedCount = Atomic<Int>(0)
-    private let parking = NSCondition()
+    private let parking = PosixCondition()
     /// Exits to the VMM by kind and time in KVM_RUN, one set per vCPU: the vCPU threads never
     /// share a counter's cache line in their exit path (`exitCounts`, `guestSeconds`).
     let exitCounters: [ExitCounters]
@@ -176,14 +177,18 @@ public final class VirtualMachine: @unchecked Sendable {
         }
         for i in vcpus.indices {
             group.enter()
-            let t = Thread { [self] in
-                vcpuLoop(i)
-                control.withLock { $0.threads[i] = nil }
+            do {
+                try NativeThread.detach(name: "vcpu\(i)", stackSize: 1 << 20) { [self] in
+                    vcpuLoop(i)
+                    control.withLock { $0.threads[i] = nil }
+                    group.leave()
+                }
+            } catch {
+                // The vCPUs already running stop; `wait()` then returns for them.
                 group.leave()
+                requestStop(.error("cannot start vCPU \(i)'s thread: \(error)"))
+                throw error
             }
-            t.name = "vcpu\(i)"
-            t.stackSize = 1 << 20
-            t.start()
         }
     }
 
@@ -293,9 +298,6 @@ public final class VirtualMachine: @unchecked Sendable {
         let vcpu = vcpus[index]
         let counters = exitCounters[index]
         VCPUKick.unblockOnCurrentThread()
-        // Named from inside: naming a thread from another goes through /proc, which a jailed
-        // VMM does not have.
-        Thread.current.name = "vcpu\(index)"
         control.withLock { $0.threads[index] = pthread_self() }
         if !configuration.vcpuPins.isEmpty {
             pin(to: configuration.vcpuPins[index % configuration.vcpuPins.count])

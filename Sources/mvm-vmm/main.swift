@@ -9,14 +9,20 @@
 ///
 /// Jailed (`--jail-uid/--jail-gid`), it builds the whole machine first, then enters the jail
 /// (`Jail`) before any thread starts, and each thread confines itself to its kind's calls.
-import Foundation
+///
+/// It links no Foundation, only FoundationEssentials (JSON and Data): Foundation proper and its
+/// ICU data would triple the binary and the memory each VMM costs (`mvm bench --scenarios vmm`).
+import FoundationEssentials
 import Synchronization
 import Devices
-import Host
 import Jail
+import KVM
 import MicroVMCore
 import VMM
 import VMMAPI
+#if canImport(Glibc)
+import Glibc
+#endif
 
 struct Arguments {
     var configFile: String?
@@ -125,7 +131,7 @@ struct Arguments {
 }
 
 func fail(_ message: String, status: Int32) -> Never {
-    FileHandle.standardError.write(Data("mvm-vmm: \(message)\n".utf8))
+    writeStandardError("mvm-vmm: \(message)\n")
     exit(status)
 }
 
@@ -144,18 +150,18 @@ func parentWatch(_ args: Arguments) -> (fd: Int32, parent: pid_t)? {
 
 func watchParent(_ watch: (fd: Int32, parent: pid_t)) {
     let (fd, parent) = watch
-    let watcher = Thread {
-        if fd >= 0 {
-            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            while poll(&p, 1, -1) < 0 && errno == EINTR {}
-        } else {
-            while getppid() == parent { usleep(200_000) }
+    do {
+        try NativeThread.detach(name: "parent-watch") {
+            if fd >= 0 {
+                var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                while poll(&p, 1, -1) < 0 && errno == EINTR {}
+            } else {
+                while getppid() == parent { usleep(200_000) }
+            }
+            writeStandardError("mvm-vmm: the process that started it ended; stopping\n")
+            _exit(137)
         }
-        FileHandle.standardError.write(Data("mvm-vmm: the process that started it ended; stopping\n".utf8))
-        _exit(137)
-    }
-    watcher.name = "parent-watch"
-    watcher.start()
+    } catch { fail("cannot watch the process that started it: \(error)", status: 1) }
 }
 
 /// CLOCK_MONOTONIC seconds when this process's code started.
@@ -179,11 +185,12 @@ if let parentFD, args.jail == nil { watchParent(parentFD) }
 
 if let kind = args.seccompCheck, let jail = args.jail {
     do { try Jail.enter(Jail.Options(uid: jail.uid, gid: jail.gid, hostname: "seccomp-check")) } catch { fail("\(error)", status: 4) }
-    let t = Thread {
-        Jail.confine(kind)
-        _ = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    }
-    t.start()
+    do {
+        try NativeThread.detach(name: "seccomp-check") {
+            Jail.confine(kind)
+            _ = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        }
+    } catch { fail("\(error)", status: 1) }
     sleep(2)
     fail("the \(kind.rawValue) thread's filter let socket() through", status: 1)
 }
@@ -203,7 +210,7 @@ if let file = args.configFile {
 }
 
 // The KVM verdict is cached per boot (mvm doctor and mvm share it): no probing here.
-let kvm = HostProfile.kvm()
+let kvm = KVMVerdictCache.verdict()
 switch kvm.verdict {
 case .hardware: break
 case .absent: fail("no usable KVM: \(kvm.reason)", status: 3)
@@ -233,7 +240,7 @@ var options = VMMInstance.Options(id: args.id, devicePath: args.devicePath, cons
     switch reason {
     case .powerOff, .reboot, .halted, .requested: exitStatus.store(0, ordering: .relaxed)
     default:
-        FileHandle.standardError.write(Data("mvm-vmm: the VM stopped: \(reason)\(registers.map { "; " + $0 } ?? "")\n".utf8))
+        writeStandardError("mvm-vmm: the VM stopped: \(reason)\(registers.map { "; " + $0 } ?? "")\n")
         exitStatus.store(1, ordering: .relaxed)
     }
 })
@@ -260,17 +267,17 @@ let server: APIServer? = args.apiSocket.map { bindAPI($0, jailed: args.jail != n
 func startServices(server: APIServer?, parentFD: (fd: Int32, parent: pid_t)?, jailed: Bool, signals: sigset_t) {
     do { try server?.serve() } catch { fail("cannot serve the API: \(error)", status: 2) }
     if let parentFD, jailed { watchParent(parentFD) }
-    let watcher = Thread {
-        var set = signals
-        while true {
-            var sig: Int32 = 0
-            guard sigwait(&set, &sig) == 0 else { continue }
-            if instance.state == .notStarted { server?.stop(); exit(128 + sig) }
-            instance.stop()
+    do {
+        try NativeThread.detach(name: "signals") {
+            var set = signals
+            while true {
+                var sig: Int32 = 0
+                guard sigwait(&set, &sig) == 0 else { continue }
+                if instance.state == .notStarted { server?.stop(); exit(128 + sig) }
+                instance.stop()
+            }
         }
-    }
-    watcher.name = "signals"
-    watcher.start()
+    } catch { fail("cannot wait for signals: \(error)", status: 1) }
 }
 
 if args.jail == nil { startServices(server: server, parentFD: parentFD, jailed: false, signals: stopSignals) }

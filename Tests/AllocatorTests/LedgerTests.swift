@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import GRDB
 import MicroVMCore
+import ConfigFile
 @testable import Allocator
 import Host
 

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import MicroVMCore
+import ConfigFile
 import Allocator
 @testable import Bench
 

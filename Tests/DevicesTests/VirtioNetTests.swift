@@ -225,14 +225,14 @@ struct VirtioNetTests {
     /// I/O thread: nothing would read them.
     @Test func framesForADeviceThatIsNotLiveDoNotSpinTheThread() throws {
         let idle = try NetDriver(negotiate: false)
-        idle.t.start()
+        try idle.t.start()
         idle.hostSend(netFrame(60))
         usleep(200_000)
         #expect(idle.t.wakeups.load(ordering: .relaxed) < 5, "the I/O thread woke \(idle.t.wakeups.load(ordering: .relaxed)) times")
         idle.t.stop()
 
         let broken = try NetDriver()
-        broken.t.start()
+        try broken.t.start()
         defer { broken.t.stop() }
         try broken.ram.write(UInt16(999), at: GuestAddress(broken.rings[1].avail + 2))  // an avail index past the queue size
         broken.w(0x50, 1)
@@ -247,7 +247,7 @@ struct VirtioNetTests {
 
     @Test func ioThreadDeliversFromTheTap() throws {
         let d = try NetDriver()
-        d.t.start()
+        try d.t.start()
         defer { d.t.stop() }
         for _ in 0..<4 { try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1600)), 1600, true)]) }
         d.w(0x50, 0)

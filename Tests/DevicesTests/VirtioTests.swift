@@ -409,7 +409,7 @@ struct VirtioHostileTests {
 
     @Test func ioThreadServesKicks() throws {
         let d = try VirtioDriver(device: VirtioRng())
-        d.t.start()
+        try d.t.start()
         defer { d.t.stop() }
         let buf = try d.alloc([UInt8](repeating: 0, count: 8))
         try d.post([(buf, 8, true)])

@@ -138,6 +138,19 @@ struct VMMProcessTests {
         if kill(pid, 0) == 0 { kill(pid, SIGKILL) }
     }
 
+    /// The VMM links FoundationEssentials at most: Foundation proper brings ICU and its data,
+    /// which tripled the binary and the memory of each VMM. A dependency that pulls it back in
+    /// shows here, in the libraries the (dynamically linked) test build names.
+    @Test func theVMMLinksNoFoundationProper() throws {
+        let binary = try #require(Self.binary, "mvm-vmm was not built (swift build --build-tests builds it)")
+        let out = try ProcessRunner.run(["readelf", "-d", binary], timeout: 30, package: "binutils")
+        let needed = out.stdoutText.split(separator: "\n").filter { $0.contains("(NEEDED)") }
+        #expect(needed.contains { $0.contains("libc.so") }, "readelf listed no libraries: \(out.stdoutText.prefix(500))")
+        for banned in ["libFoundation.so", "libFoundationInternationalization", "lib_FoundationICU", "libFoundationNetworking", "libFoundationXML"] {
+            #expect(!needed.contains { $0.contains(banned) }, "mvm-vmm links \(banned)")
+        }
+    }
+
     @Test func badArgumentsAndAnEmulatedKVMAreRefusedWithAReason() throws {
         let bad = try launch(["--bogus"])
         #expect(waitForExit(bad, seconds: 10) && bad.terminationStatus == 2)

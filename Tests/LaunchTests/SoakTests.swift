@@ -8,6 +8,7 @@ import Images
 import VMM
 @testable import Launch
 import MicroVMCore
+import ConfigFile
 
 /// 200 launch/stop cycles through the one launch path, with real grants: 100 direct VMs (a tiny
 /// guest that reports success, each in its own mvm-vmm with a tap) and 100 runc containers. The

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 @testable import Libvirt
 import MicroVMCore
+import ConfigFile
 
 /// The domain XML builder: escaping, slice mapping, and libvirt's own schema for every profile.
 @Suite("domain XML")

@@ -1,6 +1,7 @@
 import Testing
 import Foundation
 @testable import MicroVMCore
+import ConfigFile
 
 @Suite struct ByteCountTests {
     @Test func parsesUnits() throws {

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestMemory
 import MicroVMCore
 
@@ -26,10 +29,11 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
 
     public init() throws {
         ram = try GuestRAM(size: ByteCount(UInt64(Self.ramSize)))
-        let path = NSTemporaryDirectory() + "mvm-virtio-fuzz-\(getpid())-XXXXXX"
+        let directory = FileManager.default.temporaryDirectory.path
+        let path = directory + "/mvm-virtio-fuzz-\(getpid())-XXXXXX"
         var template = Array(path.utf8CString)
         diskFD = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        guard diskFD >= 0 else { throw MicroVMError(.internalError, "cannot create the fuzzing disk under \(NSTemporaryDirectory()): \(String(cString: strerror(errno)))") }
+        guard diskFD >= 0 else { throw MicroVMError(.internalError, "cannot create the fuzzing disk under \(directory): \(String(cString: strerror(errno)))") }
         unlink(template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) })
         guard ftruncate(diskFD, 64 * 512) == 0 else {
             close(diskFD)

@@ -1,4 +1,7 @@
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestMemory
 import MicroVMCore
 import Synchronization
@@ -118,7 +121,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     /// One eventfd per queue: written on notify, read by the I/O thread.
     private let notifyFDs: [Int32]
     private let stopFD: Int32
-    private let worker = Mutex<Thread?>(nil)
+    private let started = Mutex(false)
     private let finished = Atomic<Bool>(false)
 
     /// Malformed rings or chains seen (each marks the device DEVICE_NEEDS_RESET).
@@ -332,7 +335,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     public func notify(queue: Int) {
         guard notifyFDs.indices.contains(queue) else { ignoredAccesses.add(1, ordering: .relaxed); return }
         var one: UInt64 = 1
-        _ = Foundation.write(notifyFDs[queue], &one, 8)
+        _ = Glibc.write(notifyFDs[queue], &one, 8)
     }
 
     // MARK: queue processing
@@ -348,7 +351,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         for qi in 0..<notifyFDs.count where !offloaded.contains(qi) {
             var count: UInt64 = 0
             // Drain the kick; the ring is looked at anyway.
-            let kicked = Foundation.read(notifyFDs[qi], &count, 8) == 8
+            let kicked = Glibc.read(notifyFDs[qi], &count, 8) == 8
             if kicked { notifications.add(Int(truncatingIfNeeded: count), ordering: .relaxed) }
             if driven.contains(qi) { drivenKicked = drivenKicked || kicked } else { served += processQueue(qi) }
         }
@@ -442,18 +445,16 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
 
     // MARK: I/O thread
 
-    /// Starts the I/O thread that serves queues on notify; `onThread` runs on it first.
-    public func start(name: String = "virtio", onThread: (@Sendable () -> Void)? = nil) {
-        worker.withLock { t in
-            guard t == nil else { return }
-            let th = Thread { [unowned self] in
-                Thread.current.name = name  // from inside: a jailed VMM has no /proc to name it through
+    /// Starts the I/O thread that serves queues on notify; `onThread` runs on it first. A call
+    /// while it runs does nothing.
+    public func start(name: String = "virtio", onThread: (@Sendable () -> Void)? = nil) throws(SystemCallError) {
+        try started.withLock { (started: inout Bool) throws(SystemCallError) in
+            guard !started else { return }
+            try NativeThread.detach(name: name) { [unowned self] in
                 onThread?()
                 self.loop()
             }
-            th.name = name
-            t = th
-            th.start()
+            started = true
         }
     }
 
@@ -486,7 +487,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         var any = false
         for fd in calls {
             var count: UInt64 = 0
-            if Foundation.read(fd, &count, 8) == 8, count > 0 { any = true }
+            if Glibc.read(fd, &count, 8) == 8, count > 0 { any = true }
         }
         guard any else { return }
         let live = state.withLock { s -> Bool in
@@ -499,11 +500,11 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
 
     /// Stops and joins the I/O thread (idempotent).
     public func stop() {
-        guard worker.withLock({ $0 }) != nil else { return }
+        guard started.withLock({ $0 }) else { return }
         var one: UInt64 = 1
-        _ = Foundation.write(stopFD, &one, 8)
+        _ = Glibc.write(stopFD, &one, 8)
         while !finished.load(ordering: .acquiring) { usleep(200) }
-        worker.withLock { $0 = nil }
+        started.withLock { $0 = false }
     }
 }
 

@@ -1,5 +1,8 @@
 import CVhost
-import Foundation
+import FoundationEssentials
+#if canImport(Glibc)
+import Glibc
+#endif
 import GuestMemory
 import MicroVMCore
 import Synchronization

@@ -1,0 +1,108 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A detached POSIX thread that runs `body`, named `name` as the kernel shows it (its comm, at
+/// most 15 bytes). Foundation's `Thread` would do the same, but links all of Foundation and its
+/// ICU data into whatever uses it; the VMM process links none of that.
+public enum NativeThread {
+    private final class Body {
+        let name: String
+        let run: () -> Void
+        init(_ name: String, _ run: @escaping () -> Void) { self.name = name; self.run = run }
+    }
+
+    /// Starts the thread (with `stackSize` bytes of stack, else the system's default); an error
+    /// only when the system refuses it one (EAGAIN: out of threads).
+    public static func detach(name: String, stackSize: Int? = nil, _ body: @escaping @Sendable () -> Void) throws(SystemCallError) {
+        let box = Unmanaged.passRetained(Body(name, body))
+        var thread = pthread_t()
+        var attributes = pthread_attr_t()
+        pthread_attr_init(&attributes)
+        defer { pthread_attr_destroy(&attributes) }
+        if let stackSize { pthread_attr_setstacksize(&attributes, stackSize) }
+        let rc = pthread_create(&thread, &attributes, { context in
+            let box = Unmanaged<Body>.fromOpaque(context!).takeRetainedValue()
+            // From inside: a jailed VMM has no /proc to name its threads through.
+            NativeThread.setName(box.name)
+            box.run()
+            return nil
+        }, box.toOpaque())
+        guard rc == 0 else {
+            box.release()
+            throw SystemCallError("pthread_create", errno: rc)
+        }
+        pthread_detach(thread)
+    }
+
+    /// Names the calling thread (cut to the kernel's 15 bytes).
+    public static func setName(_ name: String) {
+        typealias SetName = @convention(c) (pthread_t, UnsafePointer<CChar>) -> Int32
+        guard let set = cFunction("pthread_setname_np", as: SetName.self) else { return }
+        _ = set(pthread_self(), String(decoding: name.utf8.prefix(15), as: UTF8.self))
+    }
+}
+
+/// printf-style formatting through the C library (`"%.1f"`, `"%08x"`, `"%g"`), for code that
+/// must not link Foundation's `String(format:)`.
+public func cFormat(_ format: String, _ arguments: any CVarArg...) -> String {
+    var size = 128
+    while true {
+        var buffer = [UInt8](repeating: 0, count: size)
+        let needed = withVaList(arguments) { list in
+            buffer.withUnsafeMutableBufferPointer { vsnprintf($0.baseAddress.map { UnsafeMutableRawPointer($0).assumingMemoryBound(to: CChar.self) }, size, format, list) }
+        }
+        guard needed >= 0 else { return format }
+        if Int(needed) < size { return String(decoding: buffer.prefix(Int(needed)), as: UTF8.self) }
+        size = Int(needed) + 1
+    }
+}
+
+extension StringProtocol {
+    /// The text without leading and trailing white space and line ends (Foundation's
+    /// `trimmingCharacters(in: .whitespacesAndNewlines)`, without Foundation).
+    public func trimmed() -> String {
+        let isSpace: (Character) -> Bool = { $0.isWhitespace || $0.isNewline }
+        guard let first = firstIndex(where: { !isSpace($0) }), let last = lastIndex(where: { !isSpace($0) }) else { return "" }
+        return String(self[first...last])
+    }
+}
+
+/// Writes `text` to standard error, whole and unbuffered (Foundation's
+/// `FileHandle.standardError.write`, without Foundation).
+public func writeStandardError(_ text: String) {
+    var bytes = Array(text.utf8)[...]
+    while !bytes.isEmpty {
+        let n = bytes.withUnsafeBytes { write(STDERR_FILENO, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n <= 0 { return }
+        bytes = bytes.dropFirst(n)
+    }
+}
+
+/// A lock with a condition to wait on (Foundation's `NSCondition`, on pthreads): `lock()`,
+/// then `wait()` in a loop on the predicate, `broadcast()` under the lock, `unlock()`.
+public final class PosixCondition: @unchecked Sendable {
+    // SAFETY (Sendable): the mutex and condition are only touched through pthread calls, which
+    // are thread-safe; they live at stable addresses allocated once and freed in deinit.
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let condition = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+
+    public init() {
+        pthread_mutex_init(mutex, nil)
+        pthread_cond_init(condition, nil)
+    }
+
+    deinit {
+        pthread_cond_destroy(condition)
+        pthread_mutex_destroy(mutex)
+        condition.deallocate()
+        mutex.deallocate()
+    }
+
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
+    /// Releases the lock until a broadcast (or a spurious wake-up), then holds it again.
+    public func wait() { pthread_cond_wait(condition, mutex) }
+    public func broadcast() { pthread_cond_broadcast(condition) }
+}

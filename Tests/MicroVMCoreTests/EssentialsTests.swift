@@ -1,0 +1,64 @@
+import Testing
+import Foundation
+import Synchronization
+@testable import MicroVMCore
+
+/// The Foundation-free helpers the VMM process uses instead of Foundation's.
+@Suite struct EssentialsTests {
+    @Test func cFormatFormatsAsPrintfDoes() {
+        #expect(cFormat("%.1f", 2.25) == String(format: "%.1f", 2.25))
+        #expect(cFormat("%08x", UInt32(0xbeef)) == "0000beef")
+        #expect(cFormat("%02x:%02x", 10, 255) == "0a:ff")
+        #expect(cFormat("%g", 1.0) == "1" && cFormat("%g", 0.5) == "0.5")
+        #expect(cFormat("100%%") == "100%")
+        // Past the first buffer's 128 bytes: measured, then written whole.
+        let long = String(repeating: "x", count: 1000)
+        #expect(cFormat("%d-" + long, 7) == "7-" + long)
+    }
+
+    @Test func trimmedDropsSpaceAndLineEndsOnly() {
+        #expect(" \t a b \n\r\n".trimmed() == "a b")
+        #expect("\n\n".trimmed() == "")
+        #expect("x".trimmed() == "x")
+        #expect("  1M ".dropFirst().trimmed() == "1M")
+    }
+
+    @Test func nativeThreadRunsNamedWithItsStack() throws {
+        let done = Atomic<Bool>(false)
+        let name = Mutex<String>("")
+        try NativeThread.detach(name: "a-name-longer-than-fifteen", stackSize: 1 << 20) {
+            var buffer = [CChar](repeating: 0, count: 32)
+            let fd = open("/proc/thread-self/comm", O_RDONLY)
+            if fd >= 0 { _ = read(fd, &buffer, 31); close(fd) }
+            name.withLock { $0 = String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self).trimmed() }
+            done.store(true, ordering: .releasing)
+        }
+        let deadline = Monotonic.seconds() + 10
+        while !done.load(ordering: .acquiring), Monotonic.seconds() < deadline { usleep(1000) }
+        let ran = done.load(ordering: .acquiring), seen = name.withLock { $0 }
+        #expect(ran)
+        #expect(seen == "a-name-longer-t", "the kernel keeps the first 15 bytes")
+    }
+
+    @Test func posixConditionWakesAWaiter() throws {
+        let condition = PosixCondition()
+        let flag = Atomic<Bool>(false), woke = Atomic<Bool>(false)
+        try NativeThread.detach(name: "waiter") {
+            condition.lock()
+            while !flag.load(ordering: .acquiring) { condition.wait() }
+            condition.unlock()
+            woke.store(true, ordering: .releasing)
+        }
+        usleep(20_000)
+        let early = woke.load(ordering: .acquiring)
+        #expect(!early, "the waiter waits for the broadcast")
+        condition.lock()
+        flag.store(true, ordering: .releasing)
+        condition.broadcast()
+        condition.unlock()
+        let deadline = Monotonic.seconds() + 10
+        while !woke.load(ordering: .acquiring), Monotonic.seconds() < deadline { usleep(1000) }
+        let late = woke.load(ordering: .acquiring)
+        #expect(late)
+    }
+}
