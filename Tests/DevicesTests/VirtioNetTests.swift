@@ -138,6 +138,48 @@ struct VirtioNetTests {
         #expect(d.net.framesReceived.load(ordering: .relaxed) == 2)
     }
 
+    /// With mergeable receive buffers (as Linux negotiates them) a frame larger than one buffer
+    /// spreads over several, published at once, and the first buffer's header says how many.
+    @Test func mergeableBuffersCarryAFrameOverSeveral() throws {
+        let d = try NetDriver(features: 1 << 32 | VirtioNet.featureMAC | VirtioNet.featureMergeableRx)
+        #expect(d.offered & VirtioNet.featureMergeableRx != 0)
+        let buffers = try (0..<4).map { _ in try d.alloc([UInt8](repeating: 0, count: 2048)) }
+        for b in buffers { try d.post(queue: 0, [(b, 2048, true)]) }
+        _ = d.kick(0)
+        var big = netFrame(5000, fill: 0)
+        for i in 12..<big.count { big[i] = UInt8(truncatingIfNeeded: i * 7) }
+        d.hostSend(big)
+        d.hostSend(netFrame(60, fill: 9))
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == 4, "three buffers for the big frame, one for the small")
+        #expect([d.usedLen(0, 0), d.usedLen(0, 1), d.usedLen(0, 2), d.usedLen(0, 3)] == [2048, 2048, 5012 - 4096, 72])
+        var got: [UInt8] = []
+        for (b, n) in zip(buffers.prefix(3), [2048, 2048, 5012 - 4096]) { got += try d.ram.readBytes(at: GuestAddress(b), count: n) }
+        var want = big; want[10] = 3; want[11] = 0
+        #expect(got == want)
+        let small: [UInt8] = try d.ram.readBytes(at: GuestAddress(buffers[3]), count: 72)
+        #expect(small[10] == 1 && small[11] == 0 && small[12...].allSatisfy { $0 == 9 })
+        #expect(d.net.framesReceived.load(ordering: .relaxed) == 2)
+        #expect(d.t.bytesToGuest.load(ordering: .relaxed) == 5012 + 72)
+    }
+
+    /// A frame waits, taking nothing, until the driver has posted room for all of it.
+    @Test func mergeableFrameWaitsForEnoughRoom() throws {
+        let d = try NetDriver(features: 1 << 32 | VirtioNet.featureMAC | VirtioNet.featureMergeableRx)
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1024)), 1024, true)])
+        _ = d.kick(0)
+        d.hostSend(netFrame(3000))
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == 0)
+        #expect(!d.net.wantsSource, "the frame is held; the tap is not polled meanwhile")
+        for _ in 0..<2 { try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1024)), 1024, true)]) }
+        _ = d.kick(0)
+        #expect(d.usedIdx(0) == 3)
+        #expect([d.usedLen(0, 0), d.usedLen(0, 1), d.usedLen(0, 2)] == [1024, 1024, 3012 - 2048])
+        #expect(d.net.wantsSource)
+        #expect(d.net.framesDropped.load(ordering: .relaxed) == 0 && !d.needsReset)
+    }
+
     @Test func frameWaitsForBuffersWithoutSpinning() throws {
         let d = try NetDriver()
         d.hostSend(netFrame(100, fill: 7))

@@ -80,10 +80,18 @@ public struct VirtioQueueFiller {
         case unavailable
     }
     let take: (Int, (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome
+    let spread: (Int, Int, Int, ([DescriptorChain], any GuestMemory) throws -> [UInt32]) -> Outcome
     /// Pops the next chain of `queue`, lets `body` write into it through the guest memory it is
     /// given (returning the bytes written) and adds it to the used ring. The interrupt follows
     /// when the pump returns.
     public func fill(queue: Int, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome { take(queue, body) }
+    /// Pops as many chains of `queue` as it takes to hold `room` bytes, `maxChains` at most, lets
+    /// `body` write across them (returning the bytes each got) and adds them all to the used ring
+    /// at once. Until the driver has posted enough room, nothing is taken (`.noBuffer`); with
+    /// `maxChains` chains that still fall short, `body` gets them and decides.
+    public func fill(queue: Int, room: Int, maxChains: Int, _ body: ([DescriptorChain], any GuestMemory) throws -> [UInt32]) -> Outcome {
+        spread(queue, room, maxChains, body)
+    }
 }
 
 /// The virtio-mmio v2 register block (virtio 1.x §4.2.2) over one `VirtioDevice`.
@@ -363,11 +371,15 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     private func pumpDevice(_ driven: Set<Int>) -> Int {
         guard state.withLock({ $0.status & Self.statusDriverOK != 0 && $0.status & Self.statusNeedsReset == 0 }) else { return 0 }
         var served = 0
-        device.pump(VirtioQueueFiller { qi, body in
+        device.pump(VirtioQueueFiller(take: { qi, body in
             let outcome = self.fillOne(qi, driven: driven, body)
             if outcome == .filled { served += 1 }
             return outcome
-        })
+        }, spread: { qi, room, maxChains, body in
+            let outcome = self.fillSpread(qi, driven: driven, room: room, maxChains: maxChains, body)
+            if outcome == .filled { served += 1 }
+            return outcome
+        }))
         requestsServed.add(served, ordering: .relaxed)
         guard served > 0 else { return 0 }
         var raise = false
@@ -394,7 +406,43 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
                 guard let chain = try s.queues[qi].pop(memory: memory) else { outcome = .noBuffer; return }
                 let written: UInt32
                 do { written = try body(chain, memory) } catch let e as VirtqueueError { throw e } catch { throw VirtqueueError.memory("\(error)") }
-                try s.queues[qi].addUsed(head: chain.head, length: min(written, UInt32(clamping: chain.writableLength)), memory: memory)
+                let used = min(written, UInt32(clamping: chain.writableLength))
+                try s.queues[qi].addUsed(head: chain.head, length: used, memory: memory)
+                bytesToGuest.add(Int(used), ordering: .relaxed)
+                outcome = .filled
+            } catch {
+                raise = markBroken(&s, error)
+            }
+        }
+        if raise { raiseInterrupt() }
+        return outcome
+    }
+
+    private func fillSpread(_ qi: Int, driven: Set<Int>, room: Int, maxChains: Int,
+                            _ body: ([DescriptorChain], any GuestMemory) throws -> [UInt32]) -> VirtioQueueFiller.Outcome {
+        var outcome = VirtioQueueFiller.Outcome.unavailable
+        var raise = false
+        state.withLock { s in
+            guard driven.contains(qi), s.status & Self.statusDriverOK != 0, s.status & Self.statusNeedsReset == 0,
+                  s.queues.indices.contains(qi), s.queues[qi].ready else { return }
+            do {
+                var chains: [DescriptorChain] = [], total = 0
+                while total < room && chains.count < max(1, maxChains) {
+                    guard let chain = try s.queues[qi].pop(memory: memory) else {
+                        try s.queues[qi].unpop(chains.count, memory: memory)
+                        outcome = .noBuffer
+                        return
+                    }
+                    chains.append(chain)
+                    total += chain.writableLength
+                }
+                let written: [UInt32]
+                do { written = try body(chains, memory) } catch let e as VirtqueueError { throw e } catch { throw VirtqueueError.memory("\(error)") }
+                let used = chains.enumerated().map { i, c in
+                    (head: c.head, length: min(i < written.count ? written[i] : 0, UInt32(clamping: c.writableLength)))
+                }
+                try s.queues[qi].addUsed(used, memory: memory)
+                bytesToGuest.add(used.reduce(0) { $0 + Int($1.length) }, ordering: .relaxed)
                 outcome = .filled
             } catch {
                 raise = markBroken(&s, error)

@@ -23,10 +23,15 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     public static let featureMAC: UInt64 = 1 << 5
     public static let featureGuestTSO4: UInt64 = 1 << 7, featureGuestTSO6: UInt64 = 1 << 8
     public static let featureHostTSO4: UInt64 = 1 << 11, featureHostTSO6: UInt64 = 1 << 12
+    /// The driver posts page-sized buffers and a frame spreads over as many as it needs
+    /// (num_buffers in its header), instead of every buffer being big enough for 64 KiB.
+    public static let featureMergeableRx: UInt64 = 1 << 15
     public static let featureStatus: UInt64 = 1 << 16
     public static let headerSize = 12
     /// Largest frame either way: a 64 KiB segment plus its Ethernet header, after the virtio header.
     public static let maxFrame = 65_536 + 14
+    /// The most buffers one received frame may take with mergeable buffers: a receive queue's size.
+    public static let maxMergedBuffers = 256
     /// Frames moved into the guest per pump before the transmit queue gets a turn.
     public static let receiveBatch = 128
     static let gsoNone: UInt8 = 0, gsoTCPv4: UInt8 = 1, gsoTCPv6: UInt8 = 4, headerNeedsCsum: UInt8 = 1
@@ -62,7 +67,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     public var deviceType: UInt32 { 1 }
     public var queueMaxSizes: [UInt16] { [256, 256] }
     public var deviceFeatures: UInt64 {
-        var f = Self.featureMAC | Self.featureStatus
+        var f = Self.featureMAC | Self.featureStatus | Self.featureMergeableRx
         if offloads {
             f |= Self.featureCsum | Self.featureGuestCsum | Self.featureHostTSO4 | Self.featureHostTSO6
                 | Self.featureGuestTSO4 | Self.featureGuestTSO6
@@ -131,6 +136,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     // MARK: receive
 
     public func pump(_ fill: VirtioQueueFiller) {
+        let mergeable = rx.withLock { $0.features } & Self.featureMergeableRx != 0
         var moved = 0
         while moved < Self.receiveBatch {
             let frame: [UInt8]
@@ -141,9 +147,28 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 frame = next
             }
             var tooBig = false
-            let outcome = fill.fill(queue: 0) { chain, memory in
-                guard chain.writableLength >= frame.count else { tooBig = true; return 0 }
-                return UInt32(try chain.write(frame, memory: memory))
+            let outcome: VirtioQueueFiller.Outcome
+            if mergeable {
+                outcome = fill.fill(queue: 0, room: frame.count, maxChains: Self.maxMergedBuffers) { chains, memory in
+                    guard chains.reduce(0, { $0 + $1.writableLength }) >= frame.count else {
+                        tooBig = true
+                        return chains.map { _ in 0 }
+                    }
+                    var written: [UInt32] = [], offset = 0
+                    for chain in chains {
+                        let n = try chain.write(frame[offset...], memory: memory)
+                        written.append(UInt32(n)); offset += n
+                    }
+                    // num_buffers (the header's last field, in the first buffer): how many it took.
+                    let count = UInt16(chains.count)
+                    try chains[0].write([UInt8(truncatingIfNeeded: count), UInt8(count >> 8)], skip: 10, memory: memory)
+                    return written
+                }
+            } else {
+                outcome = fill.fill(queue: 0) { chain, memory in
+                    guard chain.writableLength >= frame.count else { tooBig = true; return 0 }
+                    return UInt32(try chain.write(frame, memory: memory))
+                }
             }
             switch outcome {
             case .filled:

@@ -72,13 +72,21 @@ public struct DescriptorChain: Sendable {
     /// Scatters `bytes` over the writable segments starting `skip` bytes in; returns bytes written.
     @discardableResult
     public func write(_ bytes: [UInt8], skip: Int = 0, memory: any GuestMemory) throws -> Int {
+        try write(bytes[...], skip: skip, memory: memory)
+    }
+
+    /// Scatters as much of `bytes` as fits over the writable segments starting `skip` bytes in;
+    /// returns bytes written.
+    @discardableResult
+    public func write(_ bytes: ArraySlice<UInt8>, skip: Int = 0, memory: any GuestMemory) throws -> Int {
+        let base = bytes.startIndex
         var done = 0, skip = skip
         for s in writable where done < bytes.count {
             var len = Int(s.length), addr = s.address.rawValue
             if skip >= len { skip -= len; continue }
             addr += UInt64(skip); len -= skip; skip = 0
             let n = min(len, bytes.count - done)
-            try memory.writeBytes(bytes[done..<(done + n)], at: GuestAddress(addr))
+            try memory.writeBytes(bytes[(base + done)..<(base + done + n)], at: GuestAddress(addr))
             done += n
         }
         return done
@@ -191,13 +199,30 @@ public struct Virtqueue: Sendable {
 
     /// Returns a chain to the driver with `length` bytes written into it.
     public mutating func addUsed(head: UInt16, length: UInt32, memory: any GuestMemory) throws(VirtqueueError) {
-        let slot = UInt64(usedIndex % size)
-        try store(memory, UInt32(head), usedRing + 4 + 8 * slot)
-        try store(memory, length, usedRing + 8 + 8 * slot)
-        usedIndex &+= 1
-        // The element must be visible before the index that publishes it.
+        try addUsed([(head, length)], memory: memory)
+    }
+
+    /// Returns several chains at once, in order, published by one index update: a driver that
+    /// polls the ring sees all of them or none (a frame spread over several buffers).
+    public mutating func addUsed(_ entries: [(head: UInt16, length: UInt32)], memory: any GuestMemory) throws(VirtqueueError) {
+        var index = usedIndex
+        for e in entries {
+            let slot = UInt64(index % size)
+            try store(memory, UInt32(e.head), usedRing + 4 + 8 * slot)
+            try store(memory, e.length, usedRing + 8 + 8 * slot)
+            index &+= 1
+        }
+        usedIndex = index
+        // The elements must be visible before the index that publishes them.
         atomicFence()
         try store(memory, usedIndex, usedRing + 2)
+    }
+
+    /// Gives back the last `count` chains popped and not used: the next pops return them again.
+    public mutating func unpop(_ count: Int, memory: any GuestMemory) throws(VirtqueueError) {
+        guard count > 0 else { return }
+        lastAvail &-= UInt16(truncatingIfNeeded: count)
+        if eventIndex { try store(memory, lastAvail, usedRing + 4 + 8 * UInt64(size)) }
     }
 
     /// Whether the driver wants an interrupt for the used entries added since the last call.
