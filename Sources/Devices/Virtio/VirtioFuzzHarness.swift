@@ -47,7 +47,7 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
     /// Layout of `input`: [0] device (0 blk, 1 rng, 2 net, 3 vsock, 4 balloon, modulo 5), [1] log2 queue
     /// size, [2] feature bits (bit0 EVENT_IDX, bit1 INDIRECT, bit2 read-only disk, bit3 bend the
     /// rings towards valid chains, bit4 net offloads negotiated, bit5 the net queue: receive or
-    /// transmit; bits 5-6 the balloon's queue: inflate, deflate, stats or reporting), [3] count of raw register writes, then 8 bytes per register write (offset u16,
+    /// transmit, bit6 net mergeable receive buffers negotiated; bits 5-6 the balloon's queue: inflate, deflate, stats or reporting), [3] count of raw register writes, then 8 bytes per register write (offset u16,
     /// size u8, pad, value u32), then bytes copied over guest RAM from 0x1000 on (descriptor
     /// table, rings and buffers). A net device's tap is a datagram socket pair; for the receive
     /// queue two frames cut from the input arrive on it first.
@@ -73,6 +73,7 @@ public final class VirtioFuzzHarness: @unchecked Sendable {
             device = VirtioNet(tapFD: tap[0], mac: [2, 0, 0, 0, 0, 1], offloads: true)
             queue = Int(input[2] >> 5 & 1)
             if input[2] & 16 != 0 { features |= VirtioNet.featureCsum | VirtioNet.featureHostTSO4 | VirtioNet.featureGuestCsum }
+            if input[2] & 64 != 0 { features |= VirtioNet.featureMergeableRx }
             if queue == 0 {
                 for cut in [Int(input[1]) * 7, Int(input[3]) * 13] {
                     let frame = Array(input.prefix(min(input.count, 12 + cut)))
