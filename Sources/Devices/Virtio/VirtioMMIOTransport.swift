@@ -79,12 +79,13 @@ public struct VirtioQueueFiller {
         /// The queue is not live (not ready, reset, or broken): the work cannot go anywhere.
         case unavailable
     }
-    let take: (Int, (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome
     let spread: (Int, Int, Int, ([DescriptorChain], any GuestMemory) throws -> [UInt32]) -> Outcome
     /// Pops the next chain of `queue`, lets `body` write into it through the guest memory it is
     /// given (returning the bytes written) and adds it to the used ring. The interrupt follows
     /// when the pump returns.
-    public func fill(queue: Int, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome { take(queue, body) }
+    public func fill(queue: Int, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome {
+        spread(queue, 0, 1) { chains, memory in [try body(chains[0], memory)] }
+    }
     /// Pops as many chains of `queue` as it takes to hold `room` bytes, `maxChains` at most, lets
     /// `body` write across them (returning the bytes each got) and adds them all to the used ring
     /// at once. Until the driver has posted enough room, nothing is taken (`.noBuffer`); with
@@ -371,15 +372,11 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     private func pumpDevice(_ driven: Set<Int>) -> Int {
         guard state.withLock({ $0.status & Self.statusDriverOK != 0 && $0.status & Self.statusNeedsReset == 0 }) else { return 0 }
         var served = 0
-        device.pump(VirtioQueueFiller(take: { qi, body in
-            let outcome = self.fillOne(qi, driven: driven, body)
+        device.pump(VirtioQueueFiller { qi, room, maxChains, body in
+            let outcome = self.fill(qi, driven: driven, room: room, maxChains: maxChains, body)
             if outcome == .filled { served += 1 }
             return outcome
-        }, spread: { qi, room, maxChains, body in
-            let outcome = self.fillSpread(qi, driven: driven, room: room, maxChains: maxChains, body)
-            if outcome == .filled { served += 1 }
-            return outcome
-        }))
+        })
         requestsServed.add(served, ordering: .relaxed)
         guard served > 0 else { return 0 }
         var raise = false
@@ -396,30 +393,11 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
         return served
     }
 
-    private func fillOne(_ qi: Int, driven: Set<Int>, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> VirtioQueueFiller.Outcome {
-        var outcome = VirtioQueueFiller.Outcome.unavailable
-        var raise = false
-        state.withLock { s in
-            guard driven.contains(qi), s.status & Self.statusDriverOK != 0, s.status & Self.statusNeedsReset == 0,
-                  s.queues.indices.contains(qi), s.queues[qi].ready else { return }
-            do {
-                guard let chain = try s.queues[qi].pop(memory: memory) else { outcome = .noBuffer; return }
-                let written: UInt32
-                do { written = try body(chain, memory) } catch let e as VirtqueueError { throw e } catch { throw VirtqueueError.memory("\(error)") }
-                let used = min(written, UInt32(clamping: chain.writableLength))
-                try s.queues[qi].addUsed(head: chain.head, length: used, memory: memory)
-                bytesToGuest.add(Int(used), ordering: .relaxed)
-                outcome = .filled
-            } catch {
-                raise = markBroken(&s, error)
-            }
-        }
-        if raise { raiseInterrupt() }
-        return outcome
-    }
-
-    private func fillSpread(_ qi: Int, driven: Set<Int>, room: Int, maxChains: Int,
-                            _ body: ([DescriptorChain], any GuestMemory) throws -> [UInt32]) -> VirtioQueueFiller.Outcome {
+    /// Pops chains of a device-driven queue until they hold `room` bytes (one at least,
+    /// `maxChains` at most), lets `body` write into them and uses them all at once; with too
+    /// few posted, gives back what it popped and takes nothing.
+    private func fill(_ qi: Int, driven: Set<Int>, room: Int, maxChains: Int,
+                      _ body: ([DescriptorChain], any GuestMemory) throws -> [UInt32]) -> VirtioQueueFiller.Outcome {
         var outcome = VirtioQueueFiller.Outcome.unavailable
         var raise = false
         state.withLock { s in
@@ -427,7 +405,7 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
                   s.queues.indices.contains(qi), s.queues[qi].ready else { return }
             do {
                 var chains: [DescriptorChain] = [], total = 0
-                while total < room && chains.count < max(1, maxChains) {
+                while chains.isEmpty || (total < room && chains.count < maxChains) {
                     guard let chain = try s.queues[qi].pop(memory: memory) else {
                         try s.queues[qi].unpop(chains.count, memory: memory)
                         outcome = .noBuffer
