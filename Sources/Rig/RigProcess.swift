@@ -5,7 +5,9 @@ import Glibc
 #endif
 
 /// The rig's QEMU in its own process group, so one kill takes it and anything it spawned.
-/// Registered while alive, so a signal to mvm can still kill it.
+/// Registered while alive, so a signal to mvm can still kill it; and tied to this process by a
+/// lifeline, so even a SIGKILL of mvm (or of a test run) takes it: a watcher in QEMU's group
+/// reads a pipe whose only write end this process holds, and kills the group when it hangs up.
 final class RigChild: @unchecked Sendable {
     /// `finished`: `consume` had all it needed; `stopped`: `tick` asked to stop.
     enum Outcome: Equatable { case finished, stopped, exited, timedOut }
@@ -14,26 +16,47 @@ final class RigChild: @unchecked Sendable {
     /// Directories of this run (the scratch share, the monitor's), removed by `killAll`.
     let directories: [String]
     private let readFD: Int32
+    /// The lifeline's write end: held until QEMU is reaped, closed by the kernel if mvm dies.
+    private let lifelineFD: Int32
     private let lock = NSLock()
     private var reaped = false
 
-    private init(pid: pid_t, readFD: Int32, directories: [String]) {
-        self.pid = pid; self.readFD = readFD; self.directories = directories
+    private init(pid: pid_t, readFD: Int32, lifelineFD: Int32, directories: [String]) {
+        self.pid = pid; self.readFD = readFD; self.lifelineFD = lifelineFD; self.directories = directories
+    }
+
+    /// Starts the watcher (its output away from the console pipe, so QEMU's exit still ends the
+    /// console), drops the lifeline from what QEMU inherits, then becomes QEMU: same pid, same
+    /// group. On a hang-up the watcher kills QEMU, removes the run's directories once it is
+    /// gone, and last kills the rest of the group, itself included. A normal end never gets
+    /// there: `killAndReap` kills the whole group, the watcher with it, before it hangs up.
+    static func lifelineScript(removing directories: [String]) -> String {
+        let dirs = directories.map(ProcessRunner.shellQuote).joined(separator: " ")
+        let cleanup = "read x <&3; kill -9 $$; n=0; while kill -0 $$ 2>/dev/null && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done; "
+            + (dirs.isEmpty ? "" : "rm -rf -- \(dirs); ") + "kill -9 0"
+        return "( exec </dev/null >/dev/null 2>&1; \(cleanup) ) & exec 3<&-; exec \"$0\" \"$@\""
     }
 
     static func spawn(_ argv: [String], stderrPath: String, directories: [String]) throws -> RigChild {
-        var fds: [Int32] = [-1, -1]
+        var fds: [Int32] = [-1, -1], lifeline: [Int32] = [-1, -1]
         guard pipe(&fds) == 0 else {
             throw MicroVMError(.internalError, "pipe failed: \(String(cString: strerror(errno)))")
         }
-        // Close-on-exec, so other children spawned meanwhile do not hold the console open.
-        for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+        guard pipe(&lifeline) == 0 else {
+            let e = errno
+            fds.forEach { close($0) }
+            throw MicroVMError(.internalError, "pipe failed: \(String(cString: strerror(e)))")
+        }
+        // Close-on-exec, so other children spawned meanwhile do not hold the console open, nor
+        // the lifeline (only the watcher gets its read end, as descriptor 3).
+        for fd in fds + lifeline { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
         posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_adddup2(&actions, lifeline[0], 3)
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)
         defer { posix_spawnattr_destroy(&attr) }
@@ -46,16 +69,19 @@ final class RigChild: @unchecked Sendable {
         posix_spawnattr_setpgroup(&attr, 0)
         posix_spawnattr_setflags(&attr, Int16(POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
 
-        let cargs: [UnsafeMutablePointer<CChar>?] = argv.map { strdup($0) } + [nil]
+        let shell = ["/bin/sh", "-c", lifelineScript(removing: directories)] + argv
+        let cargs: [UnsafeMutablePointer<CChar>?] = shell.map { strdup($0) } + [nil]
         defer { for p in cargs { free(p) } }
         var pid: pid_t = 0
-        let rc = posix_spawn(&pid, argv[0], &actions, &attr, cargs, environ)
+        let rc = posix_spawn(&pid, shell[0], &actions, &attr, cargs, environ)
         close(fds[1])
+        close(lifeline[0])
         guard rc == 0 else {
             close(fds[0])
-            throw MicroVMError(.backend, "cannot start '\(argv[0])': \(String(cString: strerror(rc))); install it with 'apt-get install qemu-system-x86'")
+            close(lifeline[1])
+            throw MicroVMError(.backend, "cannot start '\(argv[0])': \(String(cString: strerror(rc)))")
         }
-        let child = RigChild(pid: pid, readFD: fds[0], directories: directories)
+        let child = RigChild(pid: pid, readFD: fds[0], lifelineFD: lifeline[1], directories: directories)
         RigProcessRegistry.shared.add(child)
         return child
     }
@@ -89,6 +115,7 @@ final class RigChild: @unchecked Sendable {
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
         close(readFD)
+        close(lifelineFD)
         RigProcessRegistry.shared.remove(self)
     }
 

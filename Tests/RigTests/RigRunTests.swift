@@ -149,6 +149,34 @@ struct RigRunTests {
         #expect(try RigGate.leftoverQEMUs().isEmpty)
     }
 
+    /// A SIGKILL of `mvm rig run` (or of a whole test run) lets it clean nothing up: its QEMU
+    /// must end all the same, and the run's scratch directory go, through the lifeline it held.
+    @Test func aKilledMvmTakesItsRigWithIt() throws {
+        let mvm = try MvmBinary.find()
+        let run = try ChildProcess([mvm, "rig", "run", "--timeout", "300", "--", "sleep", "250"])
+        defer { run.signal(SIGKILL); _ = run.wait() }
+        let marker = Rig.processMarker + "\(run.pid)-"
+        func qemu() -> String {
+            let out = (try? ProcessRunner.run(["pgrep", "-af", marker], timeout: 10).stdoutText) ?? ""
+            return out.split(separator: "\n").filter { $0.contains("qemu-system") }.joined(separator: "\n")
+        }
+        var deadline = Date() + 120
+        while qemu().isEmpty, Date() < deadline { usleep(200_000) }
+        let line = qemu()
+        try #require(!line.isEmpty, "the rig's QEMU never started")
+        let words = line.split(separator: " ")
+        let pidfile = try #require(words.firstIndex(of: "-pidfile").map { String(words[$0 + 1]) }, "no -pidfile in: \(line)")
+        let scratch = (pidfile as NSString).deletingLastPathComponent
+        #expect(FileManager.default.fileExists(atPath: scratch))
+        usleep(2_000_000)  // into the boot
+        run.signal(SIGKILL)
+        _ = run.wait()
+        deadline = Date() + 20
+        while !qemu().isEmpty || FileManager.default.fileExists(atPath: scratch), Date() < deadline { usleep(200_000) }
+        #expect(qemu().isEmpty, "the killed run's QEMU is still running: \(qemu())")
+        #expect(!FileManager.default.fileExists(atPath: scratch), "the killed run's scratch directory \(scratch) is left")
+    }
+
     /// A guest loop at CPL0 on the rig's KVM: 10 million iterations take about 0.1 s there. The
     /// nested stack has been seen to hang a run like this for good (the rig itself alive), so
     /// each attempt has 60 s, and a second one follows a hung first.
