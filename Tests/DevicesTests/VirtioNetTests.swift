@@ -180,6 +180,27 @@ struct VirtioNetTests {
         #expect(d.net.framesDropped.load(ordering: .relaxed) == 0 && !d.needsReset)
     }
 
+    /// A frame that a whole ring of the driver's buffers cannot hold is dropped, not waited for
+    /// forever: the buffers come back empty and the next frame goes through.
+    @Test func mergeableFrameLargerThanTheWholeRingIsDropped() throws {
+        let d = try NetDriver(features: 1 << 32 | VirtioNet.featureMAC | VirtioNet.featureMergeableRx)
+        for _ in 0..<Int(d.qsize) { try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 64)), 64, true)]) }
+        _ = d.kick(0)
+        d.hostSend(netFrame(3000))
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == d.qsize)
+        #expect((0..<d.qsize).allSatisfy { d.usedLen(0, $0) == 0 })
+        #expect(d.net.framesDropped.load(ordering: .relaxed) == 1)
+        #expect(d.net.wantsSource, "the tap is read again")
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 2048)), 2048, true)])
+        d.hostSend(netFrame(40))
+        _ = d.kick(0)
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == d.qsize + 1)
+        #expect(d.usedLen(0, d.qsize) == 52)
+        #expect(!d.needsReset)
+    }
+
     @Test func frameWaitsForBuffersWithoutSpinning() throws {
         let d = try NetDriver()
         d.hostSend(netFrame(100, fill: 7))

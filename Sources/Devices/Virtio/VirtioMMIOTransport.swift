@@ -86,7 +86,8 @@ public struct VirtioQueueFiller {
     public func fill(queue: Int, _ body: (DescriptorChain, any GuestMemory) throws -> UInt32) -> Outcome {
         spread(queue, 0, 1) { chains, memory in [try body(chains[0], memory)] }
     }
-    /// Pops as many chains of `queue` as it takes to hold `room` bytes, `maxChains` at most, lets
+    /// Pops as many chains of `queue` as it takes to hold `room` bytes (`maxChains` at most, and
+    /// no more than the queue's size), lets
     /// `body` write across them (returning the bytes each got) and adds them all to the used ring
     /// at once. Until the driver has posted enough room, nothing is taken (`.noBuffer`); with
     /// `maxChains` chains that still fall short, `body` gets them and decides.
@@ -404,8 +405,11 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
             guard driven.contains(qi), s.status & Self.statusDriverOK != 0, s.status & Self.statusNeedsReset == 0,
                   s.queues.indices.contains(qi), s.queues[qi].ready else { return }
             do {
+                // No more than the ring holds: a frame that even a full ring cannot take is for
+                // `body` to refuse, not to wait for forever.
                 var chains: [DescriptorChain] = [], total = 0
-                while chains.isEmpty || (total < room && chains.count < maxChains) {
+                let most = min(maxChains, Int(s.queues[qi].size))
+                while chains.isEmpty || (total < room && chains.count < most) {
                     guard let chain = try s.queues[qi].pop(memory: memory) else {
                         try s.queues[qi].unpop(chains.count, memory: memory)
                         outcome = .noBuffer
