@@ -420,11 +420,14 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
                 }
                 let written: [UInt32]
                 do { written = try body(chains, memory) } catch let e as VirtqueueError { throw e } catch { throw VirtqueueError.memory("\(error)") }
-                let used = chains.enumerated().map { i, c in
-                    (head: c.head, length: min(i < written.count ? written[i] : 0, UInt32(clamping: c.writableLength)))
+                var bytes = 0
+                for (i, c) in chains.enumerated() {
+                    let length = min(i < written.count ? written[i] : 0, UInt32(clamping: c.writableLength))
+                    try s.queues[qi].stageUsed(head: c.head, length: length, memory: memory)
+                    bytes += Int(length)
                 }
-                try s.queues[qi].addUsed(used, memory: memory)
-                bytesToGuest.add(used.reduce(0) { $0 + Int($1.length) }, ordering: .relaxed)
+                try s.queues[qi].publishUsed(memory: memory)
+                bytesToGuest.add(bytes, ordering: .relaxed)
                 outcome = .filled
             } catch {
                 raise = markBroken(&s, error)

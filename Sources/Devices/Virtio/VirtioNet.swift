@@ -30,8 +30,6 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     public static let headerSize = 12
     /// Largest frame either way: a 64 KiB segment plus its Ethernet header, after the virtio header.
     public static let maxFrame = 65_536 + 14
-    /// The most buffers one received frame may take with mergeable buffers: a receive queue's size.
-    public static let maxMergedBuffers = 256
     /// Frames moved into the guest per pump before the transmit queue gets a turn.
     public static let receiveBatch = 128
     static let gsoNone: UInt8 = 0, gsoTCPv4: UInt8 = 1, gsoTCPv6: UInt8 = 4, headerNeedsCsum: UInt8 = 1
@@ -149,7 +147,8 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
             var tooBig = false
             let outcome: VirtioQueueFiller.Outcome
             if mergeable {
-                outcome = fill.fill(queue: 0, room: frame.count, maxChains: Self.maxMergedBuffers) { chains, memory in
+                // num_buffers is 16 bits; the transport takes no more chains than the ring holds.
+                outcome = fill.fill(queue: 0, room: frame.count, maxChains: Int(UInt16.max)) { chains, memory in
                     guard chains.reduce(0, { $0 + $1.writableLength }) >= frame.count else {
                         tooBig = true
                         return chains.map { _ in 0 }

@@ -199,20 +199,22 @@ public struct Virtqueue: Sendable {
 
     /// Returns a chain to the driver with `length` bytes written into it.
     public mutating func addUsed(head: UInt16, length: UInt32, memory: any GuestMemory) throws(VirtqueueError) {
-        try addUsed([(head, length)], memory: memory)
+        try stageUsed(head: head, length: length, memory: memory)
+        try publishUsed(memory: memory)
     }
 
-    /// Returns several chains at once, in order, published by one index update: a driver that
-    /// polls the ring sees all of them or none (a frame spread over several buffers).
-    public mutating func addUsed(_ entries: [(head: UInt16, length: UInt32)], memory: any GuestMemory) throws(VirtqueueError) {
-        var index = usedIndex
-        for e in entries {
-            let slot = UInt64(index % size)
-            try store(memory, UInt32(e.head), usedRing + 4 + 8 * slot)
-            try store(memory, e.length, usedRing + 8 + 8 * slot)
-            index &+= 1
-        }
-        usedIndex = index
+    /// Writes a used element without publishing it: several chains staged one after another
+    /// reach the driver together at `publishUsed`, so a driver polling the ring sees all of
+    /// them or none (a frame spread over several buffers).
+    public mutating func stageUsed(head: UInt16, length: UInt32, memory: any GuestMemory) throws(VirtqueueError) {
+        let slot = UInt64(usedIndex % size)
+        try store(memory, UInt32(head), usedRing + 4 + 8 * slot)
+        try store(memory, length, usedRing + 8 + 8 * slot)
+        usedIndex &+= 1
+    }
+
+    /// Publishes the elements staged since the last publication.
+    public mutating func publishUsed(memory: any GuestMemory) throws(VirtqueueError) {
         // The elements must be visible before the index that publishes them.
         atomicFence()
         try store(memory, usedIndex, usedRing + 2)
