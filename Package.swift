@@ -25,6 +25,8 @@ let package = Package(
         .target(name: "CKVM"),
         // C only: vhost ioctl numbers and vsock socket addresses.
         .target(name: "CVhost"),
+        // C only: the Linux calls the Swift Glibc module leaves out (eventfd, timerfd, pidfd_open…).
+        .target(name: "CLinux"),
         // Headers only: the libraries are loaded on first use (CLazyLibs), not linked.
         .systemLibrary(name: "CLibvirt", providers: [.apt(["libvirt-dev"])]),
         .systemLibrary(name: "CGuestfs", providers: [.apt(["libguestfs-dev"])]),
@@ -34,7 +36,7 @@ let package = Package(
         .target(name: "CLazyLibs", linkerSettings: [.linkedLibrary("dl")]),
 
         // Foundation-free (FoundationEssentials at most): the VMM process links it.
-        .target(name: "MicroVMCore", swiftSettings: strict),
+        .target(name: "MicroVMCore", dependencies: ["CLinux"], swiftSettings: strict),
         // The YAML configuration file: Yams, hence all of Foundation, kept out of MicroVMCore.
         .target(name: "ConfigFile", dependencies: ["MicroVMCore", "Yams"], swiftSettings: strict),
         .target(name: "KVM", dependencies: ["CKVM", "MicroVMCore"], swiftSettings: strict),

@@ -1,30 +1,14 @@
+import CLinux
 import Foundation
 import MicroVMCore
 
 /// Pins threads to host CPUs (sched_setaffinity) and reads back where a thread may run.
 public enum ThreadAffinity {
-    // Glibc declares the affinity calls only under _GNU_SOURCE, which the Swift overlay does not
-    // set; the symbols are always exported, so they are looked up once by name.
-    private typealias AffinityCall = @convention(c) (pid_t, Int, UnsafeMutableRawPointer?) -> Int32
-    private static func call(_ name: String) throws -> AffinityCall {
-        guard let sym = dlsym(UnsafeMutableRawPointer(bitPattern: 0), name) else {
-            throw MicroVMError.unsupported("\(name) is not available in this C library")
-        }
-        // SAFETY: both calls have the C signature int (pid_t, size_t, cpu_set_t *) on Linux.
-        return unsafeBitCast(sym, to: AffinityCall.self)
-    }
     /// The kernel's cpu_set_t: 1024 bits.
     private static let maskBytes = 128
 
     /// The calling thread's id (as /proc/PID/task lists it).
-    public static func currentThreadID() -> Int32 {
-        // /proc/thread-self links to "PID/task/TID".
-        if let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/thread-self"),
-           let tid = link.split(separator: "/").last.flatMap({ Int32($0) }) {
-            return tid
-        }
-        return getpid()
-    }
+    public static func currentThreadID() -> Int32 { clinux_gettid() }
 
     /// Restricts thread `tid` (0: the calling thread) to `cpus`.
     public static func pin(thread tid: Int32 = 0, to cpus: [Int]) throws {
@@ -35,8 +19,7 @@ public enum ThreadAffinity {
             throw MicroVMError.invalidArgument("CPU \(bad) is outside 0..<\(bits)")
         }
         for cpu in cpus { set[cpu / 8] |= UInt8(1 << (cpu % 8)) }
-        let setAffinity = try call("sched_setaffinity")
-        guard set.withUnsafeMutableBytes({ setAffinity(tid, maskBytes, $0.baseAddress) }) == 0 else {
+        guard set.withUnsafeBytes({ clinux_sched_setaffinity(tid, maskBytes, $0.baseAddress) }) == 0 else {
             throw MicroVMError(.invalidArgument, "cannot pin thread \(tid) to CPUs \(CPUList.format(cpus)): are they online and inside this process's cpuset?",
                                cause: SystemCallError("sched_setaffinity", errno: errno))
         }
@@ -45,8 +28,7 @@ public enum ThreadAffinity {
     /// The CPUs thread `tid` (0: the calling thread) may run on, from the kernel.
     public static func affinity(thread tid: Int32 = 0) throws -> [Int] {
         var set = [UInt8](repeating: 0, count: maskBytes)
-        let getAffinity = try call("sched_getaffinity")
-        guard set.withUnsafeMutableBytes({ getAffinity(tid, maskBytes, $0.baseAddress) }) >= 0 else {
+        guard set.withUnsafeMutableBytes({ clinux_sched_getaffinity(tid, maskBytes, $0.baseAddress) }) >= 0 else {
             throw MicroVMError(.notFound, "cannot read thread \(tid)'s affinity", cause: SystemCallError("sched_getaffinity", errno: errno))
         }
         return (0..<(maskBytes * 8)).filter { set[$0 / 8] & UInt8(1 << ($0 % 8)) != 0 }

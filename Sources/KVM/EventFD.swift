@@ -1,3 +1,4 @@
+import CLinux
 import MicroVMCore
 #if canImport(Glibc)
 import Glibc
@@ -8,16 +9,9 @@ import Glibc
 public final class EventFD: Sendable {
     let fd: OwnedFD
 
-    /// Glibc's eventfd is not in the Swift Glibc module (it lives in <sys/eventfd.h>); look it up.
-    private static let create: (@convention(c) (UInt32, Int32) -> Int32)? = {
-        guard let sym = dlsym(nil, "eventfd") else { return nil }
-        return unsafeBitCast(sym, to: (@convention(c) (UInt32, Int32) -> Int32).self)
-    }()
-
     /// - Parameter nonBlocking: reads return nil instead of waiting when the counter is zero.
     public init(nonBlocking: Bool = false) throws {
-        guard let create = Self.create else { throw MicroVMError.unsupported("this C library has no eventfd()") }
-        let raw = create(0, O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0))
+        let raw = clinux_eventfd(0, O_CLOEXEC | (nonBlocking ? O_NONBLOCK : 0))
         guard raw >= 0 else { throw MicroVMError(.insufficientResources, "cannot create an eventfd", cause: SystemCallError("eventfd", errno: errno)) }
         fd = OwnedFD(raw)
     }

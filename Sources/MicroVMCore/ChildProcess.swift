@@ -1,3 +1,4 @@
+import CLinux
 import FoundationEssentials
 import Synchronization
 #if canImport(Glibc)
@@ -65,7 +66,7 @@ public final class ChildProcess: Sendable {
         }
         self.pid = pid
         self.executable = exe
-        self.pidFD = Self.pidfdOpen.map { $0(pid, 0) } ?? -1
+        self.pidFD = Self.pidfdOpen(pid)
     }
 
     /// Spawn attributes with an empty signal mask and default dispositions: children inherit the
@@ -101,10 +102,9 @@ public final class ChildProcess: Sendable {
     /// it starts is pid 1 of a new one. The namespace for children is a thread's: the calling
     /// thread, and any other child, are left as they were.
     static func inNewPIDNamespace(_ pid: inout pid_t, _ spawn: (inout pid_t) -> Int32) -> Int32 {
-        guard let unshare = unshareCall else { return ENOSYS }
         var child: pid_t = 0, result: Int32 = 0
         withoutActuallyEscaping({
-            result = unshare(0x2000_0000) == 0 ? spawn(&child) : errno  // CLONE_NEWPID
+            result = clinux_unshare(0x2000_0000) == 0 ? spawn(&child) : errno  // CLONE_NEWPID
         }) { work in
             final class Box { let work: () -> Void; init(_ w: @escaping () -> Void) { work = w } }
             let box = Unmanaged.passRetained(Box(work))
@@ -120,18 +120,9 @@ public final class ChildProcess: Sendable {
         return result
     }
 
-    /// unshare(2), which the Swift Glibc module leaves out (it needs _GNU_SOURCE).
-    static let unshareCall: (@convention(c) (Int32) -> Int32)? = {
-        guard let sym = dlsym(nil, "unshare") else { return nil }
-        return unsafeBitCast(sym, to: (@convention(c) (Int32) -> Int32).self)
-    }()
-
-    /// Glibc 2.36 declares pidfd_open in <sys/pidfd.h>, which the Swift Glibc module leaves out.
-    /// A pidfd becomes readable when its process exits (nil where the C library lacks the call).
-    public static let pidfdOpen: (@convention(c) (pid_t, UInt32) -> Int32)? = {
-        guard let sym = dlsym(nil, "pidfd_open") else { return nil }
-        return unsafeBitCast(sym, to: (@convention(c) (pid_t, UInt32) -> Int32).self)
-    }()
+    /// A descriptor that becomes readable when process `pid` exits; -1 (errno set) where the
+    /// kernel has no pidfd_open (before 5.3).
+    public static func pidfdOpen(_ pid: pid_t) -> Int32 { clinux_pidfd_open(pid, 0) }
 
     /// The exit status the shell's way (128 + signal for a kill), once the child has exited.
     public var exitStatus: Int32? { reap() }

@@ -1,4 +1,5 @@
 #if canImport(Glibc)
+import CLinux
 import Glibc
 #endif
 
@@ -37,9 +38,7 @@ public enum NativeThread {
 
     /// Names the calling thread (cut to the kernel's 15 bytes).
     public static func setName(_ name: String) {
-        typealias SetName = @convention(c) (pthread_t, UnsafePointer<CChar>) -> Int32
-        guard let set = cFunction("pthread_setname_np", as: SetName.self) else { return }
-        _ = set(pthread_self(), String(decoding: name.utf8.prefix(15), as: UTF8.self))
+        _ = clinux_set_thread_name(String(decoding: name.utf8.prefix(15), as: UTF8.self))
     }
 }
 
@@ -105,4 +104,19 @@ public final class PosixCondition: @unchecked Sendable {
     /// Releases the lock until a broadcast (or a spurious wake-up), then holds it again.
     public func wait() { pthread_cond_wait(condition, mutex) }
     public func broadcast() { pthread_cond_broadcast(condition) }
+}
+
+/// This process's executable and libraries, as the kernel maps them.
+public enum ExecutableImage {
+    /// Unmaps the code and read-only data of the executable and its libraries from this
+    /// process's page tables. Every
+    /// page touched maps its neighbours too (the kernel's fault-around, 64 KiB), so code run once
+    /// at start-up (decoding the configuration, loading the kernel, building the devices) leaves
+    /// megabytes mapped that a running VM never touches again. The pages stay in the page cache:
+    /// what still runs maps them back, a fault each. Returns the bytes advised; nil if refused.
+    @discardableResult
+    public static func dropResidentPages() -> Int? {
+        let advised = clinux_drop_read_only_pages()
+        return advised >= 0 ? advised : nil
+    }
 }

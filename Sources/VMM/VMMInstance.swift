@@ -29,6 +29,9 @@ public final class VMMInstance: VMMController, Sendable {
         public var beforeThreads: (@Sendable () throws -> Void)?
         /// Called first on each thread the machine starts, with its kind.
         public var onThread: (@Sendable (VMMThreadKind) -> Void)?
+        /// Once every vCPU has entered the guest, the process's start-up code is unmapped
+        /// (`ExecutableImage.dropResidentPages`): for a process that runs one VM.
+        public var dropsStartupPages = false
 
         public init(id: String, devicePath: String = "/dev/kvm", console: @escaping OutputSink = { _ in },
                     beforeThreads: (@Sendable () throws -> Void)? = nil, onThread: (@Sendable (VMMThreadKind) -> Void)? = nil,
@@ -73,6 +76,11 @@ public final class VMMInstance: VMMController, Sendable {
         try running.withLock { r in
             guard r == nil else { throw MicroVMError(.invalidArgument, "the microVM is already started") }
             r = try build(config)
+        }
+        // Once every vCPU runs the guest, what started them has run its course.
+        if options.dropsStartupPages, let vm = running.withLock({ $0?.vm }) {
+            _ = vm.waitUntilVCPUsEnter(timeout: 1)
+            ExecutableImage.dropResidentPages()
         }
     }
 

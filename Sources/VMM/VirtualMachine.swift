@@ -1,3 +1,4 @@
+import CLinux
 import CKVM
 import Devices
 import Dispatch
@@ -86,6 +87,8 @@ public final class VirtualMachine: @unchecked Sendable {
     /// Device interrupt lines that KVM injects from an eventfd (irqfd).
     public let irqfdsRegistered = Atomic<Int>(0)
     private let group = DispatchGroup()
+    /// Left by each vCPU thread as it first enters the guest (or ends without entering).
+    private let entering = DispatchGroup()
 
     public init(_ configuration: MachineConfiguration) throws {
         createdAt = Monotonic.seconds()
@@ -177,6 +180,7 @@ public final class VirtualMachine: @unchecked Sendable {
         }
         for i in vcpus.indices {
             group.enter()
+            entering.enter()
             do {
                 try NativeThread.detach(name: "vcpu\(i)", stackSize: 1 << 20) { [self] in
                     vcpuLoop(i)
@@ -185,11 +189,18 @@ public final class VirtualMachine: @unchecked Sendable {
                 }
             } catch {
                 // The vCPUs already running stop; `wait()` then returns for them.
+                entering.leave()
                 group.leave()
                 requestStop(.error("cannot start vCPU \(i)'s thread: \(error)"))
                 throw error
             }
         }
+    }
+
+    /// Waits until every vCPU thread has made its first KVM_RUN (or ended before it), at most
+    /// `timeout` seconds; false on the timeout.
+    public func waitUntilVCPUsEnter(timeout: Double) -> Bool {
+        entering.wait(timeout: .now() + timeout) == .success
     }
 
     /// Asks every vCPU to leave the guest and its thread to end. The first reason given wins.
@@ -306,20 +317,23 @@ public final class VirtualMachine: @unchecked Sendable {
         configuration.onVCPUThread?(Self.currentThreadID())
         if index == 0 { firstEntryBits.store(Monotonic.seconds().bitPattern, ordering: .releasing) }
         var scratch = [UInt8](repeating: 0, count: 8)
+        var entered = false
+        defer { if !entered { entering.leave() } }
         while !stopping.load(ordering: .acquiring) {
             if pausing.load(ordering: .acquiring) {
                 parkWhilePaused(vcpu)
                 continue
             }
             let exit: VCPUExit
-            let entered = DispatchTime.now().uptimeNanoseconds
+            let enteredAt = DispatchTime.now().uptimeNanoseconds
+            if !entered { entered = true; entering.leave() }
             do {
                 exit = try vcpu.run()
             } catch {
                 requestStop(.error("vCPU \(index): \(error)"))
                 break
             }
-            counters.count(exit, inGuestFor: DispatchTime.now().uptimeNanoseconds &- entered)
+            counters.count(exit, inGuestFor: DispatchTime.now().uptimeNanoseconds &- enteredAt)
             if index == 0 && firstExitBits.load(ordering: .relaxed) == 0 {
                 firstExitBits.store(Monotonic.seconds().bitPattern, ordering: .releasing)
             }
@@ -371,21 +385,12 @@ public final class VirtualMachine: @unchecked Sendable {
         var set = cpu_set_t()
         withUnsafeMutableBytes(of: &set) { b in for cpu in valid { b[cpu / 8] |= UInt8(1 << (cpu % 8)) } }
         // Failure (an offline CPU, a cpuset that excludes it) leaves the thread unpinned, not broken.
-        guard let setAffinity = Self.schedSetAffinity else { return }
-        _ = setAffinity(0, MemoryLayout<cpu_set_t>.size, &set)
+        _ = clinux_sched_setaffinity(0, MemoryLayout<cpu_set_t>.size, &set)
     }
-
-    /// Glibc declares sched_setaffinity only under _GNU_SOURCE, which the Swift overlay does not
-    /// define; look it up at run time instead of adding C to the project.
-    private static let schedSetAffinity: (@convention(c) (pid_t, Int, UnsafeMutableRawPointer) -> Int32)? = {
-        guard let sym = dlsym(nil, "sched_setaffinity") else { return nil }
-        return unsafeBitCast(sym, to: (@convention(c) (pid_t, Int, UnsafeMutableRawPointer) -> Int32).self)
-    }()
 
     /// The calling thread's id (gettid: the number a cgroup's `tasks` file takes).
     static func currentThreadID() -> Int32 {
-        guard let sym = dlsym(nil, "gettid") else { return getpid() }
-        return unsafeBitCast(sym, to: (@convention(c) () -> pid_t).self)()
+        clinux_gettid()
     }
 
     static func describeRegisters(_ vcpu: KVMVCPU) -> String {

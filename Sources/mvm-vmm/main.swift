@@ -145,7 +145,7 @@ func parentWatch(_ args: Arguments) -> (fd: Int32, parent: pid_t)? {
     let parent = getppid()
     if let fd = args.lifeline { return (fd, parent) }
     guard parent > 1 else { exit(1) }
-    return (ChildProcess.pidfdOpen?(parent, 0) ?? -1, parent)
+    return (ChildProcess.pidfdOpen(parent), parent)
 }
 
 func watchParent(_ watch: (fd: Int32, parent: pid_t)) {
@@ -244,6 +244,8 @@ var options = VMMInstance.Options(id: args.id, devicePath: args.devicePath, cons
         exitStatus.store(1, ordering: .relaxed)
     }
 })
+// One VM per process: the code that built it is let go of once it runs.
+options.dropsStartupPages = true
 if let jail = args.jail {
     let jailOptions = Jail.Options(uid: jail.uid, gid: jail.gid, hostname: args.id)
     options.beforeThreads = { try Jail.enter(jailOptions) }

@@ -1,3 +1,4 @@
+import CLinux
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -267,16 +268,13 @@ public final class VirtioBalloon: VirtioDevice, Sendable {
 
 /// timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC).
 func makeTimerFD() -> Int32 {
-    guard let create = cFunction("timerfd_create", as: (@convention(c) (Int32, Int32) -> Int32).self) else { errno = ENOSYS; return -1 }
-    return create(Int32(CLOCK_MONOTONIC), Int32(O_CLOEXEC | O_NONBLOCK))
+    clinux_timerfd_create(Int32(CLOCK_MONOTONIC), Int32(O_CLOEXEC | O_NONBLOCK))
 }
 
 /// Arms a timerfd to fire every `seconds`, the first time after `first` seconds.
 @discardableResult
 func armTimerFD(_ fd: Int32, every seconds: Int, first: Double) -> Int32 {
-    typealias SetTime = @convention(c) (Int32, Int32, UnsafeRawPointer, UnsafeMutableRawPointer?) -> Int32
-    guard let set = cFunction("timerfd_settime", as: SetTime.self) else { errno = ENOSYS; return -1 }
     var its = itimerspec(it_interval: timespec(tv_sec: seconds, tv_nsec: 0),
                          it_value: timespec(tv_sec: Int(first), tv_nsec: Int((first - first.rounded(.down)) * 1e9)))
-    return set(fd, 0, &its, nil)
+    return clinux_timerfd_settime(fd, 0, &its)
 }

@@ -1,3 +1,4 @@
+import CLinux
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -142,13 +143,7 @@ public final class VirtioRng: VirtioDevice, Sendable {
     }
 }
 
-/// getrandom(2), looked up because the Swift Glibc module leaves <sys/random.h> out; falls back to
-/// /dev/urandom on a C library without it.
+/// getrandom(2): blocks only until the kernel's pool is first seeded.
 private func systemRandom(_ buf: UnsafeMutableRawPointer, _ count: Int) -> Int {
-    typealias GetRandom = @convention(c) (UnsafeMutableRawPointer?, Int, UInt32) -> Int
-    if let sym = dlsym(nil, "getrandom") { return unsafeBitCast(sym, to: GetRandom.self)(buf, count, 0) }
-    let fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return -1 }
-    defer { close(fd) }
-    return read(fd, buf, count)
+    clinux_getrandom(buf, count, 0)
 }

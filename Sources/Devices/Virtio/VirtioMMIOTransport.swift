@@ -1,3 +1,4 @@
+import CLinux
 import FoundationEssentials
 #if canImport(Glibc)
 import Glibc
@@ -541,10 +542,8 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
     }
 }
 
-/// Glibc's eventfd lives in <sys/eventfd.h>, which the Swift Glibc module leaves out; look it up.
-/// Falls back to -1 (the caller reports it) on a C library without it.
+/// A non-blocking eventfd for a queue's notifications or interrupt; -1 (errno set) on failure.
 func makeVirtioEventFD() -> Int32 {
-    guard let create = cFunction("eventfd", as: (@convention(c) (UInt32, Int32) -> Int32).self) else { errno = ENOSYS; return -1 }
     // EFD_CLOEXEC | EFD_NONBLOCK (octal 02000000 | 04000, as O_CLOEXEC | O_NONBLOCK).
-    return create(0, Int32(O_CLOEXEC | O_NONBLOCK))
+    clinux_eventfd(0, Int32(O_CLOEXEC | O_NONBLOCK))
 }
