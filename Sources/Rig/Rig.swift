@@ -178,12 +178,14 @@ public struct RigRunner: Sendable {
             }
             return watchdog.isStalled()
         }) { bytes in
+            let lines = console.linesOfLife
             console.feed(bytes)
             if bootSeconds == nil, console.phase != .booting {
                 bootSeconds = Date().timeIntervalSince(started)
                 watchdog.start()
             }
-            watchdog.sign()
+            // A kernel that reports its own lockup over and over is not alive for that.
+            if console.linesOfLife != lines || console.lockups.isEmpty { watchdog.sign() }
             return console.isFinished
         }
         // A stalled QEMU is asked for its vCPUs before it is killed.
@@ -196,7 +198,7 @@ public struct RigRunner: Sendable {
         follow()
         if let stall {
             throw RigStall(silentSeconds: stall.silent, outputSilentSeconds: stall.quiet, qemuCPUPercent: stall.cpu,
-                           lastHeartbeat: watchdog.lastHeartbeat, vcpus: stall.vcpus, output: output)
+                           lastHeartbeat: watchdog.lastHeartbeat, vcpus: stall.vcpus, lockups: console.lockups, output: output)
         }
         let wall = Date().timeIntervalSince(started)
         // QEMU's stderr, without its start-up warnings about the CPU features TCG lacks.

@@ -11,6 +11,10 @@ public struct RigConsole: Sendable {
     public static let exitMarker = "@@mvm:rig-exit status="
     public static let errorMarker = "@@mvm:rig-error "
     public static let heartbeatMarker = "@@mvm:rig-alive "
+    /// What the rig kernel prints when its CPUs stop making progress (a soft lockup, an RCU
+    /// stall, a task blocked for minutes): printed again and again while it stays stuck, so
+    /// such lines are no sign of life.
+    static let lockupReports = ["soft lockup", "detected stalls", "self-detected stall", "blocked for more than"]
     /// A longer line is dropped in pieces, so a guest printing without newlines cannot grow memory.
     static let maxLine = 64 * 1024
 
@@ -21,6 +25,10 @@ public struct RigConsole: Sendable {
     /// The last console lines after it that are no marker: the kernel's panic and alert lines
     /// (the rig boots with loglevel=2), for the error when the rig dies mid-command.
     public private(set) var runTail: [String] = []
+    /// Lines read so far that say the kernel is alive: every complete line but a lockup report.
+    public private(set) var linesOfLife = 0
+    /// The last lockup reports the kernel printed while the command ran (at most 4).
+    public private(set) var lockups: [String] = []
     private var line: [UInt8] = []
 
     public init() {}
@@ -46,6 +54,11 @@ public struct RigConsole: Sendable {
 
     private mutating func finishLine() {
         let text = String(decoding: line, as: UTF8.self)
+        if Self.lockupReports.contains(where: text.contains) {
+            if phase == .running { lockups = Array((lockups + [String(text.prefix(200))]).suffix(4)) }
+        } else {
+            linesOfLife += 1
+        }
         switch phase {
         case .booting:
             if let r = text.range(of: Self.startMarker) {

@@ -66,6 +66,8 @@ public struct RigStall: RigLost {
     public var lastHeartbeat: String?
     /// Each vCPU's instruction pointer and state as QEMU's monitor gave them at the stall.
     public var vcpus: [String]
+    /// The rig kernel's last reports of its own lockup (soft lockups, RCU stalls), if any.
+    public var lockups: [String] = []
     /// The command's output up to the stall.
     public var output: Data
 
@@ -76,11 +78,12 @@ public struct RigStall: RigLost {
             if !vcpus.isEmpty { s += "; vCPUs: " + vcpus.joined(separator: " | ") }
             return s + ". It was killed. A process stuck in the kernel (a 9p write, say) outlives its own time limits: run the command again, or raise --output-timeout if it can be quiet for longer"
         }
-        var s = "the rig stalled: no heartbeat, console or output from its kernel for \(Int(silentSeconds)) s while the command ran"
+        var s = "the rig stalled: no heartbeat, console line (but lockup reports) or output from its kernel for \(Int(silentSeconds)) s while the command ran"
         if let lastHeartbeat { s += " (last heartbeat at uptime \(lastHeartbeat) s)" }
         if let p = qemuCPUPercent {
             s += String(format: "; QEMU used %.0f%% of a CPU meanwhile (%@)", p, p >= 50 ? "spinning" : "mostly idle")
         }
+        if !lockups.isEmpty { s += "; its kernel reported: " + lockups.joined(separator: " | ") }
         if !vcpus.isEmpty { s += "; vCPUs: " + vcpus.joined(separator: " | ") }
         return s + ". It was killed. Nested SVM under TCG has been seen to lock up so: run the command again, or raise --stall-timeout if it can be silent for longer"
     }

@@ -226,6 +226,24 @@ import Host
         #expect(c.runTail.count == 100 && c.runTail.last == "line 199", "the tail is bounded")
     }
 
+    /// A kernel whose CPUs are stuck prints its lockup again every half minute: those lines are
+    /// no sign of life (the rig then counts as stalled), and the stall quotes them.
+    @Test func lockupReportsAreNoSignOfLife() {
+        var c = RigConsole()
+        c.feed(Array("@@mvm:rig-start uptime=3.2@@\n".utf8))
+        let alive = c.linesOfLife
+        c.feed(Array("[  308.63] watchdog: BUG: soft lockup - CPU#0 stuck for 26s! [oot.default-qos:173]\n".utf8))
+        c.feed(Array("[  330.10] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n".utf8))
+        #expect(c.linesOfLife == alive && c.phase == .running)
+        #expect(c.lockups.count == 2 && c.lockups[0].contains("soft lockup - CPU#0"))
+        c.feed(Array("@@mvm:rig-alive uptime=340.0@@\n".utf8))
+        #expect(c.linesOfLife == alive + 1, "a heartbeat is a line of life")
+        for i in 0..<10 { c.feed(Array("[ \(400 + i)] watchdog: BUG: soft lockup - CPU#1 stuck for \(i)s!\n".utf8)) }
+        #expect(c.lockups.count == 4 && c.lockups.last?.contains("stuck for 9s") == true, "the last four are kept")
+        let s = RigStall(silentSeconds: 180, qemuCPUPercent: 150, vcpus: [], lockups: c.lockups, output: Data())
+        #expect(s.description.contains("its kernel reported: [ 406] watchdog: BUG: soft lockup"), "\(s)")
+    }
+
     @Test func aStallSaysWhatItSaw() {
         let s = RigStall(silentSeconds: 181.4, qemuCPUPercent: 197, lastHeartbeat: "612.30",
                          vcpus: ["CPU#0 RIP=ffffffff81e3c8ab CPL=0 HLT=0"], output: Data("partial".utf8))
