@@ -109,10 +109,10 @@ public final class PosixCondition: @unchecked Sendable {
 /// This process's executable and libraries, as the kernel maps them.
 public enum ExecutableImage {
     /// Unmaps the code and read-only data of the executable and its libraries from this
-    /// process's page tables. Every
-    /// page touched maps its neighbours too (the kernel's fault-around, 64 KiB), so code run once
-    /// at start-up (decoding the configuration, loading the kernel, building the devices) leaves
-    /// megabytes mapped that a running VM never touches again. The pages stay in the page cache:
+    /// process's page tables. Every page touched maps its neighbours too (the kernel's
+    /// fault-around, 64 KiB), so code run once at start-up (decoding the configuration, loading
+    /// the kernel, building the devices) leaves megabytes mapped that a running VM never touches
+    /// again. The pages stay in the page cache:
     /// what still runs maps them back, a fault each. Returns the bytes advised; nil if refused.
     @discardableResult
     public static func dropResidentPages() -> Int? {
