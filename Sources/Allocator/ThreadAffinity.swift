@@ -4,24 +4,19 @@ import MicroVMCore
 
 /// Pins threads to host CPUs (sched_setaffinity) and reads back where a thread may run.
 public enum ThreadAffinity {
-    /// The kernel's cpu_set_t: 1024 bits.
-    private static let maskBytes = 128
-
-    /// The calling thread's id (as /proc/PID/task lists it).
-    public static func currentThreadID() -> Int32 { clinux_gettid() }
+    private static let maskBytes = NativeThread.affinityMaskBytes
 
     /// Restricts thread `tid` (0: the calling thread) to `cpus`.
     public static func pin(thread tid: Int32 = 0, to cpus: [Int]) throws {
-        var set = [UInt8](repeating: 0, count: maskBytes)
         let bits = maskBytes * 8
         guard !cpus.isEmpty else { throw MicroVMError.invalidArgument("cannot pin a thread to an empty CPU list") }
         if let bad = cpus.first(where: { $0 < 0 || $0 >= bits }) {
             throw MicroVMError.invalidArgument("CPU \(bad) is outside 0..<\(bits)")
         }
-        for cpu in cpus { set[cpu / 8] |= UInt8(1 << (cpu % 8)) }
-        guard set.withUnsafeBytes({ clinux_sched_setaffinity(tid, maskBytes, $0.baseAddress) }) == 0 else {
+        let failure = NativeThread.setAffinity(thread: tid, to: cpus)
+        guard failure == 0 else {
             throw MicroVMError(.invalidArgument, "cannot pin thread \(tid) to CPUs \(CPUList.format(cpus)): are they online and inside this process's cpuset?",
-                               cause: SystemCallError("sched_setaffinity", errno: errno))
+                               cause: SystemCallError("sched_setaffinity", errno: failure))
         }
     }
 

@@ -38,7 +38,22 @@ public enum NativeThread {
 
     /// Names the calling thread (cut to the kernel's 15 bytes).
     public static func setName(_ name: String) {
-        _ = clinux_set_thread_name(String(decoding: name.utf8.prefix(15), as: UTF8.self))
+        _ = clinux_set_thread_name(name)
+    }
+
+    /// The calling thread's id (gettid: as /proc/PID/task lists it, and a cgroup's `tasks` takes).
+    public static func currentID() -> Int32 { clinux_gettid() }
+
+    /// The kernel's CPU mask size: cpu_set_t's 1024 bits.
+    public static let affinityMaskBytes = 128
+
+    /// Restricts thread `tid` (0: the calling thread) to `cpus`. Returns 0, or an errno: EINVAL
+    /// for a CPU outside the mask's 0..<1024, else sched_setaffinity's.
+    public static func setAffinity(thread tid: Int32 = 0, to cpus: [Int]) -> Int32 {
+        guard cpus.allSatisfy({ $0 >= 0 && $0 < affinityMaskBytes * 8 }) else { return EINVAL }
+        var mask = [UInt8](repeating: 0, count: affinityMaskBytes)
+        for cpu in cpus { mask[cpu / 8] |= UInt8(1 << (cpu % 8)) }
+        return mask.withUnsafeBytes { clinux_sched_setaffinity(tid, affinityMaskBytes, $0.baseAddress) } == 0 ? 0 : errno
     }
 }
 

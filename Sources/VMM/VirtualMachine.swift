@@ -1,4 +1,3 @@
-import CLinux
 import CKVM
 import Devices
 import Dispatch
@@ -314,7 +313,7 @@ public final class VirtualMachine: @unchecked Sendable {
             pin(to: configuration.vcpuPins[index % configuration.vcpuPins.count])
         }
         // After pinning: a jailed VMM confines the thread here, and a vCPU never pins again.
-        configuration.onVCPUThread?(Self.currentThreadID())
+        configuration.onVCPUThread?(NativeThread.currentID())
         if index == 0 { firstEntryBits.store(Monotonic.seconds().bitPattern, ordering: .releasing) }
         var scratch = [UInt8](repeating: 0, count: 8)
         var entered = false
@@ -380,18 +379,12 @@ public final class VirtualMachine: @unchecked Sendable {
     }
 
     private func pin(to cpus: [Int]) {
-        let valid = cpus.filter { $0 >= 0 && $0 < 1024 }
+        let valid = cpus.filter { $0 >= 0 && $0 < NativeThread.affinityMaskBytes * 8 }
         guard !valid.isEmpty else { return }
-        var set = cpu_set_t()
-        withUnsafeMutableBytes(of: &set) { b in for cpu in valid { b[cpu / 8] |= UInt8(1 << (cpu % 8)) } }
         // Failure (an offline CPU, a cpuset that excludes it) leaves the thread unpinned, not broken.
-        _ = clinux_sched_setaffinity(0, MemoryLayout<cpu_set_t>.size, &set)
+        _ = NativeThread.setAffinity(to: valid)
     }
 
-    /// The calling thread's id (gettid: the number a cgroup's `tasks` file takes).
-    static func currentThreadID() -> Int32 {
-        clinux_gettid()
-    }
 
     static func describeRegisters(_ vcpu: KVMVCPU) -> String {
         guard let r = try? vcpu.registers(), let s = try? vcpu.specialRegisters() else { return "registers unavailable" }

@@ -90,7 +90,7 @@ private let canUseCgroups = getuid() == 0 && cgroupMode != .none
         let done = DispatchSemaphore(value: 0)
         let release = DispatchSemaphore(value: 0)
         let thread = Thread {
-            let tid = ThreadAffinity.currentThreadID()
+            let tid = NativeThread.currentID()
             do {
                 try ThreadAffinity.pin(to: [cpu])
                 box.set(tid: tid, affinity: try ThreadAffinity.affinity())

@@ -87,4 +87,27 @@ import Synchronization
         // Code that ran before runs again.
         #expect(cFormat("%d", 42) == "42")
     }
+
+    /// The one affinity shim: a thread of its own (the test's threads stay as they were) pins
+    /// itself to one CPU and reads the kernel's view back; a CPU outside the mask is refused.
+    @Test func setAffinityPinsTheThreadItNames() throws {
+        // The first CPU this process may use (a cpuset may leave out CPU 0).
+        let own = try String(contentsOfFile: "/proc/self/status", encoding: .utf8).split(separator: "\n")
+            .first { $0.hasPrefix("Cpus_allowed_list:") }.map { $0.dropFirst("Cpus_allowed_list:".count).trimmed() } ?? ""
+        let cpu = try #require(Int(own.prefix { $0.isNumber }), "Cpus_allowed_list '\(own)'")
+        let result = Mutex<(rc: Int32, allowed: String, tooHigh: Int32)?>(nil)
+        try NativeThread.detach(name: "pin-test") {
+            let rc = NativeThread.setAffinity(to: [cpu])
+            let status = (try? String(contentsOfFile: "/proc/thread-self/status", encoding: .utf8)) ?? ""
+            let allowed = status.split(separator: "\n").first { $0.hasPrefix("Cpus_allowed_list:") }
+                .map { $0.dropFirst("Cpus_allowed_list:".count).trimmed() } ?? ""
+            result.withLock { $0 = (rc, allowed, NativeThread.setAffinity(to: [cpu, 5000])) }
+        }
+        let deadline = Monotonic.seconds() + 10
+        while result.withLock({ $0 }) == nil, Monotonic.seconds() < deadline { usleep(1000) }
+        let r = try #require(result.withLock { $0 })
+        #expect(r.rc == 0 && r.allowed == "\(cpu)", "rc \(r.rc), Cpus_allowed_list '\(r.allowed)'")
+        #expect(r.tooHigh == EINVAL)
+        #expect(NativeThread.currentID() > 0)
+    }
 }
