@@ -50,7 +50,7 @@ public struct RigEnded: RigLost {
     }
 }
 
-/// The rig stopped making progress: no heartbeat, console byte or output for `silentSeconds`
+/// The rig stopped making progress: no heartbeat, console line (lockup reports aside) or output for `silentSeconds`
 /// while the command ran. Under TCG, an L1 kernel running nested guests on an emulated AMD-V
 /// CPU has been seen to stop like this for good (its own timeouts never fire), so the rig is
 /// killed instead of waited out. Carries what the command wrote before, and QEMU's view then.
@@ -78,7 +78,7 @@ public struct RigStall: RigLost {
             if !vcpus.isEmpty { s += "; vCPUs: " + vcpus.joined(separator: " | ") }
             return s + ". It was killed. A process stuck in the kernel (a 9p write, say) outlives its own time limits: run the command again, or raise --output-timeout if it can be quiet for longer"
         }
-        var s = "the rig stalled: no heartbeat, console line (but lockup reports) or output from its kernel for \(Int(silentSeconds)) s while the command ran"
+        var s = "the rig stalled: no heartbeat, console line other than a lockup report, or output from its kernel for \(Int(silentSeconds)) s while the command ran"
         if let lastHeartbeat { s += " (last heartbeat at uptime \(lastHeartbeat) s)" }
         if let p = qemuCPUPercent {
             s += String(format: "; QEMU used %.0f%% of a CPU meanwhile (%@)", p, p >= 50 ? "spinning" : "mostly idle")

@@ -73,12 +73,14 @@ public final class VMMInstance: VMMController, Sendable {
     public var stopReason: StopReason? { stopped.withLock { $0?.reason } }
 
     public func start(_ config: VMConfiguration) throws {
-        try running.withLock { r in
+        let vm = try running.withLock { r in
             guard r == nil else { throw MicroVMError(.invalidArgument, "the microVM is already started") }
-            r = try build(config)
+            let built = try build(config)
+            r = built
+            return built.vm
         }
         // Once every vCPU runs the guest, what started them has run its course.
-        if options.dropsStartupPages, let vm = running.withLock({ $0?.vm }) {
+        if options.dropsStartupPages {
             _ = vm.waitUntilVCPUsEnter(timeout: 1)
             ExecutableImage.dropResidentPages()
         }

@@ -135,15 +135,10 @@ public final class VirtioRng: VirtioDevice, Sendable {
         var bytes = [UInt8](repeating: 0, count: n)
         var filled = 0
         while filled < n {
-            let r = bytes.withUnsafeMutableBytes { systemRandom($0.baseAddress! + filled, n - filled) }
+            let r = bytes.withUnsafeMutableBytes { clinux_getrandom($0.baseAddress! + filled, n - filled, 0) }
             if r < 0 { if errno == EINTR { continue }; break }
             filled += r
         }
         return UInt32(try chain.write(Array(bytes.prefix(filled)), memory: memory))
     }
-}
-
-/// getrandom(2): blocks only until the kernel's pool is first seeded.
-private func systemRandom(_ buf: UnsafeMutableRawPointer, _ count: Int) -> Int {
-    clinux_getrandom(buf, count, 0)
 }
