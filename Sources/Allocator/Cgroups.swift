@@ -37,7 +37,7 @@ public struct CgroupSet: Sendable {
         guard !parts.isEmpty, !name.hasPrefix("/"), parts.allSatisfy({ $0 != "." && $0 != ".." && !$0.isEmpty }) else {
             throw MicroVMError.invalidArgument("cgroup name '\(name)' must be a relative path like microvm/NAME, without '.' or '..'")
         }
-        let mountsText = (try? String(contentsOfFile: roots.proc + "/self/mounts", encoding: .utf8)) ?? ""
+        let mountsText = readWholeText(roots.proc + "/self/mounts") ?? ""
         let mode = mode ?? HostProfile.detectCgroupMode(mounts: mountsText)
         let mounts = try mountPoints(mountsText, mode: mode)
         var dirs: [String: String] = [:]
@@ -265,8 +265,10 @@ public struct CgroupSet: Sendable {
     }
 
     private func read(_ path: String) throws -> String {
-        do { return try String(contentsOfFile: path, encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines) }
-        catch { throw MicroVMError(.notFound, "cannot read cgroup file \(path)", cause: error) }
+        guard let text = readWholeText(path) else {
+            throw MicroVMError(.notFound, "cannot read cgroup file \(path)", cause: SystemCallError("read", errno: errno))
+        }
+        return text.trimmingCharacters(in: .whitespacesAndNewlines)
     }
 
     /// One write(2) of the whole value: cgroup files take a value per write and must not be

@@ -302,7 +302,7 @@ final class PrivateContainerd: Sendable {
         if process.wait(upTo: 10) == nil { process.signal(SIGKILL); _ = process.wait() }
         // containerd mounts nothing under its root for --rootfs containers, but a killed shim
         // may leave its bundle's rootfs mount behind: unmount anything under the directory.
-        if let mounts = try? String(contentsOfFile: "/proc/self/mounts", encoding: .utf8) {
+        if let mounts = readWholeText("/proc/self/mounts") {
             for line in mounts.split(separator: "\n").reversed() {
                 let f = line.split(separator: " ")
                 if f.count > 1, f[1].hasPrefix(directory + "/") { _ = umount2(String(f[1]), Int32(MNT_DETACH)) }

@@ -13,9 +13,9 @@ public enum ProcessMemory {
         guard let names = try? FileManager.default.contentsOfDirectory(atPath: proc) else { return out }
         for n in names {
             guard let pid = Int32(n) else { continue }
-            guard let stat = try? String(contentsOfFile: "\(proc)/\(n)/stat", encoding: .utf8),
+            guard let stat = readWholeText("\(proc)/\(n)/stat"),
                   let (comm, rest) = ProcessIdentity.parseStat(stat), rest.count > 1, let ppid = Int32(rest[1]) else { continue }
-            let raw = FileManager.default.contents(atPath: "\(proc)/\(n)/cmdline") ?? Data()
+            let raw = readWholeFile("\(proc)/\(n)/cmdline") ?? []
             let cmdline = String(decoding: raw.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
             out[pid] = Entry(pid: pid, ppid: ppid, comm: String(comm), cmdline: cmdline)
         }
@@ -48,7 +48,7 @@ public enum ProcessMemory {
 
     /// PSS in bytes from /proc/PID/smaps_rollup (nil when the process is gone or unreadable).
     public static func pss(pid: Int32, proc: String = "/proc") -> UInt64? {
-        guard let text = try? String(contentsOfFile: "\(proc)/\(pid)/smaps_rollup", encoding: .utf8) else { return nil }
+        guard let text = readWholeText("\(proc)/\(pid)/smaps_rollup") else { return nil }
         return parsePss(text)
     }
 
@@ -61,7 +61,7 @@ public enum ProcessMemory {
     }
 
     public static func memAvailable(proc: String = "/proc") -> UInt64? {
-        guard let text = try? String(contentsOfFile: "\(proc)/meminfo", encoding: .utf8) else { return nil }
+        guard let text = readWholeText("\(proc)/meminfo") else { return nil }
         for line in text.split(separator: "\n") where line.hasPrefix("MemAvailable:") {
             let f = line.split(separator: " ")
             if f.count >= 2, let kb = UInt64(f[1]) { return kb * 1024 }

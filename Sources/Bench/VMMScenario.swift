@@ -197,7 +197,7 @@ public struct VMMScenario: BenchScenario {
         for _ in 0..<3 {
             var pss: UInt64 = 0, resident: UInt64 = 0
             for child in children {
-                guard let smaps = try? String(contentsOfFile: "/proc/\(child.pid)/smaps", encoding: .utf8) else {
+                guard let smaps = readWholeText("/proc/\(child.pid)/smaps") else {
                     throw MicroVMError(.backend, "a VMM (pid \(child.pid)) ended before its memory could be read")
                 }
                 let m = Self.memoryExcludingGuestRAM(smaps, guestBytes: UInt64(Self.guestMiB) << 20)

@@ -136,7 +136,7 @@ enum CgroupDirs {
     }
 
     static func pids(in dir: String) -> [Int32] {
-        let text = (try? String(contentsOfFile: dir + "/cgroup.procs", encoding: .utf8)) ?? ""
+        let text = readWholeText(dir + "/cgroup.procs") ?? ""
         return text.split(separator: "\n").compactMap { Int32($0) }
     }
 }

@@ -47,7 +47,7 @@ extension HostProfile {
                            kvm: kvm, cgroupMode: cgroupMode, capabilities: caps)
     }
 
-    static func read(_ path: String) -> String? { try? String(contentsOfFile: path, encoding: .utf8) }
+    static func read(_ path: String) -> String? { readWholeText(path) }
 
     public static func detectCgroupMode(mounts: String) -> CgroupMode {
         var v1 = false, v2 = false

@@ -1,4 +1,5 @@
 import Foundation
+import MicroVMCore
 
 /// Tells a live process from a dead one whose pid was reused: a pid plus its start time
 /// (field 22 of /proc/PID/stat, in clock ticks since boot) names one process for the whole boot.
@@ -6,7 +7,7 @@ public enum ProcessIdentity {
     /// /proc/PID/stat's fields from field 3 (the state) on, or nil when no such process exists.
     /// The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
     public static func statFields(pid: Int32, procRoot: String = "/proc") -> [Substring]? {
-        guard pid > 0, let stat = try? String(contentsOfFile: "\(procRoot)/\(pid)/stat", encoding: .utf8) else { return nil }
+        guard pid > 0, let stat = readWholeText("\(procRoot)/\(pid)/stat") else { return nil }
         return statFields(stat)
     }
 

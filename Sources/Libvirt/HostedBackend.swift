@@ -245,7 +245,7 @@ public struct HostedBackend: InstanceBackend {
     }
 
     /// `<memtune><hard_limit>` makes libvirt raise QEMU's RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE.
-    static func canRaiseMemlockLimit(status: String? = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8)) -> Bool {
+    static func canRaiseMemlockLimit(status: String? = readWholeText("/proc/self/status")) -> Bool {
         guard let line = status?.split(separator: "\n").first(where: { $0.hasPrefix("CapEff:") }),
               let caps = UInt64(line.dropFirst("CapEff:".count).trimmingCharacters(in: .whitespaces), radix: 16) else { return false }
         return caps & (1 << 24) != 0
@@ -563,7 +563,7 @@ public struct HostedBackend: InstanceBackend {
     static func qemuThreads(of pid: Int32) -> [(tid: Int32, vcpu: Int?)] {
         let tasks = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/task")) ?? []
         return tasks.compactMap { task in
-            guard let tid = Int32(task), let comm = try? String(contentsOfFile: "/proc/\(pid)/task/\(task)/comm", encoding: .utf8) else { return nil }
+            guard let tid = Int32(task), let comm = readWholeText("/proc/\(pid)/task/\(task)/comm") else { return nil }
             return (tid, comm.hasPrefix("CPU ") ? Int(comm.dropFirst(4).prefix { $0.isNumber }) : nil)
         }
     }
@@ -629,7 +629,7 @@ public struct HostedBackend: InstanceBackend {
     /// Controller ("cpu", "memory"; "unified" on cgroup v2) → the directory of the cgroup libvirt
     /// made for QEMU's domain (the parent of its emulator and vCPU groups), from /proc/PID/cgroup.
     public static func domainCgroups(of pid: Int32, root: String = "/sys/fs/cgroup") -> [String: String] {
-        guard let text = try? String(contentsOfFile: "/proc/\(pid)/cgroup", encoding: .utf8) else { return [:] }
+        guard let text = readWholeText("/proc/\(pid)/cgroup") else { return [:] }
         var out: [String: String] = [:]
         for line in text.split(separator: "\n") {
             let f = line.split(separator: ":", maxSplits: 2).map(String.init)

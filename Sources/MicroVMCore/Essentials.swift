@@ -94,6 +94,32 @@ public func writeStandardError(_ text: String) {
     }
 }
 
+/// A file's whole content, read until the end of the file; nil if it cannot be opened or read.
+///
+/// Files under /proc and /sys report a size of 0 and hand their text out a page or so per
+/// read(2). Foundation's readers (`String(contentsOfFile:)`, `FileManager.contents(atPath:)`)
+/// stop after the first read on such a file: /proc/PID/smaps or /proc/self/mounts come back cut
+/// after about 4 KiB. Read those with this.
+public func readWholeFile(_ path: String) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var out: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { return nil }
+        if n == 0 { return out }
+        out += chunk[..<n]
+    }
+}
+
+/// `readWholeFile` as UTF-8 text (invalid bytes replaced).
+public func readWholeText(_ path: String) -> String? {
+    readWholeFile(path).map { String(decoding: $0, as: UTF8.self) }
+}
+
 /// A lock with a condition to wait on (Foundation's `NSCondition`, on pthreads): `lock()`,
 /// then `wait()` in a loop on the predicate, `broadcast()` under the lock, `unlock()`.
 public final class PosixCondition: @unchecked Sendable {

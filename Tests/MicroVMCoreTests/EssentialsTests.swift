@@ -64,10 +64,28 @@ import Synchronization
 
     /// Dropping the read-only pages unmaps code and constants from this process's page tables,
     /// and the process runs on: what it still needs faults back from the page cache.
+    /// /proc files come whole, past the first read's page (Foundation's readers stop there).
+    @Test func procFilesAreReadToTheirEnd() throws {
+        let smaps = try #require(readWholeText("/proc/self/smaps"))
+        var wc = 0
+        let fd = open("/proc/self/smaps", O_RDONLY)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = read(fd, &buffer, buffer.count)
+            if n <= 0 { break }
+            wc += n
+        }
+        close(fd)
+        #expect(wc > 16384, "this test process maps dozens of regions")
+        #expect(abs(smaps.utf8.count - wc) < wc / 4, "read \(smaps.utf8.count) bytes of about \(wc)")
+        #expect(smaps.contains("[stack]") && smaps.hasSuffix("\n"))
+        #expect(readWholeFile("/nonexistent/\(getpid())") == nil)
+    }
+
     @Test func droppedReadOnlyPagesComeBackOnlyWhenTouched() throws {
         /// Resident KiB of the file-backed mappings that are not writable.
         func residentReadOnly() throws -> Int {
-            let smaps = try String(contentsOfFile: "/proc/self/smaps", encoding: .utf8)
+            let smaps = try #require(readWholeText("/proc/self/smaps"))
             var total = 0, readOnlyFile = false
             for line in smaps.split(separator: "\n") {
                 let fields = line.split(separator: " ", omittingEmptySubsequences: true)
