@@ -99,6 +99,8 @@ public struct MemoryRegion: Sendable {
 public final class GuestRAM: GuestMemory, @unchecked Sendable {
     public static let mmioHoleStart: UInt64 = 0xC000_0000
     public static let mmioHoleEnd: UInt64 = 0x1_0000_0000
+    /// Guest RAM below this is mapped with small pages only.
+    public static let lowSmallPages: UInt64 = 2 << 20
 
     public let regions: [MemoryRegion]
     public let size: ByteCount
@@ -125,7 +127,14 @@ public final class GuestRAM: GuestMemory, @unchecked Sendable {
                 throw MicroVMError(.insufficientResources, "cannot map \(ByteCount(len)) of guest memory" + (hugePages ? " with huge pages: reserve them in /proc/sys/vm/nr_hugepages or drop --huge-pages" : ""),
                                    cause: SystemCallError("mmap", errno: e))
             }
-            if !hugePages { madvise(p, Int(len), 14 /* MADV_HUGEPAGE: transparent huge pages where allowed */) }
+            if !hugePages {
+                // Transparent huge pages where allowed, but not for the first 2 MiB: the boot
+                // tables there (GDT, page tables, MP and ACPI tables, the command line) touch a
+                // few small pages, and one huge page would have the kernel zero 2 MiB first.
+                let low: UInt64 = base == 0 ? min(Self.lowSmallPages, len) : 0
+                if low > 0 { madvise(p, Int(low), 15 /* MADV_NOHUGEPAGE, whatever the host's default */) }
+                if len > low { madvise(p + Int(low), Int(len - low), 14 /* MADV_HUGEPAGE */) }
+            }
             made.append(MemoryRegion(guestBase: GuestAddress(base), size: len, host: p))
         }
         self.regions = made
