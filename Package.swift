@@ -49,7 +49,7 @@ let package = Package(
         // The VMM's jail: namespaces, an empty root, no privileges, a seccomp allow-list per thread kind.
         .target(name: "Jail", dependencies: ["CJail", "CKVM", "CVhost", "MicroVMCore"], swiftSettings: strict),
         // The micro-VM's Firecracker-compatible configuration and control API (no KVM, no Foundation networking).
-        .target(name: "VMMAPI", swiftSettings: strict),
+        .target(name: "VMMAPI", dependencies: ["MicroVMCore"], swiftSettings: strict),
         .target(name: "Host", dependencies: ["MicroVMCore", "KVM", "CVhost"], swiftSettings: strict),
         .target(name: "Libvirt", dependencies: ["CLibvirt", "CLazyLibs", "MicroVMCore", "Host", "Images", "Launch", "VMMAPI", "Allocator"], swiftSettings: strict),
         .target(name: "Containers", dependencies: ["MicroVMCore", "Host", "Allocator", "Launch"], swiftSettings: strict),
@@ -82,7 +82,7 @@ let package = Package(
         .testTarget(name: "RigTests", dependencies: ["Rig", "Host", "Images", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "BenchTests", dependencies: ["ConfigFile", "Bench", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "LaunchTests", dependencies: ["ConfigFile", "Launch", "Allocator", "Containers", "Libvirt", "DirectVMM", "VMM", "MicroVMCore", "Images", "Host"]),
-        .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI", "Yams"]),
+        .testTarget(name: "VMMAPITests", dependencies: ["VMMAPI", "MicroVMCore", "Yams"]),
         .testTarget(name: "CLITests", dependencies: ["MicroVM", "MicroVMCore", "GuestMemory"]),
     ]
 )

@@ -9,19 +9,39 @@ public enum KVMVerdictCache {
     /// changes what it concludes.
     static let proberIdentity = "kvm-functional-probe r1"
 
-    private struct Entry: Codable { var bootID: String; var prober: String?; var result: KVMProbeResult }
+    private struct Entry: Encodable {
+        var bootID: String
+        var prober: String?
+        var result: KVMProbeResult
+
+        init(bootID: String, prober: String?, result: KVMProbeResult) { self.bootID = bootID; self.prober = prober; self.result = result }
+
+        /// Read without Codable, whose first use costs a VMM's start about a millisecond.
+        init(parsing bytes: [UInt8]) throws(JSONFieldError) {
+            let f = try JSONFields(parsing: bytes)
+            bootID = try f.required("bootID", f.string)
+            prober = try f.string("prober")
+            let r = try f.required("result", f.object)
+            guard let verdict = try KVMProbeResult.Verdict(rawValue: r.required("verdict", r.string)) else {
+                throw JSONFieldError("field `result.verdict` is not a verdict")
+            }
+            result = KVMProbeResult(verdict: verdict, reason: try r.required("reason", r.string), apiVersion: try r.integer("apiVersion"),
+                                    cpl0NanosecondsPerIteration: try r.number("cpl0NanosecondsPerIteration"),
+                                    cmpxchg16bWorks: try r.bool("cmpxchg16bWorks"))
+        }
+    }
 
     /// This boot's id (the kernel's random boot_id under `proc`): what per-boot caches are keyed by.
     public static func bootID(proc: String = "/proc") -> String {
-        FileManager.default.contents(atPath: proc + "/sys/kernel/random/boot_id").map { String(decoding: $0, as: UTF8.self).trimmed() } ?? "unknown"
+        readWholeText(proc + "/sys/kernel/random/boot_id")?.trimmed() ?? "unknown"
     }
 
     /// The verdict of this boot: the cached one, else a fresh probe (`KVMFunctionalProbe`), which
     /// is then cached. `refresh` probes again whatever the cache says.
     public static func verdict(paths: Paths = .default, bootID: String = bootID(), refresh: Bool = false) -> KVMProbeResult {
         let file = paths.hostProfile
-        if !refresh, bootID != "unknown", let d = FileManager.default.contents(atPath: file),
-           let c = try? JSONDecoder().decode(Entry.self, from: d), c.bootID == bootID, c.prober == proberIdentity {
+        if !refresh, bootID != "unknown", let d = readWholeFile(file),
+           let c = try? Entry(parsing: d), c.bootID == bootID, c.prober == proberIdentity {
             return c.result
         }
         let r = KVMFunctionalProbe.run()

@@ -1,6 +1,7 @@
 import FoundationEssentials
 import Glibc
 import Synchronization
+import MicroVMCore
 
 /// One (method, path template) the API serves, e.g. `PUT /drives/{drive_id}`.
 public struct APIRoute: Sendable, Hashable, CustomStringConvertible {
@@ -138,11 +139,11 @@ public final class APIRouter: Sendable {
 
         case .putMachineConfig:
             try preBoot(what)
-            let m = try JSONBody.decode(MachineConfig.self, from: request, allowed: MachineConfig.jsonKeys, integers: MachineConfig.integerRanges)
+            let m = try JSONBody.read(request) { (f) throws(JSONFieldError) in try MachineConfig(json: f) }
             try Self.validate(m)
             cfg.machineConfig = m
         case .patchMachineConfig:
-            let patch = try JSONBody.decode(MachineConfigPatch.self, from: request, allowed: MachineConfig.jsonKeys, integers: MachineConfig.integerRanges)
+            let patch = try JSONBody.read(request) { (f) throws(JSONFieldError) in try MachineConfigFields(json: f) }
             guard patch.changesSomething else { throw APIFault("\(what): the body names no field to change") }
             if controller.state != .notStarted {
                 // After boot only the vCPU count may move, where the machine can plug CPUs.
@@ -158,21 +159,20 @@ public final class APIRouter: Sendable {
             cfg.machineConfig = m
         case .putBootSource:
             try preBoot(what)
-            let b = try JSONBody.decode(BootSource.self, from: request, allowed: ["kernel_image_path", "initrd_path", "boot_args"])
+            let b = try JSONBody.read(request) { (f) throws(JSONFieldError) in try BootSource(json: f) }
             guard !b.kernelImagePath.isEmpty else { throw APIFault("kernel_image_path must not be empty") }
             cfg.bootSource = b
         case .putDrive:
             try preBoot(what)
             try Self.checkID(id, "drive_id")
-            let d = try JSONBody.decode(Drive.self, from: request, allowed: ["drive_id", "path_on_host", "is_root_device", "is_read_only",
-                                                                             "partuuid", "cache_type", "io_engine"])
+            let d = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Drive(json: f) }
             try Self.validate(d, pathID: id, among: cfg.drives)
             if let i = cfg.drives.firstIndex(where: { $0.driveId == d.driveId }) { cfg.drives[i] = d } else { cfg.drives.append(d) }
             cfg.drives = cfg.drivesRootFirst
         case .putNetworkInterface:
             try preBoot(what)
             try Self.checkID(id, "iface_id")
-            let n = try JSONBody.decode(NetworkInterface.self, from: request, allowed: ["iface_id", "host_dev_name", "guest_mac"])
+            let n = try JSONBody.read(request) { (f) throws(JSONFieldError) in try NetworkInterface(json: f) }
             try Self.validate(n, pathID: id, among: cfg.networkInterfaces)
             if let i = cfg.networkInterfaces.firstIndex(where: { $0.ifaceId == n.ifaceId }) {
                 cfg.networkInterfaces[i] = n
@@ -181,13 +181,12 @@ public final class APIRouter: Sendable {
             }
         case .putVsock:
             try preBoot(what)
-            let v = try JSONBody.decode(Vsock.self, from: request, allowed: ["guest_cid", "uds_path", "vsock_id"],
-                                      integers: ["guest_cid": 0...Double(UInt32.max)])
+            let v = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Vsock(json: f) }
             if let problem = v.problem { throw APIFault(problem) }
             cfg.vsock = v
         case .putLogger:
             try preBoot(what)
-            let l = try JSONBody.decode(Logger.self, from: request, allowed: ["log_path", "level", "show_level", "show_log_origin", "module"])
+            let l = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Logger(json: f) }
             guard !l.logPath.isEmpty else { throw APIFault("log_path must not be empty") }
             let levels = ["Error", "Warning", "Info", "Debug", "Trace", "Off"]
             if let level = l.level, !levels.contains(where: { $0.lowercased() == level.lowercased() }) {
@@ -196,13 +195,13 @@ public final class APIRouter: Sendable {
             cfg.logger = l
         case .putMetrics:
             try preBoot(what)
-            let m = try JSONBody.decode(Metrics.self, from: request, allowed: ["metrics_path"])
+            let m = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Metrics(json: f) }
             guard !m.metricsPath.isEmpty else { throw APIFault("metrics_path must not be empty") }
             cfg.metrics = m
 
         case .putBalloon:
             try preBoot(what)
-            let b = try JSONBody.decode(Balloon.self, from: request, allowed: Balloon.jsonKeys, integers: Balloon.integerRanges)
+            let b = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Balloon(json: f) }
             if let problem = b.problem(memSizeMib: cfg.machineConfig.memSizeMib) { throw APIFault(problem) }
             cfg.balloon = b
         case .getBalloon:
@@ -210,7 +209,7 @@ public final class APIRouter: Sendable {
             return .json(b)
         case .patchBalloon:
             guard var b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
-            let patch = try JSONBody.decode(BalloonUpdate.self, from: request, allowed: ["amount_mib"], integers: Balloon.integerRanges)
+            let patch = try JSONBody.read(request) { (f) throws(JSONFieldError) in try BalloonUpdate(json: f) }
             b.amountMib = patch.amountMib
             if let problem = b.problem(memSizeMib: cfg.machineConfig.memSizeMib) { throw APIFault(problem) }
             if controller.state != .notStarted { try controlling { try controller.setBalloon(amountMib: patch.amountMib) } }
@@ -225,8 +224,7 @@ public final class APIRouter: Sendable {
             return .json(stats)
         case .patchBalloonStatistics:
             guard var b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
-            let patch = try JSONBody.decode(BalloonStatisticsUpdate.self, from: request, allowed: ["stats_polling_interval_s"],
-                                            integers: Balloon.integerRanges)
+            let patch = try JSONBody.read(request) { (f) throws(JSONFieldError) in try BalloonStatisticsUpdate(json: f) }
             if controller.state == .notStarted {
                 b.statsPollingIntervalS = patch.statsPollingIntervalS
             } else {
@@ -239,10 +237,10 @@ public final class APIRouter: Sendable {
             cfg.balloon = b
 
         case .actions:
-            let action = try JSONBody.decode(InstanceAction.self, from: request, allowed: ["action_type"])
+            let action = try JSONBody.read(request) { (f) throws(JSONFieldError) in try InstanceAction(json: f) }
             try perform(action.actionType, cfg)
         case .patchVM:
-            let change = try JSONBody.decode(VMStateChange.self, from: request, allowed: ["state"])
+            let change = try JSONBody.read(request) { (f) throws(JSONFieldError) in try VMStateChange(json: f) }
             try changeState(to: change.state)
         }
         return .noContent
@@ -387,37 +385,43 @@ struct InstanceInfo: Codable {
 }
 
 /// `PATCH /balloon`.
-struct BalloonUpdate: Codable {
+struct BalloonUpdate {
     var amountMib: Int
-    enum CodingKeys: String, CodingKey { case amountMib = "amount_mib" }
+    init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(["amount_mib"])
+        amountMib = try f.required("amount_mib", Balloon.amount(f))
+    }
 }
 
 /// `PATCH /balloon/statistics`.
-struct BalloonStatisticsUpdate: Codable {
+struct BalloonStatisticsUpdate {
     var statsPollingIntervalS: Int
-    enum CodingKeys: String, CodingKey { case statsPollingIntervalS = "stats_polling_interval_s" }
+    init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(["stats_polling_interval_s"])
+        statsPollingIntervalS = try f.required("stats_polling_interval_s", Balloon.interval(f))
+    }
 }
 
 /// `PUT /actions`.
-struct InstanceAction: Codable {
+struct InstanceAction {
     var actionType: String
-    enum CodingKeys: String, CodingKey { case actionType = "action_type" }
+    init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(["action_type"])
+        actionType = try f.required("action_type", f.string)
+    }
 }
 
 /// `PATCH /vm`.
-struct VMStateChange: Codable {
+struct VMStateChange {
     var state: String
+    init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(["state"])
+        state = try f.required("state", f.string)
+    }
 }
 
 /// `PATCH /machine-config`: only the fields present change.
-struct MachineConfigPatch: Decodable {
-    var vcpuCount: Int?
-    var memSizeMib: Int?
-    var smt: Bool?
-    var trackDirtyPages: Bool?
-    var hugePages: String?
-    typealias CodingKeys = MachineConfig.CodingKeys
-
+extension MachineConfigFields {
     var changesSomething: Bool { vcpuCount != nil || memSizeMib != nil || smt != nil || trackDirtyPages != nil || hugePages != nil }
 
     func applied(to m: MachineConfig) -> MachineConfig {
@@ -432,10 +436,6 @@ struct MachineConfigPatch: Decodable {
 }
 
 extension MachineConfig {
-    static let jsonKeys = ["vcpu_count", "mem_size_mib", "smt", "track_dirty_pages", "huge_pages"]
-    /// Wide enough for any sane value, narrow enough to be exact in a Double; `validate` narrows further.
-    static let integerRanges: [String: ClosedRange<Double>] = ["vcpu_count": -1e15...1e15, "mem_size_mib": -1e15...1e15]
-
     /// The configuration with Firecracker's defaults spelled out (what `GET /machine-config` shows).
     public var withDefaults: MachineConfig {
         MachineConfig(vcpuCount: vcpuCount, memSizeMib: memSizeMib, smt: smt ?? false, trackDirtyPages: trackDirtyPages ?? false,

@@ -1,8 +1,10 @@
+import MicroVMCore
+
 /// The micro-VM's configuration in Firecracker's JSON shapes (API version 1.x): the bodies of
 /// `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, `/vsock`,
 /// `/logger` and `/metrics`, and together the `--config-file` document and `GET /vm/config`.
 /// Field names are Firecracker's, so its clients and SDKs drive `mvm-vmm` unchanged.
-public struct VMConfiguration: Codable, Sendable, Equatable {
+public struct VMConfiguration: Encodable, Sendable, Equatable {
     public var machineConfig: MachineConfig
     public var bootSource: BootSource?
     public var drives: [Drive]
@@ -23,27 +25,66 @@ public struct VMConfiguration: Codable, Sendable, Equatable {
         self.balloon = balloon
     }
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case machineConfig = "machine-config", bootSource = "boot-source", drives
         case networkInterfaces = "network-interfaces", vsock, logger, metrics, balloon, vcpuPins = "x-mvm-vcpu-pins"
     }
 
-    public init(from decoder: any Decoder) throws {
-        let c = try decoder.container(keyedBy: CodingKeys.self)
-        machineConfig = try c.decodeIfPresent(MachineConfig.self, forKey: .machineConfig) ?? MachineConfig()
-        bootSource = try c.decodeIfPresent(BootSource.self, forKey: .bootSource)
-        drives = try c.decodeIfPresent([Drive].self, forKey: .drives) ?? []
-        networkInterfaces = try c.decodeIfPresent([NetworkInterface].self, forKey: .networkInterfaces) ?? []
-        vsock = try c.decodeIfPresent(Vsock.self, forKey: .vsock)
-        logger = try c.decodeIfPresent(Logger.self, forKey: .logger)
-        metrics = try c.decodeIfPresent(Metrics.self, forKey: .metrics)
-        balloon = try c.decodeIfPresent(Balloon.self, forKey: .balloon)
-        vcpuPins = try c.decodeIfPresent([[Int]].self, forKey: .vcpuPins)
+    /// The `--config-file` document (or `GET /vm/config`'s answer) in `bytes`.
+    public init(parsing bytes: some Collection<UInt8>) throws(JSONFieldError) {
+        try self.init(json: JSONFields(parsing: bytes))
+    }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        machineConfig = try f.object("machine-config").map { (m) throws(JSONFieldError) in try MachineConfig(json: m) } ?? MachineConfig()
+        bootSource = try f.object("boot-source").map { (b) throws(JSONFieldError) in try BootSource(json: b) }
+        drives = try f.objects("drives") { (d) throws(JSONFieldError) in try Drive(json: d) } ?? []
+        networkInterfaces = try f.objects("network-interfaces") { (n) throws(JSONFieldError) in try NetworkInterface(json: n) } ?? []
+        vsock = try f.object("vsock").map { (v) throws(JSONFieldError) in try Vsock(json: v) }
+        logger = try f.object("logger").map { (l) throws(JSONFieldError) in try Logger(json: l) }
+        metrics = try f.object("metrics").map { (m) throws(JSONFieldError) in try Metrics(json: m) }
+        balloon = try f.object("balloon").map { (b) throws(JSONFieldError) in try Balloon(json: b) }
+        vcpuPins = try f.array("x-mvm-vcpu-pins") { (pins, path) throws(JSONFieldError) in
+            guard case .array(let cpus) = pins else { throw JSONFieldError("field `\(path)` must be an array of CPU numbers") }
+            return try cpus.map { (cpu) throws(JSONFieldError) in
+                guard case .number(let n) = cpu, let i = Int(exactly: n), (0..<4096).contains(i) else {
+                    throw JSONFieldError("field `\(path)` must hold CPU numbers from 0 to 4095")
+                }
+                return i
+            }
+        }
+    }
+}
+
+extension CaseIterable where Self: RawRepresentable, RawValue == String {
+    /// The JSON field names, in declaration order.
+    static var names: [String] { allCases.map(\.rawValue) }
+}
+
+/// `machine-config`'s fields, each optional: a `PATCH /machine-config`, and what `PUT` and a
+/// configuration file read before they require the two counts.
+struct MachineConfigFields: Sendable {
+    var vcpuCount: Int?
+    var memSizeMib: Int?
+    var smt: Bool?
+    var trackDirtyPages: Bool?
+    var hugePages: String?
+
+    /// The counts are bounded wide enough for any sane value and narrow enough to be exact in
+    /// a Double; `MachineConfig.problem` narrows them further, in words.
+    init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(MachineConfig.jsonKeys)
+        vcpuCount = try f.integer("vcpu_count", in: -1_000_000_000_000_000...1_000_000_000_000_000)
+        memSizeMib = try f.integer("mem_size_mib", in: -1_000_000_000_000_000...1_000_000_000_000_000)
+        smt = try f.bool("smt")
+        trackDirtyPages = try f.bool("track_dirty_pages")
+        hugePages = try f.string("huge_pages")
     }
 }
 
 /// `machine-config`: vCPUs and memory (Firecracker's defaults: 1 vCPU, 128 MiB).
-public struct MachineConfig: Codable, Sendable, Equatable {
+public struct MachineConfig: Encodable, Sendable, Equatable {
     public var vcpuCount: Int
     public var memSizeMib: Int
     public var smt: Bool?
@@ -55,8 +96,18 @@ public struct MachineConfig: Codable, Sendable, Equatable {
         self.vcpuCount = vcpuCount; self.memSizeMib = memSizeMib; self.smt = smt; self.trackDirtyPages = trackDirtyPages; self.hugePages = hugePages
     }
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case vcpuCount = "vcpu_count", memSizeMib = "mem_size_mib", smt, trackDirtyPages = "track_dirty_pages", hugePages = "huge_pages"
+    }
+
+    /// Firecracker's field names for it.
+    public static let jsonKeys = CodingKeys.names
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        let patch = try MachineConfigFields(json: f)
+        vcpuCount = try f.required("vcpu_count") { _ in patch.vcpuCount }
+        memSizeMib = try f.required("mem_size_mib") { _ in patch.memSizeMib }
+        smt = patch.smt; trackDirtyPages = patch.trackDirtyPages; hugePages = patch.hugePages
     }
 }
 
@@ -101,7 +152,7 @@ extension Vsock {
 }
 
 /// `boot-source`: the kernel (bzImage or ELF vmlinux), its initrd and command line.
-public struct BootSource: Codable, Sendable, Equatable {
+public struct BootSource: Encodable, Sendable, Equatable {
     public var kernelImagePath: String
     public var initrdPath: String?
     public var bootArgs: String?
@@ -110,11 +161,18 @@ public struct BootSource: Codable, Sendable, Equatable {
         self.kernelImagePath = kernelImagePath; self.initrdPath = initrdPath; self.bootArgs = bootArgs
     }
 
-    enum CodingKeys: String, CodingKey { case kernelImagePath = "kernel_image_path", initrdPath = "initrd_path", bootArgs = "boot_args" }
+    enum CodingKeys: String, CodingKey, CaseIterable { case kernelImagePath = "kernel_image_path", initrdPath = "initrd_path", bootArgs = "boot_args" }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        kernelImagePath = try f.required("kernel_image_path", f.string)
+        initrdPath = try f.string("initrd_path")
+        bootArgs = try f.string("boot_args")
+    }
 }
 
 /// `drives/{drive_id}`: a raw disk image over virtio-blk.
-public struct Drive: Codable, Sendable, Equatable {
+public struct Drive: Encodable, Sendable, Equatable {
     public var driveId: String
     public var pathOnHost: String
     public var isRootDevice: Bool
@@ -131,14 +189,25 @@ public struct Drive: Codable, Sendable, Equatable {
         self.partuuid = partuuid; self.cacheType = cacheType; self.ioEngine = ioEngine
     }
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case driveId = "drive_id", pathOnHost = "path_on_host", isRootDevice = "is_root_device", isReadOnly = "is_read_only"
         case partuuid, cacheType = "cache_type", ioEngine = "io_engine"
+    }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        driveId = try f.required("drive_id", f.string)
+        pathOnHost = try f.required("path_on_host", f.string)
+        isRootDevice = try f.required("is_root_device", f.bool)
+        isReadOnly = try f.bool("is_read_only")
+        partuuid = try f.string("partuuid")
+        cacheType = try f.string("cache_type")
+        ioEngine = try f.string("io_engine")
     }
 }
 
 /// `network-interfaces/{iface_id}`: an existing tap on the host, over virtio-net.
-public struct NetworkInterface: Codable, Sendable, Equatable {
+public struct NetworkInterface: Encodable, Sendable, Equatable {
     public var ifaceId: String
     public var hostDevName: String
     public var guestMac: String?
@@ -147,24 +216,38 @@ public struct NetworkInterface: Codable, Sendable, Equatable {
         self.ifaceId = ifaceId; self.hostDevName = hostDevName; self.guestMac = guestMac
     }
 
-    enum CodingKeys: String, CodingKey { case ifaceId = "iface_id", hostDevName = "host_dev_name", guestMac = "guest_mac" }
+    enum CodingKeys: String, CodingKey, CaseIterable { case ifaceId = "iface_id", hostDevName = "host_dev_name", guestMac = "guest_mac" }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        ifaceId = try f.required("iface_id", f.string)
+        hostDevName = try f.required("host_dev_name", f.string)
+        guestMac = try f.string("guest_mac")
+    }
 }
 
 /// `vsock`: a virtio-vsock device with this CID. Firecracker proxies guest ports to a unix
 /// socket at `uds_path`; this VMM uses the kernel's vhost-vsock instead, so host processes
 /// reach the guest with AF_VSOCK at `guest_cid`, and `uds_path` is kept only to be reported back.
-public struct Vsock: Codable, Sendable, Equatable {
+public struct Vsock: Encodable, Sendable, Equatable {
     public var guestCid: UInt32
     public var udsPath: String
     public var vsockId: String?
 
     public init(guestCid: UInt32, udsPath: String, vsockId: String? = nil) { self.guestCid = guestCid; self.udsPath = udsPath; self.vsockId = vsockId }
 
-    enum CodingKeys: String, CodingKey { case guestCid = "guest_cid", udsPath = "uds_path", vsockId = "vsock_id" }
+    enum CodingKeys: String, CodingKey, CaseIterable { case guestCid = "guest_cid", udsPath = "uds_path", vsockId = "vsock_id" }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        guestCid = try f.required("guest_cid") { (k) throws(JSONFieldError) in try f.integer(k, in: 0...UInt32.max) }
+        udsPath = try f.required("uds_path", f.string)
+        vsockId = try f.string("vsock_id")
+    }
 }
 
 /// `logger`: where the VMM writes its own log.
-public struct Logger: Codable, Sendable, Equatable {
+public struct Logger: Encodable, Sendable, Equatable {
     public var logPath: String
     /// "Error", "Warning", "Info", "Debug", "Trace" or "Off".
     public var level: String?
@@ -177,22 +260,36 @@ public struct Logger: Codable, Sendable, Equatable {
         self.logPath = logPath; self.level = level; self.showLevel = showLevel; self.showLogOrigin = showLogOrigin; self.module = module
     }
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case logPath = "log_path", level, showLevel = "show_level", showLogOrigin = "show_log_origin", module
+    }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        logPath = try f.required("log_path", f.string)
+        level = try f.string("level")
+        showLevel = try f.bool("show_level")
+        showLogOrigin = try f.bool("show_log_origin")
+        module = try f.string("module")
     }
 }
 
 /// `metrics`: where `FlushMetrics` (and the VMM's periodic flush) writes its counters.
-public struct Metrics: Codable, Sendable, Equatable {
+public struct Metrics: Encodable, Sendable, Equatable {
     public var metricsPath: String
     public init(metricsPath: String) { self.metricsPath = metricsPath }
-    enum CodingKeys: String, CodingKey { case metricsPath = "metrics_path" }
+    enum CodingKeys: String, CodingKey, CaseIterable { case metricsPath = "metrics_path" }
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(CodingKeys.names)
+        metricsPath = try f.required("metrics_path", f.string)
+    }
 }
 
 /// `balloon`: a virtio-balloon device holding `amount_mib` of the guest's memory for the host.
 /// `stats_polling_interval_s` 0 turns statistics off (they cannot be turned on after boot);
 /// `free_page_reporting` has the guest report the pages it frees, which the host discards.
-public struct Balloon: Codable, Sendable, Equatable {
+public struct Balloon: Encodable, Sendable, Equatable {
     public var amountMib: Int
     public var deflateOnOom: Bool
     public var statsPollingIntervalS: Int?
@@ -203,12 +300,29 @@ public struct Balloon: Codable, Sendable, Equatable {
         self.freePageReporting = freePageReporting
     }
 
-    enum CodingKeys: String, CodingKey {
+    enum CodingKeys: String, CodingKey, CaseIterable {
         case amountMib = "amount_mib", deflateOnOom = "deflate_on_oom", statsPollingIntervalS = "stats_polling_interval_s"
         case freePageReporting = "free_page_reporting"
     }
-    public static let jsonKeys = ["amount_mib", "deflate_on_oom", "stats_polling_interval_s", "free_page_reporting"]
-    public static let integerRanges: [String: ClosedRange<Double>] = ["amount_mib": 0...Double(1 << 30), "stats_polling_interval_s": 0...86_400]
+
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        try f.refuseUnknown(Self.jsonKeys)
+        amountMib = try f.required("amount_mib", Self.amount(f))
+        deflateOnOom = try f.required("deflate_on_oom", f.bool)
+        statsPollingIntervalS = try Self.interval(f)("stats_polling_interval_s")
+        freePageReporting = try f.bool("free_page_reporting")
+    }
+
+    /// `amount_mib` as read from `f`: 0 to 2^30.
+    static func amount(_ f: JSONFields) -> (String) throws(JSONFieldError) -> Int? {
+        { (k) throws(JSONFieldError) in try f.integer(k, in: 0...(1 << 30)) }
+    }
+
+    /// `stats_polling_interval_s` as read from `f`: 0 to a day.
+    static func interval(_ f: JSONFields) -> (String) throws(JSONFieldError) -> Int? {
+        { (k) throws(JSONFieldError) in try f.integer(k, in: 0...86_400) }
+    }
+    public static let jsonKeys = CodingKeys.names
 
     /// What is wrong with it for a machine of `memSizeMib`, or nil.
     public func problem(memSizeMib: Int) -> String? {

@@ -204,7 +204,7 @@ for dir in args.cgroups {
 var config = VMConfiguration()
 if let file = args.configFile {
     guard let data = FileManager.default.contents(atPath: file) else { fail("cannot read --config-file '\(file)'", status: 2) }
-    do { config = try JSONDecoder().decode(VMConfiguration.self, from: data) } catch {
+    do { config = try VMConfiguration(parsing: data) } catch {
         fail("--config-file '\(file)' is not a Firecracker configuration: \(error)", status: 2)
     }
 }

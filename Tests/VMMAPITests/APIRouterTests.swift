@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import MicroVMCore
 @testable import VMMAPI
 
 /// One request against a router whose VMM is in `phase`, and what must come back.
@@ -216,7 +217,7 @@ struct APIRouterTests {
         let (r, fake) = router(.running, configuration: withBalloon)
         #expect(r.handle(.make("PATCH", "/balloon", #"{"amount_mib": 100}"#)).status == 204)
         #expect(fake.calls == ["setBalloon 100"])
-        let shown = try JSONDecoder().decode(Balloon.self, from: Data(r.handle(.make("GET", "/balloon")).body))
+        let shown = try Balloon(json: JSONFields(parsing: r.handle(.make("GET", "/balloon")).body))
         #expect(shown.amountMib == 100 && shown.deflateOnOom && shown.freePageReporting == true)
         let stats = try #require(try JSONSerialization.jsonObject(with: Data(r.handle(.make("GET", "/balloon/statistics")).body)) as? [String: Any])
         #expect(stats["target_pages"] as? Int == 256 && stats["actual_mib"] as? Int == 0 && stats["free_memory"] as? Int == 1 << 20)
@@ -251,7 +252,7 @@ struct APIRouterTests {
         // A rejected patch changes nothing, not even its valid fields.
         #expect(r.handle(.make("PATCH", "/machine-config", #"{"mem_size_mib": 2048, "vcpu_count": 99}"#)).status == 400)
         #expect(r.configuration.machineConfig.memSizeMib == 1024)
-        let shown = try JSONDecoder().decode(MachineConfig.self, from: Data(r.handle(.make("GET", "/machine-config")).body))
+        let shown = try MachineConfig(json: JSONFields(parsing: r.handle(.make("GET", "/machine-config")).body))
         #expect(shown == MachineConfig(vcpuCount: 4, memSizeMib: 1024, smt: true, trackDirtyPages: true, hugePages: "2M"))
     }
 
@@ -289,7 +290,7 @@ struct APIRouterTests {
             #expect(r.handle(.make("PUT", path, body)).status == 204, "\(path)")
         }
         let response = r.handle(.make("GET", "/vm/config"))
-        let shown = try JSONDecoder().decode(VMConfiguration.self, from: Data(response.body))
+        let shown = try VMConfiguration(parsing: response.body)
         #expect(shown.machineConfig == MachineConfig(vcpuCount: 2, memSizeMib: 256).withDefaults)
         #expect(shown.bootSource == BootSource(kernelImagePath: "/k/vmlinux", bootArgs: "console=ttyS0"))
         // The root device comes first whatever the order of the PUTs.
