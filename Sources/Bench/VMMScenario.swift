@@ -212,19 +212,48 @@ public struct VMMScenario: BenchScenario {
                                      "guest": "tiny PVH, idle in hlt", "vmms": "\(count)", "rss_mib_per_vmm": String(format: "%.2f", Double(rss) / n)])
     }
 
-    /// The summed PSS and RSS of every mapping in a /proc/PID/smaps text except those at least as
-    /// large as the guest's RAM (the guest memory itself), in bytes.
+    /// The summed PSS and RSS of a /proc/PID/smaps text less the guest's RAM, in bytes. The RAM is
+    /// a run of adjacent anonymous mappings that add up to exactly `guestBytes`: a VMM that advises
+    /// parts of it differently splits it (mvm-vmm keeps its first 2 MiB on small pages). Failing
+    /// that, any anonymous mapping at least that large.
     public static func memoryExcludingGuestRAM(_ smaps: String, guestBytes: UInt64) -> (pss: UInt64, rss: UInt64) {
-        var pss: UInt64 = 0, rss: UInt64 = 0, size: UInt64 = 0
+        struct Area { var start: UInt64, end: UInt64, anonymous: Bool, pss: UInt64 = 0, rss: UInt64 = 0 }
+        var areas: [Area] = []
         for line in smaps.split(separator: "\n") {
             let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard f.count >= 2, let kb = UInt64(f[1]) else { continue }
-            switch f[0] {
-            case "Size:": size = kb * 1024
-            case "Pss:" where size < guestBytes: pss += kb * 1024
-            case "Rss:" where size < guestBytes: rss += kb * 1024
-            default: break
+            guard let first = f.first else { continue }
+            if !first.hasSuffix(":"), first.contains("-") {
+                let ends = first.split(separator: "-").compactMap { UInt64($0, radix: 16) }
+                // An anonymous mapping has no sixth field: no file, no [heap] or [stack].
+                if ends.count == 2 { areas.append(Area(start: ends[0], end: ends[1], anonymous: f.count == 5)) }
+            } else if f.count >= 2, let kb = UInt64(f[1]), !areas.isEmpty {
+                if first == "Pss:" { areas[areas.count - 1].pss = kb * 1024 }
+                if first == "Rss:" { areas[areas.count - 1].rss = kb * 1024 }
             }
+        }
+        var guest = Set<Int>()
+        var i = 0
+        while i < areas.count {
+            guard areas[i].anonymous else { i += 1; continue }
+            var j = i
+            while j + 1 < areas.count, areas[j + 1].anonymous, areas[j + 1].start == areas[j].end { j += 1 }
+            search: for a in i...j {
+                var sum: UInt64 = 0
+                for b in a...j {
+                    sum += areas[b].end - areas[b].start
+                    if sum == guestBytes { guest.formUnion(a...b); break search }
+                    if sum > guestBytes { break }
+                }
+            }
+            i = j + 1
+        }
+        if guest.isEmpty {
+            guest = Set(areas.indices.filter { areas[$0].anonymous && areas[$0].end - areas[$0].start >= guestBytes })
+        }
+        var pss: UInt64 = 0, rss: UInt64 = 0
+        for (k, a) in areas.enumerated() where !guest.contains(k) {
+            pss += a.pss
+            rss += a.rss
         }
         return (pss, rss)
     }

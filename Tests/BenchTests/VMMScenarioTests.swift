@@ -26,6 +26,36 @@ struct VMMScenarioTests {
         #expect(m.rss == (1024 + 16) * 1024)
     }
 
+    /// Guest RAM split in two mappings (small pages for its first 2 MiB, huge pages above) is
+    /// still guest RAM; an anonymous mapping beside it, or one of a size of its own, is not.
+    @Test func guestRAMSplitInAdjacentMappingsIsLeftOut() {
+        let smaps = """
+            7efffff00000-7f0000000000 rw-p 00000000 00:00 0
+            Size:               1024 kB
+            Rss:                  40 kB
+            Pss:                  40 kB
+            7f0000000000-7f0000200000 rw-p 00000000 00:00 0
+            Size:               2048 kB
+            Rss:                  20 kB
+            Pss:                  20 kB
+            7f0000200000-7f0008000000 rw-p 00000000 00:00 0
+            Size:             129024 kB
+            Rss:                2048 kB
+            Pss:                2048 kB
+            7f0100000000-7f0108000001 rw-p 00000000 00:00 0
+            Size:             131076 kB
+            Rss:                   8 kB
+            Pss:                   8 kB
+            7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+            Size:                132 kB
+            Rss:                  16 kB
+            Pss:                  16 kB
+            """
+        let m = VMMScenario.memoryExcludingGuestRAM(smaps, guestBytes: 128 << 20)
+        #expect(m.pss == (40 + 8 + 16) * 1024)
+        #expect(m.rss == (40 + 8 + 16) * 1024)
+    }
+
     /// The real VMMs on the host's KVM, whatever it is: mvm-vmm, the C floor and (where QEMU is
     /// installed) QEMU's microvm run the tiny guests to their end and report finite figures.
     @Test(.enabled(if: getuid() == 0 && HostProfile.current().kvm.verdict != .absent, "needs root and /dev/kvm"))
