@@ -66,9 +66,10 @@ let package = Package(
         // C only: the fewest KVM calls that run a tiny guest, the floor `mvm bench --scenarios vmm` compares the VMMs with.
         .executableTarget(name: "mvm-kvm-floor"),
         // One micro-VM per process: the VMM, its API and the per-boot KVM verdict, nothing else.
-        // Its -lstdc++ finds the linker script in static-libstdc++ first: the C++ runtime is linked in.
-        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "KVM", "MicroVMCore", "Jail"], exclude: ["static-libstdc++"],
-                          swiftSettings: strict, linkerSettings: [.unsafeFlags(["-L", Context.packageDirectory + "/Sources/mvm-vmm/static-libstdc++"])]),
+        // -lstdc++, -lgcc_s and -lseccomp find linker scripts in static-libs first, which name the
+        // archives: a VMM loads only the C library and libm before main.
+        .executableTarget(name: "mvm-vmm", dependencies: ["VMM", "VMMAPI", "Devices", "KVM", "MicroVMCore", "Jail"], exclude: ["static-libs"],
+                          swiftSettings: strict, linkerSettings: [.unsafeFlags(["-L", Context.packageDirectory + "/Sources/mvm-vmm/static-libs"])]),
 
         .testTarget(name: "MicroVMCoreTests", dependencies: ["ConfigFile", "MicroVMCore", "GuestMemory"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVMCore", "GuestMemory"]),
