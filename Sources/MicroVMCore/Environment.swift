@@ -13,12 +13,16 @@ public enum Monotonic {
     }
 }
 
+/// One environment variable, read with getenv(3): ProcessInfo copies the whole environment into a
+/// dictionary on first use, which a VMM's start has no use for.
+public func environmentVariable(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+
 /// Whether this process runs inside the nested test rig (`mvm rig run` sets `MVM_IN_RIG=1` for
 /// its command). There `/dev/kvm` is Linux's own KVM, but on a CPU that QEMU TCG emulates one
 /// level down: real KVM code paths at emulation speed, so never labelled a hardware figure.
 public enum RigEnvironment {
     public static let variable = "MVM_IN_RIG"
-    public static var isInside: Bool { ProcessInfo.processInfo.environment[variable] == "1" }
+    public static var isInside: Bool { environmentVariable(variable) == "1" }
     /// How VM numbers taken inside the rig are labelled, everywhere.
     public static let kvmLabel = "nested KVM (rig, TCG below)"
 }

@@ -12,12 +12,11 @@ public struct Paths: Sendable {
     public init(state: String, cache: String) { self.state = state; self.cache = cache }
 
     public static var `default`: Paths {
-        let env = ProcessInfo.processInfo.environment
         let root = getuid() == 0
-        let home = env["HOME"] ?? "/tmp"
+        let home = environmentVariable("HOME") ?? "/tmp"
         return Paths(
-            state: env["MVM_STATE_DIR"] ?? (root ? "/var/lib/microvm" : "\(home)/.local/state/microvm"),
-            cache: env["MVM_CACHE_DIR"] ?? (root ? "/var/cache/microvm" : "\(home)/.cache/microvm"))
+            state: environmentVariable("MVM_STATE_DIR") ?? (root ? "/var/lib/microvm" : "\(home)/.local/state/microvm"),
+            cache: environmentVariable("MVM_CACHE_DIR") ?? (root ? "/var/cache/microvm" : "\(home)/.cache/microvm"))
     }
 
     public var images: String { cache + "/images" }

@@ -10,8 +10,9 @@
 /// Jailed (`--jail-uid/--jail-gid`), it builds the whole machine first, then enters the jail
 /// (`Jail`) before any thread starts, and each thread confines itself to its kind's calls.
 ///
-/// It links no Foundation, only FoundationEssentials (JSON and Data): Foundation proper and its
-/// ICU data would triple the binary and the memory each VMM costs (`mvm bench --scenarios vmm`).
+/// It links no Foundation, only FoundationEssentials (Data, and the encoder of its JSON answers;
+/// it reads JSON with `JSONValue`): Foundation proper and its ICU data would triple the binary and
+/// the memory each VMM costs (`mvm bench --scenarios vmm`).
 import FoundationEssentials
 import Synchronization
 import Devices
@@ -203,7 +204,7 @@ for dir in args.cgroups {
 
 var config = VMConfiguration()
 if let file = args.configFile {
-    guard let data = FileManager.default.contents(atPath: file) else { fail("cannot read --config-file '\(file)'", status: 2) }
+    guard let data = readWholeFile(file) else { fail("cannot read --config-file '\(file)': \(String(cString: strerror(errno)))", status: 2) }
     do { config = try VMConfiguration(parsing: data) } catch {
         fail("--config-file '\(file)' is not a Firecracker configuration: \(error)", status: 2)
     }
@@ -214,7 +215,7 @@ let kvm = KVMVerdictCache.verdict()
 switch kvm.verdict {
 case .hardware: break
 case .absent: fail("no usable KVM: \(kvm.reason)", status: 3)
-case .emulated where ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1": break
+case .emulated where environmentVariable("MVM_DIRECT_ALLOW_EMULATED") == "1": break
 case .emulated:
     fail("this host's KVM is emulated (\(kvm.reason)); a Linux guest cannot boot under it. Run in the nested rig (mvm rig run), or set MVM_DIRECT_ALLOW_EMULATED=1 for tiny test guests.", status: 3)
 }
