@@ -40,7 +40,7 @@ struct JSONTests {
 
     /// Random documents written by Foundation's serializer read back as the values they were made from.
     @Test func readsWhatFoundationWrites() throws {
-        var rng = SplitMix(seed: 0x5EED)
+        var rng = SeededGenerator(seed: 0x5EED)
         for _ in 0..<300 {
             let (value, object) = randomValue(&rng, depth: 0)
             let data = try JSONSerialization.data(withJSONObject: [object], options: [.fragmentsAllowed])
@@ -50,7 +50,7 @@ struct JSONTests {
 
     /// Mangled documents never crash the parser: each is read or refused.
     @Test func mangledDocumentsAreReadOrRefused() throws {
-        var rng = SplitMix(seed: 42)
+        var rng = SeededGenerator(seed: 42)
         let seed = Array(#"{"machine-config": {"vcpu_count": 2, "mem_size_mib": 1024}, "drives": [{"drive_id": "r\u00e9", "x": [1.5e3, null, true]}]}"#.utf8)
         let pieces = Array(#"{}[]",:\-0e."#.utf8)
         var refused = 0
@@ -69,7 +69,7 @@ struct JSONTests {
         #expect(refused > 10_000)
     }
 
-    func randomValue(_ rng: inout SplitMix, depth: Int) -> (JSONValue, Any) {
+    func randomValue(_ rng: inout SeededGenerator, depth: Int) -> (JSONValue, Any) {
         switch rng.next() % (depth > 3 ? 4 : 6) {
         case 0: return (.null, NSNull())
         case 1: let b = rng.next() % 2 == 0; return (.bool(b), b)
@@ -99,18 +99,5 @@ struct JSONTests {
             }
             return (.object(values), objects)
         }
-    }
-}
-
-/// A seeded generator, so a failure is reproducible.
-struct SplitMix: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }

@@ -1,3 +1,4 @@
+import MicroVMCore
 import Testing
 @testable import VMMAPI
 
@@ -32,18 +33,6 @@ func parse(_ bytes: [UInt8], chunks: [Int] = [], limits: HTTPRequestParser.Limit
 }
 
 func bytes(_ s: String) -> [UInt8] { Array(s.utf8) }
-
-/// SplitMix64: the same cases on every run.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
 
 struct HTTPRequestParserTests {
     static let putBody = #"{"drive_id":"rootfs","path_on_host":"/r.img"}"#
