@@ -87,8 +87,11 @@ public struct VMMScenario: BenchScenario {
                     vmmMs = r.ms; first = r.firstRun
                 default:
                     guard let mvm else { continue }
-                    runMs = try Self.timed([mvm, "run", "--mode", "direct", "--kernel", reports, "--no-rootfs", "--name", "bench-vmm-run-\(getpid())-\(i)",
+                    let name = "bench-vmm-run-\(getpid())-\(i)"
+                    runMs = try Self.timed([mvm, "run", "--mode", "direct", "--kernel", reports, "--no-rootfs", "--name", name,
                                             "--memory", "\(Self.guestMiB)M", "--", "true"], environment: env).ms
+                    // A run keeps its console log for `mvm logs`; the bench's throwaway instances go.
+                    try? FileManager.default.removeItem(atPath: Paths.default.instances + "/" + name)
                 }
             }
             let details = ["acceleration": acceleration, "floor_ms": String(format: "%.2f", floorMs), "guest": "tiny PVH, resets at once"]

@@ -85,6 +85,8 @@ struct VMMScenarioTests {
                 let run = values(VMMScenario.mvmRun)
                 #expect(run.count == VMMScenario.runs, "\(out.filter { $0.metric == VMMScenario.mvmRun })")
                 #expect(run.sorted()[VMMScenario.runs / 2] > values(VMMScenario.whole).sorted()[VMMScenario.runs / 2])
+                let left = (try? FileManager.default.contentsOfDirectory(atPath: Paths.default.instances)) ?? []
+                #expect(!left.contains { $0.hasPrefix("bench-vmm-run-\(getpid())-") }, "the bench's runs left their instance directories")
             }
             print("vmm scenario on \(name): whole \(values(VMMScenario.whole).sorted()[VMMScenario.runs / 2]) ms, floor \(values(VMMScenario.floor).sorted()[VMMScenario.runs / 2]) ms, PSS \(pss) MiB, with \(VMMScenario.manyVMMs) running \(many) MiB each")
         }
