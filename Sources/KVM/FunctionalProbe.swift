@@ -6,7 +6,7 @@ import Glibc
 #endif
 
 /// What a functional test of /dev/kvm found.
-public struct KVMProbeResult: Codable, Sendable, Equatable {
+public struct KVMProbeResult: Codable, JSONReadable, Sendable, Equatable {
     public enum Verdict: String, Codable, Sendable {
         /// VT-x/AMD-V: guest kernel code runs at native speed and every instruction works.
         case hardware
@@ -26,6 +26,15 @@ public struct KVMProbeResult: Codable, Sendable, Equatable {
     public init(verdict: Verdict, reason: String, apiVersion: Int? = nil, cpl0NanosecondsPerIteration: Double? = nil, cmpxchg16bWorks: Bool? = nil) {
         self.verdict = verdict; self.reason = reason; self.apiVersion = apiVersion
         self.cpl0NanosecondsPerIteration = cpl0NanosecondsPerIteration; self.cmpxchg16bWorks = cmpxchg16bWorks
+    }
+
+    /// Read as the verdict cache wrote it (its Codable keys), without Codable.
+    public init(json f: JSONFields) throws(JSONFieldError) {
+        guard let v = try Verdict(rawValue: f.required("verdict", f.string)) else {
+            throw JSONFieldError("field `\(f.path.isEmpty ? "" : f.path + ".")verdict` is not one of hardware, emulated, absent")
+        }
+        self.init(verdict: v, reason: try f.required("reason", f.string), apiVersion: try f.integer("apiVersion"),
+                  cpl0NanosecondsPerIteration: try f.number("cpl0NanosecondsPerIteration"), cmpxchg16bWorks: try f.bool("cmpxchg16bWorks"))
     }
 }
 

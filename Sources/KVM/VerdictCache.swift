@@ -21,13 +21,7 @@ public enum KVMVerdictCache {
             let f = try JSONFields(parsing: bytes)
             bootID = try f.required("bootID", f.string)
             prober = try f.string("prober")
-            let r = try f.required("result", f.object)
-            guard let verdict = try KVMProbeResult.Verdict(rawValue: r.required("verdict", r.string)) else {
-                throw JSONFieldError("field `result.verdict` is not a verdict")
-            }
-            result = KVMProbeResult(verdict: verdict, reason: try r.required("reason", r.string), apiVersion: try r.integer("apiVersion"),
-                                    cpl0NanosecondsPerIteration: try r.number("cpl0NanosecondsPerIteration"),
-                                    cmpxchg16bWorks: try r.bool("cmpxchg16bWorks"))
+            result = try f.required("result") { (k) throws(JSONFieldError) in try f.object(k, as: KVMProbeResult.self) }
         }
     }
 

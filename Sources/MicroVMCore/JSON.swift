@@ -279,32 +279,33 @@ public struct JSONFields: Sendable {
         return v
     }
 
-    public func string(_ key: String) throws(JSONFieldError) -> String? {
+    /// The value at `key` as `extract` takes it (nil when absent or null), or an error naming
+    /// what it must be.
+    private func typed<T>(_ key: String, _ what: String, _ extract: (JSONValue) -> T?) throws(JSONFieldError) -> T? {
         guard let v = self[key] else { return nil }
-        guard case .string(let s) = v else { throw mismatch(key, "a string") }
-        return s
+        guard let t = extract(v) else { throw mismatch(key, what) }
+        return t
+    }
+
+    public func string(_ key: String) throws(JSONFieldError) -> String? {
+        try typed(key, "a string") { switch $0 { case .string(let s): s; default: nil } }
     }
 
     public func bool(_ key: String) throws(JSONFieldError) -> Bool? {
-        guard let v = self[key] else { return nil }
-        guard case .bool(let b) = v else { throw mismatch(key, "a boolean") }
-        return b
+        try typed(key, "a boolean") { switch $0 { case .bool(let b): b; default: nil } }
+    }
+
+    public func number(_ key: String) throws(JSONFieldError) -> Double? {
+        try typed(key, "a number") { switch $0 { case .number(let n): n; default: nil } }
     }
 
     /// An integer field within `range` (a fraction, or a number outside it, is refused by name).
     public func integer<T: FixedWidthInteger>(_ key: String, in range: ClosedRange<T>) throws(JSONFieldError) -> T? {
-        guard let v = self[key] else { return nil }
-        guard case .number(let n) = v else { throw mismatch(key, "an integer") }
+        guard let n = try typed(key, "an integer", { switch $0 { case .number(let n): n; default: nil } }) else { return nil }
         guard n.rounded() == n, n >= Double(range.lowerBound), n <= Double(range.upperBound), let i = T(exactly: n) else {
             throw JSONFieldError("field `\(name(key))` must be an integer in \(range.lowerBound)...\(range.upperBound) (got \(n))")
         }
         return i
-    }
-
-    public func number(_ key: String) throws(JSONFieldError) -> Double? {
-        guard let v = self[key] else { return nil }
-        guard case .number(let n) = v else { throw mismatch(key, "a number") }
-        return n
     }
 
     public func integer(_ key: String) throws(JSONFieldError) -> Int? {
@@ -314,6 +315,12 @@ public struct JSONFields: Sendable {
     public func object(_ key: String) throws(JSONFieldError) -> JSONFields? {
         guard let v = self[key] else { return nil }
         return try JSONFields(v, path: name(key))
+    }
+
+    /// An object field read as `type`.
+    public func object<T: JSONReadable>(_ key: String, as type: T.Type) throws(JSONFieldError) -> T? {
+        guard let f = try object(key) else { return nil }
+        return try T(json: f)
     }
 
     /// An array field, each element read by `element` with its index in the path.
@@ -326,10 +333,15 @@ public struct JSONFields: Sendable {
         return out
     }
 
-    /// An array of objects, each read by `read`.
-    public func objects<T>(_ key: String, _ read: (JSONFields) throws(JSONFieldError) -> T) throws(JSONFieldError) -> [T]? {
-        try array(key) { (item, path) throws(JSONFieldError) in try read(JSONFields(item, path: path)) }
+    /// An array of objects, each read as `type`.
+    public func objects<T: JSONReadable>(_ key: String, as type: T.Type) throws(JSONFieldError) -> [T]? {
+        try array(key) { (item, path) throws(JSONFieldError) in try T(json: JSONFields(item, path: path)) }
     }
+}
+
+/// What reads itself from a JSON object, field by field.
+public protocol JSONReadable {
+    init(json: JSONFields) throws(JSONFieldError)
 }
 
 /// A field of a JSON document that is missing, of the wrong type or unknown, in words.

@@ -139,11 +139,11 @@ public final class APIRouter: Sendable {
 
         case .putMachineConfig:
             try preBoot(what)
-            let m = try JSONBody.read(request) { (f) throws(JSONFieldError) in try MachineConfig(json: f) }
+            let m = try JSONBody.read(MachineConfig.self, request)
             try Self.validate(m)
             cfg.machineConfig = m
         case .patchMachineConfig:
-            let patch = try JSONBody.read(request) { (f) throws(JSONFieldError) in try MachineConfigFields(json: f) }
+            let patch = try JSONBody.read(MachineConfigFields.self, request)
             guard patch.changesSomething else { throw APIFault("\(what): the body names no field to change") }
             if controller.state != .notStarted {
                 // After boot only the vCPU count may move, where the machine can plug CPUs.
@@ -159,20 +159,20 @@ public final class APIRouter: Sendable {
             cfg.machineConfig = m
         case .putBootSource:
             try preBoot(what)
-            let b = try JSONBody.read(request) { (f) throws(JSONFieldError) in try BootSource(json: f) }
+            let b = try JSONBody.read(BootSource.self, request)
             guard !b.kernelImagePath.isEmpty else { throw APIFault("kernel_image_path must not be empty") }
             cfg.bootSource = b
         case .putDrive:
             try preBoot(what)
             try Self.checkID(id, "drive_id")
-            let d = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Drive(json: f) }
+            let d = try JSONBody.read(Drive.self, request)
             try Self.validate(d, pathID: id, among: cfg.drives)
             if let i = cfg.drives.firstIndex(where: { $0.driveId == d.driveId }) { cfg.drives[i] = d } else { cfg.drives.append(d) }
             cfg.drives = cfg.drivesRootFirst
         case .putNetworkInterface:
             try preBoot(what)
             try Self.checkID(id, "iface_id")
-            let n = try JSONBody.read(request) { (f) throws(JSONFieldError) in try NetworkInterface(json: f) }
+            let n = try JSONBody.read(NetworkInterface.self, request)
             try Self.validate(n, pathID: id, among: cfg.networkInterfaces)
             if let i = cfg.networkInterfaces.firstIndex(where: { $0.ifaceId == n.ifaceId }) {
                 cfg.networkInterfaces[i] = n
@@ -181,12 +181,12 @@ public final class APIRouter: Sendable {
             }
         case .putVsock:
             try preBoot(what)
-            let v = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Vsock(json: f) }
+            let v = try JSONBody.read(Vsock.self, request)
             if let problem = v.problem { throw APIFault(problem) }
             cfg.vsock = v
         case .putLogger:
             try preBoot(what)
-            let l = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Logger(json: f) }
+            let l = try JSONBody.read(Logger.self, request)
             guard !l.logPath.isEmpty else { throw APIFault("log_path must not be empty") }
             let levels = ["Error", "Warning", "Info", "Debug", "Trace", "Off"]
             if let level = l.level, !levels.contains(where: { $0.lowercased() == level.lowercased() }) {
@@ -195,13 +195,13 @@ public final class APIRouter: Sendable {
             cfg.logger = l
         case .putMetrics:
             try preBoot(what)
-            let m = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Metrics(json: f) }
+            let m = try JSONBody.read(Metrics.self, request)
             guard !m.metricsPath.isEmpty else { throw APIFault("metrics_path must not be empty") }
             cfg.metrics = m
 
         case .putBalloon:
             try preBoot(what)
-            let b = try JSONBody.read(request) { (f) throws(JSONFieldError) in try Balloon(json: f) }
+            let b = try JSONBody.read(Balloon.self, request)
             if let problem = b.problem(memSizeMib: cfg.machineConfig.memSizeMib) { throw APIFault(problem) }
             cfg.balloon = b
         case .getBalloon:
@@ -209,7 +209,7 @@ public final class APIRouter: Sendable {
             return .json(b)
         case .patchBalloon:
             guard var b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
-            let patch = try JSONBody.read(request) { (f) throws(JSONFieldError) in try BalloonUpdate(json: f) }
+            let patch = try JSONBody.read(BalloonUpdate.self, request)
             b.amountMib = patch.amountMib
             if let problem = b.problem(memSizeMib: cfg.machineConfig.memSizeMib) { throw APIFault(problem) }
             if controller.state != .notStarted { try controlling { try controller.setBalloon(amountMib: patch.amountMib) } }
@@ -224,7 +224,7 @@ public final class APIRouter: Sendable {
             return .json(stats)
         case .patchBalloonStatistics:
             guard var b = cfg.balloon else { throw APIFault("\(what): no balloon device is configured; PUT /balloon before InstanceStart") }
-            let patch = try JSONBody.read(request) { (f) throws(JSONFieldError) in try BalloonStatisticsUpdate(json: f) }
+            let patch = try JSONBody.read(BalloonStatisticsUpdate.self, request)
             if controller.state == .notStarted {
                 b.statsPollingIntervalS = patch.statsPollingIntervalS
             } else {
@@ -237,10 +237,10 @@ public final class APIRouter: Sendable {
             cfg.balloon = b
 
         case .actions:
-            let action = try JSONBody.read(request) { (f) throws(JSONFieldError) in try InstanceAction(json: f) }
+            let action = try JSONBody.read(InstanceAction.self, request)
             try perform(action.actionType, cfg)
         case .patchVM:
-            let change = try JSONBody.read(request) { (f) throws(JSONFieldError) in try VMStateChange(json: f) }
+            let change = try JSONBody.read(VMStateChange.self, request)
             try changeState(to: change.state)
         }
         return .noContent
@@ -385,25 +385,25 @@ struct InstanceInfo: Codable {
 }
 
 /// `PATCH /balloon`.
-struct BalloonUpdate {
+struct BalloonUpdate: JSONReadable {
     var amountMib: Int
     init(json f: JSONFields) throws(JSONFieldError) {
         try f.refuseUnknown(["amount_mib"])
-        amountMib = try f.required("amount_mib", Balloon.amount(f))
+        amountMib = try f.required("amount_mib") { (k) throws(JSONFieldError) in try f.integer(k, in: Balloon.amountRange) }
     }
 }
 
 /// `PATCH /balloon/statistics`.
-struct BalloonStatisticsUpdate {
+struct BalloonStatisticsUpdate: JSONReadable {
     var statsPollingIntervalS: Int
     init(json f: JSONFields) throws(JSONFieldError) {
         try f.refuseUnknown(["stats_polling_interval_s"])
-        statsPollingIntervalS = try f.required("stats_polling_interval_s", Balloon.interval(f))
+        statsPollingIntervalS = try f.required("stats_polling_interval_s") { (k) throws(JSONFieldError) in try f.integer(k, in: Balloon.statsIntervalRange) }
     }
 }
 
 /// `PUT /actions`.
-struct InstanceAction {
+struct InstanceAction: JSONReadable {
     var actionType: String
     init(json f: JSONFields) throws(JSONFieldError) {
         try f.refuseUnknown(["action_type"])
@@ -412,7 +412,7 @@ struct InstanceAction {
 }
 
 /// `PATCH /vm`.
-struct VMStateChange {
+struct VMStateChange: JSONReadable {
     var state: String
     init(json f: JSONFields) throws(JSONFieldError) {
         try f.refuseUnknown(["state"])

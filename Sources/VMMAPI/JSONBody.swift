@@ -10,14 +10,14 @@ struct APIFault: Error {
 /// Request bodies, read with errors that name the offending field the way Firecracker's
 /// (serde's) messages do: unknown fields are refused, as Firecracker refuses them.
 enum JSONBody {
-    /// What `read` makes of `request`'s body, which must be a JSON object.
-    static func read<T>(_ request: HTTPRequest, _ read: (JSONFields) throws(JSONFieldError) -> T) throws(APIFault) -> T {
+    /// `request`'s body, which must be a JSON object, read as `type`.
+    static func read<T: JSONReadable>(_ type: T.Type, _ request: HTTPRequest) throws(APIFault) -> T {
         let what = "\(request.method) \(request.path)"
         guard !request.body.allSatisfy({ $0 == 32 || $0 == 9 || $0 == 10 || $0 == 13 }) else {
             throw APIFault("\(what) needs a JSON body")
         }
         do {
-            return try read(JSONFields(parsing: request.body))
+            return try T(json: JSONFields(parsing: request.body))
         } catch {
             throw APIFault("\(what): \(error.message)")
         }

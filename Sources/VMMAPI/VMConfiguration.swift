@@ -4,7 +4,7 @@ import MicroVMCore
 /// `PUT /machine-config`, `/boot-source`, `/drives/{id}`, `/network-interfaces/{id}`, `/vsock`,
 /// `/logger` and `/metrics`, and together the `--config-file` document and `GET /vm/config`.
 /// Field names are Firecracker's, so its clients and SDKs drive `mvm-vmm` unchanged.
-public struct VMConfiguration: Encodable, Sendable, Equatable {
+public struct VMConfiguration: Encodable, JSONReadable, Sendable, Equatable {
     public var machineConfig: MachineConfig
     public var bootSource: BootSource?
     public var drives: [Drive]
@@ -37,14 +37,14 @@ public struct VMConfiguration: Encodable, Sendable, Equatable {
 
     public init(json f: JSONFields) throws(JSONFieldError) {
         try f.refuseUnknown(CodingKeys.names)
-        machineConfig = try f.object("machine-config").map { (m) throws(JSONFieldError) in try MachineConfig(json: m) } ?? MachineConfig()
-        bootSource = try f.object("boot-source").map { (b) throws(JSONFieldError) in try BootSource(json: b) }
-        drives = try f.objects("drives") { (d) throws(JSONFieldError) in try Drive(json: d) } ?? []
-        networkInterfaces = try f.objects("network-interfaces") { (n) throws(JSONFieldError) in try NetworkInterface(json: n) } ?? []
-        vsock = try f.object("vsock").map { (v) throws(JSONFieldError) in try Vsock(json: v) }
-        logger = try f.object("logger").map { (l) throws(JSONFieldError) in try Logger(json: l) }
-        metrics = try f.object("metrics").map { (m) throws(JSONFieldError) in try Metrics(json: m) }
-        balloon = try f.object("balloon").map { (b) throws(JSONFieldError) in try Balloon(json: b) }
+        machineConfig = try f.object("machine-config", as: MachineConfig.self) ?? MachineConfig()
+        bootSource = try f.object("boot-source", as: BootSource.self)
+        drives = try f.objects("drives", as: Drive.self) ?? []
+        networkInterfaces = try f.objects("network-interfaces", as: NetworkInterface.self) ?? []
+        vsock = try f.object("vsock", as: Vsock.self)
+        logger = try f.object("logger", as: Logger.self)
+        metrics = try f.object("metrics", as: Metrics.self)
+        balloon = try f.object("balloon", as: Balloon.self)
         vcpuPins = try f.array("x-mvm-vcpu-pins") { (pins, path) throws(JSONFieldError) in
             guard case .array(let cpus) = pins else { throw JSONFieldError("field `\(path)` must be an array of CPU numbers") }
             return try cpus.map { (cpu) throws(JSONFieldError) in
@@ -64,7 +64,7 @@ extension CaseIterable where Self: RawRepresentable, RawValue == String {
 
 /// `machine-config`'s fields, each optional: a `PATCH /machine-config`, and what `PUT` and a
 /// configuration file read before they require the two counts.
-struct MachineConfigFields: Sendable {
+struct MachineConfigFields: JSONReadable, Sendable {
     var vcpuCount: Int?
     var memSizeMib: Int?
     var smt: Bool?
@@ -84,7 +84,7 @@ struct MachineConfigFields: Sendable {
 }
 
 /// `machine-config`: vCPUs and memory (Firecracker's defaults: 1 vCPU, 128 MiB).
-public struct MachineConfig: Encodable, Sendable, Equatable {
+public struct MachineConfig: Encodable, JSONReadable, Sendable, Equatable {
     public var vcpuCount: Int
     public var memSizeMib: Int
     public var smt: Bool?
@@ -152,7 +152,7 @@ extension Vsock {
 }
 
 /// `boot-source`: the kernel (bzImage or ELF vmlinux), its initrd and command line.
-public struct BootSource: Encodable, Sendable, Equatable {
+public struct BootSource: Encodable, JSONReadable, Sendable, Equatable {
     public var kernelImagePath: String
     public var initrdPath: String?
     public var bootArgs: String?
@@ -172,7 +172,7 @@ public struct BootSource: Encodable, Sendable, Equatable {
 }
 
 /// `drives/{drive_id}`: a raw disk image over virtio-blk.
-public struct Drive: Encodable, Sendable, Equatable {
+public struct Drive: Encodable, JSONReadable, Sendable, Equatable {
     public var driveId: String
     public var pathOnHost: String
     public var isRootDevice: Bool
@@ -207,7 +207,7 @@ public struct Drive: Encodable, Sendable, Equatable {
 }
 
 /// `network-interfaces/{iface_id}`: an existing tap on the host, over virtio-net.
-public struct NetworkInterface: Encodable, Sendable, Equatable {
+public struct NetworkInterface: Encodable, JSONReadable, Sendable, Equatable {
     public var ifaceId: String
     public var hostDevName: String
     public var guestMac: String?
@@ -229,7 +229,7 @@ public struct NetworkInterface: Encodable, Sendable, Equatable {
 /// `vsock`: a virtio-vsock device with this CID. Firecracker proxies guest ports to a unix
 /// socket at `uds_path`; this VMM uses the kernel's vhost-vsock instead, so host processes
 /// reach the guest with AF_VSOCK at `guest_cid`, and `uds_path` is kept only to be reported back.
-public struct Vsock: Encodable, Sendable, Equatable {
+public struct Vsock: Encodable, JSONReadable, Sendable, Equatable {
     public var guestCid: UInt32
     public var udsPath: String
     public var vsockId: String?
@@ -247,7 +247,7 @@ public struct Vsock: Encodable, Sendable, Equatable {
 }
 
 /// `logger`: where the VMM writes its own log.
-public struct Logger: Encodable, Sendable, Equatable {
+public struct Logger: Encodable, JSONReadable, Sendable, Equatable {
     public var logPath: String
     /// "Error", "Warning", "Info", "Debug", "Trace" or "Off".
     public var level: String?
@@ -275,7 +275,7 @@ public struct Logger: Encodable, Sendable, Equatable {
 }
 
 /// `metrics`: where `FlushMetrics` (and the VMM's periodic flush) writes its counters.
-public struct Metrics: Encodable, Sendable, Equatable {
+public struct Metrics: Encodable, JSONReadable, Sendable, Equatable {
     public var metricsPath: String
     public init(metricsPath: String) { self.metricsPath = metricsPath }
     enum CodingKeys: String, CodingKey, CaseIterable { case metricsPath = "metrics_path" }
@@ -289,7 +289,7 @@ public struct Metrics: Encodable, Sendable, Equatable {
 /// `balloon`: a virtio-balloon device holding `amount_mib` of the guest's memory for the host.
 /// `stats_polling_interval_s` 0 turns statistics off (they cannot be turned on after boot);
 /// `free_page_reporting` has the guest report the pages it frees, which the host discards.
-public struct Balloon: Encodable, Sendable, Equatable {
+public struct Balloon: Encodable, JSONReadable, Sendable, Equatable {
     public var amountMib: Int
     public var deflateOnOom: Bool
     public var statsPollingIntervalS: Int?
@@ -307,28 +307,24 @@ public struct Balloon: Encodable, Sendable, Equatable {
 
     public init(json f: JSONFields) throws(JSONFieldError) {
         try f.refuseUnknown(Self.jsonKeys)
-        amountMib = try f.required("amount_mib", Self.amount(f))
+        amountMib = try f.required("amount_mib") { (k) throws(JSONFieldError) in try f.integer(k, in: Self.amountRange) }
         deflateOnOom = try f.required("deflate_on_oom", f.bool)
-        statsPollingIntervalS = try Self.interval(f)("stats_polling_interval_s")
+        statsPollingIntervalS = try f.integer("stats_polling_interval_s", in: Self.statsIntervalRange)
         freePageReporting = try f.bool("free_page_reporting")
     }
 
-    /// `amount_mib` as read from `f`: 0 to 2^30.
-    static func amount(_ f: JSONFields) -> (String) throws(JSONFieldError) -> Int? {
-        { (k) throws(JSONFieldError) in try f.integer(k, in: 0...(1 << 30)) }
-    }
-
-    /// `stats_polling_interval_s` as read from `f`: 0 to a day.
-    static func interval(_ f: JSONFields) -> (String) throws(JSONFieldError) -> Int? {
-        { (k) throws(JSONFieldError) in try f.integer(k, in: 0...86_400) }
-    }
+    /// What `amount_mib` may be (MiB), and `stats_polling_interval_s` (seconds, a day at most).
+    public static let amountRange = 0...(1 << 30)
+    public static let statsIntervalRange = 0...86_400
     public static let jsonKeys = CodingKeys.names
 
     /// What is wrong with it for a machine of `memSizeMib`, or nil.
     public func problem(memSizeMib: Int) -> String? {
         guard amountMib >= 0 else { return "amount_mib must not be negative (got \(amountMib))" }
         guard amountMib < memSizeMib else { return "amount_mib (\(amountMib)) must be less than the machine's mem_size_mib (\(memSizeMib))" }
-        if let s = statsPollingIntervalS, !(0...86_400).contains(s) { return "stats_polling_interval_s must be between 0 and 86400 (got \(s))" }
+        if let s = statsPollingIntervalS, !Self.statsIntervalRange.contains(s) {
+            return "stats_polling_interval_s must be between \(Self.statsIntervalRange.lowerBound) and \(Self.statsIntervalRange.upperBound) (got \(s))"
+        }
         return nil
     }
 }
