@@ -64,10 +64,10 @@ public enum Jail {
     public static func enter(_ o: Options) throws(Failure) {
         // A thread that has just ended (the KVM probe's, when the verdict was not cached yet)
         // may still be listed for a moment.
-        var threads = threadCount()
+        var threads = NativeThread.count()
         for _ in 0..<100 where threads > 1 {
             usleep(2_000)
-            threads = threadCount()
+            threads = NativeThread.count()
         }
         guard threads == 1 else {
             throw Failure("\(threads) threads are running; namespaces and the root change per thread, so the VMM must enter the jail before it starts any")
@@ -141,15 +141,5 @@ public enum Jail {
         let loaded = cjail_filter_load(filter)
         guard loaded == 0 else { throw Failure("loading the \(kind?.rawValue ?? "process") seccomp filter", errno: -loaded) }
         if let kind { cjail_set_thread_kind(Int32(VMMThreadKind.allCases.firstIndex(of: kind)!)) }
-    }
-
-    static func threadCount() -> Int {
-        guard let dir = opendir("/proc/self/task") else { return -1 }
-        defer { closedir(dir) }
-        var n = 0
-        while let e = readdir(dir) {
-            if e.pointee.d_name.0 != CChar(UInt8(ascii: ".")) { n += 1 }
-        }
-        return n
     }
 }

@@ -44,6 +44,17 @@ public enum NativeThread {
     /// The calling thread's id (gettid: as /proc/PID/task lists it, and a cgroup's `tasks` takes).
     public static func currentID() -> Int32 { clinux_gettid() }
 
+    /// How many threads this process runs, as /proc/self/task lists them (-1 without /proc).
+    public static func count() -> Int {
+        guard let dir = opendir("/proc/self/task") else { return -1 }
+        defer { closedir(dir) }
+        var n = 0
+        while let e = readdir(dir) {
+            if e.pointee.d_name.0 != CChar(UInt8(ascii: ".")) { n += 1 }
+        }
+        return n
+    }
+
     /// The kernel's CPU mask size: cpu_set_t's 1024 bits.
     public static let affinityMaskBytes = 128
 
@@ -55,6 +66,24 @@ public enum NativeThread {
         for cpu in cpus { mask[cpu / 8] |= UInt8(1 << (cpu % 8)) }
         return mask.withUnsafeBytes { clinux_sched_setaffinity(tid, affinityMaskBytes, $0.baseAddress) } == 0 ? 0 : errno
     }
+}
+
+/// Moves the calling process into the cgroup directory `dir` (a cgroup v1 hierarchy's or the v2
+/// tree's). Returns 0, or the errno of the write that failed.
+///
+/// While the process has one thread, it writes 0 to a v1 hierarchy's `tasks`: that moves the one
+/// thread, hence the whole process, and the kernel skips its threadgroup lock for a thread that
+/// moves itself. `cgroup.procs` takes that lock, and taking it after a quiet spell waits out an
+/// RCU grace period: joining four v1 hierarchies took 7 to 22 ms on a 2-CPU host, against
+/// 0.2 ms through `tasks`. cgroup v2 has no `tasks` file, and a second thread would be left
+/// behind, so both go through `cgroup.procs`.
+public func joinCgroup(_ dir: String) -> Int32 {
+    let alone = NativeThread.count() == 1
+    var fd = alone ? open(dir + "/tasks", O_WRONLY | O_CLOEXEC) : -1
+    if fd < 0 { fd = open(dir + "/cgroup.procs", O_WRONLY | O_CLOEXEC) }
+    guard fd >= 0 else { return errno }
+    defer { close(fd) }
+    return write(fd, "0", 1) == 1 ? 0 : errno
 }
 
 /// printf-style formatting through the C library (`"%.1f"`, `"%08x"`, `"%g"`), for code that

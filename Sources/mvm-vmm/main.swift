@@ -181,6 +181,13 @@ sigaddset(&stopSignals, SIGINT)
 sigaddset(&stopSignals, SIGTERM)
 pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 
+// Into the slice's cgroups before anything sizable is allocated, and before the first thread
+// starts: alone, this thread moves the whole process without the kernel's threadgroup lock.
+for dir in args.cgroups {
+    let failed = joinCgroup(dir)
+    guard failed == 0 else { fail("cannot join the cgroup \(dir): \(String(cString: strerror(failed)))", status: 2) }
+}
+
 let parentFD = parentWatch(args)
 if let parentFD, args.jail == nil { watchParent(parentFD) }
 
@@ -194,12 +201,6 @@ if let kind = args.seccompCheck, let jail = args.jail {
     } catch { fail("\(error)", status: 1) }
     sleep(2)
     fail("the \(kind.rawValue) thread's filter let socket() through", status: 1)
-}
-// Into the slice's cgroups before anything sizable is allocated: writing 0 moves this process.
-for dir in args.cgroups {
-    let fd = open(dir + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
-    guard fd >= 0, write(fd, "0", 1) == 1 else { fail("cannot join the cgroup \(dir): \(String(cString: strerror(errno)))", status: 2) }
-    close(fd)
 }
 
 var config = VMConfiguration()

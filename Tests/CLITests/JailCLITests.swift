@@ -65,6 +65,13 @@ struct JailCLITests {
                 Issue.record("the VMM ended early: \((try? String(contentsOfFile: outFile, encoding: .utf8)) ?? "-")")
                 continue
             }
+            // Every thread sits in the instance's cgroups: the VMM joined them while it had one.
+            let cgroups = threadNames().keys.sorted().map { t in
+                (t, (try? String(contentsOfFile: "/proc/\(pid)/task/\(t)/cgroup", encoding: .utf8)) ?? "")
+            }
+            let own = "/microvm/direct-\(name)"
+            #expect(cgroups.count >= 2 && cgroups.allSatisfy { $0.1.contains(own) && $0.1 == cgroups[0].1 },
+                    "threads outside \(own): \(cgroups)")
             if !jailed {
                 #expect(info.state == "running" && info.note == "no jail")
                 #expect(try mvm("ps").stdoutText.split(separator: "\n").contains { $0.hasPrefix(name) && $0.hasSuffix("no jail") })
