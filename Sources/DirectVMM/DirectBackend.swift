@@ -178,8 +178,10 @@ public struct DirectBackend: InstanceBackend {
 
     /// SIGTERM to the `mvm run` holding the VM (its handler gives the guest a Ctrl-Alt-Del and
     /// `VMMProcess.stopGrace` to reset, stops the VMM and cleans up), then SIGKILL after 10 s more.
+    /// A VM this process holds itself is stopped through its VMM instead (`stopVMMHeldHere`).
     public func stop(name: String) async throws {
         let r = try running(name)
+        if r.pid == getpid() { return try await stopVMMHeldHere(r) }
         kill(r.pid, SIGTERM)
         let deadline = Monotonic.seconds() + VMMProcess.stopGrace + 10
         while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
@@ -192,6 +194,30 @@ public struct DirectBackend: InstanceBackend {
         }
         // A run that could not clean up after itself: its tap and cgroup go with its record.
         records.removeStale(name)
+    }
+
+    /// A VM held by this very process (the bench runs its instances in its own process), whose
+    /// holder a SIGTERM would end. Its VMM gets what the holder's handler would give it: a
+    /// Ctrl-Alt-Del and `VMMProcess.stopGrace` to reset, then a SIGTERM (the VMM stops the VM and
+    /// exits), then a SIGKILL 10 s later. The run waiting for that VMM here sees it end and cleans
+    /// up as after any end.
+    func stopVMMHeldHere(_ r: DirectInstanceRecord) async throws {
+        guard let vmm = r.vmmPID, let start = r.vmmStart else {
+            throw MicroVMError(.backend, "direct instance '\(r.name)' is still starting in this process: stop it once it runs")
+        }
+        let alive = { ProcessIdentity.isAlive(pid: vmm, startTime: start) }
+        func ended(within seconds: Double) async -> Bool {
+            let deadline = Monotonic.seconds() + seconds
+            while alive() && Monotonic.seconds() < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+            return !alive()
+        }
+        let action = #"{"action_type": "SendCtrlAltDel"}"#
+        if let socket = r.apiSocket, (try? APIClient(socketPath: socket).send("PUT", "/actions", body: action))?.status == 204,
+           await ended(within: VMMProcess.stopGrace) { return }
+        if alive() { kill(vmm, SIGTERM) }
+        if await ended(within: 10) { return }
+        kill(vmm, SIGKILL)
+        _ = await ended(within: 5)
     }
 
     /// This host's direct-instance records.
