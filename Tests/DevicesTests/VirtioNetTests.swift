@@ -180,6 +180,28 @@ struct VirtioNetTests {
         #expect(d.net.framesDropped.load(ordering: .relaxed) == 0 && !d.needsReset)
     }
 
+    /// A driver with EVENT_IDX (as Linux) kicks only when its new entries pass the available
+    /// event the device set. A frame held for want of room must leave that event past every
+    /// entry already posted, so the next buffers bring a kick. Set back to the entries given
+    /// back, which the driver had passed long before, it brought none, and the receive queue
+    /// stalled for good (host-to-guest TCP in the rig, then not even ARP).
+    @Test func aHeldFrameAsksForAKickAtTheDriversNextBuffer() throws {
+        let d = try NetDriver(features: 1 << 32 | VirtioMMIOTransport.featureEventIdx | VirtioNet.featureMAC | VirtioNet.featureMergeableRx)
+        for _ in 0..<2 { try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1024)), 1024, true)]) }
+        _ = d.kick(0)
+        d.hostSend(netFrame(3000))
+        _ = d.t.processQueues()
+        #expect(d.usedIdx(0) == 0, "two buffers cannot hold the frame: it waits")
+        let old = d.rings[0].availIdx
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1024)), 1024, true)])
+        let new = d.rings[0].availIdx
+        let event: UInt16 = try d.ram.read(at: GuestAddress(d.rings[0].used + 4 + 8 * UInt64(d.qsize)))
+        // vring_need_event, as the driver computes it.
+        #expect(new &- event &- 1 < new &- old, "no kick would come: available event \(event), new entries \(old)..<\(new)")
+        _ = d.kick(0)
+        #expect(d.usedIdx(0) == 3 && d.net.framesReceived.load(ordering: .relaxed) == 1)
+    }
+
     /// A frame that a whole ring of the driver's buffers cannot hold is dropped, not waited for
     /// forever: the buffers come back empty and the next frame goes through.
     @Test func mergeableFrameLargerThanTheWholeRingIsDropped() throws {

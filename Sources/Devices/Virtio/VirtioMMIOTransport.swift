@@ -412,7 +412,10 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
                 let most = min(maxChains, Int(s.queues[qi].size))
                 while chains.isEmpty || (total < room && chains.count < most) {
                     guard let chain = try s.queues[qi].pop(memory: memory) else {
-                        try s.queues[qi].unpop(chains.count, memory: memory)
+                        // Too few posted: a kick is asked for at the driver's next entry, past
+                        // those popped here, and what was popped is given back until then.
+                        if try s.queues[qi].notifyOnNextAvail(memory: memory) { continue }
+                        s.queues[qi].unpop(chains.count)
                         outcome = .noBuffer
                         return
                     }

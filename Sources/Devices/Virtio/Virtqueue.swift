@@ -221,10 +221,22 @@ public struct Virtqueue: Sendable {
     }
 
     /// Gives back the last `count` chains popped and not used: the next pops return them again.
-    public mutating func unpop(_ count: Int, memory: any GuestMemory) throws(VirtqueueError) {
-        guard count > 0 else { return }
+    /// The available event stays where `pop` or `notifyOnNextAvail` left it: moved back to the
+    /// given-back entries, which the driver published long ago, it would ask for a kick the
+    /// driver has already gone past, and none would come.
+    public mutating func unpop(_ count: Int) {
         lastAvail &-= UInt16(truncatingIfNeeded: count)
-        if eventIndex { try store(memory, lastAvail, usedRing + 4 + 8 * UInt64(size)) }
+    }
+
+    /// Asks the driver to kick when it publishes its next available entry, past every entry it has
+    /// published now (with EVENT_IDX; without it the driver kicks on every entry anyway). Returns
+    /// whether more entries came meanwhile, for which no kick will come: look at the ring again.
+    public mutating func notifyOnNextAvail(memory: any GuestMemory) throws(VirtqueueError) -> Bool {
+        guard eventIndex else { return false }
+        let published = try availIndex(memory: memory)
+        try store(memory, published, usedRing + 4 + 8 * UInt64(size))
+        atomicFence()
+        return try availIndex(memory: memory) != published
     }
 
     /// Whether the driver wants an interrupt for the used entries added since the last call.
