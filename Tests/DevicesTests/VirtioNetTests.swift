@@ -24,7 +24,8 @@ final class NetDriver: GuestSide {
     let sock: [Int32]
     var offered: UInt64 = 0
 
-    init(features: UInt64 = 1 << 32 | VirtioNet.featureMAC, offloads: Bool = false, negotiate: Bool = true) throws {
+    init(features: UInt64 = 1 << 32 | VirtioNet.featureMAC, offloads: Bool = false, negotiate: Bool = true,
+         memory seenByDevice: ((GuestRAM) -> any GuestMemory)? = nil) throws {
         var fds: [Int32] = [0, 0]
         guard socketpair(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0, &fds) == 0 else { throw MicroVMError.invalidArgument("socketpair failed") }
         _ = fcntl(fds[0], F_SETFL, O_NONBLOCK)
@@ -36,7 +37,7 @@ final class NetDriver: GuestSide {
         sock = fds
         ram = try GuestRAM(size: .mebibytes(4))
         net = VirtioNet(tapFD: fds[0], mac: [2, 0, 0, 0, 0, 1], offloads: offloads)
-        t = try VirtioMMIOTransport(device: net, memory: ram, interrupt: irq)
+        t = try VirtioMMIOTransport(device: net, memory: seenByDevice?(ram) ?? ram, interrupt: irq)
         guard negotiate else { return }
         w(0x70, 0); w(0x70, 1); w(0x70, 3)
         w(0x14, 0); offered = UInt64(r(0x10)); w(0x14, 1); offered |= UInt64(r(0x10)) << 32
@@ -200,6 +201,25 @@ struct VirtioNetTests {
         #expect(new &- event &- 1 < new &- old, "no kick would come: available event \(event), new entries \(old)..<\(new)")
         _ = d.kick(0)
         #expect(d.usedIdx(0) == 3 && d.net.framesReceived.load(ordering: .relaxed) == 1)
+    }
+
+    /// A hostile driver that moves its available index between each of the device's looks (from
+    /// another vCPU) must not keep the device's thread in the receive path: it gives up after a
+    /// ring's worth of looks and holds the frame, as for a driver that posted too little.
+    @Test func aDriverMovingItsIndexWhileTheDeviceLooksCannotKeepItThere() throws {
+        var flipper: IndexFlipper?
+        let d = try NetDriver(features: 1 << 32 | VirtioMMIOTransport.featureEventIdx | VirtioNet.featureMAC | VirtioNet.featureMergeableRx,
+                              memory: { ram in let f = IndexFlipper(ram); flipper = f; return f })
+        try d.post(queue: 0, [(try d.alloc([UInt8](repeating: 0, count: 1024)), 1024, true)])
+        _ = d.kick(0)
+        d.hostSend(netFrame(3000))
+        // From here the device sees the index as 1, 1, then 2, and over again: each look finds
+        // nothing new to take, and each check after setting the event finds it moved.
+        let f = try #require(flipper)
+        f.start(at: GuestAddress(d.rings[0].avail + 2), low: 1, high: 2)
+        _ = d.t.processQueues()
+        #expect(f.reads > 3 && f.reads < 4 * Int(d.qsize), "the device looked \(f.reads) times")
+        #expect(d.usedIdx(0) == 0 && !d.net.wantsSource, "the frame is held")
     }
 
     /// A frame that a whole ring of the driver's buffers cannot hold is dropped, not waited for
@@ -373,5 +393,24 @@ struct VirtioVsockTests {
         } throws: { error in
             "\(error)".contains("modprobe vhost_vsock")
         }
+    }
+}
+
+/// Guest memory whose 16-bit word at one address reads as `low`, `low`, `high`, over and over:
+/// a driver changing its available index between the device's reads of it.
+final class IndexFlipper: GuestMemory, @unchecked Sendable {
+    let ram: GuestRAM
+    private var watched: GuestAddress?
+    private var low: UInt16 = 0, high: UInt16 = 0
+    private(set) var reads = 0
+    init(_ ram: GuestRAM) { self.ram = ram }
+    var end: GuestAddress { ram.end }
+    func start(at address: GuestAddress, low: UInt16, high: UInt16) { watched = address; self.low = low; self.high = high }
+    func hostPointer(at address: GuestAddress, count: Int) throws -> UnsafeMutableRawPointer {
+        if address == watched, count == 2 {
+            reads += 1
+            try ram.write(reads % 3 == 0 ? high : low, at: address)
+        }
+        return try ram.hostPointer(at: address, count: count)
     }
 }

@@ -410,11 +410,15 @@ public final class VirtioMMIOTransport: BusDevice, @unchecked Sendable {
                 // `body` to refuse, not to wait for forever.
                 var chains: [DescriptorChain] = [], total = 0
                 let most = min(maxChains, Int(s.queues[qi].size))
+                // Entries that came while the event was set are looked at again, at most a ring's
+                // worth of times: a driver that keeps moving its index (back and forth, from
+                // another vCPU) must not keep this thread, and the queue's lock, here.
+                var looksAgain = Int(s.queues[qi].size)
                 while chains.isEmpty || (total < room && chains.count < most) {
                     guard let chain = try s.queues[qi].pop(memory: memory) else {
                         // Too few posted: a kick is asked for at the driver's next entry, past
                         // those popped here, and what was popped is given back until then.
-                        if try s.queues[qi].notifyOnNextAvail(memory: memory) { continue }
+                        if try s.queues[qi].notifyOnNextAvail(memory: memory), looksAgain > 0 { looksAgain -= 1; continue }
                         s.queues[qi].unpop(chains.count)
                         outcome = .noBuffer
                         return
