@@ -211,9 +211,7 @@ public struct DirectBackend: InstanceBackend {
             while alive() && Monotonic.seconds() < deadline { try? await Task.sleep(for: .milliseconds(50)) }
             return !alive()
         }
-        let action = #"{"action_type": "SendCtrlAltDel"}"#
-        if let socket = r.apiSocket, (try? APIClient(socketPath: socket).send("PUT", "/actions", body: action))?.status == 204,
-           await ended(within: VMMProcess.stopGrace) { return }
+        if let socket = r.apiSocket, VMMProcess.pressCtrlAltDel(apiSocket: socket), await ended(within: VMMProcess.stopGrace) { return }
         if alive() { kill(vmm, SIGTERM) }
         if await ended(within: 10) { return }
         kill(vmm, SIGKILL)

@@ -134,7 +134,7 @@ public enum VMMProcess {
                 while child.isRunning && Monotonic.seconds() < t0 + stopGrace {
                     if Monotonic.seconds() - pressed >= 1.5 {
                         pressed = Monotonic.seconds()
-                        let ok = (try? APIClient(socketPath: apiSocket).send("PUT", "/actions", body: #"{"action_type": "SendCtrlAltDel"}"#))?.status == 204
+                        let ok = pressCtrlAltDel(apiSocket: apiSocket)
                         asked = asked || ok
                         if !asked { break }
                     }
@@ -166,6 +166,11 @@ public enum VMMProcess {
         let text = String(decoding: errors.withLock { $0 }, as: UTF8.self)
         let milestones = FileManager.default.contents(atPath: timings).flatMap { try? JSONDecoder().decode([String: Double].self, from: $0) } ?? [:]
         return Outcome(status: status, timedOut: timedOut.load(ordering: .relaxed), stderr: text, milestones: milestones)
+    }
+
+    /// Asks the VMM over its API for a Ctrl-Alt-Del; whether it took the request.
+    static func pressCtrlAltDel(apiSocket: String) -> Bool {
+        (try? APIClient(socketPath: apiSocket).send("PUT", "/actions", body: #"{"action_type": "SendCtrlAltDel"}"#))?.status == 204
     }
 
     /// Whether a VMM can be jailed on this host, found by doing it: `mvm-vmm --seccomp-check`

@@ -68,8 +68,8 @@ public enum NativeThread {
     }
 }
 
-/// Moves the calling process into the cgroup directory `dir` (a cgroup v1 hierarchy's or the v2
-/// tree's). Returns 0, or the errno of the write that failed.
+/// Moves the calling process into each cgroup directory of `dirs` (cgroup v1 hierarchies, or the
+/// v2 tree's). Returns nil, or the directory whose write failed and its errno.
 ///
 /// While the process has one thread, it writes 0 to a v1 hierarchy's `tasks`: that moves the one
 /// thread, hence the whole process, and the kernel skips its threadgroup lock for a thread that
@@ -77,13 +77,18 @@ public enum NativeThread {
 /// RCU grace period: joining four v1 hierarchies took 7 to 22 ms on a 2-CPU host, against
 /// 0.2 ms through `tasks`. cgroup v2 has no `tasks` file, and a second thread would be left
 /// behind, so both go through `cgroup.procs`.
-public func joinCgroup(_ dir: String) -> Int32 {
-    let alone = NativeThread.count() == 1
-    var fd = alone ? open(dir + "/tasks", O_WRONLY | O_CLOEXEC) : -1
-    if fd < 0 { fd = open(dir + "/cgroup.procs", O_WRONLY | O_CLOEXEC) }
-    guard fd >= 0 else { return errno }
-    defer { close(fd) }
-    return write(fd, "0", 1) == 1 ? 0 : errno
+public func joinCgroups(_ dirs: [String]) -> (dir: String, errno: Int32)? {
+    let alone = !dirs.isEmpty && NativeThread.count() == 1
+    for dir in dirs {
+        var fd = alone ? open(dir + "/tasks", O_WRONLY | O_CLOEXEC) : -1
+        if fd < 0 { fd = open(dir + "/cgroup.procs", O_WRONLY | O_CLOEXEC) }
+        guard fd >= 0 else { return (dir, errno) }
+        let written = write(fd, "0", 1)
+        let failure = errno
+        close(fd)
+        guard written == 1 else { return (dir, failure) }
+    }
+    return nil
 }
 
 /// printf-style formatting through the C library (`"%.1f"`, `"%08x"`, `"%g"`), for code that

@@ -183,9 +183,8 @@ pthread_sigmask(SIG_BLOCK, &stopSignals, nil)
 
 // Into the slice's cgroups before anything sizable is allocated, and before the first thread
 // starts: alone, this thread moves the whole process without the kernel's threadgroup lock.
-for dir in args.cgroups {
-    let failed = joinCgroup(dir)
-    guard failed == 0 else { fail("cannot join the cgroup \(dir): \(String(cString: strerror(failed)))", status: 2) }
+if let failed = joinCgroups(args.cgroups) {
+    fail("cannot join the cgroup \(failed.dir): \(String(cString: strerror(failed.errno)))", status: 2)
 }
 
 let parentFD = parentWatch(args)
