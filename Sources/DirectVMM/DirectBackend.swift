@@ -33,14 +33,20 @@ public struct DirectBackend: InstanceBackend {
         /// root, an unprivileged uid, no capabilities, seccomp per thread. As root, unless
         /// `mvm run --no-jail` (for debugging: `mvm ps` then says so) or `MVM_NO_JAIL=1`.
         public var jail: Bool
+        /// The launching process runs other instances too (the bench). Its instances' records say
+        /// so, and `stop(name:)`, from any process, then stops one through its VMM: a SIGTERM to
+        /// the holder would end them all.
+        public var sharedHolder: Bool
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
                     paths: Paths = .default, devicePath: String = "/dev/kvm",
                     attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0,
-                    jail: Bool = getuid() == 0 && ProcessInfo.processInfo.environment["MVM_NO_JAIL"] != "1") {
+                    jail: Bool = getuid() == 0 && ProcessInfo.processInfo.environment["MVM_NO_JAIL"] != "1",
+                    sharedHolder: Bool = false) {
             self.allowEmulatedKVM = allowEmulatedKVM
             self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
             self.enforceInCgroup = enforceInCgroup
             self.jail = jail
+            self.sharedHolder = sharedHolder
         }
     }
 
@@ -84,6 +90,7 @@ public struct DirectBackend: InstanceBackend {
                                           cpus: spec.cpus, memory: spec.memory, startedAt: Date(), logPath: directory + "/console.log")
         record.apiSocket = directory + "/api.sock"
         record.jailed = options.jail
+        record.sharedHolder = options.sharedHolder ? true : nil
         record.vsockCID = spec.vsockCID
         record.vsockShell = spec.vsockCID != nil && spec.vsockShell
         if let b = spec.balloon {
@@ -178,10 +185,12 @@ public struct DirectBackend: InstanceBackend {
 
     /// SIGTERM to the `mvm run` holding the VM (its handler gives the guest a Ctrl-Alt-Del and
     /// `VMMProcess.stopGrace` to reset, stops the VMM and cleans up), then SIGKILL after 10 s more.
-    /// A VM this process holds itself is stopped through its VMM instead (`stopVMMHeldHere`).
+    /// The `mvm run` then ends with status 143. A holder that runs other instances too (a bench,
+    /// or this very process) must not be signalled, which would end them all: its VM is stopped
+    /// through its VMM instead (`stopThroughVMM`).
     public func stop(name: String) async throws {
         let r = try running(name)
-        if r.pid == getpid() { return try await stopVMMHeldHere(r) }
+        if r.pid == getpid() || r.sharedHolder == true { return try await stopThroughVMM(r) }
         kill(r.pid, SIGTERM)
         let deadline = Monotonic.seconds() + VMMProcess.stopGrace + 10
         while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
@@ -196,26 +205,31 @@ public struct DirectBackend: InstanceBackend {
         records.removeStale(name)
     }
 
-    /// A VM held by this very process (the bench runs its instances in its own process), whose
-    /// holder a SIGTERM would end. Its VMM gets what the holder's handler would give it: a
-    /// Ctrl-Alt-Del and `VMMProcess.stopGrace` to reset, then a SIGTERM (the VMM stops the VM and
-    /// exits), then a SIGKILL 10 s later. The run waiting for that VMM here sees it end and cleans
-    /// up as after any end.
-    func stopVMMHeldHere(_ r: DirectInstanceRecord) async throws {
+    /// A VM whose holder runs other instances too. Its VMM gets what the holder's own stop would
+    /// give it: a Ctrl-Alt-Del and `VMMProcess.stopGrace` to reset, then a SIGTERM (the VMM stops
+    /// the VM and exits), then a SIGKILL 10 s later. The holder sees its VMM end and cleans up as
+    /// after any end; this returns once it has, so `mvm ps` no longer lists the instance.
+    func stopThroughVMM(_ r: DirectInstanceRecord) async throws {
         guard let vmm = r.vmmPID, let start = r.vmmStart else {
-            throw MicroVMError(.backend, "direct instance '\(r.name)' is still starting in this process: stop it once it runs")
+            throw MicroVMError(.backend, "direct instance '\(r.name)' is still starting: stop it once `mvm ps` lists it as running")
         }
-        let alive = { ProcessIdentity.isAlive(pid: vmm, startTime: start) }
-        func ended(within seconds: Double) async -> Bool {
+        func ended(within seconds: Double, _ done: () -> Bool) async -> Bool {
             let deadline = Monotonic.seconds() + seconds
-            while alive() && Monotonic.seconds() < deadline { try? await Task.sleep(for: .milliseconds(50)) }
-            return !alive()
+            while !done() && Monotonic.seconds() < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+            return done()
         }
-        if let socket = r.apiSocket, VMMProcess.pressCtrlAltDel(apiSocket: socket), await ended(within: VMMProcess.stopGrace) { return }
-        if alive() { kill(vmm, SIGTERM) }
-        if await ended(within: 10) { return }
-        kill(vmm, SIGKILL)
-        _ = await ended(within: 5)
+        let gone = { !ProcessIdentity.isAlive(pid: vmm, startTime: start) }
+        let pressed = r.apiSocket.map { VMMProcess.pressCtrlAltDel(apiSocket: $0) } ?? false
+        var reset = false
+        if pressed { reset = await ended(within: VMMProcess.stopGrace, gone) }
+        if !reset {
+            if !gone() { kill(vmm, SIGTERM) }
+            if !(await ended(within: 10, gone)) {
+                kill(vmm, SIGKILL)
+                _ = await ended(within: 5, gone)
+            }
+        }
+        _ = await ended(within: 10) { !records.live().contains { $0.name == r.name && $0.pid == r.pid } }
     }
 
     /// This host's direct-instance records.

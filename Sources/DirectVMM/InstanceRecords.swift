@@ -31,6 +31,9 @@ public struct DirectInstanceRecord: Codable, Sendable, Equatable {
     /// The guest's memory at launch, when it has a balloon: `memory` is then what the balloon
     /// leaves it (`mvm update --memory`), at most this.
     public var bootMemory: ByteCount?
+    /// The process in `pid` holds other instances too (the bench runs its VMs in its own
+    /// process): `mvm stop` then stops this one through its VMM, never by signalling the holder.
+    public var sharedHolder: Bool?
 }
 
 /// One JSON file per running direct instance. A record whose process is gone is stale and is

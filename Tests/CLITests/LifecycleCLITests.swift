@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import MicroVM
+import Synchronization
 
 /// A direct instance's whole lifecycle through the command line, as a user drives it: `run -d`
 /// returns once it is up, then `ps`, `pause`, `stats`, `resume`, `logs` and `stop`. The guest is
@@ -60,6 +61,43 @@ struct LifecycleCLITests {
         #expect(left.status == 2 && left.stderrText.contains("no instance named"), "\(left.stderrText)")
     }
 
+    /// The bench runs its direct VMs in its own process. `mvm stop` of one of them, from another
+    /// shell, stops that VM through its VMM: a SIGTERM to the holder would end the bench and every
+    /// instance it runs. The holder sees the run end, cleans up, and lives on.
+    @Test(.enabled(if: HostProfile.current().kvm.verdict != .absent, "no /dev/kvm"))
+    func stoppingOneVMOfASharedHolderFromAnotherProcessLeavesTheHolderRunning() async throws {
+        let dir = "/tmp/mvm-shared-\(UUID().uuidString.prefix(8))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { KillSafetyCLITests.removeStateDirectory(dir) }
+        let kernel = dir + "/idle.elf"
+        try Data(TinyGuest.pvhELF(code: TinyGuest.idle)).write(to: URL(fileURLWithPath: kernel))
+        let paths = Paths(state: dir + "/state", cache: Paths.default.cache)
+        let backend = DirectBackend(options: .init(allowEmulatedKVM: true, paths: paths, attachRootfs: false, sharedHolder: true))
+        let name = "shared-\(UUID().uuidString.prefix(6).lowercased())"
+        termsCaught.store(0, ordering: .relaxed)
+        let previous = signal(SIGTERM) { _ in termsCaught.add(1, ordering: .relaxed) }
+        defer { signal(SIGTERM, previous) }
+
+        let run = Task { try await backend.run(VMSpec(name: name, kernel: kernel, command: ["true"], timeout: 120)) }
+        func listed() async -> InstanceInfo? { ((try? await backend.list()) ?? []).first { $0.name == name } }
+        // A wait, not a time target: the VMM is up once its API answers.
+        let deadline = Date().addingTimeInterval(60)
+        while await listed()?.state != "running", Date() < deadline { try await Task.sleep(for: .milliseconds(50)) }
+        let info = try #require(await listed(), "the instance never ran")
+
+        // On a thread of its own: the run it stops needs this process's task threads to end.
+        let environment = ["MVM_STATE_DIR": paths.state, "MVM_DIRECT_ALLOW_EMULATED": "1"]
+        let stop = try await withCheckedThrowingContinuation { done in
+            Thread.detachNewThread { done.resume(with: Result { try MVM.run(["stop", name], environment: environment, timeout: 60) }) }
+        }
+        #expect(stop.status == 0, "\(stop.stderrText)")
+        let result = await run.result
+        #expect(termsCaught.load(ordering: .relaxed) == 0, "mvm stop signalled the process that holds the VM")
+        if case .success(let r) = result { Issue.record("the idle guest reported a result: status \(r.exitStatus)") }
+        #expect(await listed() == nil, "the stopped instance is still listed")
+        #expect(ProcessIdentity.isAlive(pid: try #require(info.pid), startTime: nil) == false, "its VMM outlived the stop")
+    }
+
     /// Two hosted VMs, each run by an `mvm` of its own, at once: each process has a libvirt
     /// root of its own (the embedded driver locks a root for one process), both are listed and
     /// stopped, and neither root is left. Without an agent, `mvm exec` says how to get one.
@@ -92,3 +130,6 @@ struct LifecycleCLITests {
         #expect(out.status == 2 && out.stderrText.contains("no instance named 'no-such-instance'"), "\(out.stderrText)")
     }
 }
+
+/// SIGTERMs that reach this process while a test catches them (a SIGTERM would end the run).
+let termsCaught = Atomic<Int>(0)
