@@ -102,7 +102,10 @@ public struct DirectBackend: InstanceBackend {
         record.cgroup = options.enforceInCgroup ? Self.cgroupName(spec.name) : nil
         // A record lets `mvm ps/stop/logs` find the VM, and refuses a second one of that name.
         let logPath = try records.claim(record)
-        defer { records.release(spec.name, owner: record) }
+        defer {
+            records.release(spec.name, owner: record)
+            pruneEndedRuns()
+        }
         try Paths.ensureDirectory(directory)
         let cgroup = try enforce(plan)
         defer { try? cgroup?.remove() }
@@ -323,6 +326,24 @@ public struct DirectBackend: InstanceBackend {
             throw MicroVMError.unsupported("direct instance '\(name)' has no agent: start it with --vsock CID --vsock-shell (needs /dev/vhost-vsock) to use mvm exec")
         }
         return cid
+    }
+
+    /// How many ended runs keep their console log for `mvm logs NAME`.
+    public static let keptEndedRuns = 32
+
+    /// An ended run keeps its instance directory (its console log) for `mvm logs`; the
+    /// directories of ended runs beyond the newest `keep`, by their log's last write, go, so a
+    /// host that runs many VMs is not left with one directory per run. A directory whose name a
+    /// live record holds is never touched.
+    func pruneEndedRuns(keep: Int = Self.keptEndedRuns) {
+        let root = options.paths.instances
+        let live = Set(records.live().map(\.name))
+        let ended: [(path: String, written: Int)] = ((try? FileManager.default.contentsOfDirectory(atPath: root)) ?? []).compactMap { name in
+            var st = stat()
+            guard !live.contains(name), stat(root + "/" + name + "/console.log", &st) == 0 else { return nil }
+            return (root + "/" + name, st.st_mtim.tv_sec * 1_000_000_000 + st.st_mtim.tv_nsec)
+        }
+        for old in ended.sorted(by: { $0.written > $1.written }).dropFirst(keep) { try? FileManager.default.removeItem(atPath: old.path) }
     }
 
     public func logs(name: String) async throws -> String {

@@ -23,7 +23,7 @@ struct StopCommand: AsyncParsableCommand {
 }
 
 struct LogsCommand: AsyncParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "logs", abstract: "Print the console (VMs) or output (containers) of an instance.")
+    static let configuration = CommandConfiguration(commandName: "logs", abstract: "Print the console (VMs) or output (containers) of an instance; a direct VM's also after it ended (the newest 32 ended runs).")
     @OptionGroup var instance: InstanceArguments
     @Flag(name: .shortAndLong, help: "Follow: keep printing what arrives until the instance ends.") var follow = false
 

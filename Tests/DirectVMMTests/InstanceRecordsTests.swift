@@ -14,6 +14,32 @@ struct InstanceRecordsTests {
                              startedAt: Date(), logPath: paths.instances + "/" + name + "/console.log")
     }
 
+    /// Each run's end keeps the console logs of the newest ended runs for `mvm logs` and removes
+    /// older ones; a live instance's directory and the backends' own directories stay.
+    @Test func endedRunsKeepTheNewestLogsAndNoMore() async throws {
+        let paths = try tempPaths()
+        defer { try? FileManager.default.removeItem(atPath: paths.state) }
+        let records = InstanceRecords(directory: paths.instances + "/direct")
+        let live = try records.claim(record("live-one", pid: getpid(), paths: paths))
+        try Data("up\n".utf8).write(to: URL(fileURLWithPath: live))
+        try FileManager.default.createDirectory(atPath: paths.instances + "/detached", withIntermediateDirectories: true)
+        let backend = DirectBackend(options: .init(paths: paths))
+        func written(_ path: String, at seconds: Int) { var t = utimbuf(actime: seconds, modtime: seconds); utime(path, &t) }
+        // Ten ended runs, the oldest first; the live one's log is older than all of them.
+        written(live, at: 1_000)
+        for i in 0..<10 {
+            let dir = paths.instances + "/ended-\(i)"
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            try Data("run \(i)\n".utf8).write(to: URL(fileURLWithPath: dir + "/console.log"))
+            written(dir + "/console.log", at: 2_000 + i)
+        }
+        backend.pruneEndedRuns(keep: 4)
+        let left = Set(try FileManager.default.contentsOfDirectory(atPath: paths.instances))
+        #expect(left == ["direct", "detached", "live-one", "ended-6", "ended-7", "ended-8", "ended-9"], "\(left.sorted())")
+        #expect(try await backend.logs(name: "ended-9") == "run 9\n")
+        await #expect(throws: MicroVMError.self) { _ = try await backend.logs(name: "ended-5") }
+    }
+
     @Test func aLiveInstanceIsListedStoppedAndItsLogRead() async throws {
         let paths = try tempPaths()
         defer { try? FileManager.default.removeItem(atPath: paths.state) }
