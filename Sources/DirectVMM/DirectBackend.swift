@@ -194,16 +194,7 @@ public struct DirectBackend: InstanceBackend {
     public func stop(name: String) async throws {
         let r = try running(name)
         if r.pid == getpid() || r.sharedHolder == true { return try await stopThroughVMM(r) }
-        kill(r.pid, SIGTERM)
-        let deadline = Monotonic.seconds() + VMMProcess.stopGrace + 10
-        while Monotonic.seconds() < deadline, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
-            try? await Task.sleep(for: .milliseconds(50))
-        }
-        if ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) {
-            kill(r.pid, SIGKILL)
-            let gone = Monotonic.seconds() + 5
-            while Monotonic.seconds() < gone, ProcessIdentity.isAlive(pid: r.pid, startTime: r.pidStart) { try? await Task.sleep(for: .milliseconds(20)) }
-        }
+        await Self.end(pid: r.pid, startTime: r.pidStart, grace: VMMProcess.stopGrace + 10)
         // A run that could not clean up after itself: its tap and cgroup go with its record.
         records.removeStale(name)
     }
@@ -216,23 +207,27 @@ public struct DirectBackend: InstanceBackend {
         guard let vmm = r.vmmPID, let start = r.vmmStart else {
             throw MicroVMError(.backend, "direct instance '\(r.name)' is still starting: stop it once `mvm ps` lists it as running")
         }
-        func ended(within seconds: Double, _ done: () -> Bool) async -> Bool {
-            let deadline = Monotonic.seconds() + seconds
-            while !done() && Monotonic.seconds() < deadline { try? await Task.sleep(for: .milliseconds(50)) }
-            return done()
-        }
-        let gone = { !ProcessIdentity.isAlive(pid: vmm, startTime: start) }
         let pressed = r.apiSocket.map { VMMProcess.pressCtrlAltDel(apiSocket: $0) } ?? false
-        var reset = false
-        if pressed { reset = await ended(within: VMMProcess.stopGrace, gone) }
-        if !reset {
-            if !gone() { kill(vmm, SIGTERM) }
-            if !(await ended(within: 10, gone)) {
-                kill(vmm, SIGKILL)
-                _ = await ended(within: 5, gone)
-            }
-        }
-        _ = await ended(within: 10) { !records.live().contains { $0.name == r.name && $0.pid == r.pid } }
+        let reset = pressed ? await Self.waitUntil(within: VMMProcess.stopGrace) { !ProcessIdentity.isAlive(pid: vmm, startTime: start) } : false
+        if !reset { await Self.end(pid: vmm, startTime: start, grace: 10) }
+        _ = await Self.waitUntil(within: 10) { !records.live().contains { $0.name == r.name && $0.pid == r.pid } }
+    }
+
+    /// SIGTERM to the process (pid and start time, so a reused pid is never signalled), then
+    /// SIGKILL if it outlives `grace`; returns once it is gone, or 5 s after the SIGKILL.
+    static func end(pid: Int32, startTime: UInt64?, grace: Double) async {
+        let gone = { !ProcessIdentity.isAlive(pid: pid, startTime: startTime) }
+        if !gone() { kill(pid, SIGTERM) }
+        guard !(await waitUntil(within: grace, gone)) else { return }
+        kill(pid, SIGKILL)
+        _ = await waitUntil(within: 5, gone)
+    }
+
+    /// Polls `done` every 50 ms for at most `seconds`; whether it came true.
+    static func waitUntil(within seconds: Double, _ done: () -> Bool) async -> Bool {
+        let deadline = Monotonic.seconds() + seconds
+        while !done() && Monotonic.seconds() < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+        return done()
     }
 
     /// This host's direct-instance records.
