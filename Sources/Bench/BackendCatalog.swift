@@ -153,7 +153,7 @@ extension BackendCatalog {
         ]
         if let image {
             f["hosted"] = { HostedBackend(paths: paths, image: { image }) }
-            f["direct"] = { DirectBackend(options: DirectBackend.Options(paths: paths, sharedHolder: true)) }
+            f["direct"] = { DirectBackend(options: DirectBackend.Options(paths: paths, sharedHolder: true, keepsEndedLog: false)) }
             f["qemu-microvm"] = {
                 QEMUMicrovmBackend(image: image, accelerator: HostProfile.current().kvm.verdict == .hardware ? .kvm : .tcg)
             }

@@ -37,16 +37,20 @@ public struct DirectBackend: InstanceBackend {
         /// so, and `stop(name:)`, from any process, then stops one through its VMM: a SIGTERM to
         /// the holder would end them all.
         public var sharedHolder: Bool
+        /// An ended run keeps its console log for `mvm logs` (the newest `keptEndedRuns` do). The
+        /// bench's throwaway instances do not: they would push the user's runs out.
+        public var keepsEndedLog: Bool
         public init(allowEmulatedKVM: Bool = ProcessInfo.processInfo.environment["MVM_DIRECT_ALLOW_EMULATED"] == "1",
                     paths: Paths = .default, devicePath: String = "/dev/kvm",
                     attachRootfs: Bool = true, enforceInCgroup: Bool = getuid() == 0,
                     jail: Bool = getuid() == 0 && ProcessInfo.processInfo.environment["MVM_NO_JAIL"] != "1",
-                    sharedHolder: Bool = false) {
+                    sharedHolder: Bool = false, keepsEndedLog: Bool = true) {
             self.allowEmulatedKVM = allowEmulatedKVM
             self.paths = paths; self.devicePath = devicePath; self.attachRootfs = attachRootfs
             self.enforceInCgroup = enforceInCgroup
             self.jail = jail
             self.sharedHolder = sharedHolder
+            self.keepsEndedLog = keepsEndedLog
         }
     }
 
@@ -104,7 +108,7 @@ public struct DirectBackend: InstanceBackend {
         let logPath = try records.claim(record)
         defer {
             records.release(spec.name, owner: record)
-            pruneEndedRuns()
+            if options.keepsEndedLog { pruneEndedRuns() } else { try? FileManager.default.removeItem(atPath: directory) }
         }
         try Paths.ensureDirectory(directory)
         let cgroup = try enforce(plan)

@@ -99,5 +99,10 @@ struct SoakTests {
         #expect(after.taps == before.taps && after.cgroups == before.cgroups && after.grants == before.grants,
                 "the cycles left something behind: before \(before), after \(after)")
         #expect(grown < 16 << 20, "the launching process grew \(grown >> 20) MiB over 200 cycles")
+        // Each ended direct run keeps its console log for `mvm logs`, up to the newest few.
+        let logs = try FileManager.default.contentsOfDirectory(atPath: paths.instances).filter {
+            FileManager.default.fileExists(atPath: paths.instances + "/" + $0 + "/console.log")
+        }
+        #expect(logs.count == DirectBackend.keptEndedRuns && logs.contains("soak-vm-104"), "\(logs.count) ended runs' logs kept: \(logs.sorted().suffix(5))")
     }
 }
